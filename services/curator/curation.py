@@ -1,0 +1,199 @@
+"""Curation, steps 1-5 of SSB: rollouts, grading, filtering, hint selection, hinted explanation, verification, signal.
+
+`curate` runs a list of problems through any `shared.engine.Engine` in batches (all rollouts of a batch in one engine
+call, then all its explanations in one call) and writes each outcome to a `PairStore` once: a verified pair, or the
+reason the problem was dropped. Problems already in the store are skipped, so a rerun or a retried job writes nothing
+new. The one-process CLI and the curator's workers both call it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from shared.engine import Engine
+from shared.grading import grade_response
+from shared.prompts import PROMPT_VERSION, build_hinted_messages, build_student_messages
+from shared.schemas import DroppedProblem, Generation, Pair, PairRecord, Problem, Rollout, SamplingSettings
+from shared.selection import seeded_rng, select_hints
+from shared.settings import CurationConfig
+from shared.storage import PairStore
+
+
+@dataclass
+class Funnel:
+    """How many problems reached each stage, and how fast the engine generated."""
+
+    problems: int = 0
+    skipped: int = 0
+    with_mix: int = 0
+    explained: int = 0
+    pairs: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    rollout_tokens: int = 0
+    rollout_seconds: float = 0.0
+    explanation_tokens: int = 0
+    explanation_seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return self.pairs + sum(self.dropped.values())
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.rollout_tokens + self.explanation_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        seconds = self.rollout_seconds + self.explanation_seconds
+        return self.generated_tokens / seconds if seconds else 0.0
+
+    def count_drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+@dataclass(frozen=True)
+class Hinted:
+    """A problem with a mix of right and wrong rollouts, and the two chosen as hints."""
+
+    problem: Problem
+    rollouts: list[Rollout]
+    correct: int
+    incorrect: int
+    batch_index: int
+
+
+def seeded_sampling(sampling: SamplingSettings, seed: int, problem: Problem) -> SamplingSettings:
+    """The settings with a per-problem seed: reproducible, and independent of batch composition and order."""
+    return sampling.model_copy(update={"seed": seeded_rng(seed, problem.id).randrange(2**31)})
+
+
+def grade_rollouts(problem: Problem, generations: Sequence[Generation], config: CurationConfig) -> list[Rollout]:
+    """Grade each rollout against the gold answer."""
+    rollouts = []
+    for generation in generations:
+        graded = grade_response(problem.answer, generation.text, order=config.extraction_order)
+        rollouts.append(
+            Rollout(
+                text=generation.text,
+                num_tokens=len(generation.token_ids),
+                extracted=graded.extracted,
+                correct=graded.correct,
+            )
+        )
+    return rollouts
+
+
+def drop_reason(rollouts: Sequence[Rollout]) -> str:
+    """Why a problem without a usable mix is dropped."""
+    return "ungradeable" if all(r.correct is None for r in rollouts) else "no_mix"
+
+
+def curate(
+    problems: Sequence[Problem],
+    engine: Engine,
+    store: PairStore,
+    config: CurationConfig,
+    *,
+    on_progress: Callable[[Funnel], None] | None = None,
+) -> Funnel:
+    """Run steps 1-5 on every problem not yet in `store`; return the funnel."""
+    funnel = Funnel(problems=len(problems))
+    todo = [p for p in problems if not store.is_done(p.id)]
+    funnel.skipped = len(problems) - len(todo)
+    for start in range(0, len(todo), config.batch_size):
+        curate_batch(todo[start : start + config.batch_size], engine, store, config, funnel)
+        if on_progress is not None:
+            on_progress(funnel)
+    return funnel
+
+
+def curate_batch(
+    batch: Sequence[Problem], engine: Engine, store: PairStore, config: CurationConfig, funnel: Funnel
+) -> None:
+    """One batch: all rollouts in one engine call, then all hinted explanations in one call."""
+    student_prompts = [engine.render(build_student_messages(p.question, worked_example=config.worked_example)) for p in batch]
+    rollout_settings = [seeded_sampling(config.rollout_sampling(), config.seed, p) for p in batch]
+    started = time.perf_counter()
+    all_generations = engine.generate(student_prompts, rollout_settings)
+    funnel.rollout_seconds += time.perf_counter() - started
+    funnel.rollout_tokens += sum(len(g.token_ids) for gens in all_generations for g in gens)
+
+    hinted: list[Hinted] = []
+    for index, (problem, generations) in enumerate(zip(batch, all_generations, strict=True)):
+        rollouts = grade_rollouts(problem, generations, config)
+        choice = select_hints(rollouts, seed=config.seed, key=problem.id)
+        if choice is None:
+            reason = drop_reason(rollouts)
+            store.write_dropped(DroppedProblem(problem_id=problem.id, reason=reason, rollouts=rollouts))
+            funnel.count_drop(reason)
+            continue
+        funnel.with_mix += 1
+        hinted.append(Hinted(problem, rollouts, choice.correct_index, choice.incorrect_index, index))
+    if not hinted:
+        return
+
+    teacher_prompts = [
+        engine.render(
+            build_hinted_messages(
+                h.problem.question,
+                h.rollouts[h.correct].text,
+                h.rollouts[h.incorrect].text,
+                worked_example=config.worked_example,
+            )
+        )
+        for h in hinted
+    ]
+    explanation_settings = [seeded_sampling(config.explanation_sampling(), config.seed + 1, h.problem) for h in hinted]
+    started = time.perf_counter()
+    explanations = [gens[0] for gens in engine.generate(teacher_prompts, explanation_settings)]
+    funnel.explanation_seconds += time.perf_counter() - started
+    funnel.explanation_tokens += sum(len(e.token_ids) for e in explanations)
+    funnel.explained += len(explanations)
+
+    for h, teacher_prompt, explanation_setting, explanation in zip(
+        hinted, teacher_prompts, explanation_settings, explanations, strict=True
+    ):
+        problem, rollouts = h.problem, h.rollouts
+        verdict = grade_response(problem.answer, explanation.text, order=config.extraction_order)
+        if verdict.correct is not True:
+            store.write_dropped(
+                DroppedProblem(
+                    problem_id=problem.id,
+                    reason="explanation_wrong",
+                    detail=f"explanation answered {verdict.extracted!r}, gold {problem.answer!r}",
+                    rollouts=rollouts,
+                    explanation=explanation.text,
+                )
+            )
+            funnel.count_drop("explanation_wrong")
+            continue
+        record = PairRecord(
+            problem_id=problem.id,
+            question=problem.question,
+            gold=problem.answer,
+            rollouts=rollouts,
+            correct_hint_index=h.correct,
+            incorrect_hint_index=h.incorrect,
+            prompt_version=PROMPT_VERSION,
+            teacher_prompt=teacher_prompt,
+            student_prompt=student_prompts[h.batch_index],
+            explanation=explanation.text,
+            explanation_extracted=verdict.extracted,
+            model=engine.model_name,
+            rollout_sampling=rollout_settings[h.batch_index],
+            explanation_sampling=explanation_setting,
+            topk=config.topk,
+        )
+        pair = Pair(
+            record=record,
+            token_ids=explanation.token_ids,
+            topk_ids=explanation.topk_ids or [],
+            topk_logprobs=explanation.topk_logprobs or [],
+        )
+        if store.write_pair(pair):
+            funnel.pairs += 1
+        else:
+            funnel.skipped += 1
+

@@ -1,0 +1,149 @@
+"""The teacher engine: a vLLM engine on one model, rendering chats and generating with per-token top-k log-probabilities.
+
+Everything that talks to vLLM goes through `TeacherEngine`: the one-process curation, evaluation, and (later) the teacher
+service. Prompts are rendered with the model's own chat template and sent as token ids, so what is stored is exactly
+what the model read. Log-probabilities come from vLLM's default `raw_logprobs` mode: the unmodified model distribution,
+before temperature, top-k and top-p are applied (tests/services/teacher/test_engine.py proves it against a scoring pass).
+
+Build it under an `if __name__ == "__main__":` guard: vLLM starts its workers with spawn.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSettings
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine is built. On the CPU, bf16 and eager mode are what the CPU build of vLLM supports best."""
+
+    model: str
+    dtype: str = "bfloat16"
+    max_model_len: int = 4096
+    max_logprobs: int = 64
+    kv_cache_gib: int = 2
+    enable_lora: bool = True
+    max_lora_rank: int = 32
+    max_loras: int = 2
+    seed: int = 0
+
+
+def topk_from_vllm(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
+    """The top-k (ids, log-probabilities) of one position, by rank; vLLM adds the sampled token when it is outside."""
+    ranked = sorted(position_logprobs.items(), key=lambda item: item[1].rank)
+    ranked = [(token_id, lp) for token_id, lp in ranked if lp.rank is not None and lp.rank <= k][:k]
+    return [token_id for token_id, _ in ranked], [float(lp.logprob) for _, lp in ranked]
+
+
+class TeacherEngine:
+    """A vLLM engine plus the model's tokenizer. `generate` batches all prompts into one engine call."""
+
+    def __init__(self, options: EngineOptions):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
+        from vllm import LLM
+
+        self.options = options
+        self.llm = LLM(
+            model=options.model,
+            dtype=options.dtype,
+            max_model_len=options.max_model_len,
+            max_logprobs=options.max_logprobs,
+            enforce_eager=True,
+            enable_lora=options.enable_lora,
+            max_lora_rank=options.max_lora_rank,
+            max_loras=options.max_loras,
+            seed=options.seed,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self._lora_ids: dict[str, int] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.options.model
+
+    def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
+        """Render a chat with the model's chat template, ending with the assistant's turn opened."""
+        plain = [m.model_dump() for m in messages]
+        text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return RenderedPrompt(messages=list(messages), text=text, token_ids=token_ids)
+
+    def _lora_request(self, adapter: str | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        path = str(Path(adapter).resolve())
+        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, path)
+
+    def generate(
+        self,
+        prompts: Sequence[RenderedPrompt],
+        sampling: SamplingSettings | Sequence[SamplingSettings],
+        *,
+        adapter: str | None = None,
+    ) -> list[list[Generation]]:
+        """Generate for every prompt in one batched engine call; returns `n` generations per prompt, in order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        settings = [sampling] * len(prompts) if isinstance(sampling, SamplingSettings) else list(sampling)
+        if len(settings) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(settings)} sampling settings")
+        params = [
+            SamplingParams(
+                n=s.n,
+                temperature=s.temperature,
+                top_k=s.top_k if s.top_k > 0 else -1,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                seed=s.seed,
+                logprobs=s.logprobs,
+            )
+            for s in settings
+        ]
+        inputs = [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._lora_request(adapter))
+        results = []
+        for output, s in zip(outputs, settings, strict=True):
+            generations = []
+            for completion in output.outputs:
+                topk_ids = topk_logprobs = None
+                if s.logprobs:
+                    pairs = [topk_from_vllm(position, s.logprobs) for position in completion.logprobs]
+                    topk_ids = [ids for ids, _ in pairs]
+                    topk_logprobs = [lps for _, lps in pairs]
+                generations.append(
+                    Generation(
+                        text=completion.text,
+                        token_ids=list(completion.token_ids),
+                        finish_reason=completion.finish_reason,
+                        topk_ids=topk_ids,
+                        topk_logprobs=topk_logprobs,
+                    )
+                )
+            results.append(generations)
+        return results
+
+    def score(
+        self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int], k: int
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Top-k (ids, log-probabilities) of the model at each completion position, given the prompt, in one pass."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = list(prompt_token_ids) + list(completion_token_ids)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
+        (output,) = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        positions = output.prompt_logprobs[len(prompt_token_ids) :]
+        pairs = [topk_from_vllm(position, k) for position in positions]
+        return [i for i, _ in pairs], [lp for _, lp in pairs]

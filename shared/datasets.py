@@ -1,0 +1,289 @@
+"""Problem sets: the packaged benchmarks, user JSONL/Parquet files and Hugging Face datasets, read as `Problem`s.
+
+`load_problems(source)` takes a benchmark name (`gsm8k`, `gsm8k_train`, `math500`, `aime24`; see `BENCHMARKS` and
+`shared/data/README.md`), a path to a `.jsonl` or `.parquet` file, or a Hugging Face dataset name (`owner/name` or
+`owner/name:config`, which needs the optional `datasets` library). Every row is checked before anything is returned,
+so a job never starts on half a dataset: a bad file raises one `DatasetError` listing its first problems as
+`path:line: reason` (at most `MAX_REPORTED_ERRORS` of them).
+
+Row format: the question in `question` (or `problem`), the gold answer in `answer`, optionally `id` and `source`.
+A GSM8K-style answer ending in `#### <number>` is reduced to the number, without thousands separators.
+
+    from shared.datasets import load_problems
+    problems = load_problems("math500", limit=50)
+
+Pure: no torch, no vLLM. pyarrow is imported only when a Parquet file is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from shared.schemas import PROBLEM_ID_PATTERN, Problem
+
+DATA_DIR = Path(__file__).parent / "data"
+
+BENCHMARKS: dict[str, Path] = {
+    "gsm8k": DATA_DIR / "gsm8k_test.jsonl",
+    "gsm8k_train": DATA_DIR / "gsm8k_train.jsonl",
+    "math500": DATA_DIR / "math500.jsonl",
+    "aime24": DATA_DIR / "aime24.jsonl",
+}
+
+SUPPORTED_EXTENSIONS = (".jsonl", ".parquet")
+
+# Enough to fix a file in one pass without burying the first error under thousands of repeats.
+MAX_REPORTED_ERRORS = 10
+
+QUESTION_FIELDS = ("question", "problem")
+
+# Suffixes that say "this was meant as a file", so a typo gets "unsupported extension", not a Hugging Face lookup.
+_FILE_LIKE_SUFFIXES = {".json", ".csv", ".tsv", ".txt", ".gz", ".zip", ".xz", ".bz2", ".arrow", ".xlsx", ".pq"}
+_HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?$")
+_ID_RE = re.compile(PROBLEM_ID_PATTERN)
+_ID_MAX_LEN = 128
+_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+class DatasetError(ValueError):
+    """A problem set that cannot be used as given. `errors` holds one `location: reason` string per problem found."""
+
+    def __init__(self, errors: list[str], *, truncated: bool = False) -> None:
+        self.errors = list(errors)
+        self.truncated = truncated
+        message = "\n".join(self.errors)
+        if truncated:
+            message += f"\n(stopped after {len(self.errors)} errors)"
+        super().__init__(message)
+
+
+def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit: int | None = None) -> list[Problem]:
+    """Read a whole problem set, check every row, and return the first `limit` problems (all when None).
+
+    `source` is a name in `BENCHMARKS`, a `.jsonl` or `.parquet` path, or a Hugging Face dataset name
+    (`owner/name[:config]`). `split` only applies to Hugging Face datasets; the benchmarks and files are one split
+    each (`gsm8k` is the GSM8K test split, `gsm8k_train` its train split). Validation covers the whole set even when
+    `limit` is given. Raises `DatasetError` on any bad row, a missing file, an unsupported extension, an empty set,
+    or a Hugging Face dataset that cannot be loaded.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive integer or None, got {limit}")
+    text = os.fspath(source)
+    if text in BENCHMARKS:
+        problems = _load_file(BENCHMARKS[text])
+    elif _looks_like_path(text):
+        problems = _load_file(Path(text).expanduser())
+    elif _HF_NAME.match(text):
+        problems = _load_hf(text, split)
+    else:
+        raise DatasetError(
+            [
+                f"{text}: not a benchmark name ({', '.join(BENCHMARKS)}), a {' or '.join(SUPPORTED_EXTENSIONS)} path, "
+                "or a Hugging Face dataset name (owner/name[:config])"
+            ]
+        )
+    return problems if limit is None else problems[:limit]
+
+
+def write_problems_jsonl(problems: Iterable[Problem], path: str | os.PathLike[str]) -> Path:
+    """Write problems as JSONL (`id`, `question`, `answer`, and `source` when set), atomically; return the path.
+
+    The file appears complete or not at all: rows go to a temporary file in the same directory, which then replaces
+    `path`. `load_problems` reads the result back to the same problems.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            for problem in problems:
+                out.write(json.dumps(problem.model_dump(exclude_none=True), ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def parse_gold_answer(answer: str) -> str:
+    """The gold final answer: `... #### 1,000` becomes `1000`; anything without `####` is only stripped."""
+    if "####" in answer:
+        answer = answer.rsplit("####", 1)[1]
+        answer = _THOUSANDS_COMMA.sub("", answer.strip())
+    return answer.strip()
+
+
+def sanitize_problem_id(raw: str) -> str:
+    """Map any string onto `PROBLEM_ID_PATTERN`: other characters become `-`, leading non-alphanumerics go."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", raw)
+    cleaned = re.sub(r"^[^A-Za-z0-9]+", "", cleaned)
+    return cleaned[:_ID_MAX_LEN]
+
+
+def _looks_like_path(text: str) -> bool:
+    path = Path(text).expanduser()
+    if path.suffix.lower() in SUPPORTED_EXTENSIONS or path.suffix.lower() in _FILE_LIKE_SUFFIXES:
+        return True
+    if text.startswith(("/", "./", "../", "~")):
+        return True
+    return path.exists()
+
+
+def _load_file(path: Path) -> list[Problem]:
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        raise DatasetError(
+            [f"{path}: unsupported file type {suffix or '(no extension)'!r}; use {' or '.join(SUPPORTED_EXTENSIONS)}"]
+        )
+    if not path.is_file():
+        reason = "is a directory, not a file" if path.is_dir() else "file not found"
+        raise DatasetError([f"{path}: {reason}"])
+    if suffix == ".jsonl":
+        return _build_problems(_jsonl_rows(path), where=str(path), stem=path.stem, source_prefix=path.name)
+    return _build_problems(_parquet_rows(path), where=str(path), stem=path.stem, source_prefix=path.name)
+
+
+class _Row:
+    """One raw row: its location for messages, its number for the default id, and either a dict or a read error."""
+
+    __slots__ = ("label", "number", "data", "error")
+
+    def __init__(self, label: str, number: int, data: Any = None, error: str | None = None) -> None:
+        self.label, self.number, self.data, self.error = label, number, data, error
+
+
+def _jsonl_rows(path: Path) -> Iterator[_Row]:
+    """Lines are numbered from 1 as editors show them; blank lines are skipped but still counted."""
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield _Row(str(number), number, error=f"not valid UTF-8 (byte {exc.start + 1} of the line)")
+            continue
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield _Row(str(number), number, error=f"malformed JSON: {exc.msg} (column {exc.colno})")
+            continue
+        yield _Row(str(number), number, data=data)
+
+
+def _parquet_rows(path: Path) -> Iterator[_Row]:
+    """Rows are numbered from 0, as in the table."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pyarrow is a core dependency; this only fires in a broken install
+        raise DatasetError([f"{path}: reading Parquet needs pyarrow, which is not installed"]) from exc
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
+        raise DatasetError([f"{path}: not a readable Parquet file ({exc})"]) from exc
+    for index, data in enumerate(table.to_pylist()):
+        yield _Row(f"row {index}", index, data=data)
+
+
+def _load_hf(name: str, split: str) -> list[Problem]:
+    dataset_name, _, config = name.partition(":")
+    try:
+        import datasets  # optional: only Hugging Face sources need it
+    except ImportError as exc:
+        raise DatasetError(
+            [
+                f"{name}: loading a Hugging Face dataset needs the `datasets` library, which is not installed; "
+                f"install it (pip install datasets), or pass a benchmark name ({', '.join(BENCHMARKS)}) "
+                f"or a local {' or '.join(SUPPORTED_EXTENSIONS)} file"
+            ]
+        ) from exc
+    try:
+        dataset = datasets.load_dataset(dataset_name, config or None, split=split)
+    except Exception as exc:  # network, auth, unknown name or split: all mean "cannot use this source"
+        raise DatasetError(
+            [f"{name}: could not load split {split!r} from Hugging Face (offline, unknown name, or bad split?): {exc}"]
+        ) from exc
+    rows = (_Row(f"row {index}", index, data=data) for index, data in enumerate(dataset))
+    return _build_problems(
+        rows, where=f"{name}[{split}]", stem=f"{dataset_name}-{split}", source_prefix=f"hf:{name}[{split}]"
+    )
+
+
+def _build_problems(rows: Iterable[_Row], *, where: str, stem: str, source_prefix: str) -> list[Problem]:
+    """Turn every row into a Problem or an error message; raise if there is any error or no problem at all."""
+    default_stem = sanitize_problem_id(stem) or "problem"
+    problems: list[Problem] = []
+    errors: list[str] = []
+    first_label_of_id: dict[str, str] = {}
+    truncated = False
+    for row in rows:
+        if len(errors) >= MAX_REPORTED_ERRORS:
+            truncated = True
+            break
+        result = _row_to_problem(row, default_stem, source_prefix)
+        if isinstance(result, str):
+            errors.append(f"{where}:{row.label}: {result}")
+            continue
+        previous = first_label_of_id.get(result.id)
+        if previous is not None:
+            errors.append(f"{where}:{row.label}: duplicate id {result.id!r} (also at {where}:{previous})")
+            continue
+        first_label_of_id[result.id] = row.label
+        problems.append(result)
+    if errors:
+        raise DatasetError(errors, truncated=truncated)
+    if not problems:
+        raise DatasetError([f"{where}: no problems (the source is empty)"])
+    return problems
+
+
+def _row_to_problem(row: _Row, default_stem: str, source_prefix: str) -> Problem | str:
+    """A Problem, or the reason this row cannot be one."""
+    if row.error is not None:
+        return row.error
+    data = row.data
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+
+    question_field = next((f for f in QUESTION_FIELDS if data.get(f) is not None), None)
+    if question_field is None:
+        return "missing question field ('question' or 'problem')"
+    question = data[question_field]
+    if not isinstance(question, str):
+        return f"{question_field!r} must be a string, got {type(question).__name__}"
+    question = question.strip()
+    if not question:
+        return f"empty question ({question_field!r})"
+
+    answer = data.get("answer")
+    if answer is None:
+        return "missing answer field ('answer')"
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        return f"'answer' must be a string or a number, got {type(answer).__name__}"
+    answer = parse_gold_answer(str(answer))
+    if not answer:
+        return "empty answer"
+
+    raw_id = data.get("id")
+    if raw_id is None:
+        suffix = f"-{row.number}"
+        problem_id = default_stem[: _ID_MAX_LEN - len(suffix)] + suffix
+    else:
+        problem_id = sanitize_problem_id(str(raw_id))
+        if not _ID_RE.match(problem_id):
+            return f"id {raw_id!r} has no letters or digits to build an id from"
+
+    source = data.get("source")
+    if not isinstance(source, str) or not source:
+        source = f"{source_prefix}:{row.label}"
+    return Problem(id=problem_id, question=question, answer=answer, source=source)

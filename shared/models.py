@@ -1,0 +1,33 @@
+"""Which model a `--model` value means: the small default's name, a local checkpoint directory, or a Hugging Face id.
+
+Pure path logic; pulling the default model (which needs torch) lives in `services/teacher/checkpoints.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.settings import DEFAULT_MODEL, Settings
+
+
+def default_model_dir(settings: Settings) -> Path:
+    """Where `ssb model pull` puts the default model."""
+    return settings.home / "models" / DEFAULT_MODEL
+
+
+def is_default_model(model: str | None) -> bool:
+    return model in (None, "", DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}")
+
+
+def resolve_model(model: str | None, settings: Settings) -> str:
+    """Return what loaders take: a local directory for the default or a path, else the Hugging Face id unchanged."""
+    if is_default_model(model):
+        return str(default_model_dir(settings))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a model checkpoint (no config.json in it)")
+        return str(path.resolve())
+    if model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path {model} does not exist")
+    return model

@@ -1,0 +1,70 @@
+"""The prompts of SSB, in the project's own words: one builder per prompt, used by curation, training and evaluation.
+
+- `build_student_messages`: the math-tutor system prompt and the bare question. The rollouts, the student's training
+  input and evaluation all use it, so the student is trained on exactly what it sees at inference.
+- `build_hinted_messages`: the teacher's prompt: the problem, one correct and one incorrect earlier response, labelled,
+  and a request for one standalone, careful solution that never mentions the hints.
+
+An optional worked example (one user/assistant turn ending in `\\boxed{}`) can be placed before the question; small models
+need it to answer in the expected form. When it is used, it is used identically in every prompt.
+`PROMPT_VERSION` changes whenever any wording below changes; pairs record it.
+"""
+
+from __future__ import annotations
+
+from shared.schemas import ChatMessage
+
+PROMPT_VERSION = "ssb-prompts-v1"
+
+SYSTEM_PROMPT = (
+    "You are a careful math tutor. Solve the problem step by step, explaining each step briefly. "
+    "Check your arithmetic. End with the final answer in the form \\boxed{answer}."
+)
+
+WORKED_EXAMPLE_QUESTION = "Sara has 12 pencils and gives 5 of them to her brother. How many pencils does Sara have left?"
+WORKED_EXAMPLE_ANSWER = "Sara starts with 12 pencils and gives away 5.\n12 - 5 = 7\nThe answer is \\boxed{7}."
+
+HINTED_INSTRUCTIONS = (
+    "Below is a math problem and two earlier attempts at it. The first attempt reached the correct answer; "
+    "the second made a mistake and reached a wrong answer.\n\n"
+    "Write one new, complete, step-by-step solution to the problem, as if you were solving it for the first time. "
+    "Explain each step clearly, point out where it is easy to go wrong and how to avoid it, "
+    "and end with the final answer in the form \\boxed{answer}. "
+    "Do not mention the attempts, do not say that you were shown any solutions, and do not copy them."
+)
+
+
+def _example_turns(worked_example: bool) -> list[ChatMessage]:
+    if not worked_example:
+        return []
+    return [
+        ChatMessage(role="user", content=WORKED_EXAMPLE_QUESTION),
+        ChatMessage(role="assistant", content=WORKED_EXAMPLE_ANSWER),
+    ]
+
+
+def build_student_messages(question: str, *, worked_example: bool = False) -> list[ChatMessage]:
+    """The bare-question chat: system prompt, optional worked example, then the question."""
+    return [
+        ChatMessage(role="system", content=SYSTEM_PROMPT),
+        *_example_turns(worked_example),
+        ChatMessage(role="user", content=question.strip()),
+    ]
+
+
+def build_hinted_messages(
+    question: str, correct_response: str, incorrect_response: str, *, worked_example: bool = False
+) -> list[ChatMessage]:
+    """The teacher's chat: the problem with one correct and one incorrect attempt, asking for a standalone solution."""
+    content = (
+        f"{HINTED_INSTRUCTIONS}\n\n"
+        f"### Problem\n{question.strip()}\n\n"
+        f"### Correct attempt\n{correct_response.strip()}\n\n"
+        f"### Incorrect attempt\n{incorrect_response.strip()}\n\n"
+        "### Your solution"
+    )
+    return [
+        ChatMessage(role="system", content=SYSTEM_PROMPT),
+        *_example_turns(worked_example),
+        ChatMessage(role="user", content=content),
+    ]

@@ -1,0 +1,117 @@
+"""Typed records shared by every part of SSB: problems, generations, rollouts and teacher/student pairs.
+
+One definition of each record; the curator writes them, the trainer and evaluation read them, and the
+services send them over the wire. Pure pydantic: no torch, no vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROBLEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class Problem(BaseModel):
+    """One math problem: a question and its gold final answer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(pattern=PROBLEM_ID_PATTERN, description="Stable id; pairs are keyed by it.")
+    question: str = Field(min_length=1, description="The bare question, as the student sees it.")
+    answer: str = Field(min_length=1, description="Gold final answer (GSM8K `#### n` already parsed to `n`).")
+    source: str | None = Field(default=None, description="Where it came from, e.g. `gsm8k_train.jsonl:12`.")
+
+
+class ChatMessage(BaseModel):
+    """One chat turn, rendered with the model's own chat template."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingSettings(BaseModel):
+    """How one generation is sampled. `logprobs` asks for the top-k log-probabilities of every generated token."""
+
+    n: int = Field(default=1, ge=1, le=64, description="Samples per prompt.")
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 means greedy.")
+    top_k: int = Field(default=-1, ge=-1, description="-1 keeps the whole vocabulary.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=512, ge=1, le=32768)
+    seed: int | None = Field(default=None, description="Per-request seed, for reproducible samples.")
+    logprobs: int | None = Field(default=None, ge=1, le=256, description="Top-k log-probabilities per token.")
+
+
+class RenderedPrompt(BaseModel):
+    """A chat rendered with the model's chat template, exactly as the model reads it."""
+
+    messages: list[ChatMessage]
+    text: str
+    token_ids: list[int]
+
+
+class Generation(BaseModel):
+    """One sampled completion, with its token ids as generated (never re-tokenized)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    topk_ids: list[list[int]] | None = Field(
+        default=None, description="(tokens, k) ids of the top-k tokens of the unmodified model distribution."
+    )
+    topk_logprobs: list[list[float]] | None = Field(default=None, description="(tokens, k) their log-probabilities.")
+
+
+class Rollout(BaseModel):
+    """One graded rollout of the base model on the bare question."""
+
+    text: str
+    num_tokens: int
+    extracted: str | None = Field(description="Final answer pulled from the text; None when there is none.")
+    correct: bool | None = Field(description="Equivalent to the gold answer; None when ungradeable.")
+
+
+DropReason = Literal["no_mix", "explanation_wrong", "ungradeable"]
+
+
+class DroppedProblem(BaseModel):
+    """A problem that yielded no pair, and why."""
+
+    problem_id: str
+    reason: DropReason
+    detail: str = ""
+    rollouts: list[Rollout] = Field(default_factory=list)
+    explanation: str | None = None
+
+
+class PairRecord(BaseModel):
+    """Everything about one verified teacher/student pair except the per-token arrays.
+
+    The arrays (explanation token ids, top-k ids and log-probabilities) travel beside it; see `shared.storage`.
+    """
+
+    problem_id: str
+    question: str
+    gold: str
+    rollouts: list[Rollout]
+    correct_hint_index: int = Field(description="Index in `rollouts` of the correct response shown as a hint.")
+    incorrect_hint_index: int = Field(description="Index in `rollouts` of the wrong response shown as a hint.")
+    prompt_version: str
+    teacher_prompt: RenderedPrompt
+    student_prompt: RenderedPrompt
+    explanation: str
+    explanation_extracted: str | None
+    model: str
+    rollout_sampling: SamplingSettings
+    explanation_sampling: SamplingSettings
+    topk: int
+
+
+class Pair(BaseModel):
+    """A pair with its teacher signal: `token_ids[t]` was generated; `topk_*[t]` is the teacher's top-k at step t."""
+
+    record: PairRecord
+    token_ids: list[int]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]

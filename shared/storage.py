@@ -1,0 +1,147 @@
+"""Durable, write-once storage of teacher/student pairs and dropped problems, keyed by problem id.
+
+Layout of a pair directory:
+
+    DIR/pairs/<problem id>.safetensors   one verified pair: the arrays as tensors, the record as JSON metadata
+    DIR/dropped/<problem id>.json        a problem that gave no pair, with the reason
+
+A pair file holds `token_ids` (int32, T), `topk_ids` (int32, T x k) and `topk_logprobs` (float32, T x k); safetensors
+loads without pickle and memory-maps. Every file is written to a hidden temporary name, flushed to disk, then
+hard-linked to its final name, which fails if the name exists: a reader never sees a half-written file, and a
+problem written twice (a retried job, a second run, two workers) keeps its first result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save
+
+from shared.schemas import DroppedProblem, Pair, PairRecord
+
+PAIR_FORMAT = "ssb-pair-v1"
+
+
+class StorageError(RuntimeError):
+    """A stored file is unreadable or not a pair of this format."""
+
+
+def write_once(path: Path, data: bytes) -> bool:
+    """Atomically create `path` with `data`; return False (and write nothing) if it already exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return False
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_pair(pair: Pair) -> bytes:
+    """Serialize a pair to safetensors bytes (arrays as tensors, record as JSON metadata)."""
+    tensors = {
+        "token_ids": np.asarray(pair.token_ids, dtype=np.int32),
+        "topk_ids": np.asarray(pair.topk_ids, dtype=np.int32).reshape(len(pair.token_ids), -1),
+        "topk_logprobs": np.asarray(pair.topk_logprobs, dtype=np.float32).reshape(len(pair.token_ids), -1),
+    }
+    return save(tensors, metadata={"format": PAIR_FORMAT, "record": pair.record.model_dump_json()})
+
+
+def decode_pair(path: Path) -> Pair:
+    """Read one pair file."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != PAIR_FORMAT:
+            raise StorageError(f"{path}: not an SSB pair file (format {metadata.get('format')!r})")
+        arrays = load_file(str(path))
+        record = PairRecord.model_validate_json(metadata["record"])
+    except StorageError:
+        raise
+    except Exception as exc:  # corrupt header, bad JSON, missing tensor
+        raise StorageError(f"{path}: unreadable pair file: {exc}") from exc
+    return Pair(
+        record=record,
+        token_ids=arrays["token_ids"].tolist(),
+        topk_ids=arrays["topk_ids"].tolist(),
+        topk_logprobs=arrays["topk_logprobs"].tolist(),
+    )
+
+
+class PairStore:
+    """The pairs and dropped problems of one curation output directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.pairs_dir = self.root / "pairs"
+        self.dropped_dir = self.root / "dropped"
+
+    def pair_path(self, problem_id: str) -> Path:
+        return self.pairs_dir / f"{problem_id}.safetensors"
+
+    def dropped_path(self, problem_id: str) -> Path:
+        return self.dropped_dir / f"{problem_id}.json"
+
+    def is_done(self, problem_id: str) -> bool:
+        """True when the problem already has a pair or a recorded drop."""
+        return self.pair_path(problem_id).exists() or self.dropped_path(problem_id).exists()
+
+    def write_pair(self, pair: Pair) -> bool:
+        """Store a pair once; False if this problem already had one."""
+        return write_once(self.pair_path(pair.record.problem_id), encode_pair(pair))
+
+    def write_dropped(self, dropped: DroppedProblem) -> bool:
+        """Record a dropped problem once; False if it was already recorded."""
+        return write_once(self.dropped_path(dropped.problem_id), dropped.model_dump_json(indent=1).encode())
+
+    def pair_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.pairs_dir.glob("*.safetensors") if not p.name.startswith("."))
+
+    def load_pair(self, problem_id: str) -> Pair:
+        return decode_pair(self.pair_path(problem_id))
+
+    def iter_pairs(self) -> Iterator[Pair]:
+        for problem_id in self.pair_ids():
+            yield self.load_pair(problem_id)
+
+    def iter_dropped(self) -> Iterator[DroppedProblem]:
+        for path in sorted(self.dropped_dir.glob("*.json")):
+            if not path.name.startswith("."):
+                yield DroppedProblem.model_validate_json(path.read_text())
+
+    def export_jsonl_lines(self) -> Iterator[str]:
+        """Each pair as one JSON line (record fields plus the arrays as lists)."""
+        for pair in self.iter_pairs():
+            yield json.dumps(
+                {
+                    **pair.record.model_dump(mode="json"),
+                    "token_ids": pair.token_ids,
+                    "topk_ids": pair.topk_ids,
+                    "topk_logprobs": pair.topk_logprobs,
+                }
+            )

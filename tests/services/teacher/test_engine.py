@@ -1,0 +1,67 @@
+"""The teacher engine on the real small model: chat rendering, batched sampling, and which distribution it reports."""
+
+import math
+
+from shared.prompts import build_student_messages
+from shared.schemas import SamplingSettings
+
+QUESTION = "Tom has 3 apples and buys 4 more. How many apples does Tom have now?"
+
+
+def test_render_uses_the_models_chat_template(engine):
+    prompt = engine.render(build_student_messages(QUESTION))
+    assert prompt.text.startswith("<|im_start|>system\n")
+    assert prompt.text.endswith("<|im_start|>assistant\n")
+    assert QUESTION in prompt.text
+    assert engine.tokenizer.decode(prompt.token_ids) == prompt.text
+
+
+def test_batched_generation_returns_n_samples_that_stop_at_end_of_turn(engine):
+    prompts = [engine.render(build_student_messages(q)) for q in (QUESTION, "What is 5 + 6?")]
+    results = engine.generate(prompts, SamplingSettings(n=3, temperature=0.8, top_k=50, max_tokens=200, seed=1))
+    assert [len(r) for r in results] == [3, 3]
+    stopped = [g for r in results for g in r if g.finish_reason == "stop"]
+    assert stopped, "no sample ended at <|im_end|>"
+    for generation in stopped:
+        assert generation.token_ids[-1] == engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert "<|im_end|>" not in generation.text
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    prompt = engine.render(build_student_messages(QUESTION))
+    sampling = SamplingSettings(n=2, temperature=1.0, max_tokens=40, seed=123)
+    first, second = engine.generate([prompt], sampling), engine.generate([prompt], sampling)
+    assert [g.token_ids for g in first[0]] == [g.token_ids for g in second[0]]
+
+
+def test_logprobs_are_the_unmodified_distribution_not_the_temperature_scaled_one(engine):
+    """Generate at T=0.4 with top-k log-probabilities, then score the same token ids in a separate pass.
+
+    The scoring pass sees no temperature, so its numbers are the model's own distribution. The stored ones agree with it
+    up to bf16 noise, and are far from what temperature scaling would give (log_softmax(logp / T)).
+    """
+    k, temperature = 20, 0.4
+    prompt = engine.render(build_student_messages(QUESTION))
+    (generation,) = engine.generate(
+        [prompt], SamplingSettings(temperature=temperature, max_tokens=48, seed=7, logprobs=k)
+    )[0]
+    assert len(generation.topk_ids) == len(generation.token_ids) > 10
+    scored_ids, scored_logprobs = engine.score(prompt.token_ids, generation.token_ids, k)
+
+    raw_diffs, tempered_diffs = [], []
+    for t in range(len(generation.token_ids)):
+        assert len(generation.topk_ids[t]) == k
+        assert generation.topk_logprobs[t] == sorted(generation.topk_logprobs[t], reverse=True)
+        stored = dict(zip(generation.topk_ids[t], generation.topk_logprobs[t]))
+        scored = dict(zip(scored_ids[t], scored_logprobs[t]))
+        scaled = {i: lp / temperature for i, lp in scored.items()}
+        top = max(scaled.values())
+        log_norm = top + math.log(sum(math.exp(v - top) for v in scaled.values()))
+        for token_id in stored.keys() & scored.keys():
+            raw_diffs.append(abs(stored[token_id] - scored[token_id]))
+            tempered_diffs.append(abs(stored[token_id] - (scaled[token_id] - log_norm)))
+    assert len(raw_diffs) > 10 * k
+    mean_raw = sum(raw_diffs) / len(raw_diffs)
+    mean_tempered = sum(tempered_diffs) / len(tempered_diffs)
+    assert mean_raw < 0.1, f"stored vs scored log-probabilities differ by {mean_raw:.3f} on average"
+    assert mean_tempered > 10 * mean_raw, (mean_raw, mean_tempered)

@@ -1,0 +1,251 @@
+"""Loading problem sets: the packaged benchmarks, JSONL and Parquet files, and every way a file can be bad."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shared.datasets import (
+    BENCHMARKS,
+    MAX_REPORTED_ERRORS,
+    DatasetError,
+    load_problems,
+    parse_gold_answer,
+    write_problems_jsonl,
+)
+from shared.schemas import PROBLEM_ID_PATTERN, Problem
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def row(question: str = "What is 1 + 1?", answer: str = "2", **extra: object) -> str:
+    return json.dumps({"question": question, "answer": answer, **extra})
+
+
+def load_error(source: Path | str) -> DatasetError:
+    with pytest.raises(DatasetError) as info:
+        load_problems(source)
+    return info.value
+
+
+# Packaged benchmarks
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "first_id"),
+    [("gsm8k", 1319, "gsm8k_test-1"), ("gsm8k_train", 7473, "gsm8k_train-1"), ("math500", 500, "math500-1"),
+     ("aime24", 30, "aime24-1")],
+)
+def test_packaged_benchmark_loads_every_problem(name: str, count: int, first_id: str) -> None:
+    problems = load_problems(name)
+    assert len(problems) == count
+    assert problems[0].id == first_id
+    assert problems[0].source == f"{BENCHMARKS[name].name}:1"
+    assert len({p.id for p in problems}) == count
+    assert all(re.match(PROBLEM_ID_PATTERN, p.id) for p in problems)
+
+
+def test_gsm8k_gold_is_the_number_after_hashes() -> None:
+    problems = load_problems("gsm8k")
+    assert problems[0].answer == "18"  # Janet's ducks
+    assert all("####" not in p.answer and "," not in p.answer for p in problems)
+    assert all(re.fullmatch(r"-?\d+(\.\d+)?", p.answer) for p in problems)
+
+
+def test_math_answers_are_kept_as_written() -> None:
+    assert load_problems("math500", limit=1)[0].answer == r"\left( 3, \frac{\pi}{2} \right)"
+    assert load_problems("aime24", limit=1)[0].answer == "204"
+
+
+@pytest.mark.parametrize(
+    ("raw", "gold"),
+    [("So 1,000 in all.\n#### 1,000", "1000"), ("#### 1,450,000", "1450000"), ("x\n####  -10 ", "-10"),
+     ("#### 3.5", "3.5"), (" 42 ", "42"), (r"\frac{1,2}{3}", r"\frac{1,2}{3}"), ("(1,2)", "(1,2)")],
+)
+def test_parse_gold_answer(raw: str, gold: str) -> None:
+    assert parse_gold_answer(raw) == gold
+
+
+def test_limit_returns_the_first_problems() -> None:
+    problems = load_problems("aime24", limit=5)
+    assert [p.id for p in problems] == [f"aime24-{i}" for i in range(1, 6)]
+    assert len(load_problems("aime24", limit=1000)) == 30
+    with pytest.raises(ValueError, match="limit"):
+        load_problems("aime24", limit=0)
+
+
+# User JSONL files
+
+
+def test_jsonl_fields_ids_and_sources(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "my set.jsonl",
+        [
+            row("Q one?", "Step.\n#### 1,000"),
+            "",
+            json.dumps({"problem": "Q two?", "answer": 7}),
+            row("Q three?", "x", id=12),
+            row("Q four?", "y", id="weird id/with spaces"),
+        ],
+    )
+    problems = load_problems(path)
+    assert [(p.id, p.question, p.answer, p.source) for p in problems] == [
+        ("my-set-1", "Q one?", "1000", "my set.jsonl:1"),
+        ("my-set-3", "Q two?", "7", "my set.jsonl:3"),
+        ("12", "Q three?", "x", "my set.jsonl:4"),
+        ("weird-id-with-spaces", "Q four?", "y", "my set.jsonl:5"),
+    ]
+    assert load_problems(str(path), limit=2) == problems[:2]
+
+
+@pytest.mark.parametrize(
+    ("lines", "line", "reason"),
+    [
+        ([row(), '{"question": "Q", "answer": '], 2, "malformed JSON"),
+        ([row(), "[1, 2]"], 2, "expected a JSON object, got list"),
+        ([row(), '"just a string"'], 2, "expected a JSON object, got str"),
+        ([row(), '{"answer": "2"}'], 2, "missing question field"),
+        ([row(), '{"question": "Q?"}'], 2, "missing answer field"),
+        ([row(), row(question="   ")], 2, "empty question"),
+        ([row(), row(answer="")], 2, "empty answer"),
+        ([row(), row(answer="Work.\n#### ")], 2, "empty answer"),
+        ([row(), '{"question": ["Q"], "answer": "2"}'], 2, "'question' must be a string"),
+        ([row(), '{"question": "Q", "answer": true}'], 2, "'answer' must be a string or a number"),
+        ([row(), "", row(id="!!!")], 3, "has no letters or digits"),
+    ],
+)
+def test_bad_jsonl_line_is_reported_with_its_number(tmp_path: Path, lines: list[str], line: int, reason: str) -> None:
+    path = write_lines(tmp_path / "bad.jsonl", lines)
+    error = load_error(path)
+    assert str(error).startswith(f"{path}:{line}: ")
+    assert reason in str(error)
+    assert error.errors == [str(error)]
+
+
+def test_non_utf8_bytes_are_reported_with_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(row().encode() + b"\n\n" + '{"question": "caf\xe9?", "answer": "1"}'.encode("latin-1") + b"\n")
+    error = load_error(path)
+    assert str(error).startswith(f"{path}:3: not valid UTF-8")
+
+
+def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "dup.jsonl", [row(id="a"), row(id="b"), row(id="a")])
+    assert str(load_error(path)) == f"{path}:3: duplicate id 'a' (also at {path}:1)"
+
+
+def test_ids_that_collide_after_sanitizing_are_duplicates(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "dup.jsonl", [row(id="a b"), row(id="a-b")])
+    assert "duplicate id 'a-b'" in str(load_error(path))
+
+
+def test_errors_are_collected_up_to_a_bound(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "many.jsonl", [row()] + ["not json"] * (MAX_REPORTED_ERRORS + 5))
+    error = load_error(path)
+    assert len(error.errors) == MAX_REPORTED_ERRORS
+    assert error.errors[0].startswith(f"{path}:2: malformed JSON")
+    assert error.errors[1].startswith(f"{path}:3: ")
+    assert error.truncated
+    assert str(error).endswith(f"(stopped after {MAX_REPORTED_ERRORS} errors)")
+
+
+def test_one_bad_line_rejects_the_whole_file(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "mixed.jsonl", [row(id=str(i)) for i in range(50)] + ["{"])
+    with pytest.raises(DatasetError, match=":51: malformed JSON"):
+        load_problems(path, limit=1)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n"])
+def test_empty_file_is_an_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content, encoding="utf-8")
+    assert str(load_error(path)) == f"{path}: no problems (the source is empty)"
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.jsonl"
+    assert str(load_error(path)) == f"{path}: file not found"
+
+
+@pytest.mark.parametrize("name", ["data.csv", "data.json", "data.txt"])
+def test_unknown_extension_names_the_supported_ones(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_text(row() + "\n", encoding="utf-8")
+    message = str(load_error(path))
+    assert message.startswith(f"{path}: unsupported file type")
+    assert ".jsonl" in message and ".parquet" in message
+
+
+def test_existing_file_without_extension_is_not_taken_for_a_hub_name(tmp_path: Path) -> None:
+    path = tmp_path / "problems"
+    path.write_text(row() + "\n", encoding="utf-8")
+    assert "unsupported file type '(no extension)'" in str(load_error(path))
+
+
+def test_write_then_load_round_trips(tmp_path: Path) -> None:
+    problems = [
+        Problem(id="p-1", question="Héllo, 2 + 2?", answer="4", source="hand"),
+        Problem(id="p-2", question="Line one\nline two", answer=r"\frac{1}{2}"),
+    ]
+    path = write_problems_jsonl(problems, tmp_path / "out" / "set.jsonl")
+    assert [p.name for p in path.parent.iterdir()] == ["set.jsonl"]  # no temp file left behind
+    loaded = load_problems(path)
+    assert loaded[0] == problems[0]
+    assert loaded[1] == problems[1].model_copy(update={"source": "set.jsonl:2"})
+
+
+# Parquet files
+
+
+def test_parquet_round_trip(tmp_path: Path) -> None:
+    table = pa.table(
+        {"problem": ["What is 2 + 3?", "How many?"], "answer": ["5", "Count.\n#### 1,000"], "level": [1, 2]}
+    )
+    pq.write_table(table, tmp_path / "set.parquet")
+    problems = load_problems(tmp_path / "set.parquet")
+    assert [(p.id, p.question, p.answer, p.source) for p in problems] == [
+        ("set-0", "What is 2 + 3?", "5", "set.parquet:row 0"),
+        ("set-1", "How many?", "1000", "set.parquet:row 1"),
+    ]
+
+
+def test_parquet_bad_row_is_reported_by_index(tmp_path: Path) -> None:
+    path = tmp_path / "set.parquet"
+    pq.write_table(pa.table({"question": ["Q?", "Q2?"], "answer": ["1", None]}), path)
+    assert str(load_error(path)) == f"{path}:row 1: missing answer field ('answer')"
+
+
+def test_corrupt_parquet_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"not parquet at all")
+    assert str(load_error(path)).startswith(f"{path}: not a readable Parquet file")
+
+
+# Hugging Face names
+
+
+def test_hub_name_without_datasets_library_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def no_datasets(name: str, *args: object, **kwargs: object) -> object:
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    message = str(load_error("openai/gsm8k:main"))
+    assert message.startswith("openai/gsm8k:main: loading a Hugging Face dataset needs the `datasets` library")
+    assert "gsm8k_train" in message
+
+
+def test_source_that_is_neither_file_nor_name_is_an_error() -> None:
+    assert "not a benchmark name" in str(load_error("two words"))

@@ -1,0 +1,76 @@
+"""Pair storage: atomic, write-once, loadable without pickle."""
+
+import json
+import os
+
+import pytest
+
+from shared.schemas import DroppedProblem, Pair, PairRecord, RenderedPrompt, Rollout, SamplingSettings
+from shared.storage import PairStore, StorageError
+
+
+def make_pair(problem_id="p-1", tokens=5, k=3) -> Pair:
+    prompt = RenderedPrompt(messages=[], text="<prompt>", token_ids=[1, 2, 3])
+    record = PairRecord(
+        problem_id=problem_id,
+        question="What is 2+2?",
+        gold="4",
+        rollouts=[Rollout(text="4", num_tokens=1, extracted="4", correct=True)],
+        correct_hint_index=0,
+        incorrect_hint_index=0,
+        prompt_version="v",
+        teacher_prompt=prompt,
+        student_prompt=prompt,
+        explanation="2+2=4, \\boxed{4}",
+        explanation_extracted="4",
+        model="m",
+        rollout_sampling=SamplingSettings(n=4, temperature=0.8),
+        explanation_sampling=SamplingSettings(temperature=0.4, logprobs=k),
+        topk=k,
+    )
+    return Pair(
+        record=record,
+        token_ids=list(range(tokens)),
+        topk_ids=[[t, t + 1, t + 2][:k] for t in range(tokens)],
+        topk_logprobs=[[-0.5, -1.5, -2.5][:k] for _ in range(tokens)],
+    )
+
+
+def test_round_trip_and_write_once(tmp_path):
+    store = PairStore(tmp_path)
+    pair = make_pair()
+    assert store.write_pair(pair)
+    assert not store.write_pair(make_pair(tokens=2))  # a second write of the same problem keeps the first
+    loaded = store.load_pair("p-1")
+    assert loaded == pair
+    assert store.is_done("p-1") and not store.is_done("p-2")
+    assert [p.record.problem_id for p in store.iter_pairs()] == ["p-1"]
+    assert os.listdir(tmp_path / "pairs") == ["p-1.safetensors"]  # no temporary file left behind
+
+
+def test_dropped_and_export(tmp_path):
+    store = PairStore(tmp_path)
+    store.write_pair(make_pair("a"))
+    assert store.write_dropped(DroppedProblem(problem_id="b", reason="no_mix"))
+    assert not store.write_dropped(DroppedProblem(problem_id="b", reason="ungradeable"))
+    assert [d.reason for d in store.iter_dropped()] == ["no_mix"]
+    assert store.is_done("b")
+    lines = list(store.export_jsonl_lines())
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert row["problem_id"] == "a" and len(row["topk_ids"]) == 5 and row["token_ids"] == [0, 1, 2, 3, 4]
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    store = PairStore(tmp_path)
+    store.pairs_dir.mkdir(parents=True)
+    store.pair_path("bad").write_bytes(b"not a safetensors file")
+    with pytest.raises(StorageError, match="bad.safetensors"):
+        store.load_pair("bad")
+
+
+def test_storage_is_compact(tmp_path):
+    store = PairStore(tmp_path)
+    store.write_pair(make_pair(tokens=1000, k=3))
+    size = store.pair_path("p-1").stat().st_size
+    assert size < 1000 * (4 + 3 * 8) + 8192  # ids and top-k arrays, plus the JSON record
