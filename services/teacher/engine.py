@@ -61,6 +61,10 @@ class TeacherEngine:
             max_lora_rank=options.max_lora_rank,
             max_loras=options.max_loras,
             seed=options.seed,
+            # Per-request seeds crash the CPU build when a prefill is split across steps (its CPU generators cannot
+            # rewind), so prompts are prefilled whole.
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(options.max_model_len, 8192),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}

@@ -1,0 +1,228 @@
+"""The trainer on the real small model (CPU): LoRA-only updates that lower the loss, a loadable adapter, exact resume.
+
+Pairs are built here from the real tokenizer and chat template, with the real teacher top-k: the base model's
+log-softmax on the hinted prompt plus the explanation, as curation stores it.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from services.trainer.config import TrainConfig
+from services.trainer.data import collate_examples, load_examples
+from services.trainer.training import (
+    TrainingError,
+    batch_losses,
+    count_steps_per_epoch,
+    micro_batch_indices,
+    train,
+)
+from shared.prompts import PROMPT_VERSION, build_hinted_messages, build_student_messages
+from shared.schemas import Pair, PairRecord, RenderedPrompt, Rollout, SamplingSettings
+from shared.storage import PairStore
+
+TOPK = 8
+PROBLEMS = [
+    ("add", "Tom has 3 apples and buys 4 more. How many apples does he have?", "7",
+     "Tom starts with 3 apples. He buys 4 more, so 3 + 4 = 7. The answer is \\boxed{7}."),
+    ("sub", "A shelf holds 10 books. 6 are taken away. How many books are left?", "4",
+     "The shelf starts with 10 books. Taking away 6 leaves 10 - 6 = 4 books. The answer is \\boxed{4}."),
+    ("mul", "Each box holds 5 pens. How many pens are in 3 boxes?", "15",
+     "There are 3 boxes with 5 pens each. Multiplying, 3 x 5 = 15 pens in total. The answer is \\boxed{15}."),
+]
+
+# Small, fast runs: rank 4, every pair short, no warm-up; the knobs under test are set per test.
+SMALL = dict(rank=4, alpha=8, warmup_ratio=0.0, scheduler="constant", chunk_size=64)
+
+
+def load_model(model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+
+def render(tokenizer, messages) -> RenderedPrompt:
+    plain = [m.model_dump() for m in messages]
+    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    return RenderedPrompt(messages=list(messages), text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(model_path, tmp_path_factory):
+    """Three real pairs: chat-rendered prompts, tokenized explanations, the base model's top-8 on the hinted prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = load_model(model_path).eval()
+    store = PairStore(tmp_path_factory.mktemp("pairs"))
+    for problem_id, question, gold, explanation in PROBLEMS:
+        wrong = f"The answer is \\boxed{{{int(gold) + 1}}}."
+        student = render(tokenizer, build_student_messages(question))
+        teacher = render(tokenizer, build_hinted_messages(question, explanation, wrong))
+        tokens = tokenizer.encode(explanation, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(torch.tensor([teacher.token_ids + tokens])).logits[0]
+        start = len(teacher.token_ids) - 1
+        top = torch.log_softmax(logits[start : start + len(tokens)], dim=-1).topk(TOPK, dim=-1)
+        record = PairRecord(
+            problem_id=problem_id,
+            question=question,
+            gold=gold,
+            rollouts=[Rollout(text=explanation, num_tokens=len(tokens), extracted=gold, correct=True),
+                      Rollout(text=wrong, num_tokens=8, extracted=str(int(gold) + 1), correct=False)],
+            correct_hint_index=0,
+            incorrect_hint_index=1,
+            prompt_version=PROMPT_VERSION,
+            teacher_prompt=teacher,
+            student_prompt=student,
+            explanation=explanation,
+            explanation_extracted=gold,
+            model=model_path,
+            rollout_sampling=SamplingSettings(n=2, temperature=0.8),
+            explanation_sampling=SamplingSettings(temperature=0.4, logprobs=TOPK),
+            topk=TOPK,
+        )
+        store.write_pair(
+            Pair(record=record, token_ids=tokens, topk_ids=top.indices.tolist(), topk_logprobs=top.values.tolist())
+        )
+    return store.root
+
+
+@pytest.fixture(scope="module")
+def trained(model_path, pairs_dir, tmp_path_factory):
+    """Two steps on one batch of all three pairs, at a high learning rate; the base model's loss measured before."""
+    config = TrainConfig(**SMALL, lr=5e-3, batch_size=3, epochs=2)
+    model = load_model(model_path)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    batch = collate_examples(load_examples(pairs_dir), pad_id=model.config.pad_token_id)
+    with torch.no_grad():
+        loss_before = batch_losses(model, batch, config).kl.mean().item()
+    steps = []
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    result = train(pairs_dir, out, model_path, config, model=model, on_step=steps.append)
+    return dict(config=config, model=model, before=before, batch=batch, loss_before=loss_before, result=result, steps=steps)
+
+
+def test_two_steps_change_only_the_lora_weights(trained):
+    model, before = trained["model"], trained["before"]
+    lora, base = {}, {}
+    for name, p in model.named_parameters():
+        (lora if "lora_" in name else base)[name] = p
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert not any(p.requires_grad for p in base.values())
+    for name, p in base.items():
+        original = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        assert torch.equal(p, before[original]), name
+    assert len(base) == len(before)
+    assert all(p.abs().sum() > 0 for name, p in lora.items() if "lora_B" in name)  # B starts at zero
+
+
+def test_two_steps_lower_the_loss_on_their_batch(trained):
+    assert trained["result"].steps == 2 and [m.step for m in trained["steps"]] == [1, 2]
+    with torch.no_grad():
+        loss_after = batch_losses(trained["model"], trained["batch"], trained["config"]).kl.mean().item()
+    assert loss_after < 0.9 * trained["loss_before"]
+    assert trained["steps"][0].kl == pytest.approx(trained["loss_before"], rel=1e-4)  # step 1 starts from the base model
+
+
+def test_saved_adapter_loads_with_peft(trained, model_path):
+    from peft import PeftModel
+
+    result = trained["result"]
+    out = result.out_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_config.json", "metrics.jsonl",
+                 "training_curve.png"):
+        assert (out / name).is_file(), name
+    assert (out / "training_curve.png").stat().st_size > 1000
+    loaded = PeftModel.from_pretrained(load_model(model_path), str(out)).eval()
+    with torch.no_grad():
+        expected = batch_losses(trained["model"], trained["batch"], trained["config"]).kl.mean()
+        got = batch_losses(loaded, trained["batch"], trained["config"]).kl.mean()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    record = json.loads((out / "training_config.json").read_text())
+    assert TrainConfig.model_validate(record["config"]) == trained["config"]
+    assert record["num_pairs"] == 3 and record["model"] == model_path
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert set(m) >= {"step", "epoch", "loss", "kl", "ce", "grad_norm", "lr", "explanation_tokens", "tokens_per_s"}
+        assert all(math.isfinite(m[key]) for key in ("loss", "kl", "ce", "grad_norm", "tokens_per_s"))
+        assert m["lr"] == pytest.approx(5e-3) and m["explanation_tokens"] > 20
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_adapter(model_path, pairs_dir, tmp_path):
+    # Dropout on, so the restored RNG state matters; 2 steps per epoch, 2 epochs, a checkpoint every 2 steps.
+    config = TrainConfig(**SMALL, dropout=0.1, lr=2e-3, batch_size=2, epochs=2, checkpoint_every=2, seed=3)
+    uninterrupted = train(pairs_dir, tmp_path / "a", model_path, config)
+
+    def stop_after_step_3(metrics):
+        if metrics.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(pairs_dir, tmp_path / "b", model_path, config, on_step=stop_after_step_3)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-2"]
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        train(pairs_dir, tmp_path / "b", model_path, config)
+    resumed = train(pairs_dir, tmp_path / "b", model_path, config, resume=True)
+
+    assert uninterrupted.steps == resumed.steps == 4
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-7)
+    metrics_a = [json.loads(line) for line in uninterrupted.metrics_path.read_text().splitlines()]
+    metrics_b = [json.loads(line) for line in resumed.metrics_path.read_text().splitlines()]
+    assert [m["step"] for m in metrics_b] == [1, 2, 3, 4]  # the interrupted run's step 3 is logged once
+    assert [m["loss"] for m in metrics_b] == pytest.approx([m["loss"] for m in metrics_a], rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+    changed = config.model_copy(update={"lr": 1e-3})
+    with pytest.raises(TrainingError, match="settings changed.*lr"):
+        train(pairs_dir, tmp_path / "b", model_path, changed, resume=True)
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        train(pairs_dir, tmp_path / "a", model_path, config.model_copy(update={"checkpoint_every": None}), resume=True)
+
+
+def test_gradient_accumulation_weighs_every_position_the_same(model_path, pairs_dir, tmp_path):
+    one_batch = TrainConfig(**SMALL, batch_size=2, grad_accum=1, max_steps=1)
+    accumulated = one_batch.model_copy(update={"batch_size": 1, "grad_accum": 2})
+    metrics = []
+    for name, config in (("one", one_batch), ("accumulated", accumulated)):
+        train(pairs_dir, tmp_path / name, model_path, config, on_step=metrics.append)
+    first, second = metrics
+    assert second.loss == pytest.approx(first.loss, rel=1e-5)
+    assert second.grad_norm == pytest.approx(first.grad_norm, rel=1e-4)
+
+
+def test_online_teacher_step_is_finite(model_path, pairs_dir, tmp_path):
+    config = TrainConfig(**SMALL, teacher="online", batch_size=2, max_steps=1)
+    metrics = []
+    result = train(pairs_dir, tmp_path / "online", model_path, config, on_step=metrics.append)
+    assert result.steps == 1 and math.isfinite(result.final_loss)
+    # The student starts as the teacher's model but without the hints, so the two differ.
+    assert metrics[0].kl > 0 and math.isfinite(metrics[0].grad_norm)
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    config = TrainConfig(batch_size=2, grad_accum=2, seed=5)
+    assert count_steps_per_epoch(9, config) == 3
+    epoch = [i for step in range(3) for micro in micro_batch_indices(9, config, epoch=0, step_in_epoch=step)
+             for i in micro]
+    assert sorted(epoch) == list(range(9))
+    assert micro_batch_indices(9, config, epoch=0, step_in_epoch=2) == [[epoch[8]]]
+    assert micro_batch_indices(9, config, epoch=0, step_in_epoch=0) == micro_batch_indices(9, config, epoch=0, step_in_epoch=0)
+    assert micro_batch_indices(9, config, epoch=1, step_in_epoch=0) != micro_batch_indices(9, config, epoch=0, step_in_epoch=0)
+    # Two processes: equal shares (wrapped around), together covering every example.
+    shares = [
+        [i for step in range(count_steps_per_epoch(9, config, 2))
+         for micro in micro_batch_indices(9, config, epoch=0, step_in_epoch=step, process_index=p, num_processes=2)
+         for i in micro]
+        for p in range(2)
+    ]
+    assert len(shares[0]) == len(shares[1]) == 5 and set(shares[0]) | set(shares[1]) == set(range(9))
