@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): every figure a ratio against a baseline measured in the same run."""

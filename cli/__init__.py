@@ -1,0 +1,1 @@
+"""The `ssb` command line."""

@@ -59,12 +59,12 @@ def data_arith(
 ) -> None:
     """Write easy one- and two-step arithmetic word problems as JSONL."""
     from shared.arithmetic import make_arithmetic_problems
-    from shared.datasets import write_problems_jsonl
+    from shared.datasets import problem_to_json, write_problems_jsonl
 
     problems = make_arithmetic_problems(n, seed)
     if out is None:
         for problem in problems:
-            print(problem.model_dump_json())
+            print(problem_to_json(problem))
     else:
         write_problems_jsonl(problems, out)
         console.print(f"wrote {len(problems)} problems to {out}")

@@ -1,0 +1,1 @@
+"""Common code of every SSB part: settings, schemas, prompts, grading, hint selection, datasets, pair storage."""

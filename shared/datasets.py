@@ -91,6 +91,11 @@ def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit
     return problems if limit is None else problems[:limit]
 
 
+def problem_to_json(problem: Problem) -> str:
+    """One problem as one JSON line (`id`, `question`, `answer`, and `source` when set)."""
+    return json.dumps(problem.model_dump(exclude_none=True), ensure_ascii=False)
+
+
 def write_problems_jsonl(problems: Iterable[Problem], path: str | os.PathLike[str]) -> Path:
     """Write problems as JSONL (`id`, `question`, `answer`, and `source` when set), atomically; return the path.
 
@@ -103,7 +108,7 @@ def write_problems_jsonl(problems: Iterable[Problem], path: str | os.PathLike[st
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
             for problem in problems:
-                out.write(json.dumps(problem.model_dump(exclude_none=True), ensure_ascii=False) + "\n")
+                out.write(problem_to_json(problem) + "\n")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp_name, target)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSettings
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

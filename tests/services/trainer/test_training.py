@@ -155,22 +155,26 @@ def test_saved_adapter_loads_with_peft(trained, model_path):
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_adapter(model_path, pairs_dir, tmp_path):
-    # Dropout on, so the restored RNG state matters; 2 steps per epoch, 2 epochs, a checkpoint every 2 steps.
-    config = TrainConfig(**SMALL, dropout=0.1, lr=2e-3, batch_size=2, epochs=2, checkpoint_every=2, seed=3)
+    # Dropout on, so the restored RNG state matters; 2 steps per epoch, stopping 1 step into epoch 2 (the schedule
+    # spans 3 steps); a checkpoint every 2 steps; the interruption comes one step after the checkpoint.
+    config = TrainConfig(**SMALL, dropout=0.1, lr=2e-3, batch_size=2, epochs=2, max_steps=3, checkpoint_every=2, seed=3)
     uninterrupted = train(pairs_dir, tmp_path / "a", model_path, config)
+
+    class Killed(Exception):
+        pass
 
     def stop_after_step_3(metrics):
         if metrics.step == 3:
-            raise KeyboardInterrupt
+            raise Killed
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         train(pairs_dir, tmp_path / "b", model_path, config, on_step=stop_after_step_3)
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-2"]
     with pytest.raises(TrainingError, match="already holds a training run"):
         train(pairs_dir, tmp_path / "b", model_path, config)
     resumed = train(pairs_dir, tmp_path / "b", model_path, config, resume=True)
 
-    assert uninterrupted.steps == resumed.steps == 4
+    assert uninterrupted.steps == resumed.steps == 3
     a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
@@ -178,15 +182,14 @@ def test_resume_after_interruption_gives_the_uninterrupted_adapter(model_path, p
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-7)
     metrics_a = [json.loads(line) for line in uninterrupted.metrics_path.read_text().splitlines()]
     metrics_b = [json.loads(line) for line in resumed.metrics_path.read_text().splitlines()]
-    assert [m["step"] for m in metrics_b] == [1, 2, 3, 4]  # the interrupted run's step 3 is logged once
+    assert [m["step"] for m in metrics_b] == [1, 2, 3]  # the interrupted run's step 3 is logged once
     assert [m["loss"] for m in metrics_b] == pytest.approx([m["loss"] for m in metrics_a], rel=1e-6)
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
     changed = config.model_copy(update={"lr": 1e-3})
     with pytest.raises(TrainingError, match="settings changed.*lr"):
         train(pairs_dir, tmp_path / "b", model_path, changed, resume=True)
     with pytest.raises(TrainingError, match="no complete checkpoint"):
-        train(pairs_dir, tmp_path / "a", model_path, config.model_copy(update={"checkpoint_every": None}), resume=True)
+        train(pairs_dir, tmp_path / "never-trained", model_path, config, resume=True)
 
 
 def test_gradient_accumulation_weighs_every_position_the_same(model_path, pairs_dir, tmp_path):
