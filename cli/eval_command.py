@@ -4,8 +4,8 @@
     ssb eval --benchmark aime24 --adapter runs/adapter --samples 8
     ssb eval --benchmark held_out.jsonl --adapter runs/a --adapter runs/b --max-tokens 256 --worked-example
 
-The benchmark is a packaged name (`gsm8k` is the GSM8K test split, `math500`, `aime24`) or a `.jsonl`/`.parquet` file with
-a question and an answer per row. The base model is always evaluated first, then each `--adapter` (a PEFT adapter
+The benchmark is a packaged name (`gsm8k` is the GSM8K test split, `math500`, `aime24`) or a `.jsonl`/`.parquet` file
+with a question and an answer per row. The base model is always evaluated first, then each `--adapter` (a PEFT adapter
 directory, loaded by the engine as a LoRA, not merged). Everything is checked before the engine starts; a bad
 benchmark, file or adapter exits with status 2 and one message. The logic lives in `services/evaluation/evaluation.py`.
 """
@@ -20,19 +20,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import console, ensure_model, progress_bar, start_engine
+from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar, start_engine
 from services.evaluation.evaluation import EvalConfig, evaluate, render_table
-from shared.settings import DEFAULT_MODEL, Settings
+from shared.settings import Settings
 
 
 def _default(name: str):
     """The option's default is EvalConfig's, so the two never disagree."""
     return EvalConfig.model_fields[name].default
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
 
 
 def benchmark_label(benchmark: str) -> str:
@@ -97,13 +92,12 @@ def eval_command(
     benchmark: Annotated[
         str, typer.Option("--benchmark", help="gsm8k (test split), math500, aime24, or a .jsonl/.parquet problem file.")
     ],
-    model: Annotated[
-        Optional[str],
-        typer.Option("--model", help=f"The default's name ({DEFAULT_MODEL}), a local checkpoint path, or a Hugging Face id."),
-    ] = None,
+    model: ModelOption = None,
     adapter: Annotated[
         Optional[list[Path]],
-        typer.Option("--adapter", help="A PEFT LoRA adapter directory; repeat for several. The base model always runs."),
+        typer.Option(
+            "--adapter", help="A PEFT LoRA adapter directory; repeat for several. The base model always runs first."
+        ),
     ] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems.")] = None,
     samples: Annotated[
@@ -116,11 +110,13 @@ def eval_command(
         "max_tokens"
     ),
     worked_example: Annotated[
-        bool, typer.Option(help="Put one worked example turn before each question (as in curation; helps small models).")
+        bool,
+        typer.Option(help="Put one worked example turn before each question (as in curation; helps small models)."),
     ] = _default("worked_example"),
     seed: Annotated[int, typer.Option("--seed", help="Seeds the per-problem sampling.")] = _default("seed"),
     out: Annotated[
-        Optional[Path], typer.Option("--out", help="JSON report with per-problem results (default: runs/eval-BENCHMARK.json).")
+        Optional[Path],
+        typer.Option("--out", help="JSON report with per-problem results (default: runs/eval-BENCHMARK.json)."),
     ] = None,
 ) -> None:
     """pass@1 (greedy) and mean@n of the base model and each adapter on a benchmark: a table and a JSON report."""
@@ -140,11 +136,13 @@ def eval_command(
         config = EvalConfig(
             samples=samples, temperature=temperature, max_tokens=max_tokens, worked_example=worked_example, seed=seed
         )
+        label = benchmark_label(benchmark)
+        out = out or Path("runs") / f"eval-{label}.json"
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a JSON file path")
         model_path = ensure_model(model, settings)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
-    label = benchmark_label(benchmark)
-    out = out or Path("runs") / f"eval-{label}.json"
+        raise fail(str(exc)) from exc
 
     engine = start_engine(model_path, settings, seed=seed)
     models = [None, *adapters]
@@ -152,17 +150,18 @@ def eval_command(
         task = progress.add_task(f"evaluating {label}", total=len(problems) * len(models), model="")
         finished: dict[str, int] = {}
 
-        def report(name: str, done: int, total: int) -> None:
+        def show_progress(name: str, done: int, total: int) -> None:
             finished[name] = done
             progress.update(task, completed=sum(finished.values()), model=name)
 
-        report_ = evaluate(problems, engine, config, adapters=models, benchmark=label, on_progress=report)
+        eval_report = evaluate(problems, engine, config, adapters=models, benchmark=label, on_progress=show_progress)
 
-    write_json_atomically(report_.model_dump_json(indent=2), out)
-    console.print(render_table(report_, title=f"{label}: {len(problems)} problems, {Path(model_path).name}"))
-    for row in report_.rows:
+    write_json_atomically(eval_report.model_dump_json(indent=2), out)
+    console.print(render_table(eval_report, title=f"{label}: {len(problems)} problems, {Path(model_path).name}"))
+    for row in eval_report.rows:
         console.print(
             f"{row.name}: {row.correct}/{row.problems} greedy correct, {row.ungradeable} ungradeable, "
-            f"{row.truncated} cut at --max-tokens, {row.mean_response_tokens:.0f} tokens on average, {row.seconds:.1f} s"
+            f"{row.truncated} cut at --max-tokens, {row.mean_response_tokens:.0f} tokens on average, "
+            f"{row.seconds:.1f} s"
         )
     console.print(f"per-problem results in {out}")

@@ -5,6 +5,8 @@
     ssb grade FILE                       grade JSONL lines of `gold` and `response`
     ssb curate --data FILE --out DIR     steps 1-5: verified teacher/student pairs
     ssb pairs export DIR                 print the pairs as JSONL
+    ssb train --pairs DIR --out DIR      step 6: LoRA KL distillation into an adapter
+    ssb eval --benchmark math500         pass@1 of the base model and any --adapter, side by side
 
 Run `ssb COMMAND --help` for every option.
 """
@@ -18,8 +20,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import console, ensure_model, progress_bar, start_engine
-from shared.settings import DEFAULT_MODEL, CurationConfig, Settings
+from cli.eval_command import eval_command
+from cli.train_command import train_command
+from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar, start_engine
+from shared.settings import CurationConfig, Settings
 
 app = typer.Typer(help="Semantic Soft Bootstrapping: RL-free self-distillation for math reasoning.", no_args_is_help=True)
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
@@ -29,15 +33,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(pairs_app, name="pairs")
 
-ModelOption = Annotated[
-    Optional[str],
-    typer.Option("--model", help=f"The default's name ({DEFAULT_MODEL}), a local checkpoint path, or a Hugging Face id."),
-]
-
-
-def fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
+app.command("train")(train_command)
+app.command("eval")(eval_command)
 
 
 @model_app.command("pull")

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Optional
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shared.models import default_model_dir, is_default_model, resolve_model
-from shared.settings import Settings
+from shared.settings import DEFAULT_MODEL, Settings
 
 console = Console(stderr=True)
+
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", help=f"The default's name ({DEFAULT_MODEL}), a local checkpoint path, or a Hugging Face id."),
+]
+
+
+def fail(message: str) -> typer.Exit:
+    """Print one clear error line; the caller raises the returned exit (status 2)."""
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
 
 
 def ensure_model(model: str | None, settings: Settings) -> str:

@@ -12,15 +12,16 @@ Flags map onto `services.trainer.config.TrainConfig` (defaults: the paper's); th
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import console, ensure_model, progress_bar
+from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar
 from services.trainer.config import TrainConfig
-from shared.settings import DEFAULT_MODEL, Settings
+from shared.settings import Settings
 
 
 def _default(name: str):
@@ -28,22 +29,16 @@ def _default(name: str):
     return TrainConfig.model_fields[name].default
 
 
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
-
-
 def train_command(
     pairs: Annotated[Path, typer.Option("--pairs", help="A curation output directory (with pairs/ in it).")],
     out: Annotated[Path, typer.Option("--out", help="Where the adapter, metrics, curve and checkpoints go.")],
-    model: Annotated[
-        Optional[str],
-        typer.Option("--model", help=f"The default's name ({DEFAULT_MODEL}), a local checkpoint path, or a Hugging Face id."),
-    ] = None,
+    model: ModelOption = None,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the pairs.")] = _default("epochs"),
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.")] = _default("lr"),
-    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per micro-batch on each process.")] = _default("batch_size"),
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per micro-batch on each process.")] = _default(
+        "batch_size"
+    ),
     grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = _default("grad_accum"),
     scheduler: Annotated[str, typer.Option(help="cosine, linear or constant, after warm-up.")] = _default("scheduler"),
     warmup_ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of steps warming up.")] = _default(
@@ -54,7 +49,9 @@ def train_command(
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="LoRA dropout.")] = _default("dropout"),
     temperature: Annotated[float, typer.Option(min=0.0, help="Distillation temperature T.")] = _default("temperature"),
     kd_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the KL term.")] = _default("kd_weight"),
-    ce_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the cross-entropy term.")] = _default("ce_weight"),
+    ce_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the cross-entropy term.")] = _default(
+        "ce_weight"
+    ),
     teacher: Annotated[str, typer.Option(help="stored (top-k saved with the pairs) or online (exact).")] = _default(
         "teacher"
     ),
@@ -65,20 +62,19 @@ def train_command(
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute activations in backward (less memory, slower).")
     ] = _default("gradient_checkpointing"),
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on a GPU, float32 on the CPU), float32 or bfloat16.")] = _default(
-        "dtype"
-    ),
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on the CPU), float32 or bfloat16.")
+    ] = _default("dtype"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
 ) -> None:
     """Step 6: train a LoRA adapter that matches the hinted teacher from the bare question (KL at temperature T)."""
-    from accelerate import PartialState
     from pydantic import ValidationError
 
     from services.trainer.data import PairDataError
     from services.trainer.training import TrainingError, train
 
     if not (pairs / "pairs").is_dir():
-        raise _fail(f"{pairs}: no pairs/ directory here; is this a curation output?")
+        raise fail(f"{pairs}: no pairs/ directory here; is this a curation output?")
     try:
         config = TrainConfig(
             epochs=epochs,
@@ -103,17 +99,20 @@ def train_command(
         model_path = ensure_model(model, Settings())
     except ValidationError as exc:
         problems = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
-        raise _fail("; ".join(problems)) from exc
+        raise fail("; ".join(problems)) from exc
     except (FileNotFoundError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
     # Under `accelerate launch` every process runs this command; only the main one draws (and gets on_step calls).
-    with progress_bar("loss", "speed") if PartialState().is_main_process else nullcontext() as progress:
-        task = progress.add_task("training", total=None, loss="", speed="") if progress else None
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with progress_bar("loss", "speed") if main_process else nullcontext() as progress:
+        tasks = []  # added at the first step, once the number of steps is known
 
         def report(metrics) -> None:
+            if not tasks:
+                tasks.append(progress.add_task("training", total=metrics.total_steps, loss="", speed=""))
             progress.update(
-                task,
+                tasks[0],
                 completed=metrics.step,
                 total=metrics.total_steps,
                 loss=f"loss {metrics.loss:.4f}",
@@ -123,14 +122,14 @@ def train_command(
         try:
             result = train(pairs, out, model_path, config, resume=resume, on_step=report)
         except (PairDataError, TrainingError) as exc:
-            raise _fail(str(exc)) from exc
-    if PartialState().is_main_process:
+            raise fail(str(exc)) from exc
+    if main_process:
         print_training_summary(result)
 
 
 def print_training_summary(result) -> None:
     """Where the adapter, its metrics and the training curve are."""
-    loss = "no step taken" if result.final_loss is None else f"final loss {result.final_loss:.4f}"
+    loss = "no step logged" if result.final_loss is None else f"final loss {result.final_loss:.4f}"
     console.print(
         f"trained {result.steps} steps on {result.num_pairs} pairs in {result.seconds:.0f} s ({loss})\n"
         f"adapter:        {result.out_dir}\n"

@@ -140,7 +140,9 @@ def model_names(adapters: Sequence[str | None]) -> list[str]:
     return names
 
 
-def grade_model_answer(problem: Problem, greedy: Generation, samples: Sequence[Generation], config: EvalConfig) -> ModelAnswer:
+def grade_model_answer(
+    problem: Problem, greedy: Generation, samples: Sequence[Generation], config: EvalConfig
+) -> ModelAnswer:
     """Grade one model's greedy response and samples for one problem."""
     graded = grade_response(problem.answer, greedy.text, order=config.extraction_order)
     sampled = [grade_response(problem.answer, s.text, order=config.extraction_order) for s in samples]
@@ -168,7 +170,9 @@ def answer_problems(
     sampled = config.samples > 1
     for start in range(0, len(problems), config.batch_size):
         batch = problems[start : start + config.batch_size]
-        prompts = [engine.render(build_student_messages(p.question, worked_example=config.worked_example)) for p in batch]
+        prompts = [
+            engine.render(build_student_messages(p.question, worked_example=config.worked_example)) for p in batch
+        ]
         settings = [config.greedy_sampling()] * len(batch)
         if sampled:
             prompts = prompts + prompts

@@ -24,7 +24,9 @@ class TrainConfig(BaseModel):
 
     # LoRA
     rank: int = Field(default=32, ge=1, description="LoRA rank r (paper: 32).")
-    alpha: float = Field(default=32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (paper: 32).")
+    alpha: float = Field(
+        default=32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (paper: 32)."
+    )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (paper: 0).")
     target_modules: tuple[str, ...] = Field(
         default=LORA_TARGET_MODULES,
@@ -39,7 +41,9 @@ class TrainConfig(BaseModel):
         default=4, ge=1, description="Pairs per micro-batch on each process (paper: 4, on one GPU, no accumulation)."
     )
     grad_accum: int = Field(
-        default=1, ge=1, description="Micro-batches per optimizer step; the effective batch is batch_size x grad_accum x processes."
+        default=1,
+        ge=1,
+        description="Micro-batches per optimizer step; the effective batch is batch_size x grad_accum x processes.",
     )
     epochs: int = Field(default=3, ge=1, description="Passes over the pairs (paper: 3).")
     max_steps: int | None = Field(
@@ -48,33 +52,49 @@ class TrainConfig(BaseModel):
     scheduler: Literal["cosine", "linear", "constant"] = Field(
         default="cosine", description="Learning-rate decay after warm-up (to 0 for cosine and linear)."
     )
-    warmup_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Fraction of the steps spent warming up from 0.")
+    warmup_ratio: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Fraction of the steps spent warming up linearly from 0."
+    )
     max_grad_norm: float | None = Field(
-        default=1.0, gt=0, description="Clip the global gradient norm to this; None disables clipping (the norm is still logged)."
+        default=1.0,
+        gt=0,
+        description="Clip the global gradient norm to this; None disables clipping (the norm is still logged).",
     )
     seed: int = Field(
-        default=0, ge=0, description="Seeds the LoRA initialisation, the data order of every epoch and the dropout masks."
+        default=0,
+        ge=0,
+        description="Seeds the LoRA initialisation, the data order of every epoch and the dropout masks.",
     )
 
     # Loss
-    temperature: float = Field(default=2.0, gt=0, description="Distillation temperature T; the KL is scaled by T^2 (paper: 2).")
-    kd_weight: float = Field(default=1.0, ge=0.0, description="Weight of KL(teacher || student) in the loss (paper: 1).")
+    temperature: float = Field(
+        default=2.0, gt=0, description="Distillation temperature T; the KL is scaled by T^2 (paper: 2)."
+    )
+    kd_weight: float = Field(
+        default=1.0, ge=0.0, description="Weight of KL(teacher || student) in the loss (paper: 1)."
+    )
     ce_weight: float = Field(
         default=0.0, ge=0.0, description="Weight of the cross-entropy of the explanation tokens in the loss (paper: 0)."
     )
     log_ce: bool = Field(
         default=True,
-        description="Log the cross-entropy even when ce_weight is 0 (one extra no-gradient pass over the output layer per step).",
+        description=(
+            "Log the cross-entropy even when ce_weight is 0 "
+            "(one extra no-gradient pass over the output layer per step)."
+        ),
     )
     teacher: Literal["stored", "online"] = Field(
         default="stored",
         description=(
-            "`stored`: the top-k teacher log-probabilities saved with each pair (plus a tail bucket). `online`: the same "
-            "base model with the adapter disabled, run on the stored hinted prompt plus the explanation: exact, full vocabulary."
+            "`stored`: the top-k teacher log-probabilities saved with each pair (plus a tail bucket). `online`: the "
+            "same base model with the adapter disabled, on the stored hinted prompt plus the explanation: exact, "
+            "full vocabulary."
         ),
     )
     chunk_size: int = Field(
-        default=256, ge=1, description="Positions per chunk of the output layer in the loss; bounds the memory of the logits."
+        default=256,
+        ge=1,
+        description="Positions per chunk of the output layer in the loss; bounds the memory of the logits.",
     )
 
     # Runtime
@@ -82,10 +102,12 @@ class TrainConfig(BaseModel):
         default="auto", description="Base model weights' dtype; `auto` is bfloat16 on a GPU and float32 on the CPU."
     )
     gradient_checkpointing: bool = Field(
-        default=False, description="Recompute the decoder's activations in backward: less memory, about a third slower."
+        default=False, description="Recompute the decoder's activations in backward: less memory, more compute."
     )
     checkpoint_every: int | None = Field(
         default=None, ge=1, description="Save a resumable checkpoint every this many optimizer steps; None saves none."
     )
     keep_checkpoints: int = Field(default=2, ge=1, description="How many of the newest checkpoints to keep on disk.")
-    log_every: int = Field(default=1, ge=1, description="Write a metrics line (and call on_step) every this many steps.")
+    log_every: int = Field(
+        default=1, ge=1, description="Write a metrics line (and call on_step) every this many steps."
+    )

@@ -103,7 +103,9 @@ def build_example(pair: Pair, *, teacher: Literal["stored", "online"] = "stored"
     topk_ids = torch.tensor(pair.topk_ids, dtype=torch.int64).reshape(len(pair.topk_ids), k)
     topk_logprobs = torch.tensor(pair.topk_logprobs, dtype=torch.float32).reshape(len(pair.topk_logprobs), k)
     if topk_ids.shape != topk_logprobs.shape:
-        raise PairDataError(f"pair {name}: top-k ids {tuple(topk_ids.shape)} and log-probabilities {tuple(topk_logprobs.shape)} differ")
+        raise PairDataError(
+            f"pair {name}: top-k ids {tuple(topk_ids.shape)} and log-probabilities {tuple(topk_logprobs.shape)} differ"
+        )
     if teacher == "stored" and (topk_ids.shape[0] != len(explanation) or topk_ids.shape[1] == 0):
         raise PairDataError(
             f"pair {name}: {len(explanation)} explanation tokens but a stored teacher signal of shape "

@@ -25,6 +25,7 @@ def plot_training_curve(metrics: Sequence[dict], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [m["step"] for m in metrics]
     fig, (loss_ax, norm_ax, length_ax) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
@@ -40,6 +41,7 @@ def plot_training_curve(metrics: Sequence[dict], path: str | Path) -> Path:
     length_ax.plot(steps, [m["explanation_tokens"] for m in metrics], marker=".", color="tab:green")
     length_ax.set_ylabel("explanation tokens\n(mean per pair)")
     length_ax.set_xlabel("optimizer step")
+    length_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (loss_ax, norm_ax, length_ax):
         ax.grid(alpha=0.3)
     fig.suptitle("SSB training dynamics")

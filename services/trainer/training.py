@@ -49,7 +49,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from services.trainer.config import RESUMABLE_CHANGES, TrainConfig
-from services.trainer.data import Batch, TrainExample, check_vocabulary, collate_examples, load_examples
+from services.trainer.data import Batch, check_vocabulary, collate_examples, load_examples
 from services.trainer.losses import LossSum, ce_chunked, kl_dense_chunked, kl_on_topk_chunked
 from services.trainer.plots import plot_training_curve, read_metrics
 
@@ -69,7 +69,9 @@ class StepMetrics(BaseModel):
     epoch: float = Field(description="Epochs done, fractional: step / steps per epoch.")
     loss: float = Field(description="kd_weight * kl + ce_weight * ce, what the gradient was taken of.")
     kl: float = Field(description="T^2 * KL(teacher || student), mean over explanation positions.")
-    ce: float | None = Field(description="Cross-entropy of the explanation tokens, nats per token; None when not computed.")
+    ce: float | None = Field(
+        description="Cross-entropy of the explanation tokens, nats per token; None when not computed."
+    )
     grad_norm: float = Field(description="Global gradient norm of the LoRA weights before clipping.")
     lr: float = Field(description="Learning rate this step used.")
     explanation_tokens: float = Field(description="Mean explanation length, in tokens, of the step's pairs.")
@@ -85,7 +87,7 @@ class TrainResult(BaseModel):
     config_path: Path
     steps: int = Field(description="Optimizer steps taken in total (including those before a resume).")
     num_pairs: int
-    final_loss: float | None = Field(description="Loss of the last step; None when the run took no step.")
+    final_loss: float | None = Field(description="Loss of the last logged step; None when none was logged.")
     seconds: float = Field(description="Wall time of this call.")
 
 
@@ -97,7 +99,7 @@ class BatchLosses(NamedTuple):
 
 
 class DecoderBody(nn.Module):
-    """A causal LM's decoder without its output layer: (B, S) ids -> (B, S, H) final hidden states (after the final norm).
+    """A causal LM's decoder without its output layer: (B, S) ids -> (B, S, H) hidden states after the final norm.
 
     The module that data parallelism wraps: gradients flow through its forward to the LoRA weights. The output
     layer's weight is frozen, so the losses may use it outside.
@@ -137,14 +139,16 @@ def train(
 
     # --- Setup: processes, output directory, data ---------------------------------------------------------------
     started = time.perf_counter()
-    accelerator = Accelerator()
+    # On a machine without an accelerator, `cpu=True` makes torchrun / accelerate launch processes join one gloo
+    # process group; without it each would train alone and all would write the same files.
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     main = accelerator.is_main_process
     out_dir = Path(out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     checkpoints_dir = out_dir / "checkpoints"
     if not resume and holds_a_run(out_dir):
         raise TrainingError(
-            f"{out_dir} already holds a training run; resume it, or choose a new output directory"
+            f"{out_dir} already holds a training run; resume it (--resume), or choose a new output directory"
         )
     checkpoint = latest_checkpoint(checkpoints_dir) if resume else None
     if resume and checkpoint is None:
@@ -205,8 +209,12 @@ def train(
         step_started = time.perf_counter()
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         indices = micro_batch_indices(
-            len(examples), config, epoch=epoch, step_in_epoch=step_in_epoch,
-            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+            len(examples),
+            config,
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
         )
         batches = [collate_examples([examples[i] for i in micro], pad_id).to(accelerator.device) for micro in indices]
         # The step's explanation positions over all micro-batches and processes: every one weighs 1 / count.
@@ -256,8 +264,14 @@ def train(
             next_epoch, next_in_epoch = divmod(step, steps_per_epoch)
             position = {"step": step, "epoch": next_epoch, "step_in_epoch": next_in_epoch}
             save_checkpoint(
-                checkpoints_dir, step, peft_model, optimizer, scheduler, {**run_state, **position},
-                accelerator, keep=config.keep_checkpoints,
+                checkpoints_dir,
+                step,
+                peft_model,
+                optimizer,
+                scheduler,
+                {**run_state, **position},
+                accelerator,
+                keep=config.keep_checkpoints,
             )
         if main and logged and on_step is not None:
             on_step(last)
@@ -277,7 +291,7 @@ def train(
         config_path=out_dir / "training_config.json",
         steps=step,
         num_pairs=len(examples),
-        final_loss=last.loss if last is not None else None,
+        final_loss=last.loss if last is not None else last_logged_loss(metrics_path),
         seconds=time.perf_counter() - started,
     )
 
@@ -306,20 +320,32 @@ def batch_losses(model: nn.Module, batch: Batch, config: TrainConfig, *, body: n
         with torch.no_grad(), disabled:
             teacher_hidden = DecoderBody(model)(batch.teacher_input_ids, batch.teacher_attention_mask)
         kl = kl_dense_chunked(
-            hidden, teacher_hidden, lm_head_weight, batch.loss_mask,
-            temperature=config.temperature, chunk_size=config.chunk_size, teacher_mask=batch.teacher_loss_mask,
+            hidden,
+            teacher_hidden,
+            lm_head_weight,
+            batch.loss_mask,
+            temperature=config.temperature,
+            chunk_size=config.chunk_size,
+            teacher_mask=batch.teacher_loss_mask,
         )
     else:
         kl = kl_on_topk_chunked(
-            hidden, lm_head_weight, batch.topk_ids, batch.topk_logprobs, batch.loss_mask,
-            temperature=config.temperature, chunk_size=config.chunk_size,
+            hidden,
+            lm_head_weight,
+            batch.topk_ids,
+            batch.topk_logprobs,
+            batch.loss_mask,
+            temperature=config.temperature,
+            chunk_size=config.chunk_size,
         )
     ce = None
     if config.ce_weight > 0:
         ce = ce_chunked(hidden, lm_head_weight, batch.target_ids, batch.loss_mask, chunk_size=config.chunk_size)
     elif config.log_ce:
         with torch.no_grad():
-            ce = ce_chunked(hidden.detach(), lm_head_weight, batch.target_ids, batch.loss_mask, chunk_size=config.chunk_size)
+            ce = ce_chunked(
+                hidden.detach(), lm_head_weight, batch.target_ids, batch.loss_mask, chunk_size=config.chunk_size
+            )
     return BatchLosses(kl, ce)
 
 
@@ -379,7 +405,13 @@ def holds_a_run(out_dir: Path) -> bool:
 
 
 def write_training_config(
-    out_dir: Path, config: TrainConfig, model_path: str, pairs_dir: str | Path, num_pairs: int, total_steps: int, accelerator
+    out_dir: Path,
+    config: TrainConfig,
+    model_path: str,
+    pairs_dir: str | Path,
+    num_pairs: int,
+    total_steps: int,
+    accelerator,
 ) -> None:
     record = {
         "config": config.model_dump(mode="json"),
@@ -390,6 +422,12 @@ def write_training_config(
         "num_processes": accelerator.num_processes,
     }
     (out_dir / "training_config.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def last_logged_loss(metrics_path: Path) -> float | None:
+    """The loss of the last logged step (a resumed run that had nothing left to do reports it)."""
+    logged = read_metrics(metrics_path)
+    return logged[-1]["loss"] if logged else None
 
 
 def keep_metrics_through(metrics_path: Path, step: int) -> None:
@@ -408,7 +446,9 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     found = [
         (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
         for p in checkpoints_dir.iterdir()
-        if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit() and (p / "state.json").exists()
+        if p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        and (p / "state.json").exists()
     ]
     return max(found)[1] if found else None
 
@@ -461,9 +501,13 @@ def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_stat
         if name not in RESUMABLE_CHANGES and state["config"].get(name) != run_state["config"].get(name)
     )
     if changed:
-        raise TrainingError(f"cannot resume from {checkpoint}: settings changed since it was written: {', '.join(changed)}")
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: settings changed since it was written: {', '.join(changed)}"
+        )
     if state["pairs_digest"] != run_state["pairs_digest"]:
-        raise TrainingError(f"cannot resume from {checkpoint}: the pairs directory holds other pairs than it was trained on")
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: the pairs directory holds other pairs than it was trained on"
+        )
     if state["num_processes"] != run_state["num_processes"]:
         raise TrainingError(
             f"cannot resume from {checkpoint}: written by {state['num_processes']} processes, resuming with "

@@ -1,4 +1,4 @@
-"""Evaluation: scores on a scripted fake engine by hand, then the base model and a LoRA adapter on the real small model."""
+"""Evaluation: scores on a scripted fake engine, checked by hand; base and LoRA adapter on the real engine."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class ScriptedEngine:
             greedy, samples = self.script[adapter][prompt.text]
             texts = [greedy] if settings.temperature == 0 else samples[: settings.n]
             assert len(texts) == settings.n
-            outputs.append([Generation(text=t, token_ids=list(range(len(t.split()))), finish_reason="stop") for t in texts])
+            tokens = [list(range(len(t.split()))) for t in texts]
+            outputs.append([Generation(text=t, token_ids=ids, finish_reason="stop") for t, ids in zip(texts, tokens)])
         return outputs
 
 

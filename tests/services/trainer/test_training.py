@@ -26,12 +26,24 @@ from shared.storage import PairStore
 
 TOPK = 8
 PROBLEMS = [
-    ("add", "Tom has 3 apples and buys 4 more. How many apples does he have?", "7",
-     "Tom starts with 3 apples. He buys 4 more, so 3 + 4 = 7. The answer is \\boxed{7}."),
-    ("sub", "A shelf holds 10 books. 6 are taken away. How many books are left?", "4",
-     "The shelf starts with 10 books. Taking away 6 leaves 10 - 6 = 4 books. The answer is \\boxed{4}."),
-    ("mul", "Each box holds 5 pens. How many pens are in 3 boxes?", "15",
-     "There are 3 boxes with 5 pens each. Multiplying, 3 x 5 = 15 pens in total. The answer is \\boxed{15}."),
+    (
+        "add",
+        "Tom has 3 apples and buys 4 more. How many apples does he have?",
+        "7",
+        "Tom starts with 3 apples. He buys 4 more, so 3 + 4 = 7. The answer is \\boxed{7}.",
+    ),
+    (
+        "sub",
+        "A shelf holds 10 books. 6 are taken away. How many books are left?",
+        "4",
+        "The shelf starts with 10 books. Taking away 6 leaves 10 - 6 = 4 books. The answer is \\boxed{4}.",
+    ),
+    (
+        "mul",
+        "Each box holds 5 pens. How many pens are in 3 boxes?",
+        "15",
+        "There are 3 boxes with 5 pens each. Multiplying, 3 x 5 = 15 pens in total. The answer is \\boxed{15}.",
+    ),
 ]
 
 # Small, fast runs: rank 4, every pair short, no warm-up; the knobs under test are set per test.
@@ -47,7 +59,9 @@ def load_model(model_path):
 def render(tokenizer, messages) -> RenderedPrompt:
     plain = [m.model_dump() for m in messages]
     text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-    return RenderedPrompt(messages=list(messages), text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))
+    return RenderedPrompt(
+        messages=list(messages), text=text, token_ids=tokenizer.encode(text, add_special_tokens=False)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +85,10 @@ def pairs_dir(model_path, tmp_path_factory):
             problem_id=problem_id,
             question=question,
             gold=gold,
-            rollouts=[Rollout(text=explanation, num_tokens=len(tokens), extracted=gold, correct=True),
-                      Rollout(text=wrong, num_tokens=8, extracted=str(int(gold) + 1), correct=False)],
+            rollouts=[
+                Rollout(text=explanation, num_tokens=len(tokens), extracted=gold, correct=True),
+                Rollout(text=wrong, num_tokens=8, extracted=str(int(gold) + 1), correct=False),
+            ],
             correct_hint_index=0,
             incorrect_hint_index=1,
             prompt_version=PROMPT_VERSION,
@@ -103,7 +119,9 @@ def trained(model_path, pairs_dir, tmp_path_factory):
     steps = []
     out = tmp_path_factory.mktemp("run") / "adapter"
     result = train(pairs_dir, out, model_path, config, model=model, on_step=steps.append)
-    return dict(config=config, model=model, before=before, batch=batch, loss_before=loss_before, result=result, steps=steps)
+    return dict(
+        config=config, model=model, before=before, batch=batch, loss_before=loss_before, result=result, steps=steps
+    )
 
 
 def test_two_steps_change_only_the_lora_weights(trained):
@@ -125,7 +143,9 @@ def test_two_steps_lower_the_loss_on_their_batch(trained):
     with torch.no_grad():
         loss_after = batch_losses(trained["model"], trained["batch"], trained["config"]).kl.mean().item()
     assert loss_after < 0.9 * trained["loss_before"]
-    assert trained["steps"][0].kl == pytest.approx(trained["loss_before"], rel=1e-4)  # step 1 starts from the base model
+    assert trained["steps"][0].kl == pytest.approx(
+        trained["loss_before"], rel=1e-4
+    )  # step 1 starts from the base model
 
 
 def test_saved_adapter_loads_with_peft(trained, model_path):
@@ -133,8 +153,13 @@ def test_saved_adapter_loads_with_peft(trained, model_path):
 
     result = trained["result"]
     out = result.out_dir
-    for name in ("adapter_config.json", "adapter_model.safetensors", "training_config.json", "metrics.jsonl",
-                 "training_curve.png"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_config.json",
+        "metrics.jsonl",
+        "training_curve.png",
+    ):
         assert (out / name).is_file(), name
     assert (out / "training_curve.png").stat().st_size > 1000
     loaded = PeftModel.from_pretrained(load_model(model_path), str(out)).eval()
@@ -215,17 +240,25 @@ def test_online_teacher_step_is_finite(model_path, pairs_dir, tmp_path):
 def test_data_order_is_a_seeded_permutation_per_epoch():
     config = TrainConfig(batch_size=2, grad_accum=2, seed=5)
     assert count_steps_per_epoch(9, config) == 3
-    epoch = [i for step in range(3) for micro in micro_batch_indices(9, config, epoch=0, step_in_epoch=step)
-             for i in micro]
+    epoch = [
+        i for step in range(3) for micro in micro_batch_indices(9, config, epoch=0, step_in_epoch=step) for i in micro
+    ]
     assert sorted(epoch) == list(range(9))
     assert micro_batch_indices(9, config, epoch=0, step_in_epoch=2) == [[epoch[8]]]
-    assert micro_batch_indices(9, config, epoch=0, step_in_epoch=0) == micro_batch_indices(9, config, epoch=0, step_in_epoch=0)
-    assert micro_batch_indices(9, config, epoch=1, step_in_epoch=0) != micro_batch_indices(9, config, epoch=0, step_in_epoch=0)
+    assert micro_batch_indices(9, config, epoch=0, step_in_epoch=0) == micro_batch_indices(
+        9, config, epoch=0, step_in_epoch=0
+    )
+    assert micro_batch_indices(9, config, epoch=1, step_in_epoch=0) != micro_batch_indices(
+        9, config, epoch=0, step_in_epoch=0
+    )
     # Two processes: equal shares (wrapped around), together covering every example.
     shares = [
-        [i for step in range(count_steps_per_epoch(9, config, 2))
-         for micro in micro_batch_indices(9, config, epoch=0, step_in_epoch=step, process_index=p, num_processes=2)
-         for i in micro]
+        [
+            i
+            for step in range(count_steps_per_epoch(9, config, 2))
+            for micro in micro_batch_indices(9, config, epoch=0, step_in_epoch=step, process_index=p, num_processes=2)
+            for i in micro
+        ]
         for p in range(2)
     ]
     assert len(shares[0]) == len(shares[1]) == 5 and set(shares[0]) | set(shares[1]) == set(range(9))
