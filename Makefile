@@ -30,9 +30,15 @@ test: setup model
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not engine"
 
+# The main job on the CPU: curate arithmetic problems (seed 0), train an adapter, evaluate on held-out ones (seed 1).
+DEMO_TRAIN ?= 160
+DEMO_EVAL ?= 100
 demo: setup model
-	$(BIN)/ssb data arith --n 200 --seed 0 --out runs/demo/train.jsonl
-	$(BIN)/ssb curate --data runs/demo/train.jsonl --out runs/demo/pairs --worked-example
+	rm -rf runs/demo
+	$(BIN)/ssb data arith --n $(DEMO_TRAIN) --seed 0 --out runs/demo/train.jsonl
+	$(BIN)/ssb data arith --n $(DEMO_EVAL) --seed 1 --out runs/demo/held_out.jsonl
+	$(BIN)/ssb run --train runs/demo/train.jsonl --eval runs/demo/held_out.jsonl --out runs/demo \
+		--worked-example --rollout-max-tokens 256 --explanation-max-tokens 384 --eval-max-tokens 256
 
 bench: setup model
 	$(BIN)/python -m benchmarks.run

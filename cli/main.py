@@ -7,6 +7,7 @@
     ssb pairs export DIR                 print the pairs as JSONL
     ssb train --pairs DIR --out DIR      step 6: LoRA KL distillation into an adapter
     ssb eval --benchmark math500         pass@1 of the base model and any --adapter, side by side
+    ssb run --train F --eval G --out DIR curate, train and evaluate in one process (the main job)
 
 Run `ssb COMMAND --help` for every option.
 """
@@ -21,8 +22,9 @@ from typing import Annotated, Optional
 import typer
 
 from cli.eval_command import eval_command
+from cli.run_command import run_command
+from cli.runtime import ModelOption, console, ensure_model, fail, print_funnel, progress_bar, start_engine
 from cli.train_command import train_command
-from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar, start_engine
 from shared.settings import CurationConfig, Settings
 
 app = typer.Typer(help="Semantic Soft Bootstrapping: RL-free self-distillation for math reasoning.", no_args_is_help=True)
@@ -35,6 +37,7 @@ app.add_typer(pairs_app, name="pairs")
 
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("run")(run_command)
 
 
 @model_app.command("pull")
@@ -160,27 +163,6 @@ def run_curation_with_progress(problems, engine, store, config, run_curation):
             )
 
         return run_curation(problems, engine, store, config, on_progress=report)
-
-
-def print_funnel(funnel, out: Path) -> None:
-    """The end-of-run summary: how many problems reached each stage."""
-    from rich.table import Table
-
-    table = Table(title="Curation funnel", show_header=True)
-    table.add_column("stage")
-    table.add_column("problems", justify="right")
-    table.add_row("problems", str(funnel.problems))
-    table.add_row("already done (skipped)", str(funnel.skipped))
-    table.add_row("with a mix of right and wrong", str(funnel.with_mix))
-    table.add_row("explained", str(funnel.explained))
-    table.add_row("verified pairs written", str(funnel.pairs))
-    for reason, count in sorted(funnel.dropped.items()):
-        table.add_row(f"dropped: {reason}", str(count))
-    console.print(table)
-    console.print(
-        f"rollouts: {funnel.rollout_tokens:,} tokens in {funnel.rollout_seconds:.1f} s "
-        f"({funnel.rollout_tokens / max(funnel.rollout_seconds, 1e-9):,.0f} tok/s); pairs in {out}"
-    )
 
 
 @pairs_app.command("export")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shared.models import default_model_dir, is_default_model, resolve_model
@@ -62,4 +63,23 @@ def progress_bar(*extra_fields: str) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
+    )
+
+
+def print_funnel(funnel, out: Path) -> None:
+    """The end-of-run summary: how many problems reached each stage."""
+    table = Table(title="Curation funnel", show_header=True)
+    table.add_column("stage")
+    table.add_column("problems", justify="right")
+    table.add_row("problems", str(funnel.problems))
+    table.add_row("already done (skipped)", str(funnel.skipped))
+    table.add_row("with a mix of right and wrong", str(funnel.with_mix))
+    table.add_row("explained", str(funnel.explained))
+    table.add_row("verified pairs written", str(funnel.pairs))
+    for reason, count in sorted(funnel.dropped.items()):
+        table.add_row(f"dropped: {reason}", str(count))
+    console.print(table)
+    console.print(
+        f"rollouts: {funnel.rollout_tokens:,} tokens in {funnel.rollout_seconds:.1f} s "
+        f"({funnel.rollout_tokens / max(funnel.rollout_seconds, 1e-9):,.0f} tok/s); pairs in {out}"
     )
