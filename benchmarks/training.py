@@ -1,0 +1,567 @@
+"""Benchmark: one training step of this trainer against the reference approach, and how close top-k is to exact.
+
+Part 1, cost. One LoRA step (forward, backward, gradient clipping, AdamW step; timed after one warm-up step) on the
+same model with the same adapter (rank 32, alpha 32, all seven projections, float32), batch B, P prompt tokens and T
+explanation tokens, synthetic token ids and a synthetic top-k teacher (cost does not depend on the values):
+
+- ssb: `services.trainer.training.batch_losses` as `train` calls it: the decoder's hidden states, then T^2 * KL on the
+  stored top-k (k = 20) with its tail bucket, the output layer applied 256 positions at a time.
+- reference: the collator builds a dense float32 (B, S, V) teacher tensor from the stored data (the top-k
+  log-probabilities scattered into it, the remaining mass spread over the other tokens), the model computes its full
+  (B, S, V) logits with a normal forward, and the loss is `F.kl_div` over the full vocabulary at T = 2, masked to the
+  explanation positions.
+
+Each measurement runs in its own process, so its peak resident memory (`ru_maxrss`, the whole process: weights,
+data, activations) is its own, and a reference run that runs out of memory cannot take the others down: the child's
+data segment is capped at the memory available when it starts (an allocation beyond it fails inside the child,
+which reports "out of memory"), and a child killed by the kernel is reported as killed. The large reference run is
+skipped when the smaller one predicts it will not fit. The model alone is measured the same way, in its own process.
+
+Part 2, top-k fidelity. On one real batch (B pairs: the first B GSM8K train problems with their worked solution as
+the correct hint, an explanation sampled from the base model on the hinted prompt at temperature 0.4; or the first B
+pairs of `--pairs DIR`), the loss and the concatenated LoRA gradient with the top-k teacher for k in {8, 20, 64} are
+compared with the exact online teacher (`teacher="online"`: the same model with the adapter disabled on the hinted
+prompt, full vocabulary). The top-k are taken from the exact teacher's own log-softmax, so truncation (and the tail
+bucket's estimate) is the only difference. LoRA B starts at N(0, 0.01^2) (seeded) instead of 0, so every LoRA weight
+gets a gradient. k = V is a control: it must agree to float32 rounding.
+
+    .venv/bin/python -m benchmarks.training                                  # the full run (T = 1024, and 512)
+    .venv/bin/python -m benchmarks.training --skip-reference-1024            # when the reference at 1024 cannot fit
+    .venv/bin/python -m benchmarks.training --explanation-tokens 64 --comparison-tokens 32 --fidelity-tokens 48
+
+Prints one markdown table per part and writes everything to runs/bench/training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+GIB = 2**30
+RESULT_MARKER = "BENCHMARK-RESULT "
+# Left to the rest of the machine when capping a child's memory.
+MEMORY_MARGIN_GIB = 1.0
+FIDELITY_KS = (8, 20, 64)
+LORA_B_STD = 0.01
+
+
+# --- Child processes: one measurement each ---------------------------------------------------------------------
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def load_model(model_path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+
+def add_lora(model, rank: int, seed: int):
+    """The paper's adapter (alpha = rank, dropout 0, all seven projections), initialised from `seed`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from services.trainer.config import LORA_TARGET_MODULES
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(LORA_TARGET_MODULES), task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def synthetic_examples(batch: int, prompt_tokens: int, explanation_tokens: int, k: int, vocab: int, seed: int):
+    """B training examples of random ids with a random top-k teacher: k distinct ids per position, log-probabilities
+    of a random distribution over k + 1 categories (the last one is the tail, so the top-k hold less than 1)."""
+    import torch
+
+    from services.trainer.data import TrainExample
+
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(batch):
+        ids = torch.randint(0, vocab, (prompt_tokens + explanation_tokens,), generator=generator)
+        topk_ids = torch.cat(
+            [
+                torch.rand(min(256, explanation_tokens - start), vocab, generator=generator).topk(k, dim=-1).indices
+                for start in range(0, explanation_tokens, 256)
+            ]
+        )
+        logits = 3 * torch.randn(explanation_tokens, k + 1, generator=generator)
+        logprobs = torch.log_softmax(logits, dim=-1)[:, :k].sort(dim=-1, descending=True).values
+        examples.append(
+            TrainExample(
+                problem_id=f"synthetic-{i}",
+                input_ids=ids,
+                prompt_length=prompt_tokens,
+                topk_ids=topk_ids,
+                topk_logprobs=logprobs,
+            )
+        )
+    return examples
+
+
+def collate_dense_teacher(examples, pad_id: int, vocab: int):
+    """The reference collator: the batch plus a dense float32 (B, S, V) teacher log-probability tensor.
+
+    At each explanation position the stored top-k log-probabilities are scattered into a row that spreads the
+    remaining mass evenly over the other V - k tokens (a proper distribution); elsewhere the row is 0.
+    """
+    import torch
+
+    from services.trainer.data import collate_examples
+    from services.trainer.losses import log1mexp
+
+    batch = collate_examples(examples, pad_id)
+    dense = torch.zeros(*batch.input_ids.shape, vocab, dtype=torch.float32)  # (B, S, V)
+    for row, e in enumerate(examples):
+        k = e.topk_ids.shape[-1]
+        tail = log1mexp(torch.logsumexp(e.topk_logprobs, dim=-1).clamp(max=0.0)) - math.log(vocab - k)  # (T,)
+        positions = dense[row, e.prompt_length - 1 : e.input_ids.shape[0] - 1]  # (T, V) view, filled in place
+        positions.copy_(tail[:, None].expand_as(positions))
+        positions.scatter_(-1, e.topk_ids, e.topk_logprobs)
+    return batch, dense
+
+
+def reference_loss(model, batch, dense_teacher, temperature: float):
+    """Full logits from a normal forward and full-vocabulary T^2 * KL(teacher || student), mean over positions."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, S, V)
+    student = F.log_softmax(logits / temperature, dim=-1)
+    teacher = F.softmax(dense_teacher / temperature, dim=-1)
+    per_position = F.kl_div(student, teacher, reduction="none").sum(-1)  # (B, S)
+    mask = batch.loss_mask.float()
+    return temperature**2 * (per_position * mask).sum() / mask.sum()
+
+
+def measure_step(args) -> dict:
+    """One variant's training step at one size; the warm-up step first, then `args.steps` timed steps."""
+    import torch
+
+    from services.trainer.config import TrainConfig
+    from services.trainer.data import collate_examples
+    from services.trainer.training import batch_losses
+
+    torch.manual_seed(args.seed)
+    model = load_model(args.model_path)
+    rss_after_load = peak_rss_gib()
+    model = add_lora(model, args.rank, args.seed)
+    model.train()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    examples = synthetic_examples(args.batch, args.prompt_tokens, args.tokens, args.topk, vocab, args.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4)
+    config = TrainConfig(rank=args.rank, alpha=args.rank, temperature=args.temperature)
+
+    def one_step() -> tuple[float, float, float]:
+        started = time.perf_counter()
+        if args.child == "reference":
+            batch, dense = collate_dense_teacher(examples, pad_id, vocab)
+        else:
+            batch = collate_examples(examples, pad_id)
+        collated = time.perf_counter()
+        if args.child == "reference":
+            loss = reference_loss(model, batch, dense, args.temperature)
+        else:
+            losses = batch_losses(model, batch, config)
+            loss = losses.kl.total / losses.kl.count
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return collated - started, time.perf_counter() - collated, float(loss)
+
+    one_step()  # warm-up: allocator, kernels, AdamW state
+    timings = [one_step() for _ in range(args.steps)]
+    tokens = args.batch * (args.prompt_tokens + args.tokens)
+    step_s = sum(t[1] for t in timings) / len(timings)
+    return {
+        "status": "ok",
+        "step_s": step_s,
+        "collate_s": sum(t[0] for t in timings) / len(timings),
+        "tokens_per_s": tokens / step_s,
+        "peak_rss_gib": peak_rss_gib(),
+        "rss_after_model_load_gib": rss_after_load,
+        "loss": timings[-1][2],
+        "tokens": tokens,
+        "vocab": vocab,
+    }
+
+
+def measure_model_only(args) -> dict:
+    load_model(args.model_path)
+    return {"status": "ok", "peak_rss_gib": peak_rss_gib()}
+
+
+def gsm8k_batch(tokenizer, model, batch: int, max_new_tokens: int, seed: int) -> list:
+    """B online-teacher examples from the first GSM8K train problems: the worked solution as the correct hint, a wrong
+    final answer as the incorrect one, and an explanation sampled from the base model on the hinted prompt."""
+    import re
+
+    import torch
+
+    from services.trainer.data import TrainExample
+    from shared.datasets import BENCHMARKS
+    from shared.prompts import build_hinted_messages, build_student_messages
+
+    def render(messages) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    rows = [json.loads(line) for line in BENCHMARKS["gsm8k_train"].read_text().splitlines()[:batch]]
+    students, teachers = [], []
+    for row in rows:
+        steps, gold = row["answer"].split("####")
+        steps = re.sub(r"<<[^>]*>>", "", steps).strip()
+        gold = gold.strip().replace(",", "")
+        correct = f"{steps}\nThe answer is \\boxed{{{gold}}}."
+        incorrect = f"{steps.splitlines()[0]}\nThe answer is \\boxed{{{int(gold) * 2 + 1}}}."
+        students.append(render(build_student_messages(row["question"])))
+        teachers.append(render(build_hinted_messages(row["question"], correct, incorrect)))
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    longest = max(len(t) for t in teachers)
+    input_ids = torch.tensor([[pad_id] * (longest - len(t)) + t for t in teachers])  # left padding for generation
+    attention = torch.tensor([[0] * (longest - len(t)) + [1] * len(t) for t in teachers])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=0.4,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+        )
+    examples = []
+    for i, (student, teacher) in enumerate(zip(students, teachers)):
+        generated = out[i, longest:].tolist()
+        stops = {tokenizer.eos_token_id, pad_id}
+        explanation = generated[: next((j for j, t in enumerate(generated) if t in stops), len(generated))]
+        examples.append(
+            TrainExample(
+                problem_id=f"gsm8k-train-{i}",
+                input_ids=torch.tensor(student + explanation),
+                prompt_length=len(student),
+                topk_ids=torch.zeros((len(explanation), 0), dtype=torch.int64),
+                topk_logprobs=torch.zeros((len(explanation), 0)),
+                teacher_input_ids=torch.tensor(teacher + explanation),
+                teacher_prompt_length=len(teacher),
+            )
+        )
+    return examples
+
+
+def measure_fidelity(args) -> dict:
+    """Loss and LoRA gradient with the top-k teacher at each k against the exact online teacher, on one batch."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from services.trainer.config import TrainConfig
+    from services.trainer.data import build_example, collate_examples
+    from services.trainer.training import DecoderBody, batch_losses
+    from shared.storage import PairStore
+
+    model = load_model(args.model_path).eval()
+    if args.pairs is not None:
+        store = PairStore(args.pairs)
+        examples = [build_example(store.load_pair(i), teacher="online") for i in store.pair_ids()[: args.batch]]
+        source = f"the first {len(examples)} pairs of {args.pairs}"
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+        examples = gsm8k_batch(tokenizer, model, args.batch, args.fidelity_tokens, args.seed)
+        source = f"the first {len(examples)} GSM8K train problems, explanations sampled from the base model at T=0.4"
+    model = add_lora(model, args.rank, args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * LORA_B_STD)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    batch = collate_examples(examples, pad_id)
+    lm_head = model.get_output_embeddings().weight
+    vocab = lm_head.shape[0]
+
+    with torch.no_grad(), model.disable_adapter():
+        hidden = DecoderBody(model)(batch.teacher_input_ids, batch.teacher_attention_mask)
+        teacher_logp = torch.log_softmax((hidden[batch.teacher_loss_mask] @ lm_head.T).float(), dim=-1)  # (N, V)
+    del hidden
+
+    def loss_and_gradient(config: TrainConfig, batch) -> tuple[float, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = batch_losses(model, batch, config).kl.mean()
+        loss.backward()
+        grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+        return float(loss), torch.cat(grads).double()
+
+    common = dict(rank=args.rank, alpha=args.rank, temperature=args.temperature, log_ce=False)
+    exact_loss, exact_grad = loss_and_gradient(TrainConfig(teacher="online", **common), batch)
+    rows = []
+    for k in [*args.fidelity_ks, vocab]:
+        top = teacher_logp.topk(k, dim=-1)
+        topk_ids = torch.zeros(*batch.loss_mask.shape, k, dtype=torch.int64)
+        topk_logprobs = torch.zeros(*batch.loss_mask.shape, k)
+        # The teacher's masked rows pair one to one, in order, with the student's (see services/trainer/data.py).
+        topk_ids[batch.loss_mask] = top.indices
+        topk_logprobs[batch.loss_mask] = top.values
+        topk_batch = dataclasses.replace(batch, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+        loss, grad = loss_and_gradient(TrainConfig(teacher="stored", **common), topk_batch)
+        rows.append(
+            {
+                "k": k,
+                "control": k == vocab,
+                "loss": loss,
+                "loss_rel_error": abs(loss - exact_loss) / abs(exact_loss),
+                "grad_rel_error": float((grad - exact_grad).norm() / exact_grad.norm()),
+                "grad_cosine": float(torch.nn.functional.cosine_similarity(grad, exact_grad, dim=0)),
+                "teacher_mass_in_topk": float(top.values.exp().sum(-1).mean()),
+            }
+        )
+        del topk_ids, topk_logprobs, topk_batch, top
+    return {
+        "status": "ok",
+        "source": source,
+        "pairs": len(examples),
+        "explanation_tokens": [e.explanation_length for e in examples],
+        "positions": int(batch.loss_mask.sum()),
+        "exact_loss": exact_loss,
+        "exact_grad_norm": float(exact_grad.norm()),
+        "lora_parameters": int(exact_grad.numel()),
+        "rows": rows,
+    }
+
+
+def run_child(args) -> None:
+    """Measure one thing and print it as one JSON line; running out of memory is a result, not a crash."""
+    try:
+        if args.child == "model":
+            result = measure_model_only(args)
+        elif args.child == "fidelity":
+            result = measure_fidelity(args)
+        else:
+            result = measure_step(args)
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        result = {"status": "out of memory", "detail": str(exc).splitlines()[-1][:300], "peak_rss_gib": peak_rss_gib()}
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# --- The parent: runs the children and reports ---------------------------------------------------------------
+
+
+def available_memory_gib() -> float:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), in GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / GIB
+    return math.inf
+
+
+def spawn(args, child: str, tokens: int | None = None) -> dict:
+    """Run one measurement in a fresh process whose data segment is capped at the memory available now."""
+    cap = available_memory_gib() - MEMORY_MARGIN_GIB
+    command = [
+        sys.executable, "-m", "benchmarks.training", "--child", child, "--model-path", args.model_path,
+        "--batch", str(args.batch), "--prompt-tokens", str(args.prompt_tokens), "--rank", str(args.rank),
+        "--topk", str(args.topk), "--temperature", str(args.temperature), "--steps", str(args.steps),
+        "--seed", str(args.seed), "--fidelity-tokens", str(args.fidelity_tokens),
+        "--fidelity-ks", *map(str, args.fidelity_ks), "--tokens", str(tokens or 0),
+    ]  # fmt: skip
+    if args.pairs is not None:
+        command += ["--pairs", str(args.pairs)]
+
+    def cap_memory() -> None:
+        if math.isfinite(cap):
+            limit = max(int(cap * GIB), 2 * GIB)
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+    label = child if tokens is None else f"{child}, {tokens} explanation tokens"
+    print(f"measuring {label} (memory cap {cap:.1f} GiB) ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=cap_memory)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if done.returncode == 0 and lines:
+        result = json.loads(lines[-1][len(RESULT_MARKER) :])
+    elif done.returncode < 0:
+        result = {"status": f"killed by signal {-done.returncode} (out of memory?)"}
+    else:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        print(f"{label} failed (exit {done.returncode}):\n{tail}", file=sys.stderr)
+        result = {"status": f"failed (exit {done.returncode})", "detail": tail[-2000:]}
+    result["wall_s"] = time.perf_counter() - started
+    result["memory_cap_gib"] = cap
+    print(f"  {result['status']} in {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def predicted_reference_gib(smaller: dict, model_gib: float, prompt: int, tokens_small: int, tokens: int) -> float:
+    """The reference's peak at `tokens`, from its peak at a smaller size: what lies above the model grows with B x S x V."""
+    return model_gib + (smaller["peak_rss_gib"] - model_gib) * (prompt + tokens) / (prompt + tokens_small)
+
+
+def measure_costs(args) -> dict:
+    model_only = spawn(args, "model")
+    sizes = sorted({args.comparison_tokens, args.explanation_tokens})
+    by_size = {}
+    for tokens in sizes:
+        ssb = spawn(args, "ssb", tokens)
+        large = tokens == args.explanation_tokens and tokens != args.comparison_tokens
+        smaller = by_size.get(args.comparison_tokens, {}).get("reference", {})
+        if large and args.skip_reference_1024:
+            reference = {"status": "skipped (--skip-reference-1024)"}
+        elif large and smaller.get("status") == "ok" and model_only.get("status") == "ok":
+            needed = predicted_reference_gib(
+                smaller, model_only["peak_rss_gib"], args.prompt_tokens, args.comparison_tokens, tokens
+            )
+            free = available_memory_gib() - MEMORY_MARGIN_GIB
+            reference = (
+                spawn(args, "reference", tokens)
+                if needed <= free
+                else {"status": f"skipped (predicted {needed:.1f} GiB, {free:.1f} GiB available)"}
+            )
+            reference["predicted_peak_rss_gib"] = needed
+        else:
+            reference = spawn(args, "reference", tokens)
+        by_size[tokens] = {"ssb": ssb, "reference": reference}
+    return {"model_only": model_only, "by_explanation_tokens": by_size}
+
+
+def cost_table(costs: dict, args) -> str:
+    lines = [
+        f"One training step: batch {args.batch}, {args.prompt_tokens} prompt tokens, LoRA r={args.rank} on 7 "
+        f"projections, float32 CPU, {os.cpu_count()} cores ({costs['model_only'].get('peak_rss_gib', float('nan')):.2f}"
+        " GiB peak RSS for the model alone).",
+        "",
+        "| explanation tokens | variant | s/step | tokens/s | collate s | peak RSS GiB | memory ours/ref | speed ours/ref |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tokens, pair in costs["by_explanation_tokens"].items():
+        ours, ref = pair["ssb"], pair["reference"]
+        both = ours.get("status") == "ok" and ref.get("status") == "ok"
+        memory = f"{ours['peak_rss_gib'] / ref['peak_rss_gib']:.3f}" if both else "-"
+        speed = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if both else "-"
+        for name, r in (("ssb (top-20, chunked)", ours), ("reference (dense)", ref)):
+            if r.get("status") == "ok":
+                cells = [f"{r['step_s']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['collate_s']:.2f}", f"{r['peak_rss_gib']:.2f}"]
+            else:
+                cells = [r["status"], "-", "-", "-"]
+            ratio = [memory, speed] if name.startswith("ssb") else ["", ""]
+            lines.append(f"| {tokens} | {name} | " + " | ".join(cells + ratio) + " |")
+    return "\n".join(lines)
+
+
+def fidelity_table(fidelity: dict) -> str:
+    if fidelity.get("status") != "ok":
+        return f"Top-k fidelity: {fidelity.get('status')}"
+    lines = [
+        f"Top-k teacher against the exact online teacher: {fidelity['source']}; {fidelity['positions']} explanation "
+        f"positions, exact loss {fidelity['exact_loss']:.4f}, {fidelity['lora_parameters']:,} LoRA weights.",
+        "",
+        "| k | teacher mass in top-k | loss | loss rel. error | gradient rel. error | gradient cosine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in fidelity["rows"]:
+        k = f"{r['k']} (= V, control)" if r["control"] else str(r["k"])
+        lines.append(
+            f"| {k} | {r['teacher_mass_in_topk']:.4f} | {r['loss']:.4f} | {r['loss_rel_error']:.2e} | "
+            f"{r['grad_rel_error']:.2e} | {r['grad_cosine']:.6f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--explanation-tokens", type=int, default=1024, help="The issue's size (default 1024).")
+    parser.add_argument(
+        "--comparison-tokens", type=int, default=512, help="Also measured, where the reference surely fits (512)."
+    )
+    parser.add_argument("--skip-reference-1024", action="store_true", help="Skip the reference at --explanation-tokens.")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha equal to it).")
+    parser.add_argument("--topk", type=int, default=20, help="Stored top-k width of this trainer's step.")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=1, help="Timed steps per variant, after one warm-up step.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fidelity-tokens", type=int, default=256, help="Longest sampled explanation in part 2.")
+    parser.add_argument("--fidelity-ks", type=int, nargs="+", default=list(FIDELITY_KS))
+    parser.add_argument("--pairs", type=Path, default=None, help="Take part 2's batch from these curated pairs.")
+    parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--model", default=None, help="Model (default: the small default model).")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/training.json"))
+    parser.add_argument("--child", choices=["model", "ssb", "reference", "fidelity"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        run_child(args)
+        return
+
+    from cli.runtime import ensure_model
+    from shared.settings import Settings
+
+    args.model_path = ensure_model(args.model, Settings())
+    started = time.perf_counter()
+    machine = {
+        "cpus": os.cpu_count(),
+        "memory_available_gib_at_start": available_memory_gib(),
+        "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    costs = measure_costs(args)
+    fidelity = {"status": "skipped"} if args.skip_fidelity else spawn(args, "fidelity")
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.training", *sys.argv[1:]]),
+        "model": args.model_path,
+        "settings": {
+            "batch": args.batch,
+            "prompt_tokens": args.prompt_tokens,
+            "explanation_tokens": args.explanation_tokens,
+            "comparison_tokens": args.comparison_tokens,
+            "lora_rank": args.rank,
+            "topk": args.topk,
+            "temperature": args.temperature,
+            "timed_steps": args.steps,
+            "seed": args.seed,
+        },
+        "machine": machine,
+        "costs": costs,
+        "fidelity": fidelity,
+        "seconds": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(cost_table(costs, args))
+    print()
+    print(fidelity_table(fidelity))
+    print(f"\nwritten to {args.out} ({report['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

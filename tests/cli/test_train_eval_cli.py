@@ -1,0 +1,73 @@
+"""`ssb train` and `ssb eval` as a user runs them: bad input exits with status 2 and one message before any model or
+engine loads, and a one-step training run on real pairs leaves a complete adapter directory."""
+
+import json
+
+from safetensors import safe_open
+
+from tests.cli.test_cli import ssb
+from tests.services.trainer.test_training import pairs_dir  # noqa: F401  (a fixture: three real pairs, top-8)
+
+
+def error_of(result) -> str:
+    """The one error message, with the console's line wrapping undone."""
+    assert result.returncode == 2, f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return " ".join(result.stderr.split())
+
+
+def test_train_without_a_pairs_directory_exits_2(tmp_path):
+    result = ssb("train", "--pairs", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), check=False)
+    assert "no pairs/ directory here" in error_of(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_on_an_empty_pairs_directory_exits_2_before_loading_the_model(tmp_path):
+    (tmp_path / "curated" / "pairs").mkdir(parents=True)
+    result = ssb("train", "--pairs", str(tmp_path / "curated"), "--out", str(tmp_path / "out"), check=False)
+    assert "no pairs in" in error_of(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_an_output_directory_that_holds_a_run(tmp_path):
+    (tmp_path / "curated" / "pairs").mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    result = ssb("train", "--pairs", str(tmp_path / "curated"), "--out", str(out), check=False)
+    assert "already holds a training run" in error_of(result)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_eval_rejects_an_unknown_benchmark(tmp_path):
+    result = ssb("eval", "--benchmark", "math501", "--out", str(tmp_path / "report.json"), check=False)
+    message = error_of(result)
+    assert "unknown benchmark 'math501'" in message and "math500" in message
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_eval_rejects_an_adapter_directory_without_its_config(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    result = ssb(
+        "eval", "--benchmark", "gsm8k", "--adapter", str(adapter), "--out", str(tmp_path / "r.json"), check=False
+    )
+    assert "no adapter_config.json" in error_of(result)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "adapter"
+    result = ssb(
+        "train", "--pairs", str(pairs_dir), "--out", str(out), "--max-steps", "1", "--rank", "4", "--batch-size", "2"
+    )
+    assert "trained 1 steps on 3 pairs" in " ".join(result.stderr.split())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["explanation_tokens"] > 0
+    curve = out / "training_curve.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
