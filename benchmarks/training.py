@@ -6,6 +6,9 @@ explanation tokens, synthetic token ids and a synthetic top-k teacher (cost does
 
 - ssb: `services.trainer.training.batch_losses` as `train` calls it: the decoder's hidden states, then T^2 * KL on the
   stored top-k (k = 20) with its tail bucket, the output layer applied 256 positions at a time.
+- ssb + gradient checkpointing: the same, with the decoder's activations recomputed in backward
+  (`--gradient-checkpointing` of `ssb train`): the decoder's saved activations, not the logits, are what grows with
+  the sequence once the loss is chunked.
 - reference: the collator builds a dense float32 (B, S, V) teacher tensor from the stored data (the top-k
   log-probabilities scattered into it, the remaining mass spread over the other tokens), the model computes its full
   (B, S, V) logits with a normal forward, and the loss is `F.kl_div` over the full vocabulary at T = 2, masked to the
@@ -23,10 +26,15 @@ pairs of `--pairs DIR`), the loss and the concatenated LoRA gradient with the to
 compared with the exact online teacher (`teacher="online"`: the same model with the adapter disabled on the hinted
 prompt, full vocabulary). The top-k are taken from the exact teacher's own log-softmax, so truncation (and the tail
 bucket's estimate) is the only difference. LoRA B starts at N(0, 0.01^2) (seeded) instead of 0, so every LoRA weight
-gets a gradient. k = V is a control: it must agree to float32 rounding.
+gets a gradient. k = V is a control: it must agree to float32 rounding. Each k is also scored with the teacher's
+exact tempered tail mass in the bucket (the best any top-k-plus-bucket loss can do), and the whole comparison is
+repeated at T = 1, where the bucket's weight is exact and only the KL inside the tail is lost.
 
-    .venv/bin/python -m benchmarks.training                                  # the full run (T = 1024, and 512)
-    .venv/bin/python -m benchmarks.training --skip-reference-1024            # when the reference at 1024 cannot fit
+On a busy machine pass `--threads 1`: two torch threads competing with other processes for two cores slow every
+step down several times over, and unevenly.
+
+    .venv/bin/python -m benchmarks.training                          # the full run: 1024 explanation tokens, and 512
+    .venv/bin/python -m benchmarks.training --skip-reference-1024    # when the reference at 1024 cannot fit
     .venv/bin/python -m benchmarks.training --explanation-tokens 64 --comparison-tokens 32 --fidelity-tokens 48
 
 Prints one markdown table per part and writes everything to runs/bench/training.json.
@@ -52,6 +60,12 @@ RESULT_MARKER = "BENCHMARK-RESULT "
 MEMORY_MARGIN_GIB = 1.0
 FIDELITY_KS = (8, 20, 64)
 LORA_B_STD = 0.01
+OUR_VARIANTS = ("ssb", "ssb-checkpointed")
+VARIANT_NAMES = {
+    "ssb": "ssb (top-20, chunked loss)",
+    "ssb-checkpointed": "ssb + gradient checkpointing",
+    "reference": "reference (dense teacher, full logits)",
+}
 
 
 # --- Child processes: one measurement each ---------------------------------------------------------------------
@@ -159,6 +173,8 @@ def measure_step(args) -> dict:
     torch.manual_seed(args.seed)
     model = load_model(args.model_path)
     rss_after_load = peak_rss_gib()
+    if args.child == "ssb-checkpointed":  # as `train` does with gradient_checkpointing=True
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, args.rank, args.seed)
     model.train()
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -306,52 +322,96 @@ def measure_fidelity(args) -> dict:
         teacher_logp = torch.log_softmax((hidden[batch.teacher_loss_mask] @ lm_head.T).float(), dim=-1)  # (N, V)
     del hidden
 
-    def loss_and_gradient(config: TrainConfig, batch) -> tuple[float, torch.Tensor]:
+    def gradient_of(loss: torch.Tensor) -> tuple[float, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        loss = batch_losses(model, batch, config).kl.mean()
         loss.backward()
-        grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]
-        return float(loss), torch.cat(grads).double()
+        return float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double()
 
-    common = dict(rank=args.rank, alpha=args.rank, temperature=args.temperature, log_ce=False)
-    exact_loss, exact_grad = loss_and_gradient(TrainConfig(teacher="online", **common), batch)
-    rows = []
-    for k in [*args.fidelity_ks, vocab]:
-        top = teacher_logp.topk(k, dim=-1)
-        topk_ids = torch.zeros(*batch.loss_mask.shape, k, dtype=torch.int64)
-        topk_logprobs = torch.zeros(*batch.loss_mask.shape, k)
-        # The teacher's masked rows pair one to one, in order, with the student's (see services/trainer/data.py).
-        topk_ids[batch.loss_mask] = top.indices
-        topk_logprobs[batch.loss_mask] = top.values
-        topk_batch = dataclasses.replace(batch, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
-        loss, grad = loss_and_gradient(TrainConfig(teacher="stored", **common), topk_batch)
-        rows.append(
-            {
+    def compare(loss: float, grad: torch.Tensor, exact: tuple[float, torch.Tensor]) -> dict:
+        return {
+            "loss": loss,
+            "loss_rel_error": abs(loss - exact[0]) / abs(exact[0]),
+            "grad_rel_error": float((grad - exact[1]).norm() / exact[1].norm()),
+            "grad_cosine": float(torch.nn.functional.cosine_similarity(grad, exact[1], dim=0)),
+        }
+
+    by_temperature = []
+    for temperature in args.fidelity_temperatures:
+        common = dict(rank=args.rank, alpha=args.rank, temperature=temperature, log_ce=False)
+        exact = gradient_of(batch_losses(model, batch, TrainConfig(teacher="online", **common)).kl.mean())
+        rows = []
+        for k in [*args.fidelity_ks, vocab]:
+            top = teacher_logp.topk(k, dim=-1)
+            topk_ids = torch.zeros(*batch.loss_mask.shape, k, dtype=torch.int64)
+            topk_logprobs = torch.zeros(*batch.loss_mask.shape, k)
+            # The teacher's masked rows pair one to one, in order, with the student's (see services/trainer/data.py).
+            topk_ids[batch.loss_mask] = top.indices
+            topk_logprobs[batch.loss_mask] = top.values
+            topk_batch = dataclasses.replace(batch, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+            stored = batch_losses(model, topk_batch, TrainConfig(teacher="stored", **common)).kl.mean()
+            row = {
                 "k": k,
                 "control": k == vocab,
-                "loss": loss,
-                "loss_rel_error": abs(loss - exact_loss) / abs(exact_loss),
-                "grad_rel_error": float((grad - exact_grad).norm() / exact_grad.norm()),
-                "grad_cosine": float(torch.nn.functional.cosine_similarity(grad, exact_grad, dim=0)),
                 "teacher_mass_in_topk": float(top.values.exp().sum(-1).mean()),
+                "tempered_teacher_mass_in_topk": float(
+                    torch.softmax(teacher_logp / temperature, dim=-1).gather(-1, top.indices).sum(-1).mean()
+                ),
+                **compare(*gradient_of(stored), exact),
+            }
+            if k < vocab and temperature != 1.0:  # at T = 1 the bucket's estimated weight is already exact
+                merged = merged_kl(model, batch, teacher_logp, top.indices, temperature)
+                row["exact_tail_weight"] = compare(*gradient_of(merged), exact)
+            rows.append(row)
+            del topk_ids, topk_logprobs, topk_batch, top
+        by_temperature.append(
+            {
+                "temperature": temperature,
+                "exact_loss": exact[0],
+                "exact_grad_norm": float(exact[1].norm()),
+                "rows": rows,
             }
         )
-        del topk_ids, topk_logprobs, topk_batch, top
     return {
         "status": "ok",
         "source": source,
         "pairs": len(examples),
         "explanation_tokens": [e.explanation_length for e in examples],
         "positions": int(batch.loss_mask.sum()),
-        "exact_loss": exact_loss,
-        "exact_grad_norm": float(exact_grad.norm()),
-        "lora_parameters": int(exact_grad.numel()),
-        "rows": rows,
+        "lora_parameters": int(exact[1].numel()),
+        "by_temperature": by_temperature,
     }
+
+
+def merged_kl(model, batch, teacher_logp, topk_ids, temperature: float):
+    """T^2 * KL over the k teacher tokens plus one tail bucket, with the teacher's exact tempered tail weight.
+
+    The best any top-k-plus-bucket loss can do: what it still misses is the KL inside the tail. Builds the full
+    (N, V) logits (fine for one small batch). teacher_logp: (N, V) exact teacher log-probabilities at T = 1;
+    topk_ids: (N, k). Returns the mean over the N explanation positions, with gradient.
+    """
+    import torch
+
+    from services.trainer.training import DecoderBody
+
+    hidden = DecoderBody(model)(batch.input_ids, batch.attention_mask)[batch.loss_mask]  # (N, H)
+    student = torch.log_softmax((hidden @ model.get_output_embeddings().weight.T).float() / temperature, dim=-1)
+    teacher = torch.log_softmax(teacher_logp / temperature, dim=-1)
+    in_tail = torch.ones_like(teacher, dtype=torch.bool).scatter(-1, topk_ids, False)
+
+    def bucket(logp: torch.Tensor) -> torch.Tensor:  # (N, V) -> (N, k + 1)
+        tail = torch.logsumexp(logp.masked_fill(~in_tail, -math.inf), dim=-1, keepdim=True)
+        return torch.cat([logp.gather(-1, topk_ids), tail], dim=-1)
+
+    teacher_b, student_b = bucket(teacher), bucket(student)
+    return temperature**2 * (teacher_b.exp() * (teacher_b - student_b)).sum(-1).mean()
 
 
 def run_child(args) -> None:
     """Measure one thing and print it as one JSON line; running out of memory is a result, not a crash."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.child == "model":
             result = measure_model_only(args)
@@ -386,7 +446,10 @@ def spawn(args, child: str, tokens: int | None = None) -> dict:
         "--topk", str(args.topk), "--temperature", str(args.temperature), "--steps", str(args.steps),
         "--seed", str(args.seed), "--fidelity-tokens", str(args.fidelity_tokens),
         "--fidelity-ks", *map(str, args.fidelity_ks), "--tokens", str(tokens or 0),
+        "--fidelity-temperatures", *map(str, args.fidelity_temperatures),
     ]  # fmt: skip
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
     if args.pairs is not None:
         command += ["--pairs", str(args.pairs)]
 
@@ -398,7 +461,10 @@ def spawn(args, child: str, tokens: int | None = None) -> dict:
     label = child if tokens is None else f"{child}, {tokens} explanation tokens"
     print(f"measuring {label} (memory cap {cap:.1f} GiB) ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=cap_memory)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=cap_memory, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if done.returncode == 0 and lines:
         result = json.loads(lines[-1][len(RESULT_MARKER) :])
@@ -415,7 +481,7 @@ def spawn(args, child: str, tokens: int | None = None) -> dict:
 
 
 def predicted_reference_gib(smaller: dict, model_gib: float, prompt: int, tokens_small: int, tokens: int) -> float:
-    """The reference's peak at `tokens`, from its peak at a smaller size: what lies above the model grows with B x S x V."""
+    """The reference's peak at `tokens` from its peak at a smaller size (what lies above the model grows with B x S)."""
     return model_gib + (smaller["peak_rss_gib"] - model_gib) * (prompt + tokens) / (prompt + tokens_small)
 
 
@@ -424,7 +490,7 @@ def measure_costs(args) -> dict:
     sizes = sorted({args.comparison_tokens, args.explanation_tokens})
     by_size = {}
     for tokens in sizes:
-        ssb = spawn(args, "ssb", tokens)
+        measured = {variant: spawn(args, variant, tokens) for variant in OUR_VARIANTS}
         large = tokens == args.explanation_tokens and tokens != args.comparison_tokens
         smaller = by_size.get(args.comparison_tokens, {}).get("reference", {})
         if large and args.skip_reference_1024:
@@ -442,31 +508,41 @@ def measure_costs(args) -> dict:
             reference["predicted_peak_rss_gib"] = needed
         else:
             reference = spawn(args, "reference", tokens)
-        by_size[tokens] = {"ssb": ssb, "reference": reference}
+        by_size[tokens] = {**measured, "reference": reference}
     return {"model_only": model_only, "by_explanation_tokens": by_size}
 
 
 def cost_table(costs: dict, args) -> str:
+    model_gib = costs["model_only"].get("peak_rss_gib", float("nan"))
     lines = [
-        f"One training step: batch {args.batch}, {args.prompt_tokens} prompt tokens, LoRA r={args.rank} on 7 "
-        f"projections, float32 CPU, {os.cpu_count()} cores ({costs['model_only'].get('peak_rss_gib', float('nan')):.2f}"
-        " GiB peak RSS for the model alone).",
+        f"One training step (forward, backward, AdamW): batch {args.batch}, {args.prompt_tokens} prompt tokens, "
+        f"LoRA r={args.rank} on 7 projections, float32, {os.cpu_count()} CPU cores; the model alone peaks at "
+        f"{model_gib:.2f} GiB RSS. Ratios are ours / reference (memory: lower is better; speed: higher is better).",
         "",
-        "| explanation tokens | variant | s/step | tokens/s | collate s | peak RSS GiB | memory ours/ref | speed ours/ref |",
+        "| explanation tokens | variant | s/step | tokens/s | collate s | peak RSS GiB | memory ratio | speed ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for tokens, pair in costs["by_explanation_tokens"].items():
-        ours, ref = pair["ssb"], pair["reference"]
-        both = ours.get("status") == "ok" and ref.get("status") == "ok"
-        memory = f"{ours['peak_rss_gib'] / ref['peak_rss_gib']:.3f}" if both else "-"
-        speed = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if both else "-"
-        for name, r in (("ssb (top-20, chunked)", ours), ("reference (dense)", ref)):
+    for tokens, measured in costs["by_explanation_tokens"].items():
+        ref = measured["reference"]
+        for variant in (*OUR_VARIANTS, "reference"):
+            r = measured[variant]
             if r.get("status") == "ok":
-                cells = [f"{r['step_s']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['collate_s']:.2f}", f"{r['peak_rss_gib']:.2f}"]
+                cells = [
+                    f"{r['step_s']:.2f}",
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['collate_s']:.2f}",
+                    f"{r['peak_rss_gib']:.2f}",
+                ]
             else:
                 cells = [r["status"], "-", "-", "-"]
-            ratio = [memory, speed] if name.startswith("ssb") else ["", ""]
-            lines.append(f"| {tokens} | {name} | " + " | ".join(cells + ratio) + " |")
+            if variant != "reference" and r.get("status") == "ok" and ref.get("status") == "ok":
+                cells += [
+                    f"{r['peak_rss_gib'] / ref['peak_rss_gib']:.3f}",
+                    f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x",
+                ]
+            else:
+                cells += ["", ""] if variant == "reference" else ["-", "-"]
+            lines.append(f"| {tokens} | {VARIANT_NAMES[variant]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -475,17 +551,26 @@ def fidelity_table(fidelity: dict) -> str:
         return f"Top-k fidelity: {fidelity.get('status')}"
     lines = [
         f"Top-k teacher against the exact online teacher: {fidelity['source']}; {fidelity['positions']} explanation "
-        f"positions, exact loss {fidelity['exact_loss']:.4f}, {fidelity['lora_parameters']:,} LoRA weights.",
+        f"positions, {fidelity['lora_parameters']:,} LoRA weights. Errors are relative to the exact loss and gradient; "
+        "'exact tail weight' is the same top-k plus one bucket with the teacher's true tempered tail mass (the best a "
+        "bucket can do; what remains is the KL inside the tail).",
         "",
-        "| k | teacher mass in top-k | loss | loss rel. error | gradient rel. error | gradient cosine |",
-        "|---|---|---|---|---|---|",
+        "| T | k | teacher mass in top-k (T=1) | at T | loss | loss rel. error | gradient rel. error | gradient cosine "
+        "| exact tail weight: loss / gradient rel. error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in fidelity["rows"]:
-        k = f"{r['k']} (= V, control)" if r["control"] else str(r["k"])
-        lines.append(
-            f"| {k} | {r['teacher_mass_in_topk']:.4f} | {r['loss']:.4f} | {r['loss_rel_error']:.2e} | "
-            f"{r['grad_rel_error']:.2e} | {r['grad_cosine']:.6f} |"
-        )
+    for block in fidelity["by_temperature"]:
+        t = f"{block['temperature']:g}"
+        lines.append(f"| {t} | exact | 1 | 1 | {block['exact_loss']:.4f} | | | | |")
+        for r in block["rows"]:
+            k = f"{r['k']} (= V, control)" if r["control"] else str(r["k"])
+            oracle = r.get("exact_tail_weight")
+            oracle_cell = f"{oracle['loss_rel_error']:.2e} / {oracle['grad_rel_error']:.2e}" if oracle else ""
+            lines.append(
+                f"| {t} | {k} | {r['teacher_mass_in_topk']:.4f} | {r['tempered_teacher_mass_in_topk']:.4f} | "
+                f"{r['loss']:.4f} | {r['loss_rel_error']:.2e} | {r['grad_rel_error']:.2e} | {r['grad_cosine']:.4f} | "
+                f"{oracle_cell} |"
+            )
     return "\n".join(lines)
 
 
@@ -495,7 +580,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--comparison-tokens", type=int, default=512, help="Also measured, where the reference surely fits (512)."
     )
-    parser.add_argument("--skip-reference-1024", action="store_true", help="Skip the reference at --explanation-tokens.")
+    parser.add_argument(
+        "--skip-reference-1024", action="store_true", help="Skip the reference at --explanation-tokens."
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha equal to it).")
@@ -505,11 +592,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fidelity-tokens", type=int, default=256, help="Longest sampled explanation in part 2.")
     parser.add_argument("--fidelity-ks", type=int, nargs="+", default=list(FIDELITY_KS))
+    parser.add_argument(
+        "--fidelity-temperatures",
+        type=float,
+        nargs="+",
+        default=[2.0, 1.0],
+        help="Part 2's temperatures: the paper's 2, and 1 (where the tail bucket's weight is exact).",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads in each measurement (default: torch's)."
+    )
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="Set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in every measurement: larger blocks are mapped and returned "
+        "to the system when freed (default: glibc's own, which keeps much of the freed memory resident).",
+    )
+    parser.add_argument("--skip-costs", action="store_true")
     parser.add_argument("--pairs", type=Path, default=None, help="Take part 2's batch from these curated pairs.")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--model", default=None, help="Model (default: the small default model).")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/training.json"))
-    parser.add_argument("--child", choices=["model", "ssb", "reference", "fidelity"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["model", *VARIANT_NAMES, "fidelity"], help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -533,7 +638,7 @@ def main() -> None:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    costs = measure_costs(args)
+    costs = {"status": "skipped"} if args.skip_costs else measure_costs(args)
     fidelity = {"status": "skipped"} if args.skip_fidelity else spawn(args, "fidelity")
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -549,6 +654,12 @@ def main() -> None:
             "temperature": args.temperature,
             "timed_steps": args.steps,
             "seed": args.seed,
+            "threads": args.threads,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold,
+            "fidelity_ks": args.fidelity_ks,
+            "fidelity_temperatures": args.fidelity_temperatures,
+            "fidelity_tokens": args.fidelity_tokens,
+            "fidelity_pairs": str(args.pairs) if args.pairs else None,
         },
         "machine": machine,
         "costs": costs,
@@ -557,7 +668,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(cost_table(costs, args))
+    print(cost_table(costs, args) if "by_explanation_tokens" in costs else "Training step: skipped")
     print()
     print(fidelity_table(fidelity))
     print(f"\nwritten to {args.out} ({report['seconds']:.0f} s)")

@@ -1,12 +1,25 @@
 """`ssb train` and `ssb eval` as a user runs them: bad input exits with status 2 and one message before any model or
-engine loads, and a one-step training run on real pairs leaves a complete adapter directory."""
+engine loads, and a one-step training run on real pairs leaves a complete adapter directory.
+
+The error-path tests pass `--model` a checkpoint directory that cannot load (a config and no weights): had the command
+loaded the model or started the engine before checking its input, it would crash instead of giving the message.
+"""
 
 import json
 
+import pytest
 from safetensors import safe_open
 
 from tests.cli.test_cli import ssb
 from tests.services.trainer.test_training import pairs_dir  # noqa: F401  (a fixture: three real pairs, top-8)
+
+
+@pytest.fixture
+def unloadable_model(tmp_path):
+    model = tmp_path / "unloadable-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return str(model)
 
 
 def error_of(result) -> str:
@@ -15,48 +28,52 @@ def error_of(result) -> str:
     return " ".join(result.stderr.split())
 
 
-def test_train_without_a_pairs_directory_exits_2(tmp_path):
-    result = ssb("train", "--pairs", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), check=False)
+def test_train_without_a_pairs_directory_exits_2(tmp_path, unloadable_model):
+    args = ["--pairs", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--model", unloadable_model]
+    result = ssb("train", *args, check=False)
     assert "no pairs/ directory here" in error_of(result)
     assert not (tmp_path / "out").exists()
 
 
-def test_train_on_an_empty_pairs_directory_exits_2_before_loading_the_model(tmp_path):
+def test_train_on_an_empty_pairs_directory_exits_2_before_loading_the_model(tmp_path, unloadable_model):
     (tmp_path / "curated" / "pairs").mkdir(parents=True)
-    result = ssb("train", "--pairs", str(tmp_path / "curated"), "--out", str(tmp_path / "out"), check=False)
+    args = ["--pairs", str(tmp_path / "curated"), "--out", str(tmp_path / "out"), "--model", unloadable_model]
+    result = ssb("train", *args, check=False)
     assert "no pairs in" in error_of(result)
     assert not (tmp_path / "out").exists()
 
 
-def test_train_refuses_an_output_directory_that_holds_a_run(tmp_path):
+def test_train_refuses_an_output_directory_that_holds_a_run(tmp_path, unloadable_model):
     (tmp_path / "curated" / "pairs").mkdir(parents=True)
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    result = ssb("train", "--pairs", str(tmp_path / "curated"), "--out", str(out), check=False)
+    args = ["--pairs", str(tmp_path / "curated"), "--out", str(out), "--model", unloadable_model]
+    result = ssb("train", *args, check=False)
     assert "already holds a training run" in error_of(result)
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
-def test_eval_rejects_an_unknown_benchmark(tmp_path):
-    result = ssb("eval", "--benchmark", "math501", "--out", str(tmp_path / "report.json"), check=False)
+def test_eval_rejects_an_unknown_benchmark(tmp_path, unloadable_model):
+    args = ["--benchmark", "math501", "--out", str(tmp_path / "report.json"), "--model", unloadable_model]
+    result = ssb("eval", *args, check=False)
     message = error_of(result)
     assert "unknown benchmark 'math501'" in message and "math500" in message
     assert not (tmp_path / "report.json").exists()
 
 
-def test_eval_rejects_an_adapter_directory_without_its_config(tmp_path):
+def test_eval_rejects_an_adapter_directory_without_its_config(tmp_path, unloadable_model):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    result = ssb(
-        "eval", "--benchmark", "gsm8k", "--adapter", str(adapter), "--out", str(tmp_path / "r.json"), check=False
-    )
+    args = ["--benchmark", "gsm8k", "--adapter", str(adapter), "--out", str(tmp_path / "r.json")]
+    result = ssb("eval", *args, "--model", unloadable_model, check=False)
     assert "no adapter_config.json" in error_of(result)
     assert not (tmp_path / "r.json").exists()
 
 
 def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path):  # noqa: F811
+    """One step of batch 2 (two of the fixture's three short real pairs), rank 4."""
     out = tmp_path / "adapter"
     result = ssb(
         "train", "--pairs", str(pairs_dir), "--out", str(out), "--max-steps", "1", "--rank", "4", "--batch-size", "2"
