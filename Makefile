@@ -48,8 +48,10 @@ demo: setup model
 	$(BIN)/ssb run --train runs/demo/train.jsonl --eval runs/demo/held_out.jsonl --out runs/demo \
 		--worked-example --rollout-max-tokens 256 --explanation-max-tokens 384 --eval-max-tokens 256
 
+# Every figure is a ratio against a baseline measured in the same run; results land in runs/bench/ (docs/BENCHMARKS.md).
 bench: setup model
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.curation
+	$(BIN)/python -m benchmarks.training
 
 clean:
 	rm -rf runs .pytest_cache

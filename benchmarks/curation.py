@@ -67,7 +67,8 @@ def main() -> None:
     config = CurationConfig(k=args.k, rollout_max_tokens=args.max_tokens, worked_example=True, batch_size=args.problems)
 
     engine = TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=settings.kv_cache_gib))
-    with tempfile.TemporaryDirectory() as tmp:
+    vocab = len(engine.tokenizer)
+    with engine, tempfile.TemporaryDirectory() as tmp:
         store = PairStore(tmp)
         print(f"curating {len(problems)} problems with K={args.k}...", flush=True)
         funnel = curate(problems, engine, store, config)
@@ -78,7 +79,6 @@ def main() -> None:
     reference = reference_rollouts(
         model_path, [p.question for p in problems[: args.reference_problems]], args.k, args.max_tokens, True
     )
-    vocab = len(engine.tokenizer)
     result = {
         "ssb": ssb,
         "reference": reference,

@@ -144,9 +144,8 @@ def eval_command(
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
 
-    engine = start_engine(model_path, settings, seed=seed)
     models = [None, *adapters]
-    with progress_bar("model") as progress:
+    with start_engine(model_path, settings, seed=seed) as engine, progress_bar("model") as progress:
         task = progress.add_task(f"evaluating {label}", total=len(problems) * len(models), model="")
         finished: dict[str, int] = {}
 

@@ -144,8 +144,8 @@ def curate(
         model_path = ensure_model(model, settings)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    engine = start_engine(model_path, settings, seed=seed)
-    funnel = run_curation_with_progress(problems, engine, PairStore(out), config, run_curation)
+    with start_engine(model_path, settings, seed=seed) as engine:
+        funnel = run_curation_with_progress(problems, engine, PairStore(out), config, run_curation)
     print_funnel(funnel, out)
 
 

@@ -67,8 +67,7 @@ def run_command(
         raise fail(str(exc)) from exc
 
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"
-    engine = start_engine(model_path, settings, seed=seed)
-    with progress_bar("status") as progress:
+    with start_engine(model_path, settings, seed=seed) as engine, progress_bar("status") as progress:
         curating = progress.add_task("1/3 curating", total=len(problems), status="")
 
         def on_curation(funnel) -> None:

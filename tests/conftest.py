@@ -6,12 +6,8 @@ The engine starts once (about half a minute on the CPU) the first time a test as
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +28,8 @@ def model_path(settings) -> str:
 def engine(model_path):
     from services.teacher.engine import EngineOptions, TeacherEngine
 
-    return TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=2, max_logprobs=64))
+    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=2, max_logprobs=64)) as engine:
+        yield engine
 
 
 def pytest_collection_modifyitems(items):

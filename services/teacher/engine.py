@@ -75,6 +75,16 @@ class TeacherEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
 
+    def close(self) -> None:
+        """Stop the engine's processes now; left to interpreter exit, their threads can abort the process."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def __enter__(self) -> TeacherEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     @property
     def model_name(self) -> str:
         return self.options.model
