@@ -13,6 +13,9 @@ explanation tokens, synthetic token ids and a synthetic top-k teacher (cost does
   log-probabilities scattered into it, the remaining mass spread over the other tokens), the model computes its full
   (B, S, V) logits with a normal forward, and the loss is `F.kl_div` over the full vocabulary at T = 2, masked to the
   explanation positions.
+- reference + gradient checkpointing: the same reference with the decoder recomputed in backward, so that each of
+  our variants is also compared with the reference under the same decoder setting (what the loss and the teacher's
+  representation cost, with the decoder's share equal on both sides).
 
 Each measurement runs in its own process, so its peak resident memory (`ru_maxrss`, the whole process: weights,
 data, activations) is its own, and a reference run that runs out of memory cannot take the others down: the child's
@@ -55,32 +58,105 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 GIB = 2**30
+# Real models' shapes (Qwen2.5 configs), for `--shape`: random weights, the same cost per step as the real ones.
+SHAPES = {
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+    ),
+    "qwen2.5-3b": dict(
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
 RESULT_MARKER = "BENCHMARK-RESULT "
 # Left to the rest of the machine when capping a child's memory.
 MEMORY_MARGIN_GIB = 1.0
 FIDELITY_KS = (8, 20, 64)
 LORA_B_STD = 0.01
 OUR_VARIANTS = ("ssb", "ssb-checkpointed")
+REFERENCE_VARIANTS = ("reference", "reference-checkpointed")
+# Each of our variants against the reference with the same decoder setting (like for like).
+BASELINE_OF = {"ssb": "reference", "ssb-checkpointed": "reference-checkpointed"}
 VARIANT_NAMES = {
     "ssb": "ssb (top-20, chunked loss)",
     "ssb-checkpointed": "ssb + gradient checkpointing",
     "reference": "reference (dense teacher, full logits)",
+    "reference-checkpointed": "reference + gradient checkpointing",
 }
 
 
 # --- Child processes: one measurement each ---------------------------------------------------------------------
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+def peak_gib(device: str = "cpu") -> float:
+    """Peak memory so far: on the CPU this process's resident memory (Linux reports ru_maxrss in KiB), on a GPU the
+    most memory torch has allocated on it (weights, activations, optimizer state; not the allocator's cache)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def load_model(model_path: str):
+def model_dtype(args):
+    """The trainer's own rule (`--dtype auto`): bfloat16 on a GPU that supports it, float32 on the CPU."""
+    import torch
+
+    from services.trainer.training import resolve_dtype
+
+    return resolve_dtype(args.dtype, torch.device(args.device))
+
+
+def load_model(args):
+    """The small real model from its checkpoint, or with `--shape` a real model's shape with random weights (a GPU box
+    here reaches no network, and the cost of a step does not depend on the weights' values)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if args.shape is None:
+        return AutoModelForCausalLM.from_pretrained(args.model_path, dtype=model_dtype(args)).to(args.device)
+    from transformers import Qwen2Config
+
+    torch.manual_seed(args.seed)
+    config = Qwen2Config(**SHAPES[args.shape], rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768)
+    with torch.device(args.device):
+        return AutoModelForCausalLM.from_config(config, dtype=model_dtype(args))
+
+
+def step_flops(model, batch: int, prompt_tokens: int, explanation_tokens: int, rank: int) -> float:
+    """Model FLOPs of one LoRA step (for MFU): the forward, the backward's input gradients (the base weights are
+    frozen, so they get none), and the LoRA weights' gradients; recomputation is not counted.
+
+    Forward: 2 x (decoder matmul weights) per token, causal attention 2 x S^2 x H per layer and sequence (QK^T and
+    AV, half the square), the output layer 2 x H x V per explanation token. Backward: the same again for the
+    input gradients, plus 2 x r x (in + out) per adapted matrix and token for LoRA A and B.
+    """
+    config = model.config
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = hidden * config.num_key_value_heads // config.num_attention_heads
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden)] + [
+        (hidden, config.intermediate_size)
+    ] * 2 + [(config.intermediate_size, hidden)]
+    sequence = prompt_tokens + explanation_tokens
+    tokens = batch * sequence
+    forward = (
+        2 * layers * sum(i * o for i, o in shapes) * tokens
+        + 2 * layers * batch * sequence**2 * hidden
+        + 2 * hidden * vocab * batch * explanation_tokens
+    )
+    lora_forward = 2 * layers * sum(rank * (i + o) for i, o in shapes) * tokens
+    return 2 * forward + 3 * lora_forward  # LoRA: forward, input gradients, weight gradients
+
+
+def device_peak_tflops(args) -> float | None:
+    """Dense bfloat16 peak of the GPU, from `--peak-tflops` or its name (H100/H200 SXM: 989 TFLOP/s)."""
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    import torch
+
+    name = torch.cuda.get_device_name() if args.device == "cuda" else ""
+    return 989.0 if ("H100" in name or "H200" in name) else None
 
 
 def add_lora(model, rank: int, seed: int):
@@ -171,27 +247,31 @@ def measure_step(args) -> dict:
     from services.trainer.training import batch_losses
 
     torch.manual_seed(args.seed)
-    model = load_model(args.model_path)
-    rss_after_load = peak_rss_gib()
-    if args.child == "ssb-checkpointed":  # as `train` does with gradient_checkpointing=True
+    model = load_model(args)
+    after_load = peak_gib(args.device)
+    if args.child.endswith("-checkpointed"):  # as `train` does with gradient_checkpointing=True
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, args.rank, args.seed)
     model.train()
     vocab = model.get_output_embeddings().weight.shape[0]
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     examples = synthetic_examples(args.batch, args.prompt_tokens, args.tokens, args.topk, vocab, args.seed)
+    on_gpu = args.device == "cuda"
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
     config = TrainConfig(rank=args.rank, alpha=args.rank, temperature=args.temperature)
 
     def one_step() -> tuple[float, float, float]:
         started = time.perf_counter()
-        if args.child == "reference":
+        if args.child in REFERENCE_VARIANTS:
             batch, dense = collate_dense_teacher(examples, pad_id, vocab)
+            batch, dense = batch.to(args.device), dense.to(args.device)
         else:
-            batch = collate_examples(examples, pad_id)
+            batch = collate_examples(examples, pad_id).to(args.device)
+        if on_gpu:
+            torch.cuda.synchronize()
         collated = time.perf_counter()
-        if args.child == "reference":
+        if args.child in REFERENCE_VARIANTS:
             loss = reference_loss(model, batch, dense, args.temperature)
         else:
             losses = batch_losses(model, batch, config)
@@ -200,28 +280,36 @@ def measure_step(args) -> dict:
         torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return collated - started, time.perf_counter() - collated, float(loss)
+        value = float(loss)  # waits for the GPU
+        return collated - started, time.perf_counter() - collated, value
 
     one_step()  # warm-up: allocator, kernels, AdamW state
     timings = [one_step() for _ in range(args.steps)]
     tokens = args.batch * (args.prompt_tokens + args.tokens)
     step_s = sum(t[1] for t in timings) / len(timings)
+    flops = step_flops(model, args.batch, args.prompt_tokens, args.tokens, args.rank)
+    peak_tflops = device_peak_tflops(args)
     return {
         "status": "ok",
         "step_s": step_s,
         "collate_s": sum(t[0] for t in timings) / len(timings),
         "tokens_per_s": tokens / step_s,
-        "peak_rss_gib": peak_rss_gib(),
-        "rss_after_model_load_gib": rss_after_load,
+        "peak_gib": peak_gib(args.device),
+        "after_model_load_gib": after_load,
+        "model_tflops_per_step": flops / 1e12,
+        "achieved_tflops": flops / step_s / 1e12,
+        "mfu": flops / step_s / (peak_tflops * 1e12) if peak_tflops else None,
         "loss": timings[-1][2],
         "tokens": tokens,
         "vocab": vocab,
+        "dtype": str(model_dtype(args)).removeprefix("torch."),
+        "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
     }
 
 
 def measure_model_only(args) -> dict:
-    load_model(args.model_path)
-    return {"status": "ok", "peak_rss_gib": peak_rss_gib()}
+    load_model(args)
+    return {"status": "ok", "peak_gib": peak_gib(args.device)}
 
 
 def gsm8k_batch(tokenizer, model, batch: int, max_new_tokens: int, seed: int) -> list:
@@ -297,7 +385,7 @@ def measure_fidelity(args) -> dict:
     from services.trainer.training import DecoderBody, batch_losses
     from shared.storage import PairStore
 
-    model = load_model(args.model_path).eval()
+    model = load_model(args).eval()
     if args.pairs is not None:
         store = PairStore(args.pairs)
         examples = [build_example(store.load_pair(i), teacher="online") for i in store.pair_ids()[: args.batch]]
@@ -422,7 +510,7 @@ def run_child(args) -> None:
     except (MemoryError, RuntimeError) as exc:
         if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
             raise
-        result = {"status": "out of memory", "detail": str(exc).splitlines()[-1][:300], "peak_rss_gib": peak_rss_gib()}
+        result = {"status": "out of memory", "detail": str(exc).splitlines()[-1][:300], "peak_gib": peak_gib(args.device)}
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
@@ -441,7 +529,7 @@ def spawn(args, child: str, tokens: int | None = None) -> dict:
     """Run one measurement in a fresh process whose data segment is capped at the memory available now."""
     cap = available_memory_gib() - MEMORY_MARGIN_GIB
     command = [
-        sys.executable, "-m", "benchmarks.training", "--child", child, "--model-path", args.model_path,
+        sys.executable, "-m", "benchmarks.training", "--child", child, "--device", args.device, "--dtype", args.dtype,
         "--batch", str(args.batch), "--prompt-tokens", str(args.prompt_tokens), "--rank", str(args.rank),
         "--topk", str(args.topk), "--temperature", str(args.temperature), "--steps", str(args.steps),
         "--seed", str(args.seed), "--fidelity-tokens", str(args.fidelity_tokens),
@@ -450,11 +538,17 @@ def spawn(args, child: str, tokens: int | None = None) -> dict:
     ]  # fmt: skip
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
+    if args.model_path is not None:
+        command += ["--model-path", args.model_path]
+    if args.shape is not None:
+        command += ["--shape", args.shape]
+    if args.peak_tflops is not None:
+        command += ["--peak-tflops", str(args.peak_tflops)]
     if args.pairs is not None:
         command += ["--pairs", str(args.pairs)]
 
-    def cap_memory() -> None:
-        if math.isfinite(cap):
+    def cap_memory() -> None:  # not on a GPU: its driver maps more address space than any such cap allows
+        if math.isfinite(cap) and args.device == "cpu":
             limit = max(int(cap * GIB), 2 * GIB)
             resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
@@ -482,7 +576,7 @@ def spawn(args, child: str, tokens: int | None = None) -> dict:
 
 def predicted_reference_gib(smaller: dict, model_gib: float, prompt: int, tokens_small: int, tokens: int) -> float:
     """The reference's peak at `tokens` from its peak at a smaller size (what lies above the model grows with B x S)."""
-    return model_gib + (smaller["peak_rss_gib"] - model_gib) * (prompt + tokens) / (prompt + tokens_small)
+    return model_gib + (smaller["peak_gib"] - model_gib) * (prompt + tokens) / (prompt + tokens_small)
 
 
 def measure_costs(args) -> dict:
@@ -492,56 +586,71 @@ def measure_costs(args) -> dict:
     for tokens in sizes:
         measured = {variant: spawn(args, variant, tokens) for variant in OUR_VARIANTS}
         large = tokens == args.explanation_tokens and tokens != args.comparison_tokens
-        smaller = by_size.get(args.comparison_tokens, {}).get("reference", {})
-        if large and args.skip_reference_1024:
-            reference = {"status": "skipped (--skip-reference-1024)"}
-        elif large and smaller.get("status") == "ok" and model_only.get("status") == "ok":
-            needed = predicted_reference_gib(
-                smaller, model_only["peak_rss_gib"], args.prompt_tokens, args.comparison_tokens, tokens
-            )
-            free = available_memory_gib() - MEMORY_MARGIN_GIB
-            reference = (
-                spawn(args, "reference", tokens)
-                if needed <= free
-                else {"status": f"skipped (predicted {needed:.1f} GiB, {free:.1f} GiB available)"}
-            )
-            reference["predicted_peak_rss_gib"] = needed
-        else:
-            reference = spawn(args, "reference", tokens)
-        by_size[tokens] = {**measured, "reference": reference}
+        for variant in REFERENCE_VARIANTS:
+            smaller = by_size.get(args.comparison_tokens, {}).get(variant, {})
+            if large and args.skip_reference_1024:
+                measured[variant] = {"status": "skipped (--skip-reference-1024)"}
+            elif large and smaller.get("status") == "ok" and model_only.get("status") == "ok":
+                needed = predicted_reference_gib(
+                    smaller, model_only["peak_gib"], args.prompt_tokens, args.comparison_tokens, tokens
+                )
+                free = available_memory_gib() - MEMORY_MARGIN_GIB
+                measured[variant] = (
+                    spawn(args, variant, tokens)
+                    if needed <= free
+                    else {"status": f"skipped (predicted {needed:.1f} GiB, {free:.1f} GiB available)"}
+                )
+                measured[variant]["predicted_peak_gib"] = needed
+            else:
+                measured[variant] = spawn(args, variant, tokens)
+        by_size[tokens] = measured
     return {"model_only": model_only, "by_explanation_tokens": by_size}
 
 
+def ratio_cells(ours: dict, baseline: dict) -> list[str]:
+    """Memory and speed of `ours` as fractions of `baseline` (memory: lower is better; speed: higher is better)."""
+    if ours.get("status") != "ok" or baseline.get("status") != "ok":
+        return ["-", "-"]
+    return [
+        f"{ours['peak_gib'] / baseline['peak_gib']:.3f}",
+        f"{ours['tokens_per_s'] / baseline['tokens_per_s']:.2f}x",
+    ]
+
+
 def cost_table(costs: dict, args) -> str:
-    model_gib = costs["model_only"].get("peak_rss_gib", float("nan"))
+    model_gib = costs["model_only"].get("peak_gib", float("nan"))
+    on_gpu = args.device == "cuda"
+    first = next((r for m in costs["by_explanation_tokens"].values() for r in m.values() if "dtype" in r), {})
+    where = f"{first.get('device_name', 'a GPU')}" if on_gpu else f"{os.cpu_count()} CPU cores"
+    memory = "peak GPU GiB (allocated)" if on_gpu else "peak RSS GiB"
     lines = [
-        f"One training step (forward, backward, AdamW): batch {args.batch}, {args.prompt_tokens} prompt tokens, "
-        f"LoRA r={args.rank} on 7 projections, float32, {os.cpu_count()} CPU cores; the model alone peaks at "
-        f"{model_gib:.2f} GiB RSS. Ratios are ours / reference (memory: lower is better; speed: higher is better).",
+        f"One training step (forward, backward, AdamW): {args.shape or 'the small model'}, batch {args.batch}, "
+        f"{args.prompt_tokens} prompt tokens, LoRA r={args.rank} on 7 projections, {first.get('dtype', args.dtype)}, "
+        f"{where}; the model alone peaks at {model_gib:.2f} GiB. Ratios are ours / reference, first against the "
+        "reference with the same decoder setting (gradient checkpointing on or off in both), then against the plain "
+        "reference (memory: lower is better; speed: higher is better).",
         "",
-        "| explanation tokens | variant | s/step | tokens/s | collate s | peak RSS GiB | memory ratio | speed ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| explanation tokens | variant | s/step | tokens/s | {'MFU | ' if on_gpu else ''}collate s | {memory} "
+        "| memory / speed vs same setting | memory / speed vs plain reference |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""),
     ]
     for tokens, measured in costs["by_explanation_tokens"].items():
-        ref = measured["reference"]
-        for variant in (*OUR_VARIANTS, "reference"):
+        for variant in (*OUR_VARIANTS, *REFERENCE_VARIANTS):
             r = measured[variant]
-            if r.get("status") == "ok":
-                cells = [
-                    f"{r['step_s']:.2f}",
-                    f"{r['tokens_per_s']:,.0f}",
-                    f"{r['collate_s']:.2f}",
-                    f"{r['peak_rss_gib']:.2f}",
-                ]
-            else:
-                cells = [r["status"], "-", "-", "-"]
-            if variant != "reference" and r.get("status") == "ok" and ref.get("status") == "ok":
+            ok = r.get("status") == "ok"
+            cells = [f"{r['step_s']:.2f}", f"{r['tokens_per_s']:,.0f}"] if ok else [r["status"], "-"]
+            if on_gpu:
+                cells.append(f"{r['mfu']:.1%}" if ok and r.get("mfu") is not None else "-")
+            cells += [f"{r['collate_s']:.2f}", f"{r['peak_gib']:.2f}"] if ok else ["-", "-"]
+            if variant in OUR_VARIANTS:
                 cells += [
-                    f"{r['peak_rss_gib'] / ref['peak_rss_gib']:.3f}",
-                    f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x",
+                    " / ".join(ratio_cells(r, measured[BASELINE_OF[variant]])),
+                    " / ".join(ratio_cells(r, measured["reference"])),
                 ]
+            elif variant == "reference-checkpointed":
+                cells += ["", " / ".join(ratio_cells(r, measured["reference"]))]
             else:
-                cells += ["", ""] if variant == "reference" else ["-", "-"]
+                cells += ["", ""]
             lines.append(f"| {tokens} | {VARIANT_NAMES[variant]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -613,6 +722,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=Path, default=None, help="Take part 2's batch from these curated pairs.")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--model", default=None, help="Model (default: the small default model).")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="A real model's shape with random weights, instead."
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on the CPU) or a torch dtype.")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="The GPU's dense peak for MFU (default: 989 on an H100/H200)."
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/training.json"))
     parser.add_argument("--child", choices=["model", *VARIANT_NAMES, "fidelity"], help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -626,10 +743,13 @@ def main() -> None:
         run_child(args)
         return
 
-    from cli.runtime import ensure_model
-    from shared.settings import Settings
+    if args.shape is None:
+        from cli.runtime import ensure_model
+        from shared.settings import Settings
 
-    args.model_path = ensure_model(args.model, Settings())
+        args.model_path = ensure_model(args.model, Settings())
+    else:
+        args.skip_fidelity = True  # the fidelity part needs the real model's weights and tokenizer
     started = time.perf_counter()
     machine = {
         "cpus": os.cpu_count(),
@@ -643,7 +763,9 @@ def main() -> None:
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.training", *sys.argv[1:]]),
-        "model": args.model_path,
+        "model": args.model_path or f"{args.shape} (random weights)",
+        "device": args.device,
+        "dtype": args.dtype,
         "settings": {
             "batch": args.batch,
             "prompt_tokens": args.prompt_tokens,

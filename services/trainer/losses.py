@@ -42,11 +42,13 @@ evenly over the V - k tail tokens, W = (V - k)^(1 - 1/T) r^(1/T), is by concavit
 shape allows for T > 1; on a 150k vocabulary at T = 2 it dominates the target and would push the student
 toward a flat tail at every step. Token ids within a row must be distinct.
 
-Memory (``*_chunked``): the student's (B, S, V) logits are never built. Valid rows of the hidden states are
-taken (N, H), split into chunks of ``chunk_size`` rows, and each chunk's logits are formed, upcast to
-float32, reduced to its loss and dropped; each chunk runs under non-reentrant activation checkpointing, so
-backward recomputes one chunk's logits at a time instead of keeping N x V float32 values alive.
-Peak extra memory is a few chunk_size x V float32 tensors.
+Memory and time (``*_chunked``): the student's (B, S, V) logits are never built. Valid rows of the hidden
+states are taken (N, H) and split into chunks of ``chunk_size`` rows. In the forward pass each chunk's logits
+are formed, upcast to float32, reduced to the chunk's loss and, right there, to the loss's gradient with respect
+to the chunk's hidden rows (and to the output weight, if it trains), then dropped. Backward only scales the
+stored (N, H) gradient by the incoming one: the logits are neither kept nor recomputed, so the output layer
+costs what a dense step costs (one product forward, one backward), at a peak of a few chunk_size x V float32
+tensors instead of several N x V ones.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 class LossSum(NamedTuple):
@@ -151,11 +152,15 @@ def kl_on_topk_chunked(
             f"{tuple(topk_logprobs.shape)}, {tuple(mask.shape)}"
         )
 
-    def loss_of_chunk(hidden: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-        logits = (hidden @ lm_head_weight.T).float()
+    def loss_of_chunk(
+        weight: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor
+    ) -> torch.Tensor:
+        logits = (hidden @ weight.T).float()
         return _kl_topk_rows(logits, ids, logprobs, temperature).sum()
 
-    total = _sum_over_chunks(loss_of_chunk, chunk_size, hidden_states[mask], topk_ids[mask], topk_logprobs[mask])
+    total = _sum_over_chunks(
+        loss_of_chunk, chunk_size, lm_head_weight, hidden_states[mask], topk_ids[mask], topk_logprobs[mask]
+    )
     return LossSum(total, mask.sum())
 
 
@@ -188,12 +193,12 @@ def kl_dense_chunked(
     if student_rows.shape[0] != teacher_rows.shape[0]:
         raise ValueError(f"student has {student_rows.shape[0]} valid positions, teacher {teacher_rows.shape[0]}")
 
-    def loss_of_chunk(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def loss_of_chunk(weight: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logits = (teacher @ lm_head_weight.T).float()
-        return _kl_dense_rows((student @ lm_head_weight.T).float(), teacher_logits, temperature).sum()
+            teacher_logits = (teacher @ weight.T).float()
+        return _kl_dense_rows((student @ weight.T).float(), teacher_logits, temperature).sum()
 
-    total = _sum_over_chunks(loss_of_chunk, chunk_size, student_rows, teacher_rows)
+    total = _sum_over_chunks(loss_of_chunk, chunk_size, lm_head_weight, student_rows, teacher_rows)
     return LossSum(total, mask.sum())
 
 
@@ -215,10 +220,10 @@ def ce_chunked(
     if target_ids.shape != mask.shape:
         raise ValueError(f"expected target_ids {tuple(mask.shape)}; got {tuple(target_ids.shape)}")
 
-    def loss_of_chunk(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy((hidden @ lm_head_weight.T).float(), targets, reduction="sum")
+    def loss_of_chunk(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
 
-    total = _sum_over_chunks(loss_of_chunk, chunk_size, hidden_states[mask], target_ids[mask])
+    total = _sum_over_chunks(loss_of_chunk, chunk_size, lm_head_weight, hidden_states[mask], target_ids[mask])
     return LossSum(total, mask.sum())
 
 
@@ -271,22 +276,65 @@ def _logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_over_chunks(
-    loss_of_chunk: Callable[..., torch.Tensor], chunk_size: int, *rows: torch.Tensor
+    loss_of_chunk: Callable[..., torch.Tensor],
+    chunk_size: int,
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    *rows: torch.Tensor,
 ) -> torch.Tensor:
-    """Sum loss_of_chunk over consecutive chunk_size slices of rows (each (N, ...)), one checkpoint per chunk.
+    """Sum loss_of_chunk(weight, hidden chunk, *row chunks) over consecutive chunk_size slices of the rows.
 
+    weight: (V, H) output projection; hidden: (N, H), the rows that carry the gradient; rows: (N, ...) each, the
+    per-row data (no gradient). The gradients are formed chunk by chunk in the forward pass (`_ChunkedLoss`).
     With N = 0 the (empty) rows still go through once, so the zero total stays attached to the graph.
     Returns () float32.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    n = rows[0].shape[0]
-    total = None
-    for start in range(0, max(n, 1), chunk_size):
-        chunk = tuple(r[start : start + chunk_size] for r in rows)
-        loss = checkpoint(loss_of_chunk, *chunk, use_reentrant=False)
-        total = loss if total is None else total + loss
-    return total
+    return _ChunkedLoss.apply(loss_of_chunk, chunk_size, weight, hidden, *rows)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """A loss summed over chunks of rows whose gradient is computed in the forward pass, one chunk at a time.
+
+    Forward: for each chunk, the loss and (where the inputs need it) its gradients with respect to the chunk's
+    hidden rows and the weight, by autograd on that chunk alone; only the (N, H) hidden-row gradient (and a
+    (V, H) weight gradient, when the weight trains) outlives the chunk. Backward: those gradients times the
+    incoming scalar gradient. Used once per step, so no double backward.
+    """
+
+    @staticmethod
+    def forward(ctx, loss_of_chunk, chunk_size, weight, hidden, *rows):
+        want_hidden, want_weight = ctx.needs_input_grad[3], ctx.needs_input_grad[2]
+        hidden_grad = torch.zeros_like(hidden) if want_hidden else None
+        weight_grad = torch.zeros_like(weight) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, max(hidden.shape[0], 1), chunk_size):
+            end = start + chunk_size
+            with torch.enable_grad():
+                h = hidden[start:end].detach().requires_grad_(want_hidden)
+                w = weight.detach().requires_grad_(want_weight)
+                loss = loss_of_chunk(w, h, *(r[start:end] for r in rows))
+                wanted = [t for t, want in ((h, want_hidden), (w, want_weight)) if want]
+                grads = list(torch.autograd.grad(loss, wanted)) if wanted and loss.requires_grad else []
+            if want_hidden:
+                hidden_grad[start:end] = grads.pop(0) if grads else 0
+            if want_weight and grads:
+                weight_grad += grads.pop(0)
+            total += loss.detach().float()
+        ctx.save_for_backward(*(g for g in (hidden_grad, weight_grad) if g is not None))
+        ctx.wants = (want_weight, want_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = iter(ctx.saved_tensors)
+        want_weight, want_hidden = ctx.wants
+        hidden_grad = next(saved) if want_hidden else None
+        weight_grad = next(saved) if want_weight else None
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (weight_grad, hidden_grad)]
+        rows = len(ctx.needs_input_grad) - 4
+        return (None, None, *scaled, *([None] * rows))
 
 
 def _check_temperature(temperature: float) -> None:

@@ -6,7 +6,9 @@ Run: python -m pytest tests/services/trainer/test_losses.py
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -194,6 +196,18 @@ def test_chunked_losses_match_plain_in_value_and_gradients(chunk_size: int) -> N
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_chunked_loss_with_a_frozen_output_layer_gives_the_hidden_gradient_only() -> None:
+    """The trainer's case: the output weight does not train; the hidden rows' gradient still matches the plain loss,
+    scaled by whatever multiplies the loss afterwards."""
+    hidden, weight, mask, _, ids, logprobs, _ = _chunk_case(seed=3)
+    plain_hidden = hidden.clone().requires_grad_()
+    (3.5 * kl_on_topk(plain_hidden @ weight.T, ids, logprobs, mask).total).backward()
+    chunked_hidden = hidden.clone().requires_grad_()
+    (3.5 * kl_on_topk_chunked(chunked_hidden, weight, ids, logprobs, mask, chunk_size=2).total).backward()
+    assert weight.grad is None
+    torch.testing.assert_close(chunked_hidden.grad, plain_hidden.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_dense_chunked_pairs_rows_through_a_separate_teacher_mask() -> None:
     hidden, weight, mask, teacher_hidden, *_ = _chunk_case()
     # The teacher's prompt is two positions longer: its explanation rows sit two places later.
@@ -294,17 +308,20 @@ def test_rejects_bad_arguments() -> None:
 
 
 def _largest_saved_numel(fn) -> int:
-    """Run fn() under a hook that sees every tensor autograd saves for backward; return the largest numel."""
-    sizes = [0]
+    """Run fn() under a hook that sees every tensor autograd saves; return the largest numel of those still held
+    for backward when fn() returns (a graph built and dropped inside the forward keeps nothing)."""
+    saved = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        sizes.append(tensor.numel())
+        saved.append((tensor.numel(), weakref.ref(tensor)))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = fn()
+    gc.collect()
+    held = max([numel for numel, ref in saved if ref() is not None], default=0)
     result.mean().backward()  # the graph built under the hook still runs
-    return max(sizes)
+    return held
 
 
 def test_chunked_topk_saves_no_logits_sized_tensor_for_backward() -> None:
@@ -325,5 +342,5 @@ def test_chunked_topk_saves_no_logits_sized_tensor_for_backward() -> None:
         lambda: kl_dense_chunked(hidden, torch.randn(b, s, h, generator=gen), weight, mask, chunk_size=chunk),
         lambda: ce_chunked(hidden, weight, ids[..., 0], mask, chunk_size=chunk),
     ):
-        # Not even one chunk's logits outlive the forward: only inputs ((V, H) weight, (N, H) rows) are kept.
+        # Not even one chunk's logits outlive the forward: only (V, H) and (N, H) inputs and gradients are kept.
         assert _largest_saved_numel(fn) < chunk * v
