@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SSB_HOME ?= $(HOME)/.cache/ssb
 export SSB_HOME
 
-.PHONY: setup setup-gpu model test test-fast demo bench redis clean
+.PHONY: setup setup-gpu model test test-fast demo bench gpu-wheels redis clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ demo: setup model
 bench: setup model
 	$(BIN)/python -m benchmarks.curation
 	$(BIN)/python -m benchmarks.training
+
+# For `python3 -m benchmarks.training --shape qwen2.5-1.5b --device cuda` on a GPU box that has torch, transformers,
+# peft and accelerate but no network: the one package the trainer adds (pydantic), as wheels for that box's Python.
+GPU_PYTHON ?= 3.12
+gpu-wheels: setup
+	$(BIN)/pip download -q --only-binary=:all: --python-version $(GPU_PYTHON) --platform manylinux2014_x86_64 \
+		-d .gpu-wheels pydantic==2.14.4
 
 clean:
 	rm -rf runs .pytest_cache

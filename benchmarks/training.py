@@ -9,6 +9,8 @@ explanation tokens, synthetic token ids and a synthetic top-k teacher (cost does
 - ssb + gradient checkpointing: the same, with the decoder's activations recomputed in backward
   (`--gradient-checkpointing` of `ssb train`): the decoder's saved activations, not the logits, are what grows with
   the sequence once the loss is chunked.
+- ssb --teacher online: the exact full-vocabulary teacher computed in the step (the model with its adapter off, no
+  gradient, on a hinted prompt three times the student's prompt plus the explanation): what exactness costs.
 - reference: the collator builds a dense float32 (B, S, V) teacher tensor from the stored data (the top-k
   log-probabilities scattered into it, the remaining mass spread over the other tokens), the model computes its full
   (B, S, V) logits with a normal forward, and the loss is `F.kl_div` over the full vocabulary at T = 2, masked to the
@@ -74,13 +76,16 @@ RESULT_MARKER = "BENCHMARK-RESULT "
 MEMORY_MARGIN_GIB = 1.0
 FIDELITY_KS = (8, 20, 64)
 LORA_B_STD = 0.01
-OUR_VARIANTS = ("ssb", "ssb-checkpointed")
+OUR_VARIANTS = ("ssb", "ssb-checkpointed", "ssb-online")
 REFERENCE_VARIANTS = ("reference", "reference-checkpointed")
 # Each of our variants against the reference with the same decoder setting (like for like).
-BASELINE_OF = {"ssb": "reference", "ssb-checkpointed": "reference-checkpointed"}
+BASELINE_OF = {"ssb": "reference", "ssb-checkpointed": "reference-checkpointed", "ssb-online": "reference"}
+# The online teacher's hinted prompt: the question plus a correct and an incorrect response, against the bare question.
+HINTED_PROMPT_FACTOR = 3
 VARIANT_NAMES = {
     "ssb": "ssb (top-20, chunked loss)",
     "ssb-checkpointed": "ssb + gradient checkpointing",
+    "ssb-online": "ssb --teacher online (exact, no stored signal)",
     "reference": "reference (dense teacher, full logits)",
     "reference-checkpointed": "reference + gradient checkpointing",
 }
@@ -173,9 +178,12 @@ def add_lora(model, rank: int, seed: int):
     return get_peft_model(model, config)
 
 
-def synthetic_examples(batch: int, prompt_tokens: int, explanation_tokens: int, k: int, vocab: int, seed: int):
+def synthetic_examples(
+    batch: int, prompt_tokens: int, explanation_tokens: int, k: int, vocab: int, seed: int, online: bool = False
+):
     """B training examples of random ids with a random top-k teacher: k distinct ids per position, log-probabilities
-    of a random distribution over k + 1 categories (the last one is the tail, so the top-k hold less than 1)."""
+    of a random distribution over k + 1 categories (the last one is the tail, so the top-k hold less than 1). With
+    `online`, a hinted prompt as well (HINTED_PROMPT_FACTOR times the student's: the question plus two responses)."""
     import torch
 
     from services.trainer.data import TrainExample
@@ -192,6 +200,8 @@ def synthetic_examples(batch: int, prompt_tokens: int, explanation_tokens: int, 
         )
         logits = 3 * torch.randn(explanation_tokens, k + 1, generator=generator)
         logprobs = torch.log_softmax(logits, dim=-1)[:, :k].sort(dim=-1, descending=True).values
+        hinted = HINTED_PROMPT_FACTOR * prompt_tokens
+        teacher_prompt = torch.randint(0, vocab, (hinted,), generator=generator)
         examples.append(
             TrainExample(
                 problem_id=f"synthetic-{i}",
@@ -199,6 +209,8 @@ def synthetic_examples(batch: int, prompt_tokens: int, explanation_tokens: int, 
                 prompt_length=prompt_tokens,
                 topk_ids=topk_ids,
                 topk_logprobs=logprobs,
+                teacher_input_ids=torch.cat([teacher_prompt, ids[prompt_tokens:]]) if online else None,
+                teacher_prompt_length=hinted if online else None,
             )
         )
     return examples
@@ -255,11 +267,14 @@ def measure_step(args) -> dict:
     model.train()
     vocab = model.get_output_embeddings().weight.shape[0]
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    examples = synthetic_examples(args.batch, args.prompt_tokens, args.tokens, args.topk, vocab, args.seed)
+    online = args.child == "ssb-online"
+    examples = synthetic_examples(args.batch, args.prompt_tokens, args.tokens, args.topk, vocab, args.seed, online)
     on_gpu = args.device == "cuda"
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
-    config = TrainConfig(rank=args.rank, alpha=args.rank, temperature=args.temperature)
+    config = TrainConfig(
+        rank=args.rank, alpha=args.rank, temperature=args.temperature, teacher="online" if online else "stored"
+    )
 
     def one_step() -> tuple[float, float, float]:
         started = time.perf_counter()
@@ -584,9 +599,12 @@ def measure_costs(args) -> dict:
     sizes = sorted({args.comparison_tokens, args.explanation_tokens})
     by_size = {}
     for tokens in sizes:
-        measured = {variant: spawn(args, variant, tokens) for variant in OUR_VARIANTS}
+        measured = {v: spawn(args, v, tokens) if v in args.variants else {"status": "not run"} for v in OUR_VARIANTS}
         large = tokens == args.explanation_tokens and tokens != args.comparison_tokens
         for variant in REFERENCE_VARIANTS:
+            if variant not in args.variants:
+                measured[variant] = {"status": "not run"}
+                continue
             smaller = by_size.get(args.comparison_tokens, {}).get(variant, {})
             if large and args.skip_reference_1024:
                 measured[variant] = {"status": "skipped (--skip-reference-1024)"}
@@ -651,7 +669,8 @@ def cost_table(costs: dict, args) -> str:
                 cells += ["", " / ".join(ratio_cells(r, measured["reference"]))]
             else:
                 cells += ["", ""]
-            lines.append(f"| {tokens} | {VARIANT_NAMES[variant]} | " + " | ".join(cells) + " |")
+            if r.get("status") != "not run":
+                lines.append(f"| {tokens} | {VARIANT_NAMES[variant]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -691,6 +710,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--skip-reference-1024", action="store_true", help="Skip the reference at --explanation-tokens."
+    )
+    parser.add_argument(
+        "--variants", nargs="+", choices=[*OUR_VARIANTS, *REFERENCE_VARIANTS], default=[*OUR_VARIANTS, *REFERENCE_VARIANTS],
+        help="Part 1's variants (default: all).",
     )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -774,6 +797,7 @@ def main() -> None:
             "lora_rank": args.rank,
             "topk": args.topk,
             "temperature": args.temperature,
+            "variants": args.variants,
             "timed_steps": args.steps,
             "seed": args.seed,
             "threads": args.threads,

@@ -52,9 +52,12 @@ def train_command(
     ce_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the cross-entropy term.")] = _default(
         "ce_weight"
     ),
-    teacher: Annotated[str, typer.Option(help="stored (top-k saved with the pairs) or online (exact).")] = _default(
-        "teacher"
-    ),
+    teacher: Annotated[
+        str,
+        typer.Option(
+            help="stored: the top-k saved with the pairs (approximate at T > 1); online: exact, one more forward pass."
+        ),
+    ] = _default("teacher"),
     seed: Annotated[int, typer.Option(min=0, help="LoRA initialisation, data order and dropout.")] = _default("seed"),
     checkpoint_every: Annotated[
         Optional[int], typer.Option(min=1, help="Save a resumable checkpoint every N steps.")

@@ -86,9 +86,10 @@ class TrainConfig(BaseModel):
     teacher: Literal["stored", "online"] = Field(
         default="stored",
         description=(
-            "`stored`: the top-k teacher log-probabilities saved with each pair (plus a tail bucket). `online`: the "
-            "same base model with the adapter disabled, on the stored hinted prompt plus the explanation: exact, "
-            "full vocabulary."
+            "`stored`: the top-k teacher log-probabilities saved with each pair (plus a tail bucket): close to the "
+            "exact loss at T = 1, a coarse approximation at T = 2 (docs/BENCHMARKS.md). `online`: the same base model "
+            "with the adapter disabled, on the stored hinted prompt plus the explanation: exact, full vocabulary, "
+            "for one more forward pass per step."
         ),
     )
     chunk_size: int = Field(
