@@ -41,6 +41,11 @@ step down several times over, and unevenly.
     .venv/bin/python -m benchmarks.training                          # the full run: 1024 explanation tokens, and 512
     .venv/bin/python -m benchmarks.training --skip-reference-1024    # when the reference at 1024 cannot fit
     .venv/bin/python -m benchmarks.training --explanation-tokens 64 --comparison-tokens 32 --fidelity-tokens 48
+    python3 -m benchmarks.training --shape qwen2.5-1.5b --device cuda --steps 3      # a GPU: bf16, adds MFU
+
+On a GPU (`--device cuda`) memory is `torch.cuda.max_memory_allocated` (weights included) and each step is timed
+after synchronising; `--shape` builds a real model's configuration with random weights (no download), and MFU is
+`step_flops` over the step time against the card's dense bf16 peak.
 
 Prints one markdown table per part and writes everything to runs/bench/training.json.
 """
