@@ -23,10 +23,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the engine is built. On the CPU, bf16 and eager mode are what the CPU build of vLLM supports best."""
+    """How the engine is built (eager mode: what the CPU build of vLLM supports best). `dtype="auto"` is
+    `native_dtype()`."""
 
     model: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     max_model_len: int = 4096
     max_logprobs: int = 64
     kv_cache_gib: int = 2
@@ -34,6 +35,22 @@ class EngineOptions:
     max_lora_rank: int = 32
     max_loras: int = 2
     seed: int = 0
+
+
+def native_dtype() -> str:
+    """bfloat16 where the hardware computes in it (a GPU; a CPU with AVX512-BF16 or AMX), float32 elsewhere.
+
+    On a CPU with AVX2 only, the CPU build of vLLM emulates bfloat16 products: measured on a 2-core AVX2 machine,
+    float32 generated 3.2 times the tokens per second of bfloat16 (53 against 16.7).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_amx_tile_supported", lambda: False
+    )()
+    return "bfloat16" if native else "float32"
 
 
 def topk_from_vllm(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
@@ -56,7 +73,7 @@ class TeacherEngine:
         self.options = options
         self.llm = LLM(
             model=options.model,
-            dtype=options.dtype,
+            dtype=native_dtype() if options.dtype == "auto" else options.dtype,
             max_model_len=options.max_model_len,
             max_logprobs=options.max_logprobs,
             enforce_eager=True,
