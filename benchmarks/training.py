@@ -528,7 +528,9 @@ def run_child(args) -> None:
         else:
             result = measure_step(args)
     except (MemoryError, RuntimeError) as exc:
-        if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
+        if not isinstance(exc, MemoryError) and not any(
+            m in str(exc) for m in ("can't allocate memory", "CUDA out of memory")
+        ):
             raise
         result = {"status": "out of memory", "detail": str(exc).splitlines()[-1][:300], "peak_gib": peak_gib(args.device)}
     print(RESULT_MARKER + json.dumps(result), flush=True)
@@ -771,6 +773,11 @@ def main() -> None:
         run_child(args)
         return
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no GPU on this machine")
     if args.shape is None:
         from cli.runtime import ensure_model
         from shared.settings import Settings

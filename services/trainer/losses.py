@@ -305,36 +305,30 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss_of_chunk, chunk_size, weight, hidden, *rows):
-        want_hidden, want_weight = ctx.needs_input_grad[3], ctx.needs_input_grad[2]
-        hidden_grad = torch.zeros_like(hidden) if want_hidden else None
+        want_weight, want_hidden = ctx.needs_input_grad[2:4]
         weight_grad = torch.zeros_like(weight) if want_weight else None
+        hidden_grad = torch.zeros_like(hidden) if want_hidden else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, max(hidden.shape[0], 1), chunk_size):
             end = start + chunk_size
             with torch.enable_grad():
-                h = hidden[start:end].detach().requires_grad_(want_hidden)
                 w = weight.detach().requires_grad_(want_weight)
+                h = hidden[start:end].detach().requires_grad_(want_hidden)
                 loss = loss_of_chunk(w, h, *(r[start:end] for r in rows))
-                wanted = [t for t, want in ((h, want_hidden), (w, want_weight)) if want]
-                grads = list(torch.autograd.grad(loss, wanted)) if wanted and loss.requires_grad else []
-            if want_hidden:
-                hidden_grad[start:end] = grads.pop(0) if grads else 0
-            if want_weight and grads:
-                weight_grad += grads.pop(0)
+                if loss.requires_grad:  # some input wants a gradient
+                    grads = iter(torch.autograd.grad(loss, [t for t in (w, h) if t.requires_grad]))
+                    if want_weight:
+                        weight_grad += next(grads)
+                    if want_hidden:
+                        hidden_grad[start:end] = next(grads)
             total += loss.detach().float()
-        ctx.save_for_backward(*(g for g in (hidden_grad, weight_grad) if g is not None))
-        ctx.wants = (want_weight, want_hidden)
+        ctx.save_for_backward(weight_grad, hidden_grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        saved = iter(ctx.saved_tensors)
-        want_weight, want_hidden = ctx.wants
-        hidden_grad = next(saved) if want_hidden else None
-        weight_grad = next(saved) if want_weight else None
-        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (weight_grad, hidden_grad)]
-        rows = len(ctx.needs_input_grad) - 4
-        return (None, None, *scaled, *([None] * rows))
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
+        return (None, None, *scaled, *([None] * (len(ctx.needs_input_grad) - 4)))
 
 
 def _check_temperature(temperature: float) -> None:
