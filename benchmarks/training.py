@@ -113,7 +113,7 @@ def model_dtype(args):
     """The trainer's own rule (`--dtype auto`): bfloat16 on a GPU that supports it, float32 on the CPU."""
     import torch
 
-    from services.trainer.training import resolve_dtype
+    from services.trainer.modeling import resolve_dtype
 
     return resolve_dtype(args.dtype, torch.device(args.device))
 
@@ -341,13 +341,10 @@ def gsm8k_batch(tokenizer, model, batch: int, max_new_tokens: int, seed: int) ->
 
     from services.trainer.data import TrainExample
     from shared.datasets import BENCHMARKS
-    from shared.prompts import build_hinted_messages, build_student_messages
+    from shared.prompts import build_hinted_messages, build_student_messages, render_chat
 
     def render(messages) -> list[int]:
-        text = tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer.encode(text, add_special_tokens=False)
+        return render_chat(tokenizer, messages).token_ids
 
     rows = [json.loads(line) for line in BENCHMARKS["gsm8k_train"].read_text().splitlines()[:batch]]
     students, teachers = [], []
@@ -402,7 +399,8 @@ def measure_fidelity(args) -> dict:
 
     from services.trainer.config import TrainConfig
     from services.trainer.data import build_example, collate_examples
-    from services.trainer.training import DecoderBody, batch_losses
+    from services.trainer.modeling import DecoderBody, output_layer_of
+    from services.trainer.training import batch_losses
     from shared.storage import PairStore
 
     model = load_model(args).eval()
@@ -422,12 +420,12 @@ def measure_fidelity(args) -> dict:
                 p.copy_(torch.randn(p.shape, generator=generator) * LORA_B_STD)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     batch = collate_examples(examples, pad_id)
-    lm_head = model.get_output_embeddings().weight
-    vocab = lm_head.shape[0]
+    output_layer = output_layer_of(model)
+    vocab = output_layer.weight.shape[0]
 
     with torch.no_grad(), model.disable_adapter():
         hidden = DecoderBody(model)(batch.teacher_input_ids, batch.teacher_attention_mask)
-        teacher_logp = torch.log_softmax((hidden[batch.teacher_loss_mask] @ lm_head.T).float(), dim=-1)  # (N, V)
+        teacher_logp = torch.log_softmax(output_layer.logits(hidden[batch.teacher_loss_mask]), dim=-1)  # (N, V)
     del hidden
 
     def gradient_of(loss: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -499,10 +497,10 @@ def merged_kl(model, batch, teacher_logp, topk_ids, temperature: float):
     """
     import torch
 
-    from services.trainer.training import DecoderBody
+    from services.trainer.modeling import DecoderBody, output_layer_of
 
     hidden = DecoderBody(model)(batch.input_ids, batch.attention_mask)[batch.loss_mask]  # (N, H)
-    student = torch.log_softmax((hidden @ model.get_output_embeddings().weight.T).float() / temperature, dim=-1)
+    student = torch.log_softmax(output_layer_of(model).logits(hidden) / temperature, dim=-1)
     teacher = torch.log_softmax(teacher_logp / temperature, dim=-1)
     in_tail = torch.ones_like(teacher, dtype=torch.bool).scatter(-1, topk_ids, False)
 

@@ -1,20 +1,39 @@
 """Every knob of one training run (step 6 of SSB), declared once and documented where it is declared.
 
 Defaults follow the paper: LoRA rank 32, alpha 32, dropout 0 on the q/k/v/o and gate/up/down projections; lr 2e-4,
-batch 4, 3 epochs, temperature 2, KD weight 1, CE weight 0. `ssb train`'s flags map onto these fields, and the run
-writes them to `training_config.json` beside the adapter.
+batch 4, 3 epochs, temperature 2, KD weight 1, CE weight 0, and the exact teacher (`teacher="auto"` resolves to the
+online teacher at any T other than 1). `ssb train`'s flags are generated from these fields (`cli/train_command.py`),
+and the run writes them, resolved, to `training_config.json` beside the adapter.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Knobs that may change between an interrupted run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "keep_checkpoints", "log_every"})
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or resume as asked (occupied output directory, no checkpoint, changed settings, a model
+    whose logits the trainer cannot reproduce)."""
+
+
+def resolve_teacher(teacher: str, temperature: float) -> Literal["stored", "online"]:
+    """`auto` is the exact online teacher at any T other than 1 and the stored top-k at T = 1.
+
+    Measured (docs/BENCHMARKS.md, top-20 against the exact teacher on real pairs): at T = 1 the stored top-k's
+    gradient has cosine 0.995 with the exact one and needs no teacher forward pass; at T = 2 the cosine is 0.58
+    (tempering spreads half the teacher's mass over the tail, which one bucket cannot represent), while the online
+    teacher costs 1.30x the step time. So the exact loss wherever top-k is not close to it.
+    """
+    if teacher != "auto":
+        return teacher  # type: ignore[return-value]
+    return "stored" if temperature == 1.0 else "online"
 
 
 class TrainConfig(BaseModel):
@@ -53,7 +72,13 @@ class TrainConfig(BaseModel):
         default="cosine", description="Learning-rate decay after warm-up (to 0 for cosine and linear)."
     )
     warmup_ratio: float = Field(
-        default=0.1, ge=0.0, le=1.0, description="Fraction of the steps spent warming up linearly from 0."
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Fraction of the steps (rounded up) spent warming up linearly to the peak; with W warm-up steps, step s "
+            "(1-based) of the warm-up uses s / (W + 1) of the peak, so no step runs at a learning rate of 0."
+        ),
     )
     max_grad_norm: float | None = Field(
         default=1.0,
@@ -83,13 +108,14 @@ class TrainConfig(BaseModel):
             "(one extra no-gradient pass over the output layer per step)."
         ),
     )
-    teacher: Literal["stored", "online"] = Field(
-        default="stored",
+    teacher: Literal["auto", "stored", "online"] = Field(
+        default="auto",
         description=(
-            "`stored`: the top-k teacher log-probabilities saved with each pair (plus a tail bucket): close to the "
-            "exact loss at T = 1, a coarse approximation at T = 2 (docs/BENCHMARKS.md). `online`: the same base model "
-            "with the adapter disabled, on the stored hinted prompt plus the explanation: exact, full vocabulary, "
-            "for one more forward pass per step."
+            "`online`: the same base model with the adapter disabled, on the stored hinted prompt plus the "
+            "explanation: the exact full-vocabulary loss, for one more forward pass per step (1.30x the step time, "
+            "measured). `stored`: the top-k log-probabilities saved with each pair plus a tail bucket: no teacher "
+            "pass; close to exact at T = 1 (gradient cosine 0.995), far from it at T = 2 (0.58). `auto` (default): "
+            "online unless T = 1, stored at T = 1; a config always holds the resolved choice."
         ),
     )
     chunk_size: int = Field(
@@ -112,3 +138,17 @@ class TrainConfig(BaseModel):
     log_every: int = Field(
         default=1, ge=1, description="Write a metrics line (and call on_step) every this many steps."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_teacher(cls, data: Any) -> Any:
+        """Resolve `teacher="auto"` at construction, so training_config.json and checkpoints record the teacher used.
+
+        (`model_copy(update=...)` skips validation: build a new TrainConfig to change the temperature.)
+        """
+        if isinstance(data, dict):
+            teacher = data.get("teacher", "auto")
+            temperature = data.get("temperature", cls.model_fields["temperature"].default)
+            if teacher == "auto" and isinstance(temperature, (int, float)):
+                data = {**data, "teacher": resolve_teacher(teacher, float(temperature))}
+        return data

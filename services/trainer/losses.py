@@ -42,6 +42,11 @@ evenly over the V - k tail tokens, W = (V - k)^(1 - 1/T) r^(1/T), is by concavit
 shape allows for T > 1; on a 150k vocabulary at T = 2 it dominates the target and would push the student
 toward a flat tail at every step. Token ids within a row must be distinct.
 
+The output step (``OutputLayer``): the chunked forms take the hidden states and the model's output layer, and form
+the logits as the model does, ``softcap(scale * (hidden @ weight.T + bias))``: a plain projection for most models, a
+bias for some, a logit scale for Cohere and Granite, a final soft-cap ``c * tanh(x / c)`` for Gemma 2 and 3.
+``services/trainer/modeling.py`` reads these from the model and checks them against the model's own logits.
+
 Memory and time (``*_chunked``): the student's (B, S, V) logits are never built. Valid rows of the hidden
 states are taken (N, H) and split into chunks of ``chunk_size`` rows. In the forward pass each chunk's logits
 are formed, upcast to float32, reduced to the chunk's loss and, right there, to the loss's gradient with respect
@@ -74,6 +79,36 @@ class LossSum(NamedTuple):
     def mean(self) -> torch.Tensor:
         """() float32: total / count, and 0 (still attached to the graph) when there are no valid positions."""
         return self.total / self.count.clamp(min=1).to(self.total.dtype)
+
+
+class OutputLayer(NamedTuple):
+    """A causal LM's output step, final hidden states to logits: ``softcap(scale * (hidden @ weight.T + bias))``.
+
+    weight: (V, H) output projection. bias: (V,) or None. scale: a factor on the logits (Cohere's ``logit_scale``,
+    1 / Granite's ``logits_scaling``). softcap: None, or c in ``c * tanh(x / c)`` (Gemma 2's
+    ``final_logit_softcapping``), applied after the scale. Only the weight can carry a gradient.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states -> (..., V) float32 logits; the product is formed in the weight's dtype."""
+        logits = (hidden @ self.weight.T).float()
+        if self.bias is not None:
+            logits = logits + self.bias.detach().float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def as_output_layer(output_layer: OutputLayer | torch.Tensor) -> OutputLayer:
+    """An OutputLayer as given, or a plain projection when given only its (V, H) weight."""
+    return output_layer if isinstance(output_layer, OutputLayer) else OutputLayer(output_layer)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -130,22 +165,24 @@ def kl_dense(
 
 def kl_on_topk_chunked(
     hidden_states: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    output_layer: OutputLayer | torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 2.0,
     chunk_size: int = 256,
 ) -> LossSum:
-    """``kl_on_topk`` on logits = hidden_states @ lm_head_weight.T, built chunk_size valid rows at a time.
+    """``kl_on_topk`` on the logits ``output_layer.logits(hidden_states)``, built chunk_size valid rows at a time.
 
     hidden_states: (B, S, H) student's final hidden states (after the final norm), any float dtype.
-    lm_head_weight: (V, H) output projection; logits are formed in its dtype and upcast to float32.
+    output_layer: the model's OutputLayer, or its (V, H) weight alone (a plain projection); the product is formed in
+        the weight's dtype and upcast to float32.
     topk_ids: (B, S, k) int64; topk_logprobs: (B, S, k); mask: (B, S) bool, as in ``kl_on_topk``.
     Returns LossSum: total () float32 summed over valid positions, count () int64.
     """
     _check_temperature(temperature)
-    _check_hidden_shapes(hidden_states, lm_head_weight, mask)
+    layer = as_output_layer(output_layer)
+    _check_hidden_shapes(hidden_states, layer.weight, mask)
     if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != mask.shape:
         raise ValueError(
             f"expected topk_ids/topk_logprobs (B, S, k) matching mask (B, S); got {tuple(topk_ids.shape)}, "
@@ -155,11 +192,11 @@ def kl_on_topk_chunked(
     def loss_of_chunk(
         weight: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor
     ) -> torch.Tensor:
-        logits = (hidden @ weight.T).float()
+        logits = layer._replace(weight=weight).logits(hidden)
         return _kl_topk_rows(logits, ids, logprobs, temperature).sum()
 
     total = _sum_over_chunks(
-        loss_of_chunk, chunk_size, lm_head_weight, hidden_states[mask], topk_ids[mask], topk_logprobs[mask]
+        loss_of_chunk, chunk_size, layer.weight, hidden_states[mask], topk_ids[mask], topk_logprobs[mask]
     )
     return LossSum(total, mask.sum())
 
@@ -167,7 +204,7 @@ def kl_on_topk_chunked(
 def kl_dense_chunked(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    output_layer: OutputLayer | torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 2.0,
     chunk_size: int = 256,
@@ -175,10 +212,10 @@ def kl_dense_chunked(
 ) -> LossSum:
     """``kl_dense`` with both sides' logits built from hidden states, chunk_size valid rows at a time.
 
-    The online teacher: the same model with the adapter off, on the hinted prompt, sharing the lm_head.
+    The online teacher: the same model with the adapter off, on the hinted prompt, sharing the output layer.
     student_hidden: (B, S, H) student's final hidden states.
     teacher_hidden: (B, S_t, H) teacher's final hidden states; no gradient flows into them.
-    lm_head_weight: (V, H) shared output projection.
+    output_layer: the shared OutputLayer, or its (V, H) weight alone.
     mask: (B, S) bool, the student's explanation positions.
     teacher_mask: (B, S_t) bool, the teacher's explanation positions (default: ``mask``). Its valid rows,
         taken in row-major order, must pair one to one with the student's (same count per example),
@@ -186,44 +223,47 @@ def kl_dense_chunked(
     Returns LossSum: total () float32 summed over valid positions, count () int64.
     """
     _check_temperature(temperature)
-    _check_hidden_shapes(student_hidden, lm_head_weight, mask)
+    layer = as_output_layer(output_layer)
+    _check_hidden_shapes(student_hidden, layer.weight, mask)
     teacher_mask = mask if teacher_mask is None else teacher_mask
-    _check_hidden_shapes(teacher_hidden, lm_head_weight, teacher_mask)
+    _check_hidden_shapes(teacher_hidden, layer.weight, teacher_mask)
     student_rows, teacher_rows = student_hidden[mask], teacher_hidden[teacher_mask].detach()
     if student_rows.shape[0] != teacher_rows.shape[0]:
         raise ValueError(f"student has {student_rows.shape[0]} valid positions, teacher {teacher_rows.shape[0]}")
 
     def loss_of_chunk(weight: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        chunk_layer = layer._replace(weight=weight)
         with torch.no_grad():
-            teacher_logits = (teacher @ weight.T).float()
-        return _kl_dense_rows((student @ weight.T).float(), teacher_logits, temperature).sum()
+            teacher_logits = chunk_layer.logits(teacher)
+        return _kl_dense_rows(chunk_layer.logits(student), teacher_logits, temperature).sum()
 
-    total = _sum_over_chunks(loss_of_chunk, chunk_size, lm_head_weight, student_rows, teacher_rows)
+    total = _sum_over_chunks(loss_of_chunk, chunk_size, layer.weight, student_rows, teacher_rows)
     return LossSum(total, mask.sum())
 
 
 def ce_chunked(
     hidden_states: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    output_layer: OutputLayer | torch.Tensor,
     target_ids: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int = 256,
 ) -> LossSum:
     """Cross-entropy of the explanation tokens (no temperature), chunk_size valid rows at a time.
 
-    hidden_states: (B, S, H); lm_head_weight: (V, H).
+    hidden_states: (B, S, H); output_layer: the model's OutputLayer, or its (V, H) weight alone.
     target_ids: (B, S) int64, the token predicted at each position (already shifted by the caller).
     mask: (B, S) bool, True on explanation positions.
     Returns LossSum: total () float32 summed over valid positions (nats), count () int64.
     """
-    _check_hidden_shapes(hidden_states, lm_head_weight, mask)
+    layer = as_output_layer(output_layer)
+    _check_hidden_shapes(hidden_states, layer.weight, mask)
     if target_ids.shape != mask.shape:
         raise ValueError(f"expected target_ids {tuple(mask.shape)}; got {tuple(target_ids.shape)}")
 
     def loss_of_chunk(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+        return F.cross_entropy(layer._replace(weight=weight).logits(hidden), targets, reduction="sum")
 
-    total = _sum_over_chunks(loss_of_chunk, chunk_size, lm_head_weight, hidden_states[mask], target_ids[mask])
+    total = _sum_over_chunks(loss_of_chunk, chunk_size, layer.weight, hidden_states[mask], target_ids[mask])
     return LossSum(total, mask.sum())
 
 
@@ -354,6 +394,6 @@ def _check_topk_shapes(
 def _check_hidden_shapes(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> None:
     if hidden.shape[:-1] != mask.shape or weight.ndim != 2 or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(
-            f"expected hidden (B, S, H), lm_head_weight (V, H), mask (B, S); got "
+            f"expected hidden (B, S, H), output weight (V, H), mask (B, S); got "
             f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(mask.shape)}"
         )

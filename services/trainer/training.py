@@ -1,19 +1,25 @@
 """Step 6 of SSB: LoRA distillation of the hinted teacher into the bare-question student, as one program.
 
 `train` reads top to bottom: setup (process group, data, model with LoRA, optimizer, schedule, resume), the training
-loop, save (a standard PEFT adapter with its config, metrics and curve), cleanup. The same code runs on the CPU, on one
-GPU, and on several through data parallelism:
+loop (one `optimizer_step` at a time), save (a standard PEFT adapter with its config, metrics and curve), cleanup.
+Checkpoints, RNG states and the run's records live in `services/trainer/checkpoints.py`; the model's decoder body and
+output step in `services/trainer/modeling.py`; the losses in `services/trainer/losses.py`. The same code runs on the
+CPU, on one GPU, and on several through data parallelism:
 
     ssb train --pairs runs/demo/pairs --out runs/demo/adapter                           # one process
     accelerate launch --num_processes 4 -m cli.main train --pairs P --out O             # DDP, one GPU each
     torchrun --nproc_per_node 4 -m cli.main train --pairs P --out O                     # the same, with torchrun
 
 What one step computes: the decoder body gives the student's final hidden states on prompt + explanation (the
-(batch, sequence, vocabulary) logits are never built), and `services.trainer.losses` turns them into
-T^2 * KL(teacher || student) on the explanation positions, chunk by chunk, against the stored top-k teacher (with its
-tail bucket) or, with `teacher="online"`, against the same model with the adapter disabled on the hinted prompt.
-Every explanation position of a step weighs the same: the sums of all micro-batches and processes are divided by
-their total count once (the count is known before the forward pass, from the masks).
+(batch, sequence, vocabulary) logits are never built), and `services.trainer.losses` turns them, through the model's
+own output step, into T^2 * KL(teacher || student) on the explanation positions, chunk by chunk, against the same
+model with the adapter disabled on the hinted prompt (`teacher="online"`, the default at T != 1) or the stored top-k
+teacher with its tail bucket (`teacher="stored"`, the default at T = 1). Every explanation position of a step weighs
+the same: the sums of all micro-batches and processes are divided by their total count once (the count is known
+before the forward pass, from the masks).
+
+Learning rate: `learning_rate_factor`, HF transformers' warm-up schedules with the warm-up's zero dropped, so every
+optimizer step moves the weights.
 
 Data order: epoch e visits the pairs in a permutation drawn from (seed, e) alone, so a resumed run sees exactly the
 batches the uninterrupted one would have. With P processes each takes every P-th pair of the permutation (padded by
@@ -32,12 +38,9 @@ Output directory:
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
-import hashlib
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,17 +51,23 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from services.trainer.config import RESUMABLE_CHANGES, TrainConfig
+from services.trainer.checkpoints import (
+    digest_of,
+    holds_a_run,
+    keep_metrics_through,
+    last_logged_loss,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_training_config,
+)
+from services.trainer.config import TrainConfig, TrainingError
 from services.trainer.data import Batch, check_vocabulary, collate_examples, load_examples
 from services.trainer.losses import LossSum, ce_chunked, kl_dense_chunked, kl_on_topk_chunked
+from services.trainer.modeling import DecoderBody, check_output_layer, output_layer_of, resolve_dtype
 from services.trainer.plots import plot_training_curve, read_metrics
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-CHECKPOINT_PREFIX = "step-"
-
-
-class TrainingError(RuntimeError):
-    """The run cannot start or resume as asked (occupied output directory, no checkpoint, changed settings)."""
+__all__ = ["TrainingError", "StepMetrics", "TrainResult", "train", "batch_losses", "learning_rate_factor"]
 
 
 class StepMetrics(BaseModel):
@@ -98,21 +107,6 @@ class BatchLosses(NamedTuple):
     ce: LossSum | None
 
 
-class DecoderBody(nn.Module):
-    """A causal LM's decoder without its output layer: (B, S) ids -> (B, S, H) hidden states after the final norm.
-
-    The module that data parallelism wraps: gradients flow through its forward to the LoRA weights. The output
-    layer's weight is frozen, so the losses may use it outside.
-    """
-
-    def __init__(self, causal_lm: nn.Module):
-        super().__init__()
-        self.decoder = causal_lm.get_decoder()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
 def train(
     pairs_dir: str | Path,
     out_dir: str | Path,
@@ -131,11 +125,13 @@ def train(
     on_step: called on the main process with each logged step's metrics (every `config.log_every` steps).
     model: the already loaded base model of `model_path`, used instead of loading one; LoRA layers are injected
         into it in place and stay there (the caller can inspect the trained weights), and `config.dtype` is not applied.
+    Raises TrainingError (an occupied `out_dir`, nothing to resume, changed settings, a model whose logits the
+    trainer cannot reproduce) and PairDataError (pairs that cannot be trained on) before the first step.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import AutoModelForCausalLM
 
     # --- Setup: processes, output directory, data ---------------------------------------------------------------
     started = time.perf_counter()
@@ -154,19 +150,18 @@ def train(
     if resume and checkpoint is None:
         raise TrainingError(f"nothing to resume: no complete checkpoint in {checkpoints_dir}")
     examples = load_examples(pairs_dir, teacher=config.teacher)
-    pairs_digest = digest_of([e.problem_id for e in examples])
     steps_per_epoch = count_steps_per_epoch(len(examples), config, accelerator.num_processes)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
 
     # --- Setup: model with LoRA, optimizer, schedule ------------------------------------------------------------
     set_seed(config.seed)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config.dtype, accelerator.device))
+    model.to(accelerator.device)
     check_vocabulary(examples, model.get_output_embeddings().weight.shape[0])
+    check_output_layer(model, examples[0].input_ids)  # the losses form the logits as the model does, or refuse
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -178,18 +173,14 @@ def train(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora).to(accelerator.device)
+    output_layer_of(peft_model)  # refuses an adapter on the output layer, which the losses would not apply
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(
-        "constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    scheduler = learning_rate_scheduler(optimizer, config, total_steps)
     body, optimizer = accelerator.prepare(DecoderBody(peft_model), optimizer)
     run_state = {
         "config": config.model_dump(mode="json"),
-        "pairs_digest": pairs_digest,
+        "pairs_digest": digest_of([e.problem_id for e in examples]),
         "num_processes": accelerator.num_processes,
     }
 
@@ -199,14 +190,16 @@ def train(
         if main:
             keep_metrics_through(metrics_path, step)
     if main:
-        write_training_config(out_dir, config, model_path, pairs_dir, len(examples), total_steps, accelerator)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_training_config(
+            out_dir, config, model_path, pairs_dir, len(examples), total_steps, accelerator.num_processes
+        )
     accelerator.wait_for_everyone()
 
     # --- Train -------------------------------------------------------------------------------------------------
     peft_model.train()
     last: StepMetrics | None = None
     while step < total_steps:
-        step_started = time.perf_counter()
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         indices = micro_batch_indices(
             len(examples),
@@ -217,45 +210,10 @@ def train(
             num_processes=accelerator.num_processes,
         )
         batches = [collate_examples([examples[i] for i in micro], pad_id).to(accelerator.device) for micro in indices]
-        # The step's explanation positions over all micro-batches and processes: every one weighs 1 / count.
-        count = reduce_sum(accelerator, float(sum(b.num_explanation_tokens for b in batches)))
-        kl_sum = torch.zeros((), device=accelerator.device)
-        ce_sum = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(body):
-                losses = batch_losses(peft_model, batch, config, body=body)
-                loss = config.kd_weight * losses.kl.total
-                if config.ce_weight > 0:
-                    loss = loss + config.ce_weight * losses.ce.total
-                # Data parallelism averages gradients over processes; scaling by their number makes it a sum.
-                accelerator.backward(loss * (accelerator.num_processes / max(count, 1.0)))
-            kl_sum += losses.kl.total.detach()
-            if losses.ce is not None:
-                ce_sum += losses.ce.total.detach()
-        lr = optimizer.param_groups[0]["lr"]
-        grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        last = optimizer_step(peft_model, body, batches, config, optimizer, scheduler, trainable, accelerator)
         step += 1
+        last = last.model_copy(update={"step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch})
 
-        kl = reduce_sum(accelerator, kl_sum) / max(count, 1.0)
-        ce = reduce_sum(accelerator, ce_sum) / max(count, 1.0) if losses.ce is not None else None
-        pairs_in_step = reduce_sum(accelerator, float(sum(b.input_ids.shape[0] for b in batches)))
-        tokens = reduce_sum(accelerator, float(sum(b.num_tokens for b in batches)))
-        last = StepMetrics(
-            step=step,
-            total_steps=total_steps,
-            epoch=step / steps_per_epoch,
-            loss=config.kd_weight * kl + (config.ce_weight * ce if ce is not None else 0.0),
-            kl=kl,
-            ce=ce,
-            grad_norm=float(grad_norm),
-            lr=lr,
-            explanation_tokens=count / pairs_in_step,
-            tokens_per_s=tokens / (time.perf_counter() - step_started),
-        )
         logged = step % config.log_every == 0 or step == total_steps
         if main and logged:
             with open(metrics_path, "a") as f:
@@ -304,16 +262,71 @@ def train(
     return result
 
 
+def optimizer_step(
+    peft_model: nn.Module,
+    body: nn.Module,
+    batches: Sequence[Batch],
+    config: TrainConfig,
+    optimizer,
+    scheduler,
+    trainable: Sequence[torch.Tensor],
+    accelerator,
+) -> StepMetrics:
+    """One optimizer step over this process's micro-batches; returns its metrics (all processes together).
+
+    The step's position (step, total_steps, epoch) is left at 0 for the caller to fill in.
+    """
+    step_started = time.perf_counter()
+    # The step's explanation positions over all micro-batches and processes: every one weighs 1 / count.
+    count = reduce_sum(accelerator, float(sum(b.num_explanation_tokens for b in batches)))
+    kl_sum = torch.zeros((), device=accelerator.device)
+    ce_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(body):
+            losses = batch_losses(peft_model, batch, config, body=body)
+            loss = config.kd_weight * losses.kl.total
+            if config.ce_weight > 0:
+                loss = loss + config.ce_weight * losses.ce.total
+            # Data parallelism averages gradients over processes; scaling by their number makes it a sum.
+            accelerator.backward(loss * (accelerator.num_processes / max(count, 1.0)))
+        kl_sum += losses.kl.total.detach()
+        if losses.ce is not None:
+            ce_sum += losses.ce.total.detach()
+    lr = optimizer.param_groups[0]["lr"]
+    grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    kl = reduce_sum(accelerator, kl_sum) / max(count, 1.0)
+    ce = reduce_sum(accelerator, ce_sum) / max(count, 1.0) if losses.ce is not None else None
+    pairs_in_step = reduce_sum(accelerator, float(sum(b.input_ids.shape[0] for b in batches)))
+    tokens = reduce_sum(accelerator, float(sum(b.num_tokens for b in batches)))
+    return StepMetrics(
+        step=0,
+        total_steps=0,
+        epoch=0.0,
+        loss=config.kd_weight * kl + (config.ce_weight * ce if ce is not None else 0.0),
+        kl=kl,
+        ce=ce,
+        grad_norm=float(grad_norm),
+        lr=lr,
+        explanation_tokens=count / pairs_in_step,
+        tokens_per_s=tokens / (time.perf_counter() - step_started),
+    )
+
+
 def batch_losses(model: nn.Module, batch: Batch, config: TrainConfig, *, body: nn.Module | None = None) -> BatchLosses:
     """The summed KL (and CE) of one batch, on the explanation positions only.
 
-    model: the causal LM (peft-wrapped in training; a plain one gives the base model's loss). Its output layer's
-        weight forms the logits chunk by chunk; with `config.teacher == "online"` it is also the teacher, with its
-        adapter disabled (a plain model is its own teacher).
+    model: the causal LM (peft-wrapped in training; a plain one gives the base model's loss). Its output step
+        (`modeling.output_layer_of`) forms the logits chunk by chunk; with `config.teacher == "online"` it is also
+        the teacher, with its adapter disabled (a plain model is its own teacher).
     body: the decoder as training calls it (data-parallel wrapped); default `DecoderBody(model)`.
     """
     body = DecoderBody(model) if body is None else body
-    lm_head_weight = model.get_output_embeddings().weight
+    output_layer = output_layer_of(model)
     hidden = body(batch.input_ids, batch.attention_mask)
     if config.teacher == "online":
         disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
@@ -322,7 +335,7 @@ def batch_losses(model: nn.Module, batch: Batch, config: TrainConfig, *, body: n
         kl = kl_dense_chunked(
             hidden,
             teacher_hidden,
-            lm_head_weight,
+            output_layer,
             batch.loss_mask,
             temperature=config.temperature,
             chunk_size=config.chunk_size,
@@ -331,7 +344,7 @@ def batch_losses(model: nn.Module, batch: Batch, config: TrainConfig, *, body: n
     else:
         kl = kl_on_topk_chunked(
             hidden,
-            lm_head_weight,
+            output_layer,
             batch.topk_ids,
             batch.topk_logprobs,
             batch.loss_mask,
@@ -340,13 +353,46 @@ def batch_losses(model: nn.Module, batch: Batch, config: TrainConfig, *, body: n
         )
     ce = None
     if config.ce_weight > 0:
-        ce = ce_chunked(hidden, lm_head_weight, batch.target_ids, batch.loss_mask, chunk_size=config.chunk_size)
+        ce = ce_chunked(hidden, output_layer, batch.target_ids, batch.loss_mask, chunk_size=config.chunk_size)
     elif config.log_ce:
         with torch.no_grad():
             ce = ce_chunked(
-                hidden.detach(), lm_head_weight, batch.target_ids, batch.loss_mask, chunk_size=config.chunk_size
+                hidden.detach(), output_layer, batch.target_ids, batch.loss_mask, chunk_size=config.chunk_size
             )
     return BatchLosses(kl, ce)
+
+
+def learning_rate_factor(step_index: int, *, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """The fraction of the peak learning rate that optimizer step `step_index` (0-based) uses.
+
+    After the W = warmup_steps warm-up steps this is HF transformers' schedule exactly
+    (`get_{cosine,linear,constant}_schedule_with_warmup`): with progress p = (i - W) / (total_steps - W), cosine
+    0.5 * (1 + cos(pi * p)), linear 1 - p, constant 1; the last step (p < 1) still moves the weights. During the
+    warm-up HF uses i / W, which makes the first step's rate exactly 0: an optimizer step that changes no weight but
+    still feeds Adam's moment estimates (the first of 15 steps, at 10% warm-up). Here step i of the warm-up uses
+    (i + 1) / (W + 1): the same straight line to the peak, without its zero.
+    """
+    if step_index < warmup_steps:
+        return (step_index + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step_index - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown learning-rate schedule {kind!r}: cosine, linear or constant")
+
+
+def learning_rate_scheduler(optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`learning_rate_factor` for this run, stepped once per optimizer step (its state is saved in checkpoints)."""
+    factor = functools.partial(
+        learning_rate_factor,
+        warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        total_steps=total_steps,
+        kind=config.scheduler,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def count_steps_per_epoch(num_examples: int, config: TrainConfig, num_processes: int = 1) -> int:
@@ -378,159 +424,9 @@ def micro_batch_indices(
     return [chunk[i : i + config.batch_size] for i in range(0, len(chunk), config.batch_size)]
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU that supports it and float32 elsewhere."""
-    if dtype == "auto":
-        on_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, dtype)
-
-
 def reduce_sum(accelerator, value: float | torch.Tensor) -> float:
     """The sum of a scalar over all processes, as a Python float (the value itself with one process)."""
     if accelerator.num_processes == 1:
         return float(value)
     tensor = torch.as_tensor(value, dtype=torch.float64, device=accelerator.device).reshape(1)
     return float(accelerator.reduce(tensor, reduction="sum"))
-
-
-def digest_of(problem_ids: Sequence[str]) -> str:
-    """A short fingerprint of the ordered pair ids, so a resume notices changed data."""
-    return hashlib.sha256("\n".join(problem_ids).encode()).hexdigest()[:16]
-
-
-def holds_a_run(out_dir: Path) -> bool:
-    """True when `out_dir` already has an adapter, metrics or checkpoints."""
-    return any((out_dir / name).exists() for name in ("adapter_config.json", "metrics.jsonl", "checkpoints"))
-
-
-def write_training_config(
-    out_dir: Path,
-    config: TrainConfig,
-    model_path: str,
-    pairs_dir: str | Path,
-    num_pairs: int,
-    total_steps: int,
-    accelerator,
-) -> None:
-    record = {
-        "config": config.model_dump(mode="json"),
-        "model": model_path,
-        "pairs_dir": str(Path(pairs_dir).resolve()),
-        "num_pairs": num_pairs,
-        "total_steps": total_steps,
-        "num_processes": accelerator.num_processes,
-    }
-    (out_dir / "training_config.json").write_text(json.dumps(record, indent=1) + "\n")
-
-
-def last_logged_loss(metrics_path: Path) -> float | None:
-    """The loss of the last logged step (a resumed run that had nothing left to do reports it)."""
-    logged = read_metrics(metrics_path)
-    return logged[-1]["loss"] if logged else None
-
-
-def keep_metrics_through(metrics_path: Path, step: int) -> None:
-    """Drop metric lines after `step` (logged by the interrupted run after its last checkpoint)."""
-    kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
-    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-
-
-# --- Checkpoints -----------------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None. Incomplete ones never carry the final name."""
-    if not checkpoints_dir.is_dir():
-        return None
-    found = [
-        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
-        for p in checkpoints_dir.iterdir()
-        if p.name.startswith(CHECKPOINT_PREFIX)
-        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-        and (p / "state.json").exists()
-    ]
-    return max(found)[1] if found else None
-
-
-def save_checkpoint(
-    checkpoints_dir: Path, step: int, peft_model, optimizer, scheduler, state: dict, accelerator, *, keep: int
-) -> Path:
-    """Write `checkpoints/step-<step>/` atomically: into a hidden temporary directory, renamed when complete.
-
-    Holds the adapter, the optimizer and scheduler states, each process's RNG states, and `state.json` (the position
-    and what must not change on resume). Older checkpoints beyond the newest `keep` are removed.
-    """
-    final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = checkpoints_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
-    main = accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_states(), tmp / f"rng-{accelerator.process_index}.pt")
-    if main:
-        peft_model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-    accelerator.wait_for_everyone()
-    if main:
-        shutil.rmtree(final, ignore_errors=True)  # the same step written again after a resume
-        os.replace(tmp, final)
-        steps = sorted(int(p.name[len(CHECKPOINT_PREFIX) :]) for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"))
-        for old in steps[:-keep]:
-            shutil.rmtree(checkpoints_dir / f"{CHECKPOINT_PREFIX}{old}", ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_state: dict, accelerator) -> int:
-    """Restore adapter, optimizer, scheduler and RNG states from a checkpoint; return its step.
-
-    Raises TrainingError when the checkpoint was written with other settings, other pairs or another number of
-    processes (the resumed run would not continue the same computation).
-    """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = json.loads((checkpoint / "state.json").read_text())
-    changed = sorted(
-        name
-        for name in set(state["config"]) | set(run_state["config"])
-        if name not in RESUMABLE_CHANGES and state["config"].get(name) != run_state["config"].get(name)
-    )
-    if changed:
-        raise TrainingError(
-            f"cannot resume from {checkpoint}: settings changed since it was written: {', '.join(changed)}"
-        )
-    if state["pairs_digest"] != run_state["pairs_digest"]:
-        raise TrainingError(
-            f"cannot resume from {checkpoint}: the pairs directory holds other pairs than it was trained on"
-        )
-    if state["num_processes"] != run_state["num_processes"]:
-        raise TrainingError(
-            f"cannot resume from {checkpoint}: written by {state['num_processes']} processes, resuming with "
-            f"{run_state['num_processes']} (the data order depends on it)"
-        )
-    device = accelerator.device
-    set_peft_model_state_dict(peft_model, load_file(str(checkpoint / "adapter_model.safetensors"), device=str(device)))
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    rng_path = checkpoint / f"rng-{accelerator.process_index}.pt"
-    set_rng_states(torch.load(rng_path, weights_only=True))
-    return int(state["step"])
-
-
-def rng_states() -> dict:
-    """This process's torch RNG states (CPU, and CUDA when present); dropout is the only consumer during training."""
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

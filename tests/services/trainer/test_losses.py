@@ -15,6 +15,7 @@ import torch
 
 from services.trainer.losses import (
     LossSum,
+    OutputLayer,
     ce_chunked,
     kl_dense,
     kl_dense_chunked,
@@ -191,6 +192,53 @@ def test_chunked_losses_match_plain_in_value_and_gradients(chunk_size: int) -> N
         plain_total, plain_count, plain_grads = _value_and_grads(plain_fn, hidden, weight)
         total, count, grads = _value_and_grads(chunked_fn, hidden, weight)
         assert count.item() == plain_count.item() == 7, name
+        assert total.item() == pytest.approx(plain_total.item(), abs=1e-5), name
+        for got, want in zip(grads, plain_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_output_layer_applies_bias_then_scale_then_softcap_by_hand() -> None:
+    # hidden [1, 2] through W (3, 2): products [1, 2, 3]; plus the bias [1, 0, -2]: [2, 2, 1]; times 0.5:
+    # [1, 1, 0.5]; soft-capped at 1: tanh of each.
+    hidden = torch.tensor([[1.0, 2.0]])
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    bias = torch.tensor([1.0, 0.0, -2.0])
+    assert OutputLayer(weight).logits(hidden).tolist() == [[1.0, 2.0, 3.0]]
+    assert OutputLayer(weight, bias).logits(hidden).tolist() == [[2.0, 2.0, 1.0]]
+    assert OutputLayer(weight, bias, scale=0.5).logits(hidden).tolist() == [[1.0, 1.0, 0.5]]
+    capped = OutputLayer(weight, bias, scale=0.5, softcap=1.0).logits(hidden)
+    torch.testing.assert_close(capped, torch.tensor([[math.tanh(1.0), math.tanh(1.0), math.tanh(0.5)]]))
+
+
+@pytest.mark.parametrize("chunk_size", [2, 100])
+def test_chunked_losses_through_a_scaled_soft_capped_output_layer_match_plain(chunk_size: int) -> None:
+    """Value and gradient (hidden and weight) with bias, scale and soft-cap, against autograd on the plain losses."""
+    hidden, weight, mask, teacher_hidden, ids, logprobs, targets = _chunk_case(seed=5)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(6))
+
+    def layer(w: torch.Tensor) -> OutputLayer:
+        return OutputLayer(w, bias, scale=0.7, softcap=1.5)
+
+    pairs = {
+        "topk": (
+            lambda h, w: kl_on_topk(layer(w).logits(h), ids, logprobs, mask, 2.0),
+            lambda h, w: kl_on_topk_chunked(h, layer(w), ids, logprobs, mask, 2.0, chunk_size),
+        ),
+        "dense": (
+            lambda h, w: kl_dense(layer(w).logits(h), layer(w).logits(teacher_hidden).detach(), mask, 2.0),
+            lambda h, w: kl_dense_chunked(h, teacher_hidden, layer(w), mask, 2.0, chunk_size),
+        ),
+        "ce": (
+            lambda h, w: LossSum(
+                torch.nn.functional.cross_entropy(layer(w).logits(h)[mask], targets[mask], reduction="sum"),
+                mask.sum(),
+            ),
+            lambda h, w: ce_chunked(h, layer(w), targets, mask, chunk_size),
+        ),
+    }
+    for name, (plain_fn, chunked_fn) in pairs.items():
+        plain_total, _, plain_grads = _value_and_grads(plain_fn, hidden, weight)
+        total, _, grads = _value_and_grads(chunked_fn, hidden, weight)
         assert total.item() == pytest.approx(plain_total.item(), abs=1e-5), name
         for got, want in zip(grads, plain_grads):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)

@@ -1,7 +1,9 @@
-"""The trainer on the real small model (CPU): LoRA-only updates that lower the loss, a loadable adapter, exact resume.
+"""The trainer on the real small model (CPU): LoRA-only updates that lower the loss, a loadable adapter, exact resume,
+and the learning-rate schedule.
 
-Pairs are built here from the real tokenizer and chat template, with the real teacher top-k: the base model's
-log-softmax on the hinted prompt plus the explanation, as curation stores it.
+Pairs are built here from the real tokenizer and chat template (`shared.prompts.render_chat`, the one renderer), with
+the real teacher top-k: the base model's log-softmax on the hinted prompt plus the explanation, as curation stores
+it. Training on pairs that vLLM curated is in test_consistency.py.
 """
 
 import json
@@ -17,11 +19,12 @@ from services.trainer.training import (
     TrainingError,
     batch_losses,
     count_steps_per_epoch,
+    learning_rate_factor,
     micro_batch_indices,
     train,
 )
-from shared.prompts import PROMPT_VERSION, build_hinted_messages, build_student_messages
-from shared.schemas import Pair, PairRecord, RenderedPrompt, Rollout, SamplingSettings
+from shared.prompts import PROMPT_VERSION, build_hinted_messages, build_student_messages, render_chat
+from shared.schemas import Pair, PairRecord, Rollout, SamplingSettings
 from shared.storage import PairStore
 
 TOPK = 8
@@ -46,22 +49,15 @@ PROBLEMS = [
     ),
 ]
 
-# Small, fast runs: rank 4, every pair short, no warm-up; the knobs under test are set per test.
-SMALL = dict(rank=4, alpha=8, warmup_ratio=0.0, scheduler="constant", chunk_size=64)
+# Small, fast runs: rank 4, every pair short, no warm-up, the stored top-8 teacher; the knobs under test are set per
+# test.
+SMALL = dict(rank=4, alpha=8, warmup_ratio=0.0, scheduler="constant", chunk_size=64, teacher="stored")
 
 
 def load_model(model_path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-
-
-def render(tokenizer, messages) -> RenderedPrompt:
-    plain = [m.model_dump() for m in messages]
-    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-    return RenderedPrompt(
-        messages=list(messages), text=text, token_ids=tokenizer.encode(text, add_special_tokens=False)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +70,8 @@ def pairs_dir(model_path, tmp_path_factory):
     store = PairStore(tmp_path_factory.mktemp("pairs"))
     for problem_id, question, gold, explanation in PROBLEMS:
         wrong = f"The answer is \\boxed{{{int(gold) + 1}}}."
-        student = render(tokenizer, build_student_messages(question))
-        teacher = render(tokenizer, build_hinted_messages(question, explanation, wrong))
+        student = render_chat(tokenizer, build_student_messages(question))
+        teacher = render_chat(tokenizer, build_hinted_messages(question, explanation, wrong))
         tokens = tokenizer.encode(explanation, add_special_tokens=False)
         with torch.no_grad():
             logits = model(torch.tensor([teacher.token_ids + tokens])).logits[0]
@@ -229,7 +225,7 @@ def test_gradient_accumulation_weighs_every_position_the_same(model_path, pairs_
 
 
 def test_online_teacher_step_is_finite(model_path, pairs_dir, tmp_path):
-    config = TrainConfig(**SMALL, teacher="online", batch_size=2, max_steps=1)
+    config = TrainConfig(**{**SMALL, "teacher": "online"}, batch_size=2, max_steps=1)
     metrics = []
     result = train(pairs_dir, tmp_path / "online", model_path, config, on_step=metrics.append)
     assert result.steps == 1 and math.isfinite(result.final_loss)
@@ -269,10 +265,44 @@ def test_bfloat16_with_gradient_checkpointing_matches_float32_on_the_first_step(
     first step's loss and gradient norm agree with float32 to bfloat16's precision, and the adapter saves."""
     metrics = {}
     for dtype in ("float32", "bfloat16"):
-        config = TrainConfig(**SMALL, dtype=dtype, gradient_checkpointing=dtype == "bfloat16", batch_size=3, max_steps=1)
+        checkpointing = dtype == "bfloat16"
+        config = TrainConfig(**SMALL, dtype=dtype, gradient_checkpointing=checkpointing, batch_size=3, max_steps=1)
         steps = []
         train(pairs_dir, tmp_path / dtype, model_path, config, on_step=steps.append)
         metrics[dtype] = steps[0]
     assert (tmp_path / "bfloat16" / "adapter_model.safetensors").exists()
     assert metrics["bfloat16"].kl == pytest.approx(metrics["float32"].kl, rel=0.05)
     assert metrics["bfloat16"].grad_norm == pytest.approx(metrics["float32"].grad_norm, rel=0.1)
+
+
+def test_learning_rate_schedule_never_steps_at_zero_and_is_hf_after_warm_up():
+    """15 steps at 10% warm-up (the demo's run): W = 2; the warm-up climbs 1/3, 2/3 of the peak, then HF's cosine."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    factors = [learning_rate_factor(i, warmup_steps=2, total_steps=15, kind="cosine") for i in range(15)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 13))) and factors[-1] > 0
+    assert all(a > b for a, b in zip(factors[2:], factors[3:]))  # decays after the peak
+    for kind, reference in (("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        hf = reference(optimizer, num_warmup_steps=2, num_training_steps=15)
+        hf_factors = []
+        for _ in range(15):
+            hf_factors.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            hf.step()
+        ours = [learning_rate_factor(i, warmup_steps=2, total_steps=15, kind=kind) for i in range(15)]
+        assert hf_factors[0] == 0.0  # what this schedule avoids
+        assert ours[2:] == pytest.approx(hf_factors[2:], abs=1e-12), kind
+        assert min(ours) > 0, kind
+    assert [learning_rate_factor(i, warmup_steps=1, total_steps=3, kind="constant") for i in range(3)] == [0.5, 1, 1]
+    assert learning_rate_factor(0, warmup_steps=0, total_steps=1, kind="cosine") == 1.0
+
+
+def test_teacher_defaults_to_the_exact_one_unless_the_temperature_is_one():
+    assert TrainConfig().teacher == "online" and TrainConfig().temperature == 2.0
+    assert TrainConfig(temperature=1.0).teacher == "stored"
+    assert TrainConfig(temperature=0.5).teacher == "online"
+    assert TrainConfig(temperature=1.0, teacher="online").teacher == "online"
+    assert TrainConfig(temperature=2.0, teacher="stored").teacher == "stored"
+    assert TrainConfig.model_validate(TrainConfig().model_dump(mode="json")) == TrainConfig()

@@ -1,0 +1,169 @@
+"""What a training run keeps on disk besides its adapter: resumable checkpoints, RNG states, and its records.
+
+    checkpoints/step-<N>/      adapter, optimizer and scheduler states, each process's RNG states, state.json
+    training_config.json       the TrainConfig (teacher resolved), model, pairs directory and number of pairs
+    metrics.jsonl              one line per logged step (written by the loop; trimmed here on resume)
+
+A checkpoint is written into a hidden temporary directory and renamed when complete, so a run killed mid-write never
+leaves one that looks complete. `load_checkpoint` refuses to continue a run whose settings (other than
+`RESUMABLE_CHANGES`), pairs or number of processes changed: the resumed run would not compute the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from services.trainer.config import RESUMABLE_CHANGES, TrainConfig, TrainingError
+from services.trainer.plots import read_metrics
+
+CHECKPOINT_PREFIX = "step-"
+
+
+def digest_of(problem_ids: Sequence[str]) -> str:
+    """A short fingerprint of the ordered pair ids, so a resume notices changed data."""
+    return hashlib.sha256("\n".join(problem_ids).encode()).hexdigest()[:16]
+
+
+def holds_a_run(out_dir: Path) -> bool:
+    """True when `out_dir` already has an adapter, metrics or checkpoints."""
+    return any((out_dir / name).exists() for name in ("adapter_config.json", "metrics.jsonl", "checkpoints"))
+
+
+def write_training_config(
+    out_dir: Path,
+    config: TrainConfig,
+    model_path: str,
+    pairs_dir: str | Path,
+    num_pairs: int,
+    total_steps: int,
+    num_processes: int,
+) -> Path:
+    """Write `training_config.json`: what was trained, on what, with which settings. Returns its path."""
+    record = {
+        "config": config.model_dump(mode="json"),
+        "model": model_path,
+        "pairs_dir": str(Path(pairs_dir).resolve()),
+        "num_pairs": num_pairs,
+        "total_steps": total_steps,
+        "num_processes": num_processes,
+    }
+    path = out_dir / "training_config.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def last_logged_loss(metrics_path: Path) -> float | None:
+    """The loss of the last logged step (a resumed run that had nothing left to do reports it)."""
+    logged = read_metrics(metrics_path)
+    return logged[-1]["loss"] if logged else None
+
+
+def keep_metrics_through(metrics_path: Path, step: int) -> None:
+    """Drop metric lines after `step` (logged by the interrupted run after its last checkpoint)."""
+    kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
+    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None. Incomplete ones never carry the final name."""
+    if not checkpoints_dir.is_dir():
+        return None
+    found = [
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in checkpoints_dir.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        and (p / "state.json").exists()
+    ]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(
+    checkpoints_dir: Path, step: int, peft_model, optimizer, scheduler, state: dict, accelerator, *, keep: int
+) -> Path:
+    """Write `checkpoints/step-<step>/` atomically: into a hidden temporary directory, renamed when complete.
+
+    Holds the adapter, the optimizer and scheduler states, each process's RNG states, and `state.json` (the position
+    and what must not change on resume). Older checkpoints beyond the newest `keep` are removed.
+    """
+    final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = checkpoints_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_states(), tmp / f"rng-{accelerator.process_index}.pt")
+    if main:
+        peft_model.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(final, ignore_errors=True)  # the same step written again after a resume
+        os.replace(tmp, final)
+        steps = sorted(int(p.name[len(CHECKPOINT_PREFIX) :]) for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+        for old in steps[:-keep]:
+            shutil.rmtree(checkpoints_dir / f"{CHECKPOINT_PREFIX}{old}", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_state: dict, accelerator) -> int:
+    """Restore adapter, optimizer, scheduler and RNG states from a checkpoint; return its step.
+
+    Raises TrainingError when the checkpoint was written with other settings, other pairs or another number of
+    processes (the resumed run would not continue the same computation).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = json.loads((checkpoint / "state.json").read_text())
+    changed = sorted(
+        name
+        for name in set(state["config"]) | set(run_state["config"])
+        if name not in RESUMABLE_CHANGES and state["config"].get(name) != run_state["config"].get(name)
+    )
+    if changed:
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: settings changed since it was written: {', '.join(changed)}"
+        )
+    if state["pairs_digest"] != run_state["pairs_digest"]:
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: the pairs directory holds other pairs than it was trained on"
+        )
+    if state["num_processes"] != run_state["num_processes"]:
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: written by {state['num_processes']} processes, resuming with "
+            f"{run_state['num_processes']} (the data order depends on it)"
+        )
+    device = accelerator.device
+    set_peft_model_state_dict(peft_model, load_file(str(checkpoint / "adapter_model.safetensors"), device=str(device)))
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    rng_path = checkpoint / f"rng-{accelerator.process_index}.pt"
+    set_rng_states(torch.load(rng_path, weights_only=True))
+    return int(state["step"])
+
+
+def rng_states() -> dict:
+    """This process's torch RNG states (CPU, and CUDA when present); dropout is the only consumer during training."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` returned."""
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
