@@ -20,7 +20,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar, start_engine
+from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar
+from cli.serve_command import TeacherUrlOption, open_teacher
 from services.evaluation.evaluation import EvalConfig, evaluate, render_table
 from shared.settings import Settings
 
@@ -118,6 +119,7 @@ def eval_command(
         Optional[Path],
         typer.Option("--out", help="JSON report with per-problem results (default: runs/eval-BENCHMARK.json)."),
     ] = None,
+    teacher_url: TeacherUrlOption = None,
 ) -> None:
     """pass@1 (greedy) and mean@n of the base model and each adapter on a benchmark: a table and a JSON report."""
     from services.teacher.engine import EngineOptions
@@ -126,7 +128,10 @@ def eval_command(
     settings = Settings()
     try:
         check_benchmark(benchmark)
-        adapters = [check_adapter(path, EngineOptions.max_lora_rank) for path in adapter or []]
+        if teacher_url:  # adapters are names in the service's adapters directory, served as LoRAs there
+            adapters = [str(path) for path in adapter or []]
+        else:
+            adapters = [check_adapter(path, EngineOptions.max_lora_rank) for path in adapter or []]
         if max_tokens >= settings.max_model_len:
             raise ValueError(
                 f"--max-tokens {max_tokens} leaves no room for the prompt in the engine's {settings.max_model_len} "
@@ -140,12 +145,13 @@ def eval_command(
         out = out or Path("runs") / f"eval-{label}.json"
         if out.is_dir():
             raise ValueError(f"--out {out} is a directory; give a JSON file path")
-        model_path = ensure_model(model, settings)
+        model_path = None if teacher_url else ensure_model(model, settings)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
 
     models = [None, *adapters]
-    with start_engine(model_path, settings, seed=seed) as engine, progress_bar("model") as progress:
+    with open_teacher(teacher_url, model_path, settings, seed=seed) as engine, progress_bar("model") as progress:
+        model_path = model_path or engine.model_name
         task = progress.add_task(f"evaluating {label}", total=len(problems) * len(models), model="")
         finished: dict[str, int] = {}
 

@@ -23,6 +23,7 @@ import typer
 
 from cli.eval_command import eval_command
 from cli.run_command import run_command
+from cli.serve_command import TeacherUrlOption, open_teacher, serve_app
 from cli.runtime import ModelOption, console, ensure_model, fail, print_funnel, progress_bar, start_engine
 from cli.train_command import train_command
 from shared.settings import CurationConfig, Settings
@@ -34,6 +35,7 @@ pairs_app = typer.Typer(help="Curated teacher/student pairs.", no_args_is_help=T
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(pairs_app, name="pairs")
+app.add_typer(serve_app, name="serve")
 
 app.command("train")(train_command)
 app.command("eval")(eval_command)
@@ -120,6 +122,7 @@ def curate(
     worked_example: Annotated[
         bool, typer.Option(help="Put one worked example turn before each question (helps small models).")
     ] = False,
+    teacher_url: TeacherUrlOption = None,
 ) -> None:
     """Steps 1-5: rollouts, grading, hints, hinted explanation with top-k log-probabilities, verified pairs."""
     from services.curator.curation import curate as run_curation
@@ -141,10 +144,10 @@ def curate(
             batch_size=batch_size,
         )
         settings = Settings()
-        model_path = ensure_model(model, settings)
+        model_path = None if teacher_url else ensure_model(model, settings)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    with start_engine(model_path, settings, seed=seed) as engine:
+    with open_teacher(teacher_url, model_path, settings, seed=seed) as engine:
         funnel = run_curation_with_progress(problems, engine, PairStore(out), config, run_curation)
     print_funnel(funnel, out)
 

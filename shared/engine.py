@@ -1,7 +1,10 @@
-"""What curation and evaluation need from a model engine: render a chat, generate in batches with log-probabilities.
+"""What curation and evaluation need from a teacher: rollouts on bare questions and hinted explanations, each with the
+prompt exactly as the model read it.
 
-`services/teacher/engine.py` implements it on vLLM in-process; an HTTP client of the teacher service can implement it
-too, so the curator never imports the teacher.
+The protocol speaks of questions and hints, not of rendered prompts, because a remote teacher renders with its own
+tokenizer: `services/teacher/engine.py` implements it in-process (through `PromptingEngine`, from its `render` and
+`generate`), and `shared/teacher_client.py` implements it over HTTP against the teacher service, so the curator never
+imports the teacher. Prompts are built by `shared/prompts.py` in both places.
 """
 
 from __future__ import annotations
@@ -9,16 +12,75 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from pydantic import BaseModel, Field
+
+from shared.prompts import build_hinted_messages, build_student_messages
 from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSettings
 
 
+class HintedQuestion(BaseModel):
+    """A question with one correct and one incorrect earlier response: the input of a hinted explanation."""
+
+    question: str
+    correct_response: str
+    incorrect_response: str
+
+
+class PromptedGenerations(BaseModel):
+    """One rendered prompt and the `n` generations sampled from it."""
+
+    prompt: RenderedPrompt = Field(description="The chat as the model read it.")
+    generations: list[Generation]
+
+
 class Engine(Protocol):
-    """A model that renders chats with its own template and generates `n` completions per prompt."""
+    """A teacher that answers bare questions (rollouts) and writes hinted explanations; one sampling per input."""
 
     @property
     def model_name(self) -> str: ...
 
-    def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt: ...
+    def rollouts(
+        self,
+        questions: Sequence[str],
+        sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+        adapter: str | None = None,
+    ) -> list[PromptedGenerations]: ...
+
+    def explanations(
+        self,
+        items: Sequence[HintedQuestion],
+        sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+    ) -> list[PromptedGenerations]: ...
+
+
+def rollout_messages(questions: Sequence[str], *, worked_example: bool) -> list[list[ChatMessage]]:
+    """The chats of rollouts: one student prompt per question (the in-process engine and the service both use this)."""
+    return [build_student_messages(q, worked_example=worked_example) for q in questions]
+
+
+def explanation_messages(items: Sequence[HintedQuestion], *, worked_example: bool) -> list[list[ChatMessage]]:
+    """The chats of hinted explanations: one teacher prompt per item."""
+    return [
+        build_hinted_messages(i.question, i.correct_response, i.incorrect_response, worked_example=worked_example)
+        for i in items
+    ]
+
+
+def check_lengths(what: str, inputs: Sequence, sampling: Sequence[SamplingSettings]) -> None:
+    if len(inputs) != len(sampling):
+        raise ValueError(f"{len(inputs)} {what} but {len(sampling)} sampling settings")
+
+
+class PromptingEngine:
+    """The `Engine` protocol on top of `render(messages)` and `generate(prompts, sampling, adapter=)`: builds each
+    prompt with `shared.prompts`, renders it, and generates for all of them in one batch."""
+
+    def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
+        raise NotImplementedError
 
     def generate(
         self,
@@ -26,4 +88,30 @@ class Engine(Protocol):
         sampling: SamplingSettings | Sequence[SamplingSettings],
         *,
         adapter: str | None = None,
-    ) -> list[list[Generation]]: ...
+    ) -> list[list[Generation]]:
+        raise NotImplementedError
+
+    def rollouts(
+        self,
+        questions: Sequence[str],
+        sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+        adapter: str | None = None,
+    ) -> list[PromptedGenerations]:
+        check_lengths("questions", questions, sampling)
+        prompts = [self.render(m) for m in rollout_messages(questions, worked_example=worked_example)]
+        outputs = self.generate(prompts, list(sampling), adapter=adapter)
+        return [PromptedGenerations(prompt=p, generations=g) for p, g in zip(prompts, outputs, strict=True)]
+
+    def explanations(
+        self,
+        items: Sequence[HintedQuestion],
+        sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+    ) -> list[PromptedGenerations]:
+        check_lengths("items", items, sampling)
+        prompts = [self.render(m) for m in explanation_messages(items, worked_example=worked_example)]
+        outputs = self.generate(prompts, list(sampling))
+        return [PromptedGenerations(prompt=p, generations=g) for p, g in zip(prompts, outputs, strict=True)]

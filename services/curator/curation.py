@@ -1,9 +1,9 @@
 """Curation, steps 1-5 of SSB: rollouts, grading, filtering, hint selection, hinted explanation, verification, signal.
 
-`curate` runs a list of problems through any `shared.engine.Engine` in batches (all rollouts of a batch in one engine
-call, then all its explanations in one call) and writes each outcome to a `PairStore` once: a verified pair, or the
-reason the problem was dropped. Problems already in the store are skipped, so a rerun or a retried job writes nothing
-new. The one-process CLI and the curator's workers both call it.
+`curate` runs a list of problems through any `shared.engine.Engine` (in-process, or the teacher service's client) in
+batches (all rollouts of a batch in one engine call, then all its explanations in one call) and writes each outcome to
+a `PairStore` once: a verified pair, or the reason the problem was dropped. Problems already in the store are skipped,
+so a rerun or a retried job writes nothing new. The one-process CLI and the curator's workers both call it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from shared.engine import Engine
+from shared.engine import Engine, HintedQuestion
 from shared.grading import grade_response
-from shared.prompts import PROMPT_VERSION, build_hinted_messages, build_student_messages
+from shared.prompts import PROMPT_VERSION
 from shared.schemas import DroppedProblem, Generation, Pair, PairRecord, Problem, Rollout, SamplingSettings
 from shared.selection import seeded_rng, select_hints
 from shared.settings import CurationConfig
@@ -113,11 +113,12 @@ def curate_batch(
     batch: Sequence[Problem], engine: Engine, store: PairStore, config: CurationConfig, funnel: Funnel
 ) -> None:
     """One batch: all rollouts in one engine call, then all hinted explanations in one call."""
-    student_prompts = [engine.render(build_student_messages(p.question, worked_example=config.worked_example)) for p in batch]
     rollout_settings = [seeded_sampling(config.rollout_sampling(), config.seed, p) for p in batch]
     started = time.perf_counter()
-    all_generations = engine.generate(student_prompts, rollout_settings)
+    answered = engine.rollouts([p.question for p in batch], rollout_settings, worked_example=config.worked_example)
     funnel.rollout_seconds += time.perf_counter() - started
+    student_prompts = [a.prompt for a in answered]
+    all_generations = [a.generations for a in answered]
     funnel.rollout_tokens += sum(len(g.token_ids) for gens in all_generations for g in gens)
 
     hinted: list[Hinted] = []
@@ -134,21 +135,20 @@ def curate_batch(
     if not hinted:
         return
 
-    teacher_prompts = [
-        engine.render(
-            build_hinted_messages(
-                h.problem.question,
-                h.rollouts[h.correct].text,
-                h.rollouts[h.incorrect].text,
-                worked_example=config.worked_example,
-            )
+    hints = [
+        HintedQuestion(
+            question=h.problem.question,
+            correct_response=h.rollouts[h.correct].text,
+            incorrect_response=h.rollouts[h.incorrect].text,
         )
         for h in hinted
     ]
     explanation_settings = [seeded_sampling(config.explanation_sampling(), config.seed + 1, h.problem) for h in hinted]
     started = time.perf_counter()
-    explanations = [gens[0] for gens in engine.generate(teacher_prompts, explanation_settings)]
+    explained = engine.explanations(hints, explanation_settings, worked_example=config.worked_example)
     funnel.explanation_seconds += time.perf_counter() - started
+    teacher_prompts = [e.prompt for e in explained]
+    explanations = [e.generations[0] for e in explained]
     funnel.explanation_tokens += sum(len(e.token_ids) for e in explanations)
     funnel.explained += len(explanations)
 
@@ -177,6 +177,7 @@ def curate_batch(
             correct_hint_index=h.correct,
             incorrect_hint_index=h.incorrect,
             prompt_version=PROMPT_VERSION,
+            worked_example=config.worked_example,
             teacher_prompt=teacher_prompt,
             student_prompt=student_prompts[h.batch_index],
             explanation=explanation.text,

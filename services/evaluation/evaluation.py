@@ -29,7 +29,6 @@ from rich.table import Table
 from shared.engine import Engine
 from shared.grading import DEFAULT_EXTRACTION_ORDER, grade_response
 from shared.metrics import count_correct, count_ungradeable, mean_accuracy, mean_pass_at_k
-from shared.prompts import build_student_messages
 from shared.schemas import Generation, Problem, SamplingSettings
 from shared.selection import seeded_rng
 
@@ -170,14 +169,13 @@ def answer_problems(
     sampled = config.samples > 1
     for start in range(0, len(problems), config.batch_size):
         batch = problems[start : start + config.batch_size]
-        prompts = [
-            engine.render(build_student_messages(p.question, worked_example=config.worked_example)) for p in batch
-        ]
+        questions = [p.question for p in batch]
         settings = [config.greedy_sampling()] * len(batch)
         if sampled:
-            prompts = prompts + prompts
+            questions = questions + questions
             settings = settings + [config.sampled_sampling(p) for p in batch]
-        outputs = engine.generate(prompts, settings, adapter=adapter)
+        answered = engine.rollouts(questions, settings, worked_example=config.worked_example, adapter=adapter)
+        outputs = [a.generations for a in answered]
         for i, problem in enumerate(batch):
             samples = outputs[len(batch) + i] if sampled else []
             answers.append(grade_model_answer(problem, outputs[i][0], samples, config))

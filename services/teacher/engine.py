@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.engine import PromptingEngine
 from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSettings
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -60,7 +61,7 @@ def topk_from_vllm(position_logprobs: dict, k: int) -> tuple[list[int], list[flo
     return [token_id for token_id, _ in ranked], [float(lp.logprob) for _, lp in ranked]
 
 
-class TeacherEngine:
+class TeacherEngine(PromptingEngine):
     """A vLLM engine plus the model's tokenizer. `generate` batches all prompts into one engine call."""
 
     def __init__(self, options: EngineOptions):

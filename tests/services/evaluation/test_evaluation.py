@@ -7,12 +7,13 @@ from rich.console import Console
 
 from services.evaluation.evaluation import EvalConfig, EvalReport, evaluate, model_names, render_table
 from shared.arithmetic import make_arithmetic_problems
+from shared.engine import PromptingEngine
 from shared.schemas import Generation, Problem, RenderedPrompt
 
 PROBLEMS = [Problem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(1, 5)]
 
 
-class ScriptedEngine:
+class ScriptedEngine(PromptingEngine):
     """Answers from a script: `script[adapter][question]` is (greedy text, [sample texts]). Records every call."""
 
     model_name = "scripted"

@@ -1,0 +1,94 @@
+"""`ssb serve teacher`: the teacher service (services/teacher/app.py) on uvicorn.
+
+    ssb serve teacher --port 8000 --adapters-dir runs/adapters
+    SSB_TEACHER_API_KEY=... ssb serve teacher --host 0.0.0.0
+
+Every option falls back to its `SSB_*` environment variable (see `.env.example`), then to the default. The engine
+starts after the server does: `/healthz` answers at once, `/readyz` once the model is loaded. SIGTERM or Ctrl-C stops
+the server and shuts the engine's processes down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.runtime import ModelOption, ensure_model, fail
+
+serve_app = typer.Typer(help="Run a service.", no_args_is_help=True)
+
+
+@serve_app.command("teacher")
+def serve_teacher(
+    model: ModelOption = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (SSB_TEACHER_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (SSB_TEACHER_PORT; 8000).")] = None,
+    adapters_dir: Annotated[
+        Optional[Path], typer.Option(help="The only directory adapters load from (SSB_ADAPTERS_DIR).")
+    ] = None,
+    max_pending_requests: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Engine requests admitted at once before 429 (SSB_MAX_PENDING_REQUESTS)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+) -> None:
+    """The teacher: rollouts, hinted explanations with top-k log-probabilities, scoring, LoRA adapters, OpenAI API."""
+    import logging
+
+    import uvicorn
+
+    from services.teacher.app import create_app
+    from services.teacher.settings import TeacherSettings
+
+    overrides = {
+        "model": model,
+        "teacher_host": host,
+        "teacher_port": port,
+        "adapters_dir": adapters_dir,
+        "max_pending_requests": max_pending_requests,
+    }
+    try:
+        settings = TeacherSettings(**{name: value for name, value in overrides.items() if value is not None})
+        ensure_model(settings.model, settings)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    service_log = logging.getLogger("ssb")
+    service_log.setLevel(log_level.upper())
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    service_log.addHandler(handler)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.teacher_host,
+        port=settings.teacher_port,
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+TeacherUrlOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--teacher-url",
+        help="Use a running teacher service (`ssb serve teacher`) instead of starting an engine here; its key, if "
+        "any, comes from SSB_TEACHER_API_KEY.",
+    ),
+]
+
+
+def open_teacher(teacher_url: str | None, model_path: str | None, settings, **engine_options):
+    """The engine a command runs on: the teacher service at `teacher_url` (waiting until it is ready), else an engine
+    started in this process on `model_path` with `engine_options`. Either is a context manager and an `Engine`."""
+    import os
+
+    from cli.runtime import console, start_engine
+    from shared.teacher_client import TeacherClient
+
+    if teacher_url is None:
+        return start_engine(model_path, settings, **engine_options)
+    client = TeacherClient(teacher_url, api_key=os.environ.get("SSB_TEACHER_API_KEY") or None)
+    with console.status(f"Waiting for the teacher at {teacher_url}..."):
+        client.wait_ready()
+    return client

@@ -1,0 +1,293 @@
+"""The teacher service's HTTP app: `create_app(settings, engine=None)` assembles routes, errors, auth and metrics around
+a `TeacherService` (services/teacher/service.py holds the logic; the routes here only wire).
+
+    ssb serve teacher --port 8000          (cli/serve_command.py runs this app on uvicorn)
+
+The engine is built in the app's lifespan, in a thread, so `/healthz` answers at once while `/readyz` (and every other
+endpoint) says 503 with Retry-After until the engine is up, and again if it dies. Uvicorn's SIGTERM/SIGINT handling
+ends the lifespan, which shuts the engine's processes down. Errors share one envelope
+(`shared.teacher_api.ErrorResponse`); with `SSB_TEACHER_API_KEY` set, every endpoint but the two probes needs
+`Authorization: Bearer <key>`, compared in constant time. `/metrics` is vLLM's Prometheus registry plus this
+service's requests, errors, latency and response sizes per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.teacher.openai_routes import attach_openai_routers, init_openai_state, register_vllm_error_handler
+from services.teacher.service import ServiceError, TeacherService
+from services.teacher.settings import TeacherSettings
+from shared.teacher_api import (
+    AdapterCard,
+    AdapterLoadRequest,
+    ErrorDetail,
+    ErrorResponse,
+    ExplanationsRequest,
+    GenerationsResponse,
+    LogprobsRequest,
+    LogprobsResponse,
+    ModelsResponse,
+    RolloutsRequest,
+)
+
+log = logging.getLogger("ssb.teacher")
+
+PROBES = ("/healthz", "/readyz")
+ALWAYS_OPEN = (*PROBES, "/metrics", "/docs", "/redoc", "/openapi.json")
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 422, 429, 503)}
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class ServiceMetrics:
+    """Per-endpoint requests (by status), errors, latency and response sizes, in a registry of their own."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ssb_teacher_requests", "Requests by endpoint and status.", ["endpoint", "status"], registry=self.registry
+        )
+        self.errors = Counter(
+            "ssb_teacher_errors", "Responses with a 4xx or 5xx status.", ["endpoint", "status"], registry=self.registry
+        )
+        self.seconds = Histogram(
+            "ssb_teacher_request_seconds", "Time to answer, by endpoint.", ["endpoint"], registry=self.registry
+        )
+        self.response_bytes = Histogram(
+            "ssb_teacher_response_bytes",
+            "Response body size, by endpoint.",
+            ["endpoint"],
+            buckets=(1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8),
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "ssb_teacher_pending_engine_requests", "Engine requests admitted and not finished.", registry=self.registry
+        )
+
+    def observe(self, endpoint: str, status: int, seconds: float, size: int | None) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(endpoint, str(status)).inc()
+        self.seconds.labels(endpoint).observe(seconds)
+        if size is not None:
+            self.response_bytes.labels(endpoint).observe(size)
+
+
+def service_of(request: Request) -> TeacherService:
+    return request.app.state.service
+
+
+def json_of(model) -> Response:
+    """A response model as JSON, without validating it a second time (top-k payloads are large)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["probes"])
+async def healthz() -> dict:
+    """The process answers (the engine may still be starting)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["probes"], responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request):
+    """200 when the engine is up and healthy; 503 with Retry-After while it starts, or when it died."""
+    not_ready = readiness_problem(request.app)
+    if not_ready:
+        return error_response(503, not_ready, "not_ready", headers=retry_after(request.app))
+    return {"status": "ready", "model": service_of(request).model_name}
+
+
+@router.post("/v1/rollouts", response_model=GenerationsResponse, responses=ERROR_RESPONSES, tags=["teacher"])
+async def rollouts(body: RolloutsRequest, request: Request):
+    """Sample `n` answers per bare question with the student prompt (the paper's rollout settings by default)."""
+    return json_of(await service_of(request).rollouts(body))
+
+
+@router.post("/v1/explanations", response_model=GenerationsResponse, responses=ERROR_RESPONSES, tags=["teacher"])
+async def explanations(body: ExplanationsRequest, request: Request):
+    """Hinted explanations with the teacher's per-token top-k log-probabilities (raw model distribution)."""
+    return json_of(await service_of(request).explanations(body))
+
+
+@router.post("/v1/logprobs", response_model=LogprobsResponse, responses=ERROR_RESPONSES, tags=["teacher"])
+async def logprobs(body: LogprobsRequest, request: Request):
+    """Per reply token, its log-probability and the top-k under the prompt, in one forward pass."""
+    return json_of(await service_of(request).logprobs(body))
+
+
+@router.get("/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES, tags=["teacher"])
+async def models(request: Request):
+    """The base model, its context length and vocabulary size, and the adapters loaded (OpenAI's list in `data`)."""
+    return service_of(request).models()
+
+
+@router.post("/v1/adapters", response_model=AdapterCard, status_code=201, responses=ERROR_RESPONSES, tags=["adapters"])
+async def load_adapter(body: AdapterLoadRequest, request: Request):
+    """Load a PEFT LoRA adapter from the adapters directory under a name."""
+    return await service_of(request).load_adapter(body)
+
+
+@router.delete("/v1/adapters/{name}", status_code=204, responses=ERROR_RESPONSES, tags=["adapters"])
+async def unload_adapter(name: str, request: Request) -> Response:
+    """Unload an adapter."""
+    await service_of(request).unload_adapter(name)
+    return Response(status_code=204)
+
+
+@router.get("/metrics", tags=["probes"])
+async def metrics(request: Request) -> Response:
+    """Prometheus text: vLLM's registry (requests running and waiting, KV cache, tokens, latencies), then ours."""
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    service = request.app.state.service
+    if service is not None:
+        request.app.state.metrics.pending.set(service.pending)
+    body = generate_latest(get_prometheus_registry()) + generate_latest(request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def readiness_problem(app: FastAPI) -> str | None:
+    """Why the service cannot serve now, or None."""
+    if app.state.startup_error is not None:
+        return f"the engine failed to start: {app.state.startup_error}"
+    if app.state.service is None:
+        return "the engine is starting"
+    if not app.state.service.ready:
+        return "the engine has died; restart the service"
+    return None
+
+
+def retry_after(app: FastAPI) -> dict[str, str]:
+    return {"Retry-After": str(app.state.settings.retry_after_seconds)}
+
+
+def field_path(location) -> str:
+    return ".".join(str(part) for part in location if part not in ("body", "query", "path"))
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Every error in one envelope: bad fields 422 (named), refused requests by their class, unexpected ones 500."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_fields(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        messages = [f"{field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors]
+        return error_response(422, "; ".join(messages), "invalid_request", field_path(errors[0]["loc"]) or None)
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = retry_after(request.app) if exc.status == 429 else None
+        return error_response(exc.status, exc.message, exc.type, exc.param, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+    register_vllm_error_handler(app, error_response)
+
+
+def register_middleware(app: FastAPI, settings: TeacherSettings) -> None:
+    """Auth, then readiness, then metrics, around every request."""
+    key = settings.teacher_api_key.get_secret_value().encode() if settings.teacher_api_key else None
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next):
+        started = time.perf_counter()
+        path = request.url.path
+        if key is not None and path not in PROBES:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+                response = error_response(
+                    401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                return observe(request, response, started)
+        if path not in ALWAYS_OPEN:
+            problem = readiness_problem(request.app)
+            if problem:
+                not_ready = error_response(503, problem, "not_ready", headers=retry_after(request.app))
+                return observe(request, not_ready, started)
+        return observe(request, await call_next(request), started)
+
+    def observe(request: Request, response: Response, started: float) -> Response:
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        size = response.headers.get("content-length")
+        app.state.metrics.observe(
+            endpoint, response.status_code, time.perf_counter() - started, int(size) if size else None
+        )
+        return response
+
+
+async def start_service(app: FastAPI, settings: TeacherSettings) -> None:
+    """Build the engine in a thread (the event loop keeps answering probes), then the OpenAI routes' state."""
+    try:
+        service = await asyncio.to_thread(TeacherService.start, settings)
+        await init_openai_state(app, service)
+        app.state.service = service
+        log.info("teacher ready: %s", service.model_name)
+    except Exception as exc:
+        log.exception("the engine failed to start")
+        app.state.startup_error = f"{type(exc).__name__}: {exc}"
+
+
+def create_app(settings: TeacherSettings | None = None, engine: TeacherService | None = None) -> FastAPI:
+    """The teacher app. With `engine` (a started `TeacherService`) it serves that; else it builds one at start-up."""
+    settings = settings or TeacherSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        starting = None
+        if engine is not None:
+            await init_openai_state(app, engine)
+            app.state.service = engine
+        else:
+            starting = asyncio.create_task(start_service(app, settings))
+        try:
+            yield
+        finally:
+            if starting is not None:
+                await starting  # an engine half-built in its thread must still be shut down
+            if app.state.service is not None:
+                app.state.service.close()
+                log.info("engine shut down")
+
+    app = FastAPI(
+        title="SSB teacher",
+        version="1",
+        description="Rollouts, hinted explanations with top-k log-probabilities, scoring and LoRA adapters on one "
+        "vLLM engine; vLLM's OpenAI-compatible completions on the same engine.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = None
+    app.state.startup_error = None
+    app.state.metrics = ServiceMetrics()
+    app.include_router(router)
+    attach_openai_routers(app)
+    register_error_handlers(app)
+    register_middleware(app, settings)
+    return app

@@ -1,0 +1,326 @@
+"""The teacher service's logic, without HTTP: rollouts, hinted explanations, scoring and LoRA adapters on vLLM's async
+engine (`AsyncLLM`), so that the requests of every client share the engine's batches.
+
+`TeacherService.start(settings)` builds the engine with `services.teacher.engine.engine_kwargs` (the one definition of
+its arguments); prompts are built by `shared.prompts` and rendered by `shared.prompts.render_chat`, exactly as the
+in-process engine does, so pairs curated through the service equal pairs curated in-process. Each prompt becomes one
+engine request; all of a call's requests are submitted at once. Bad input raises `InvalidRequest` (naming the field),
+`NotFound`, `Conflict` or `Overloaded`; the HTTP layer (services/teacher/app.py) maps them to statuses in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from services.teacher.engine import EngineOptions, engine_kwargs, topk_from_vllm
+from services.teacher.settings import TeacherSettings
+from services.teacher.vllm_conversions import generation_from_completion, sampling_params
+from shared.models import resolve_model
+from shared.engine import HintedQuestion, explanation_messages, rollout_messages
+from shared.prompts import PROMPT_VERSION, render_chat
+from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSettings
+from shared.teacher_api import (
+    AdapterCard,
+    AdapterLoadRequest,
+    ExplanationsRequest,
+    GenerationsResponse,
+    LogprobsRequest,
+    LogprobsResponse,
+    ModelCard,
+    ModelsResponse,
+    PromptedSamples,
+    RolloutsRequest,
+    encode_topk,
+    sample_from_generation,
+)
+
+log = logging.getLogger("ssb.teacher")
+
+
+class ServiceError(Exception):
+    """A request the service refuses: an HTTP status, an error type and the offending field."""
+
+    status = 400
+    type = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(ServiceError):
+    pass
+
+
+class NotFound(ServiceError):
+    status, type = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, type = 409, "conflict"
+
+
+class Overloaded(ServiceError):
+    status, type = 429, "overloaded"
+
+
+def engine_options(settings: TeacherSettings, model_path: str) -> EngineOptions:
+    return EngineOptions(
+        model=model_path,
+        max_model_len=settings.max_model_len,
+        max_logprobs=settings.max_logprobs,
+        kv_cache_gib=settings.kv_cache_gib,
+        seed=settings.seed,
+    )
+
+
+def resolve_adapter_dir(adapters_dir: Path, relative: str, param: str) -> Path:
+    """The adapter directory `relative` names inside `adapters_dir`; nothing outside it (no `..`, no absolute path,
+    no symlink out of it)."""
+    parts = PurePosixPath(relative).parts
+    if relative.startswith(("/", "\\")) or PurePosixPath(relative).is_absolute() or ".." in parts or "\\" in relative:
+        raise InvalidRequest(f"{param} {relative!r}: must be a plain path inside the adapters directory", param=param)
+    root = adapters_dir.resolve()
+    candidate = (root / relative).resolve()
+    if not candidate.is_relative_to(root):
+        raise InvalidRequest(f"{param} {relative!r}: leads outside the adapters directory", param=param)
+    if not (candidate / "adapter_config.json").is_file():
+        raise NotFound(f"{param} {relative!r}: no adapter_config.json there in the adapters directory", param=param)
+    return candidate
+
+
+class TeacherService:
+    """One async vLLM engine on one base model, its tokenizer, and the LoRA adapters loaded into it."""
+
+    def __init__(self, engine, options: EngineOptions, settings: TeacherSettings, served_name: str):
+        self.engine = engine
+        self.options = options
+        self.settings = settings
+        self.served_name = served_name
+        self.tokenizer = engine.get_tokenizer()
+        self.max_model_len = engine.model_config.max_model_len
+        self.vocab_size = engine.model_config.get_vocab_size()
+        self.lora_requests: dict = {}
+        self.adapter_paths: dict[str, str] = {}
+        self._lora_ids = itertools.count(1)
+        self._adapter_lock = asyncio.Lock()
+        self.pending = 0
+
+    @classmethod
+    def start(cls, settings: TeacherSettings) -> TeacherService:
+        """Build the engine on the settings' model (blocking: about half a minute for the small model on the CPU)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        model_path = resolve_model(settings.model, settings)
+        options = engine_options(settings, model_path)
+        served_names = list(dict.fromkeys([settings.model, model_path]))
+        args = AsyncEngineArgs(**engine_kwargs(options), served_model_name=served_names, disable_log_stats=False)
+        return cls(AsyncLLM.from_engine_args(args), options, settings, served_names[0])
+
+    @property
+    def model_name(self) -> str:
+        """The base model as pairs record it (the same string as the in-process engine's)."""
+        return self.options.model
+
+    @property
+    def ready(self) -> bool:
+        return not self.engine.errored
+
+    def close(self) -> None:
+        """Stop the engine's processes."""
+        self.engine.shutdown()
+
+    @contextmanager
+    def admitted(self, requests: int):
+        """Admit `requests` engine requests, or raise Overloaded when that would pass `max_pending_requests`."""
+        limit = self.settings.max_pending_requests
+        if self.pending + requests > limit:
+            raise Overloaded(f"{self.pending} engine requests pending, {requests} more would pass the bound of {limit}")
+        self.pending += requests
+        try:
+            yield
+        finally:
+            self.pending -= requests
+
+    def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
+        return render_chat(self.tokenizer, messages)
+
+    def lora_request(self, adapter: str | None, param: str = "adapter"):
+        if adapter is None:
+            return None
+        if adapter not in self.lora_requests:
+            loaded = ", ".join(self.lora_requests) or "none"
+            raise NotFound(f"{param}: no adapter named {adapter!r} is loaded (loaded: {loaded})", param=param)
+        return self.lora_requests[adapter]
+
+    def check_sampling(self, settings: SamplingSettings, prompt_tokens: int, param: str) -> None:
+        """Refuse what the engine cannot do: k above `max_logprobs`, a prompt plus max_tokens over the context."""
+        if settings.logprobs is not None and settings.logprobs > self.options.max_logprobs:
+            raise InvalidRequest(
+                f"{param}.logprobs: {settings.logprobs} is above the engine's max_logprobs "
+                f"{self.options.max_logprobs} (refused, not truncated)",
+                param=f"{param}.logprobs",
+            )
+        overflow = prompt_tokens + settings.max_tokens - self.max_model_len
+        if overflow > 0:
+            raise InvalidRequest(
+                f"{param}.max_tokens: the prompt's {prompt_tokens} tokens plus max_tokens {settings.max_tokens} "
+                f"exceed the context length {self.max_model_len} by {overflow} tokens",
+                param=f"{param}.max_tokens",
+            )
+
+    async def generate_one(self, prompt: RenderedPrompt, settings: SamplingSettings, lora_request) -> list[Generation]:
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        params = sampling_params(settings, final_only=True)
+        request_id = uuid.uuid4().hex
+        async for output in self.engine.generate(
+            TokensPrompt(prompt_token_ids=prompt.token_ids), params, request_id, lora_request=lora_request
+        ):
+            final = output
+        return [generation_from_completion(c, settings.logprobs) for c in final.outputs]
+
+    async def generate_all(
+        self, prompts: list[RenderedPrompt], settings: list[SamplingSettings], params: list[str], adapter: str | None
+    ) -> list[list[Generation]]:
+        """Every prompt as its own engine request, submitted together so that the engine batches them."""
+        lora_request = self.lora_request(adapter)
+        for prompt, setting, param in zip(prompts, settings, params, strict=True):
+            self.check_sampling(setting, len(prompt.token_ids), param)
+        with self.admitted(len(prompts)):
+            return await asyncio.gather(
+                *(self.generate_one(p, s, lora_request) for p, s in zip(prompts, settings, strict=True))
+            )
+
+    def response(
+        self, prompts: list[RenderedPrompt], outputs: list[list[Generation]], adapter: str | None, encoding: str
+    ) -> GenerationsResponse:
+        return GenerationsResponse(
+            model=self.model_name,
+            adapter=adapter,
+            prompt_version=PROMPT_VERSION,
+            results=[
+                PromptedSamples(prompt=p, samples=[sample_from_generation(g, encoding) for g in gens])
+                for p, gens in zip(prompts, outputs, strict=True)
+            ],
+        )
+
+    async def rollouts(self, request: RolloutsRequest) -> GenerationsResponse:
+        questions = [q.question for q in request.questions]
+        prompts = [self.render(m) for m in rollout_messages(questions, worked_example=request.worked_example)]
+        settings = [q.sampling or request.sampling for q in request.questions]
+        params = [f"questions.{i}.sampling" if q.sampling else "sampling" for i, q in enumerate(request.questions)]
+        outputs = await self.generate_all(prompts, settings, params, request.adapter)
+        return self.response(prompts, outputs, request.adapter, request.topk_encoding)
+
+    async def explanations(self, request: ExplanationsRequest) -> GenerationsResponse:
+        items = [HintedQuestion(**item.model_dump(exclude={"sampling"})) for item in request.items]
+        prompts = [self.render(m) for m in explanation_messages(items, worked_example=request.worked_example)]
+        settings = [item.sampling or request.sampling for item in request.items]
+        params = [f"items.{i}.sampling" if item.sampling else "sampling" for i, item in enumerate(request.items)]
+        outputs = await self.generate_all(prompts, settings, params, request.adapter)
+        return self.response(prompts, outputs, request.adapter, request.topk_encoding)
+
+    async def logprobs(self, request: LogprobsRequest) -> LogprobsResponse:
+        """Score the reply's tokens under the prompt in one forward pass (`prompt_logprobs`, no temperature)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.k > self.options.max_logprobs:
+            raise InvalidRequest(
+                f"k: {request.k} is above the engine's max_logprobs {self.options.max_logprobs} "
+                "(refused, not truncated)",
+                param="k",
+            )
+        lora_request = self.lora_request(request.adapter)
+        prompt_ids = request.prompt_token_ids or self.render(request.messages).token_ids
+        reply_ids = request.reply_token_ids or self.tokenizer.encode(request.reply_text, add_special_tokens=False)
+        for field, ids in (("prompt_token_ids", prompt_ids), ("reply_token_ids", reply_ids)):
+            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                message = f"{field}: token id {bad} is outside the vocabulary of {self.vocab_size}"
+                raise InvalidRequest(message, param=field)
+        overflow = len(prompt_ids) + len(reply_ids) + 1 - self.max_model_len
+        if overflow > 0:
+            raise InvalidRequest(
+                f"reply: {len(prompt_ids)} prompt and {len(reply_ids)} reply tokens exceed the context length "
+                f"{self.max_model_len} by {overflow} tokens",
+                param="reply_token_ids" if request.reply_token_ids else "reply_text",
+            )
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=request.k, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        final = None
+        with self.admitted(1):
+            async for output in self.engine.generate(
+                TokensPrompt(prompt_token_ids=list(prompt_ids) + list(reply_ids)),
+                params,
+                uuid.uuid4().hex,
+                lora_request=lora_request,
+            ):
+                final = output
+        positions = final.prompt_logprobs[len(prompt_ids) :]
+        pairs = [topk_from_vllm(position, request.k) for position in positions]
+        return LogprobsResponse(
+            model=self.model_name,
+            adapter=request.adapter,
+            prompt_token_ids=list(prompt_ids),
+            reply_token_ids=list(reply_ids),
+            logprobs=[float(position[token].logprob) for position, token in zip(positions, reply_ids, strict=True)],
+            topk=encode_topk([i for i, _ in pairs], [lp for _, lp in pairs], request.topk_encoding),
+        )
+
+    def models(self) -> ModelsResponse:
+        adapters = [AdapterCard(name=name, path=path) for name, path in self.adapter_paths.items()]
+        return ModelsResponse(
+            data=[ModelCard(id=self.served_name)] + [ModelCard(id=a.name, parent=self.served_name) for a in adapters],
+            model=self.model_name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            max_logprobs=self.options.max_logprobs,
+            adapters=adapters,
+        )
+
+    async def load_adapter(self, request: AdapterLoadRequest) -> AdapterCard:
+        """Load an adapter from the adapters directory under a name; a loaded name needs `replace`."""
+        from vllm.lora.request import LoRARequest
+
+        relative = request.path or request.name
+        directory = resolve_adapter_dir(self.settings.adapters_dir, relative, "path" if request.path else "name")
+        async with self._adapter_lock:
+            previous = self.lora_requests.get(request.name)
+            if previous is not None and not request.replace:
+                raise Conflict(
+                    f"name: an adapter named {request.name!r} is loaded already; use a new name, or replace=true",
+                    param="name",
+                )
+            lora_request = LoRARequest(request.name, next(self._lora_ids), str(directory))
+            try:
+                await self.engine.add_lora(lora_request)
+            except Exception as exc:  # the engine says why it cannot load these weights
+                raise InvalidRequest(f"path {relative!r}: the engine could not load it: {exc}", param="path") from exc
+            if previous is not None:
+                await self.engine.remove_lora(previous.lora_int_id)
+                await self.engine.reset_prefix_cache()
+            self.lora_requests[request.name] = lora_request
+            self.adapter_paths[request.name] = relative
+        log.info("adapter %s loaded from %s", request.name, relative)
+        return AdapterCard(name=request.name, path=relative)
+
+    async def unload_adapter(self, name: str) -> None:
+        async with self._adapter_lock:
+            lora_request = self.lora_request(name, param="name")
+            del self.lora_requests[name]
+            del self.adapter_paths[name]
+            await self.engine.remove_lora(lora_request.lora_int_id)
+        log.info("adapter %s unloaded", name)

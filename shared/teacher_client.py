@@ -1,0 +1,231 @@
+"""A typed HTTP client of the teacher service that implements `shared.engine.Engine`, so `curate()` and `evaluate()`
+run against a remote teacher unchanged.
+
+    with TeacherClient("http://teacher:8000", api_key=...) as teacher:
+        curate(problems, teacher, store, config)
+
+Every call has explicit timeouts; connection errors, 503 (not ready) and 429 (busy) are retried with exponential
+backoff (honouring Retry-After) up to `retries` times, then raise `TeacherUnavailable`. Any other 4xx raises
+`TeacherRejected` with the service's message (which names the field). Top-k arrays travel in the compact base64
+encoding. Adapters are names of adapters in the service's adapters directory; the client loads one on first use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import httpx
+
+from shared.engine import HintedQuestion, PromptedGenerations, check_lengths
+from shared.schemas import SamplingSettings
+from shared.teacher_api import (
+    MAX_BATCH,
+    AdapterCard,
+    AdapterLoadRequest,
+    ExplanationsRequest,
+    GenerationsResponse,
+    HintedItem,
+    LogprobsRequest,
+    LogprobsResponse,
+    ModelsResponse,
+    RolloutQuestion,
+    RolloutsRequest,
+)
+
+RETRIED_STATUSES = (429, 502, 503, 504)
+
+
+class TeacherError(Exception):
+    """A call to the teacher service failed."""
+
+
+class TeacherUnavailable(TeacherError):
+    """The service could not be reached, or stayed not ready or busy through every retry."""
+
+
+class TeacherRejected(TeacherError):
+    """The service refused the request (a 4xx): `status`, and its message naming the field in `param`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(f"teacher refused the request ({status}): {message}")
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+def default_timeout() -> httpx.Timeout:
+    """Connect quickly; a batch of long generations may take minutes on a CPU."""
+    return httpx.Timeout(connect=10.0, read=1800.0, write=60.0, pool=60.0)
+
+
+class TeacherClient:
+    """The teacher service over HTTP, as an `Engine`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        retries: int = 5,
+        backoff_seconds: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=timeout if timeout is not None else default_timeout(),
+            transport=transport,
+        )
+        self.retries = retries
+        self.backoff_seconds = backoff_seconds
+        self._model: ModelsResponse | None = None
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, json=None) -> httpx.Response:
+        """One call, retried on connection errors, 429 and 503 with exponential backoff (or the Retry-After)."""
+        for attempt in range(self.retries + 1):
+            wait = self.backoff_seconds * 2**attempt
+            try:
+                response = self.http.request(method, path, json=json)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise TeacherUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            else:
+                if response.status_code not in RETRIED_STATUSES:
+                    break
+                if attempt == self.retries:
+                    raise TeacherUnavailable(f"{method} {path}: {response.status_code} {error_message(response)}")
+                wait = max(wait, retry_after_seconds(response))
+            time.sleep(wait)
+        if response.status_code >= 400:
+            message, param = error_message(response), error_param(response)
+            if response.status_code >= 500:
+                raise TeacherError(f"{method} {path}: {response.status_code} {message}")
+            raise TeacherRejected(response.status_code, message, param)
+        return response
+
+    def wait_ready(self, timeout_seconds: float = 300.0) -> None:
+        """Block until `/readyz` says ready, or raise TeacherUnavailable."""
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                if self.http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TeacherUnavailable(f"{self.http.base_url} not ready after {timeout_seconds:.0f} s")
+            time.sleep(0.5)
+
+    def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate_json(self.request("GET", "/v1/models").content)
+
+    @property
+    def model_name(self) -> str:
+        """The base model as the service's engine names it (pairs record it)."""
+        if self._model is None:
+            self._model = self.models()
+        return self._model.model
+
+    def load_adapter(self, name: str, path: str | None = None, *, replace: bool = False) -> AdapterCard:
+        body = AdapterLoadRequest(name=name, path=path, replace=replace)
+        response = self.request("POST", "/v1/adapters", body.model_dump(mode="json"))
+        return AdapterCard.model_validate_json(response.content)
+
+    def unload_adapter(self, name: str) -> None:
+        self.request("DELETE", f"/v1/adapters/{name}")
+
+    def ensure_adapter(self, name: str) -> None:
+        """Load the adapter of that name from the service's adapters directory unless it is loaded already."""
+        if name not in {a.name for a in self.models().adapters}:
+            self.load_adapter(name)
+
+    def rollouts(
+        self,
+        questions: Sequence[str],
+        sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+        adapter: str | None = None,
+    ) -> list[PromptedGenerations]:
+        check_lengths("questions", questions, sampling)
+        if adapter is not None:
+            self.ensure_adapter(adapter)
+        results = []
+        for start in range(0, len(questions), MAX_BATCH):
+            body = RolloutsRequest(
+                questions=[
+                    RolloutQuestion(question=q, sampling=s)
+                    for q, s in zip(questions[start : start + MAX_BATCH], sampling[start : start + MAX_BATCH])
+                ],
+                worked_example=worked_example,
+                adapter=adapter,
+            )
+            results += self.post_generations("/v1/rollouts", body)
+        return results
+
+    def explanations(
+        self,
+        items: Sequence[HintedQuestion],
+        sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+    ) -> list[PromptedGenerations]:
+        check_lengths("items", items, sampling)
+        results = []
+        for start in range(0, len(items), MAX_BATCH):
+            body = ExplanationsRequest(
+                items=[
+                    HintedItem(**item.model_dump(), sampling=s)
+                    for item, s in zip(items[start : start + MAX_BATCH], sampling[start : start + MAX_BATCH])
+                ],
+                worked_example=worked_example,
+            )
+            results += self.post_generations("/v1/explanations", body)
+        return results
+
+    def post_generations(self, path: str, body) -> list[PromptedGenerations]:
+        response = GenerationsResponse.model_validate_json(
+            self.request("POST", path, body.model_dump(mode="json", exclude_none=True)).content
+        )
+        return [
+            PromptedGenerations(prompt=r.prompt, generations=[s.to_generation() for s in r.samples])
+            for r in response.results
+        ]
+
+    def logprobs(self, request: LogprobsRequest) -> LogprobsResponse:
+        return LogprobsResponse.model_validate_json(
+            self.request("POST", "/v1/logprobs", request.model_dump(mode="json", exclude_none=True)).content
+        )
+
+
+def error_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]
+
+
+def error_param(response: httpx.Response) -> str | None:
+    try:
+        return response.json()["error"]["param"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def retry_after_seconds(response: httpx.Response) -> float:
+    try:
+        return float(response.headers.get("retry-after", 0))
+    except ValueError:
+        return 0.0

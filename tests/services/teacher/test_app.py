@@ -1,0 +1,62 @@
+"""The teacher app before its engine is up (no engine started): probes, 503 with Retry-After, auth on and off, and
+the error envelope. The same app with the real engine is tested in test_service.py."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.teacher.app import create_app
+from services.teacher.settings import TeacherSettings
+
+KEY = "app-test-key"
+
+
+@pytest.fixture(scope="module")
+def open_app():
+    return TestClient(create_app(TeacherSettings(retry_after_seconds=3)))
+
+
+@pytest.fixture(scope="module")
+def keyed_app():
+    return TestClient(create_app(TeacherSettings(teacher_api_key=KEY)))
+
+
+def test_healthz_answers_while_readyz_and_work_say_not_ready(open_app):
+    assert open_app.get("/healthz").json() == {"status": "ok"}
+    for response in (open_app.get("/readyz"), open_app.post("/v1/rollouts", json={"questions": [{"question": "q"}]})):
+        assert response.status_code == 503 and response.headers["Retry-After"] == "3"
+        assert response.json()["error"] == {
+            "message": "the engine is starting", "type": "not_ready", "param": None, "code": 503
+        }
+    assert open_app.get("/v1/models").status_code == 503
+    assert open_app.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 503
+
+
+def test_without_a_key_nothing_asks_for_one(open_app):
+    assert open_app.get("/v1/models").status_code == 503
+    assert open_app.get("/metrics").status_code == 200
+    assert open_app.get("/openapi.json").status_code == 200
+
+
+def test_with_a_key_everything_but_the_probes_needs_it(keyed_app):
+    assert keyed_app.get("/healthz").status_code == 200
+    assert keyed_app.get("/readyz").status_code == 503
+    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs"):
+        assert keyed_app.get(path).status_code == 401
+        assert keyed_app.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert keyed_app.get(path, headers={"Authorization": KEY}).status_code == 401
+    authorised = {"Authorization": f"Bearer {KEY}"}
+    assert keyed_app.get("/metrics", headers=authorised).status_code == 200
+    assert keyed_app.get("/v1/models", headers=authorised).status_code == 503
+    assert KEY not in keyed_app.get("/v1/models").text
+
+
+def test_openapi_documents_every_endpoint_and_field(open_app):
+    schema = open_app.get("/openapi.json").json()
+    for path in ("/v1/rollouts", "/v1/explanations", "/v1/logprobs", "/v1/models", "/v1/adapters",
+                 "/v1/adapters/{name}", "/v1/completions", "/v1/chat/completions", "/healthz", "/readyz", "/metrics"):
+        assert path in schema["paths"], path
+    request = schema["components"]["schemas"]["RolloutsRequest"]
+    assert all("description" in field for field in request["properties"].values())
+    assert request["properties"]["questions"]["maxItems"] == 256

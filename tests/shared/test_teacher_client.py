@@ -1,0 +1,63 @@
+"""The teacher client's failure handling, against a scripted transport (the real service is in
+tests/services/teacher/test_service.py): retries with backoff on 503, 429 and connection errors, then a named error."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from shared.teacher_client import TeacherClient, TeacherRejected, TeacherUnavailable
+
+MODELS = {
+    "object": "list", "data": [{"id": "m"}], "model": "/models/m", "max_model_len": 4096, "vocab_size": 10,
+    "max_logprobs": 64, "adapters": [],
+}
+
+
+def scripted(*responses):
+    """A transport answering each call with the next response (a status and JSON, or an exception to raise)."""
+    calls = []
+    queue = list(responses)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        item = queue.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        status, body, headers = item
+        return httpx.Response(status, json=body, headers=headers)
+
+    return httpx.MockTransport(handle), calls
+
+
+def client(transport, retries=3) -> TeacherClient:
+    return TeacherClient("http://teacher", api_key="k", retries=retries, backoff_seconds=0.001, transport=transport)
+
+
+def test_retries_through_503_429_and_connection_errors():
+    busy = (429, {"error": {"message": "busy"}}, {"Retry-After": "0"})
+    starting = (503, {"error": {"message": "starting"}}, {"Retry-After": "0"})
+    transport, calls = scripted(httpx.ConnectError("refused"), starting, busy, (200, MODELS, {}))
+    assert client(transport).model_name == "/models/m"
+    assert len(calls) == 4 and calls[0].headers["Authorization"] == "Bearer k"
+
+
+def test_gives_up_with_teacher_unavailable():
+    transport, calls = scripted(*[(503, {"error": {"message": "the engine is starting"}}, {})] * 3)
+    with pytest.raises(TeacherUnavailable, match="the engine is starting"):
+        client(transport, retries=2).models()
+    assert len(calls) == 3
+
+
+def test_a_4xx_is_rejected_at_once_with_the_field():
+    error = {"error": {"message": "sampling.n: too big", "type": "invalid_request", "param": "sampling.n", "code": 422}}
+    transport, calls = scripted((422, error, {}))
+    with pytest.raises(TeacherRejected) as rejected:
+        client(transport).models()
+    assert (rejected.value.status, rejected.value.param, len(calls)) == (422, "sampling.n", 1)
+
+
+def test_unreachable_service_is_unavailable():
+    with TeacherClient("http://127.0.0.1:9", retries=1, backoff_seconds=0.001) as unreachable:
+        with pytest.raises(TeacherUnavailable, match="ConnectError"):
+            unreachable.models()
