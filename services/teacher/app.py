@@ -272,7 +272,10 @@ def create_app(settings: TeacherSettings | None = None, engine: TeacherService |
             if starting is not None:
                 await starting  # an engine half-built in its thread must still be shut down
             if app.state.service is not None:
-                app.state.service.close()
+                try:
+                    app.state.service.close()
+                except Exception:  # a dead engine may fail to stop cleanly; its processes are gone either way
+                    log.exception("the engine's shutdown raised")
                 log.info("engine shut down")
 
     app = FastAPI(
