@@ -61,13 +61,11 @@ from services.trainer.checkpoints import (
     save_checkpoint,
     write_training_config,
 )
-from services.trainer.config import TrainConfig, TrainingError
+from services.trainer.config import TrainConfig, TrainingError  # TrainingError: callers import it from here too
 from services.trainer.data import Batch, check_vocabulary, collate_examples, load_examples
 from services.trainer.losses import LossSum, ce_chunked, kl_dense_chunked, kl_on_topk_chunked
 from services.trainer.modeling import DecoderBody, check_output_layer, output_layer_of, resolve_dtype
 from services.trainer.plots import plot_training_curve, read_metrics
-
-__all__ = ["TrainingError", "StepMetrics", "TrainResult", "train", "batch_losses", "learning_rate_factor"]
 
 
 class StepMetrics(BaseModel):
