@@ -146,9 +146,10 @@ class TrainConfig(BaseModel):
 
         (`model_copy(update=...)` skips validation: build a new TrainConfig to change the temperature.)
         """
-        if isinstance(data, dict):
-            teacher = data.get("teacher", "auto")
-            temperature = data.get("temperature", cls.model_fields["temperature"].default)
-            if teacher == "auto" and isinstance(temperature, (int, float)):
-                data = {**data, "teacher": resolve_teacher(teacher, float(temperature))}
+        if isinstance(data, dict) and data.get("teacher", "auto") == "auto":
+            try:
+                temperature = float(data.get("temperature", cls.model_fields["temperature"].default))
+            except (TypeError, ValueError):
+                return data  # the temperature's own validation reports it
+            data = {**data, "teacher": resolve_teacher("auto", temperature)}
         return data

@@ -306,3 +306,4 @@ def test_teacher_defaults_to_the_exact_one_unless_the_temperature_is_one():
     assert TrainConfig(temperature=1.0, teacher="online").teacher == "online"
     assert TrainConfig(temperature=2.0, teacher="stored").teacher == "stored"
     assert TrainConfig.model_validate(TrainConfig().model_dump(mode="json")) == TrainConfig()
+    assert TrainConfig.model_validate({"temperature": "1"}).teacher == "stored"  # resolved after parsing
