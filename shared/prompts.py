@@ -8,11 +8,16 @@
 An optional worked example (one user/assistant turn ending in `\\boxed{}`) can be placed before the question; small models
 need it to answer in the expected form. When it is used, it is used identically in every prompt.
 `PROMPT_VERSION` changes whenever any wording below changes; pairs record it.
+
+`render_chat` is the one renderer: the model's own chat template, ending with the assistant's turn opened, as text and
+token ids (it takes any tokenizer with `apply_chat_template` and `encode`, so this module imports no transformers).
 """
 
 from __future__ import annotations
 
-from shared.schemas import ChatMessage
+from collections.abc import Sequence
+
+from shared.schemas import ChatMessage, RenderedPrompt
 
 PROMPT_VERSION = "ssb-prompts-v1"
 
@@ -68,3 +73,11 @@ def build_hinted_messages(
         *_example_turns(worked_example),
         ChatMessage(role="user", content=content),
     ]
+
+
+def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> RenderedPrompt:
+    """Render a chat with the tokenizer's chat template, ending with the assistant's turn opened, exactly as the model
+    reads it: the text and its token ids (no special tokens added beyond what the template writes)."""
+    plain = [m.model_dump() for m in messages]
+    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    return RenderedPrompt(messages=list(messages), text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))

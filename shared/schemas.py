@@ -98,6 +98,9 @@ class PairRecord(BaseModel):
     correct_hint_index: int = Field(description="Index in `rollouts` of the correct response shown as a hint.")
     incorrect_hint_index: int = Field(description="Index in `rollouts` of the wrong response shown as a hint.")
     prompt_version: str
+    worked_example: bool = Field(
+        default=False, description="The worked example turn came before the question in every prompt of this pair."
+    )
     teacher_prompt: RenderedPrompt
     student_prompt: RenderedPrompt
     explanation: str

@@ -25,8 +25,16 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path.home() / ".cache" / "ssb", description="Where pulled models are kept.")
     model: str = Field(default=DEFAULT_MODEL, description="Default model: the small default's name, a path or a HF id.")
     kv_cache_gib: int = Field(default=2, ge=1, description="vLLM KV cache size on the CPU, in GiB.")
+    dtype: str = Field(
+        default="auto",
+        pattern=r"^(auto|float32|bfloat16|float16)$",
+        description="The engine's dtype; auto: bfloat16 on a GPU or a CPU that computes in it, float32 elsewhere.",
+    )
     max_model_len: int = Field(default=4096, ge=256, description="Longest prompt plus completion the engine accepts.")
     max_logprobs: int = Field(default=64, ge=1, description="Largest top-k of log-probabilities the engine may return.")
+    progress_interval: float = Field(
+        default=30.0, gt=0, description="Seconds between plain progress lines when the output is not a terminal."
+    )
 
 
 class CurationConfig(BaseModel):

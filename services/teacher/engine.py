@@ -5,7 +5,8 @@ service. Prompts are rendered with the model's own chat template and sent as tok
 what the model read. Log-probabilities come from vLLM's default `raw_logprobs` mode: the unmodified model distribution,
 before temperature, top-k and top-p are applied (tests/services/teacher/test_engine.py proves it against a scoring pass).
 
-Build it under an `if __name__ == "__main__":` guard: vLLM starts its workers with spawn.
+Build it under an `if __name__ == "__main__":` guard: vLLM starts its workers with spawn. `engine_kwargs` is the one
+definition of how an engine is built, shared by this synchronous engine and the teacher service's async one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.engine import PromptingEngine
+from shared.prompts import render_chat
 from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSettings
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -36,6 +38,7 @@ class EngineOptions:
     max_lora_rank: int = 32
     max_loras: int = 2
     seed: int = 0
+    cpu_threads: str = "auto"  # "auto": `cpu_thread_environment` on a CPU; "vllm": vLLM's own binding, untouched
 
 
 def native_dtype() -> str:
@@ -54,6 +57,60 @@ def native_dtype() -> str:
     return "bfloat16" if native else "float32"
 
 
+def cpu_thread_environment(cores: int) -> dict[str, str]:
+    """How vLLM's CPU build should bind its threads on a machine with `cores` usable cores.
+
+    By default it reserves a core for the engine-core process (the scheduler, which busy-polls) and binds the model's
+    threads to the rest: on 2 cores the model computes on one thread. On small machines every core goes to the model
+    and none is reserved (docs/BENCHMARKS.md, "Engine threads": measured with `python -m benchmarks.engine_threads`).
+    """
+    if cores > 4:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def apply_cpu_thread_environment() -> None:
+    """Set `cpu_thread_environment` for this machine's cores, leaving any variable the user set alone."""
+    for name, value in cpu_thread_environment(len(os.sched_getaffinity(0))).items():
+        os.environ.setdefault(name, value)
+
+
+def engine_kwargs(options: EngineOptions) -> dict:
+    """The engine's arguments (for `vllm.LLM` and `AsyncEngineArgs` alike), with the environment set for them."""
+    import torch
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
+    if options.cpu_threads == "auto" and not torch.cuda.is_available():
+        apply_cpu_thread_environment()
+    return dict(
+        model=options.model,
+        dtype=native_dtype() if options.dtype == "auto" else options.dtype,
+        max_model_len=options.max_model_len,
+        max_logprobs=options.max_logprobs,
+        enforce_eager=True,
+        enable_lora=options.enable_lora,
+        max_lora_rank=options.max_lora_rank,
+        max_loras=options.max_loras,
+        seed=options.seed,
+        # Per-request seeds crash the CPU build when a prefill is split across steps (its CPU generators cannot
+        # rewind), so prompts are prefilled whole.
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=step_token_budget(options, on_gpu=torch.cuda.is_available()),
+    )
+
+
+def step_token_budget(options: EngineOptions, *, on_gpu: bool) -> int:
+    """Most prompt tokens one engine step may prefill (whole prompts, so at least `max_model_len`).
+
+    On a CPU with LoRA enabled the budget is one context's worth: the CPU build's LoRA path is far slower than the base
+    model and its cost grows with the tokens in a step (57 LoRA prompts, 8,182 tokens, outlasted vLLM's 300 s step
+    timeout on a slow 2-core machine). Evaluation serves adapters merged on a CPU, so this only bounds LoRA requests.
+    """
+    if options.enable_lora and not on_gpu:
+        return options.max_model_len
+    return max(options.max_model_len, 8192)
+
+
 def topk_from_vllm(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
     """The top-k (ids, log-probabilities) of one position, by rank; vLLM adds the sampled token when it is outside."""
     ranked = sorted(position_logprobs.items(), key=lambda item: item[1].rank)
@@ -65,28 +122,12 @@ class TeacherEngine(PromptingEngine):
     """A vLLM engine plus the model's tokenizer. `generate` batches all prompts into one engine call."""
 
     def __init__(self, options: EngineOptions):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
         import torch
         from vllm import LLM
 
         threads = torch.get_num_threads()
-
         self.options = options
-        self.llm = LLM(
-            model=options.model,
-            dtype=native_dtype() if options.dtype == "auto" else options.dtype,
-            max_model_len=options.max_model_len,
-            max_logprobs=options.max_logprobs,
-            enforce_eager=True,
-            enable_lora=options.enable_lora,
-            max_lora_rank=options.max_lora_rank,
-            max_loras=options.max_loras,
-            seed=options.seed,
-            # Per-request seeds crash the CPU build when a prefill is split across steps (its CPU generators cannot
-            # rewind), so prompts are prefilled whole.
-            enable_chunked_prefill=False,
-            max_num_batched_tokens=max(options.max_model_len, 8192),
-        )
+        self.llm = LLM(**engine_kwargs(options))
         # vLLM drops this process's torch threads to 1 "for serving"; the model runs in its own worker process, so
         # give them back to whatever else this process does (training, in `ssb run`).
         torch.set_num_threads(threads)
@@ -109,10 +150,7 @@ class TeacherEngine(PromptingEngine):
 
     def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
         """Render a chat with the model's chat template, ending with the assistant's turn opened."""
-        plain = [m.model_dump() for m in messages]
-        text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return RenderedPrompt(messages=list(messages), text=text, token_ids=token_ids)
+        return render_chat(self.tokenizer, messages)
 
     def _lora_request(self, adapter: str | None):
         if adapter is None:
@@ -173,15 +211,23 @@ class TeacherEngine(PromptingEngine):
         return results
 
     def score(
-        self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int], k: int
+        self,
+        prompt_token_ids: Sequence[int],
+        completion_token_ids: Sequence[int],
+        k: int,
+        *,
+        adapter: str | None = None,
     ) -> tuple[list[list[int]], list[list[float]]]:
-        """Top-k (ids, log-probabilities) of the model at each completion position, given the prompt, in one pass."""
+        """Top-k (ids, log-probabilities) of the model (with the LoRA `adapter` directory, if given) at each completion
+        position, given the prompt, in one pass."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         ids = list(prompt_token_ids) + list(completion_token_ids)
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
-        (output,) = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        (output,) = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False, lora_request=self._lora_request(adapter)
+        )
         positions = output.prompt_logprobs[len(prompt_token_ids) :]
         pairs = [topk_from_vllm(position, k) for position in positions]
         return [i for i, _ in pairs], [lp for _, lp in pairs]

@@ -1,0 +1,123 @@
+"""How the CPU build of vLLM should use a small machine's cores: generated tokens/s under each thread binding.
+
+vLLM's CPU build binds its model threads to all cores but the ones it reserves for the engine-core (scheduler)
+process, which busy-polls; on 2 cores that leaves the model one thread. Each variant below runs in a fresh process
+(the binding is read when the engine starts) and generates the same rollouts: the demo's arithmetic prompts with the
+worked example, n samples each, a fixed number of tokens (end of turn ignored, so every variant generates exactly as
+many tokens). Figures are ratios against vLLM's default binding, measured in the same run.
+
+    python -m benchmarks.engine_threads                      # every variant, results in runs/bench/engine_threads.json
+    python -m benchmarks.engine_threads --variants default,ssb --repeats 2
+
+Variants: `default` (vLLM's binding: one core reserved for the engine core), `all-cores` (the model's threads on every
+core, none reserved), `in-process` (the engine core in the calling process, VLLM_ENABLE_V1_MULTIPROCESSING=0), both of
+those together, `nobind` (no thread binding at all), and `ssb` (what the engine chooses on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path("runs/bench/engine_threads.json")
+
+
+def variants(cores: int) -> dict[str, dict[str, str]]:
+    """Environment of each variant; `ssb` is what `services.teacher.engine.cpu_thread_environment` chooses here."""
+    from services.teacher.engine import cpu_thread_environment
+
+    every_core = f"0-{cores - 1}"
+    return {
+        "default": {},
+        "all-cores": {"VLLM_CPU_OMP_THREADS_BIND": every_core, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+        "in-process": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "in-process-all-cores": {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": every_core,
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        },
+        "nobind": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+        "ssb": cpu_thread_environment(cores),
+    }
+
+
+def measure(prompts: int, n: int, tokens: int) -> dict:
+    """Run in the child process: start the engine as the project does, generate, report tokens/s."""
+    from services.teacher.engine import EngineOptions, TeacherEngine
+    from shared.arithmetic import make_arithmetic_problems
+    from shared.models import resolve_model
+    from shared.prompts import build_student_messages
+    from shared.settings import Settings
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    problems = make_arithmetic_problems(prompts, seed=0)
+    started = time.perf_counter()
+    with TeacherEngine(EngineOptions(model=resolve_model(None, Settings()), cpu_threads="vllm")) as engine:
+        start_seconds = time.perf_counter() - started
+        prompts_ = [
+            TokensPrompt(prompt_token_ids=engine.render(build_student_messages(p.question, worked_example=True)).token_ids)
+            for p in problems
+        ]
+        sampling = SamplingParams(n=n, temperature=0.8, top_k=50, max_tokens=tokens, seed=0, ignore_eos=True)
+        engine.llm.generate(prompts_[:2], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+        started = time.perf_counter()
+        outputs = engine.llm.generate(prompts_, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - started
+    generated = sum(len(c.token_ids) for output in outputs for c in output.outputs)
+    return {"tokens": generated, "seconds": seconds, "tokens_per_s": generated / seconds, "start_s": start_seconds}
+
+
+def run_variant(name: str, env: dict[str, str], args) -> dict:
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_CPU_OMP", "VLLM_CPU_NUM_OF", "VLLM_ENABLE_V1"))}
+    child_env.update(env)
+    command = [sys.executable, "-m", "benchmarks.engine_threads", "--child", str(args.prompts), str(args.n), str(args.tokens)]
+    done = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"variant": name, "env": env, "error": done.stderr.strip().splitlines()[-1:]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"variant": name, "env": env, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=1, help="Rounds over the variants (interleaved).")
+    parser.add_argument("--variants", default="", help="Comma-separated names (default: all).")
+    parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(*args.child)))
+        return
+
+    cores = len(os.sched_getaffinity(0))
+    table = variants(cores)
+    chosen = [v for v in args.variants.split(",") if v] or list(table)
+    rows = []
+    for round_ in range(args.repeats):
+        for name in chosen:
+            row = run_variant(name, table[name], args) | {"round": round_}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    baseline = [r["tokens_per_s"] for r in rows if r["variant"] == "default" and "tokens_per_s" in r]
+    if baseline:
+        base = sum(baseline) / len(baseline)
+        print(f"\n{cores} cores; {args.prompts} prompts x n={args.n} x {args.tokens} tokens; tokens/s (x default):")
+        for name in chosen:
+            speeds = [r["tokens_per_s"] for r in rows if r["variant"] == name and "tokens_per_s" in r]
+            if speeds:
+                mean = sum(speeds) / len(speeds)
+                print(f"  {name:32s} {mean:8.1f}  ({mean / base:.2f}x)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"cores": cores, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
