@@ -2,11 +2,13 @@
 
     ssb eval --benchmark math500 --limit 50
     ssb eval --benchmark aime24 --adapter runs/adapter --samples 8
-    ssb eval --benchmark held_out.jsonl --adapter runs/a --adapter runs/b --max-tokens 256 --worked-example
+    ssb eval --benchmark held_out.jsonl --adapter runs/a --adapter runs/b --max-tokens 256
 
 The benchmark is a packaged name (`gsm8k` is the GSM8K test split, `math500`, `aime24`) or a `.jsonl`/`.parquet` file
 with a question and an answer per row. The base model is always evaluated first, then each `--adapter` (a PEFT adapter
-directory, loaded by the engine as a LoRA, not merged). Everything is checked before the engine starts; a bad
+directory). On a CPU each adapter is merged into a temporary copy of the base weights and served by an engine of its
+own, at the base model's speed (the CPU build of vLLM runs a LoRA several times slower, and a large LoRA batch can
+outlast its step timeout); on a GPU the one engine serves it as a LoRA (`--adapter-serving` chooses). Everything is checked before the engine starts; a bad
 benchmark, file or adapter exits with status 2 and one message. The logic lives in `services/evaluation/evaluation.py`.
 """
 
@@ -20,9 +22,26 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar
 from cli.serve_command import TeacherUrlOption, open_teacher
-from services.evaluation.evaluation import EvalConfig, evaluate, render_table
+from cli.runtime import (
+    ModelOption,
+    WorkedExampleOption,
+    console,
+    ensure_model,
+    exit_on_signals,
+    fail,
+    progress_bar,
+    resolve_worked_example,
+    start_engine,
+)
+from services.evaluation.evaluation import (
+    EvalConfig,
+    EvalReport,
+    as_merged_adapter,
+    combine_reports,
+    evaluate,
+    render_table,
+)
 from shared.settings import Settings
 
 
@@ -89,6 +108,55 @@ def write_json_atomically(text: str, out: Path) -> None:
         raise
 
 
+AdapterServingOption = Annotated[
+    str,
+    typer.Option(
+        "--adapter-serving",
+        help="How adapters are served: merged (into a copy of the base weights, by a second engine: the base model's "
+        "speed), lora (beside the base weights in one engine), or auto: merged on a CPU, where the CPU build of vLLM "
+        "runs a LoRA several times slower than the base model, lora on a GPU.",
+    ),
+]
+
+
+def resolve_adapter_serving(serving: str) -> str:
+    """`merged` or `lora`; `auto` is merged without a GPU, lora with one."""
+    if serving not in ("auto", "merged", "lora"):
+        raise ValueError(f"--adapter-serving {serving!r}: use auto, merged or lora")
+    if serving != "auto":
+        return serving
+    import torch
+
+    return "lora" if torch.cuda.is_available() else "merged"
+
+
+def evaluate_with_progress(problems, engine, config: EvalConfig, adapters: list, label: str) -> EvalReport:
+    """`evaluate` on one engine with a progress bar over every model it answers for."""
+    with progress_bar("model") as progress:
+        task = progress.add_task(f"evaluating {label}", total=len(problems) * len(adapters), model="")
+        finished: dict[str, int] = {}
+
+        def show_progress(name: str, done: int, total: int) -> None:
+            finished[name] = done
+            progress.update(task, completed=sum(finished.values()), model=name)
+
+        return evaluate(problems, engine, config, adapters=adapters, benchmark=label, on_progress=show_progress)
+
+
+def evaluate_merged_adapter(
+    problems, adapter: str, model_path: str, settings: Settings, config: EvalConfig, label: str
+) -> EvalReport:
+    """Evaluate one adapter merged into a temporary copy of the base weights, on an engine of its own."""
+    from services.teacher.merging import merge_adapter
+
+    with tempfile.TemporaryDirectory(prefix="ssb-merged-") as merged_dir:
+        with console.status(f"Merging {Path(adapter).name} into a copy of the base weights..."):
+            merge_adapter(adapter, model_path, merged_dir)
+        with start_engine(merged_dir, settings, seed=config.seed, enable_lora=False) as engine:
+            report = evaluate_with_progress(problems, engine, config, [None], f"{label} ({Path(adapter).name}, merged)")
+    return as_merged_adapter(report.model_copy(update={"model": model_path}), adapter)
+
+
 def eval_command(
     benchmark: Annotated[
         str, typer.Option("--benchmark", help="gsm8k (test split), math500, aime24, or a .jsonl/.parquet problem file.")
@@ -110,15 +178,13 @@ def eval_command(
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest response, in tokens.")] = _default(
         "max_tokens"
     ),
-    worked_example: Annotated[
-        bool,
-        typer.Option(help="Put one worked example turn before each question (as in curation; helps small models)."),
-    ] = _default("worked_example"),
+    worked_example: WorkedExampleOption = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the per-problem sampling.")] = _default("seed"),
     out: Annotated[
         Optional[Path],
         typer.Option("--out", help="JSON report with per-problem results (default: runs/eval-BENCHMARK.json)."),
     ] = None,
+    adapter_serving: AdapterServingOption = "auto",
     teacher_url: TeacherUrlOption = None,
 ) -> None:
     """pass@1 (greedy) and mean@n of the base model and each adapter on a benchmark: a table and a JSON report."""
@@ -129,7 +195,7 @@ def eval_command(
     try:
         check_benchmark(benchmark)
         if teacher_url:  # adapters are names in the service's adapters directory, served as LoRAs there
-            adapters = [str(path) for path in adapter or []]
+            adapters, adapter_serving = [str(path) for path in adapter or []], "lora"
         else:
             adapters = [check_adapter(path, EngineOptions.max_lora_rank) for path in adapter or []]
         if max_tokens >= settings.max_model_len:
@@ -139,27 +205,33 @@ def eval_command(
             )
         problems = load_problems(benchmark, limit=limit)
         config = EvalConfig(
-            samples=samples, temperature=temperature, max_tokens=max_tokens, worked_example=worked_example, seed=seed
+            samples=samples,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            worked_example=resolve_worked_example(worked_example, model),
+            seed=seed,
         )
         label = benchmark_label(benchmark)
         out = out or Path("runs") / f"eval-{label}.json"
         if out.is_dir():
             raise ValueError(f"--out {out} is a directory; give a JSON file path")
+        serving = resolve_adapter_serving(adapter_serving)
         model_path = None if teacher_url else ensure_model(model, settings)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
 
-    models = [None, *adapters]
-    with open_teacher(teacher_url, model_path, settings, seed=seed) as engine, progress_bar("model") as progress:
-        model_path = model_path or engine.model_name
-        task = progress.add_task(f"evaluating {label}", total=len(problems) * len(models), model="")
-        finished: dict[str, int] = {}
-
-        def show_progress(name: str, done: int, total: int) -> None:
-            finished[name] = done
-            progress.update(task, completed=sum(finished.values()), model=name)
-
-        eval_report = evaluate(problems, engine, config, adapters=models, benchmark=label, on_progress=show_progress)
+    with exit_on_signals():
+        lora = serving == "lora" and bool(adapters)
+        with open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=lora) as engine:
+            model_path = model_path or engine.model_name
+            lora_adapters = adapters if serving == "lora" else []
+            reports = [evaluate_with_progress(problems, engine, config, [None, *lora_adapters], label)]
+        if serving == "merged":
+            reports += [
+                evaluate_merged_adapter(problems, adapter_path, model_path, settings, config, label)
+                for adapter_path in adapters
+            ]
+    eval_report = combine_reports(reports)
 
     write_json_atomically(eval_report.model_dump_json(indent=2), out)
     console.print(render_table(eval_report, title=f"{label}: {len(problems)} problems, {Path(model_path).name}"))

@@ -24,7 +24,19 @@ import typer
 from cli.eval_command import eval_command
 from cli.run_command import run_command
 from cli.serve_command import TeacherUrlOption, open_teacher, serve_app
-from cli.runtime import ModelOption, console, ensure_model, fail, print_funnel, progress_bar, start_engine
+from cli.runtime import (
+    ModelOption,
+    WorkedExampleOption,
+    console,
+    curate_with_progress,
+    ensure_model,
+    exit_on_signals,
+    fail,
+    print_funnel,
+    progress_bar,
+    resolve_worked_example,
+    start_engine,
+)
 from cli.train_command import train_command
 from shared.settings import CurationConfig, Settings
 
@@ -119,13 +131,10 @@ def curate(
     explanation_temperature: Annotated[float, typer.Option(help="Hinted explanation temperature.")] = 0.4,
     explanation_max_tokens: Annotated[int, typer.Option(help="Longest explanation.")] = 768,
     batch_size: Annotated[int, typer.Option(min=1, help="Problems sent to the engine together.")] = 32,
-    worked_example: Annotated[
-        bool, typer.Option(help="Put one worked example turn before each question (helps small models).")
-    ] = False,
+    worked_example: WorkedExampleOption = None,
     teacher_url: TeacherUrlOption = None,
 ) -> None:
     """Steps 1-5: rollouts, grading, hints, hinted explanation with top-k log-probabilities, verified pairs."""
-    from services.curator.curation import curate as run_curation
     from shared.datasets import DatasetError, load_problems
     from shared.storage import PairStore
 
@@ -135,7 +144,7 @@ def curate(
             k=k,
             seed=seed,
             topk=topk,
-            worked_example=worked_example,
+            worked_example=resolve_worked_example(worked_example, model),
             rollout_temperature=rollout_temperature,
             rollout_top_k=rollout_top_k,
             rollout_max_tokens=rollout_max_tokens,
@@ -147,25 +156,9 @@ def curate(
         model_path = None if teacher_url else ensure_model(model, settings)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    with open_teacher(teacher_url, model_path, settings, seed=seed) as engine:
-        funnel = run_curation_with_progress(problems, engine, PairStore(out), config, run_curation)
+    with exit_on_signals(), open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=False) as engine:
+        funnel = curate_with_progress(problems, engine, PairStore(out), config)
     print_funnel(funnel, out)
-
-
-def run_curation_with_progress(problems, engine, store, config, run_curation):
-    """Curate with a progress bar of problems done, pairs kept and generated tokens/s."""
-    with progress_bar("pairs", "speed") as progress:
-        task = progress.add_task("curating", total=len(problems), pairs="pairs 0", speed="")
-
-        def report(funnel) -> None:
-            progress.update(
-                task,
-                completed=funnel.skipped + funnel.processed,
-                pairs=f"pairs {funnel.pairs}",
-                speed=f"{funnel.tokens_per_second:,.0f} tok/s",
-            )
-
-        return run_curation(problems, engine, store, config, on_progress=report)
 
 
 @pairs_app.command("export")

@@ -1,9 +1,12 @@
 """`ssb run`: the main job in one process: curate pairs, train a LoRA adapter on them, evaluate base vs adapter.
 
-    ssb run --train train.jsonl --eval held_out.jsonl --out runs/demo --worked-example
+    ssb run --train train.jsonl --eval held_out.jsonl --out runs/demo
 
-One engine serves curation and evaluation (the adapter is loaded into it as a LoRA); training runs in this process
-between the two. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter, metrics, training curve) and
+One engine curates and then answers the held-out problems with the base model; it is closed before training, which
+runs in this process with every core. The adapter is then evaluated on the same problems: on a CPU merged into a
+temporary copy of the base weights (an engine of its own, at the base model's speed), on a GPU as a LoRA
+(`--adapter-serving`). The end is a table of base vs adapter, how many answers were cut off or ungradeable on each
+side, and McNemar's exact test on the paired verdicts. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter, metrics, training curve) and
 `OUT/eval.json` (per-problem results). A rerun skips problems already curated; training needs an empty
 `OUT/adapter/` (or `--resume`).
 """
@@ -15,7 +18,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import ModelOption, console, ensure_model, fail, print_funnel, progress_bar, start_engine
+from cli.eval_command import (
+    AdapterServingOption,
+    evaluate_merged_adapter,
+    evaluate_with_progress,
+    resolve_adapter_serving,
+)
+from cli.runtime import (
+    ModelOption,
+    WorkedExampleOption,
+    console,
+    curate_with_progress,
+    ensure_model,
+    exit_on_signals,
+    fail,
+    print_funnel,
+    progress_bar,
+    resolve_worked_example,
+    start_engine,
+)
 
 
 def run_command(
@@ -32,14 +53,12 @@ def run_command(
     epochs: Annotated[int, typer.Option(min=1, help="Training passes over the pairs.")] = 3,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
     eval_max_tokens: Annotated[int, typer.Option(help="Longest evaluation answer.")] = 512,
-    worked_example: Annotated[
-        bool, typer.Option(help="One worked example turn before each question, in every prompt (helps small models).")
-    ] = False,
+    worked_example: WorkedExampleOption = None,
     resume: Annotated[bool, typer.Option(help="Resume training from OUT/adapter's last checkpoint.")] = False,
+    adapter_serving: AdapterServingOption = "auto",
 ) -> None:
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
-    from services.curator.curation import curate
-    from services.evaluation.evaluation import EvalConfig, evaluate, render_table
+    from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
     from services.trainer.config import TrainConfig
     from services.trainer.training import TrainingError, train as train_adapter
     from shared.datasets import DatasetError, load_problems
@@ -53,6 +72,8 @@ def run_command(
         overlap = {p.question for p in problems} & {p.question for p in held_out}
         if overlap:
             raise ValueError(f"{len(overlap)} held-out questions are also training questions, e.g. {min(overlap)!r}")
+        worked_example = resolve_worked_example(worked_example, model)
+        serving = resolve_adapter_serving(adapter_serving)
         curation = CurationConfig(
             k=k,
             seed=seed,
@@ -67,59 +88,67 @@ def run_command(
         raise fail(str(exc)) from exc
 
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"
-    with start_engine(model_path, settings, seed=seed) as engine, progress_bar("status") as progress:
-        curating = progress.add_task("1/3 curating", total=len(problems), status="")
+    label = Path(eval_).stem
+    with exit_on_signals():
+        # One engine curates and evaluates the base model; it is closed before training so that training has every
+        # core (and, on a GPU, the memory vLLM holds).
+        with start_engine(model_path, settings, seed=seed, enable_lora=False) as engine:
+            funnel = curate_with_progress(problems, engine, PairStore(pairs_dir), curation)
+            if not PairStore(pairs_dir).pair_ids():
+                print_funnel(funnel, pairs_dir)
+                raise fail("no verified pairs to train on: use more problems or --k")
+            base_report = evaluate_with_progress(held_out, engine, evaluation, [None], f"{label} (base)")
 
-        def on_curation(funnel) -> None:
-            progress.update(
-                curating,
-                completed=funnel.skipped + funnel.processed,
-                status=f"pairs {funnel.pairs}, {funnel.tokens_per_second:,.0f} tok/s",
-            )
+        with progress_bar("status") as progress:
+            training_task = progress.add_task("training", total=None, status="")
 
-        funnel = curate(problems, engine, PairStore(pairs_dir), curation, on_progress=on_curation)
-        if not PairStore(pairs_dir).pair_ids():
-            progress.stop()
-            print_funnel(funnel, pairs_dir)
-            raise fail("no verified pairs to train on: use more problems, --k, or --worked-example for small models")
+            def on_step(metrics) -> None:
+                progress.update(
+                    training_task,
+                    completed=metrics.step,
+                    total=metrics.total_steps,
+                    status=f"loss {metrics.loss:.4f}, {metrics.tokens_per_s:,.0f} tok/s",
+                )
 
-        training_task = progress.add_task("2/3 training", total=None, status="")
+            try:
+                result = train_adapter(pairs_dir, adapter_dir, model_path, training, resume=resume, on_step=on_step)
+            except (TrainingError, ValueError) as exc:
+                progress.stop()
+                raise fail(str(exc)) from exc
 
-        def on_step(metrics) -> None:
-            progress.update(
-                training_task,
-                completed=metrics.step,
-                total=metrics.total_steps,
-                status=f"loss {metrics.loss:.4f}, {metrics.tokens_per_s:,.0f} tok/s",
-            )
-
-        try:
-            result = train_adapter(pairs_dir, adapter_dir, model_path, training, resume=resume, on_step=on_step)
-        except (TrainingError, ValueError) as exc:
-            progress.stop()
-            raise fail(str(exc)) from exc
-
-        evaluating = progress.add_task("3/3 evaluating", total=2 * len(held_out), status="")
-        done: dict[str, int] = {}
-
-        def on_eval(name: str, problems_done: int, _total: int) -> None:
-            done[name] = problems_done
-            progress.update(evaluating, completed=sum(done.values()), status=name)
-
-        report = evaluate(
-            held_out, engine, evaluation, adapters=[None, str(adapter_dir)], benchmark=Path(eval_).stem,
-            on_progress=on_eval,
-        )
+        if serving == "merged":
+            adapter_report = evaluate_merged_adapter(held_out, str(adapter_dir), model_path, settings, evaluation, label)
+        else:
+            with start_engine(model_path, settings, seed=seed) as engine:
+                adapter_report = evaluate_with_progress(held_out, engine, evaluation, [str(adapter_dir)], label)
+    report = combine_reports([base_report, adapter_report])
     eval_path.write_text(report.model_dump_json(indent=1))
 
     print_funnel(funnel, pairs_dir)
     console.print(f"training: {result.steps} steps on {result.num_pairs} pairs, final loss {result.final_loss:.4f}")
     console.print(f"training curve: {result.curve_path}")
     console.print(render_table(report, title="Held-out accuracy, base vs adapter"))
-    base, adapted = report.rows
-    change = 100 * (adapted.pass_at_1 - base.pass_at_1)
-    console.print(
-        f"pass@1 on {base.problems} held-out problems: base {100 * base.pass_at_1:.1f}%, "
-        f"adapter {100 * adapted.pass_at_1:.1f}% ({change:+.1f} points, as measured)"
-    )
+    print_paired_comparison(report)
     console.print(f"adapter: {adapter_dir}   per-problem results: {eval_path}")
+
+
+def print_paired_comparison(report) -> None:
+    """Base vs adapter on the same problems: accuracy, answers cut off or ungradeable, and McNemar's exact test."""
+    from shared.metrics import mcnemar
+
+    base, adapted = report.rows
+    for row in (base, adapted):
+        console.print(
+            f"{row.name}: {row.correct}/{row.problems} right ({100 * row.pass_at_1:.1f}%), "
+            f"{row.truncated} cut at the token limit, {row.ungradeable} without a gradeable answer"
+        )
+    test = mcnemar(
+        [p.answers[base.name].correct for p in report.problems],
+        [p.answers[adapted.name].correct for p in report.problems],
+    )
+    verdict = "a real difference at the 5% level" if test.p_value < 0.05 else "not distinguishable from noise"
+    console.print(
+        f"adapter - base: {100 * test.difference:+.1f} points on {test.problems} held-out problems "
+        f"(right only with the adapter: {test.only_second}, only without: {test.only_first}); "
+        f"McNemar's exact p = {test.p_value:.3f}: {verdict}"
+    )

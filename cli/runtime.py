@@ -1,7 +1,15 @@
-"""What the commands share: the resolved model, the engine start, and the rich console and progress bars."""
+"""What the commands share: the resolved model, the engine start, stopping on signals, and progress output.
+
+Progress is a rich bar on a terminal; elsewhere (a log file, CI, `docker logs`) it is one plain line per task every
+`SSB_PROGRESS_INTERVAL` seconds (default 30): done of total, the task's own fields, elapsed and time left.
+"""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shared.models import default_model_dir, is_default_model, resolve_model
+from shared.models import default_model_dir, is_default_model, needs_worked_example, resolve_model
 from shared.settings import DEFAULT_MODEL, Settings
 
 console = Console(stderr=True)
@@ -19,6 +27,25 @@ ModelOption = Annotated[
     Optional[str],
     typer.Option("--model", help=f"The default's name ({DEFAULT_MODEL}), a local checkpoint path, or a Hugging Face id."),
 ]
+
+
+WorkedExampleOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--worked-example/--no-worked-example",
+        help=(
+            "Put one worked example turn before every question, identically in rollouts, the teacher's prompt, the "
+            f"student's training input and evaluation. Default: on for {DEFAULT_MODEL} (which needs it to answer in "
+            "the expected form), off for other models (the paper's prompt)."
+        ),
+        show_default=False,
+    ),
+]
+
+
+def resolve_worked_example(worked_example: bool | None, model: str | None) -> bool:
+    """`--worked-example` as given, else the model's default (`shared.models.needs_worked_example`)."""
+    return needs_worked_example(model) if worked_example is None else worked_example
 
 
 def fail(message: str) -> typer.Exit:
@@ -30,31 +57,124 @@ def fail(message: str) -> typer.Exit:
 def ensure_model(model: str | None, settings: Settings) -> str:
     """Resolve `--model`, pulling the default model first if it is not there yet."""
     if is_default_model(model) and not (default_model_dir(settings) / "config.json").exists():
-        from services.teacher.checkpoints import pull_default_model
+        from services.teacher.base_model import pull_default_model
 
         with console.status("Pulling the default model (first use only)..."):
             pull_default_model(default_model_dir(settings))
     return resolve_model(model, settings)
 
 
-def start_engine(model_path: str, settings: Settings, *, seed: int = 0):
+@contextmanager
+def exit_on_signals():
+    """Turn SIGTERM and SIGHUP into SystemExit (status 128 + signal) while the block runs, as Ctrl-C is turned into
+    KeyboardInterrupt, so that every `with` around an engine closes it and its processes whatever ends the command."""
+
+    def leave(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = {signum: signal.signal(signum, leave) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def start_engine(model_path: str, settings: Settings, *, seed: int = 0, enable_lora: bool = True):
     """Start the vLLM engine on a model (about half a minute for the small model on the CPU)."""
     from services.teacher.engine import EngineOptions, TeacherEngine
 
     with console.status(f"Starting the engine on {Path(model_path).name}..."):
+        if not console.is_terminal:
+            console.print(f"Starting the engine on {Path(model_path).name}...")
         return TeacherEngine(
             EngineOptions(
                 model=model_path,
+                dtype=settings.dtype,
                 max_model_len=settings.max_model_len,
                 max_logprobs=settings.max_logprobs,
                 kv_cache_gib=settings.kv_cache_gib,
                 seed=seed,
+                enable_lora=enable_lora,
             )
         )
 
 
-def progress_bar(*extra_fields: str) -> Progress:
-    """A progress bar with counts, elapsed and remaining time, and the named extra fields shown after the bar."""
+class PlainProgress:
+    """Progress for output that is not a terminal: `Progress`'s `add_task`/`update`/`stop`, printed as one plain line
+    per unfinished task every `interval` seconds (and once when a task finishes), from a background thread so that a
+    long engine call still shows that the run is alive.
+
+        curating: 64/160 (40%) pairs 5, 180 tok/s | elapsed 2:10, left ~3:15
+    """
+
+    def __init__(self, extra_fields: tuple[str, ...], interval: float):
+        self.extra_fields, self.interval = extra_fields, interval
+        self.tasks: dict[int, dict] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._print_periodically, name="progress", daemon=True)
+
+    def __enter__(self) -> PlainProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        with self._lock:
+            task_id = len(self.tasks)
+            self.tasks[task_id] = dict(
+                description=description, total=total, completed=0, fields=fields, started=time.monotonic(), done=False
+            )
+        return task_id
+
+    def update(self, task_id: int, *, completed: float | None = None, total: float | None = None, **fields) -> None:
+        with self._lock:
+            task = self.tasks[task_id]
+            if completed is not None:
+                task["completed"] = completed
+            if total is not None:
+                task["total"] = total
+            task["fields"].update(fields)
+            finished = task["total"] is not None and task["completed"] >= task["total"] and not task["done"]
+            if finished:
+                task["done"] = True
+                console.print(self.line(task), highlight=False)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def line(self, task: dict) -> str:
+        elapsed = time.monotonic() - task["started"]
+        done, total = task["completed"], task["total"]
+        count = f"{done:g}" if total is None else f"{done:g}/{total:g} ({100 * done / max(total, 1):.0f}%)"
+        fields = ", ".join(str(task["fields"][name]) for name in self.extra_fields if task["fields"].get(name))
+        left = ""
+        if total and 0 < done < total:
+            left = f", left ~{format_seconds(elapsed * (total - done) / done)}"
+        return f"{task['description']}: {count} {fields} | elapsed {format_seconds(elapsed)}{left}".replace("  ", " ")
+
+    def _print_periodically(self) -> None:
+        while not self._stopped.wait(self.interval):
+            with self._lock:
+                for task in self.tasks.values():
+                    if not task["done"]:
+                        console.print(self.line(task), highlight=False)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_bar(*extra_fields: str) -> Progress | PlainProgress:
+    """A progress bar with counts, elapsed and remaining time, and the named extra fields shown after the bar; plain
+    lines at a steady interval when the output is not a terminal."""
+    if not console.is_terminal:
+        return PlainProgress(extra_fields, Settings().progress_interval)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -64,6 +184,23 @@ def progress_bar(*extra_fields: str) -> Progress:
         TimeRemainingColumn(),
         console=console,
     )
+
+
+def curate_with_progress(problems, engine, store, config):
+    """Curation with a progress line of problems done, pairs kept and tokens/s."""
+    from services.curator.curation import curate
+
+    with progress_bar("status") as progress:
+        curating = progress.add_task("curating", total=len(problems), status="")
+
+        def on_curation(funnel) -> None:
+            progress.update(
+                curating,
+                completed=funnel.skipped + funnel.processed,
+                status=f"pairs {funnel.pairs}, {funnel.tokens_per_second:,.0f} tok/s",
+            )
+
+        return curate(problems, engine, store, config, on_progress=on_curation)
 
 
 def print_funnel(funnel, out: Path) -> None:

@@ -5,16 +5,21 @@ answer) or `None` (ungradeable: no final answer could be extracted, or the grade
 counts an ungradeable response as wrong, as a benchmark does: a response that states no answer has not solved the
 problem. Ungradeable responses are counted separately (`count_ungradeable`) so a report can say how many there were.
 
-    from shared.metrics import pass_at_k, mean_accuracy
+    from shared.metrics import pass_at_k, mean_accuracy, mcnemar
     pass_at_k(n=4, c=1, k=2)               # 0.5
     mean_accuracy([True, False, None])     # 1/3
+    mcnemar([True, False], [False, False]) # paired test of two models on the same problems
+
+`mcnemar` compares two models answering the same problems: only the problems on which they disagree carry evidence.
 
 Pure: standard library only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 Verdict = bool | None
 
@@ -65,3 +70,36 @@ def mean_pass_at_k(samples: Sequence[Sequence[Verdict]], k: int) -> float:
     if not samples:
         raise ValueError("pass@k of no problems is undefined")
     return sum(pass_at_k(len(v), count_correct(v), k) for v in samples) / len(samples)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's exact test of two models on the same problems.
+
+    `only_first` problems were right for the first model alone, `only_second` for the second alone; `p_value` is the
+    two-sided probability, if both models were equally good, of a split of the discordant problems at least this
+    uneven (exact binomial with p = 1/2). `difference` is the second model's accuracy minus the first's.
+    """
+
+    problems: int
+    only_first: int
+    only_second: int
+    difference: float
+    p_value: float
+
+
+def mcnemar(first: Sequence[Verdict], second: Sequence[Verdict]) -> PairedTest:
+    """McNemar's exact test on paired verdicts (ungradeable counts as wrong); raises on unequal or empty inputs."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"paired verdicts needed: got {len(first)} and {len(second)}")
+    only_first = sum(a is True and b is not True for a, b in zip(first, second))
+    only_second = sum(b is True and a is not True for a, b in zip(first, second))
+    discordant = only_first + only_second
+    tail = sum(math.comb(discordant, i) for i in range(min(only_first, only_second) + 1)) / 2**discordant
+    return PairedTest(
+        problems=len(first),
+        only_first=only_first,
+        only_second=only_second,
+        difference=(only_second - only_first) / len(first),
+        p_value=min(1.0, 2 * tail),
+    )

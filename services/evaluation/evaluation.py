@@ -97,6 +97,11 @@ class ModelRow(BaseModel):
 
     name: str = Field(description="`base`, or the adapter directory's name.")
     adapter: str | None = Field(description="Adapter path; None for the base model.")
+    served: str | None = Field(
+        default="lora",
+        description="How the adapter was served: `lora` (beside the base weights) or `merged` (into a copy of them); "
+        "None for the base model.",
+    )
     pass_at_1: float = Field(description="Share of problems whose greedy answer is correct (ungradeable is wrong).")
     mean_at_n: float | None = Field(description="Mean accuracy over the n samples; None when samples is 1.")
     pass_at_n: float | None = Field(description="Share of problems with at least one correct sample; None when n is 1.")
@@ -193,6 +198,7 @@ def summarize_model(
     return ModelRow(
         name=name,
         adapter=adapter,
+        served=None if adapter is None else "lora",
         pass_at_1=mean_accuracy(greedy),
         mean_at_n=mean_pass_at_k(sampled, 1) if samples > 1 else None,
         pass_at_n=mean_pass_at_k(sampled, samples) if samples > 1 else None,
@@ -247,6 +253,39 @@ def evaluate(
         for i, problem in enumerate(problems)
     ]
     return EvalReport(benchmark=benchmark, model=engine.model_name, config=config, rows=rows, problems=results)
+
+
+def as_merged_adapter(report: EvalReport, adapter: str) -> EvalReport:
+    """The base-model report of an engine serving `adapter` merged into its weights, labelled as that adapter."""
+    (row,) = report.rows
+    name = model_names([adapter])[0]
+    return report.model_copy(
+        update={
+            "rows": [row.model_copy(update={"name": name, "adapter": adapter, "served": "merged"})],
+            "problems": [p.model_copy(update={"answers": {name: p.answers[row.name]}}) for p in report.problems],
+        }
+    )
+
+
+def combine_reports(reports: Sequence[EvalReport]) -> EvalReport:
+    """One report from several evaluations of the same problems with the same settings (the base model on one engine,
+    each merged adapter on its own): rows in order, made unique by name, and every problem's answers together."""
+    first = reports[0]
+    for report in reports[1:]:
+        if [p.id for p in report.problems] != [p.id for p in first.problems] or report.config != first.config:
+            raise ValueError("reports to combine must cover the same problems with the same settings")
+    rows = [row for report in reports for row in report.rows]
+    names = model_names([row.adapter for row in rows])
+    renamed = [row.model_copy(update={"name": name}) for row, name in zip(rows, names, strict=True)]
+    problems = []
+    for i, problem in enumerate(first.problems):
+        answers, position = {}, 0
+        for report in reports:
+            for row in report.rows:
+                answers[names[position]] = report.problems[i].answers[row.name]
+                position += 1
+        problems.append(problem.model_copy(update={"answers": answers}))
+    return first.model_copy(update={"rows": renamed, "problems": problems})
 
 
 def render_table(reports: EvalReport | Sequence[EvalReport], *, title: str = "Evaluation") -> Table:

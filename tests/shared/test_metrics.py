@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from shared.metrics import count_correct, count_ungradeable, mean_accuracy, mean_pass_at_k, pass_at_k
+from shared.metrics import count_correct, count_ungradeable, mcnemar, mean_accuracy, mean_pass_at_k, pass_at_k
 
 
 @pytest.mark.parametrize(
@@ -60,3 +60,20 @@ def test_mean_pass_at_k_averages_over_problems():
     assert mean_pass_at_k([[None, True, False, False]], 1) == 0.25
     with pytest.raises(ValueError):
         mean_pass_at_k([], 1)
+
+
+def test_mcnemar_by_hand():
+    # Discordant problems: first alone right on 1, second alone right on 5. Two-sided exact p = 2 * P(X <= 1), X ~ B(6, 1/2)
+    first = [True] * 3 + [True] + [False] * 5 + [None] * 2
+    second = [True] * 3 + [False] + [True] * 5 + [False] * 2
+    test = mcnemar(first, second)
+    assert (test.problems, test.only_first, test.only_second) == (11, 1, 5)
+    assert test.p_value == pytest.approx(2 * (1 + 6) / 64)
+    assert test.difference == pytest.approx(4 / 11)
+
+
+def test_mcnemar_without_disagreement_is_no_evidence():
+    assert mcnemar([True, False, None], [True, None, False]).p_value == 1.0
+    assert mcnemar([True] * 4, [False] * 4).p_value == pytest.approx(2 / 16)
+    with pytest.raises(ValueError):
+        mcnemar([True], [True, False])

@@ -1,0 +1,44 @@
+"""A LoRA adapter merged into a copy of its base model's weights, so that an engine serves it at the base model's speed.
+
+The CPU build of vLLM runs a LoRA several times slower than the base model, and its cost per engine step grows with
+the tokens batched into the step (a 57-request prefill with a LoRA outlasted vLLM's 300 s step timeout on a slow
+CPU). A merged copy computes W' x = (W + (alpha / r) B A) x, the same function as the LoRA's W x + (alpha / r) B A x;
+tests/services/teacher/test_merging.py checks that the merged engine answers as the LoRA one does.
+
+    merged = merge_adapter("runs/demo/adapter", base_model_path, out_dir)   # a checkpoint vLLM and transformers load
+
+The merge runs in float32 and is saved in float32; the engine casts to its own dtype when it loads, as it does for the
+base model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def merge_adapter(adapter_dir: str | Path, base_model: str, out_dir: str | Path) -> Path:
+    """Write the base model with the adapter merged into `out_dir` (created; must be empty); return it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter {adapter_dir}: peft_type is {config['peft_type']!r}; only LoRA adapters merge")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty")
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(out_dir)
+    base_dir = Path(base_model)
+    for name in TOKENIZER_FILES:  # the base checkpoint's own files win (its generation config stops at end of turn)
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, out_dir / name)
+    return out_dir
