@@ -51,6 +51,7 @@ demo: setup model
 # Every figure is a ratio against a baseline measured in the same run; results land in runs/bench/ (docs/BENCHMARKS.md).
 bench: setup model
 	$(BIN)/python -m benchmarks.curation
+	$(BIN)/python -m benchmarks.teacher_service
 	$(BIN)/python -m benchmarks.training
 
 # For `python3 -m benchmarks.training --shape qwen2.5-1.5b --device cuda` on a GPU box that has torch, transformers,
