@@ -130,10 +130,12 @@ def resolve_adapter_serving(serving: str) -> str:
     return "lora" if torch.cuda.is_available() else "merged"
 
 
-def evaluate_with_progress(problems, engine, config: EvalConfig, adapters: list, label: str) -> EvalReport:
-    """`evaluate` on one engine with a progress bar over every model it answers for."""
+def evaluate_with_progress(
+    problems, engine, config: EvalConfig, adapters: list, label: str, *, what: str | None = None
+) -> EvalReport:
+    """`evaluate` on one engine with a progress bar over every model it answers for (`what`, else the benchmark)."""
     with progress_bar("model") as progress:
-        task = progress.add_task(f"evaluating {label}", total=len(problems) * len(adapters), model="")
+        task = progress.add_task(f"evaluating {what or label}", total=len(problems) * len(adapters), model="")
         finished: dict[str, int] = {}
 
         def show_progress(name: str, done: int, total: int) -> None:
@@ -153,7 +155,9 @@ def evaluate_merged_adapter(
         with console.status(f"Merging {Path(adapter).name} into a copy of the base weights..."):
             merge_adapter(adapter, model_path, merged_dir)
         with start_engine(merged_dir, settings, seed=config.seed, enable_lora=False) as engine:
-            report = evaluate_with_progress(problems, engine, config, [None], f"{label} ({Path(adapter).name}, merged)")
+            report = evaluate_with_progress(
+                problems, engine, config, [None], label, what=f"{label} ({Path(adapter).name}, merged)"
+            )
     return as_merged_adapter(report.model_copy(update={"model": model_path}), adapter)
 
 

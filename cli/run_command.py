@@ -8,7 +8,8 @@ temporary copy of the base weights (an engine of its own, at the base model's sp
 (`--adapter-serving`). The end is a table of base vs adapter, how many answers were cut off or ungradeable on each
 side, and McNemar's exact test on the paired verdicts. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter, metrics, training curve) and
 `OUT/eval.json` (per-problem results). A rerun skips problems already curated; training needs an empty
-`OUT/adapter/` (or `--resume`).
+`OUT/adapter/` (or `--resume`). Every training option of `ssb train` is an option here too (one definition, from
+`TrainConfig`); `--seed` seeds curation, training and evaluation alike.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cli.eval_command import (
     evaluate_with_progress,
     resolve_adapter_serving,
 )
+from cli.train_command import build_train_config, training_options
 from cli.runtime import (
     ModelOption,
     WorkedExampleOption,
@@ -39,6 +41,7 @@ from cli.runtime import (
 )
 
 
+@training_options(exclude={"seed"})
 def run_command(
     train: Annotated[str, typer.Option("--train", help="Problems to curate and train on (file or benchmark name).")],
     eval_: Annotated[str, typer.Option("--eval", help="Held-out problems to evaluate on (file or benchmark name).")],
@@ -50,16 +53,15 @@ def run_command(
     seed: Annotated[int, typer.Option(help="Seeds curation, training and evaluation.")] = 0,
     rollout_max_tokens: Annotated[int, typer.Option(help="Longest rollout.")] = 512,
     explanation_max_tokens: Annotated[int, typer.Option(help="Longest explanation.")] = 768,
-    epochs: Annotated[int, typer.Option(min=1, help="Training passes over the pairs.")] = 3,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
     eval_max_tokens: Annotated[int, typer.Option(help="Longest evaluation answer.")] = 512,
     worked_example: WorkedExampleOption = None,
     resume: Annotated[bool, typer.Option(help="Resume training from OUT/adapter's last checkpoint.")] = False,
     adapter_serving: AdapterServingOption = "auto",
+    *,
+    train_options: dict,
 ) -> None:
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
-    from services.trainer.config import TrainConfig
     from services.trainer.training import TrainingError, train as train_adapter
     from shared.datasets import DatasetError, load_problems
     from shared.settings import CurationConfig, Settings
@@ -81,7 +83,7 @@ def run_command(
             rollout_max_tokens=rollout_max_tokens,
             explanation_max_tokens=explanation_max_tokens,
         )
-        training = TrainConfig(epochs=epochs, lr=lr, seed=seed)
+        training = build_train_config(train_options, seed=seed)
         evaluation = EvalConfig(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed)
         model_path = ensure_model(model, settings)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
@@ -97,7 +99,7 @@ def run_command(
             if not PairStore(pairs_dir).pair_ids():
                 print_funnel(funnel, pairs_dir)
                 raise fail("no verified pairs to train on: use more problems or --k")
-            base_report = evaluate_with_progress(held_out, engine, evaluation, [None], f"{label} (base)")
+            base_report = evaluate_with_progress(held_out, engine, evaluation, [None], label, what=f"{label} (base)")
 
         with progress_bar("status") as progress:
             training_task = progress.add_task("training", total=None, status="")
