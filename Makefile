@@ -40,18 +40,20 @@ test-fast: setup
 
 # The main job on the CPU: curate arithmetic problems (seed 0), train an adapter, evaluate on held-out ones (seed 1).
 DEMO_TRAIN ?= 160
-DEMO_EVAL ?= 60
+DEMO_EVAL ?= 400
 demo: setup model
 	rm -rf runs/demo
 	$(BIN)/ssb data arith --n $(DEMO_TRAIN) --seed 0 --out runs/demo/train.jsonl
 	$(BIN)/ssb data arith --n $(DEMO_EVAL) --seed 1 --out runs/demo/held_out.jsonl
 	$(BIN)/ssb run --train runs/demo/train.jsonl --eval runs/demo/held_out.jsonl --out runs/demo \
-		--worked-example --rollout-max-tokens 256 --explanation-max-tokens 384 --eval-max-tokens 256
+		--rollout-max-tokens 256 --explanation-max-tokens 384 --eval-max-tokens 256
 
 # Every figure is a ratio against a baseline measured in the same run; results land in runs/bench/ (docs/BENCHMARKS.md).
 bench: setup model
+	$(BIN)/python -m benchmarks.engine_threads
 	$(BIN)/python -m benchmarks.curation
 	$(BIN)/python -m benchmarks.teacher_service
+	$(BIN)/python -m benchmarks.adapter_eval
 	$(BIN)/python -m benchmarks.training
 
 # For `python3 -m benchmarks.training --shape qwen2.5-1.5b --device cuda` on a GPU box that has torch, transformers,

@@ -32,6 +32,39 @@ def engine(model_path):
         yield engine
 
 
+# How the session's curated pairs are made: the curation test's settings (paper sampling, the worked example, the
+# demo's token limits, top-20), on the first CURATED_PROBLEMS arithmetic problems of seed 0.
+CURATED_PROBLEMS = 64
+
+
+CURATION_CONFIG = dict(k=4, seed=0, worked_example=True, rollout_max_tokens=256, explanation_max_tokens=384, topk=20)
+
+
+@pytest.fixture(scope="session")
+def curation_run(engine, tmp_path_factory):
+    """The session's one real curation: (problems, store, funnel) of `curate()` on the session's vLLM engine."""
+    from services.curator.curation import curate
+    from shared.arithmetic import make_arithmetic_problems
+    from shared.settings import CurationConfig
+    from shared.storage import PairStore
+
+    problems = make_arithmetic_problems(CURATED_PROBLEMS, seed=0)
+    store = PairStore(tmp_path_factory.mktemp("curated"))
+    funnel = curate(problems, engine, store, CurationConfig(**CURATION_CONFIG))
+    return problems, store, funnel
+
+
+@pytest.fixture(scope="session")
+def curated_pairs(curation_run):
+    """A curation output directory (`DIR/pairs/`, `DIR/dropped/`) written by `curate()` on the session's vLLM engine.
+
+    Shared by the tests that tie the engine's numbers to the trainer's; at least a few pairs (checked here).
+    """
+    _, store, funnel = curation_run
+    assert funnel.pairs >= 3, f"only {funnel.pairs} verified pairs from {CURATED_PROBLEMS} arithmetic problems"
+    return store.root
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "engine" in item.fixturenames:

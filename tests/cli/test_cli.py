@@ -1,8 +1,12 @@
 """The `ssb` command as a user runs it: real processes, real files, clear errors."""
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,17 +73,50 @@ def test_curate_rejects_a_bad_file_before_starting_the_engine(tmp_path):
 
 @pytest.mark.engine
 def test_curate_then_export_end_to_end(tmp_path, model_path):
-    """The whole command on a handful of problems: funnel printed, pairs exported as JSONL."""
+    """The plain command with the default model (worked example on by default for it) on a handful of problems: plain
+    progress lines (the output is not a terminal), the funnel, pairs exported as JSONL."""
     data = tmp_path / "train.jsonl"
     ssb("data", "arith", "--n", "8", "--seed", "0", "--out", str(data))
     out = tmp_path / "pairs"
-    result = ssb(
-        "curate", "--data", str(data), "--out", str(out), "--worked-example",
-        "--rollout-max-tokens", "96", "--explanation-max-tokens", "160",
-    )
+    result = ssb("curate", "--data", str(data), "--out", str(out), "--rollout-max-tokens", "96",
+                 "--explanation-max-tokens", "160")
     assert "Curation funnel" in result.stderr and "verified pairs written" in result.stderr
+    assert "curating: 8/8 (100%)" in result.stderr
     exported = [json.loads(line) for line in ssb("pairs", "export", str(out)).stdout.splitlines()]
     stored = sorted(p.stem for p in (out / "pairs").glob("*.safetensors"))
     assert sorted(r["problem_id"] for r in exported) == stored
     dropped = list((out / "dropped").glob("*.json"))
     assert len(stored) + len(dropped) == 8
+
+
+@pytest.mark.engine
+def test_sigterm_stops_curation_and_every_engine_process(tmp_path, model_path):
+    """A real SIGTERM to `ssb curate` mid-run: it exits with 128 + 15, every engine process it started is gone, and no
+    half-written file is left. Before that, plain progress lines arrive at the configured interval."""
+    import psutil
+
+    data = tmp_path / "train.jsonl"
+    ssb("data", "arith", "--n", "64", "--seed", "0", "--out", str(data))
+    out, log = tmp_path / "pairs", tmp_path / "curate.log"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "curate", "--data", str(data), "--out", str(out), "--batch-size", "8"],
+            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "SSB_PROGRESS_INTERVAL": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while log.read_text().count("curating:") < 2:
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"no progress lines after 300 s:\n{log.read_text()}"
+                time.sleep(0.5)
+            engine_processes = psutil.Process(process.pid).children(recursive=True)
+            assert engine_processes, "the engine runs in child processes"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=120) == 128 + signal.SIGTERM
+        finally:
+            if process.poll() is None:
+                process.kill()
+    _, alive = psutil.wait_procs(engine_processes, timeout=30)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
+    assert not list(out.rglob("*.tmp"))
+    assert re.search(r"curating: \d+/64 \(\d+%\)", log.read_text())
