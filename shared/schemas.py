@@ -27,8 +27,8 @@ class Problem(BaseModel):
 class ChatMessage(BaseModel):
     """One chat turn, rendered with the model's own chat template."""
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: str = Field(max_length=200_000, description="What is said.")
 
 
 class SamplingSettings(BaseModel):
@@ -36,10 +36,12 @@ class SamplingSettings(BaseModel):
 
     n: int = Field(default=1, ge=1, le=64, description="Samples per prompt.")
     temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 means greedy.")
-    top_k: int = Field(default=-1, ge=-1, description="-1 keeps the whole vocabulary.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=512, ge=1, le=32768)
-    seed: int | None = Field(default=None, description="Per-request seed, for reproducible samples.")
+    top_k: int = Field(default=-1, ge=-1, le=1_048_576, description="Sample among the k most likely; -1 (or 0) all.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: the smallest set with this mass.")
+    max_tokens: int = Field(default=512, ge=1, le=32768, description="Most tokens to generate.")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**63 - 1, description="Per-request seed, for reproducible samples."
+    )
     logprobs: int | None = Field(default=None, ge=1, le=256, description="Top-k log-probabilities per token.")
 
 
@@ -69,10 +71,17 @@ class Rollout(BaseModel):
     text: str
     num_tokens: int
     extracted: str | None = Field(description="Final answer pulled from the text; None when there is none.")
-    correct: bool | None = Field(description="Equivalent to the gold answer; None when ungradeable.")
+    correct: bool | None = Field(
+        description="Equivalent to the gold answer; None when ungradeable or cut at the token limit."
+    )
+    truncated: bool = Field(
+        default=False,
+        description="Cut at the token limit before it ended: whatever number it last wrote is not a final answer, so "
+        "its verdict is None and it is never shown as a hint.",
+    )
 
 
-DropReason = Literal["no_mix", "explanation_wrong", "ungradeable"]
+DropReason = Literal["no_mix", "explanation_wrong", "explanation_truncated", "ungradeable"]
 
 
 class DroppedProblem(BaseModel):

@@ -70,16 +70,19 @@ def seeded_sampling(sampling: SamplingSettings, seed: int, problem: Problem) -> 
 
 
 def grade_rollouts(problem: Problem, generations: Sequence[Generation], config: CurationConfig) -> list[Rollout]:
-    """Grade each rollout against the gold answer."""
+    """Grade each rollout against the gold answer; one cut at the token limit gets no verdict (it never finished, and a
+    small model that runs on repeats numbers, so the last one it wrote is no final answer)."""
     rollouts = []
     for generation in generations:
         graded = grade_response(problem.answer, generation.text, order=config.extraction_order)
+        truncated = generation.finish_reason == "length"
         rollouts.append(
             Rollout(
                 text=generation.text,
                 num_tokens=len(generation.token_ids),
                 extracted=graded.extracted,
-                correct=graded.correct,
+                correct=None if truncated else graded.correct,
+                truncated=truncated,
             )
         )
     return rollouts
@@ -156,6 +159,18 @@ def curate_batch(
         hinted, teacher_prompts, explanation_settings, explanations, strict=True
     ):
         problem, rollouts = h.problem, h.rollouts
+        if explanation.finish_reason == "length":
+            store.write_dropped(
+                DroppedProblem(
+                    problem_id=problem.id,
+                    reason="explanation_truncated",
+                    detail=f"the explanation was cut at {len(explanation.token_ids)} tokens before it ended",
+                    rollouts=rollouts,
+                    explanation=explanation.text,
+                )
+            )
+            funnel.count_drop("explanation_truncated")
+            continue
         verdict = grade_response(problem.answer, explanation.text, order=config.extraction_order)
         if verdict.correct is not True:
             store.write_dropped(

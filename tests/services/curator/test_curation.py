@@ -17,7 +17,8 @@ def test_funnel_accounts_for_every_problem(curation_run):
     problems, store, funnel = curation_run
     assert funnel.problems == len(problems) == funnel.processed
     assert funnel.pairs == len(store.pair_ids())
-    assert funnel.with_mix == funnel.explained == funnel.pairs + funnel.dropped.get("explanation_wrong", 0)
+    unverified = funnel.dropped.get("explanation_wrong", 0) + funnel.dropped.get("explanation_truncated", 0)
+    assert funnel.with_mix == funnel.explained == funnel.pairs + unverified
     assert funnel.rollout_tokens > 0 and funnel.tokens_per_second > 0
     assert {d.problem_id for d in store.iter_dropped()} | set(store.pair_ids()) == {p.id for p in problems}
     assert not {d.problem_id for d in store.iter_dropped()} & set(store.pair_ids())
@@ -31,6 +32,8 @@ def test_pairs_are_verified_and_aligned_with_their_tokens(curation_run, engine):
         assert grade_response(record.gold, record.explanation).correct is True
         assert record.rollouts[record.correct_hint_index].correct is True
         assert record.rollouts[record.incorrect_hint_index].correct is False
+        assert not any(r.correct is not None for r in record.rollouts if r.truncated)
+        assert len(pair.token_ids) < CONFIG.explanation_max_tokens  # ended, not cut at the limit
         assert record.rollouts[record.correct_hint_index].text in record.teacher_prompt.text
         assert record.rollouts[record.incorrect_hint_index].text in record.teacher_prompt.text
         assert record.question in record.student_prompt.text
