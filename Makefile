@@ -46,7 +46,7 @@ demo: setup model
 	$(BIN)/ssb data arith --n $(DEMO_TRAIN) --seed 0 --out runs/demo/train.jsonl
 	$(BIN)/ssb data arith --n $(DEMO_EVAL) --seed 1 --out runs/demo/held_out.jsonl
 	$(BIN)/ssb run --train runs/demo/train.jsonl --eval runs/demo/held_out.jsonl --out runs/demo \
-		--rollout-max-tokens 256 --explanation-max-tokens 384 --eval-max-tokens 256
+		--rollout-max-tokens 192 --explanation-max-tokens 256 --eval-max-tokens 192
 
 # Every figure is a ratio against a baseline measured in the same run; results land in runs/bench/ (docs/BENCHMARKS.md).
 bench: setup model

@@ -37,7 +37,7 @@ def engine(model_path):
 CURATED_PROBLEMS = 64
 
 
-CURATION_CONFIG = dict(k=4, seed=0, worked_example=True, rollout_max_tokens=256, explanation_max_tokens=384, topk=20)
+CURATION_CONFIG = dict(k=4, seed=0, worked_example=True, rollout_max_tokens=192, explanation_max_tokens=256, topk=20)
 
 
 @pytest.fixture(scope="session")
