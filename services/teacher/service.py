@@ -162,7 +162,14 @@ class TeacherService:
         return self.lora_requests[adapter]
 
     def check_sampling(self, settings: SamplingSettings, prompt_tokens: int, param: str) -> None:
-        """Refuse what the engine cannot do: k above `max_logprobs`, a prompt plus max_tokens over the context."""
+        """Refuse what the engine cannot do: k above `max_logprobs`, a prompt plus max_tokens over the context,
+        settings vLLM refuses (e.g. n > 1 at temperature 0)."""
+        from vllm.exceptions import VLLMError
+
+        try:
+            sampling_params(settings)
+        except (ValueError, VLLMError) as exc:
+            raise InvalidRequest(f"{param}: {exc}", param=param) from exc
         if settings.logprobs is not None and settings.logprobs > self.options.max_logprobs:
             raise InvalidRequest(
                 f"{param}.logprobs: {settings.logprobs} is above the engine's max_logprobs "

@@ -125,6 +125,8 @@ BAD_INPUTS = [
     ("/v1/rollouts", {"questions": [{"question": "q"}], "sampling": {"logprobs": 65}}, 400, "sampling.logprobs"),
     ("/v1/rollouts", {"questions": [{"question": "q"}], "sampling": {"max_tokens": 4090}}, 400, "sampling.max_tokens"),
     ("/v1/rollouts", {"questions": [{"question": "q"}], "adapter": "nobody"}, 404, "adapter"),
+    ("/v1/rollouts", {"questions": [{"question": "q"}], "sampling": {"n": 2, "temperature": 0}}, 400, "sampling"),
+    ("/v1/rollouts", {"questions": [{"question": "q", "sampling": {"seed": 2**64}}]}, 422, "questions.0.sampling.seed"),
     ("/v1/rollouts", {"questions": [{"question": "q"}], "colour": "red"}, 422, "colour"),
     ("/v1/explanations", {"items": [{"question": "q", "correct_response": "a"}]}, 422, "items.0.incorrect_response"),
     ("/v1/logprobs", {"prompt_token_ids": [1], "reply_token_ids": [2], "k": 65}, 400, "k"),
@@ -183,6 +185,7 @@ def test_adapter_loads_changes_the_output_and_unloads(teacher_server):
         loaded = http.post("/v1/adapters", json={"name": "tiny"})
         assert loaded.status_code == 201 and loaded.json() == {"name": "tiny", "path": "tiny"}
         assert http.post("/v1/adapters", json={"name": "tiny"}).status_code == 409
+        assert http.post("/v1/adapters", json={"name": "tiny", "replace": True}).status_code == 201
         assert [a["name"] for a in http.get("/v1/models").json()["adapters"]] == ["tiny"]
         adapted = http.post("/v1/rollouts", json={**greedy, "adapter": "tiny"})
         assert adapted.status_code == 200, adapted.text
