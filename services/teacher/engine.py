@@ -118,6 +118,41 @@ def topk_from_vllm(position_logprobs: dict, k: int) -> tuple[list[int], list[flo
     return [token_id for token_id, _ in ranked], [float(lp.logprob) for _, lp in ranked]
 
 
+def sampling_params(settings: SamplingSettings, *, final_only: bool = False):
+    """vLLM's sampling parameters for one request. `final_only` makes the async engine return all `n` samples in one
+    final output (its default streaming kind keeps only one of them in the last item)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    extra = {"output_kind": RequestOutputKind.FINAL_ONLY} if final_only else {}
+    return SamplingParams(
+        n=settings.n,
+        temperature=settings.temperature,
+        top_k=settings.top_k if settings.top_k > 0 else -1,
+        top_p=settings.top_p,
+        max_tokens=settings.max_tokens,
+        seed=settings.seed,
+        logprobs=settings.logprobs,
+        **extra,
+    )
+
+
+def generation_from_completion(completion, k: int | None) -> Generation:
+    """One vLLM `CompletionOutput` as a `Generation`; with `k`, the top-k ids and log-probabilities of every token."""
+    topk_ids = topk_logprobs = None
+    if k:
+        pairs = [topk_from_vllm(position, k) for position in completion.logprobs]
+        topk_ids = [ids for ids, _ in pairs]
+        topk_logprobs = [lps for _, lps in pairs]
+    return Generation(
+        text=completion.text,
+        token_ids=list(completion.token_ids),
+        finish_reason=completion.finish_reason,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+    )
+
+
 class TeacherEngine(PromptingEngine):
     """A vLLM engine plus the model's tokenizer. `generate` batches all prompts into one engine call."""
 
@@ -169,46 +204,18 @@ class TeacherEngine(PromptingEngine):
         adapter: str | None = None,
     ) -> list[list[Generation]]:
         """Generate for every prompt in one batched engine call; returns `n` generations per prompt, in order."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         settings = [sampling] * len(prompts) if isinstance(sampling, SamplingSettings) else list(sampling)
         if len(settings) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(settings)} sampling settings")
-        params = [
-            SamplingParams(
-                n=s.n,
-                temperature=s.temperature,
-                top_k=s.top_k if s.top_k > 0 else -1,
-                top_p=s.top_p,
-                max_tokens=s.max_tokens,
-                seed=s.seed,
-                logprobs=s.logprobs,
-            )
-            for s in settings
-        ]
+        params = [sampling_params(s) for s in settings]
         inputs = [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._lora_request(adapter))
-        results = []
-        for output, s in zip(outputs, settings, strict=True):
-            generations = []
-            for completion in output.outputs:
-                topk_ids = topk_logprobs = None
-                if s.logprobs:
-                    pairs = [topk_from_vllm(position, s.logprobs) for position in completion.logprobs]
-                    topk_ids = [ids for ids, _ in pairs]
-                    topk_logprobs = [lps for _, lps in pairs]
-                generations.append(
-                    Generation(
-                        text=completion.text,
-                        token_ids=list(completion.token_ids),
-                        finish_reason=completion.finish_reason,
-                        topk_ids=topk_ids,
-                        topk_logprobs=topk_logprobs,
-                    )
-                )
-            results.append(generations)
-        return results
+        return [
+            [generation_from_completion(completion, s.logprobs) for completion in output.outputs]
+            for output, s in zip(outputs, settings, strict=True)
+        ]
 
     def score(
         self,

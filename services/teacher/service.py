@@ -18,9 +18,14 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from services.teacher.engine import EngineOptions, engine_kwargs, topk_from_vllm
+from services.teacher.engine import (
+    EngineOptions,
+    engine_kwargs,
+    generation_from_completion,
+    sampling_params,
+    topk_from_vllm,
+)
 from services.teacher.settings import TeacherSettings
-from services.teacher.vllm_conversions import generation_from_completion, sampling_params
 from shared.models import resolve_model
 from shared.engine import HintedQuestion, explanation_messages, rollout_messages
 from shared.prompts import PROMPT_VERSION, render_chat

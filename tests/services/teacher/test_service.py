@@ -222,6 +222,17 @@ def test_openai_routes_share_the_engine(teacher_server):
         assert unknown.status_code == 404
 
 
+def file_content(path):
+    """A stored file's content: a pair file's metadata and arrays (safetensors writes its metadata keys in no fixed
+    order, so two writes of the same pair can differ in their bytes), any other file's bytes."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata(), {name: f.get_tensor(name).tobytes() for name in f.keys()}
+
+
 def rollout_texts(store: PairStore) -> dict[str, list[str]]:
     texts = {d.problem_id: [r.text for r in d.rollouts] for d in store.iter_dropped()}
     texts.update({p.record.problem_id: [r.text for r in p.record.rollouts] for p in store.iter_pairs()})
@@ -230,8 +241,8 @@ def rollout_texts(store: PairStore) -> dict[str, list[str]]:
 
 def test_curation_through_the_service_writes_the_same_pairs(teacher_server, engine, tmp_path):
     """Same problems, seed and settings, in-process and through the service: the same prompts, and the same pair files
-    byte for byte (records with the prompts as rendered, token ids as generated, raw log-probabilities) wherever the
-    engine's samples agree.
+    (records with the prompts as rendered, token ids as generated, raw log-probabilities, all byte for byte) wherever
+    the engine's samples agree.
 
     They agree for nearly every sample, not all: the service submits a request's prompts to the engine one by one as
     they arrive, the in-process engine adds all of them before its first step, so the engine's batches differ, and in
@@ -251,8 +262,8 @@ def test_curation_through_the_service_writes_the_same_pairs(teacher_server, engi
     local_texts, remote_texts = rollout_texts(local), rollout_texts(remote)
     same = sum(a == b for pid in local_texts for a, b in zip(local_texts[pid], remote_texts[pid], strict=True))
     total = sum(len(texts) for texts in local_texts.values())
-    local_files = {p.relative_to(local.root): p.read_bytes() for p in local.root.rglob("*") if p.is_file()}
-    remote_files = {p.relative_to(remote.root): p.read_bytes() for p in remote.root.rglob("*") if p.is_file()}
+    local_files = {p.relative_to(local.root): file_content(p) for p in local.root.rglob("*") if p.is_file()}
+    remote_files = {p.relative_to(remote.root): file_content(p) for p in remote.root.rglob("*") if p.is_file()}
     identical = sum(local_files[name] == remote_files.get(name) for name in local_files)
     print(f"\nrollouts identical: {same}/{total}; files identical: {identical}/{len(local_files)}")
     assert same / total >= 0.85
