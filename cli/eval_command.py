@@ -140,7 +140,7 @@ def evaluate_with_progress(
 
         def show_progress(name: str, done: int, total: int) -> None:
             finished[name] = done
-            progress.update(task, completed=sum(finished.values()), model=name)
+            progress.update(task, completed=sum(finished.values()), model=name if len(adapters) > 1 else "")
 
         return evaluate(problems, engine, config, adapters=adapters, benchmark=label, on_progress=show_progress)
 
