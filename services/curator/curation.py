@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shared.engine import Engine, HintedQuestion
-from shared.grading import grade_response
+from shared.grading import GradedAnswer, grade_response
 from shared.prompts import PROMPT_VERSION
 from shared.schemas import DroppedProblem, Generation, Pair, PairRecord, Problem, Rollout, SamplingSettings
 from shared.selection import seeded_rng, select_hints
@@ -88,6 +88,18 @@ def grade_rollouts(problem: Problem, generations: Sequence[Generation], config: 
     return rollouts
 
 
+def explanation_rejection(
+    problem: Problem, explanation: Generation, verdict: GradedAnswer
+) -> tuple[str, str] | None:
+    """Why a graded hinted explanation cannot be a verified pair, as (drop reason, detail); None when it can: it ended
+    by itself (one cut at the token limit may end in any number) and its final answer is the gold one."""
+    if explanation.finish_reason == "length":
+        return "explanation_truncated", f"the explanation was cut at {len(explanation.token_ids)} tokens before it ended"
+    if verdict.correct is not True:
+        return "explanation_wrong", f"explanation answered {verdict.extracted!r}, gold {problem.answer!r}"
+    return None
+
+
 def drop_reason(rollouts: Sequence[Rollout]) -> str:
     """Why a problem without a usable mix is dropped."""
     return "ungradeable" if all(r.correct is None for r in rollouts) else "no_mix"
@@ -159,30 +171,16 @@ def curate_batch(
         hinted, teacher_prompts, explanation_settings, explanations, strict=True
     ):
         problem, rollouts = h.problem, h.rollouts
-        if explanation.finish_reason == "length":
-            store.write_dropped(
-                DroppedProblem(
-                    problem_id=problem.id,
-                    reason="explanation_truncated",
-                    detail=f"the explanation was cut at {len(explanation.token_ids)} tokens before it ended",
-                    rollouts=rollouts,
-                    explanation=explanation.text,
-                )
-            )
-            funnel.count_drop("explanation_truncated")
-            continue
         verdict = grade_response(problem.answer, explanation.text, order=config.extraction_order)
-        if verdict.correct is not True:
+        rejection = explanation_rejection(problem, explanation, verdict)
+        if rejection is not None:
+            reason, detail = rejection
             store.write_dropped(
                 DroppedProblem(
-                    problem_id=problem.id,
-                    reason="explanation_wrong",
-                    detail=f"explanation answered {verdict.extracted!r}, gold {problem.answer!r}",
-                    rollouts=rollouts,
-                    explanation=explanation.text,
+                    problem_id=problem.id, reason=reason, detail=detail, rollouts=rollouts, explanation=explanation.text
                 )
             )
-            funnel.count_drop("explanation_wrong")
+            funnel.count_drop(reason)
             continue
         record = PairRecord(
             problem_id=problem.id,
