@@ -154,7 +154,8 @@ class PlainProgress:
         left = ""
         if total and 0 < done < total:
             left = f", left ~{format_seconds(elapsed * (total - done) / done)}"
-        return f"{task['description']}: {count} {fields} | elapsed {format_seconds(elapsed)}{left}".replace("  ", " ")
+        head = " ".join(part for part in (f"{task['description']}:", count, fields) if part)
+        return f"{head} | elapsed {format_seconds(elapsed)}{left}"
 
     def _print_periodically(self) -> None:
         while not self._stopped.wait(self.interval):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from rich.table import Table
@@ -97,10 +98,10 @@ class ModelRow(BaseModel):
 
     name: str = Field(description="`base`, or the adapter directory's name.")
     adapter: str | None = Field(description="Adapter path; None for the base model.")
-    served: str | None = Field(
-        default="lora",
+    served: Literal["lora", "merged"] | None = Field(
+        default=None,
         description="How the adapter was served: `lora` (beside the base weights) or `merged` (into a copy of them); "
-        "None for the base model.",
+        "None for the base model (and in reports written before this field existed).",
     )
     pass_at_1: float = Field(description="Share of problems whose greedy answer is correct (ungradeable is wrong).")
     mean_at_n: float | None = Field(description="Mean accuracy over the n samples; None when samples is 1.")
