@@ -2,14 +2,17 @@
 
 `CurationConfig` holds what one curation run does (the CLI's flags map onto it, and pairs record it).
 `Settings` holds where things live and which model to use; it reads `SSB_*` environment variables once.
+`ServiceSettings` adds what every service and worker of the distributed topology shares (Redis, the data volume, the
+teacher's URLs and key); each service's own settings class extends it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.grading import DEFAULT_EXTRACTION_ORDER
 from shared.schemas import SamplingSettings
@@ -35,6 +38,69 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         default=30.0, gt=0, description="Seconds between plain progress lines when the output is not a terminal."
     )
+
+
+class ServiceSettings(Settings):
+    """What the services and workers share, from `SSB_*` environment variables (see `.env.example`)."""
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis for the job queues and the services' state (`redis://[:password@]host:port/db`).",
+    )
+    key_prefix: str = Field(
+        default="ssb",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of every Redis key and queue name, so several deployments (or tests) share one Redis.",
+    )
+    data_dir: Path = Field(
+        default=Path("ssb-data"),
+        description="The volume shared by workers, trainer and teacher: datasets' pair stores, runs, adapters. On "
+        "several machines, a shared filesystem mounted at the same path.",
+    )
+    adapters_dir: Path | None = Field(
+        default=None,
+        description="Where trained adapters are written and the only directory the teacher loads them from "
+        "(default: DATA_DIR/adapters).",
+    )
+    teacher_urls: Annotated[list[str], NoDecode] = Field(
+        default=["http://127.0.0.1:8000"],
+        description="The teacher service or services (comma-separated); workers spread their calls across them.",
+    )
+    teacher_api_key: SecretStr | None = Field(
+        default=None, description="The teacher's key, when it has one (sent as `Authorization: Bearer`)."
+    )
+    job_timeout_seconds: int = Field(default=3600, ge=10, description="A job running longer than this is failed.")
+    job_retries: int = Field(
+        default=3, ge=1, description="Times a failed job (or one whose worker died) is run again before it fails."
+    )
+    worker_heartbeat_seconds: int = Field(
+        default=5,
+        ge=1,
+        description="How often a worker reports that its job is alive; a job silent for three of these counts as "
+        "abandoned (its worker died) and is run again by another worker.",
+    )
+    maintenance_interval_seconds: int = Field(
+        default=10, ge=1, description="How often each worker looks for abandoned jobs to run again."
+    )
+
+    @model_validator(mode="after")
+    def default_adapters_dir(self):
+        if self.adapters_dir is None:
+            self.adapters_dir = self.data_dir / "adapters"
+        return self
+
+    @field_validator("teacher_urls", mode="before")
+    @classmethod
+    def split_urls(cls, value):
+        if isinstance(value, str):
+            value = [url.strip() for url in value.split(",")]
+        urls = [url.rstrip("/") for url in value if url]
+        if not urls:
+            raise ValueError("at least one teacher URL is needed")
+        return urls
+
+    def teacher_key(self) -> str | None:
+        return self.teacher_api_key.get_secret_value() if self.teacher_api_key else None
 
 
 class CurationConfig(BaseModel):
