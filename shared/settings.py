@@ -69,6 +69,15 @@ class ServiceSettings(Settings):
     teacher_api_key: SecretStr | None = Field(
         default=None, description="The teacher's key, when it has one (sent as `Authorization: Bearer`)."
     )
+    trainer_url: str = Field(
+        default="http://127.0.0.1:8002",
+        description="The trainer service: the curator starts a dataset's training request there when curation ends.",
+    )
+    trainer_api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, the trainer's endpoints (but its probes) need `Authorization: Bearer <key>`; the "
+        "curator sends it.",
+    )
     job_timeout_seconds: int = Field(default=3600, ge=10, description="A job running longer than this is failed.")
     job_retries: int = Field(
         default=3, ge=1, description="Times a failed job (or one whose worker died) is run again before it fails."
@@ -102,6 +111,9 @@ class ServiceSettings(Settings):
     def teacher_key(self) -> str | None:
         return self.teacher_api_key.get_secret_value() if self.teacher_api_key else None
 
+    def trainer_key(self) -> str | None:
+        return self.trainer_api_key.get_secret_value() if self.trainer_api_key else None
+
 
 class CurationConfig(BaseModel):
     """One curation run (steps 1-5 of SSB). Defaults follow the paper where it gives one."""
@@ -113,6 +125,13 @@ class CurationConfig(BaseModel):
     rollout_max_tokens: int = Field(default=512, ge=1, description="Longest rollout, in tokens.")
     explanation_temperature: float = Field(default=0.4, ge=0.0, description="Hinted explanation temperature (paper: 0.4).")
     explanation_max_tokens: int = Field(default=768, ge=1, description="Longest explanation, in tokens.")
+    explanation_attempts: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Hinted explanations sampled per problem with a mix (one engine call, n samples); the first that "
+        "ends with the gold answer becomes the pair (paper: 1). Each attempt costs one explanation's tokens.",
+    )
     topk: int = Field(default=20, ge=1, le=256, description="Teacher log-probabilities kept per explanation token.")
     seed: int = Field(default=0, description="Seeds sampling and the tie-breaking draws.")
     worked_example: bool = Field(default=False, description="Put one worked example turn before every question.")
@@ -120,6 +139,12 @@ class CurationConfig(BaseModel):
         default=DEFAULT_EXTRACTION_ORDER, description="How final answers are pulled from text, first match wins."
     )
     batch_size: int = Field(default=32, ge=1, description="Problems sent to the engine together.")
+
+    @model_validator(mode="after")
+    def attempts_need_sampling(self) -> CurationConfig:
+        if self.explanation_attempts > 1 and self.explanation_temperature == 0:
+            raise ValueError("explanation_attempts above 1 needs explanation_temperature above 0 (greedy repeats itself)")
+        return self
 
     def rollout_sampling(self) -> SamplingSettings:
         return SamplingSettings(
@@ -133,7 +158,7 @@ class CurationConfig(BaseModel):
 
     def explanation_sampling(self) -> SamplingSettings:
         return SamplingSettings(
-            n=1,
+            n=self.explanation_attempts,
             temperature=self.explanation_temperature,
             max_tokens=self.explanation_max_tokens,
             seed=self.seed,
