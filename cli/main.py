@@ -25,6 +25,8 @@ from cli.eval_command import eval_command
 from cli.run_command import run_command
 from cli.serve_command import TeacherUrlOption, open_teacher, serve_app
 from cli.runtime import (
+    DEFAULT_EXPLANATION_ATTEMPTS,
+    ExplanationAttemptsOption,
     ModelOption,
     WorkedExampleOption,
     console,
@@ -130,6 +132,7 @@ def curate(
     rollout_max_tokens: Annotated[int, typer.Option(help="Longest rollout.")] = 512,
     explanation_temperature: Annotated[float, typer.Option(help="Hinted explanation temperature.")] = 0.4,
     explanation_max_tokens: Annotated[int, typer.Option(help="Longest explanation.")] = 768,
+    explanation_attempts: ExplanationAttemptsOption = DEFAULT_EXPLANATION_ATTEMPTS,
     batch_size: Annotated[int, typer.Option(min=1, help="Problems sent to the engine together.")] = 32,
     worked_example: WorkedExampleOption = None,
     teacher_url: TeacherUrlOption = None,
@@ -150,6 +153,7 @@ def curate(
             rollout_max_tokens=rollout_max_tokens,
             explanation_temperature=explanation_temperature,
             explanation_max_tokens=explanation_max_tokens,
+            explanation_attempts=explanation_attempts,
             batch_size=batch_size,
         )
         settings = Settings()

@@ -27,6 +27,8 @@ from cli.eval_command import (
 )
 from cli.train_command import build_train_config, training_options
 from cli.runtime import (
+    DEFAULT_EXPLANATION_ATTEMPTS,
+    ExplanationAttemptsOption,
     ModelOption,
     WorkedExampleOption,
     console,
@@ -53,6 +55,7 @@ def run_command(
     seed: Annotated[int, typer.Option(help="Seeds curation, training and evaluation.")] = 0,
     rollout_max_tokens: Annotated[int, typer.Option(help="Longest rollout.")] = 512,
     explanation_max_tokens: Annotated[int, typer.Option(help="Longest explanation.")] = 768,
+    explanation_attempts: ExplanationAttemptsOption = DEFAULT_EXPLANATION_ATTEMPTS,
     eval_max_tokens: Annotated[int, typer.Option(help="Longest evaluation answer.")] = 512,
     worked_example: WorkedExampleOption = None,
     resume: Annotated[bool, typer.Option(help="Resume training from OUT/adapter's last checkpoint.")] = False,
@@ -82,6 +85,7 @@ def run_command(
             worked_example=worked_example,
             rollout_max_tokens=rollout_max_tokens,
             explanation_max_tokens=explanation_max_tokens,
+            explanation_attempts=explanation_attempts,
         )
         training = build_train_config(train_options, seed=seed)
         evaluation = EvalConfig(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed)

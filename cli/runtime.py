@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shared.models import default_model_dir, is_default_model, needs_worked_example, resolve_model
-from shared.settings import DEFAULT_MODEL, Settings
+from shared.settings import DEFAULT_MODEL, CurationConfig, Settings
 
 console = Console(stderr=True)
 
@@ -40,6 +40,13 @@ WorkedExampleOption = Annotated[
         ),
         show_default=False,
     ),
+]
+
+
+_ATTEMPTS = CurationConfig.model_fields["explanation_attempts"]
+DEFAULT_EXPLANATION_ATTEMPTS = _ATTEMPTS.default
+ExplanationAttemptsOption = Annotated[
+    int, typer.Option("--explanation-attempts", min=1, max=16, help=_ATTEMPTS.description)
 ]
 
 
@@ -212,8 +219,10 @@ def print_funnel(funnel, out: Path) -> None:
     table.add_row("problems", str(funnel.problems))
     table.add_row("already done (skipped)", str(funnel.skipped))
     table.add_row("with a mix of right and wrong", str(funnel.with_mix))
-    table.add_row("explained", str(funnel.explained))
+    table.add_row("explained", f"{funnel.explained} ({funnel.explanation_attempts} attempts)")
     table.add_row("verified pairs written", str(funnel.pairs))
+    if funnel.pairs_from_later_attempts:
+        table.add_row("  of them not from the first attempt", str(funnel.pairs_from_later_attempts))
     for reason, count in sorted(funnel.dropped.items()):
         table.add_row(f"dropped: {reason}", str(count))
     console.print(table)

@@ -91,7 +91,13 @@ class DroppedProblem(BaseModel):
     reason: DropReason
     detail: str = ""
     rollouts: list[Rollout] = Field(default_factory=list)
-    explanation: str | None = None
+    explanation: str | None = Field(default=None, description="The first hinted explanation, when one was asked for.")
+    explanation_attempts: int | None = Field(
+        default=None,
+        ge=0,
+        description="Hinted explanations sampled (none passed); 0 when none was asked for (no mix), None in files "
+        "written before attempts were recorded (one attempt).",
+    )
 
 
 class PairRecord(BaseModel):
@@ -114,6 +120,13 @@ class PairRecord(BaseModel):
     student_prompt: RenderedPrompt
     explanation: str
     explanation_extracted: str | None
+    explanation_attempts: int = Field(default=1, ge=1, description="Hinted explanations sampled for this problem.")
+    explanation_attempt: int = Field(
+        default=0,
+        ge=0,
+        description="Which attempt is the pair (0-based, in sample order): the first that passed verification. vLLM "
+        "seeds attempt i with `explanation_sampling.seed + i`.",
+    )
     model: str
     rollout_sampling: SamplingSettings
     explanation_sampling: SamplingSettings

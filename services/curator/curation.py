@@ -1,7 +1,8 @@
 """Curation, steps 1-5 of SSB: rollouts, grading, filtering, hint selection, hinted explanation, verification, signal.
 
 `curate` runs a list of problems through any `shared.engine.Engine` (in-process, or the teacher service's client) in
-batches (all rollouts of a batch in one engine call, then all its explanations in one call) and writes each outcome to
+batches (all rollouts of a batch in one engine call, then all its explanations in one call: `explanation_attempts`
+samples per problem, of which the first verified one, in sample order, becomes the pair) and writes each outcome to
 a `PairStore` once: a verified pair, or the reason the problem was dropped. Problems already in the store are skipped,
 so a rerun or a retried job writes nothing new. The one-process CLI and the curator's workers both call it.
 """
@@ -29,7 +30,9 @@ class Funnel:
     skipped: int = 0
     with_mix: int = 0
     explained: int = 0
+    explanation_attempts: int = 0
     pairs: int = 0
+    pairs_from_later_attempts: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     rollout_tokens: int = 0
     rollout_seconds: float = 0.0
@@ -100,6 +103,49 @@ def explanation_rejection(
     return None
 
 
+@dataclass(frozen=True)
+class ExplanationChoice:
+    """The hinted explanations of one problem, graded in sample order up to the first that can be a verified pair.
+
+    `kept` is that attempt's index (None when none passed) and `verdict` its grade; `rejections` holds (drop reason,
+    detail) of every attempt before it (of all of them when none passed).
+    """
+
+    kept: int | None
+    verdict: GradedAnswer | None
+    rejections: list[tuple[str, str]]
+
+    @property
+    def drop_reason(self) -> str:
+        """When none passed: the first attempt's reason (what a single attempt would have been dropped for)."""
+        return self.rejections[0][0]
+
+    @property
+    def drop_detail(self) -> str:
+        if len(self.rejections) == 1:
+            return self.rejections[0][1]
+        return f"{len(self.rejections)} attempts: " + "; ".join(
+            f"{index}: {detail}" for index, (_, detail) in enumerate(self.rejections)
+        )
+
+
+def choose_explanation(
+    problem: Problem, attempts: Sequence[Generation], extraction_order: Sequence[str]
+) -> ExplanationChoice:
+    """Keep the first attempt, in sample order, that `explanation_rejection` lets through (deterministic: the same
+    samples give the same choice); the attempts after it are not graded."""
+    if not attempts:
+        raise ValueError(f"{problem.id}: no hinted explanation to choose from")
+    rejections = []
+    for index, attempt in enumerate(attempts):
+        verdict = grade_response(problem.answer, attempt.text, order=extraction_order)
+        rejection = explanation_rejection(problem, attempt, verdict)
+        if rejection is None:
+            return ExplanationChoice(kept=index, verdict=verdict, rejections=rejections)
+        rejections.append(rejection)
+    return ExplanationChoice(kept=None, verdict=None, rejections=rejections)
+
+
 def drop_reason(rollouts: Sequence[Rollout]) -> str:
     """Why a problem without a usable mix is dropped."""
     return "ungradeable" if all(r.correct is None for r in rollouts) else "no_mix"
@@ -142,7 +188,9 @@ def curate_batch(
         choice = select_hints(rollouts, seed=config.seed, key=problem.id)
         if choice is None:
             reason = drop_reason(rollouts)
-            store.write_dropped(DroppedProblem(problem_id=problem.id, reason=reason, rollouts=rollouts))
+            store.write_dropped(
+                DroppedProblem(problem_id=problem.id, reason=reason, rollouts=rollouts, explanation_attempts=0)
+            )
             funnel.count_drop(reason)
             continue
         funnel.with_mix += 1
@@ -163,25 +211,30 @@ def curate_batch(
     explained = engine.explanations(hints, explanation_settings, worked_example=config.worked_example)
     funnel.explanation_seconds += time.perf_counter() - started
     teacher_prompts = [e.prompt for e in explained]
-    explanations = [e.generations[0] for e in explained]
-    funnel.explanation_tokens += sum(len(e.token_ids) for e in explanations)
-    funnel.explained += len(explanations)
+    attempts = [e.generations for e in explained]
+    funnel.explanation_tokens += sum(len(g.token_ids) for gens in attempts for g in gens)
+    funnel.explained += len(attempts)
+    funnel.explanation_attempts += sum(len(gens) for gens in attempts)
 
-    for h, teacher_prompt, explanation_setting, explanation in zip(
-        hinted, teacher_prompts, explanation_settings, explanations, strict=True
+    for h, teacher_prompt, explanation_setting, generations in zip(
+        hinted, teacher_prompts, explanation_settings, attempts, strict=True
     ):
         problem, rollouts = h.problem, h.rollouts
-        verdict = grade_response(problem.answer, explanation.text, order=config.extraction_order)
-        rejection = explanation_rejection(problem, explanation, verdict)
-        if rejection is not None:
-            reason, detail = rejection
+        choice = choose_explanation(problem, generations, config.extraction_order)
+        if choice.kept is None:
             store.write_dropped(
                 DroppedProblem(
-                    problem_id=problem.id, reason=reason, detail=detail, rollouts=rollouts, explanation=explanation.text
+                    problem_id=problem.id,
+                    reason=choice.drop_reason,
+                    detail=choice.drop_detail,
+                    rollouts=rollouts,
+                    explanation=generations[0].text,
+                    explanation_attempts=len(generations),
                 )
             )
-            funnel.count_drop(reason)
+            funnel.count_drop(choice.drop_reason)
             continue
+        explanation, verdict = generations[choice.kept], choice.verdict
         record = PairRecord(
             problem_id=problem.id,
             question=problem.question,
@@ -195,6 +248,8 @@ def curate_batch(
             student_prompt=student_prompts[h.batch_index],
             explanation=explanation.text,
             explanation_extracted=verdict.extracted,
+            explanation_attempts=len(generations),
+            explanation_attempt=choice.kept,
             model=engine.model_name,
             rollout_sampling=rollout_settings[h.batch_index],
             explanation_sampling=explanation_setting,
@@ -208,6 +263,7 @@ def curate_batch(
         )
         if store.write_pair(pair):
             funnel.pairs += 1
+            funnel.pairs_from_later_attempts += choice.kept > 0
         else:
             funnel.skipped += 1
 

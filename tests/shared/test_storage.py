@@ -74,3 +74,12 @@ def test_storage_is_compact(tmp_path):
     store.write_pair(make_pair(tokens=1000, k=3))
     size = store.pair_path("p-1").stat().st_size
     assert size < 1000 * (4 + 3 * 8) + 8192  # ids and top-k arrays, plus the JSON record
+
+
+def test_files_written_before_explanation_attempts_were_recorded_still_load():
+    record = json.loads(make_pair().record.model_dump_json())
+    del record["explanation_attempts"], record["explanation_attempt"]
+    loaded = PairRecord.model_validate(record)
+    assert (loaded.explanation_attempts, loaded.explanation_attempt) == (1, 0)
+    dropped = DroppedProblem.model_validate({"problem_id": "b", "reason": "explanation_wrong", "explanation": "x"})
+    assert dropped.explanation_attempts is None

@@ -1,6 +1,6 @@
 """The teacher service as a real process on loopback (tests/services/teacher/conftest.py), on the real small model:
 endpoints, batching across clients, top-k agreement with scoring, adapters, every bad input's status, auth, and
-curation through the service writing the same pairs as in-process."""
+curation through the service writing the same pairs as in-process (with two explanation attempts per problem)."""
 
 from __future__ import annotations
 
@@ -252,12 +252,20 @@ def test_curation_through_the_service_writes_the_same_pairs(teacher_server, engi
     rollouts and explanation byte for byte equal.
     """
     problems = make_arithmetic_problems(12, seed=0)
-    config = CurationConfig(k=4, seed=0, worked_example=True, rollout_max_tokens=96, explanation_max_tokens=96)
+    config = CurationConfig(
+        k=4, seed=0, worked_example=True, rollout_max_tokens=96, explanation_max_tokens=96, explanation_attempts=2
+    )
     local, remote = PairStore(tmp_path / "local"), PairStore(tmp_path / "remote")
     local_funnel = curate(problems, engine, local, config)
     with TeacherClient(teacher_server.url, api_key=API_KEY) as client:
         remote_funnel = curate(problems, client, remote, config)
     assert local_funnel.processed == remote_funnel.processed == len(problems)
+    # Two explanation attempts per problem with a mix, through the client and the service as in-process.
+    assert local_funnel.explanation_attempts == 2 * local_funnel.explained > 0
+    assert remote_funnel.explanation_attempts == 2 * remote_funnel.explained
+    for store in (local, remote):
+        assert all(p.record.explanation_attempts == 2 for p in store.iter_pairs())
+        assert all(d.explanation_attempts == 2 for d in store.iter_dropped() if d.explanation is not None)
 
     local_texts, remote_texts = rollout_texts(local), rollout_texts(remote)
     same = sum(a == b for pid in local_texts for a, b in zip(local_texts[pid], remote_texts[pid], strict=True))
