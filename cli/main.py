@@ -40,6 +40,7 @@ from cli.runtime import (
     start_engine,
 )
 from cli.train_command import train_command
+from cli.worker_command import worker_app
 from shared.settings import CurationConfig, Settings
 
 app = typer.Typer(help="Semantic Soft Bootstrapping: RL-free self-distillation for math reasoning.", no_args_is_help=True)
@@ -50,6 +51,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(pairs_app, name="pairs")
 app.add_typer(serve_app, name="serve")
+app.add_typer(worker_app, name="worker")
 
 app.command("train")(train_command)
 app.command("eval")(eval_command)

@@ -1,7 +1,9 @@
-"""`ssb serve teacher`: the teacher service (services/teacher/app.py) on uvicorn.
+"""`ssb serve teacher`: the teacher service (services/teacher/app.py) on uvicorn; `ssb serve trainer`: the trainer
+API (services/trainer/app.py).
 
     ssb serve teacher --port 8000 --adapters-dir runs/adapters
     SSB_TEACHER_API_KEY=... ssb serve teacher --host 0.0.0.0
+    ssb serve trainer --port 8002                        # runs and evaluations; `ssb worker train` does the work
 
 Every option falls back to its `SSB_*` environment variable (see `.env.example`), then to the default. The engine
 starts after the server does: `/healthz` answers at once, `/readyz` once the model is loaded. SIGTERM or Ctrl-C stops
@@ -66,6 +68,45 @@ def serve_teacher(
         log_level=log_level,
         timeout_graceful_shutdown=30,
     )
+
+
+@serve_app.command("trainer")
+def serve_trainer(
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (SSB_TRAINER_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (SSB_TRAINER_PORT; 8002).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+) -> None:
+    """The trainer API: queue LoRA training runs and evaluations (done by `ssb worker train`), read their progress,
+    metrics, curves, adapters and accuracy tables."""
+    import uvicorn
+
+    from services.trainer.app import create_app
+    from services.trainer.settings import TrainerSettings
+
+    overrides = {"trainer_host": host, "trainer_port": port}
+    try:
+        settings = TrainerSettings(**{name: value for name, value in overrides.items() if value is not None})
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    add_service_log_handler("ssb", log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.trainer_host,
+        port=settings.trainer_port,
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def add_service_log_handler(name: str, level: str) -> None:
+    """The service's own log lines (`ssb.*` loggers) beside uvicorn's, in its format."""
+    import logging
+
+    service_log = logging.getLogger(name)
+    service_log.setLevel(level.upper())
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    service_log.addHandler(handler)
 
 
 TeacherUrlOption = Annotated[

@@ -1,0 +1,58 @@
+"""`ssb worker ...`: the RQ workers of the distributed topology, one command per queue.
+
+    ssb worker curate        turn queued problems into verified pairs through the teacher service (any number)
+    ssb worker train         train queued runs (one at a time; one worker per GPU) and run queued evaluations
+
+Each reads its settings from `SSB_*` environment variables (see `.env.example`) and runs until SIGTERM or Ctrl-C,
+finishing or handing back the job it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+worker_app = typer.Typer(help="Run a queue worker.", no_args_is_help=True)
+
+
+@worker_app.command("train")
+def worker_train(
+    queue: Annotated[
+        list[str],
+        typer.Option(
+            "--queue",
+            help="Queues to take jobs from, first has priority: `train` (training runs), `eval` (evaluations "
+            "through the teacher service). Repeat it; default both.",
+        ),
+    ] = ["train", "eval"],  # noqa: B006 (typer reads the default; it is never mutated)
+    burst: Annotated[bool, typer.Option(help="Exit once the queues are empty.")] = False,
+    log_level: Annotated[str, typer.Option(help="Log level of the worker and its jobs.")] = "info",
+) -> None:
+    """Train queued runs from the trainer API (resuming a run whose worker died from its last checkpoint) and run
+    queued evaluations through the teacher service. One job at a time, each in a child process."""
+    import logging
+    import subprocess
+    import sys
+
+    from cli.runtime import fail
+    from services.trainer import jobs
+    from services.trainer.queues import KINDS, make_worker
+    from services.trainer.records import connect
+    from services.trainer.settings import TrainerSettings
+    from shared.models import default_model_dir, is_default_model
+
+    unknown = sorted(set(queue) - set(KINDS))
+    if unknown:
+        raise fail(f"--queue: unknown queue {', '.join(unknown)}; one of {', '.join(KINDS)}")
+    try:
+        settings = TrainerSettings()
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    if is_default_model(settings.model) and not (default_model_dir(settings) / "config.json").exists():
+        # Pulled in a child process: this process forks a work horse per job and must not start torch's threads.
+        subprocess.run([sys.executable, "-m", "cli.main", "model", "pull"], check=True)
+    logging.getLogger("ssb").setLevel(log_level.upper())
+    jobs.configure(settings)
+    worker = make_worker(settings, tuple(dict.fromkeys(queue)), connect(settings.redis_url))
+    worker.work(burst=burst, logging_level=log_level.upper())

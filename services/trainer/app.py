@@ -1,0 +1,193 @@
+"""The trainer service's HTTP app: `create_app(settings)` assembles routes, errors and auth around a `TrainerService`
+(services/trainer/service.py holds the logic; the routes here only wire). Training and evaluation run in train
+workers (`ssb worker train`), which take the jobs this service queues in Redis.
+
+    ssb serve trainer --port 8002          (cli/serve_command.py runs this app on uvicorn)
+
+Errors share the teacher's envelope (`shared.teacher_api.ErrorResponse`): 422 names the bad field, 404 an unknown id,
+409 a conflict (an existing run id with other settings, an adapter not trained yet). With `SSB_TRAINER_API_KEY` set,
+every endpoint but the two probes needs `Authorization: Bearer <key>`, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.trainer.records import connect
+from services.trainer.schemas import EvalCreated, EvalRequest, Evaluation, Run, RunCreated, RunList, RunRequest
+from services.trainer.service import ServiceError, TrainerService
+from services.trainer.settings import TrainerSettings
+from shared.teacher_api import ErrorDetail, ErrorResponse
+
+log = logging.getLogger("ssb.trainer")
+
+PROBES = ("/healthz", "/readyz")
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 404, 409, 422, 503)}
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def service_of(request: Request) -> TrainerService:
+    return request.app.state.service
+
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["probes"])
+async def healthz() -> dict:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["probes"], responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request):
+    """200 when Redis answers; 503 otherwise."""
+    problem = await run_in_threadpool(service_of(request).readiness_problem)
+    if problem:
+        return error_response(503, problem, "not_ready", headers={"Retry-After": "2"})
+    return {"status": "ready"}
+
+
+@router.post("/v1/runs", status_code=202, response_model=RunCreated, responses=ERROR_RESPONSES, tags=["runs"])
+def create_run(body: RunRequest, request: Request, response: Response):
+    """Queue a training run on a curated dataset (or a pair store inside the data directory)."""
+    run, created = service_of(request).create_run(body)
+    response.headers["Location"] = f"/v1/runs/{run.id}"
+    return RunCreated(id=run.id, status=run.status, url=f"/v1/runs/{run.id}")
+
+
+@router.get("/v1/runs", response_model=RunList, responses=ERROR_RESPONSES, tags=["runs"])
+def list_runs(request: Request, limit: int = Query(default=100, ge=1, le=1000, description="Most runs returned.")):
+    """Runs, newest first."""
+    return RunList(runs=service_of(request).list_runs(limit))
+
+
+@router.get("/v1/runs/{run_id}", response_model=Run, responses=ERROR_RESPONSES, tags=["runs"])
+def get_run(run_id: str, request: Request):
+    """Status, step of total, latest metrics, time left, round and parent, and whether it resumed."""
+    return service_of(request).get_run(run_id)
+
+
+@router.get("/v1/runs/{run_id}/metrics", responses=ERROR_RESPONSES, tags=["runs"],
+            response_class=FileResponse)
+def get_metrics(run_id: str, request: Request):
+    """The per-step metrics as JSONL (one line per logged optimizer step)."""
+    return FileResponse(service_of(request).metrics_path(run_id), media_type="application/x-ndjson")
+
+
+@router.get("/v1/runs/{run_id}/curve.png", responses=ERROR_RESPONSES, tags=["runs"], response_class=Response)
+def get_curve(run_id: str, request: Request):
+    """Loss, gradient norm and explanation length against step (drawn from the steps so far while running)."""
+    return Response(service_of(request).curve_png(run_id), media_type="image/png")
+
+
+@router.get("/v1/runs/{run_id}/adapter", responses=ERROR_RESPONSES, tags=["runs"],
+            response_class=StreamingResponse)
+def get_adapter(run_id: str, request: Request):
+    """The adapter as a gzipped tar, `<run id>/adapter_config.json` and `adapter_model.safetensors` (PEFT)."""
+    chunks = service_of(request).adapter_archive(run_id)
+    headers = {"Content-Disposition": f'attachment; filename="{run_id}.tar.gz"'}
+    return StreamingResponse(chunks, media_type="application/gzip", headers=headers)
+
+
+@router.post("/v1/evals", status_code=202, response_model=EvalCreated, responses=ERROR_RESPONSES, tags=["evals"])
+def create_eval(body: EvalRequest, request: Request, response: Response):
+    """Queue an evaluation of the base model and/or adapters on a benchmark or uploaded problems."""
+    evaluation, _ = service_of(request).create_evaluation(body)
+    response.headers["Location"] = f"/v1/evals/{evaluation.id}"
+    return EvalCreated(id=evaluation.id, status=evaluation.status, url=f"/v1/evals/{evaluation.id}")
+
+
+@router.get("/v1/evals/{eval_id}", response_model=Evaluation, responses=ERROR_RESPONSES, tags=["evals"])
+def get_eval(
+    eval_id: str,
+    request: Request,
+    problems: bool = Query(default=True, description="Include every problem's answers (large for big benchmarks)."),
+):
+    """Status, progress, and once done the accuracy table and per-problem results."""
+    return service_of(request).get_evaluation(eval_id, problems=problems)
+
+
+def field_path(location) -> str:
+    return ".".join(str(part) for part in location if part not in ("body", "query", "path"))
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Every error in one envelope: bad fields 422 (named), refused requests by their class, unexpected ones 500."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_fields(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        messages = [f"{field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors]
+        return error_response(422, "; ".join(messages), "invalid_request", field_path(errors[0]["loc"]) or None)
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+def register_auth(app: FastAPI, settings: TrainerSettings) -> None:
+    """With a key configured, every request but the probes needs it as a bearer token."""
+    key = settings.trainer_key()
+    if key is None:
+        return
+    expected = key.encode()
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next):
+        if request.url.path not in PROBES:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+                return error_response(
+                    401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+
+def create_app(settings: TrainerSettings | None = None, service: TrainerService | None = None) -> FastAPI:
+    """The trainer app over `service` (default: one on the settings' Redis, connected at start-up)."""
+    settings = settings or TrainerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.service = service or TrainerService(settings, connect(settings.redis_url))
+        try:
+            yield
+        finally:
+            if service is None:
+                app.state.service.redis.close()
+
+    app = FastAPI(
+        title="SSB trainer",
+        version="1",
+        description="LoRA distillation runs on curated datasets (queued to train workers), their metrics, curves and "
+        "adapters; evaluations of the base model and adapters through the teacher service.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(router)
+    register_error_handlers(app)
+    register_auth(app, settings)
+    return app

@@ -1,0 +1,279 @@
+"""The train worker's jobs: `train_run(run_id)` and `evaluate_models(eval_id)`, run by `ssb worker train` from the
+queues in services/trainer/queues.py. They take ids, read everything else from Redis and the data volume, and are safe
+to run twice (RQ delivers at least once):
+
+- `train_run` trains into DATA_DIR/runs/<run id>/ with checkpoints; an attempt that finds a checkpoint there (its
+  predecessor's worker died) resumes from the newest and records `resumed_from_step`; one that finds a run already
+  final does nothing. The adapter is published to ADAPTERS_DIR/<run id>/ by an atomic rename, then the run is marked
+  succeeded, and the evaluation it asked for is queued (its id derived from the run's, so it is queued once).
+- `evaluate_models` evaluates the base model and adapters through the teacher service (`TeacherClient` is an
+  `Engine`; adapters are loaded there as LoRAs by name from the shared adapters directory) and writes the report to
+  DATA_DIR/evals/<eval id>/report.json.
+
+Errors that a retry cannot fix (bad pairs, a refused request) fail the record at once and end the job normally, so RQ
+does not run it again; any other error propagates, RQ retries the job while it has retries, and `on_*_failure` records
+the outcome (retrying, or failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from services.trainer.records import connect, eval_records, run_records
+from services.trainer.settings import TrainerSettings
+
+log = logging.getLogger("ssb.trainer")
+
+_settings: TrainerSettings | None = None
+
+
+def configure(settings: TrainerSettings) -> None:
+    """The settings the worker's jobs use (the worker sets them before it forks its work horses)."""
+    global _settings
+    _settings = settings
+
+
+def current_settings() -> TrainerSettings:
+    global _settings
+    if _settings is None:
+        _settings = TrainerSettings()
+    return _settings
+
+
+# --- Training ---------------------------------------------------------------------------------------------------------
+
+
+def train_run(run_id: str) -> dict:
+    """Train one run to its adapter, resuming from its newest checkpoint if an earlier attempt left one."""
+    from services.trainer.checkpoints import latest_checkpoint
+    from services.trainer.config import TrainConfig, TrainingError
+    from services.trainer.data import PairDataError
+    from services.trainer.training import train
+    from shared.models import resolve_model
+
+    settings = current_settings()
+    connection = connect(settings.redis_url)
+    runs = run_records(connection, settings.key_prefix)
+    run = runs.get(run_id)
+    if run is None:
+        log.error("run %s: no record; nothing to do", run_id)
+        return {"status": "missing"}
+    if run["status"] in ("succeeded", "failed"):
+        return {"status": run["status"]}  # a second delivery of a finished job
+
+    run_dir = settings.runs_dir() / run_id
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    resumed_from = int(checkpoint.name.removeprefix("step-")) if checkpoint is not None else None
+    if checkpoint is None and run_dir.exists():
+        shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint: start over
+    attempt = runs.increment(run_id, "attempts")
+    started = time.time()
+    progress = {
+        "status": "running",
+        "started_at": started,
+        "error": None,
+        "step": resumed_from or 0,
+        "time_left_seconds": None,
+        "seconds_per_step": None,
+    }
+    if resumed_from is not None:
+        progress["resumed_from_step"] = resumed_from
+        progress["note"] = f"attempt {attempt} resumed from the checkpoint at step {resumed_from} (an earlier attempt stopped)"
+    elif attempt > 1:
+        progress["note"] = f"attempt {attempt} started over: the earlier attempt stopped before its first checkpoint"
+    if not runs.advance(run_id, **progress):
+        return {"status": "final"}
+    log.info("run %s: attempt %d%s", run_id, attempt, f", resuming at step {resumed_from}" if resumed_from else "")
+
+    config = TrainConfig(**run["config"])
+    first_logged: list[tuple[int, float]] = []  # (step, time) of this attempt's first logged step
+
+    def on_step(metrics) -> None:
+        # The pace from the first logged step on, so that loading the model does not count as training time.
+        now = time.time()
+        if not first_logged:
+            first_logged.append((metrics.step, now))
+            per_step = (now - started) / max(1, metrics.step - (resumed_from or 0))
+        else:
+            step0, time0 = first_logged[0]
+            per_step = (now - time0) / max(1, metrics.step - step0)
+        fields = {
+            "step": metrics.step,
+            "total_steps": metrics.total_steps,
+            "metrics": metrics.model_dump(mode="json"),
+            "seconds_per_step": per_step,
+            "time_left_seconds": per_step * (metrics.total_steps - metrics.step),
+        }
+        if config.checkpoint_every and metrics.step % config.checkpoint_every == 0:
+            fields["checkpoint_step"] = metrics.step  # saved before on_step is called
+        runs.advance(run_id, **fields)
+
+    try:
+        result = train(
+            run["pairs_dir"],
+            run_dir,
+            resolve_model(settings.model, settings),
+            config,
+            resume=checkpoint is not None,
+            on_step=on_step,
+        )
+    except (TrainingError, PairDataError, FileNotFoundError) as exc:
+        runs.advance(run_id, status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
+        log.error("run %s failed: %s", run_id, exc)
+        return {"status": "failed"}
+
+    publish_adapter(run_dir, Path(settings.adapters_dir), run_id)
+    runs.advance(
+        run_id,
+        status="succeeded",
+        step=result.steps,
+        total_steps=result.steps,
+        time_left_seconds=0.0,
+        final_loss=result.final_loss,
+        num_pairs=result.num_pairs,
+        adapter=run_id,
+        finished_at=time.time(),
+    )
+    log.info("run %s succeeded: %d steps, final loss %s", run_id, result.steps, result.final_loss)
+    if run.get("evaluation"):
+        queue_evaluation_after(settings, connection, run_id, run["evaluation"])
+    return {"status": "succeeded", "steps": result.steps}
+
+
+def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str) -> Path:
+    """Copy the adapter (and its training config) to ADAPTERS_DIR/<run id>/ by an atomic rename: the teacher never
+    sees half an adapter. Publishing twice leaves the same files."""
+    from services.trainer.service import ADAPTER_FILES
+
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    final = adapters_dir / run_id
+    tmp = adapters_dir / f".{run_id}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    for name in ADAPTER_FILES:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, tmp / name)
+    if final.exists():
+        shutil.rmtree(final)  # an earlier attempt published the same adapter, then died before marking the run
+    os.replace(tmp, final)
+    return final
+
+
+def queue_evaluation_after(settings: TrainerSettings, connection, run_id: str, options: dict) -> None:
+    from services.trainer.schemas import BASE_MODEL, EvalAfterRun, EvalRequest
+    from services.trainer.service import ServiceError, TrainerService
+
+    after = EvalAfterRun(**options)
+    models = [BASE_MODEL, run_id] if after.include_base else [run_id]
+    fields = after.model_dump(exclude={"include_base"})
+    try:
+        evaluation, _ = TrainerService(settings, connection).create_evaluation(
+            EvalRequest(models=models, **fields), run_id=run_id, eval_id=f"{run_id}-eval"
+        )
+    except ServiceError as exc:
+        log.error("run %s: the evaluation it asked for was refused: %s", run_id, exc.message)
+        return
+    run_records(connection, settings.key_prefix).update(run_id, evaluation_id=evaluation.id)
+
+
+def on_train_failure(job, connection, exc_type, exc_value, traceback) -> None:
+    """RQ's failure callback (also called for a job abandoned by a dead worker): retrying, or failed for good."""
+    settings = current_settings()
+    run_id = job.args[0]
+    runs = run_records(connection, settings.key_prefix)
+    error = f"{exc_type.__name__}: {exc_value}" if exc_type else "the job failed"
+    if job.retries_left:
+        runs.advance(run_id, status="queued", error=error, note=f"the attempt stopped ({error}); queued again")
+    else:
+        runs.advance(run_id, status="failed", error=error, finished_at=time.time())
+
+
+# --- Evaluation -------------------------------------------------------------------------------------------------------
+
+
+def evaluate_models(eval_id: str) -> dict:
+    """Evaluate the models of one evaluation through the teacher service and write its report."""
+    from services.evaluation.evaluation import EvalConfig, evaluate, render_table
+    from services.trainer.schemas import BASE_MODEL
+    from services.trainer.service import REPORT_NAME, UPLOADED_PROBLEMS
+    from shared.datasets import DatasetError, load_problems
+    from shared.models import needs_worked_example
+    from shared.teacher_client import TeacherClient, TeacherRejected
+
+    settings = current_settings()
+    connection = connect(settings.redis_url)
+    evals = eval_records(connection, settings.key_prefix)
+    record = evals.get(eval_id)
+    if record is None:
+        log.error("evaluation %s: no record; nothing to do", eval_id)
+        return {"status": "missing"}
+    if record["status"] in ("succeeded", "failed"):
+        return {"status": record["status"]}
+    evals.increment(eval_id, "attempts")
+    evals.advance(eval_id, status="running", started_at=time.time(), error=None)
+
+    eval_dir = settings.evals_dir() / eval_id
+    options = record["options"]
+    try:
+        source = eval_dir / UPLOADED_PROBLEMS if record["benchmark"] == "uploaded" else record["benchmark"]
+        problems = load_problems(source, limit=options.get("limit"))
+    except (DatasetError, FileNotFoundError) as exc:
+        evals.advance(eval_id, status="failed", error=f"problems: {exc}", finished_at=time.time())
+        return {"status": "failed"}
+    worked_example = options.get("worked_example")
+    config = EvalConfig(
+        samples=options["samples"],
+        temperature=options["temperature"],
+        max_tokens=options["max_tokens"],
+        seed=options["seed"],
+        worked_example=needs_worked_example(settings.model) if worked_example is None else worked_example,
+    )
+    adapters = [None if name == BASE_MODEL else name for name in record["models"]]
+    teacher_url = settings.teacher_urls[sum(eval_id.encode()) % len(settings.teacher_urls)]
+    progress: dict[str, str] = {}
+
+    def on_progress(model: str, done: int, total: int) -> None:
+        progress[model] = f"{done}/{total}"
+        evals.update(eval_id, progress=progress)
+
+    try:
+        with TeacherClient(teacher_url, api_key=settings.teacher_key()) as teacher:
+            teacher.wait_ready(timeout_seconds=300)
+            report = evaluate(problems, teacher, config, adapters=adapters, benchmark=record["benchmark"],
+                              on_progress=on_progress)
+    except TeacherRejected as exc:
+        evals.advance(eval_id, status="failed", error=str(exc), finished_at=time.time())
+        return {"status": "failed"}
+    # Rows keep the names asked for (`base`, run ids), which the table and per-problem answers are keyed by.
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    tmp = eval_dir / f".{REPORT_NAME}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(report.model_dump_json())
+    os.replace(tmp, eval_dir / REPORT_NAME)
+    evals.advance(eval_id, status="succeeded", table=plain_table(render_table(report)), finished_at=time.time())
+    return {"status": "succeeded"}
+
+
+def plain_table(table) -> str:
+    """A rich table as plain text."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=120, no_color=True, file=io.StringIO())
+    console.print(table)
+    return console.file.getvalue()
+
+
+def on_eval_failure(job, connection, exc_type, exc_value, traceback) -> None:
+    settings = current_settings()
+    eval_id = job.args[0]
+    evals = eval_records(connection, settings.key_prefix)
+    error = f"{exc_type.__name__}: {exc_value}" if exc_type else "the job failed"
+    if job.retries_left:
+        evals.advance(eval_id, status="queued", error=error)
+    else:
+        evals.advance(eval_id, status="failed", error=error, finished_at=time.time())

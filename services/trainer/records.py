@@ -1,0 +1,101 @@
+"""Runs' and evaluations' state in Redis, shared by the trainer API (which creates and reads them) and the train worker
+(which moves them along).
+
+    <prefix>:run:<run id>       a hash: one JSON value per field of `schemas.Run`
+    <prefix>:runs               a sorted set of run ids by creation time (the list endpoint's order)
+    <prefix>:eval:<eval id>     a hash: one JSON value per field of `schemas.Evaluation` (the report is on disk)
+    <prefix>:evals              a sorted set of evaluation ids by creation time
+
+Every write sets named fields (HSET), so two writers never lose each other's fields and writing the same update
+twice (a retried job) leaves the same state. Creation is set-if-absent: a record is created once, whoever asks twice.
+A record that reached `succeeded` or `failed` is final: `advance` refuses to move it back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+FINAL = ("succeeded", "failed")
+
+# Create a hash and index it, in one step, only if absent: a reader never sees half a record.
+CREATE_ONCE = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+redis.call('hset', KEYS[1], unpack(ARGV, 3))
+redis.call('zadd', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def connect(redis_url: str) -> redis.Redis:
+    """A Redis client with bounded waits: a lost Redis is an error, not a hang."""
+    return redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30)
+
+
+class Records:
+    """One kind of record (`run` or `eval`) under a key prefix."""
+
+    def __init__(self, connection: redis.Redis, key_prefix: str, kind: str):
+        self.redis = connection
+        self.prefix = key_prefix
+        self.kind = kind
+
+    def key(self, record_id: str) -> str:
+        return f"{self.prefix}:{self.kind}:{record_id}"
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.prefix}:{self.kind}s"
+
+    def create(self, record_id: str, fields: dict[str, Any]) -> bool:
+        """Store a new record; False (and nothing written) when one with this id exists already."""
+        fields = {**fields, "id": record_id, "created_at": fields.get("created_at", time.time())}
+        mapping = [part for name, value in fields.items() for part in (name, json.dumps(value))]
+        created = self.redis.eval(
+            CREATE_ONCE, 2, self.key(record_id), self.index_key, fields["created_at"], record_id, *mapping
+        )
+        return bool(created)
+
+    def get(self, record_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(self.key(record_id))
+        if not raw:
+            return None
+        return {name.decode(): json.loads(value) for name, value in raw.items()}
+
+    def update(self, record_id: str, **fields: Any) -> None:
+        """Set these fields (idempotent)."""
+        if fields:
+            self.redis.hset(self.key(record_id), mapping={name: json.dumps(value) for name, value in fields.items()})
+
+    def advance(self, record_id: str, **fields: Any) -> bool:
+        """Set these fields unless the record is already final; False when it was (nothing written)."""
+        current = self.redis.hget(self.key(record_id), "status")
+        if current is not None and json.loads(current) in FINAL:
+            return False
+        self.update(record_id, **fields)
+        return True
+
+    def ids(self, limit: int = 100) -> list[str]:
+        """Newest first."""
+        return [raw.decode() for raw in self.redis.zrevrange(self.index_key, 0, limit - 1)]
+
+    def increment(self, record_id: str, field: str) -> int:
+        """Add one to an integer field and return it (a JSON integer is its own text)."""
+        return int(self.redis.hincrby(self.key(record_id), field, 1))
+
+    def delete_all(self) -> None:
+        """Remove every record of this kind and the index (tests clean up with it)."""
+        for record_id in self.redis.zrange(self.index_key, 0, -1):
+            self.redis.delete(self.key(record_id.decode()))
+        self.redis.delete(self.index_key)
+
+
+def run_records(connection: redis.Redis, key_prefix: str) -> Records:
+    return Records(connection, key_prefix, "run")
+
+
+def eval_records(connection: redis.Redis, key_prefix: str) -> Records:
+    return Records(connection, key_prefix, "eval")

@@ -1,0 +1,322 @@
+"""The trainer service's logic, without HTTP: create, list and read training runs and evaluations, and find their
+files. The routes (services/trainer/app.py) only parse and call this; the train worker (services/trainer/jobs.py)
+does the work the records here describe.
+
+Where things live (DATA_DIR is the volume every service shares):
+
+    DATA_DIR/datasets/<dataset id>/     a curated pair store (pairs/, dropped/, dataset.json), written by the curator
+    DATA_DIR/runs/<run id>/             the run's metrics.jsonl, training_curve.png, checkpoints/, training_config.json
+    ADAPTERS_DIR/<run id>/              the run's adapter (PEFT), which the teacher loads as a LoRA named by the run id
+    DATA_DIR/evals/<eval id>/           uploaded problems (problems.jsonl) and the report (report.json)
+
+Domain errors are `ServiceError`s carrying their HTTP status, so the app maps them to responses in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from services.trainer import queues
+from services.trainer.records import FINAL, eval_records, run_records
+from services.trainer.schemas import (
+    BASE_MODEL,
+    EvalOptions,
+    EvalRequest,
+    Evaluation,
+    Run,
+    RunRequest,
+)
+from services.trainer.settings import TrainerSettings
+from shared.datasets import BENCHMARKS, DatasetError, load_problems
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
+REPORT_NAME = "report.json"
+UPLOADED_PROBLEMS = "problems.jsonl"
+
+
+class ServiceError(Exception):
+    """A request the service refuses: the HTTP status, a message naming the problem, an error type and the field."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+
+
+def not_found(what: str, record_id: str, param: str | None = None) -> ServiceError:
+    return ServiceError(404, f"no {what} {record_id!r}", "not_found", param)
+
+
+class TrainerService:
+    """Runs and evaluations over Redis records and the shared data volume."""
+
+    def __init__(self, settings: TrainerSettings, connection: redis.Redis):
+        self.settings = settings
+        self.redis = connection
+        self.runs = run_records(connection, settings.key_prefix)
+        self.evals = eval_records(connection, settings.key_prefix)
+
+    def readiness_problem(self) -> str | None:
+        """Why the service cannot serve now (Redis unreachable), or None."""
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            return f"Redis is unreachable: {type(exc).__name__}: {exc}"
+        return None
+
+    # --- Runs ------------------------------------------------------------------------------------------------------
+
+    def create_run(self, request: RunRequest) -> tuple[Run, bool]:
+        """Record a run and queue its training; returns the run and whether it is new.
+
+        A request naming an existing `run_id` returns that run when the request is the same (a retried POST) and is
+        refused with 409 when it differs.
+        """
+        pairs_dir = self.resolve_pairs_dir(request)
+        parent, round_ = self.lineage(request)
+        config = request.train_config(checkpoint_every=self.settings.checkpoint_every)
+        fingerprint = request_fingerprint(request)
+        run_id = request.run_id or f"run-{uuid.uuid4().hex[:12]}"
+        fields = {
+            "status": "queued",
+            "dataset_id": request.dataset_id,
+            "pairs_dir": str(pairs_dir),
+            "model": self.settings.model,
+            "round": round_,
+            "parent_run": parent,
+            "config": config.model_dump(mode="json"),
+            "evaluation": request.evaluation.model_dump(mode="json") if request.evaluation else None,
+            "request_fingerprint": fingerprint,
+            "step": 0,
+            "attempts": 0,
+        }
+        created = self.runs.create(run_id, fields)
+        if not created:
+            existing = self.runs.get(run_id) or {}
+            if existing.get("request_fingerprint") != fingerprint:
+                raise ServiceError(
+                    409, f"run {run_id!r} exists with other settings; choose another run_id", "conflict", "run_id"
+                )
+        queues.enqueue_training(self.settings, self.redis, run_id)
+        return self.get_run(run_id), created
+
+    def resolve_pairs_dir(self, request: RunRequest) -> Path:
+        """The pair store a request names, which must lie inside DATA_DIR and hold at least one pair."""
+        data_dir = self.settings.data_dir.resolve()
+        if request.dataset_id is not None:
+            directory, param = (self.settings.datasets_dir() / request.dataset_id).resolve(), "dataset_id"
+            if not directory.is_dir():
+                raise ServiceError(404, f"no dataset {request.dataset_id!r} in {self.settings.datasets_dir()}",
+                                   "not_found", param)
+        else:
+            given, param = Path(request.pairs_dir), "pairs_dir"
+            directory = (given if given.is_absolute() else data_dir / given).resolve()
+            if not directory.is_relative_to(data_dir):
+                raise ServiceError(422, f"pairs_dir must lie inside the data directory {data_dir}", "invalid_request",
+                                   param)
+            if not directory.is_dir():
+                raise ServiceError(404, f"no directory {directory}", "not_found", param)
+        pairs = directory / "pairs"
+        if not pairs.is_dir() or not any(pairs.glob("*.safetensors")):
+            raise ServiceError(422, f"{directory} holds no verified pairs (nothing in {pairs})", "invalid_request",
+                               param)
+        return directory
+
+    def lineage(self, request: RunRequest) -> tuple[str | None, int]:
+        """(parent, round): as given, else from the dataset's `rollout_adapter`; a run's child is one round later."""
+        parent = request.parent_run
+        if parent is None and request.dataset_id is not None:
+            parent = dataset_metadata(self.settings.datasets_dir() / request.dataset_id).get("rollout_adapter")
+        if request.round is not None:
+            return parent, request.round
+        if parent is None:
+            return None, 1
+        parent_run = self.runs.get(parent)
+        return parent, (int(parent_run.get("round", 1)) + 1) if parent_run else 2
+
+    def get_run(self, run_id: str) -> Run:
+        record = self.runs.get(run_id)
+        if record is None:
+            raise not_found("run", run_id)
+        if record.get("status") not in FINAL:
+            record = self.reconcile_run(run_id, record)
+        return Run(**{name: value for name, value in record.items() if name in Run.model_fields})
+
+    def reconcile_run(self, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
+        """A run whose job RQ failed without the job recording it (its work horse killed with no retries left) is
+        failed."""
+        job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
+        if job is not None and job.get_status(refresh=False) in ("failed", "stopped", "canceled"):
+            error = record.get("error") or f"the training job ended as {job.get_status(refresh=False)}"
+            self.runs.advance(run_id, status="failed", error=error)
+            return self.runs.get(run_id) or record
+        return record
+
+    def list_runs(self, limit: int = 100) -> list[Run]:
+        runs = []
+        for run_id in self.runs.ids(limit):
+            try:
+                runs.append(self.get_run(run_id))
+            except ServiceError:
+                continue  # removed meanwhile
+        return runs
+
+    def run_dir(self, run_id: str) -> Path:
+        self.get_run(run_id)
+        return self.settings.runs_dir() / run_id
+
+    def metrics_path(self, run_id: str) -> Path:
+        path = self.run_dir(run_id) / "metrics.jsonl"
+        if not path.exists():
+            raise ServiceError(404, f"run {run_id!r} has logged no step yet", "not_found")
+        return path
+
+    def curve_png(self, run_id: str) -> bytes:
+        """The run's training curve as PNG: the final one once it succeeded, else drawn now from the steps so far."""
+        from services.trainer.plots import plot_training_curve, read_metrics
+
+        run = self.get_run(run_id)
+        directory = self.settings.runs_dir() / run_id
+        final = directory / "training_curve.png"
+        if run.status == "succeeded" and final.exists():
+            return final.read_bytes()
+        metrics = read_metrics(self.metrics_path(run_id))
+        live = directory / f".curve-{uuid.uuid4().hex}.png"
+        try:
+            return plot_training_curve(metrics, live).read_bytes()
+        finally:
+            live.unlink(missing_ok=True)
+
+    def adapter_dir(self, run_id: str) -> Path:
+        run = self.get_run(run_id)
+        directory = Path(self.settings.adapters_dir) / run_id
+        if run.status != "succeeded" or not (directory / "adapter_config.json").exists():
+            raise ServiceError(409, f"run {run_id!r} has no adapter yet (status {run.status})", "not_ready")
+        return directory
+
+    def adapter_archive(self, run_id: str) -> Iterator[bytes]:
+        """The run's adapter directory as a gzipped tar (`<run id>/adapter_config.json`, ...), streamed."""
+        return stream_tar_gz(self.adapter_dir(run_id), run_id)
+
+    # --- Evaluations -------------------------------------------------------------------------------------------------
+
+    def create_evaluation(self, request: EvalRequest, *, run_id: str | None = None,
+                          eval_id: str | None = None) -> tuple[Evaluation, bool]:
+        """Record an evaluation and queue it; returns it and whether it is new (an `eval_id` given twice is not)."""
+        if request.benchmark is not None and request.benchmark not in BENCHMARKS:
+            names = ", ".join(sorted(BENCHMARKS))
+            raise ServiceError(422, f"unknown benchmark {request.benchmark!r}; one of {names}", "invalid_request",
+                               "benchmark")
+        if request.problems is not None and len(request.problems) > self.settings.max_eval_problems:
+            raise ServiceError(422, f"{len(request.problems)} problems; at most {self.settings.max_eval_problems} "
+                               "per evaluation", "invalid_request", "problems")
+        for position, name in enumerate(request.models):
+            if name != BASE_MODEL:
+                self.check_adapter(name, f"models.{position}")
+        eval_id = eval_id or f"eval-{uuid.uuid4().hex[:12]}"
+        if self.evals.get(eval_id) is not None:
+            return self.get_evaluation(eval_id, problems=False), False
+        if request.problems is not None:
+            write_uploaded_problems(request, self.settings.evals_dir() / eval_id / UPLOADED_PROBLEMS)
+        options = EvalOptions(**request.model_dump(include=set(EvalOptions.model_fields))).model_dump(mode="json")
+        fields = {
+            "status": "queued",
+            "models": request.models,
+            "benchmark": request.benchmark or "uploaded",
+            "options": options,
+            "progress": {},
+            "run_id": run_id,
+            "attempts": 0,
+        }
+        created = self.evals.create(eval_id, fields)
+        queues.enqueue_evaluation(self.settings, self.redis, eval_id)
+        return self.get_evaluation(eval_id, problems=False), created
+
+    def check_adapter(self, name: str, param: str) -> None:
+        """A model to evaluate must be a finished run's adapter or an adapter in the adapters directory."""
+        run = self.runs.get(name)
+        if run is not None and run.get("status") != "succeeded":
+            raise ServiceError(409, f"run {name!r} has no adapter yet (status {run.get('status')})", "not_ready",
+                               param)
+        if not (Path(self.settings.adapters_dir) / name / "adapter_config.json").exists():
+            raise ServiceError(404, f"no run or adapter {name!r} in {self.settings.adapters_dir}", "not_found", param)
+
+    def get_evaluation(self, eval_id: str, *, problems: bool = True) -> Evaluation:
+        record = self.evals.get(eval_id)
+        if record is None:
+            raise not_found("evaluation", eval_id)
+        if record.get("status") not in FINAL:
+            job = queues.fetch_job(self.settings, self.redis, queues.EVAL, eval_id)
+            if job is not None and job.get_status(refresh=False) in ("failed", "stopped", "canceled"):
+                self.evals.advance(eval_id, status="failed", error=record.get("error") or "the evaluation job failed")
+                record = self.evals.get(eval_id) or record
+        report_path = self.settings.evals_dir() / eval_id / REPORT_NAME
+        if record.get("status") == "succeeded" and report_path.exists():
+            report = json.loads(report_path.read_text())
+            record["rows"] = report["rows"]
+            if problems:
+                record["problems"] = report["problems"]
+        return Evaluation(**{name: value for name, value in record.items() if name in Evaluation.model_fields})
+
+
+def request_fingerprint(request: RunRequest) -> str:
+    """What makes two run requests the same request (for an idempotent retried POST)."""
+    body = request.model_dump(mode="json", exclude_unset=True)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_metadata(directory: Path) -> dict[str, Any]:
+    """The curator's `dataset.json` beside a dataset's pairs (`rollout_adapter`, ...); empty when absent or bad."""
+    try:
+        data = json.loads((directory / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_uploaded_problems(request: EvalRequest, path: Path) -> None:
+    """Write uploaded problems as a problem file and read it back with the one loader, which names bad rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [p.model_dump(exclude_none=True) for p in request.problems]
+    for position, row in enumerate(rows):
+        row.setdefault("id", f"p{position}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+    try:
+        load_problems(path)
+    except DatasetError as exc:
+        raise ServiceError(422, f"problems: {exc}", "invalid_request", "problems") from exc
+
+
+def stream_tar_gz(directory: Path, arcname: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """A gzipped tar of `directory` (as `arcname/...`), produced in a thread into a pipe and yielded chunk by chunk, so
+    a large adapter is never held in memory. Closing the iterator early (a client that went away) stops the thread."""
+    read_fd, write_fd = os.pipe()
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as sink, tarfile.open(fileobj=sink, mode="w|gz") as tar:
+                for name in sorted(os.listdir(directory)):
+                    tar.add(directory / name, arcname=f"{arcname}/{name}")
+        except (BrokenPipeError, OSError):
+            pass  # the reader stopped
+
+    producer = threading.Thread(target=produce, name=f"tar-{arcname}", daemon=True)
+    producer.start()
+    with os.fdopen(read_fd, "rb") as source:
+        while chunk := source.read(chunk_size):
+            yield chunk
+    producer.join(timeout=10)
