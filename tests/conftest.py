@@ -65,7 +65,18 @@ def curated_pairs(curation_run):
     return store.root
 
 
+@pytest.fixture(scope="session")
+def teacher_server(model_path, tmp_path_factory):
+    """The real teacher service as its own process on loopback, started once per session (tests/teacher_server.py):
+    a bearer key, a small admission bound, an adapters directory holding the tiny adapter `tiny`."""
+    from tests.teacher_server import start_teacher_server
+
+    yield from start_teacher_server(model_path, tmp_path_factory)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "engine" in item.fixturenames:
             item.add_marker(pytest.mark.engine)
+    # A test that kills the session teacher's engine runs after every test that may still need the teacher.
+    items.sort(key=lambda item: item.get_closest_marker("kills_teacher") is not None)

@@ -321,10 +321,11 @@ def test_curate_and_eval_commands_use_the_service(teacher_server, tmp_path):
         assert http.delete("/v1/adapters/tiny").status_code == 204
 
 
+@pytest.mark.kills_teacher
 def test_readyz_says_503_after_the_engine_dies(teacher_server):
     """Kill the engine's core process (as an out-of-memory kill would): /readyz and the work endpoints turn to 503 with
-    Retry-After, while /healthz still answers. Runs last in this file: the session's service has no engine after it
-    (its teardown still has to leave no process behind)."""
+    Retry-After, while /healthz still answers. Runs last in the session (the marker): the session's service has no
+    engine after it (its teardown still has to leave no process behind)."""
     import psutil
 
     children = psutil.Process(teacher_server.process.pid).children()
