@@ -13,7 +13,9 @@ and 10 minutes between maintenance passes; `TrainWorker` shortens both.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 
 import redis
 from rq import Callback, Queue, Retry, Worker
@@ -115,6 +117,8 @@ def make_worker(settings: TrainerSettings, kinds: tuple[str, ...], connection: r
     """A worker on the given queues (in that order of priority) with the settings' heartbeat and maintenance."""
     worker = TrainWorker(
         [open_queue(settings, kind, connection) for kind in kinds],
+        # Named after the deployment, so its keys in Redis say whose worker it is.
+        name=f"{settings.key_prefix}-{socket.gethostname()}-{os.getpid()}",
         connection=connection,
         serializer=JSONSerializer,
         job_monitoring_interval=settings.worker_heartbeat_seconds,

@@ -94,7 +94,7 @@ class RunRequest(TrainConfig):
         default=None,
         pattern=MODEL_NAME_PATTERN,
         description="The run (or adapter) whose model rolled out the dataset; default: the dataset's "
-        "`rollout_adapter` (DATA_DIR/datasets/<id>/dataset.json), if any.",
+        "`options.rollout_adapter` (DATA_DIR/datasets/<id>/dataset.json, written by the curator), if any.",
     )
     evaluation: EvalAfterRun | None = Field(
         default=None, description="Queue an evaluation of the base model and the adapter when the run succeeds."

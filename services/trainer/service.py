@@ -138,7 +138,7 @@ class TrainerService:
         """(parent, round): as given, else from the dataset's `rollout_adapter`; a run's child is one round later."""
         parent = request.parent_run
         if parent is None and request.dataset_id is not None:
-            parent = dataset_metadata(self.settings.datasets_dir() / request.dataset_id).get("rollout_adapter")
+            parent = rollout_adapter_of(self.settings.datasets_dir() / request.dataset_id)
         if request.round is not None:
             return parent, request.round
         if parent is None:
@@ -277,13 +277,18 @@ def request_fingerprint(request: RunRequest) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def dataset_metadata(directory: Path) -> dict[str, Any]:
-    """The curator's `dataset.json` beside a dataset's pairs (`rollout_adapter`, ...); empty when absent or bad."""
+def rollout_adapter_of(directory: Path) -> str | None:
+    """The adapter that rolled out a curated dataset: `options.rollout_adapter` in the curator's `dataset.json`
+    beside its pairs (or a top-level `rollout_adapter`); None for the base model, or without a readable file."""
     try:
         data = json.loads((directory / "dataset.json").read_text())
     except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None
+    if not isinstance(data, dict):
+        return None
+    options = data.get("options") if isinstance(data.get("options"), dict) else {}
+    adapter = data.get("rollout_adapter") or options.get("rollout_adapter")
+    return adapter if isinstance(adapter, str) and adapter else None
 
 
 def write_uploaded_problems(request: EvalRequest, path: Path) -> None:
