@@ -1,0 +1,101 @@
+"""The trainer service's parts without processes, in milliseconds: records in real Redis (a throwaway database and key
+prefix, deleted after), a run request's training settings, the curator's dataset metadata, the streamed adapter
+archive, and the worker's heartbeat and maintenance timing."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+
+import pytest
+import redis
+
+from services.trainer.records import connect, run_records
+from services.trainer.schemas import RunRequest
+from services.trainer.service import rollout_adapter_of, stream_tar_gz
+
+REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+@pytest.fixture
+def runs():
+    connection = connect(REDIS_URL)
+    records = run_records(connection, f"test-parts-{uuid.uuid4().hex[:8]}")
+    try:
+        connection.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    yield records
+    records.delete_all()
+    connection.close()
+
+
+def test_a_record_is_created_once_and_a_final_state_stays(runs):
+    assert runs.create("r1", {"status": "queued", "step": 0})
+    assert not runs.create("r1", {"status": "running", "step": 9})  # a second creation writes nothing
+    assert runs.get("r1")["status"] == "queued" and runs.get("r1")["step"] == 0
+    assert runs.increment("r1", "attempts") == 1 and runs.increment("r1", "attempts") == 2
+    assert runs.advance("r1", status="running", step=3)
+    runs.update("r1", status="succeeded")
+    assert not runs.advance("r1", status="running", step=1)  # a late or repeated write cannot undo the end
+    record = runs.get("r1")
+    assert record["status"] == "succeeded" and record["step"] == 3 and record["attempts"] == 2
+    assert runs.ids() == ["r1"] and runs.get("r2") is None
+
+
+def test_a_run_request_holds_training_settings_and_defaults_fill_only_unset_ones():
+    request = RunRequest(dataset_id="d", lr=1e-4, checkpoint_every=5, temperature=1.0)
+    config = request.train_config(checkpoint_every=50, keep_checkpoints=3)
+    assert config.lr == 1e-4 and config.checkpoint_every == 5 and config.keep_checkpoints == 3
+    assert config.teacher == "stored"  # auto resolved at T = 1
+    assert RunRequest(pairs_dir="p").train_config(checkpoint_every=50).checkpoint_every == 50
+    for bad in ({}, {"dataset_id": "d", "pairs_dir": "p"}, {"dataset_id": "d", "rank": 0}, {"dataset_id": "../x"}):
+        with pytest.raises(ValueError):
+            RunRequest(**bad)
+
+
+def test_the_rollout_adapter_comes_from_the_curators_dataset_metadata(tmp_path):
+    assert rollout_adapter_of(tmp_path) is None
+    (tmp_path / "dataset.json").write_text(json.dumps({"id": "d", "options": {"rollout_adapter": "run-1"}}))
+    assert rollout_adapter_of(tmp_path) == "run-1"
+    (tmp_path / "dataset.json").write_text(json.dumps({"options": {"rollout_adapter": None}}))
+    assert rollout_adapter_of(tmp_path) is None
+    (tmp_path / "dataset.json").write_text("not json")
+    assert rollout_adapter_of(tmp_path) is None
+
+
+def test_the_adapter_archive_streams_every_file(tmp_path):
+    adapter = tmp_path / "run-1"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    (adapter / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 4096)  # 1 MiB, several chunks
+    chunks = list(stream_tar_gz(adapter, "run-1", chunk_size=4096))
+    assert len(chunks) > 1
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == ["run-1/adapter_config.json", "run-1/adapter_model.safetensors"]
+        assert tar.extractfile("run-1/adapter_model.safetensors").read() == bytes(range(256)) * 4096
+    stream = stream_tar_gz(adapter, "run-1", chunk_size=16)
+    next(stream)
+    stream.close()  # a client that goes away: the producer thread stops on the closed pipe
+
+
+def test_a_worker_counts_a_job_abandoned_after_three_heartbeats_and_looks_every_maintenance_interval():
+    from rq.job import Job
+
+    from services.trainer.queues import make_worker
+    from services.trainer.settings import TrainerSettings
+
+    settings = TrainerSettings(
+        redis_url=REDIS_URL, key_prefix=f"test-parts-{uuid.uuid4().hex[:8]}", worker_heartbeat_seconds=2,
+        maintenance_interval_seconds=7,
+    )
+    connection = connect(REDIS_URL)
+    worker = make_worker(settings, ("train", "eval"), connection)
+    job = Job.create("services.trainer.jobs.train_run", args=("r",), connection=connection, timeout=86_400)
+    assert worker.get_heartbeat_ttl(job) == 6  # RQ's own: min(timeout left, monitoring interval) + 60
+    assert worker.job_monitoring_interval == 2 and worker.maintenance_interval == 7
+    assert worker.dequeue_timeout == 7  # an idle worker runs maintenance between waits this long
+    assert worker.queue_names() == [f"{settings.key_prefix}:train", f"{settings.key_prefix}:eval"]
+    connection.close()
