@@ -8,6 +8,8 @@
     ssb train --pairs DIR --out DIR      step 6: LoRA KL distillation into an adapter
     ssb eval --benchmark math500         pass@1 of the base model and any --adapter, side by side
     ssb run --train F --eval G --out DIR curate, train and evaluate in one process (the main job)
+    ssb serve teacher|curator|trainer    the services; `ssb worker curate|train` their queue workers
+    ssb submit FILE --wait               send problems to the curator service and follow them to the end
 
 Run `ssb COMMAND --help` for every option.
 """
@@ -39,6 +41,7 @@ from cli.runtime import (
     resolve_worked_example,
     start_engine,
 )
+from cli.submit_command import submit_command
 from cli.train_command import train_command
 from cli.worker_command import worker_app
 from shared.settings import CurationConfig, Settings
@@ -56,6 +59,7 @@ app.add_typer(worker_app, name="worker")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("run")(run_command)
+app.command("submit")(submit_command)
 
 
 @model_app.command("pull")

@@ -4,6 +4,7 @@ API (services/trainer/app.py).
     ssb serve teacher --port 8000 --adapters-dir runs/adapters
     SSB_TEACHER_API_KEY=... ssb serve teacher --host 0.0.0.0
     ssb serve trainer --port 8002                        # runs and evaluations; `ssb worker train` does the work
+    ssb serve curator --port 8001                        # datasets in; `ssb worker curate` does the work
 
 Every option falls back to its `SSB_*` environment variable (see `.env.example`), then to the default. The engine
 starts after the server does: `/healthz` answers at once, `/readyz` once the model is loaded. SIGTERM or Ctrl-C stops
@@ -107,6 +108,26 @@ def add_service_log_handler(name: str, level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     service_log.addHandler(handler)
+
+
+@serve_app.command("curator")
+def serve_curator(
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (SSB_CURATOR_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (SSB_CURATOR_PORT; 8001).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+) -> None:
+    """The curator's intake API: datasets in over HTTP, one RQ job per batch of problems, status and pairs out."""
+    import uvicorn
+
+    from services.curator.app import create_app
+    from services.curator.settings import CuratorSettings
+
+    overrides = {"curator_host": host, "curator_port": port}
+    try:
+        settings = CuratorSettings(**{name: value for name, value in overrides.items() if value is not None})
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    uvicorn.run(create_app(settings), host=settings.curator_host, port=settings.curator_port, log_level=log_level)
 
 
 TeacherUrlOption = Annotated[

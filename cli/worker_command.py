@@ -56,3 +56,25 @@ def worker_train(
     jobs.configure(settings)
     worker = make_worker(settings, tuple(dict.fromkeys(queue)), connect(settings.redis_url))
     worker.work(burst=burst, logging_level=log_level.upper())
+
+
+@worker_app.command("curate")
+def worker_curate(
+    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+    log_level: Annotated[str, typer.Option(help="Log level of the worker and its jobs.")] = "info",
+) -> None:
+    """Curate queued problems through the teacher service (SSB_TEACHER_URLS) into the datasets' pair stores under
+    SSB_DATA_DIR. Any number of these, on any machine that reaches Redis, the teacher and the data volume; each job
+    runs in a child process, and a job whose worker died is taken over by another."""
+    import logging
+
+    from cli.runtime import fail
+    from services.curator.jobs import run_worker
+    from services.curator.settings import CuratorSettings
+
+    try:
+        settings = CuratorSettings()
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    run_worker(settings, burst=burst)

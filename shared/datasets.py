@@ -91,6 +91,25 @@ def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit
     return problems if limit is None else problems[:limit]
 
 
+def parse_problem_file(data: bytes, name: str) -> list[Problem]:
+    """The problems of an uploaded file's bytes: JSONL or Parquet, chosen by `name`'s extension, every row checked
+    as `load_problems` checks a file (errors name `name:line` for JSONL, `name:row N` for Parquet)."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        raise DatasetError(
+            [f"{name}: unsupported file type {suffix or '(no extension)'!r}; use {' or '.join(SUPPORTED_EXTENSIONS)}"]
+        )
+    stem = Path(name).stem
+    rows = _jsonl_rows(data) if suffix == ".jsonl" else _parquet_rows(data, name)
+    return _build_problems(rows, where=name, stem=stem, source_prefix=Path(name).name)
+
+
+def parse_problem_rows(rows: list[Any], where: str = "rows") -> list[Problem]:
+    """Problems from rows already parsed from JSON (a request body): errors name `where:row N`, from 0."""
+    numbered = (_Row(f"row {index}", index, data=data) for index, data in enumerate(rows))
+    return _build_problems(numbered, where=where, stem=where, source_prefix=where)
+
+
 def problem_to_json(problem: Problem) -> str:
     """One problem as one JSON line (`id`, `question`, `answer`, and `source` when set)."""
     return json.dumps(problem.model_dump(exclude_none=True), ensure_ascii=False)
@@ -151,9 +170,8 @@ def _load_file(path: Path) -> list[Problem]:
     if not path.is_file():
         reason = "is a directory, not a file" if path.is_dir() else "file not found"
         raise DatasetError([f"{path}: {reason}"])
-    if suffix == ".jsonl":
-        return _build_problems(_jsonl_rows(path), where=str(path), stem=path.stem, source_prefix=path.name)
-    return _build_problems(_parquet_rows(path), where=str(path), stem=path.stem, source_prefix=path.name)
+    rows = _jsonl_rows(path.read_bytes()) if suffix == ".jsonl" else _parquet_rows(path, str(path))
+    return _build_problems(rows, where=str(path), stem=path.stem, source_prefix=path.name)
 
 
 class _Row:
@@ -165,9 +183,8 @@ class _Row:
         self.label, self.number, self.data, self.error = label, number, data, error
 
 
-def _jsonl_rows(path: Path) -> Iterator[_Row]:
+def _jsonl_rows(raw: bytes) -> Iterator[_Row]:
     """Lines are numbered from 1 as editors show them; blank lines are skipped but still counted."""
-    raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
@@ -186,16 +203,17 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
         yield _Row(str(number), number, data=data)
 
 
-def _parquet_rows(path: Path) -> Iterator[_Row]:
-    """Rows are numbered from 0, as in the table."""
+def _parquet_rows(source: Path | bytes, name: str) -> Iterator[_Row]:
+    """Rows of a Parquet file (a path or its bytes) are numbered from 0, as in the table."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:  # pyarrow is a core dependency; this only fires in a broken install
-        raise DatasetError([f"{path}: reading Parquet needs pyarrow, which is not installed"]) from exc
+        raise DatasetError([f"{name}: reading Parquet needs pyarrow, which is not installed"]) from exc
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source)
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-        raise DatasetError([f"{path}: not a readable Parquet file ({exc})"]) from exc
+        raise DatasetError([f"{name}: not a readable Parquet file ({exc})"]) from exc
     for index, data in enumerate(table.to_pylist()):
         yield _Row(f"row {index}", index, data=data)
 

@@ -111,6 +111,15 @@ class PairStore:
         """True when the problem already has a pair or a recorded drop."""
         return self.pair_path(problem_id).exists() or self.dropped_path(problem_id).exists()
 
+    def outcome(self, problem_id: str) -> str | None:
+        """How the problem ended: `paired`, its drop reason, or None while it has neither file."""
+        if self.pair_path(problem_id).exists():
+            return "paired"
+        path = self.dropped_path(problem_id)
+        if path.exists():
+            return DroppedProblem.model_validate_json(path.read_text()).reason
+        return None
+
     def write_pair(self, pair: Pair) -> bool:
         """Store a pair once; False if this problem already had one."""
         return write_once(self.pair_path(pair.record.problem_id), encode_pair(pair))

@@ -8,10 +8,12 @@ Every call has explicit timeouts; connection errors, 503 (not ready) and 429 (bu
 backoff (honouring Retry-After) up to `retries` times, then raise `TeacherUnavailable`. Any other 4xx raises
 `TeacherRejected` with the service's message (which names the field). Top-k arrays travel in the compact base64
 encoding. Adapters are names of adapters in the service's adapters directory; the client loads one on first use.
+`TeacherPool` spreads calls over several teacher services.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 
@@ -229,3 +231,56 @@ def retry_after_seconds(response: httpx.Response) -> float:
         return float(response.headers.get("retry-after", 0))
     except ValueError:
         return 0.0
+
+
+class TeacherPool:
+    """Several teacher services (same model) as one `Engine`: each call goes to the next service in turn, starting at
+    a random one so that many workers spread out; a service that stays unreachable through its client's retries is
+    skipped for that call. One URL is a pool of one.
+
+        with TeacherPool(["http://gpu-a:8000", "http://gpu-b:8000"], api_key=key) as teacher:
+            curate(problems, teacher, store, config)
+    """
+
+    def __init__(self, urls: Sequence[str], *, api_key: str | None = None, **client_options):
+        if not urls:
+            raise ValueError("a teacher pool needs at least one URL")
+        self.clients = [TeacherClient(url, api_key=api_key, **client_options) for url in urls]
+        self._turn = random.randrange(len(self.clients))
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def __enter__(self) -> TeacherPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def call(self, method: str, *args, **kwargs):
+        """`method` on the next client; on TeacherUnavailable, on the one after, until each was tried once."""
+        for _ in range(len(self.clients)):
+            client = self.clients[self._turn % len(self.clients)]
+            self._turn += 1
+            try:
+                return getattr(client, method)(*args, **kwargs)
+            except TeacherUnavailable as exc:
+                unavailable = exc
+        raise unavailable
+
+    @property
+    def model_name(self) -> str:
+        """The model, as the first service that answers names it (each client asks once, then remembers)."""
+        for client in self.clients:
+            try:
+                return client.model_name
+            except TeacherUnavailable as exc:
+                unavailable = exc
+        raise unavailable
+
+    def rollouts(self, questions, sampling, *, worked_example: bool = False, adapter: str | None = None):
+        return self.call("rollouts", questions, sampling, worked_example=worked_example, adapter=adapter)
+
+    def explanations(self, items, sampling, *, worked_example: bool = False):
+        return self.call("explanations", items, sampling, worked_example=worked_example)

@@ -1,0 +1,141 @@
+"""`ssb submit FILE`: send a problem file to the curator service and, with `--wait`, follow it to the end.
+
+    ssb submit problems.jsonl --curator http://127.0.0.1:8001 --wait
+    ssb submit gsm8k.parquet --k 4 --options '{"rollout_max_tokens": 192}' --train '{"epochs": 2}'
+
+The file goes up as it is (the service checks every row and names the bad ones); options are `DatasetOptions`
+(shared/curator_api.py), from the flags and `--options`. With `--wait`, a live progress bar of the funnel until every
+problem has its final state, then the funnel as a table. The curator's key, if it has one, comes from
+SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.runtime import console, fail, progress_bar
+
+POLL_SECONDS = 2.0
+
+
+def submit_command(
+    file: Annotated[Path, typer.Argument(help="Problems: a .jsonl or .parquet file.")],
+    curator: Annotated[
+        Optional[str], typer.Option("--curator", help="The curator service (SSB_CURATOR_URL; http://127.0.0.1:8001).")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the dataset until every problem is final.")] = False,
+    k: Annotated[Optional[int], typer.Option("--k", min=2, help="Rollouts per problem.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds sampling and hint tie-breaks.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Problems per job.")] = None,
+    rollout_adapter: Annotated[
+        Optional[str], typer.Option(help="Roll out with this adapter of the teacher (e.g. a finished run's id).")
+    ] = None,
+    options: Annotated[
+        Optional[str], typer.Option("--options", help="Any other curation options, as a JSON object.")
+    ] = None,
+    train: Annotated[
+        Optional[str], typer.Option("--train", help="Start a training run when curation ends: its settings as JSON.")
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(help="A label for listings (default: the file name).")] = None,
+) -> None:
+    """Submit a dataset to the curator service; with --wait, show its funnel live until it is done."""
+    import httpx
+
+    from shared.curator_api import DatasetCreated, DatasetOptions
+
+    if not file.is_file():
+        raise fail(f"{file}: no such file")
+    try:
+        chosen = json.loads(options) if options else {}
+        if train is not None:
+            chosen["train"] = json.loads(train)
+    except json.JSONDecodeError as exc:
+        raise fail(f"--options/--train: not JSON: {exc}") from exc
+    flags = {"k": k, "seed": seed, "limit": limit, "batch_size": batch_size, "rollout_adapter": rollout_adapter}
+    chosen.update({key: value for key, value in flags.items() if value is not None})
+    try:
+        dataset_options = DatasetOptions.model_validate(chosen)
+    except ValueError as exc:
+        raise fail(f"invalid options: {exc}") from exc
+    url = (curator or os.environ.get("SSB_CURATOR_URL") or "http://127.0.0.1:8001").rstrip("/")
+    key = os.environ.get("SSB_CURATOR_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0)) as http:
+        try:
+            response = http.post(
+                "/v1/datasets",
+                files={"file": (file.name, file.read_bytes())},
+                data={"options": dataset_options.model_dump_json(exclude_unset=True), "name": name or file.name},
+            )
+        except httpx.HTTPError as exc:
+            raise fail(f"the curator at {url} could not be reached: {exc}") from exc
+        if response.status_code != 201:
+            raise fail(f"the curator refused the dataset ({response.status_code}):\n{error_message(response)}")
+        created = DatasetCreated.model_validate_json(response.content)
+        console.print(f"dataset [bold]{created.id}[/bold]: {created.problems} problems in {created.jobs} jobs")
+        print(created.id)
+        if wait:
+            status = follow(http, created.id, created.problems)
+            print_status(status)
+            if status.funnel.failed:
+                raise typer.Exit(code=1)
+
+
+def follow(http, dataset_id: str, problems: int):
+    """Poll the dataset until every problem is final; a progress bar of the funnel meanwhile."""
+    from shared.curator_api import DatasetStatus
+
+    with progress_bar("counts") as progress:
+        task = progress.add_task("curating", total=problems, counts="")
+        while True:
+            response = http.get(f"/v1/datasets/{dataset_id}")
+            if response.status_code != 200:
+                raise fail(f"the curator answered {response.status_code}: {error_message(response)}")
+            status = DatasetStatus.model_validate_json(response.content)
+            progress.update(task, completed=status.funnel.finished, counts=funnel_line(status))
+            if status.funnel.finished >= status.problems:
+                return status
+            time.sleep(POLL_SECONDS)
+
+
+def funnel_line(status) -> str:
+    counts = {k: v for k, v in status.funnel.model_dump().items() if v}
+    rate = f", {status.tokens_per_second:.0f} tok/s" if status.tokens_per_second else ""
+    return " ".join(f"{k} {v}" for k, v in counts.items()) + rate
+
+
+def print_status(status) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"dataset {status.id}: {status.state}")
+    table.add_column("stage")
+    table.add_column("problems", justify="right")
+    for stage, count in status.funnel.model_dump().items():
+        table.add_row(stage, str(count))
+    table.add_row("[bold]total[/bold]", f"[bold]{status.problems}[/bold]")
+    console.print(table)
+    if status.started_at and status.finished_at:
+        console.print(
+            f"{status.problems_per_minute:.1f} problems/minute, teacher {status.tokens_per_second:.0f} tokens/s, "
+            f"{status.finished_at - status.started_at:.0f} s"
+        )
+    for failure in status.failures[:10]:
+        console.print(f"[red]failed[/red] {failure.problem_id}: {failure.reason}")
+    if status.training_run:
+        console.print(f"training run started: {status.training_run}")
+    if status.training_error:
+        console.print(f"[red]training not started[/red]: {status.training_error}")
+
+
+def error_message(response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:2000]

@@ -1,0 +1,214 @@
+"""The curator service's HTTP app: `create_app(settings)` wires the dataset routes to a `CuratorService`
+(services/curator/service.py holds the logic).
+
+    ssb serve curator --port 8001          (cli/serve_command.py runs this app on uvicorn)
+    curl -F file=@problems.jsonl -F 'options={"k": 4}' http://127.0.0.1:8001/v1/datasets
+
+`POST /v1/datasets` takes a JSONL or Parquet file (multipart: `file`, optional `options` as JSON and `name`) or a
+JSON body `{"rows": [...], "options": {...}, "name": ...}`. The whole upload is checked before anything is stored:
+a bad row rejects it with 422 naming every bad row (up to ten), duplicate ids too; over `SSB_MAX_UPLOAD_BYTES`, 413.
+Errors share the teacher's envelope (`shared.teacher_api.ErrorResponse`); with `SSB_CURATOR_API_KEY` set, every
+endpoint but the probes needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.curator.service import CuratorService, ServiceError
+from services.curator.settings import CuratorSettings
+from shared.curator_api import DatasetCreated, DatasetList, DatasetOptions, DatasetRows, DatasetStatus
+from shared.datasets import DatasetError, parse_problem_file, parse_problem_rows
+from shared.teacher_api import ErrorDetail, ErrorResponse
+
+log = logging.getLogger("ssb.curator")
+
+PROBES = ("/healthz", "/readyz")
+ALWAYS_OPEN = (*PROBES, "/docs", "/redoc", "/openapi.json")
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 503)}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": DatasetRows.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "A .jsonl or .parquet file."},
+                        "options": {"type": "string", "description": "DatasetOptions as JSON."},
+                        "name": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def service_of(request: Request) -> CuratorService:
+    return request.app.state.service
+
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["probes"])
+async def healthz() -> dict:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["probes"], responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request):
+    """200 when Redis answers; 503 otherwise."""
+    problem = service_of(request).readiness_problem()
+    if problem:
+        return error_response(503, problem, "not_ready", headers={"Retry-After": "2"})
+    return {"status": "ready"}
+
+
+@router.post(
+    "/v1/datasets",
+    status_code=201,
+    response_model=DatasetCreated,
+    responses=ERROR_RESPONSES,
+    openapi_extra=UPLOAD_BODY,
+    tags=["datasets"],
+)
+async def create_dataset(request: Request):
+    """Upload problems (a JSONL or Parquet file, or JSON rows) with curation options; every problem is queued."""
+    problems, options, name = await read_upload(request)
+    return service_of(request).create_dataset(problems, options, name)
+
+
+@router.get("/v1/datasets", response_model=DatasetList, responses=ERROR_RESPONSES, tags=["datasets"])
+async def list_datasets(request: Request):
+    """Every dataset with its status and funnel, oldest first."""
+    return service_of(request).list_datasets()
+
+
+@router.get("/v1/datasets/{dataset_id}", response_model=DatasetStatus, responses=ERROR_RESPONSES, tags=["datasets"])
+async def dataset_status(dataset_id: str, request: Request):
+    """Status, the funnel (its counts add up to the problems), tokens/s, problems/minute and time left."""
+    return service_of(request).status(dataset_id)
+
+
+@router.get("/v1/datasets/{dataset_id}/pairs", responses=ERROR_RESPONSES, tags=["datasets"])
+async def dataset_pairs(dataset_id: str, request: Request) -> StreamingResponse:
+    """The verified pairs so far as JSONL, streamed (the format of `ssb pairs export`)."""
+    return StreamingResponse(service_of(request).pair_lines(dataset_id), media_type="application/x-ndjson")
+
+
+@router.get("/v1/datasets/{dataset_id}/dropped", responses=ERROR_RESPONSES, tags=["datasets"])
+async def dataset_dropped(dataset_id: str, request: Request) -> StreamingResponse:
+    """The problems that gave no pair, and why, as JSONL."""
+    return StreamingResponse(service_of(request).dropped_lines(dataset_id), media_type="application/x-ndjson")
+
+
+@router.delete("/v1/datasets/{dataset_id}", response_model=DatasetStatus, responses=ERROR_RESPONSES, tags=["datasets"])
+async def cancel_dataset(dataset_id: str, request: Request):
+    """Cancel what has not started (those problems end `cancelled`); running jobs finish."""
+    return service_of(request).cancel(dataset_id)
+
+
+async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | None]:
+    """The upload's problems, options and name, all checked; raises ServiceError (413, 422) naming what is wrong."""
+    limit = request.app.state.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(413, f"the upload is {int(declared)} bytes; at most {limit}", "too_large")
+    body = await request.body()
+    if len(body) > limit:
+        raise ServiceError(413, f"the upload is {len(body)} bytes; at most {limit}", "too_large")
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ServiceError(422, "a multipart upload needs a `file` part (.jsonl or .parquet)", "invalid_request", "file")
+            raw_options = form.get("options")
+            options = DatasetOptions.model_validate_json(raw_options) if raw_options else DatasetOptions()
+            problems = parse_problem_file(await upload.read(), upload.filename or "upload.jsonl")
+            name = form.get("name") or upload.filename
+            return problems, options, str(name) if name else None
+        rows = DatasetRows.model_validate_json(body)
+        return parse_problem_rows(rows.rows), rows.options, rows.name
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(part) for part in errors[0]["loc"]) or None
+        messages = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors]
+        raise ServiceError(422, "; ".join(messages), "invalid_request", where) from exc
+    except DatasetError as exc:
+        raise ServiceError(422, f"the dataset was rejected whole:\n{exc}", "invalid_dataset", "file") from exc
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Every error in one envelope."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_fields(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        messages = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors]
+        return error_response(422, "; ".join(messages), "invalid_request")
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+def register_auth(app: FastAPI, settings: CuratorSettings) -> None:
+    key = settings.curator_key().encode() if settings.curator_api_key else None
+    if key is None:
+        return
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next) -> Response:
+        if request.url.path not in ALWAYS_OPEN:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+                return error_response(
+                    401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+
+def create_app(settings: CuratorSettings | None = None, service: CuratorService | None = None) -> FastAPI:
+    """The curator app, on `service` (or one built from `settings`: Redis is connected lazily, on first use)."""
+    settings = settings or CuratorSettings()
+    app = FastAPI(
+        title="SSB curator",
+        version="1",
+        description="Datasets in over HTTP; RQ workers turn each problem into a verified teacher/student pair "
+        "through the teacher service, or record why not.",
+    )
+    app.state.settings = settings
+    app.state.service = service or CuratorService(settings)
+    app.include_router(router)
+    register_error_handlers(app)
+    register_auth(app, settings)
+    return app

@@ -1,0 +1,242 @@
+"""The curator's RQ jobs: a batch of one dataset's problems, curated through the teacher service into the dataset's
+pair store, each problem's final state recorded once in the ledger.
+
+    ssb worker curate            (cli/worker_command.py runs `run_worker`)
+
+Jobs take ids, not objects (`curate_problems(dataset_id, problem_ids)`), travel with RQ's JSON serializer, and carry a
+timeout and `Retry` with backoff. Delivery is at least once, so every write is safe to repeat: pair files are
+write-once (`shared.storage`), final states set-if-absent (`services.curator.ledger`), and a job that finds a problem
+already in the store (its previous run died after writing) records what the store holds instead of curating it again.
+
+A worker that dies mid-job (SIGKILL, a lost machine) stops sending heartbeats; after `3 x SSB_WORKER_HEARTBEAT_SECONDS`
+its job counts as abandoned, and the next maintenance pass of any worker (every `SSB_MAINTENANCE_INTERVAL_SECONDS`)
+puts it back on the queue: with the defaults (5 s, 10 s) another worker takes it over within about 25 s. A job that
+fails through every retry marks its unfinished problems `failed`, with the last error, through `record_job_failure`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import httpx
+from redis import Redis
+from rq import Callback, Queue, Retry, Worker
+from rq.serializers import JSONSerializer
+
+from services.curator.curation import Funnel, curate
+from services.curator.ledger import DatasetLedger, DatasetMeta
+from services.curator.settings import CuratorSettings
+from shared.datasets import load_problems
+from shared.engine import Engine
+from shared.schemas import Problem
+from shared.settings import CurationConfig
+from shared.storage import PairStore
+from shared.teacher_client import TeacherPool, TeacherRejected
+
+log = logging.getLogger("ssb.curator")
+
+PROBLEMS_FILE = "problems.jsonl"
+META_FILE = "dataset.json"
+RETRY_BACKOFF_SECONDS = (5, 30, 120)
+
+
+def redis_connection(settings: CuratorSettings) -> Redis:
+    return Redis.from_url(settings.redis_url)
+
+
+def curation_queue(settings: CuratorSettings, connection: Redis) -> Queue:
+    return Queue(
+        f"{settings.key_prefix}:curate",
+        connection=connection,
+        serializer=JSONSerializer,
+        default_timeout=settings.job_timeout_seconds,
+    )
+
+
+def job_retry(settings: CuratorSettings) -> Retry:
+    return Retry(max=settings.job_retries, interval=list(RETRY_BACKOFF_SECONDS[: settings.job_retries]))
+
+
+def enqueue_data(settings: CuratorSettings, dataset_id: str, batches: Sequence[list[str]]) -> list:
+    """One RQ job per batch of problem ids, with the deployment's timeout, retries and failure callback."""
+    return [
+        Queue.prepare_data(
+            curate_problems,
+            args=(dataset_id, batch),
+            job_id=f"{settings.key_prefix}-{dataset_id}-{index}",
+            timeout=settings.job_timeout_seconds,
+            retry=job_retry(settings),
+            on_failure=Callback(record_job_failure),
+            description=f"curate {len(batch)} problems of dataset {dataset_id}",
+            result_ttl=24 * 3600,
+            failure_ttl=7 * 24 * 3600,
+        )
+        for index, batch in enumerate(batches)
+    ]
+
+
+def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
+    """The job: curate these problems of the dataset; return what became of them."""
+    settings = CuratorSettings()
+    ledger = DatasetLedger(redis_connection(settings), settings.key_prefix)
+    meta = ledger.meta(dataset_id)
+    if meta is None:
+        return {"dataset": dataset_id, "skipped": "the dataset no longer exists"}
+    store = PairStore(settings.dataset_dir(dataset_id))
+    finished = ledger.final_states(dataset_id)
+    todo = [p for p in problem_ids if p not in finished]
+    if ledger.is_cancelled(dataset_id):
+        for problem_id in todo:
+            finish_problem(settings, ledger, meta, problem_id, "cancelled")
+        return {"dataset": dataset_id, "cancelled": len(todo)}
+    # A previous run of this job may have written some problems and died before recording them.
+    for problem_id in todo:
+        if (outcome := store.outcome(problem_id)) is not None:
+            finish_problem(settings, ledger, meta, problem_id, outcome)
+    todo = [p for p in todo if store.outcome(p) is None]
+    if not todo:
+        return {"dataset": dataset_id, "curated": 0}
+    problems = dataset_problems(settings, dataset_id, todo)
+    ledger.mark_running(dataset_id, todo)
+    with TeacherPool(settings.teacher_urls, api_key=settings.teacher_key()) as teacher:
+        engine = teacher if meta.options.rollout_adapter is None else AdapterRollouts(teacher, meta.options.rollout_adapter)
+        funnel, failures = curate_with_rejections(problems, engine, store, meta.options.curation_config())
+    ledger.add_generation(dataset_id, funnel.generated_tokens, funnel.rollout_seconds + funnel.explanation_seconds)
+    for problem in problems:
+        if problem.id in failures:
+            finish_problem(settings, ledger, meta, problem.id, "failed", failures[problem.id])
+        else:
+            outcome = store.outcome(problem.id)
+            if outcome is None:  # curate() writes one file per problem; a missing one is a bug, not a state
+                raise RuntimeError(f"problem {problem.id} of dataset {dataset_id} has no outcome in the store")
+            finish_problem(settings, ledger, meta, problem.id, outcome)
+    return {"dataset": dataset_id, "curated": len(problems), "pairs": funnel.pairs, "failed": len(failures)}
+
+
+def curate_with_rejections(
+    problems: list[Problem], engine: Engine, store: PairStore, config: CurationConfig
+) -> tuple[Funnel, dict[str, str]]:
+    """`curate()`, except that a request the teacher refuses (a 4xx: e.g. a question longer than its context) fails
+    only the problem it came from: the batch is retried one problem at a time. Other errors (the teacher unreachable)
+    propagate, so RQ retries the whole job."""
+    try:
+        return curate(problems, engine, store, config), {}
+    except TeacherRejected:
+        if len(problems) == 1:
+            raise
+    total, failures = Funnel(problems=len(problems)), {}
+    for problem in problems:
+        try:
+            one = curate([problem], engine, store, config)
+        except TeacherRejected as exc:
+            failures[problem.id] = f"the teacher refused the request: {exc.message}"
+            continue
+        total.pairs += one.pairs
+        total.rollout_tokens += one.rollout_tokens
+        total.rollout_seconds += one.rollout_seconds
+        total.explanation_tokens += one.explanation_tokens
+        total.explanation_seconds += one.explanation_seconds
+    return total, failures
+
+
+def finish_problem(
+    settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta, problem_id: str, state: str, reason=None
+) -> None:
+    """Record a problem's final state; the call that finishes the dataset starts its training request, if any."""
+    if ledger.record_final(meta.id, problem_id, state, reason) and meta.options.train is not None:
+        start_training(settings, ledger, meta)
+
+
+def start_training(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta) -> None:
+    """Ask the trainer service to train on the finished dataset; record the run id, or why it could not start."""
+    headers = {"Authorization": f"Bearer {settings.trainer_key()}"} if settings.trainer_api_key else {}
+    body = {**(meta.options.train or {}), "dataset_id": meta.id}
+    try:
+        response = httpx.post(f"{settings.trainer_url.rstrip('/')}/v1/runs", json=body, headers=headers, timeout=60)
+    except httpx.HTTPError as exc:
+        ledger.set_training(meta.id, error=f"the trainer at {settings.trainer_url} could not be reached: {exc}")
+        return
+    if response.status_code >= 400:
+        ledger.set_training(meta.id, error=f"the trainer refused the request ({response.status_code}): {response.text[:1000]}")
+        return
+    reply = response.json()
+    ledger.set_training(meta.id, run_id=str(reply.get("id") or reply.get("run_id")))
+    log.info("dataset %s done; training run %s started", meta.id, reply.get("id") or reply.get("run_id"))
+
+
+def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:
+    """RQ's failure callback. It also runs for a failure that will be retried: only the last one is final, and it
+    marks each problem of the job that has no outcome `failed`, with the error."""
+    if job.should_retry:
+        return
+    dataset_id, problem_ids = job.args
+    settings = CuratorSettings()
+    ledger = DatasetLedger(connection, settings.key_prefix)
+    meta = ledger.meta(dataset_id)
+    if meta is None:
+        return
+    store = PairStore(settings.dataset_dir(dataset_id))
+    reason = f"{exc_type.__name__}: {exc_value}".strip().rstrip(":")
+    attempts = settings.job_retries + 1
+    for problem_id in problem_ids:
+        outcome = store.outcome(problem_id)
+        if outcome is not None:
+            finish_problem(settings, ledger, meta, problem_id, outcome)
+        else:
+            finish_problem(settings, ledger, meta, problem_id, "failed", f"{reason} (after {attempts} attempts)")
+
+
+def dataset_problems(settings: CuratorSettings, dataset_id: str, problem_ids: Sequence[str]) -> list[Problem]:
+    """These problems of the dataset, read from its problems file on the shared volume, in the order given."""
+    by_id = {p.id: p for p in load_problems(settings.dataset_dir(dataset_id) / PROBLEMS_FILE)}
+    missing = [i for i in problem_ids if i not in by_id]
+    if missing:
+        raise LookupError(f"dataset {dataset_id} has no problems {missing[:5]} (is the data volume shared?)")
+    return [by_id[i] for i in problem_ids]
+
+
+class AdapterRollouts:
+    """An engine whose rollouts come from a LoRA adapter loaded in the teacher (the previous round's student), while
+    hinted explanations come from the base model, as in the first round. Pairs record `model` as `base+adapter`."""
+
+    def __init__(self, engine, adapter: str):
+        self.engine = engine
+        self.adapter = adapter
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.engine.model_name}+{self.adapter}"
+
+    def rollouts(self, questions, sampling, *, worked_example=False, adapter=None):
+        return self.engine.rollouts(questions, sampling, worked_example=worked_example, adapter=adapter or self.adapter)
+
+    def explanations(self, items, sampling, *, worked_example=False):
+        return self.engine.explanations(items, sampling, worked_example=worked_example)
+
+
+class CurationWorker(Worker):
+    """RQ's forking worker with a short heartbeat: RQ's own is the monitoring interval plus 60 s, which leaves a
+    killed worker's job unclaimed for a minute and a half. (An idle worker wakes for maintenance every
+    `worker_ttl - 15` s, so `run_worker` sets that to the maintenance interval too.)"""
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        return 3 * self.job_monitoring_interval
+
+
+def run_worker(settings: CuratorSettings, *, burst: bool = False, name: str | None = None) -> None:
+    """Serve the curation queue until SIGTERM (or, with `burst`, until it is empty)."""
+    connection = redis_connection(settings)
+    worker = CurationWorker(
+        [curation_queue(settings, connection)],
+        connection=connection,
+        serializer=JSONSerializer,
+        name=name,
+        job_monitoring_interval=settings.worker_heartbeat_seconds,
+        maintenance_interval=settings.maintenance_interval_seconds,
+        worker_ttl=settings.maintenance_interval_seconds + 15,
+    )
+    started = time.time()
+    worker.work(with_scheduler=True, burst=burst)
+    log.info("worker %s stopped after %.0f s", worker.name, time.time() - started)

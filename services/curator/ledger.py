@@ -1,0 +1,185 @@
+"""The curator's record of datasets in Redis: what each dataset is, and where each of its problems stands.
+
+Keys, under the deployment's prefix P (`SSB_KEY_PREFIX`) and a dataset id D:
+
+    P:datasets                 sorted set of dataset ids by upload time
+    P:dataset:D                the dataset's metadata (JSON: name, problem count, options, upload time)
+    P:dataset:D:final          hash problem id -> final state; written with HSETNX, so a problem is counted once
+    P:dataset:D:failures       hash problem id -> why it failed
+    P:dataset:D:running        set of problem ids a job has started and not finished
+    P:dataset:D:stats          hash: tokens, engine seconds, started_at, finished_at, training_run, training_error
+    P:dataset:D:cancelled      present once the dataset was cancelled
+    P:dataset:D:jobs           set of the dataset's RQ job ids
+
+Every write is safe to repeat: a job that runs twice (a retry, or a worker killed after writing) records nothing
+twice, because final states are set-if-absent and the counts are read from the final-state hash, never incremented.
+The funnel's `queued` is what is neither final nor running, so the counts always add up to the problems.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from pydantic import BaseModel
+from redis import Redis
+
+from shared.curator_api import FINAL_STATES, DatasetOptions, DatasetStatus, Failure, Funnel
+
+MAX_LISTED_FAILURES = 100
+
+
+class DatasetMeta(BaseModel):
+    """What a dataset is; written once at upload."""
+
+    id: str
+    name: str | None = None
+    problems: int
+    options: DatasetOptions
+    created_at: float
+
+
+class DatasetLedger:
+    """Datasets and their problems' states in one Redis, under one key prefix."""
+
+    def __init__(self, redis: Redis, prefix: str):
+        self.redis = redis
+        self.prefix = prefix
+
+    def key(self, dataset_id: str, part: str | None = None) -> str:
+        base = f"{self.prefix}:dataset:{dataset_id}"
+        return f"{base}:{part}" if part else base
+
+    # --- datasets ---
+
+    def create(self, meta: DatasetMeta, job_ids: list[str], pipeline) -> None:
+        """Record a new dataset in `pipeline` (executed by the caller together with the enqueueing of its jobs)."""
+        pipeline.set(self.key(meta.id), meta.model_dump_json())
+        pipeline.zadd(f"{self.prefix}:datasets", {meta.id: meta.created_at})
+        if job_ids:
+            pipeline.sadd(self.key(meta.id, "jobs"), *job_ids)
+
+    def meta(self, dataset_id: str) -> DatasetMeta | None:
+        raw = self.redis.get(self.key(dataset_id))
+        return DatasetMeta.model_validate_json(raw) if raw else None
+
+    def ids(self) -> list[str]:
+        return [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(f"{self.prefix}:datasets", 0, -1)]
+
+    def job_ids(self, dataset_id: str) -> list[str]:
+        return sorted(i.decode() if isinstance(i, bytes) else i for i in self.redis.smembers(self.key(dataset_id, "jobs")))
+
+    def cancel(self, dataset_id: str) -> None:
+        self.redis.set(self.key(dataset_id, "cancelled"), time.time())
+
+    def is_cancelled(self, dataset_id: str) -> bool:
+        return bool(self.redis.exists(self.key(dataset_id, "cancelled")))
+
+    # --- problems ---
+
+    def final_states(self, dataset_id: str) -> dict[str, str]:
+        return {_text(k): _text(v) for k, v in self.redis.hgetall(self.key(dataset_id, "final")).items()}
+
+    def mark_running(self, dataset_id: str, problem_ids: list[str]) -> None:
+        """A job has started these problems (and the dataset, if it is the first)."""
+        with self.redis.pipeline() as pipe:
+            pipe.hsetnx(self.key(dataset_id, "stats"), "started_at", time.time())
+            if problem_ids:
+                pipe.sadd(self.key(dataset_id, "running"), *problem_ids)
+            pipe.execute()
+
+    def record_final(self, dataset_id: str, problem_id: str, state: str, reason: str | None = None) -> bool:
+        """Record how a problem ended, unless it already has a final state. True when this call finished the
+        dataset (its last problem reached a final state): exactly one caller sees True."""
+        if state not in FINAL_STATES:
+            raise ValueError(f"unknown final state {state!r}; one of {', '.join(FINAL_STATES)}")
+        with self.redis.pipeline() as pipe:  # MULTI/EXEC: the three happen together
+            pipe.hsetnx(self.key(dataset_id, "final"), problem_id, state)
+            if reason is not None:
+                pipe.hsetnx(self.key(dataset_id, "failures"), problem_id, reason[:2000])
+            pipe.srem(self.key(dataset_id, "running"), problem_id)
+            pipe.hlen(self.key(dataset_id, "final"))
+            results = pipe.execute()
+        newly_set, finished = results[0], results[-1]
+        meta = self.meta(dataset_id)
+        if not newly_set or meta is None or finished < meta.problems:
+            return False
+        return bool(self.redis.hsetnx(self.key(dataset_id, "stats"), "finished_at", time.time()))
+
+    def add_generation(self, dataset_id: str, tokens: int, seconds: float) -> None:
+        """Tokens the teacher generated for a job and the seconds its calls took (throughput, not counts: a rerun
+        job's tokens were really generated)."""
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(self.key(dataset_id, "stats"), "tokens", tokens)
+            pipe.hincrbyfloat(self.key(dataset_id, "stats"), "seconds", seconds)
+            pipe.execute()
+
+    def set_training(self, dataset_id: str, *, run_id: str | None = None, error: str | None = None) -> None:
+        field, value = ("training_run", run_id) if run_id else ("training_error", error or "")
+        self.redis.hset(self.key(dataset_id, "stats"), field, value)
+
+    # --- status ---
+
+    def status(self, dataset_id: str, now: float | None = None) -> DatasetStatus | None:
+        meta = self.meta(dataset_id)
+        if meta is None:
+            return None
+        now = time.time() if now is None else now
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.key(dataset_id, "final"))
+            pipe.smembers(self.key(dataset_id, "running"))
+            pipe.hgetall(self.key(dataset_id, "stats"))
+            pipe.hgetall(self.key(dataset_id, "failures"))
+            pipe.exists(self.key(dataset_id, "cancelled"))
+            final_raw, running_raw, stats_raw, failures_raw, cancelled = pipe.execute()
+        final = {_text(k): _text(v) for k, v in final_raw.items()}
+        stats = {_text(k): _text(v) for k, v in stats_raw.items()}
+        running = {_text(p) for p in running_raw} - final.keys()
+        funnel = Funnel(**Counter(final.values()), running=len(running))
+        funnel.queued = meta.problems - funnel.finished - funnel.running
+        started = _float(stats.get("started_at"))
+        finished_at = _float(stats.get("finished_at"))
+        seconds = _float(stats.get("seconds")) or 0.0
+        elapsed_minutes = ((finished_at or now) - started) / 60 if started else 0.0
+        rate = funnel.finished / elapsed_minutes if elapsed_minutes > 0 else 0.0
+        left = meta.problems - funnel.finished
+        if cancelled and funnel.cancelled:
+            state = "cancelled"
+        elif funnel.finished == meta.problems:
+            state = "done"
+        else:
+            state = "running" if started else "queued"
+        failures = [Failure(problem_id=_text(k), reason=_text(v)) for k, v in sorted(failures_raw.items())]
+        return DatasetStatus(
+            id=meta.id,
+            name=meta.name,
+            state=state,
+            problems=meta.problems,
+            funnel=funnel,
+            created_at=meta.created_at,
+            started_at=started,
+            finished_at=finished_at,
+            tokens_per_second=int(stats.get("tokens", 0)) / seconds if seconds else 0.0,
+            problems_per_minute=rate,
+            seconds_left=(0.0 if left == 0 else left / rate * 60) if rate > 0 else None,
+            failures=failures[:MAX_LISTED_FAILURES],
+            training_run=stats.get("training_run"),
+            training_error=stats.get("training_error"),
+            options=meta.options,
+        )
+
+    def delete(self, dataset_id: str) -> None:
+        """Forget a dataset entirely (tests, and an upload whose jobs could not be queued)."""
+        parts = (None, "final", "failures", "running", "stats", "cancelled", "jobs")
+        with self.redis.pipeline() as pipe:
+            pipe.delete(*(self.key(dataset_id, part) for part in parts))
+            pipe.zrem(f"{self.prefix}:datasets", dataset_id)
+            pipe.execute()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _float(value) -> float | None:
+    return float(value) if value not in (None, "") else None

@@ -1,0 +1,129 @@
+"""The curator's logic behind its routes (services/curator/app.py wires them; nothing here imports FastAPI).
+
+A dataset is accepted whole or not at all: the routes validate every row first (`shared.datasets`), then
+`create_dataset` writes its directory under a temporary name and renames it into place, records it in the ledger and
+enqueues its jobs in one Redis transaction; if that fails the directory is removed again. So a rejected or failed
+upload leaves nothing in Redis or on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+
+from redis import Redis
+from rq.job import Job, JobStatus
+
+from services.curator.jobs import META_FILE, PROBLEMS_FILE, curation_queue, enqueue_data, redis_connection
+from services.curator.ledger import DatasetLedger, DatasetMeta
+from services.curator.settings import CuratorSettings
+from shared.curator_api import DatasetCreated, DatasetList, DatasetOptions, DatasetStatus
+from shared.datasets import write_problems_jsonl
+from shared.schemas import Problem
+from shared.storage import PairStore
+
+NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
+
+
+class ServiceError(Exception):
+    """A request the service refuses: the HTTP status, a message naming what is wrong, an error type."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+class CuratorService:
+    """Datasets in, jobs out, status back."""
+
+    def __init__(self, settings: CuratorSettings, redis: Redis | None = None):
+        self.settings = settings
+        self.redis = redis if redis is not None else redis_connection(settings)
+        self.ledger = DatasetLedger(self.redis, settings.key_prefix)
+        self.queue = curation_queue(settings, self.redis)
+
+    def readiness_problem(self) -> str | None:
+        try:
+            self.redis.ping()
+        except Exception as exc:  # any connection or auth error means the same to a probe
+            return f"Redis at {self.settings.redis_url} does not answer: {type(exc).__name__}"
+        return None
+
+    def create_dataset(self, problems: list[Problem], options: DatasetOptions, name: str | None) -> DatasetCreated:
+        if options.limit is not None:
+            problems = problems[: options.limit]
+        if len(problems) > self.settings.max_problems:
+            raise ServiceError(
+                413, f"{len(problems)} problems; at most {self.settings.max_problems} per dataset", "too_large"
+            )
+        dataset_id = f"ds-{uuid.uuid4().hex[:12]}"
+        meta = DatasetMeta(id=dataset_id, name=name, problems=len(problems), options=options, created_at=time.time())
+        directory = self.settings.dataset_dir(dataset_id)
+        self.write_directory(meta, problems)
+        ids = [p.id for p in problems]
+        batches = [ids[start : start + options.batch_size] for start in range(0, len(ids), options.batch_size)]
+        job_data = enqueue_data(self.settings, dataset_id, batches)
+        try:
+            with self.redis.pipeline() as pipe:
+                self.ledger.create(meta, [d.job_id for d in job_data], pipe)
+                self.queue.enqueue_many(job_data, pipeline=pipe)
+                pipe.execute()
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return DatasetCreated(id=dataset_id, problems=len(problems), jobs=len(batches))
+
+    def write_directory(self, meta: DatasetMeta, problems: list[Problem]) -> None:
+        """The dataset's problems and metadata, appearing complete under their final name or not at all."""
+        final = self.settings.dataset_dir(meta.id)
+        staging = final.parent / f".{meta.id}.tmp"
+        try:
+            staging.mkdir(parents=True)
+            write_problems_jsonl(problems, staging / PROBLEMS_FILE)
+            (staging / META_FILE).write_text(meta.model_dump_json(indent=1))
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def status(self, dataset_id: str) -> DatasetStatus:
+        status = self.ledger.status(dataset_id)
+        if status is None:
+            raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
+        return status
+
+    def list_datasets(self) -> DatasetList:
+        return DatasetList(datasets=[s for i in self.ledger.ids() if (s := self.ledger.status(i)) is not None])
+
+    def store(self, dataset_id: str) -> PairStore:
+        self.status(dataset_id)  # 404 for an unknown id
+        return PairStore(self.settings.dataset_dir(dataset_id))
+
+    def pair_lines(self, dataset_id: str) -> Iterator[str]:
+        """The dataset's pairs so far, one JSON line each (the format of `ssb pairs export`)."""
+        store = self.store(dataset_id)
+        return (line + "\n" for line in store.export_jsonl_lines())
+
+    def dropped_lines(self, dataset_id: str) -> Iterator[str]:
+        store = self.store(dataset_id)
+        return (dropped.model_dump_json() + "\n" for dropped in store.iter_dropped())
+
+    def cancel(self, dataset_id: str) -> DatasetStatus:
+        """Cancel what has not started: queued jobs leave the queue and their problems end `cancelled`; a job
+        already running finishes its problems; a job that starts later finds the dataset cancelled."""
+        meta = self.ledger.meta(dataset_id)
+        if meta is None:
+            raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
+        self.ledger.cancel(dataset_id)
+        job_ids = self.ledger.job_ids(dataset_id)
+        for job in Job.fetch_many(job_ids, connection=self.redis, serializer=self.queue.serializer):
+            if job is None or job.get_status() not in NOT_STARTED:
+                continue
+            job.cancel()
+            _, problem_ids = job.args
+            for problem_id in problem_ids:
+                self.ledger.record_final(dataset_id, problem_id, "cancelled")
+        return self.status(dataset_id)

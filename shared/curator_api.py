@@ -1,0 +1,110 @@
+"""The curator service's wire schemas: the options of `POST /v1/datasets` and the dataset status it reports, with
+bounds and descriptions (they are the API reference at `/docs`).
+
+The service (services/curator/) validates with these models and `ssb submit` reads them, so the two cannot disagree.
+A dataset's problems each end in exactly one final state: `paired`, one of the drop reasons of curation
+(`shared.schemas.DropReason`), `failed` (the problem kept failing; the reason is kept) or `cancelled` (the dataset was
+cancelled before its job started). Until then a problem is `queued` or `running`; the counts always add up to the
+number of problems.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, Field
+
+from shared.schemas import DropReason
+from shared.settings import CurationConfig
+from shared.teacher_api import ADAPTER_NAME_PATTERN
+
+FINAL_STATES: tuple[str, ...] = ("paired", *get_args(DropReason), "failed", "cancelled")
+DatasetState = Literal["queued", "running", "done", "cancelled"]
+
+
+class DatasetOptions(CurationConfig):
+    """How to curate an uploaded dataset: every option of `ssb curate` (the paper's defaults), plus what only the
+    service needs."""
+
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Problems per job: a worker sends a job's rollouts to the teacher in one request, then its "
+        "explanations in one. Several workers' jobs together keep the teacher's batches full.",
+    )
+    limit: int | None = Field(default=None, ge=1, description="Curate only the first N problems.")
+    rollout_adapter: str | None = Field(
+        default=None,
+        pattern=ADAPTER_NAME_PATTERN,
+        description="Roll out with this adapter (a name in the teacher's adapters directory, e.g. a finished run's "
+        "id) instead of the base model: the student of one round rolls out the next.",
+    )
+    train: dict[str, Any] | None = Field(
+        default=None,
+        description="A training request to start when curation ends: the body of the trainer's `POST /v1/runs` "
+        "without `dataset_id` (which is this dataset's).",
+    )
+
+    def curation_config(self) -> CurationConfig:
+        """The options curation itself reads."""
+        return CurationConfig(**self.model_dump(include=set(CurationConfig.model_fields)))
+
+
+class DatasetRows(BaseModel):
+    """A dataset sent as JSON: rows as in a JSONL file (`question` or `problem`, `answer`, optional `id`)."""
+
+    rows: list[Any] = Field(min_length=1, description="The problems, one object each.")
+    name: str | None = Field(default=None, max_length=200, description="A label for listings.")
+    options: DatasetOptions = Field(default_factory=DatasetOptions)
+
+
+class DatasetCreated(BaseModel):
+    id: str = Field(description="The dataset's id: its pairs are at `DATA_DIR/datasets/<id>/`.")
+    problems: int = Field(description="Problems queued.")
+    jobs: int = Field(description="Jobs enqueued (problems in batches of `batch_size`).")
+
+
+class Funnel(BaseModel):
+    """Where each problem is: the counts add up to the dataset's problems."""
+
+    queued: int = 0
+    running: int = 0
+    paired: int = 0
+    no_mix: int = Field(default=0, description="All rollouts right, or all wrong: no hint pair.")
+    ungradeable: int = Field(default=0, description="No rollout had a final answer that could be graded.")
+    explanation_wrong: int = Field(default=0, description="Every hinted explanation reached a wrong answer.")
+    explanation_truncated: int = Field(default=0, description="The explanation was cut at its token limit.")
+    failed: int = Field(default=0, description="Kept failing through every retry; see `failures`.")
+    cancelled: int = 0
+
+    @property
+    def finished(self) -> int:
+        return sum(getattr(self, state) for state in FINAL_STATES)
+
+
+class Failure(BaseModel):
+    problem_id: str
+    reason: str
+
+
+class DatasetStatus(BaseModel):
+    id: str
+    name: str | None = None
+    state: DatasetState = Field(description="queued, running, done (every problem final) or cancelled (some problems were).")
+    problems: int
+    funnel: Funnel
+    created_at: float = Field(description="Unix time of the upload.")
+    started_at: float | None = Field(default=None, description="When the first job started.")
+    finished_at: float | None = Field(default=None, description="When the last problem reached its final state.")
+    tokens_per_second: float = Field(description="Tokens the teacher generated for this dataset per second of calls.")
+    problems_per_minute: float = Field(description="Problems finished per minute since the first job started.")
+    seconds_left: float | None = Field(description="At the current rate; None before any problem finished.")
+    failures: list[Failure] = Field(default_factory=list, description="Failed problems and why (the first 100).")
+    training_run: str | None = Field(default=None, description="The run the training request started, if any.")
+    training_error: str | None = Field(default=None, description="Why the training request could not be started.")
+    options: DatasetOptions
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetStatus]

@@ -1,0 +1,126 @@
+"""The curator service for its tests: `ssb serve curator` and `ssb worker curate` as separate processes on loopback,
+against the session's real teacher service (tests/conftest.py), the machine's Redis in a database of their own
+(emptied before and after), and a data directory in the test's temporary folder. Every process started is stopped,
+its children included, and checked gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from redis import Redis
+
+from tests.teacher_server import API_KEY as TEACHER_KEY
+from tests.teacher_server import free_port
+
+REDIS_URL = "redis://127.0.0.1:6379/11"
+PREFIX = "ssb-test-curator"
+CURATOR_KEY = "curator-key-51c2"
+MAX_UPLOAD_BYTES = 200_000
+
+
+@dataclass
+class CuratorDeployment:
+    url: str
+    env: dict[str, str]
+    data_dir: Path
+    root: Path
+    redis: Redis
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def client(self, *, key: str | None = CURATOR_KEY, timeout: float = 60.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def start_worker(self) -> subprocess.Popen:
+        log = open(self.root / f"worker-{len(self.workers)}.log", "wb")
+        command = [sys.executable, "-m", "cli.main", "worker", "curate", "--log-level", "info"]
+        worker = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.workers.append(worker)
+        return worker
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            stop_process(worker)
+        self.workers.clear()
+
+    def wait_done(self, dataset_id: str, timeout: float = 600.0) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.client() as http:
+            while True:
+                status = http.get(f"/v1/datasets/{dataset_id}").json()
+                funnel = status["funnel"]
+                if funnel["queued"] == funnel["running"] == 0:
+                    return status
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"dataset {dataset_id} not done in {timeout:.0f} s: {status}\n{self.logs()}")
+                time.sleep(1)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.root.glob("*.log")))
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM a process, wait, and make sure it and everything it started are gone."""
+    if process.poll() is not None:
+        return
+    family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for leftover in alive:
+        leftover.kill()
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+
+
+@pytest.fixture(scope="module")
+def curator(teacher_server, tmp_path_factory):
+    """The curator API with a key, on a free port; workers are started by the tests that need them."""
+    root = tmp_path_factory.mktemp("curator")
+    redis = Redis.from_url(REDIS_URL)
+    redis.flushdb()
+    port = free_port()
+    env = {
+        **os.environ,
+        "SSB_REDIS_URL": REDIS_URL,
+        "SSB_KEY_PREFIX": PREFIX,
+        "SSB_DATA_DIR": str(root / "data"),
+        "SSB_TEACHER_URLS": teacher_server.url,
+        "SSB_TEACHER_API_KEY": TEACHER_KEY,
+        "SSB_CURATOR_API_KEY": CURATOR_KEY,
+        "SSB_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "SSB_WORKER_HEARTBEAT_SECONDS": "2",
+        "SSB_MAINTENANCE_INTERVAL_SECONDS": "3",
+    }
+    log = open(root / "api.log", "wb")
+    command = [sys.executable, "-m", "cli.main", "serve", "curator", "--port", str(port), "--log-level", "warning"]
+    api = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deployment = CuratorDeployment(f"http://127.0.0.1:{port}", env, root / "data", root, redis)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{deployment.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert api.poll() is None and time.monotonic() < deadline, deployment.logs()
+            time.sleep(0.3)
+        yield deployment
+    finally:
+        deployment.stop_workers()
+        stop_process(api)
+        redis.flushdb()
+        redis.close()

@@ -1,0 +1,206 @@
+"""The curator service end to end on real parts: `ssb serve curator` and `ssb worker curate` processes, the real
+teacher service on the small model, Redis, and the pair store on disk.
+
+- 30 arithmetic problems through two workers end with every problem in exactly one final state, and the same pairs
+  as in-process `curate()` with the same seed (up to the engine's batch-dependent rounding, measured in the teacher's
+  tests);
+- a worker SIGKILLed mid-job loses nothing and doubles nothing: another worker finishes its problems;
+- every malformed upload is rejected whole and leaves nothing in Redis or on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from shared.arithmetic import make_arithmetic_problems
+from shared.curator_api import FINAL_STATES
+from shared.storage import PairStore
+from tests.conftest import CURATION_CONFIG
+from tests.services.curator.conftest import MAX_UPLOAD_BYTES, PREFIX
+
+pytestmark = pytest.mark.engine
+
+
+def rows_of(problems) -> list[dict]:
+    return [p.model_dump(exclude_none=True) for p in problems]
+
+
+def assert_each_problem_final_once(status: dict, store: PairStore, problem_ids: list[str]) -> None:
+    funnel = status["funnel"]
+    assert funnel["queued"] == funnel["running"] == 0
+    assert sum(funnel[s] for s in FINAL_STATES) == status["problems"] == len(problem_ids)
+    pairs = set(store.pair_ids())
+    dropped = {d.problem_id for d in store.iter_dropped()}
+    assert not pairs & dropped
+    assert pairs | dropped == set(problem_ids)
+    assert funnel["paired"] == len(pairs)
+    assert status["state"] == "done" and status["finished_at"] >= status["started_at"]
+
+
+def test_a_dataset_through_two_workers_matches_in_process_curation(curator, curation_run):
+    """The session's in-process curation (tests/conftest.py) ran `curate()` on the first 64 arithmetic problems with
+    CURATION_CONFIG; the service curates the first 30 of the same problems with the same options."""
+    local_problems, local_store, _ = curation_run
+    problems = make_arithmetic_problems(30, seed=0)
+    assert problems == local_problems[:30]
+    options = {**CURATION_CONFIG, "batch_size": 5}
+    with curator.client() as http:
+        created = http.post("/v1/datasets", json={"rows": rows_of(problems), "name": "arith", "options": options})
+        assert created.status_code == 201, created.text
+        dataset = created.json()
+        assert (dataset["problems"], dataset["jobs"]) == (30, 6)
+        queued = http.get(f"/v1/datasets/{dataset['id']}").json()
+        assert queued["state"] == "queued" and queued["funnel"]["queued"] == 30
+        curator.start_worker(), curator.start_worker()
+        status = curator.wait_done(dataset["id"])
+        listed = http.get("/v1/datasets").json()["datasets"]
+        exported = [json.loads(line) for line in http.get(f"/v1/datasets/{dataset['id']}/pairs").text.splitlines()]
+        dropped = [json.loads(line) for line in http.get(f"/v1/datasets/{dataset['id']}/dropped").text.splitlines()]
+    curator.stop_workers()
+
+    store = PairStore(curator.data_dir / "datasets" / dataset["id"])
+    assert_each_problem_final_once(status, store, [p.id for p in problems])
+    assert status["tokens_per_second"] > 0 and status["problems_per_minute"] > 0 and status["seconds_left"] == 0
+    assert [d["id"] for d in listed] == [dataset["id"]]
+    assert sorted(p["problem_id"] for p in exported) == store.pair_ids()
+    assert len(exported) + len(dropped) == 30
+
+    # The same outcomes as in-process curation, problem by problem, wherever the engine's samples agree.
+    same_outcome = sum(store.outcome(p.id) == local_store.outcome(p.id) for p in problems)
+    print(f"\nservice vs in-process: {same_outcome}/30 outcomes, {status['funnel']}")
+    assert same_outcome >= 26
+    for problem_id in set(store.pair_ids()) & set(local_store.pair_ids()):
+        mine, theirs = store.load_pair(problem_id), local_store.load_pair(problem_id)
+        assert mine.record.student_prompt == theirs.record.student_prompt
+        if mine.record.rollouts == theirs.record.rollouts and mine.record.explanation_attempt == 0:
+            assert mine.token_ids == theirs.token_ids
+
+
+def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(curator):
+    problems = make_arithmetic_problems(10, seed=7)
+    options = {**CURATION_CONFIG, "seed": 7, "batch_size": 5}
+    with curator.client() as http:
+        dataset = http.post("/v1/datasets", json={"rows": rows_of(problems), "options": options}).json()
+        victim = curator.start_worker()
+        deadline = time.monotonic() + 120
+        while http.get(f"/v1/datasets/{dataset['id']}").json()["funnel"]["running"] == 0:
+            assert time.monotonic() < deadline, curator.logs()
+            time.sleep(0.2)
+    time.sleep(1.0)  # mid-job: the rollouts are being generated
+    family = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]
+    for process in family:  # the whole machine is lost: worker, work horse, grading helper
+        process.send_signal(signal.SIGKILL)
+    victim.wait()
+    psutil.wait_procs(family, timeout=10)
+    killed_at = time.monotonic()
+    curator.start_worker()
+    status = curator.wait_done(dataset["id"], timeout=300)
+    recovered_in = time.monotonic() - killed_at
+    curator.stop_workers()
+
+    store = PairStore(curator.data_dir / "datasets" / dataset["id"])
+    assert_each_problem_final_once(status, store, [p.id for p in problems])
+    assert status["funnel"]["failed"] == 0
+    job_ids = [f"{PREFIX}-{dataset['id']}-{i}" for i in range(2)]
+    jobs = Job.fetch_many(job_ids, connection=curator.redis, serializer=JSONSerializer)
+    assert [job.get_status() for job in jobs] == ["finished", "finished"]
+    assert sorted(job.retries_left for job in jobs)[0] < int(curator.env.get("SSB_JOB_RETRIES", 3))
+    print(f"\nkilled worker's job finished by another in {recovered_in:.0f} s: {status['funnel']}")
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+def snapshot(curator) -> tuple[set, set]:
+    datasets = curator.data_dir / "datasets"
+    files = {p for p in datasets.rglob("*")} if datasets.exists() else set()
+    return set(curator.redis.keys(f"{PREFIX}:*")) | set(curator.redis.keys("rq:*")), files
+
+
+GOOD = {"question": "What is 2 + 3?", "answer": "5"}
+
+
+@pytest.mark.parametrize(
+    ("upload", "status", "says"),
+    [
+        ({"files": {"file": ("p.jsonl", b'{"question": "q", "answer": 1}\n{"question": "q2"\n\n{"answer": 2}\n')}},
+         422, ["p.jsonl:2: malformed JSON", "p.jsonl:4: missing question field"]),
+        ({"files": {"file": ("p.jsonl", b'{"id": "a", "question": "q", "answer": 1}\n{"id": "a", "question": "r", "answer": 2}\n')}},
+         422, ["p.jsonl:2: duplicate id 'a' (also at p.jsonl:1)"]),
+        ({"files": {"file": ("p.parquet", parquet_bytes([GOOD, {"question": "q", "answer": None}]))}},
+         422, ["p.parquet:row 1: missing answer"]),
+        ({"files": {"file": ("p.csv", b"question,answer\n")}}, 422, ["unsupported file type '.csv'"]),
+        ({"files": {"file": ("p.jsonl", json.dumps(GOOD).encode())}, "data": {"options": '{"k": 1}'}},
+         422, ["k: Input should be greater than or equal to 2"]),
+        ({"data": {"name": "no file"}, "files": {"other": ("x", b"")}}, 422, ["needs a `file` part"]),
+        ({"json": {"rows": [GOOD, {"question": 3, "answer": 1}]}}, 422, ["rows:row 1: 'question' must be a string"]),
+        ({"json": {"rows": [GOOD], "options": {"rollout_adapter": "../x"}}}, 422, ["options.rollout_adapter"]),
+        ({"json": {"rows": []}}, 422, ["rows: List should have at least 1 item"]),
+        ({"files": {"file": ("big.jsonl", (json.dumps(GOOD) + "\n").encode() * (MAX_UPLOAD_BYTES // 30))}},
+         413, ["at most 200000"]),
+    ],
+    ids=["bad-json-lines", "duplicate-ids", "parquet-row", "extension", "options", "no-file", "json-rows",
+         "adapter-name", "empty", "too-large"],
+)
+def test_a_malformed_upload_is_rejected_whole_and_leaves_nothing(curator, upload, status, says):
+    before = snapshot(curator)
+    with curator.client() as http:
+        response = http.post("/v1/datasets", **upload)
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    for fragment in says:
+        assert fragment in message
+    assert snapshot(curator) == before
+
+
+def test_unknown_ids_auth_and_cancel(curator):
+    with curator.client() as http:
+        for path in ("/v1/datasets/ds-nope", "/v1/datasets/ds-nope/pairs", "/v1/datasets/ds-nope/dropped"):
+            assert http.get(path).status_code == 404
+        assert http.delete("/v1/datasets/ds-nope").status_code == 404
+        # No worker runs: a cancelled dataset's problems all end `cancelled` at once, and its jobs leave the queue.
+        rows = rows_of(make_arithmetic_problems(6, seed=11))
+        dataset = http.post("/v1/datasets", json={"rows": rows, "options": {"batch_size": 4}}).json()
+        cancelled = http.delete(f"/v1/datasets/{dataset['id']}").json()
+    assert cancelled["state"] == "cancelled" and cancelled["funnel"]["cancelled"] == 6
+    with curator.client(key=None) as anonymous:
+        assert anonymous.get("/v1/datasets").status_code == 401
+        assert anonymous.get("/healthz").status_code == 200
+    with curator.client(key="wrong") as wrong:
+        assert wrong.post("/v1/datasets", json={"rows": [GOOD]}).status_code == 401
+
+
+def test_submit_waits_with_a_progress_bar_and_prints_the_funnel(curator, tmp_path):
+    """`ssb submit FILE --wait` as a user runs it (the key from the environment): the dataset id, then the funnel."""
+    import subprocess
+    import sys
+
+    problems = make_arithmetic_problems(4, seed=21)
+    path = tmp_path / "four.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_of(problems)))
+    curator.start_worker()
+    options = json.dumps({"rollout_max_tokens": 96, "explanation_max_tokens": 96})
+    command = [sys.executable, "-m", "cli.main", "submit", str(path), "--curator", curator.url, "--wait"]
+    command += ["--k", "4", "--options", options]
+    done = subprocess.run(command, env=curator.env, capture_output=True, text=True, timeout=300)
+    curator.stop_workers()
+    assert done.returncode == 0, done.stderr
+    dataset_id = done.stdout.strip()
+    assert dataset_id.startswith("ds-")
+    assert "curating" in done.stderr and "total" in done.stderr and "problems/minute" in done.stderr
+    status = curator.client().get(f"/v1/datasets/{dataset_id}").json()
+    assert status["state"] == "done" and status["options"]["rollout_max_tokens"] == 96
