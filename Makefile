@@ -53,6 +53,7 @@ bench: setup model
 	$(BIN)/python -m benchmarks.engine_threads
 	$(BIN)/python -m benchmarks.curation
 	$(BIN)/python -m benchmarks.teacher_service
+	$(BIN)/python -m benchmarks.curator_workers
 	$(BIN)/python -m benchmarks.adapter_eval
 	$(BIN)/python -m benchmarks.training
 

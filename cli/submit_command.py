@@ -12,7 +12,6 @@ SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -64,8 +63,11 @@ def submit_command(
         dataset_options = DatasetOptions.model_validate(chosen)
     except ValueError as exc:
         raise fail(f"invalid options: {exc}") from exc
-    url = (curator or os.environ.get("SSB_CURATOR_URL") or "http://127.0.0.1:8001").rstrip("/")
-    key = os.environ.get("SSB_CURATOR_API_KEY")
+    from services.curator.settings import CuratorSettings
+
+    settings = CuratorSettings()
+    url = (curator or settings.curator_url).rstrip("/")
+    key = settings.curator_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0)) as http:
         try:

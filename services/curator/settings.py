@@ -21,6 +21,9 @@ class CuratorSettings(ServiceSettings):
         description="When set, every endpoint but /healthz and /readyz needs `Authorization: Bearer <key>`; "
         "`ssb submit` sends it.",
     )
+    curator_url: str = Field(
+        default="http://127.0.0.1:8001", description="Where `ssb submit` sends datasets (a client setting)."
+    )
     max_upload_bytes: int = Field(
         default=64 * 2**20, ge=1024, description="Largest dataset upload accepted (413 above it)."
     )
