@@ -61,3 +61,31 @@ def test_unreachable_service_is_unavailable():
     with TeacherClient("http://127.0.0.1:9", retries=1, backoff_seconds=0.001) as unreachable:
         with pytest.raises(TeacherUnavailable, match="ConnectError"):
             unreachable.models()
+
+
+def test_a_pool_takes_turns_and_skips_a_teacher_that_cannot_be_reached():
+    """Two teachers answer in turn; when one is down, every call goes to the other; when both are, the error says so."""
+    from shared.teacher_client import TeacherPool
+
+    hosts = []
+    down = set()
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if request.url.host in down:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json=MODELS)
+
+    pool = TeacherPool(["http://a", "http://b"], api_key="k", retries=0, transport=httpx.MockTransport(handle))
+    for _ in range(4):
+        pool.call("models")
+    assert sorted(hosts) == ["a", "a", "b", "b"] and hosts[0] != hosts[1]
+    down.add("a")
+    hosts.clear()
+    for _ in range(3):
+        assert pool.call("models").model == "/models/m"
+    assert hosts.count("b") == 3
+    down.add("b")
+    with pytest.raises(TeacherUnavailable):
+        pool.call("models")
+    pool.close()

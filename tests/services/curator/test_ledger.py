@@ -1,0 +1,58 @@
+"""The curator's ledger on a real Redis (database 9, a key prefix of its own, deleted afterwards): final states are
+recorded once however often a job runs, the funnel always adds up, and exactly one call finishes a dataset."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from redis import Redis
+
+from services.curator.ledger import DatasetLedger, DatasetMeta
+from shared.curator_api import DatasetOptions
+
+
+@pytest.fixture
+def ledger():
+    redis = Redis.from_url("redis://127.0.0.1:6379/9")
+    prefix = f"ssb-test-ledger-{uuid.uuid4().hex[:8]}"
+    yield DatasetLedger(redis, prefix)
+    for key in redis.scan_iter(f"{prefix}:*"):
+        redis.delete(key)
+    redis.close()
+
+
+def new_dataset(ledger: DatasetLedger, problems: int) -> DatasetMeta:
+    meta = DatasetMeta(id="ds-1", problems=problems, options=DatasetOptions(), created_at=1000.0)
+    with ledger.redis.pipeline() as pipe:
+        ledger.create(meta, ["job-0"], pipe)
+        pipe.execute()
+    return meta
+
+
+def test_a_problem_is_counted_once_however_often_it_is_recorded(ledger):
+    new_dataset(ledger, 3)
+    assert ledger.status("ds-1").funnel.queued == 3
+    ledger.mark_running("ds-1", ["a", "b"])
+    status = ledger.status("ds-1")
+    assert (status.state, status.funnel.running, status.funnel.queued) == ("running", 2, 1)
+    assert ledger.record_final("ds-1", "a", "paired") is False
+    ledger.record_final("ds-1", "a", "no_mix")  # a second run of the job: ignored
+    ledger.mark_running("ds-1", ["a"])  # a retried job marking a finished problem again does not count it twice
+    funnel = ledger.status("ds-1").funnel
+    assert (funnel.paired, funnel.no_mix, funnel.running, funnel.queued) == (1, 0, 1, 1)
+    assert ledger.record_final("ds-1", "b", "failed", "TeacherUnavailable: down") is False
+    assert ledger.record_final("ds-1", "c", "explanation_wrong") is True  # the last one finishes the dataset
+    assert ledger.record_final("ds-1", "c", "paired") is False  # ... once
+    status = ledger.status("ds-1")
+    assert status.state == "done" and status.funnel.finished == 3 and status.seconds_left == 0
+    assert [(f.problem_id, f.reason) for f in status.failures] == [("b", "TeacherUnavailable: down")]
+
+
+def test_unknown_states_and_datasets(ledger):
+    new_dataset(ledger, 1)
+    with pytest.raises(ValueError, match="unknown final state"):
+        ledger.record_final("ds-1", "a", "done")
+    assert ledger.status("ds-2") is None
+    ledger.delete("ds-1")
+    assert ledger.status("ds-1") is None and ledger.ids() == []
