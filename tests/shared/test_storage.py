@@ -83,3 +83,10 @@ def test_files_written_before_explanation_attempts_were_recorded_still_load():
     assert (loaded.explanation_attempts, loaded.explanation_attempt) == (1, 0)
     dropped = DroppedProblem.model_validate({"problem_id": "b", "reason": "explanation_wrong", "explanation": "x"})
     assert dropped.explanation_attempts is None
+
+
+def test_outcome_reads_how_each_problem_ended(tmp_path):
+    store = PairStore(tmp_path)
+    store.write_pair(make_pair())
+    store.write_dropped(DroppedProblem(problem_id="b", reason="no_mix"))
+    assert [store.outcome(i) for i in ("p-1", "b", "c")] == ["paired", "no_mix", None]
