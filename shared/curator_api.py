@@ -97,7 +97,7 @@ class DatasetStatus(BaseModel):
     created_at: float = Field(description="Unix time of the upload.")
     started_at: float | None = Field(default=None, description="When the first job started.")
     finished_at: float | None = Field(default=None, description="When the last problem reached its final state.")
-    tokens_per_second: float = Field(description="Tokens the teacher generated for this dataset per second of calls.")
+    tokens_per_second: float = Field(description="Tokens the teacher generated for this dataset per second since its first job started.")
     problems_per_minute: float = Field(description="Problems finished per minute since the first job started.")
     seconds_left: float | None = Field(description="At the current rate; None before any problem finished.")
     failures: list[Failure] = Field(default_factory=list, description="Failed problems and why (the first 100).")

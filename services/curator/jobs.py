@@ -103,7 +103,7 @@ def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
     with TeacherPool(settings.teacher_urls, api_key=settings.teacher_key()) as teacher:
         engine = teacher if meta.options.rollout_adapter is None else AdapterRollouts(teacher, meta.options.rollout_adapter)
         funnel, failures = curate_with_rejections(problems, engine, store, meta.options.curation_config())
-    ledger.add_generation(dataset_id, funnel.generated_tokens, funnel.rollout_seconds + funnel.explanation_seconds)
+    ledger.add_generation(dataset_id, funnel.generated_tokens)
     for problem in problems:
         if problem.id in failures:
             finish_problem(settings, ledger, meta, problem.id, "failed", failures[problem.id])

@@ -7,7 +7,7 @@ Keys, under the deployment's prefix P (`SSB_KEY_PREFIX`) and a dataset id D:
     P:dataset:D:final          hash problem id -> final state; written with HSETNX, so a problem is counted once
     P:dataset:D:failures       hash problem id -> why it failed
     P:dataset:D:running        set of problem ids a job has started and not finished
-    P:dataset:D:stats          hash: tokens, engine seconds, started_at, finished_at, training_run, training_error
+    P:dataset:D:stats          hash: tokens generated, started_at, finished_at, training_run, training_error
     P:dataset:D:cancelled      present once the dataset was cancelled
     P:dataset:D:jobs           set of the dataset's RQ job ids
 
@@ -106,13 +106,10 @@ class DatasetLedger:
             return False
         return bool(self.redis.hsetnx(self.key(dataset_id, "stats"), "finished_at", time.time()))
 
-    def add_generation(self, dataset_id: str, tokens: int, seconds: float) -> None:
-        """Tokens the teacher generated for a job and the seconds its calls took (throughput, not counts: a rerun
-        job's tokens were really generated)."""
-        with self.redis.pipeline() as pipe:
-            pipe.hincrby(self.key(dataset_id, "stats"), "tokens", tokens)
-            pipe.hincrbyfloat(self.key(dataset_id, "stats"), "seconds", seconds)
-            pipe.execute()
+    def add_generation(self, dataset_id: str, tokens: int) -> None:
+        """Tokens the teacher generated for a job (throughput, not a count of problems: a rerun job's tokens were
+        really generated)."""
+        self.redis.hincrby(self.key(dataset_id, "stats"), "tokens", tokens)
 
     def set_training(self, dataset_id: str, *, run_id: str | None = None, error: str | None = None) -> None:
         field, value = ("training_run", run_id) if run_id else ("training_error", error or "")
@@ -139,7 +136,6 @@ class DatasetLedger:
         funnel.queued = meta.problems - funnel.finished - funnel.running
         started = _float(stats.get("started_at"))
         finished_at = _float(stats.get("finished_at"))
-        seconds = _float(stats.get("seconds")) or 0.0
         elapsed_minutes = ((finished_at or now) - started) / 60 if started else 0.0
         rate = funnel.finished / elapsed_minutes if elapsed_minutes > 0 else 0.0
         left = meta.problems - funnel.finished
@@ -159,7 +155,7 @@ class DatasetLedger:
             created_at=meta.created_at,
             started_at=started,
             finished_at=finished_at,
-            tokens_per_second=int(stats.get("tokens", 0)) / seconds if seconds else 0.0,
+            tokens_per_second=int(stats.get("tokens", 0)) / (elapsed_minutes * 60) if elapsed_minutes > 0 else 0.0,
             problems_per_minute=rate,
             seconds_left=(0.0 if left == 0 else left / rate * 60) if rate > 0 else None,
             failures=failures[:MAX_LISTED_FAILURES],
