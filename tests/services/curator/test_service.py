@@ -89,7 +89,7 @@ def test_a_dataset_through_two_workers_matches_in_process_curation(curator, cura
 
 def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(curator):
     problems = make_arithmetic_problems(10, seed=7)
-    options = {**CURATION_CONFIG, "seed": 7, "batch_size": 5}
+    options = {**CURATION_CONFIG, "seed": 7, "batch_size": 5, "rollout_max_tokens": 128, "explanation_max_tokens": 128}
     with curator.client() as http:
         dataset = http.post("/v1/datasets", json={"rows": rows_of(problems), "options": options}).json()
         victim = curator.start_worker()
