@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SSB_HOME ?= $(HOME)/.cache/ssb
 export SSB_HOME
 
-.PHONY: setup setup-gpu model test test-fast demo bench gpu-wheels redis clean
+.PHONY: setup setup-gpu model test test-fast demo up bench gpu-wheels redis clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ demo: setup model
 	$(BIN)/ssb data arith --n $(DEMO_EVAL) --seed 1 --out runs/demo/held_out.jsonl
 	$(BIN)/ssb run --train runs/demo/train.jsonl --eval runs/demo/held_out.jsonl --out runs/demo \
 		--rollout-max-tokens 192 --explanation-max-tokens 256 --eval-max-tokens 192
+
+# The services of docker-compose.yml as local processes (a Redis of its own, teacher :8000, curator :8001 with
+# WORKERS workers, trainer :8002 and its worker), the logs prefixed with each one's name; Ctrl-C stops them all.
+WORKERS ?= 2
+up: setup model
+	$(BIN)/ssb up --workers $(WORKERS)
 
 # Every figure is a ratio against a baseline measured in the same run; results land in runs/bench/ (docs/BENCHMARKS.md).
 bench: setup model

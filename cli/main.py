@@ -10,6 +10,7 @@
     ssb run --train F --eval G --out DIR curate, train and evaluate in one process (the main job)
     ssb serve teacher|curator|trainer    the services; `ssb worker curate|train` their queue workers
     ssb submit FILE --wait               send problems to the curator service and follow them to the end
+    ssb up [--workers N]                 every service and worker as local processes (Redis included); Ctrl-C stops all
 
 Run `ssb COMMAND --help` for every option.
 """
@@ -43,6 +44,7 @@ from cli.runtime import (
 )
 from cli.submit_command import submit_command
 from cli.train_command import train_command
+from cli.up_command import up_command
 from cli.worker_command import worker_app
 from shared.settings import CurationConfig, Settings
 
@@ -60,6 +62,7 @@ app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("run")(run_command)
 app.command("submit")(submit_command)
+app.command("up")(up_command)
 
 
 @model_app.command("pull")

@@ -1,0 +1,161 @@
+"""`ssb up`: the whole topology of docker-compose.yml as local processes on one machine (no Docker, CPU or GPU).
+
+    ssb up                                   Redis, teacher :8000, curator :8001, 2 curator workers, trainer :8002,
+                                             trainer worker; Ctrl-C stops them all
+    ssb up --workers 4 --model Qwen/Qwen2.5-3B-Instruct --data-dir /srv/ssb
+    ssb up --teacher-port 0 ... --ready-file up.json    (tests: free ports, and a file once every service is ready)
+
+A Redis of its own is started (its own free port, its files in DATA_DIR/redis) unless SSB_REDIS_URL is set. Every
+line a process prints comes out prefixed with its name. When every service answers /readyz, a line `ready` is printed
+and `--ready-file` (if given) is written: JSON with the URLs and the process ids. Ctrl-C, SIGTERM or SIGHUP stop every
+process and everything they started (exit status 128 + the signal); if one process exits by itself, the rest are
+stopped and the status is 1. The plan is `cli/topology.py`, the process handling `cli/supervisor.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.runtime import ModelOption, console, ensure_model, fail
+
+
+def up_command(
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Curator workers.")] = 2,
+    model: ModelOption = None,
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="The shared data directory: datasets, runs, adapters, Redis (SSB_DATA_DIR).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface the services listen on.")] = "127.0.0.1",
+    teacher_port: Annotated[
+        Optional[int], typer.Option(min=0, max=65535, help="Teacher port (SSB_TEACHER_PORT; 8000); 0: a free one.")
+    ] = None,
+    curator_port: Annotated[
+        Optional[int], typer.Option(min=0, max=65535, help="Curator port (SSB_CURATOR_PORT; 8001); 0: a free one.")
+    ] = None,
+    trainer_port: Annotated[
+        Optional[int], typer.Option(min=0, max=65535, help="Trainer port (SSB_TRAINER_PORT; 8002); 0: a free one.")
+    ] = None,
+    redis_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port of the Redis started here (when SSB_REDIS_URL is not set); 0: a free one.")
+    ] = 0,
+    ready_file: Annotated[
+        Optional[Path], typer.Option(help="Write the URLs and process ids here (JSON) once every service is ready.")
+    ] = None,
+    stop_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds each process has to exit after SIGTERM before SIGKILL.")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="Log level of every service and worker.")] = "info",
+) -> None:
+    """Start Redis, the teacher, the curator API, N curator workers, the trainer API and the trainer worker here."""
+    from cli.supervisor import StartError, Supervisor, free_port, port_in_use
+    from cli.topology import Ports, plan_topology
+    from services.curator.settings import CuratorSettings
+    from services.teacher.settings import TeacherSettings
+    from services.trainer.settings import TrainerSettings
+
+    try:
+        settings = TrainerSettings()
+        ensure_model(model, settings)  # once, before the teacher and the trainer worker both look for it
+        ports = Ports(
+            teacher=_port(teacher_port, TeacherSettings.model_fields["teacher_port"], "SSB_TEACHER_PORT", free_port),
+            curator=_port(curator_port, CuratorSettings.model_fields["curator_port"], "SSB_CURATOR_PORT", free_port),
+            trainer=_port(trainer_port, TrainerSettings.model_fields["trainer_port"], "SSB_TRAINER_PORT", free_port),
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    busy = [f"{name} port {port}" for name, port in vars(ports).items() if port_in_use(host, port)]
+    if busy:
+        raise fail(f"in use: {', '.join(busy)} (another `ssb up`?); choose others with --teacher-port and the like")
+    redis_url = os.environ.get("SSB_REDIS_URL") or None
+    topology = plan_topology(
+        python=sys.executable,
+        data_dir=(data_dir or settings.data_dir).resolve(),
+        workers=workers,
+        host=host,
+        ports=ports,
+        redis_url=redis_url,
+        redis_port=None if redis_url else (redis_port or free_port()),
+        model=model,
+        log_level=log_level,
+    )
+    for directory in topology.directories:
+        directory.mkdir(parents=True, exist_ok=True)
+    if ready_file is not None:
+        ready_file.unlink(missing_ok=True)
+
+    stop = threading.Event()
+    caught: list[int] = []
+
+    def on_signal(signum, _frame):
+        caught.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    status = 0
+    try:
+        with Supervisor(topology.processes, stop_timeout=stop_timeout) as supervisor:
+            _print_urls(topology, redis_started=redis_url is None)
+            try:
+                supervisor.start()
+            except StartError as exc:
+                console.print(f"[red]{exc}[/red]")
+                status = 1
+                stop.set()
+            announced = False
+            while not stop.wait(0.5):
+                if (exited := supervisor.exited()) is not None:
+                    name, code = exited
+                    console.print(f"[red]{name} exited with status {code}: stopping everything[/red]")
+                    status = 1
+                    break
+                if not announced and supervisor.ready():
+                    announced = True
+                    _announce_ready(topology, supervisor, ready_file)
+            console.print("stopping every process...")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+    if caught:
+        raise typer.Exit(128 + caught[0])
+    if status:
+        raise typer.Exit(status)
+
+
+def _port(value: int | None, field, variable: str, free_port) -> int:
+    """The flag, else the service's own variable, else its settings' default; 0 means a free port."""
+    port = value if value is not None else int(os.environ.get(variable) or field.default)
+    return port or free_port()
+
+
+def _print_urls(topology, *, redis_started: bool) -> None:
+    urls = topology.urls
+    redis = f"{urls['redis']} (started here)" if redis_started else f"{urls['redis']} (SSB_REDIS_URL)"
+    workers = sum(spec.name.startswith("curator-worker") for spec in topology.processes)
+    console.print(
+        f"teacher  {urls['teacher']}   (API reference at /docs)\n"
+        f"curator  {urls['curator']}   (/docs; `ssb submit` with SSB_CURATOR_URL={urls['curator']})\n"
+        f"trainer  {urls['trainer']}   (/docs)\n"
+        f"redis    {redis}\n"
+        f"{workers} curator worker(s), 1 trainer worker; data in {topology.process('curator').env['SSB_DATA_DIR']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _announce_ready(topology, supervisor, ready_file: Path | None) -> None:
+    print("ready: " + " ".join(f"{name}={url}" for name, url in topology.urls.items()), flush=True)
+    if ready_file is not None:
+        content = {**topology.urls, "pids": {name: p.pid for name, p in supervisor.processes.items()}}
+        partial = ready_file.with_name(ready_file.name + ".partial")
+        partial.write_text(json.dumps(content, indent=2) + "\n")
+        partial.replace(ready_file)

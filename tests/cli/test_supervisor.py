@@ -1,0 +1,134 @@
+"""The process handling of `ssb up` (cli/supervisor.py) on small real processes and real signals: every line comes
+out prefixed, a process that ignores SIGTERM and the child it started are SIGKILLed after the grace period, a
+process that exits is noticed, and a real Redis started first is waited for."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+import time
+
+import psutil
+import pytest
+
+from cli.supervisor import StartError, Supervisor, free_port, port_in_use
+from cli.topology import ProcessSpec, redis_server_argv
+
+STUBBORN = r"""
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+print("child", child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def python(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+def family(supervisor: Supervisor) -> list[psutil.Process]:
+    processes = [psutil.Process(p.pid) for p in supervisor.processes.values()]
+    return processes + [child for p in processes for child in p.children(recursive=True)]
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_lines_are_prefixed_with_the_process_name():
+    out = io.StringIO()
+    specs = [
+        ProcessSpec("alpha", python("print('one'); print('two')")),
+        ProcessSpec("b", python("import sys; sys.stderr.write('to stderr\\n')"), env={"SSB_X": "1"}),
+    ]
+    with Supervisor(specs, out=out, stop_timeout=5) as supervisor:
+        supervisor.start()
+        wait_for(lambda: all(p.poll() is not None for p in supervisor.processes.values()))
+    lines = out.getvalue().splitlines()
+    assert lines.index("alpha | one") < lines.index("alpha | two")
+    assert "b     | to stderr" in lines
+
+
+def test_the_environment_is_added_to_the_inherited_one(monkeypatch):
+    monkeypatch.setenv("INHERITED", "yes")
+    out = io.StringIO()
+    code = "import os; print(os.environ['INHERITED'], os.environ['ADDED'])"
+    with Supervisor([ProcessSpec("env", python(code), env={"ADDED": "too"})], out=out) as supervisor:
+        supervisor.start()
+        wait_for(lambda: supervisor.exited() is not None)
+    assert supervisor.exited() == ("env", 0)
+    assert "env | yes too" in out.getvalue()
+
+
+def test_a_process_that_ignores_sigterm_and_its_child_are_killed_after_the_grace_period():
+    out = io.StringIO()
+    supervisor = Supervisor([ProcessSpec("stubborn", python(STUBBORN))], out=out, stop_timeout=1.0)
+    supervisor.start()
+    wait_for(lambda: "child" in out.getvalue())
+    processes = family(supervisor)
+    assert len(processes) == 2
+    started = time.monotonic()
+    supervisor.stop()
+    assert time.monotonic() - started < 10
+    gone, alive = psutil.wait_procs(processes, timeout=5)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert "stubborn | still running 1 s after SIGTERM: SIGKILL" in out.getvalue()
+
+
+def test_a_process_that_obeys_sigterm_is_not_killed():
+    out = io.StringIO()
+    code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (print('bye', flush=True), sys.exit(0))); print('up', flush=True); time.sleep(600)"
+    with Supervisor([ProcessSpec("polite", python(code))], out=out, stop_timeout=30) as supervisor:
+        supervisor.start()
+        wait_for(lambda: "up" in out.getvalue())
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    assert supervisor.processes["polite"].returncode == 0
+    assert "polite | bye" in out.getvalue() and "SIGKILL" not in out.getvalue()
+
+
+def test_a_process_that_exits_is_noticed():
+    specs = [ProcessSpec("steady", python("import time; time.sleep(600)")), ProcessSpec("quick", python("exit(3)"))]
+    with Supervisor(specs, out=io.StringIO(), stop_timeout=5) as supervisor:
+        supervisor.start()
+        wait_for(lambda: supervisor.exited() is not None)
+        assert supervisor.exited() == ("quick", 3)
+    assert supervisor.processes["steady"].poll() is not None
+
+
+def test_a_process_others_wait_for_that_dies_stops_the_start():
+    port = free_port()
+    specs = [
+        ProcessSpec("broken", python("exit(1)"), ready_url=f"redis://127.0.0.1:{port}/0", ready_before_the_rest=True),
+        ProcessSpec("never", python("import time; time.sleep(600)")),
+    ]
+    with Supervisor(specs, out=io.StringIO()) as supervisor:
+        with pytest.raises(StartError, match="broken did not become ready"):
+            supervisor.start()
+        assert "never" not in supervisor.processes
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_is_ready_before_the_rest_start_and_stops_last(tmp_path):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    check = f"import redis; print('ping', redis.Redis.from_url('{url}').ping(), flush=True); import time; time.sleep(600)"
+    specs = [
+        ProcessSpec("redis", redis_server_argv(port, tmp_path), ready_url=url, ready_before_the_rest=True),
+        ProcessSpec("client", python(check)),
+    ]
+    out = io.StringIO()
+    with Supervisor(specs, out=out, stop_timeout=10) as supervisor:
+        supervisor.start()
+        wait_for(lambda: "client | ping True" in out.getvalue())
+        assert port_in_use("127.0.0.1", port)
+    log = out.getvalue()
+    assert supervisor.processes["client"].returncode == -15
+    assert "Redis is now ready to exit" in log
+    assert (tmp_path / "appendonlydir").is_dir()
