@@ -113,9 +113,8 @@ def plan_topology(
     if redis_url is None:
         redis_dir = data_dir / "redis"
         directories.append(redis_dir)
-        processes.append(
-            ProcessSpec("redis", redis_server_argv(redis_port, redis_dir), ready_url=urls["redis"], ready_before_the_rest=True)
-        )
+        argv = redis_server_argv(redis_port, redis_dir)
+        processes.append(ProcessSpec("redis", argv, ready_url=urls["redis"], ready_before_the_rest=True))
     processes.append(
         ProcessSpec(
             "teacher",

@@ -44,7 +44,8 @@ def up_command(
         Optional[int], typer.Option(min=0, max=65535, help="Trainer port (SSB_TRAINER_PORT; 8002); 0: a free one.")
     ] = None,
     redis_port: Annotated[
-        int, typer.Option(min=0, max=65535, help="Port of the Redis started here (when SSB_REDIS_URL is not set); 0: a free one.")
+        int,
+        typer.Option(min=0, max=65535, help="Port of the Redis started here (without SSB_REDIS_URL); 0: a free one."),
     ] = 0,
     ready_file: Annotated[
         Optional[Path], typer.Option(help="Write the URLs and process ids here (JSON) once every service is ready.")

@@ -44,6 +44,7 @@ LIBRARY_VARIABLES = {
     "RQ_DASHBOARD_REDIS_URL": "rq-dashboard",
 }
 GPU_SERVICES = {"teacher", "trainer-worker"}
+SSB_SERVICES = ["teacher", "curator", "curator-worker", "trainer", "trainer-worker"]
 DATA_VOLUME = "ssb-data"
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -122,11 +123,13 @@ def variables_read(cls) -> set[str]:
 
 
 def all_settings_modules() -> list[str]:
-    return ["shared.settings", *sorted(f"services.{p.parent.name}.settings" for p in ROOT.glob("services/*/settings.py"))]
+    services_settings = sorted(f"services.{path.parent.name}.settings" for path in ROOT.glob("services/*/settings.py"))
+    return ["shared.settings", *services_settings]
 
 
 def every_variable_read() -> set[str]:
-    return {name for module in all_settings_modules() for cls in settings_classes(module) for name in variables_read(cls)}
+    classes = [cls for module in all_settings_modules() for cls in settings_classes(module)]
+    return {name for cls in classes for name in variables_read(cls)}
 
 
 def env_example_variables() -> set[str]:
@@ -152,7 +155,7 @@ def ssb_services() -> dict[str, dict]:
 
 
 def test_the_file_parses_and_holds_the_topology():
-    assert set(services()) == {"redis", "teacher", "curator", "curator-worker", "trainer", "trainer-worker", "dashboard"}
+    assert set(services()) == {"redis", *SSB_SERVICES, "dashboard"}
     commands = {name: ssb_command_words(argv(s)) for name, s in ssb_services().items()}
     assert commands == {
         "teacher": ("serve", "teacher"),
@@ -163,7 +166,7 @@ def test_the_file_parses_and_holds_the_topology():
     }
 
 
-@pytest.mark.parametrize("service_name", ["teacher", "curator", "curator-worker", "trainer", "trainer-worker"])
+@pytest.mark.parametrize("service_name", SSB_SERVICES)
 def test_every_service_runs_a_command_the_cli_has(service_name):
     words = ssb_command_words(argv(services()[service_name]))
     assert resolve_cli_command(words) is not None, f"{service_name}: `ssb {' '.join(words)}` is not a command"
@@ -184,7 +187,8 @@ def dockerfile_stages(path: Path) -> dict[str, dict]:
                 current.update(cmd=json.loads(match.group(2)), own_cmd=True)
             else:
                 # Docker: an ENTRYPOINT resets the CMD a stage inherited.
-                current.update(entrypoint=json.loads(match.group(2)), cmd=current["cmd"] if current["own_cmd"] else None)
+                cmd = current["cmd"] if current["own_cmd"] else None
+                current.update(entrypoint=json.loads(match.group(2)), cmd=cmd)
         elif match := re.match(r"COPY\s+(.+)\s+\S+$", line):
             for source in match.group(1).split():
                 if not source.startswith("--"):
@@ -192,7 +196,7 @@ def dockerfile_stages(path: Path) -> dict[str, dict]:
     return stages
 
 
-@pytest.mark.parametrize("service_name", ["teacher", "curator", "curator-worker", "trainer", "trainer-worker", "dashboard"])
+@pytest.mark.parametrize("service_name", [*SSB_SERVICES, "dashboard"])
 def test_every_image_builds_from_a_dockerfile_here_whose_default_command_exists(service_name):
     build = services()[service_name]["build"]
     assert build["context"] == "."
@@ -212,7 +216,7 @@ def test_dockerignore_keeps_the_virtual_env_and_data_out_of_the_build_context():
     assert {".venv", ".git", ".env", "runs", "ssb-data"} <= ignored
 
 
-@pytest.mark.parametrize("service_name", ["teacher", "curator", "curator-worker", "trainer", "trainer-worker"])
+@pytest.mark.parametrize("service_name", SSB_SERVICES)
 def test_every_ssb_variable_a_service_gets_is_read_by_its_settings(service_name):
     service = services()[service_name]
     module = COMMAND_SETTINGS[ssb_command_words(argv(service))]
@@ -256,7 +260,8 @@ def test_one_data_volume_is_mounted_where_data_dir_points():
         assert data_dir and mounted.get(data_dir) == DATA_VOLUME, f"{name}: SSB_DATA_DIR is not the {DATA_VOLUME} mount"
         assert env.get("SSB_ADAPTERS_DIR", "").startswith(data_dir + "/"), f"{name}: adapters outside the data volume"
         if "SSB_HOME" in env:
-            assert any(env["SSB_HOME"].startswith(target + "/") for target in mounted), f"{name}: SSB_HOME not on a volume"
+            on_a_volume = any(env["SSB_HOME"].startswith(target + "/") for target in mounted)
+            assert on_a_volume, f"{name}: SSB_HOME is not on a volume"
     # The trainer worker writes adapters where the teacher loads them from.
     teacher, trainer = environment(services()["teacher"]), environment(services()["trainer-worker"])
     assert teacher["SSB_ADAPTERS_DIR"] == trainer["SSB_ADAPTERS_DIR"]

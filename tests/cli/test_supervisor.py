@@ -83,7 +83,10 @@ def test_a_process_that_ignores_sigterm_and_its_child_are_killed_after_the_grace
 
 def test_a_process_that_obeys_sigterm_is_not_killed():
     out = io.StringIO()
-    code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (print('bye', flush=True), sys.exit(0))); print('up', flush=True); time.sleep(600)"
+    code = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (print('bye', flush=True), sys.exit(0)));"
+        "print('up', flush=True); time.sleep(600)"
+    )
     with Supervisor([ProcessSpec("polite", python(code))], out=out, stop_timeout=30) as supervisor:
         supervisor.start()
         wait_for(lambda: "up" in out.getvalue())
@@ -118,7 +121,7 @@ def test_a_process_others_wait_for_that_dies_stops_the_start():
 def test_redis_is_ready_before_the_rest_start_and_stops_last(tmp_path):
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    check = f"import redis; print('ping', redis.Redis.from_url('{url}').ping(), flush=True); import time; time.sleep(600)"
+    check = f"import redis, time; print('ping', redis.Redis.from_url('{url}').ping(), flush=True); time.sleep(600)"
     specs = [
         ProcessSpec("redis", redis_server_argv(port, tmp_path), ready_url=url, ready_before_the_rest=True),
         ProcessSpec("client", python(check)),
