@@ -55,6 +55,7 @@ def train_run(run_id: str) -> dict:
     from services.trainer.data import PairDataError
     from services.trainer.training import train
     from shared.models import resolve_model
+    from shared.storage import StorageError
 
     settings = current_settings()
     connection = connect(settings.redis_url)
@@ -122,7 +123,7 @@ def train_run(run_id: str) -> dict:
             resume=checkpoint is not None,
             on_step=on_step,
         )
-    except (TrainingError, PairDataError, FileNotFoundError) as exc:
+    except (TrainingError, PairDataError, StorageError, FileNotFoundError) as exc:
         runs.advance(run_id, status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
         log.error("run %s failed: %s", run_id, exc)
         return {"status": "failed"}

@@ -8,17 +8,22 @@ timeout and `Retry(max=job_retries)`: a job whose worker died comes back only wh
 dies stops heartbeating; its job counts as abandoned once its heartbeat is `HEARTBEATS_TO_ABANDON` heartbeats old,
 and the next maintenance pass of any worker (every `maintenance_interval_seconds`) puts it back on its queue, where
 another worker resumes it from its last checkpoint. RQ's default would be the monitoring interval + 60 s of heartbeat
-and 10 minutes between maintenance passes; `TrainWorker` shortens both.
+and 10 minutes between maintenance passes; `TrainWorker` shortens both. Stopping a busy worker (SIGTERM, Ctrl-C)
+hands its job back to the queue at once instead of waiting for the run to end.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 
 import redis
 from rq import Callback, Queue, Retry, Worker
+from rq.callbacks import execute_failure_callback
+from rq.utils import now
+from rq.worker import WorkerStatus
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -111,6 +116,34 @@ class TrainWorker(Worker):
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return HEARTBEATS_TO_ABANDON * self.heartbeat_seconds
+
+    def request_stop(self, signum, frame) -> None:
+        """SIGTERM or Ctrl-C while a job runs: stop its work horse now and hand the job back to its queue (it resumes
+        from its last checkpoint on the next worker), where RQ's warm shutdown would wait for a training run to end.
+        A second signal is RQ's cold shutdown; an idle worker just stops."""
+        if self.get_state() != WorkerStatus.BUSY or not self.horse_pid:
+            super().request_stop(signum, frame)
+            return
+        self.log.warning("Worker %s: stop requested; handing the running job back to its queue", self.name)
+        self._shutdown_requested_date = now()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+        self._stop_requested = True  # the work loop ends after this job's failure is handled (retried: re-queued)
+        self.kill_horse()
+
+    def handle_work_horse_killed(self, job: Job, retpid, ret_val, rusage) -> None:
+        """RQ calls no failure callback when a work horse dies (stopped as above, or killed): call it here, so the
+        run's record says that it is queued again (or failed, without retries left) instead of still running."""
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        stopped = WorkHorseStopped(f"the job's process stopped (wait status {ret_val})")
+        try:
+            execute_failure_callback(job, self.death_penalty_class, WorkHorseStopped, stopped, None)
+        except Exception:
+            self.log.exception("Worker %s: the failure callback of job %s raised", self.name, job.id)
+
+
+class WorkHorseStopped(RuntimeError):
+    """A job's process ended without finishing it: its worker was stopped, or it was killed."""
 
 
 def make_worker(settings: TrainerSettings, kinds: tuple[str, ...], connection: redis.Redis) -> TrainWorker:

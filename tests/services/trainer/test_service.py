@@ -282,6 +282,19 @@ def test_evaluation_of_base_and_adapter_through_the_teacher(trainer):
     assert done["progress"] == {"base": "2/2", run["id"]: "2/2"}
 
 
+def test_a_run_on_unreadable_pairs_fails_once_naming_the_file(trainer):
+    """An error no retry can fix fails the run at its first attempt, with the reason."""
+    broken = trainer.data_dir / "datasets" / "broken"
+    (broken / "pairs").mkdir(parents=True)
+    (broken / "pairs" / "p1.safetensors").write_bytes(b"not a pair file")
+    with trainer.client() as http:
+        created = http.post("/v1/runs", json={"dataset_id": "broken", "max_steps": 1})
+        assert created.status_code == 202, created.text
+    done = trainer.wait_for(f"/v1/runs/{created.json()['id']}", lambda r: r["status"] in ("succeeded", "failed"))
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert "p1.safetensors" in done["error"], done["error"]
+
+
 def test_round_two_records_its_parent_and_evaluates_when_done(trainer):
     """A dataset rolled out by the first run's adapter (its dataset.json says so) trains as round 2 with that parent;
     the run's evaluation request is queued when it succeeds. A repeated POST with its id starts nothing twice."""

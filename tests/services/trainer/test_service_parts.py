@@ -99,3 +99,64 @@ def test_a_worker_counts_a_job_abandoned_after_three_heartbeats_and_looks_every_
     assert worker.dequeue_timeout == 7  # an idle worker runs maintenance between waits this long
     assert worker.queue_names() == [f"{settings.key_prefix}:train", f"{settings.key_prefix}:eval"]
     connection.close()
+
+
+def nap(seconds: float) -> None:
+    """A job that only takes time (the stopped worker's job below)."""
+    import time
+
+    time.sleep(seconds)
+
+
+def test_stopping_a_busy_worker_hands_its_job_back_at_once():
+    """SIGTERM to a worker whose job runs: its work horse stops now and the job is queued again (one retry spent),
+    where RQ's warm shutdown would wait for the job (a training run) to end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+    from rq import Retry
+    from rq.job import Job
+
+    from services.trainer.queues import open_queue
+    from services.trainer.settings import TrainerSettings
+    from tests.services.trainer.test_service import delete_keys
+
+    key_prefix = f"test-parts-{uuid.uuid4().hex[:8]}"
+    settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=key_prefix)
+    connection = connect(REDIS_URL)
+    env = {**os.environ, "SSB_REDIS_URL": REDIS_URL, "SSB_KEY_PREFIX": key_prefix, "SSB_WORKER_HEARTBEAT_SECONDS": "1"}
+    code = (
+        "from services.trainer.queues import make_worker; from services.trainer.records import connect; "
+        "from services.trainer.settings import TrainerSettings; s = TrainerSettings(); "
+        "make_worker(s, ('train',), connect(s.redis_url)).work()"
+    )
+    worker = None
+    try:
+        queue = open_queue(settings, "train", connection)
+        job = queue.enqueue(f"{__name__}.nap", 120, retry=Retry(max=2), job_timeout=300)
+        worker = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[3],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while job.get_status() != "started":
+            assert time.monotonic() < deadline and worker.poll() is None, "the job never started"
+            time.sleep(0.1)
+        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+        assert len(family) == 2, family  # the worker and its work horse
+        stopped_at = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=20)
+        assert time.monotonic() - stopped_at < 10
+        _, alive = psutil.wait_procs(family, timeout=5)
+        assert not alive, alive
+        job = Job.fetch(job.id, connection=connection, serializer=queue.serializer)
+        assert job.get_status() == "queued" and job.retries_left == 1 and job.id in queue.get_job_ids()
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        delete_keys(connection, key_prefix)
+        connection.close()
