@@ -34,6 +34,7 @@ class EngineOptions:
     max_model_len: int = 4096
     max_logprobs: int = 64
     kv_cache_gib: int = 2
+    gpu_memory_utilization: float = 0.9  # the share of the GPU's memory vLLM takes (weights and KV cache)
     enable_lora: bool = True
     max_lora_rank: int = 32
     max_loras: int = 2
@@ -92,6 +93,7 @@ def engine_kwargs(options: EngineOptions) -> dict:
         max_lora_rank=options.max_lora_rank,
         max_loras=options.max_loras,
         seed=options.seed,
+        gpu_memory_utilization=options.gpu_memory_utilization,
         # Per-request seeds crash the CPU build when a prefill is split across steps (its CPU generators cannot
         # rewind), so prompts are prefilled whole.
         enable_chunked_prefill=False,

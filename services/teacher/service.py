@@ -82,6 +82,7 @@ def engine_options(settings: TeacherSettings, model_path: str) -> EngineOptions:
         max_model_len=settings.max_model_len,
         max_logprobs=settings.max_logprobs,
         kv_cache_gib=settings.kv_cache_gib,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.seed,
     )
 

@@ -22,3 +22,10 @@ class TeacherSettings(ServiceSettings):
     )
     retry_after_seconds: int = Field(default=2, ge=1, description="The Retry-After sent with 429 and 503.")
     seed: int = Field(default=0, description="The engine's seed (requests carry their own seeds).")
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0.05,
+        le=0.98,
+        description="The share of the GPU's memory the engine takes for weights and KV cache (vLLM's default 0.9); "
+        "lower it when the trainer worker shares the GPU, e.g. 0.45 on one 80 GB card (ignored on a CPU).",
+    )
