@@ -1,129 +1,104 @@
-"""The user's path end to end over HTTP between real processes, on the CPU with the small model: a dataset submitted
-to the curator with a training request is curated by two curator workers through the teacher service, the curator
-starts the run on the trainer when the last problem is final, the trainer worker trains it, the adapter downloads and
-loads in peft, and an evaluation of the base model against the adapter (served by the teacher as a LoRA) returns a
-table.
+"""The user's path end to end, on the CPU with the small model: `ssb up` starts the whole topology as local processes
+(a Redis of its own, the teacher, the curator API and two curator workers, the trainer API and its worker) on free
+loopback ports; a dataset submitted over HTTP with a training request is curated through the teacher, the curator
+starts the run on the trainer when the last problem is final, the run succeeds, its adapter downloads and loads in
+peft, and an evaluation of the base model against the adapter (served by the teacher as a LoRA) returns a table. Then
+the same intake through `ssb submit --wait`. Finally SIGTERM: `ssb up` exits 128 + 15 and every process it started,
+and everything those started, is gone.
 
-The processes: the session's teacher service (tests/conftest.py), `ssb serve curator`, two `ssb worker curate`,
-`ssb serve trainer` and `ssb worker train`, on free loopback ports, with the machine's Redis in a database of their
-own (emptied before and after); the adapters directory is the teacher's, as the shared volume is in a deployment.
+Marked `topology` (and `engine`): it costs an engine start of its own; `-m "not topology"` leaves it out.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import time
 
 import httpx
+import psutil
 import pytest
-from redis import Redis
+import redis
 
 from shared.arithmetic import make_arithmetic_problems
 from tests.conftest import CURATION_CONFIG
-from tests.services.curator.conftest import stop_process
-from tests.teacher_server import API_KEY as TEACHER_KEY
-from tests.teacher_server import free_port
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.topology, pytest.mark.engine, pytest.mark.slow]
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+READY_TIMEOUT_SECONDS = 300
+NAMES = ("redis", "teacher", "curator", "curator-worker-1", "curator-worker-2", "trainer", "trainer-worker")
 TRAIN = dict(batch_size=1, rank=8, alpha=16, teacher="stored", epochs=1, max_steps=2, seed=0)
 
 
-def wait_for(http: httpx.Client, path: str, done, logs, timeout: float = 600) -> dict:
+def wait_for(http: httpx.Client, path: str, done, log, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         body = http.get(path).json()
         if done(body):
             return body
         if time.monotonic() > deadline:
-            pytest.fail(f"{path} still {body} after {timeout:.0f} s\n{logs()}")
+            pytest.fail(f"{path} still {body} after {timeout:.0f} s\n{log()[-6000:]}")
         time.sleep(0.5)
 
 
-def wait_ready(url: str, logs) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{url} not ready\n{logs()}")
+def test_up_submit_curate_train_download_evaluate_and_stop(model_path, tmp_path):
+    ready_file, log_path = tmp_path / "ready.json", tmp_path / "up.log"
+    command = [sys.executable, "-m", "cli.main", "up", "--workers", "2", "--data-dir", str(tmp_path / "data")]
+    command += ["--teacher-port", "0", "--curator-port", "0", "--trainer-port", "0", "--ready-file", str(ready_file)]
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SSB_")}
+    with open(log_path, "wb") as log_file:
+        up = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
+    def log() -> str:
+        return log_path.read_text(errors="replace")
 
-def test_submit_curate_train_download_and_evaluate(teacher_server, model_path, tmp_path):
-    redis = Redis.from_url(REDIS_URL)
-    redis.flushdb()
-    curator_port, trainer_port = free_port(), free_port()
-    curator_url, trainer_url = f"http://127.0.0.1:{curator_port}", f"http://127.0.0.1:{trainer_port}"
-    env = {
-        **os.environ,
-        "SSB_REDIS_URL": REDIS_URL,
-        "SSB_KEY_PREFIX": "ssb-test-path",
-        "SSB_DATA_DIR": str(tmp_path / "data"),
-        "SSB_ADAPTERS_DIR": str(teacher_server.adapters_dir),
-        "SSB_TEACHER_URLS": teacher_server.url,
-        "SSB_TEACHER_API_KEY": TEACHER_KEY,
-        "SSB_TRAINER_URL": trainer_url,
-        "SSB_WORKER_HEARTBEAT_SECONDS": "2",
-        "SSB_MAINTENANCE_INTERVAL_SECONDS": "3",
-    }
-    commands = {
-        "curator": ["serve", "curator", "--port", str(curator_port), "--log-level", "warning"],
-        "curator-worker-1": ["worker", "curate"],
-        "curator-worker-2": ["worker", "curate"],
-        "trainer": ["serve", "trainer", "--port", str(trainer_port), "--log-level", "warning"],
-        "trainer-worker": ["worker", "train"],
-    }
-    processes = {}
-
-    def logs() -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in tmp_path.glob("*.log"))
-
+    everything = [psutil.Process(up.pid)]
     try:
-        for name, args in commands.items():
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", "cli.main", *args], env=env, stdout=log, stderr=subprocess.STDOUT
-                )
-        wait_ready(curator_url, logs)
-        wait_ready(trainer_url, logs)
-        problems = make_arithmetic_problems(30, seed=0)
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not ready_file.exists():
+            assert up.poll() is None, f"ssb up exited with {up.returncode}:\n{log()[-4000:]}"
+            assert time.monotonic() < deadline, f"not ready in time:\n{log()[-4000:]}"
+            time.sleep(0.5)
+        ready = json.loads(ready_file.read_text())
+        assert set(ready["pids"]) == set(NAMES)
+        for service in ("teacher", "curator", "trainer"):
+            assert httpx.get(f"{ready[service]}/readyz", timeout=5).status_code == 200, service
+        assert redis.Redis.from_url(ready["redis"]).ping()
+        everything += psutil.Process(up.pid).children(recursive=True)
+        assert len(everything) > len(NAMES) + 1, "the teacher started no engine process"
+
+        # Over HTTP: 30 arithmetic problems with a training request and an evaluation after it.
+        problems = [p.model_dump(exclude_none=True) for p in make_arithmetic_problems(30, seed=0)]
         options = {**CURATION_CONFIG, "batch_size": 8, "train": TRAIN}
-        with httpx.Client(base_url=curator_url, timeout=60) as curator:
-            created = curator.post(
-                "/v1/datasets", json={"rows": [p.model_dump(exclude_none=True) for p in problems], "options": options}
-            )
+        with httpx.Client(base_url=ready["curator"], timeout=60) as curator:
+            created = curator.post("/v1/datasets", json={"rows": problems, "options": options})
             assert created.status_code == 201, created.text
             dataset_id = created.json()["id"]
             dataset = wait_for(
                 curator, f"/v1/datasets/{dataset_id}",
-                lambda b: b["state"] == "done" and (b["training_run"] or b["training_error"]), logs,
+                lambda b: b["state"] == "done" and (b["training_run"] or b["training_error"]), log,
             )
         assert dataset["training_error"] is None, dataset["training_error"]
         assert dataset["funnel"]["paired"] >= 1, dataset["funnel"]
         run_id = dataset["training_run"]
-
-        with httpx.Client(base_url=trainer_url, timeout=60) as trainer:
-            run = wait_for(trainer, f"/v1/runs/{run_id}", lambda b: b["status"] in ("succeeded", "failed"), logs)
-            assert run["status"] == "succeeded", f"{run}\n{logs()}"
+        with httpx.Client(base_url=ready["trainer"], timeout=60) as trainer:
+            run = wait_for(trainer, f"/v1/runs/{run_id}", lambda b: b["status"] in ("succeeded", "failed"), log)
+            assert run["status"] == "succeeded", f"{run}\n{log()[-4000:]}"
             archive = trainer.get(f"/v1/runs/{run_id}/adapter")
             assert archive.status_code == 200
-            held_out = make_arithmetic_problems(6, seed=99)
-            held_out = [p.model_dump(include={"id", "question", "answer"}) for p in held_out]
+            held_out = [p.model_dump(include={"id", "question", "answer"}) for p in make_arithmetic_problems(6, 99)]
             body = {"models": ["base", run_id], "problems": held_out, "max_tokens": 96}
             evaluation = trainer.post("/v1/evals", json=body)
             assert evaluation.status_code == 202, evaluation.text
             report = wait_for(
-                trainer, f"/v1/evals/{evaluation.json()['id']}", lambda b: b["status"] in ("succeeded", "failed"), logs
+                trainer, f"/v1/evals/{evaluation.json()['id']}", lambda b: b["status"] in ("succeeded", "failed"), log
             )
-        assert report["status"] == "succeeded", f"{report}\n{logs()}"
+        assert report["status"] == "succeeded", f"{report}\n{log()[-4000:]}"
         assert [row["name"] for row in report["rows"]] == ["base", run_id]
         assert all(row["problems"] == 6 and 0 <= row["pass_at_1"] <= 1 for row in report["rows"])
         assert run_id in report["table"]
@@ -137,8 +112,31 @@ def test_submit_curate_train_download_and_evaluate(teacher_server, model_path, t
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         adapted = PeftModel.from_pretrained(base, tmp_path / "downloaded" / run_id)
         assert any("lora_" in name for name, _ in adapted.named_parameters())
+
+        # The same intake through `ssb submit --wait`, as a user types it.
+        path = tmp_path / "six.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in problems[:6]))
+        submit = [sys.executable, "-m", "cli.main", "submit", str(path), "--curator", ready["curator"], "--wait"]
+        submit += ["--options", json.dumps({"rollout_max_tokens": 96, "explanation_max_tokens": 96})]
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().startswith("ds-") and "total" in done.stderr and "problems/minute" in done.stderr
     finally:
-        for process in reversed(list(processes.values())):
-            stop_process(process)
-        redis.flushdb()
-        redis.close()
+        if up.poll() is None:  # every process alive now (work horses and grading helpers included)
+            everything += [p for p in psutil.Process(up.pid).children(recursive=True) if p not in everything]
+        up.send_signal(signal.SIGTERM)
+        try:
+            returncode = up.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            raise
+    _, alive = psutil.wait_procs(everything, timeout=10)
+    left = [f"{p.pid} {p.name()}" for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for process in alive:
+        process.kill()
+    assert not left, f"processes left after SIGTERM: {left}"
+    assert returncode == 128 + signal.SIGTERM, log()[-3000:]
+    assert not ready_file.exists()
+    for name in NAMES:
+        assert f"\n{name:<16} | " in log(), f"no line of {name}"
+    assert "ready: teacher=" in log()
