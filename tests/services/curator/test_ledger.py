@@ -56,3 +56,26 @@ def test_unknown_states_and_datasets(ledger):
     assert ledger.status("ds-2") is None
     ledger.delete("ds-1")
     assert ledger.status("ds-1") is None and ledger.ids() == []
+
+
+def test_the_last_failure_of_a_job_marks_its_unfinished_problems_failed(ledger, tmp_path, monkeypatch):
+    """RQ's failure callback: a failure that will be retried records nothing; the last one marks each problem of the
+    job that has no outcome in the store `failed` with the error, and records a stored outcome as it is."""
+    from types import SimpleNamespace
+
+    from services.curator.jobs import record_job_failure
+    from shared.schemas import DroppedProblem
+    from shared.storage import PairStore
+
+    monkeypatch.setenv("SSB_KEY_PREFIX", ledger.prefix)
+    monkeypatch.setenv("SSB_DATA_DIR", str(tmp_path))
+    new_dataset(ledger, 3)
+    PairStore(tmp_path / "datasets" / "ds-1").write_dropped(DroppedProblem(problem_id="a", reason="no_mix"))
+    job = SimpleNamespace(should_retry=True, args=["ds-1", ["a", "b"]])
+    record_job_failure(job, ledger.redis, TimeoutError, TimeoutError("the teacher did not answer"), None)
+    assert ledger.final_states("ds-1") == {}
+    job.should_retry = False
+    record_job_failure(job, ledger.redis, TimeoutError, TimeoutError("the teacher did not answer"), None)
+    assert ledger.final_states("ds-1") == {"a": "no_mix", "b": "failed"}
+    (failure,) = ledger.status("ds-1").failures
+    assert failure.problem_id == "b" and failure.reason.startswith("TimeoutError: the teacher did not answer (after 4")
