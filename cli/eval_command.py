@@ -245,4 +245,30 @@ def eval_command(
             f"{row.truncated} cut at --max-tokens, {row.mean_response_tokens:.0f} tokens on average, "
             f"{row.seconds:.1f} s"
         )
+    if len(eval_report.rows) > 1:
+        print_paired_comparison(eval_report)
     console.print(f"per-problem results in {out}")
+
+
+def print_paired_comparison(report) -> None:
+    """Each adapter against the base model (the report's first row) on the same problems: accuracy, answers cut off
+    or ungradeable, and McNemar's exact test on the paired verdicts."""
+    from shared.metrics import mcnemar
+
+    base, *adapted = report.rows
+    for row in report.rows:
+        console.print(
+            f"{row.name}: {row.correct}/{row.problems} right ({100 * row.pass_at_1:.1f}%), "
+            f"{row.truncated} cut at the token limit, {row.ungradeable} without a gradeable answer"
+        )
+    for row in adapted:
+        test = mcnemar(
+            [p.answers[base.name].correct for p in report.problems],
+            [p.answers[row.name].correct for p in report.problems],
+        )
+        verdict = "a real difference at the 5% level" if test.p_value < 0.05 else "not distinguishable from noise"
+        console.print(
+            f"{row.name} - base: {100 * test.difference:+.1f} points on {test.problems} held-out problems "
+            f"(right only with the adapter: {test.only_second}, only without: {test.only_first}); "
+            f"McNemar's exact p = {test.p_value:.3f}: {verdict}"
+        )

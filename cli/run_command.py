@@ -23,6 +23,7 @@ from cli.eval_command import (
     AdapterServingOption,
     evaluate_merged_adapter,
     evaluate_with_progress,
+    print_paired_comparison,
     resolve_adapter_serving,
 )
 from cli.train_command import build_train_config, training_options
@@ -137,24 +138,3 @@ def run_command(
     print_paired_comparison(report)
     console.print(f"adapter: {adapter_dir}   per-problem results: {eval_path}")
 
-
-def print_paired_comparison(report) -> None:
-    """Base vs adapter on the same problems: accuracy, answers cut off or ungradeable, and McNemar's exact test."""
-    from shared.metrics import mcnemar
-
-    base, adapted = report.rows
-    for row in (base, adapted):
-        console.print(
-            f"{row.name}: {row.correct}/{row.problems} right ({100 * row.pass_at_1:.1f}%), "
-            f"{row.truncated} cut at the token limit, {row.ungradeable} without a gradeable answer"
-        )
-    test = mcnemar(
-        [p.answers[base.name].correct for p in report.problems],
-        [p.answers[adapted.name].correct for p in report.problems],
-    )
-    verdict = "a real difference at the 5% level" if test.p_value < 0.05 else "not distinguishable from noise"
-    console.print(
-        f"adapter - base: {100 * test.difference:+.1f} points on {test.problems} held-out problems "
-        f"(right only with the adapter: {test.only_second}, only without: {test.only_first}); "
-        f"McNemar's exact p = {test.p_value:.3f}: {verdict}"
-    )
