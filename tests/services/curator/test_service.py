@@ -204,3 +204,21 @@ def test_submit_waits_with_a_progress_bar_and_prints_the_funnel(curator, tmp_pat
     assert "curating" in done.stderr and "total" in done.stderr and "problems/minute" in done.stderr
     status = curator.client().get(f"/v1/datasets/{dataset_id}").json()
     assert status["state"] == "done" and status["options"]["rollout_max_tokens"] == 96
+
+
+def test_a_problem_the_teacher_refuses_fails_alone_with_its_reason(curator):
+    """A question longer than the teacher's context: the teacher refuses the batch (400), the job retries its problems
+    one at a time, and only that problem ends `failed`, with the teacher's message; the others are curated."""
+    problems = rows_of(make_arithmetic_problems(3, seed=13))
+    problems[1]["question"] = "How many apples? " * 3000
+    options = {**CURATION_CONFIG, "seed": 13, "rollout_max_tokens": 64, "explanation_max_tokens": 64}
+    with curator.client() as http:
+        dataset = http.post("/v1/datasets", json={"rows": problems, "options": options}).json()
+    curator.start_worker()
+    status = curator.wait_done(dataset["id"], timeout=300)
+    curator.stop_workers()
+    assert status["funnel"]["failed"] == 1 and status["funnel"]["queued"] == status["funnel"]["running"] == 0
+    (failure,) = status["failures"]
+    assert failure["problem_id"] == problems[1]["id"] and "exceed the context length" in failure["reason"]
+    store = PairStore(curator.data_dir / "datasets" / dataset["id"])
+    assert store.outcome(problems[0]["id"]) is not None and store.outcome(problems[2]["id"]) is not None
