@@ -163,6 +163,7 @@ class ProblemIn(BaseModel):
     id: str | None = Field(default=None, pattern=PROBLEM_ID_PATTERN, description="Stable id; default: its position.")
     question: str = Field(min_length=1, max_length=200_000, description="The bare question.")
     answer: str = Field(min_length=1, max_length=10_000, description="The gold answer (GSM8K `#### n` is parsed).")
+    source: str | None = Field(default=None, max_length=1000, description="Where it came from (kept as given).")
 
 
 class EvalRequest(EvalOptions):
