@@ -138,7 +138,8 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once():
     worker = None
     try:
         queue = open_queue(settings, "train", connection)
-        job = queue.enqueue(f"{__name__}.nap", 120, retry=Retry(max=2), job_timeout=300)
+        # The job id carries the prefix, so `delete_keys` removes the job's own keys too.
+        job = queue.enqueue(f"{__name__}.nap", 120, retry=Retry(max=2), job_timeout=300, job_id=f"{key_prefix}-nap")
         worker = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[3],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
