@@ -92,10 +92,11 @@ def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
             finish_problem(settings, ledger, meta, problem_id, "cancelled")
         return {"dataset": dataset_id, "cancelled": len(todo)}
     # A previous run of this job may have written some problems and died before recording them.
-    for problem_id in todo:
-        if (outcome := store.outcome(problem_id)) is not None:
+    stored = {problem_id: store.outcome(problem_id) for problem_id in todo}
+    for problem_id, outcome in stored.items():
+        if outcome is not None:
             finish_problem(settings, ledger, meta, problem_id, outcome)
-    todo = [p for p in todo if store.outcome(p) is None]
+    todo = [problem_id for problem_id, outcome in stored.items() if outcome is None]
     if not todo:
         return {"dataset": dataset_id, "curated": 0}
     problems = dataset_problems(settings, dataset_id, todo)

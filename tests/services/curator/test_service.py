@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import time
 
@@ -128,7 +127,9 @@ def parquet_bytes(rows: list[dict]) -> bytes:
 def snapshot(curator) -> tuple[set, set]:
     datasets = curator.data_dir / "datasets"
     files = {p for p in datasets.rglob("*")} if datasets.exists() else set()
-    return set(curator.redis.keys(f"{PREFIX}:*")) | set(curator.redis.keys("rq:*")), files
+    # Everything an upload writes carries the prefix: the ledger's keys, the queue, the jobs (their ids); RQ's own
+    # maintenance locks come and go with their TTLs and are left out.
+    return set(curator.redis.keys(f"*{PREFIX}*")), files
 
 
 GOOD = {"question": "What is 2 + 3?", "answer": "5"}
