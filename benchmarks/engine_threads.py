@@ -11,7 +11,9 @@ many tokens). Figures are ratios against vLLM's default binding, measured in the
 
 Variants: `default` (vLLM's binding: one core reserved for the engine core), `all-cores` (the model's threads on every
 core, none reserved), `in-process` (the engine core in the calling process, VLLM_ENABLE_V1_MULTIPROCESSING=0), both of
-those together, `nobind` (no thread binding at all), and `ssb` (what the engine chooses on this machine).
+those together, `nobind` (no thread binding at all), and `ssb` (what the engine chooses on this machine). Each of those
+engines is built for LoRA adapters, as the teacher service's is; `ssb-no-lora` is `ssb` without LoRA support, as
+`ssb curate`, `ssb run` and `ssb eval` start it (on a CPU, LoRA support slows plain requests too).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path("runs/bench/engine_threads.json")
+
+
+NO_LORA = {"ssb-no-lora"}  # the variants whose engine is built without LoRA support
 
 
 def variants(cores: int) -> dict[str, dict[str, str]]:
@@ -43,10 +48,11 @@ def variants(cores: int) -> dict[str, dict[str, str]]:
         },
         "nobind": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
         "ssb": cpu_thread_environment(cores),
+        "ssb-no-lora": cpu_thread_environment(cores),
     }
 
 
-def measure(prompts: int, n: int, tokens: int) -> dict:
+def measure(prompts: int, n: int, tokens: int, lora: int) -> dict:
     """Run in the child process: start the engine as the project does, generate, report tokens/s."""
     from services.teacher.engine import EngineOptions, TeacherEngine
     from shared.arithmetic import make_arithmetic_problems
@@ -58,7 +64,8 @@ def measure(prompts: int, n: int, tokens: int) -> dict:
 
     problems = make_arithmetic_problems(prompts, seed=0)
     started = time.perf_counter()
-    with TeacherEngine(EngineOptions(model=resolve_model(None, Settings()), cpu_threads="vllm")) as engine:
+    options = EngineOptions(model=resolve_model(None, Settings()), cpu_threads="vllm", enable_lora=bool(lora))
+    with TeacherEngine(options) as engine:
         start_seconds = time.perf_counter() - started
         prompts_ = [
             TokensPrompt(prompt_token_ids=engine.render(build_student_messages(p.question, worked_example=True)).token_ids)
@@ -76,7 +83,9 @@ def measure(prompts: int, n: int, tokens: int) -> dict:
 def run_variant(name: str, env: dict[str, str], args) -> dict:
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_CPU_OMP", "VLLM_CPU_NUM_OF", "VLLM_ENABLE_V1"))}
     child_env.update(env)
-    command = [sys.executable, "-m", "benchmarks.engine_threads", "--child", str(args.prompts), str(args.n), str(args.tokens)]
+    lora = "0" if name in NO_LORA else "1"
+    command = [sys.executable, "-m", "benchmarks.engine_threads", "--child"]
+    command += [str(args.prompts), str(args.n), str(args.tokens), lora]
     done = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         return {"variant": name, "env": env, "error": done.stderr.strip().splitlines()[-1:]}
@@ -91,7 +100,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="Rounds over the variants (interleaved).")
     parser.add_argument("--variants", default="", help="Comma-separated names (default: all).")
-    parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*args.child)))

@@ -1,7 +1,7 @@
 """Shared fixtures: the real small model and one real vLLM engine for the whole test session.
 
 The engine starts once (about half a minute on the CPU) the first time a test asks for it; tests that need it carry the
-`engine` marker. The default model is pulled by `make model` (a dependency of `make test`) or here on first use.
+`engine` marker. The tests that serve a LoRA adapter in-process share a second engine built for LoRA (`lora_engine`). The default model is pulled by `make model` (a dependency of `make test`) or here on first use.
 """
 
 from __future__ import annotations
@@ -26,9 +26,20 @@ def model_path(settings) -> str:
 
 @pytest.fixture(scope="session")
 def engine(model_path):
+    """The base model without LoRA support: on a CPU, an engine built for LoRA runs plain requests at less than half
+    the speed (docs/BENCHMARKS.md, "LoRA support on the CPU"), and most tests need no adapter."""
     from services.teacher.engine import EngineOptions, TeacherEngine
 
-    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=2, max_logprobs=64)) as engine:
+    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=2, max_logprobs=64, enable_lora=False)) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def lora_engine(model_path):
+    """A second engine on the same model, built for LoRA adapters, for the tests that serve one in-process."""
+    from services.teacher.engine import EngineOptions, TeacherEngine
+
+    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=1, max_logprobs=64, enable_lora=True)) as engine:
         yield engine
 
 
@@ -76,7 +87,7 @@ def teacher_server(model_path, tmp_path_factory):
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "engine" in item.fixturenames:
+        if "engine" in item.fixturenames or "lora_engine" in item.fixturenames:
             item.add_marker(pytest.mark.engine)
     # A test that kills the session teacher's engine runs after every test that may still need the teacher.
     items.sort(key=lambda item: item.get_closest_marker("kills_teacher") is not None)

@@ -46,7 +46,17 @@ def wait_for(http: httpx.Client, path: str, done, log, timeout: float = 600) -> 
         time.sleep(0.5)
 
 
-def test_up_submit_curate_train_download_evaluate_and_stop(model_path, tmp_path):
+def chosen_problems(curation_run, paired: int = 2, others: int = 2) -> list[dict]:
+    """A few of the session's curated problems (tests/conftest.py), some that paired in-process and some that did not:
+    the topology curates them with the same seed and options, so it pairs at least one (the service agrees with
+    in-process curation problem by problem, tests/services/curator), and the training run has data."""
+    problems, store, _ = curation_run
+    pair_ids = set(store.pair_ids())
+    chosen = [p for p in problems if p.id in pair_ids][:paired] + [p for p in problems if p.id not in pair_ids][:others]
+    return [p.model_dump(exclude_none=True) for p in chosen]
+
+
+def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_run, tmp_path):
     ready_file, log_path = tmp_path / "ready.json", tmp_path / "up.log"
     command = [sys.executable, "-m", "cli.main", "up", "--workers", "2", "--data-dir", str(tmp_path / "data")]
     command += ["--teacher-port", "0", "--curator-port", "0", "--trainer-port", "0", "--ready-file", str(ready_file)]
@@ -72,9 +82,9 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, tmp_path)
         everything += psutil.Process(up.pid).children(recursive=True)
         assert len(everything) > len(NAMES) + 1, "the teacher started no engine process"
 
-        # Over HTTP: 30 arithmetic problems with a training request and an evaluation after it.
-        problems = [p.model_dump(exclude_none=True) for p in make_arithmetic_problems(30, seed=0)]
-        options = {**CURATION_CONFIG, "batch_size": 8, "train": TRAIN}
+        # Over HTTP: a few arithmetic problems with a training request, then an evaluation.
+        problems = chosen_problems(curation_run)
+        options = {**CURATION_CONFIG, "batch_size": 2, "train": TRAIN}
         with httpx.Client(base_url=ready["curator"], timeout=60) as curator:
             created = curator.post("/v1/datasets", json={"rows": problems, "options": options})
             assert created.status_code == 201, created.text
@@ -91,8 +101,8 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, tmp_path)
             assert run["status"] == "succeeded", f"{run}\n{log()[-4000:]}"
             archive = trainer.get(f"/v1/runs/{run_id}/adapter")
             assert archive.status_code == 200
-            held_out = [p.model_dump(include={"id", "question", "answer"}) for p in make_arithmetic_problems(6, 99)]
-            body = {"models": ["base", run_id], "problems": held_out, "max_tokens": 96}
+            held_out = [p.model_dump(include={"id", "question", "answer"}) for p in make_arithmetic_problems(4, 99)]
+            body = {"models": ["base", run_id], "problems": held_out, "max_tokens": 48}
             evaluation = trainer.post("/v1/evals", json=body)
             assert evaluation.status_code == 202, evaluation.text
             report = wait_for(
@@ -100,7 +110,7 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, tmp_path)
             )
         assert report["status"] == "succeeded", f"{report}\n{log()[-4000:]}"
         assert [row["name"] for row in report["rows"]] == ["base", run_id]
-        assert all(row["problems"] == 6 and 0 <= row["pass_at_1"] <= 1 for row in report["rows"])
+        assert all(row["problems"] == 4 and 0 <= row["pass_at_1"] <= 1 for row in report["rows"])
         assert run_id in report["table"]
 
         with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
@@ -114,10 +124,10 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, tmp_path)
         assert any("lora_" in name for name, _ in adapted.named_parameters())
 
         # The same intake through `ssb submit --wait`, as a user types it.
-        path = tmp_path / "six.jsonl"
-        path.write_text("".join(json.dumps(p) + "\n" for p in problems[:6]))
+        path = tmp_path / "three.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in problems[:3]))
         submit = [sys.executable, "-m", "cli.main", "submit", str(path), "--curator", ready["curator"], "--wait"]
-        submit += ["--options", json.dumps({"rollout_max_tokens": 96, "explanation_max_tokens": 96})]
+        submit += ["--options", json.dumps({"rollout_max_tokens": 64, "explanation_max_tokens": 64})]
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().startswith("ds-") and "total" in done.stderr and "problems/minute" in done.stderr

@@ -1,7 +1,7 @@
 """The curator service end to end on real parts: `ssb serve curator` and `ssb worker curate` processes, the real
 teacher service on the small model, Redis, and the pair store on disk.
 
-- 30 arithmetic problems through two workers end with every problem in exactly one final state, and the same pairs
+- 12 arithmetic problems through two workers end with every problem in exactly one final state, and the same pairs
   as in-process `curate()` with the same seed (up to the engine's batch-dependent rounding, measured in the teacher's
   tests);
 - a worker SIGKILLed mid-job loses nothing and doubles nothing: another worker finishes its problems;
@@ -49,18 +49,18 @@ def assert_each_problem_final_once(status: dict, store: PairStore, problem_ids: 
 
 def test_a_dataset_through_two_workers_matches_in_process_curation(curator, curation_run):
     """The session's in-process curation (tests/conftest.py) ran `curate()` on the first 64 arithmetic problems with
-    CURATION_CONFIG; the service curates the first 30 of the same problems with the same options."""
+    CURATION_CONFIG; the service curates the first 12 of the same problems with the same options."""
     local_problems, local_store, _ = curation_run
-    problems = make_arithmetic_problems(30, seed=0)
-    assert problems == local_problems[:30]
-    options = {**CURATION_CONFIG, "batch_size": 5}
+    problems = make_arithmetic_problems(12, seed=0)
+    assert problems == local_problems[:12]
+    options = {**CURATION_CONFIG, "batch_size": 4}
     with curator.client() as http:
         created = http.post("/v1/datasets", json={"rows": rows_of(problems), "name": "arith", "options": options})
         assert created.status_code == 201, created.text
         dataset = created.json()
-        assert (dataset["problems"], dataset["jobs"]) == (30, 6)
+        assert (dataset["problems"], dataset["jobs"]) == (12, 3)
         queued = http.get(f"/v1/datasets/{dataset['id']}").json()
-        assert queued["state"] == "queued" and queued["funnel"]["queued"] == 30
+        assert queued["state"] == "queued" and queued["funnel"]["queued"] == 12
         curator.start_worker(), curator.start_worker()
         status = curator.wait_done(dataset["id"])
         listed = http.get("/v1/datasets").json()["datasets"]
@@ -73,12 +73,12 @@ def test_a_dataset_through_two_workers_matches_in_process_curation(curator, cura
     assert status["tokens_per_second"] > 0 and status["problems_per_minute"] > 0 and status["seconds_left"] == 0
     assert [d["id"] for d in listed] == [dataset["id"]]
     assert sorted(p["problem_id"] for p in exported) == store.pair_ids()
-    assert len(exported) + len(dropped) == 30
+    assert len(exported) + len(dropped) == 12
 
     # The same outcomes as in-process curation, problem by problem, wherever the engine's samples agree.
     same_outcome = sum(store.outcome(p.id) == local_store.outcome(p.id) for p in problems)
-    print(f"\nservice vs in-process: {same_outcome}/30 outcomes, {status['funnel']}")
-    assert same_outcome >= 26
+    print(f"\nservice vs in-process: {same_outcome}/12 outcomes, {status['funnel']}")
+    assert same_outcome >= 10
     for problem_id in set(store.pair_ids()) & set(local_store.pair_ids()):
         mine, theirs = store.load_pair(problem_id), local_store.load_pair(problem_id)
         assert mine.record.student_prompt == theirs.record.student_prompt
@@ -87,8 +87,8 @@ def test_a_dataset_through_two_workers_matches_in_process_curation(curator, cura
 
 
 def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(curator):
-    problems = make_arithmetic_problems(10, seed=7)
-    options = {**CURATION_CONFIG, "seed": 7, "batch_size": 5, "rollout_max_tokens": 128, "explanation_max_tokens": 128}
+    problems = make_arithmetic_problems(6, seed=7)
+    options = {**CURATION_CONFIG, "seed": 7, "batch_size": 3, "rollout_max_tokens": 128, "explanation_max_tokens": 128}
     with curator.client() as http:
         dataset = http.post("/v1/datasets", json={"rows": rows_of(problems), "options": options}).json()
         victim = curator.start_worker()

@@ -142,10 +142,10 @@ def lora_adapter(model_path, tmp_path_factory) -> str:
     return str(out)
 
 
-def test_base_and_adapter_side_by_side_on_the_real_engine(engine, lora_adapter):
+def test_base_and_adapter_side_by_side_on_the_real_engine(lora_engine, lora_adapter):
     problems = make_arithmetic_problems(4, seed=1)
     config = EvalConfig(samples=2, max_tokens=64, worked_example=True)
-    report = evaluate(problems, engine, config, adapters=[None, lora_adapter], benchmark="arith-s1")
+    report = evaluate(problems, lora_engine, config, adapters=[None, lora_adapter], benchmark="arith-s1")
 
     assert [row.name for row in report.rows] == ["base", "random-adapter"]
     assert report.rows[1].adapter == lora_adapter

@@ -12,6 +12,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from services.curator.curation import curate
@@ -23,6 +24,7 @@ from shared.teacher_api import TopKBase64, decode_topk
 from shared.teacher_client import TeacherClient, TeacherRejected
 from tests.services.teacher.conftest import API_KEY, MAX_PENDING_REQUESTS
 
+LOGPROB_TOLERANCE = 1e-3
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does Tom have now?"
 pytestmark = pytest.mark.engine
 
@@ -246,12 +248,13 @@ def test_curation_through_the_service_writes_the_same_pairs(teacher_server, engi
 
     They agree for nearly every sample, not all: the service submits a request's prompts to the engine one by one as
     they arrive, the in-process engine adds all of them before its first step, so the engine's batches differ, and in
-    bf16 a different batch shape changes the last bits of the logits; where a sampled token sits on such a tie, the
-    sample diverges from there on. Measured on this machine: 46 of 48 rollouts identical in one run, 48 of 48 in the
+    bf16 a different batch shape changes the last bits of the logits (in float32, on CPUs without BF16, it changes
+    them too, less often); where a sampled token sits on such a tie, the sample diverges from there on. Measured on this machine: 46 of 48 rollouts identical in one run, 48 of 48 in the
     next. The test asserts at least 85% of rollouts identical, and every pair present on both sides with the same
-    rollouts and explanation byte for byte equal.
+    rollouts and explanation equal: the record and tokens byte for byte, the top-k log-probabilities within 1e-3
+    (seen once on a 2-core AVX2 machine: identical tokens, log-probabilities that differ in their last bits).
     """
-    problems = make_arithmetic_problems(12, seed=0)
+    problems = make_arithmetic_problems(8, seed=0)
     config = CurationConfig(
         k=4, seed=0, worked_example=True, rollout_max_tokens=96, explanation_max_tokens=96, explanation_attempts=2
     )
@@ -280,10 +283,32 @@ def test_curation_through_the_service_writes_the_same_pairs(teacher_server, engi
     for problem_id in both:
         mine, theirs = local.load_pair(problem_id), remote.load_pair(problem_id)
         if mine.token_ids == theirs.token_ids and mine.record.rollouts == theirs.record.rollouts:
-            assert local_files[local.pair_path(problem_id).relative_to(local.root)] == remote_files[
-                remote.pair_path(problem_id).relative_to(remote.root)
-            ]
+            assert_same_pair_file(
+                local_files[local.pair_path(problem_id).relative_to(local.root)],
+                remote_files[remote.pair_path(problem_id).relative_to(remote.root)],
+            )
         assert mine.record.student_prompt == theirs.record.student_prompt
+
+
+def assert_same_pair_file(mine, theirs) -> None:
+    """Two pair files of the same tokens: the record and token ids byte for byte; the top-k log-probabilities to the
+    last bits a batch shape can change, and the top-k ids wherever their log-probabilities are not tied that closely.
+    """
+    (mine_meta, mine_arrays), (their_meta, their_arrays) = mine, theirs
+    assert mine_meta == their_meta
+    assert mine_arrays["token_ids"] == their_arrays["token_ids"]
+    if mine_arrays == their_arrays:
+        return
+    mine_lp, their_lp = (np.frombuffer(a["topk_logprobs"], dtype=np.float32) for a in (mine_arrays, their_arrays))
+    mine_ids, their_ids = (np.frombuffer(a["topk_ids"], dtype=np.int32) for a in (mine_arrays, their_arrays))
+    np.testing.assert_allclose(mine_lp, their_lp, atol=LOGPROB_TOLERANCE, rtol=0)
+    k = len(mine_lp) // len(np.frombuffer(mine_arrays["token_ids"], dtype=np.int32))
+    gaps = np.abs(np.diff(mine_lp.reshape(-1, k), axis=1))
+    near_tie = np.zeros((len(gaps), k), dtype=bool)
+    near_tie[:, 1:] |= gaps < LOGPROB_TOLERANCE
+    near_tie[:, :-1] |= gaps < LOGPROB_TOLERANCE
+    differ = mine_ids.reshape(-1, k) != their_ids.reshape(-1, k)
+    assert not (differ & ~near_tie).any(), "top-k ids differ where their log-probabilities are not tied"
 
 
 def test_client_names_the_refused_field(teacher_server):

@@ -130,7 +130,7 @@ def test_training_on_curated_pairs_takes_no_step_at_a_learning_rate_of_zero(trai
 
 
 def test_vllm_serves_the_trained_adapter_as_peft_computes_it(
-    trained_on_curated_pairs, curated_pairs, engine, model_path
+    trained_on_curated_pairs, curated_pairs, lora_engine, model_path
 ):
     from peft import PeftModel
 
@@ -138,7 +138,7 @@ def test_vllm_serves_the_trained_adapter_as_peft_computes_it(
     pair = PairStore(curated_pairs).load_pair(PairStore(curated_pairs).pair_ids()[0])
     prompt = pair.record.student_prompt.token_ids
     completion = pair.token_ids[:SCORED_TOKENS]
-    vllm_ids, vllm_logprobs = engine.score(prompt, completion, SCORED_TOPK, adapter=str(result.out_dir))
+    vllm_ids, vllm_logprobs = lora_engine.score(prompt, completion, SCORED_TOPK, adapter=str(result.out_dir))
     ids, logprobs = torch.tensor(vllm_ids), torch.tensor(vllm_logprobs)
     assert ids.shape == (len(completion), SCORED_TOPK)
 
@@ -155,8 +155,8 @@ def test_vllm_serves_the_trained_adapter_as_peft_computes_it(
         max_abs=float(disagreement.max()),
         adapter_effect_mean_abs=float(adapter_effect.mean()),
     )
-    bounds = TOLERANCES[engine_dtype(engine)]
-    print(f"\nLoRA parity over {len(completion)} positions ({engine_dtype(engine)} engine): {measured}")
+    bounds = TOLERANCES[engine_dtype(lora_engine)]
+    print(f"\nLoRA parity over {len(completion)} positions ({engine_dtype(lora_engine)} engine): {measured}")
     assert measured["mean_abs"] <= bounds["mean_abs"], measured
     assert measured["max_abs"] <= bounds["max_abs"], measured
     # vLLM applied this adapter: its numbers are far closer to peft's with the adapter than to the base model's.

@@ -266,7 +266,7 @@ def test_bfloat16_with_gradient_checkpointing_matches_float32_on_the_first_step(
     metrics = {}
     for dtype in ("float32", "bfloat16"):
         checkpointing = dtype == "bfloat16"
-        config = TrainConfig(**SMALL, dtype=dtype, gradient_checkpointing=checkpointing, batch_size=3, max_steps=1)
+        config = TrainConfig(**SMALL, dtype=dtype, gradient_checkpointing=checkpointing, batch_size=1, max_steps=1)
         steps = []
         train(pairs_dir, tmp_path / dtype, model_path, config, on_step=steps.append)
         metrics[dtype] = steps[0]
