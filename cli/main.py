@@ -179,9 +179,9 @@ def pairs_export(directory: Annotated[Path, typer.Argument(help="A curation outp
     """Print every pair as one JSON line (record plus token ids and top-k arrays)."""
     from shared.storage import PairStore, StorageError
 
-    if not (directory / "pairs").is_dir():
-        raise fail(f"{directory}: no pairs/ directory here; is this a curation output?")
-    try:
+    if not ((directory / "pairs").is_dir() or (directory / "dropped").is_dir()):
+        raise fail(f"{directory}: no pairs/ or dropped/ directory here; is this a curation output?")
+    try:  # a curation that kept no pair has dropped/ only, and exports nothing
         for line in PairStore(directory).export_jsonl_lines():
             sys.stdout.write(line + "\n")
     except StorageError as exc:

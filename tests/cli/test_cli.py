@@ -54,6 +54,14 @@ def test_grade_adds_extracted_and_correct(tmp_path):
     assert [(r["extracted"], r["correct"]) for r in rows] == [("\\$18.00", True), ("0.5", True), (None, None)]
 
 
+def test_pairs_export_of_a_curation_that_kept_no_pair_prints_nothing(tmp_path):
+    (tmp_path / "kept-none" / "dropped").mkdir(parents=True)
+    result = ssb("pairs", "export", str(tmp_path / "kept-none"))
+    assert result.returncode == 0 and result.stdout == ""
+    refused = ssb("pairs", "export", str(tmp_path), check=False)
+    assert refused.returncode != 0 and "no pairs/ or dropped/ directory here" in " ".join(refused.stderr.split())
+
+
 def test_grade_reports_the_bad_line(tmp_path):
     src = tmp_path / "answers.jsonl"
     src.write_text('{"gold": "1", "response": "1"}\n{"gold": "2"\n')
