@@ -1,7 +1,8 @@
 """Shared fixtures: the real small model and one real vLLM engine for the whole test session.
 
 The engine starts once (about half a minute on the CPU) the first time a test asks for it; tests that need it carry the
-`engine` marker. The tests that serve a LoRA adapter in-process share a second engine built for LoRA (`lora_engine`). The default model is pulled by `make model` (a dependency of `make test`) or here on first use.
+`engine` marker. The tests that serve a LoRA adapter in-process share a second engine built for LoRA (`lora_engine`).
+The default model is pulled by `make model` (a dependency of `make test`) or here on first use.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def model_path(settings) -> str:
 @pytest.fixture(scope="session")
 def engine(model_path):
     """The base model without LoRA support: on a CPU, an engine built for LoRA runs plain requests at less than half
-    the speed (docs/BENCHMARKS.md, "LoRA support on the CPU"), and most tests need no adapter."""
+    the speed (docs/BENCHMARKS.md, "what LoRA support costs on a CPU"), and most tests need no adapter."""
     from services.teacher.engine import EngineOptions, TeacherEngine
 
     with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=2, max_logprobs=64, enable_lora=False)) as engine:

@@ -243,16 +243,17 @@ def rollout_texts(store: PairStore) -> dict[str, list[str]]:
 
 def test_curation_through_the_service_writes_the_same_pairs(teacher_server, engine, tmp_path):
     """Same problems, seed and settings, in-process and through the service: the same prompts, and the same pair files
-    (records with the prompts as rendered, token ids as generated, raw log-probabilities, all byte for byte) wherever
-    the engine's samples agree.
+    (records with the prompts as rendered, token ids as generated, raw log-probabilities) wherever the engine's samples
+    agree.
 
     They agree for nearly every sample, not all: the service submits a request's prompts to the engine one by one as
     they arrive, the in-process engine adds all of them before its first step, so the engine's batches differ, and in
     bf16 a different batch shape changes the last bits of the logits (in float32, on CPUs without BF16, it changes
-    them too, less often); where a sampled token sits on such a tie, the sample diverges from there on. Measured on this machine: 46 of 48 rollouts identical in one run, 48 of 48 in the
-    next. The test asserts at least 85% of rollouts identical, and every pair present on both sides with the same
-    rollouts and explanation equal: the record and tokens byte for byte, the top-k log-probabilities within 1e-3
-    (seen once on a 2-core AVX2 machine: identical tokens, log-probabilities that differ in their last bits).
+    them too, less often); where a sampled token sits on such a tie, the sample diverges from there on. Measured on
+    an AVX512-BF16 machine: 46 of 48 rollouts identical in one run, 48 of 48 in the next. The test asserts at least
+    85% of rollouts identical, and every pair present on both sides with the same rollouts and explanation equal: the
+    record and tokens byte for byte, the top-k log-probabilities within 1e-3 (seen once on a 2-core AVX2 machine:
+    identical tokens, log-probabilities that differ in their last bits).
     """
     problems = make_arithmetic_problems(8, seed=0)
     config = CurationConfig(
