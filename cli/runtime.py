@@ -227,6 +227,6 @@ def print_funnel(funnel, out: Path) -> None:
         table.add_row(f"dropped: {reason}", str(count))
     console.print(table)
     console.print(
-        f"rollouts: {funnel.rollout_tokens:,} tokens in {funnel.rollout_seconds:.1f} s "
-        f"({funnel.rollout_tokens / max(funnel.rollout_seconds, 1e-9):,.0f} tok/s); pairs in {out}"
+        f"generated {funnel.rollout_tokens:,} rollout and {funnel.explanation_tokens:,} explanation tokens in "
+        f"{funnel.engine_seconds:.1f} s ({funnel.tokens_per_second:,.0f} tok/s); pairs in {out}"
     )

@@ -10,6 +10,7 @@ imports the teacher. Prompts are built by `shared/prompts.py` in both places.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from pydantic import BaseModel, Field
@@ -56,6 +57,19 @@ class Engine(Protocol):
         worked_example: bool = False,
     ) -> list[PromptedGenerations]: ...
 
+    def rollouts_and_explanations(
+        self,
+        questions: Sequence[str],
+        rollout_sampling: Sequence[SamplingSettings],
+        items: Sequence[HintedQuestion],
+        explanation_sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+    ) -> tuple[list[PromptedGenerations], list[PromptedGenerations]]:
+        """`rollouts` and `explanations` batched together (either list may be empty), as pipelined curation sends
+        them: the engine fills the tail of one batch's rollouts with the explanations of the batch before."""
+        ...
+
 
 def rollout_messages(questions: Sequence[str], *, worked_example: bool) -> list[list[ChatMessage]]:
     """The chats of rollouts: one student prompt per question (the in-process engine and the service both use this)."""
@@ -73,6 +87,29 @@ def explanation_messages(items: Sequence[HintedQuestion], *, worked_example: boo
 def check_lengths(what: str, inputs: Sequence, sampling: Sequence[SamplingSettings]) -> None:
     if len(inputs) != len(sampling):
         raise ValueError(f"{len(inputs)} {what} but {len(sampling)} sampling settings")
+
+
+class ConcurrentCalls:
+    """`rollouts_and_explanations` as two concurrent calls, for engines whose calls may overlap (a teacher service
+    batches the requests of all its clients together)."""
+
+    def rollouts_and_explanations(
+        self,
+        questions: Sequence[str],
+        rollout_sampling: Sequence[SamplingSettings],
+        items: Sequence[HintedQuestion],
+        explanation_sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+    ) -> tuple[list[PromptedGenerations], list[PromptedGenerations]]:
+        check_lengths("questions", questions, rollout_sampling)
+        check_lengths("items", items, explanation_sampling)
+        if not items:
+            return self.rollouts(questions, rollout_sampling, worked_example=worked_example), []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            explained = pool.submit(self.explanations, items, explanation_sampling, worked_example=worked_example)
+            answered = self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
+            return answered, explained.result()
 
 
 class PromptingEngine:
@@ -115,3 +152,23 @@ class PromptingEngine:
         prompts = [self.render(m) for m in explanation_messages(items, worked_example=worked_example)]
         outputs = self.generate(prompts, list(sampling))
         return [PromptedGenerations(prompt=p, generations=g) for p, g in zip(prompts, outputs, strict=True)]
+
+    def rollouts_and_explanations(
+        self,
+        questions: Sequence[str],
+        rollout_sampling: Sequence[SamplingSettings],
+        items: Sequence[HintedQuestion],
+        explanation_sampling: Sequence[SamplingSettings],
+        *,
+        worked_example: bool = False,
+    ) -> tuple[list[PromptedGenerations], list[PromptedGenerations]]:
+        """Both in one engine call: one batch of rollout and explanation prompts."""
+        check_lengths("questions", questions, rollout_sampling)
+        check_lengths("items", items, explanation_sampling)
+        messages = rollout_messages(questions, worked_example=worked_example) + explanation_messages(
+            items, worked_example=worked_example
+        )
+        prompts = [self.render(m) for m in messages]
+        outputs = self.generate(prompts, [*rollout_sampling, *explanation_sampling]) if prompts else []
+        results = [PromptedGenerations(prompt=p, generations=g) for p, g in zip(prompts, outputs, strict=True)]
+        return results[: len(questions)], results[len(questions) :]

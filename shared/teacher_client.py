@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from shared.engine import HintedQuestion, PromptedGenerations, check_lengths
+from shared.engine import ConcurrentCalls, HintedQuestion, PromptedGenerations, check_lengths
 from shared.schemas import SamplingSettings
 from shared.teacher_api import (
     MAX_BATCH,
@@ -61,7 +61,7 @@ def default_timeout() -> httpx.Timeout:
     return httpx.Timeout(connect=10.0, read=1800.0, write=60.0, pool=60.0)
 
 
-class TeacherClient:
+class TeacherClient(ConcurrentCalls):
     """The teacher service over HTTP, as an `Engine`."""
 
     def __init__(
@@ -233,7 +233,7 @@ def retry_after_seconds(response: httpx.Response) -> float:
         return 0.0
 
 
-class TeacherPool:
+class TeacherPool(ConcurrentCalls):
     """Several teacher services (same model) as one `Engine`: each call goes to the next service in turn, starting at
     a random one so that many workers spread out; a service that stays unreachable through its client's retries is
     skipped for that call. One URL is a pool of one.

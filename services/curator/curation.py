@@ -1,10 +1,10 @@
 """Curation, steps 1-5 of SSB: rollouts, grading, filtering, hint selection, hinted explanation, verification, signal.
 
 `curate` runs a list of problems through any `shared.engine.Engine` (in-process, or the teacher service's client) in
-batches (all rollouts of a batch in one engine call, then all its explanations in one call: `explanation_attempts`
-samples per problem, of which the first verified one, in sample order, becomes the pair) and writes each outcome to
-a `PairStore` once: a verified pair, or the reason the problem was dropped. Problems already in the store are skipped,
-so a rerun or a retried job writes nothing new. The one-process CLI and the curator's workers both call it.
+batches, pipelined: one engine call holds the rollouts of a batch and the hinted explanations of the batch before it
+(`explanation_attempts` samples per problem, of which the first verified one, in sample order, becomes the pair). It
+writes each outcome to a `PairStore` once: a verified pair, or the reason the problem was dropped. Problems already in
+the store are skipped, so a rerun or a retried job writes nothing new. The one-process CLI and the curator's workers both call it.
 """
 
 from __future__ import annotations
@@ -13,10 +13,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from shared.engine import Engine, HintedQuestion
+from shared.engine import Engine, HintedQuestion, PromptedGenerations
 from shared.grading import GradedAnswer, grade_response
 from shared.prompts import PROMPT_VERSION
-from shared.schemas import DroppedProblem, Generation, Pair, PairRecord, Problem, Rollout, SamplingSettings
+from shared.schemas import (
+    DroppedProblem,
+    Generation,
+    Pair,
+    PairRecord,
+    Problem,
+    RenderedPrompt,
+    Rollout,
+    SamplingSettings,
+)
 from shared.selection import seeded_rng, select_hints
 from shared.settings import CurationConfig
 from shared.storage import PairStore
@@ -35,9 +44,8 @@ class Funnel:
     pairs_from_later_attempts: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     rollout_tokens: int = 0
-    rollout_seconds: float = 0.0
     explanation_tokens: int = 0
-    explanation_seconds: float = 0.0
+    engine_seconds: float = 0.0
 
     @property
     def processed(self) -> int:
@@ -49,8 +57,7 @@ class Funnel:
 
     @property
     def tokens_per_second(self) -> float:
-        seconds = self.rollout_seconds + self.explanation_seconds
-        return self.generated_tokens / seconds if seconds else 0.0
+        return self.generated_tokens / self.engine_seconds if self.engine_seconds else 0.0
 
     def count_drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -58,13 +65,22 @@ class Funnel:
 
 @dataclass(frozen=True)
 class Hinted:
-    """A problem with a mix of right and wrong rollouts, and the two chosen as hints."""
+    """A problem with a mix of right and wrong rollouts, the two chosen as hints, and how its rollouts were made."""
 
     problem: Problem
     rollouts: list[Rollout]
     correct: int
     incorrect: int
-    batch_index: int
+    student_prompt: RenderedPrompt
+    rollout_sampling: SamplingSettings
+
+    def hint(self) -> HintedQuestion:
+        """The input of its hinted explanation."""
+        return HintedQuestion(
+            question=self.problem.question,
+            correct_response=self.rollouts[self.correct].text,
+            incorrect_response=self.rollouts[self.incorrect].text,
+        )
 
 
 def seeded_sampling(sampling: SamplingSettings, seed: int, problem: Problem) -> SamplingSettings:
@@ -159,32 +175,58 @@ def curate(
     *,
     on_progress: Callable[[Funnel], None] | None = None,
 ) -> Funnel:
-    """Run steps 1-5 on every problem not yet in `store`; return the funnel."""
+    """Run steps 1-5 on every problem not yet in `store`; return the funnel.
+
+    Pipelined: each engine call carries the rollouts of one batch together with the hinted explanations of the
+    previous batch's problems, so the engine's batches stay full instead of draining to a handful of explanations
+    after every batch (the outcomes do not depend on it: every request has its own seed).
+    """
     funnel = Funnel(problems=len(problems))
     todo = [p for p in problems if not store.is_done(p.id)]
     funnel.skipped = len(problems) - len(todo)
-    for start in range(0, len(todo), config.batch_size):
-        curate_batch(todo[start : start + config.batch_size], engine, store, config, funnel)
+    batches = [todo[start : start + config.batch_size] for start in range(0, len(todo), config.batch_size)]
+    waiting: list[Hinted] = []
+    for batch in [*batches, []]:
+        if not batch and not waiting:
+            break
+        waiting = curate_step(batch, waiting, engine, store, config, funnel)
         if on_progress is not None:
             on_progress(funnel)
     return funnel
 
 
-def curate_batch(
-    batch: Sequence[Problem], engine: Engine, store: PairStore, config: CurationConfig, funnel: Funnel
-) -> None:
-    """One batch: all rollouts in one engine call, then all hinted explanations in one call."""
+def curate_step(
+    batch: Sequence[Problem],
+    waiting: Sequence[Hinted],
+    engine: Engine,
+    store: PairStore,
+    config: CurationConfig,
+    funnel: Funnel,
+) -> list[Hinted]:
+    """One engine call: the rollouts of `batch` and the explanations of `waiting`. Writes the outcome of every waiting
+    problem and of each problem of `batch` without a usable mix; returns the rest of `batch`, which waits for the next
+    call's explanations."""
     rollout_settings = [seeded_sampling(config.rollout_sampling(), config.seed, p) for p in batch]
+    explanation_settings = [seeded_sampling(config.explanation_sampling(), config.seed + 1, h.problem) for h in waiting]
     started = time.perf_counter()
-    answered = engine.rollouts([p.question for p in batch], rollout_settings, worked_example=config.worked_example)
-    funnel.rollout_seconds += time.perf_counter() - started
-    student_prompts = [a.prompt for a in answered]
-    all_generations = [a.generations for a in answered]
-    funnel.rollout_tokens += sum(len(g.token_ids) for gens in all_generations for g in gens)
+    answered, explained = engine.rollouts_and_explanations(
+        [p.question for p in batch],
+        rollout_settings,
+        [h.hint() for h in waiting],
+        explanation_settings,
+        worked_example=config.worked_example,
+    )
+    funnel.engine_seconds += time.perf_counter() - started
+    funnel.rollout_tokens += sum(len(g.token_ids) for a in answered for g in a.generations)
+    funnel.explanation_tokens += sum(len(g.token_ids) for e in explained for g in e.generations)
+    funnel.explained += len(explained)
+    funnel.explanation_attempts += sum(len(e.generations) for e in explained)
+    for hinted, explanation, sampling in zip(waiting, explained, explanation_settings, strict=True):
+        write_explained(hinted, explanation, sampling, engine.model_name, store, config, funnel)
 
-    hinted: list[Hinted] = []
-    for index, (problem, generations) in enumerate(zip(batch, all_generations, strict=True)):
-        rollouts = grade_rollouts(problem, generations, config)
+    ready = []
+    for problem, answer, sampling in zip(batch, answered, rollout_settings, strict=True):
+        rollouts = grade_rollouts(problem, answer.generations, config)
         choice = select_hints(rollouts, seed=config.seed, key=problem.id)
         if choice is None:
             reason = drop_reason(rollouts)
@@ -194,76 +236,64 @@ def curate_batch(
             funnel.count_drop(reason)
             continue
         funnel.with_mix += 1
-        hinted.append(Hinted(problem, rollouts, choice.correct_index, choice.incorrect_index, index))
-    if not hinted:
-        return
+        ready.append(Hinted(problem, rollouts, choice.correct_index, choice.incorrect_index, answer.prompt, sampling))
+    return ready
 
-    hints = [
-        HintedQuestion(
-            question=h.problem.question,
-            correct_response=h.rollouts[h.correct].text,
-            incorrect_response=h.rollouts[h.incorrect].text,
-        )
-        for h in hinted
-    ]
-    explanation_settings = [seeded_sampling(config.explanation_sampling(), config.seed + 1, h.problem) for h in hinted]
-    started = time.perf_counter()
-    explained = engine.explanations(hints, explanation_settings, worked_example=config.worked_example)
-    funnel.explanation_seconds += time.perf_counter() - started
-    teacher_prompts = [e.prompt for e in explained]
-    attempts = [e.generations for e in explained]
-    funnel.explanation_tokens += sum(len(g.token_ids) for gens in attempts for g in gens)
-    funnel.explained += len(attempts)
-    funnel.explanation_attempts += sum(len(gens) for gens in attempts)
 
-    for h, teacher_prompt, explanation_setting, generations in zip(
-        hinted, teacher_prompts, explanation_settings, attempts, strict=True
-    ):
-        problem, rollouts = h.problem, h.rollouts
-        choice = choose_explanation(problem, generations, config.extraction_order)
-        if choice.kept is None:
-            store.write_dropped(
-                DroppedProblem(
-                    problem_id=problem.id,
-                    reason=choice.drop_reason,
-                    detail=choice.drop_detail,
-                    rollouts=rollouts,
-                    explanation=generations[0].text,
-                    explanation_attempts=len(generations),
-                )
+def write_explained(
+    hinted: Hinted,
+    explained: PromptedGenerations,
+    sampling: SamplingSettings,
+    model: str,
+    store: PairStore,
+    config: CurationConfig,
+    funnel: Funnel,
+) -> None:
+    """Steps 4-5 for one problem: keep its first verified explanation as a pair, or write why it is dropped."""
+    problem, rollouts, attempts = hinted.problem, hinted.rollouts, explained.generations
+    choice = choose_explanation(problem, attempts, config.extraction_order)
+    if choice.kept is None:
+        store.write_dropped(
+            DroppedProblem(
+                problem_id=problem.id,
+                reason=choice.drop_reason,
+                detail=choice.drop_detail,
+                rollouts=rollouts,
+                explanation=attempts[0].text,
+                explanation_attempts=len(attempts),
             )
-            funnel.count_drop(choice.drop_reason)
-            continue
-        explanation, verdict = generations[choice.kept], choice.verdict
-        record = PairRecord(
-            problem_id=problem.id,
-            question=problem.question,
-            gold=problem.answer,
-            rollouts=rollouts,
-            correct_hint_index=h.correct,
-            incorrect_hint_index=h.incorrect,
-            prompt_version=PROMPT_VERSION,
-            worked_example=config.worked_example,
-            teacher_prompt=teacher_prompt,
-            student_prompt=student_prompts[h.batch_index],
-            explanation=explanation.text,
-            explanation_extracted=verdict.extracted,
-            explanation_attempts=len(generations),
-            explanation_attempt=choice.kept,
-            model=engine.model_name,
-            rollout_sampling=rollout_settings[h.batch_index],
-            explanation_sampling=explanation_setting,
-            topk=config.topk,
         )
-        pair = Pair(
-            record=record,
-            token_ids=explanation.token_ids,
-            topk_ids=explanation.topk_ids or [],
-            topk_logprobs=explanation.topk_logprobs or [],
-        )
-        if store.write_pair(pair):
-            funnel.pairs += 1
-            funnel.pairs_from_later_attempts += choice.kept > 0
-        else:
-            funnel.skipped += 1
-
+        funnel.count_drop(choice.drop_reason)
+        return
+    explanation, verdict = attempts[choice.kept], choice.verdict
+    record = PairRecord(
+        problem_id=problem.id,
+        question=problem.question,
+        gold=problem.answer,
+        rollouts=rollouts,
+        correct_hint_index=hinted.correct,
+        incorrect_hint_index=hinted.incorrect,
+        prompt_version=PROMPT_VERSION,
+        worked_example=config.worked_example,
+        teacher_prompt=explained.prompt,
+        student_prompt=hinted.student_prompt,
+        explanation=explanation.text,
+        explanation_extracted=verdict.extracted,
+        explanation_attempts=len(attempts),
+        explanation_attempt=choice.kept,
+        model=model,
+        rollout_sampling=hinted.rollout_sampling,
+        explanation_sampling=sampling,
+        topk=config.topk,
+    )
+    pair = Pair(
+        record=record,
+        token_ids=explanation.token_ids,
+        topk_ids=explanation.topk_ids or [],
+        topk_logprobs=explanation.topk_logprobs or [],
+    )
+    if store.write_pair(pair):
+        funnel.pairs += 1
+        funnel.pairs_from_later_attempts += choice.kept > 0
+    else:
+        funnel.skipped += 1

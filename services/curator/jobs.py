@@ -29,7 +29,7 @@ from services.curator.curation import Funnel, curate
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from services.curator.settings import CuratorSettings
 from shared.datasets import load_problems
-from shared.engine import Engine
+from shared.engine import ConcurrentCalls, Engine
 from shared.schemas import Problem
 from shared.settings import CurationConfig
 from shared.storage import PairStore
@@ -136,9 +136,8 @@ def curate_with_rejections(
             continue
         total.pairs += one.pairs
         total.rollout_tokens += one.rollout_tokens
-        total.rollout_seconds += one.rollout_seconds
         total.explanation_tokens += one.explanation_tokens
-        total.explanation_seconds += one.explanation_seconds
+        total.engine_seconds += one.engine_seconds
     return total, failures
 
 
@@ -198,7 +197,7 @@ def dataset_problems(settings: CuratorSettings, dataset_id: str, problem_ids: Se
     return [by_id[i] for i in problem_ids]
 
 
-class AdapterRollouts:
+class AdapterRollouts(ConcurrentCalls):
     """An engine whose rollouts come from a LoRA adapter loaded in the teacher (the previous round's student), while
     hinted explanations come from the base model, as in the first round. Pairs record `model` as `base+adapter`."""
 

@@ -5,15 +5,18 @@ service. Prompts are rendered with the model's own chat template and sent as tok
 what the model read. Log-probabilities come from vLLM's default `raw_logprobs` mode: the unmodified model distribution,
 before temperature, top-k and top-p are applied (tests/services/teacher/test_engine.py proves it against a scoring pass).
 
-Build it under an `if __name__ == "__main__":` guard: vLLM starts its workers with spawn. `engine_kwargs` is the one
+Build it under an `if __name__ == "__main__":` guard: vLLM starts its workers with spawn (on a GPU; on a CPU the
+synchronous engine runs in the calling process, `runs_in_process`). `engine_kwargs` is the one
 definition of how an engine is built, shared by this synchronous engine and the teacher service's async one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from shared.engine import PromptingEngine
@@ -74,6 +77,41 @@ def apply_cpu_thread_environment() -> None:
     """Set `cpu_thread_environment` for this machine's cores, leaving any variable the user set alone."""
     for name, value in cpu_thread_environment(len(os.sched_getaffinity(0))).items():
         os.environ.setdefault(name, value)
+
+
+MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def runs_in_process(*, on_gpu: bool, another_in_process: bool) -> bool:
+    """Whether a synchronous engine runs its scheduler and its model in the calling process instead of two processes
+    of their own. Each of those imports vLLM and torch again, so on a CPU the engine starts in half the time (15 s
+    against 30 s on a 2-core machine), closes in a second, and generates as fast (docs/BENCHMARKS.md, "Engine start").
+    Not on a GPU (vLLM frees the GPU's memory reliably only with a process of its own), and one at a time: closing an
+    in-process engine tears down the process's distributed state that another in-process engine would still use. A
+    value of VLLM_ENABLE_V1_MULTIPROCESSING the user set wins."""
+    if MULTIPROCESSING in os.environ:
+        return os.environ[MULTIPROCESSING] == "0"
+    return not on_gpu and not another_in_process
+
+
+@contextmanager
+def multiprocessing_environment(in_process: bool) -> Iterator[None]:
+    """vLLM's switch set while one engine is built, and restored after, so that processes started later (a teacher
+    service, whose async engine needs its core in a process of its own) keep vLLM's default. vLLM caches its
+    environment when an engine core starts; the cache is dropped on both sides so the next engine reads it again."""
+    import vllm.envs
+
+    previous = os.environ.get(MULTIPROCESSING)
+    os.environ[MULTIPROCESSING] = "0" if in_process else "1"
+    vllm.envs.disable_envs_cache()
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[MULTIPROCESSING]
+        else:
+            os.environ[MULTIPROCESSING] = previous
+        vllm.envs.disable_envs_cache()
 
 
 def engine_kwargs(options: EngineOptions) -> dict:
@@ -158,22 +196,35 @@ def generation_from_completion(completion, k: int | None) -> Generation:
 class TeacherEngine(PromptingEngine):
     """A vLLM engine plus the model's tokenizer. `generate` batches all prompts into one engine call."""
 
+    in_process_engines: ClassVar[int] = 0  # engines of this process running in it (`runs_in_process`): 0 or 1
+
     def __init__(self, options: EngineOptions):
         import torch
         from vllm import LLM
 
         threads = torch.get_num_threads()
         self.options = options
-        self.llm = LLM(**engine_kwargs(options))
-        # vLLM drops this process's torch threads to 1 "for serving"; the model runs in its own worker process, so
-        # give them back to whatever else this process does (training, in `ssb run`).
+        self.in_process = runs_in_process(
+            on_gpu=torch.cuda.is_available(), another_in_process=TeacherEngine.in_process_engines > 0
+        )
+        with multiprocessing_environment(self.in_process):
+            self.llm = LLM(**engine_kwargs(options))
+        TeacherEngine.in_process_engines += self.in_process
+        # vLLM drops this process's torch threads to 1 "for serving"; give them back to the in-process model, or to
+        # whatever else this process does (training, in `ssb run`).
         torch.set_num_threads(threads)
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
+        self.closed = False
 
     def close(self) -> None:
-        """Stop the engine's processes now; left to interpreter exit, their threads can abort the process."""
+        """Stop the engine now (its processes, or its core in this process); left to interpreter exit, their threads
+        can abort the process."""
+        if self.closed:
+            return
         self.llm.llm_engine.engine_core.shutdown()
+        self.closed = True
+        TeacherEngine.in_process_engines -= self.in_process
 
     def __enter__(self) -> TeacherEngine:
         return self

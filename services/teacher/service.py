@@ -84,6 +84,7 @@ def engine_options(settings: TeacherSettings, model_path: str) -> EngineOptions:
         kv_cache_gib=settings.kv_cache_gib,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.seed,
+        enable_lora=settings.enable_lora,
     )
 
 
@@ -159,9 +160,18 @@ class TeacherService:
     def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
         return render_chat(self.tokenizer, messages)
 
+    def check_lora(self, param: str) -> None:
+        if not self.options.enable_lora:
+            raise Conflict(
+                f"{param}: this teacher was started without LoRA support (SSB_ENABLE_LORA=false, `--no-lora`); it "
+                "serves the base model only",
+                param=param,
+            )
+
     def lora_request(self, adapter: str | None, param: str = "adapter"):
         if adapter is None:
             return None
+        self.check_lora(param)
         if adapter not in self.lora_requests:
             loaded = ", ".join(self.lora_requests) or "none"
             raise NotFound(f"{param}: no adapter named {adapter!r} is loaded (loaded: {loaded})", param=param)
@@ -308,6 +318,7 @@ class TeacherService:
         """Load an adapter from the adapters directory under a name; a loaded name needs `replace`."""
         from vllm.lora.request import LoRARequest
 
+        self.check_lora("name")
         relative = request.path or request.name
         directory = resolve_adapter_dir(self.settings.adapters_dir, relative, "path" if request.path else "name")
         async with self._adapter_lock:

@@ -22,6 +22,12 @@ class TeacherSettings(ServiceSettings):
     )
     retry_after_seconds: int = Field(default=2, ge=1, description="The Retry-After sent with 429 and 503.")
     seed: int = Field(default=0, description="The engine's seed (requests carry their own seeds).")
+    enable_lora: bool = Field(
+        default=True,
+        description="Build the engine for LoRA adapters (/v1/adapters, `adapter` in requests). On a CPU an engine "
+        "built for LoRA runs every request at about half the speed (docs/BENCHMARKS.md): turn it off for a teacher "
+        "that only curates.",
+    )
     gpu_memory_utilization: float = Field(
         default=0.9,
         gt=0.05,

@@ -109,7 +109,10 @@ def test_sigterm_stops_curation_and_every_engine_process(tmp_path, model_path):
     with open(log, "w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "curate", "--data", str(data), "--out", str(out), "--batch-size", "8"],
-            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "SSB_PROGRESS_INTERVAL": "1"},
+            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+            # The engine in processes of its own, as on a GPU (on a CPU it runs in the command's process by default,
+            # which leaves nothing behind): those are what must not outlive the command.
+            env={**os.environ, "SSB_PROGRESS_INTERVAL": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
         )
         try:
             deadline = time.monotonic() + 300
