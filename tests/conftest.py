@@ -80,10 +80,20 @@ def curated_pairs(curation_run):
 @pytest.fixture(scope="session")
 def teacher_server(model_path, tmp_path_factory):
     """The real teacher service as its own process on loopback, started once per session (tests/teacher_server.py):
-    a bearer key, a small admission bound, an adapters directory holding the tiny adapter `tiny`."""
+    a bearer key, a small admission bound, no LoRA support (`--no-lora`: on a CPU it generates twice as fast), for the
+    tests that curate through it."""
     from tests.teacher_server import start_teacher_server
 
-    yield from start_teacher_server(model_path, tmp_path_factory)
+    yield from start_teacher_server(model_path, tmp_path_factory, lora=False)
+
+
+@pytest.fixture(scope="session")
+def lora_teacher_server(model_path, tmp_path_factory):
+    """A second teacher process like `teacher_server`, built for LoRA adapters, its adapters directory holding the tiny
+    adapter `tiny`: for the tests that serve adapters through the service."""
+    from tests.teacher_server import start_teacher_server
+
+    yield from start_teacher_server(model_path, tmp_path_factory, lora=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -1,7 +1,7 @@
 """The real teacher service for the test session (the `teacher_server` fixture in tests/conftest.py, for every test that
 needs it): `ssb serve teacher` as its own process on a loopback port, on the
 real small model with the CPU build of vLLM, started once, with a bearer key, a small admission bound (so 429 is
-cheap to reach) and an adapters directory holding one tiny LoRA adapter. On teardown it gets SIGTERM, and the test
+cheap to reach) and, for the one built for LoRA, an adapters directory holding one tiny LoRA adapter. On teardown it gets SIGTERM, and the test
 asserts that it and every process it started are gone.
 """
 
@@ -31,6 +31,7 @@ class TeacherServer:
     process: subprocess.Popen
     adapters_dir: Path
     log_path: Path
+    lora: bool
 
     def client(self, *, key: str | None = API_KEY, timeout: float = 600.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -76,11 +77,14 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
     raise RuntimeError(f"the service was not ready in {READY_TIMEOUT_SECONDS} s:\n{log_path.read_text()[-4000:]}")
 
 
-def start_teacher_server(model_path: str, tmp_path_factory) -> Iterator[TeacherServer]:
-    """Start the service, yield it when ready, stop it (and check that nothing is left) on exit."""
-    root = tmp_path_factory.mktemp("teacher")
+def start_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> Iterator[TeacherServer]:
+    """Start the service (its engine built for LoRA adapters, or not: `--no-lora`), yield it when ready, stop it (and
+    check that nothing is left) on exit."""
+    root = tmp_path_factory.mktemp("lora-teacher" if lora else "teacher")
     adapters_dir = root / "adapters"
-    write_tiny_adapter(model_path, adapters_dir / "tiny")
+    if lora:
+        write_tiny_adapter(model_path, adapters_dir / "tiny")
+    adapters_dir.mkdir(exist_ok=True)
     port = free_port()
     log_path = root / "serve.log"
     env = {
@@ -90,13 +94,13 @@ def start_teacher_server(model_path: str, tmp_path_factory) -> Iterator[TeacherS
         "SSB_RETRY_AFTER_SECONDS": "1",
     }
     command = [sys.executable, "-m", "cli.main", "serve", "teacher", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--adapters-dir", str(adapters_dir), "--log-level", "info"]
+    command += ["--adapters-dir", str(adapters_dir), "--log-level", "info", "--lora" if lora else "--no-lora"]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log_path)
-        yield TeacherServer(url, process, adapters_dir, log_path)
+        yield TeacherServer(url, process, adapters_dir, log_path, lora)
     finally:
         stop_and_check_nothing_left(process, log_path)
 

@@ -126,7 +126,6 @@ BAD_INPUTS = [
     ("/v1/rollouts", {"questions": []}, 422, "questions"),
     ("/v1/rollouts", {"questions": [{"question": "q"}], "sampling": {"logprobs": 65}}, 400, "sampling.logprobs"),
     ("/v1/rollouts", {"questions": [{"question": "q"}], "sampling": {"max_tokens": 4090}}, 400, "sampling.max_tokens"),
-    ("/v1/rollouts", {"questions": [{"question": "q"}], "adapter": "nobody"}, 404, "adapter"),
     ("/v1/rollouts", {"questions": [{"question": "q"}], "sampling": {"n": 2, "temperature": 0}}, 400, "sampling"),
     ("/v1/rollouts", {"questions": [{"question": "q", "sampling": {"seed": 2**64}}]}, 422, "questions.0.sampling.seed"),
     ("/v1/rollouts", {"questions": [{"question": "q"}], "colour": "red"}, 422, "colour"),
@@ -134,21 +133,45 @@ BAD_INPUTS = [
     ("/v1/logprobs", {"prompt_token_ids": [1], "reply_token_ids": [2], "k": 65}, 400, "k"),
     ("/v1/logprobs", {"prompt_token_ids": [1], "reply_token_ids": [10**6]}, 400, "reply_token_ids"),
     ("/v1/logprobs", {"reply_text": "x"}, 422, None),
+]
+# Adapters, asked of the teacher built for them.
+BAD_ADAPTER_INPUTS = [
+    ("/v1/rollouts", {"questions": [{"question": "q"}], "adapter": "nobody"}, 404, "adapter"),
     ("/v1/adapters", {"name": "x", "path": "../adapters/tiny"}, 400, "path"),
     ("/v1/adapters", {"name": "x", "path": "/etc"}, 400, "path"),
     ("/v1/adapters", {"name": "x", "path": "missing"}, 404, "path"),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_INPUTS)
-def test_bad_input_gets_a_4xx_naming_the_field(teacher_server, path, body, status, param):
-    with teacher_server.client() as http:
+def assert_refused(server, path: str, body: dict, status: int, param: str | None) -> str:
+    """POST `body`; the error envelope has `status` and names `param` in its field and its message. Returns it."""
+    with server.client() as http:
         response = http.post(path, json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == status and error["message"]
     if param is not None:
         assert error["param"] == param and param in error["message"]
+    return error["message"]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_INPUTS)
+def test_bad_input_gets_a_4xx_naming_the_field(teacher_server, path, body, status, param):
+    assert_refused(teacher_server, path, body, status, param)
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_ADAPTER_INPUTS)
+def test_bad_adapter_input_gets_a_4xx_naming_the_field(lora_teacher_server, path, body, status, param):
+    assert_refused(lora_teacher_server, path, body, status, param)
+
+
+def test_a_teacher_without_lora_refuses_adapters_with_409_saying_why(teacher_server):
+    for path, body, param in (
+        ("/v1/adapters", {"name": "tiny"}, "name"),
+        ("/v1/rollouts", {"questions": [{"question": "q"}], "adapter": "tiny"}, "adapter"),
+    ):
+        message = assert_refused(teacher_server, path, body, 409, param)
+        assert "without LoRA support" in message and "SSB_ENABLE_LORA" in message
 
 
 def test_context_overflow_says_by_how_many_tokens(teacher_server, engine):
@@ -180,9 +203,9 @@ def test_auth_is_required_and_the_key_never_echoed(teacher_server):
     assert API_KEY not in teacher_server.log()
 
 
-def test_adapter_loads_changes_the_output_and_unloads(teacher_server):
+def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
     greedy = {"questions": [{"question": QUESTION}], "sampling": {"n": 1, "temperature": 0, "max_tokens": 4}}
-    with teacher_server.client() as http:
+    with lora_teacher_server.client() as http:
         base = http.post("/v1/rollouts", json=greedy).json()["results"][0]["samples"][0]["token_ids"]
         loaded = http.post("/v1/adapters", json={"name": "tiny"})
         assert loaded.status_code == 201 and loaded.json() == {"name": "tiny", "path": "tiny"}
@@ -200,9 +223,9 @@ def test_adapter_loads_changes_the_output_and_unloads(teacher_server):
         assert http.delete("/v1/adapters/tiny").status_code == 404
 
 
-def test_adapter_symlink_out_of_the_directory_is_refused(teacher_server, tmp_path):
-    (teacher_server.adapters_dir / "outside").symlink_to(tmp_path, target_is_directory=True)
-    with teacher_server.client() as http:
+def test_adapter_symlink_out_of_the_directory_is_refused(lora_teacher_server, tmp_path):
+    (lora_teacher_server.adapters_dir / "outside").symlink_to(tmp_path, target_is_directory=True)
+    with lora_teacher_server.client() as http:
         response = http.post("/v1/adapters", json={"name": "outside"})
     assert response.status_code == 400 and "outside the adapters directory" in response.json()["error"]["message"]
 
@@ -322,7 +345,7 @@ def test_client_names_the_refused_field(teacher_server):
     assert json.dumps(refused.value.message)
 
 
-def test_curate_and_eval_commands_use_the_service(teacher_server, tmp_path):
+def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path):
     """`ssb curate --teacher-url` and `ssb eval --teacher-url` as a user runs them, the key from the environment; the
     eval's adapter is a name in the service's adapters directory, loaded on first use."""
     problems = tmp_path / "problems.jsonl"
@@ -330,7 +353,7 @@ def test_curate_and_eval_commands_use_the_service(teacher_server, tmp_path):
     env = {**os.environ, "SSB_TEACHER_API_KEY": API_KEY}
 
     def ssb(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "cli.main", *args, "--teacher-url", teacher_server.url]
+        command = [sys.executable, "-m", "cli.main", *args, "--teacher-url", lora_teacher_server.url]
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
         return result
@@ -343,7 +366,7 @@ def test_curate_and_eval_commands_use_the_service(teacher_server, tmp_path):
     ssb("eval", "--benchmark", str(problems), "--max-tokens", "8", "--adapter", "tiny", "--out", str(report))
     rows = json.loads(report.read_text())["rows"]
     assert [row["name"] for row in rows] == ["base", "tiny"] and all(row["problems"] == 2 for row in rows)
-    with teacher_server.client() as http:
+    with lora_teacher_server.client() as http:
         assert http.delete("/v1/adapters/tiny").status_code == 204
 
 

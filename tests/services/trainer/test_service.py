@@ -126,7 +126,7 @@ def delete_keys(connection: redis.Redis, key_prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def trainer(teacher_server, curated_pairs, tmp_path_factory):
+def trainer(lora_teacher_server, curated_pairs, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
     data_dir = root / "data"
     shutil.copytree(curated_pairs, data_dir / "datasets" / DATASET)
@@ -137,8 +137,8 @@ def trainer(teacher_server, curated_pairs, tmp_path_factory):
         "SSB_KEY_PREFIX": key_prefix,
         "SSB_DATA_DIR": str(data_dir),
         # The teacher's adapters directory: runs publish there, and the teacher loads them as LoRAs by name.
-        "SSB_ADAPTERS_DIR": str(teacher_server.adapters_dir),
-        "SSB_TEACHER_URLS": teacher_server.url,
+        "SSB_ADAPTERS_DIR": str(lora_teacher_server.adapters_dir),
+        "SSB_TEACHER_URLS": lora_teacher_server.url,
         "SSB_TEACHER_API_KEY": TEACHER_KEY,
         "SSB_TRAINER_API_KEY": TRAINER_KEY,
         "SSB_WORKER_HEARTBEAT_SECONDS": "1",
@@ -153,7 +153,7 @@ def trainer(teacher_server, curated_pairs, tmp_path_factory):
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    stack = TrainerStack(url, data_dir, teacher_server.adapters_dir, root, env, key_prefix, api)
+    stack = TrainerStack(url, data_dir, lora_teacher_server.adapters_dir, root, env, key_prefix, api)
     connection = redis.Redis.from_url(REDIS_URL)
     try:
         wait_ready(url, api, log_path)
