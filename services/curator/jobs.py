@@ -4,7 +4,7 @@ pair store, each problem's final state recorded once in the ledger.
     ssb worker curate            (cli/worker_command.py runs `run_worker`)
 
 Jobs take ids, not objects (`curate_problems(dataset_id, problem_ids)`), travel with RQ's JSON serializer, and carry a
-timeout and `Retry` with backoff. Delivery is at least once, so every write is safe to repeat: pair files are
+timeout and `Retry` (at once, then with backoff). Delivery is at least once, so every write is safe to repeat: pair files are
 write-once (`shared.storage`), final states set-if-absent (`services.curator.ledger`), and a job that finds a problem
 already in the store (its previous run died after writing) records what the store holds instead of curating it again.
 
@@ -39,7 +39,10 @@ log = logging.getLogger("ssb.curator")
 
 PROBLEMS_FILE = "problems.jsonl"
 META_FILE = "dataset.json"
-RETRY_BACKOFF_SECONDS = (5, 30, 120)
+# The first retry goes straight back on the queue: a job scheduled for later waits for RQ's scheduler, and when the
+# worker that died held the scheduler's lock, no other worker can take it for a minute (its TTL is hard-wired in RQ).
+# The teacher's client already retries an unreachable or busy teacher with its own backoff.
+RETRY_BACKOFF_SECONDS = (0, 30, 120)
 
 
 def redis_connection(settings: CuratorSettings) -> Redis:
