@@ -11,9 +11,11 @@ many tokens). Figures are ratios against vLLM's default binding, measured in the
 
 Variants: `default` (vLLM's binding: one core reserved for the engine core), `all-cores` (the model's threads on every
 core, none reserved), `in-process` (the engine core in the calling process, VLLM_ENABLE_V1_MULTIPROCESSING=0), both of
-those together, `nobind` (no thread binding at all), and `ssb` (what the engine chooses on this machine). Each of those
-engines is built for LoRA adapters, as the teacher service's is; `ssb-no-lora` is `ssb` without LoRA support, as
-`ssb curate`, `ssb run` and `ssb eval` start it (on a CPU, LoRA support slows plain requests too).
+those together, `nobind` (no thread binding at all), and `ssb` (what the engine chooses on this machine: on a CPU, its
+core in the calling process). Each of those engines is built for LoRA adapters, as the teacher service's is;
+`ssb-no-lora` is `ssb` without LoRA support, as `ssb curate`, `ssb run` and `ssb eval` start it (on a CPU, LoRA support
+slows plain requests too), and `ssb-processes-no-lora` the same with the engine core and the model in processes of
+their own (vLLM's default). Each row also gives the seconds from building the engine to its being ready (`start_s`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 RESULTS = Path("runs/bench/engine_threads.json")
 
 
-NO_LORA = {"ssb-no-lora"}  # the variants whose engine is built without LoRA support
+NO_LORA = {"ssb-no-lora", "ssb-processes-no-lora"}  # the variants whose engine is built without LoRA support
 
 
 def variants(cores: int) -> dict[str, dict[str, str]]:
@@ -37,18 +39,20 @@ def variants(cores: int) -> dict[str, dict[str, str]]:
     from services.teacher.engine import cpu_thread_environment
 
     every_core = f"0-{cores - 1}"
+    processes = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the engine core and the model in processes of their own
     return {
-        "default": {},
-        "all-cores": {"VLLM_CPU_OMP_THREADS_BIND": every_core, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+        "default": processes,
+        "all-cores": {**processes, "VLLM_CPU_OMP_THREADS_BIND": every_core, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
         "in-process": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         "in-process-all-cores": {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "VLLM_CPU_OMP_THREADS_BIND": every_core,
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         },
-        "nobind": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+        "nobind": {**processes, "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
         "ssb": cpu_thread_environment(cores),
         "ssb-no-lora": cpu_thread_environment(cores),
+        "ssb-processes-no-lora": {**processes, **cpu_thread_environment(cores)},
     }
 
 
@@ -123,7 +127,9 @@ def main() -> None:
             speeds = [r["tokens_per_s"] for r in rows if r["variant"] == name and "tokens_per_s" in r]
             if speeds:
                 mean = sum(speeds) / len(speeds)
-                print(f"  {name:32s} {mean:8.1f}  ({mean / base:.2f}x)")
+                starts = [r["start_s"] for r in rows if r["variant"] == name and "start_s" in r]
+                start = sum(starts) / len(starts)
+                print(f"  {name:32s} {mean:8.1f}  ({mean / base:.2f}x)   engine start {start:5.1f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"cores": cores, "rows": rows}, indent=1))
 

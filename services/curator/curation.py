@@ -179,7 +179,8 @@ def curate(
 
     Pipelined: each engine call carries the rollouts of one batch together with the hinted explanations of the
     previous batch's problems, so the engine's batches stay full instead of draining to a handful of explanations
-    after every batch (the outcomes do not depend on it: every request has its own seed).
+    after every batch. Every request has its own seed, so only the engine's batch-dependent rounding can tell
+    (docs/BENCHMARKS.md, "Curation pipelined").
     """
     funnel = Funnel(problems=len(problems))
     todo = [p for p in problems if not store.is_done(p.id)]
