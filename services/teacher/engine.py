@@ -16,8 +16,8 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from shared.engine import PromptingEngine
 from shared.prompts import render_chat
@@ -84,14 +84,14 @@ MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
 # Tokens per KV-cache block on a CPU: the smallest the CPU build's attention takes (its default is 128). Prefix caching
 # shares whole blocks only, and every prompt opens with the same system turn and worked example (about 120 tokens):
 # with 128-token blocks none of it is shared, with 32 nearly all. The demo's 400 evaluation prompts on a fresh engine:
-# 51 s against 87 s, the same answers (docs/BENCHMARKS.md, "KV-cache block size").
+# 49 s against 78 s, 397 of 400 answers the same (docs/BENCHMARKS.md, "KV-cache block size").
 CPU_KV_BLOCK_TOKENS = 32
 
 
 def runs_in_process(*, on_gpu: bool, another_in_process: bool) -> bool:
     """Whether a synchronous engine runs its scheduler and its model in the calling process instead of two processes
-    of their own. Each of those imports vLLM and torch again, so on a CPU the engine starts in half the time (15 s
-    against 30 s on a 2-core machine), closes in a second, and generates as fast (docs/BENCHMARKS.md, "Engine start").
+    of their own. Each of those imports vLLM and torch again, so on a CPU the engine is ready in 5 s instead of 21 s
+    (2-core machine), closes in a second, and generates as fast (docs/BENCHMARKS.md, "Engine start").
     Not on a GPU (vLLM frees the GPU's memory reliably only with a process of its own), and one at a time: closing an
     in-process engine tears down the process's distributed state that another in-process engine would still use. A
     value of VLLM_ENABLE_V1_MULTIPROCESSING the user set wins."""
