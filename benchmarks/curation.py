@@ -3,9 +3,10 @@ explanation token.
 
 Every side generates the same rollouts: the same model, the same problems (arithmetic, seed 0), K samples each at
 temperature 0.8 and top-k 50, the same token limit, the worked example. `ssb curate` sends a batch of problems to vLLM
-per call, together with the explanations of the batch before, and grades, picks hints and stores pairs; the ceiling is plain vLLM generating the
-same rollouts in one call and nothing else; the reference calls transformers `generate` once per sample. Storage
-compares the pair files written by the same run with the reference's full-vocabulary float32 logits per token.
+per call, together with the explanations of the batch before, and grades, picks hints and stores pairs; the ceiling is
+plain vLLM generating the same rollouts in one call and nothing else; the reference calls transformers `generate` once
+per sample. Storage compares the pair files written by the same run with the reference's full-vocabulary float32
+logits per token.
 The run also holds the yield yardstick: 200 problems with the demo's limits keep at least 10 verified pairs.
 
     .venv/bin/python -m benchmarks.curation [--problems 200] [--reference-problems 4] [--k 4]
@@ -140,8 +141,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     print(
         f"engine calls: ssb {tokens_per_s['ssb']:.0f} tok/s (rollouts and explanations) = "
-        f"{tokens_per_s['ssb'] / tokens_per_s['plain_vllm']:.2f} of plain vLLM's {tokens_per_s['plain_vllm']:.0f} on the "
-        "rollouts alone, "
+        f"{tokens_per_s['ssb'] / tokens_per_s['plain_vllm']:.2f} of plain vLLM's {tokens_per_s['plain_vllm']:.0f} "
+        "on the rollouts alone, "
         f"{tokens_per_s['ssb'] / tokens_per_s['reference']:.1f}x the reference's {tokens_per_s['reference']:.0f}; "
         f"all of curation (rollouts, grading, explanations, storage): {result['curation_tokens_per_s']:.0f} "
         f"generated tok/s = {result['curation_tokens_per_s'] / tokens_per_s['plain_vllm']:.2f} of the ceiling"

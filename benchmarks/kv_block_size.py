@@ -6,7 +6,7 @@ held-out arithmetic problems (seed 1) greedily with at most 192 tokens, the work
 evaluates the base model; the figure is the time of that evaluation on the fresh engine, against vLLM's CPU default
 block size (128) in the same run, and whether the answers are the same.
 
-    .venv/bin/python -m benchmarks.kv_block_size [--problems 400] [--block-sizes 128,32]    # runs/bench/kv_block_size.json
+    .venv/bin/python -m benchmarks.kv_block_size [--problems 400] [--block-sizes 128,32]   # -> runs/bench/*.json
 """
 
 from __future__ import annotations

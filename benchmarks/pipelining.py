@@ -38,8 +38,9 @@ class OneCallAtATime:
 
     def rollouts_and_explanations(self, questions, rollout_sampling, items, explanation_sampling, *, worked_example):
         answered = self.engine.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
-        explained = self.engine.explanations(items, explanation_sampling, worked_example=worked_example) if items else []
-        return answered, explained
+        if not items:
+            return answered, []
+        return answered, self.engine.explanations(items, explanation_sampling, worked_example=worked_example)
 
 
 def main() -> None:

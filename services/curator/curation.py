@@ -4,7 +4,8 @@
 batches, pipelined: one engine call holds the rollouts of a batch and the hinted explanations of the batch before it
 (`explanation_attempts` samples per problem, of which the first verified one, in sample order, becomes the pair). It
 writes each outcome to a `PairStore` once: a verified pair, or the reason the problem was dropped. Problems already in
-the store are skipped, so a rerun or a retried job writes nothing new. The one-process CLI and the curator's workers both call it.
+the store are skipped, so a rerun or a retried job writes nothing new. The one-process CLI and the curator's workers
+both call it.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ pair store, each problem's final state recorded once in the ledger.
     ssb worker curate            (cli/worker_command.py runs `run_worker`)
 
 Jobs take ids, not objects (`curate_problems(dataset_id, problem_ids)`), travel with RQ's JSON serializer, and carry a
-timeout and `Retry` (at once, then with backoff). Delivery is at least once, so every write is safe to repeat: pair files are
-write-once (`shared.storage`), final states set-if-absent (`services.curator.ledger`), and a job that finds a problem
-already in the store (its previous run died after writing) records what the store holds instead of curating it again.
+timeout and `Retry` (at once, then with backoff). Delivery is at least once, so every write is safe to repeat: pair
+files are write-once (`shared.storage`), final states set-if-absent (`services.curator.ledger`), and a job that finds a
+problem already in the store (its previous run died after writing) records what the store holds instead of curating it
+again.
 
 A worker that dies mid-job (SIGKILL, a lost machine) stops sending heartbeats; after `3 x SSB_WORKER_HEARTBEAT_SECONDS`
 its job counts as abandoned, and the next maintenance pass of any worker (every `SSB_MAINTENANCE_INTERVAL_SECONDS`)
