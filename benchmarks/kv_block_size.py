@@ -23,17 +23,15 @@ RESULTS = Path("runs/bench/kv_block_size.json")
 
 def measure(block_size: int, problems: int) -> dict:
     """In the child process: a fresh engine with this block size, one evaluation pass."""
-    import services.teacher.engine as teacher_engine
     from cli.runtime import ensure_model
     from services.evaluation.evaluation import EvalConfig, answer_problems
+    from services.teacher.engine import EngineOptions, TeacherEngine
     from shared.arithmetic import make_arithmetic_problems
     from shared.settings import Settings
 
-    build = teacher_engine.engine_kwargs
-    teacher_engine.engine_kwargs = lambda options: {**build(options), "block_size": block_size}
-    options = teacher_engine.EngineOptions(model=ensure_model(None, Settings()), enable_lora=False)
+    options = EngineOptions(model=ensure_model(None, Settings()), enable_lora=False, kv_block_tokens=block_size)
     held_out = make_arithmetic_problems(problems, seed=1)
-    with teacher_engine.TeacherEngine(options) as engine:
+    with TeacherEngine(options) as engine:
         started = time.perf_counter()
         answers = answer_problems(held_out, engine, EvalConfig(max_tokens=192, worked_example=True), None)
         seconds = time.perf_counter() - started

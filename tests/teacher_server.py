@@ -1,8 +1,8 @@
 """The real teacher service for the test session (the `teacher_server` fixture in tests/conftest.py, for every test that
 needs it): `ssb serve teacher` as its own process on a loopback port, on the
 real small model with the CPU build of vLLM, started once, with a bearer key, a small admission bound (so 429 is
-cheap to reach) and, for the one built for LoRA, an adapters directory holding one tiny LoRA adapter. On teardown it gets SIGTERM, and the test
-asserts that it and every process it started are gone.
+cheap to reach) and, for the one built for LoRA, an adapters directory holding one tiny LoRA adapter. On teardown it
+gets SIGTERM, and the test asserts that it and every process it started are gone.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ class TeacherServer:
     process: subprocess.Popen
     adapters_dir: Path
     log_path: Path
-    lora: bool
 
     def client(self, *, key: str | None = API_KEY, timeout: float = 600.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -100,7 +99,7 @@ def start_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> It
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log_path)
-        yield TeacherServer(url, process, adapters_dir, log_path, lora)
+        yield TeacherServer(url, process, adapters_dir, log_path)
     finally:
         stop_and_check_nothing_left(process, log_path)
 

@@ -42,6 +42,7 @@ class EngineOptions:
     max_lora_rank: int = 32
     max_loras: int = 2
     seed: int = 0
+    kv_block_tokens: int | None = None  # None: CPU_KV_BLOCK_TOKENS on a CPU, vLLM's default on a GPU
     cpu_threads: str = "auto"  # "auto": `cpu_thread_environment` on a CPU; "vllm": vLLM's own binding, untouched
 
 
@@ -142,8 +143,15 @@ def engine_kwargs(options: EngineOptions) -> dict:
         # rewind), so prompts are prefilled whole.
         enable_chunked_prefill=False,
         max_num_batched_tokens=step_token_budget(options, on_gpu=torch.cuda.is_available()),
-        **({} if torch.cuda.is_available() else {"block_size": CPU_KV_BLOCK_TOKENS}),
+        **kv_block_kwargs(options, on_gpu=torch.cuda.is_available()),
     )
+
+
+def kv_block_kwargs(options: EngineOptions, *, on_gpu: bool) -> dict:
+    """The KV cache's block size, where the options or the device ask for one other than vLLM's default."""
+    if options.kv_block_tokens is not None:
+        return {"block_size": options.kv_block_tokens}
+    return {} if on_gpu else {"block_size": CPU_KV_BLOCK_TOKENS}
 
 
 def step_token_budget(options: EngineOptions, *, on_gpu: bool) -> int:
