@@ -60,6 +60,8 @@ bench: setup model
 	$(BIN)/python -m benchmarks.kv_block_size
 	$(BIN)/python -m benchmarks.curation
 	$(BIN)/python -m benchmarks.pipelining
+	$(BIN)/python -m benchmarks.curation_batch
+	$(BIN)/python -m benchmarks.eval_batch
 	$(BIN)/python -m benchmarks.teacher_service
 	$(BIN)/python -m benchmarks.curator_workers
 	$(BIN)/python -m benchmarks.adapter_eval

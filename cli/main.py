@@ -28,7 +28,9 @@ from cli.eval_command import eval_command
 from cli.run_command import run_command
 from cli.serve_command import TeacherUrlOption, open_teacher, serve_app
 from cli.runtime import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_EXPLANATION_ATTEMPTS,
+    BatchSizeOption,
     ExplanationAttemptsOption,
     ModelOption,
     WorkedExampleOption,
@@ -142,7 +144,7 @@ def curate(
     explanation_temperature: Annotated[float, typer.Option(help="Hinted explanation temperature.")] = 0.4,
     explanation_max_tokens: Annotated[int, typer.Option(help="Longest explanation.")] = 768,
     explanation_attempts: ExplanationAttemptsOption = DEFAULT_EXPLANATION_ATTEMPTS,
-    batch_size: Annotated[int, typer.Option(min=1, help="Problems sent to the engine together.")] = 32,
+    batch_size: BatchSizeOption = DEFAULT_BATCH_SIZE,
     worked_example: WorkedExampleOption = None,
     teacher_url: TeacherUrlOption = None,
 ) -> None:

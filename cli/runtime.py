@@ -48,6 +48,9 @@ DEFAULT_EXPLANATION_ATTEMPTS = _ATTEMPTS.default
 ExplanationAttemptsOption = Annotated[
     int, typer.Option("--explanation-attempts", min=1, max=16, help=_ATTEMPTS.description)
 ]
+_BATCH = CurationConfig.model_fields["batch_size"]
+DEFAULT_BATCH_SIZE = _BATCH.default
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help=_BATCH.description)]
 
 
 def resolve_worked_example(worked_example: bool | None, model: str | None) -> bool:
