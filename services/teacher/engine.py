@@ -125,8 +125,8 @@ def engine_kwargs(options: EngineOptions) -> dict:
     """The engine's arguments (for `vllm.LLM` and `AsyncEngineArgs` alike), with the environment set for them."""
     import torch
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
-    if options.cpu_threads == "auto" and not torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available()
+    if options.cpu_threads == "auto" and not on_gpu:
         apply_cpu_thread_environment()
     return dict(
         model=options.model,
@@ -142,9 +142,18 @@ def engine_kwargs(options: EngineOptions) -> dict:
         # Per-request seeds crash the CPU build when a prefill is split across steps (its CPU generators cannot
         # rewind), so prompts are prefilled whole.
         enable_chunked_prefill=False,
-        max_num_batched_tokens=step_token_budget(options, on_gpu=torch.cuda.is_available()),
-        **kv_block_kwargs(options, on_gpu=torch.cuda.is_available()),
+        max_num_batched_tokens=step_token_budget(options, on_gpu=on_gpu),
+        **kv_block_kwargs(options, on_gpu=on_gpu),
+        **kv_cache_kwargs(options, on_gpu=on_gpu),
     )
+
+
+def kv_cache_kwargs(options: EngineOptions, *, on_gpu: bool) -> dict:
+    """The KV cache's size on a CPU, as this engine's own argument: an engine built later in the same process (or a
+    service it starts) gets its own size instead of inheriting the first one's through the environment.
+    `VLLM_CPU_KVCACHE_SPACE`, where the user sets it, still wins (vLLM applies it over the argument). On a GPU the
+    cache takes what `gpu_memory_utilization` leaves."""
+    return {} if on_gpu else {"kv_cache_memory_bytes": options.kv_cache_gib * 2**30}
 
 
 def kv_block_kwargs(options: EngineOptions, *, on_gpu: bool) -> dict:
