@@ -27,7 +27,7 @@ class Settings(BaseSettings):
 
     home: Path = Field(default=Path.home() / ".cache" / "ssb", description="Where pulled models are kept.")
     model: str = Field(default=DEFAULT_MODEL, description="Default model: the small default's name, a path or a HF id.")
-    kv_cache_gib: int = Field(default=2, ge=1, description="vLLM KV cache size on the CPU, in GiB.")
+    kv_cache_gib: float = Field(default=2, gt=0, description="vLLM KV cache size on the CPU, in GiB (e.g. 0.5).")
     dtype: str = Field(
         default="auto",
         pattern=r"^(auto|float32|bfloat16|float16)$",

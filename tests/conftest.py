@@ -40,7 +40,7 @@ def lora_engine(model_path):
     """A second engine on the same model, built for LoRA adapters, for the tests that serve one in-process."""
     from services.teacher.engine import EngineOptions, TeacherEngine
 
-    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=1, max_logprobs=64, enable_lora=True)) as engine:
+    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=0.5, max_logprobs=64, enable_lora=True)) as engine:
         yield engine
 
 

@@ -92,7 +92,7 @@ def start_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> It
         "SSB_MAX_PENDING_REQUESTS": str(MAX_PENDING_REQUESTS),
         "SSB_RETRY_AFTER_SECONDS": "1",
         # Its workloads are small; several engines share the machine's memory during the session.
-        "SSB_KV_CACHE_GIB": "1",
+        "SSB_KV_CACHE_GIB": "0.5",
     }
     command = [sys.executable, "-m", "cli.main", "serve", "teacher", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--adapters-dir", str(adapters_dir), "--log-level", "info", "--lora" if lora else "--no-lora"]

@@ -61,7 +61,7 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
     command = [sys.executable, "-m", "cli.main", "up", "--workers", "2", "--data-dir", str(tmp_path / "data")]
     command += ["--teacher-port", "0", "--curator-port", "0", "--trainer-port", "0", "--ready-file", str(ready_file)]
     env = {name: value for name, value in os.environ.items() if not name.startswith("SSB_")}
-    env["SSB_KV_CACHE_GIB"] = "1"  # the session's engines and teachers are alive too: they share the memory
+    env["SSB_KV_CACHE_GIB"] = "0.5"  # the session's engines and teachers are alive too: they share the memory
     with open(log_path, "wb") as log_file:
         up = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 

@@ -36,7 +36,7 @@ class EngineOptions:
     dtype: str = "auto"
     max_model_len: int = 4096
     max_logprobs: int = 64
-    kv_cache_gib: int = 2
+    kv_cache_gib: float = 2
     gpu_memory_utilization: float = 0.9  # the share of the GPU's memory vLLM takes (weights and KV cache)
     enable_lora: bool = True
     max_lora_rank: int = 32
@@ -153,7 +153,7 @@ def kv_cache_kwargs(options: EngineOptions, *, on_gpu: bool) -> dict:
     service it starts) gets its own size instead of inheriting the first one's through the environment.
     `VLLM_CPU_KVCACHE_SPACE`, where the user sets it, still wins (vLLM applies it over the argument). On a GPU the
     cache takes what `gpu_memory_utilization` leaves."""
-    return {} if on_gpu else {"kv_cache_memory_bytes": options.kv_cache_gib * 2**30}
+    return {} if on_gpu else {"kv_cache_memory_bytes": int(options.kv_cache_gib * 2**30)}
 
 
 def kv_block_kwargs(options: EngineOptions, *, on_gpu: bool) -> dict:
