@@ -5,7 +5,7 @@ to run twice (RQ delivers at least once):
 - `train_run` trains into DATA_DIR/runs/<run id>/ with checkpoints; an attempt that finds a checkpoint there (its
   predecessor's worker died) resumes from the newest and records `resumed_from_step`; one that finds a run already
   final does nothing. The adapter is published to ADAPTERS_DIR/<run id>/ by an atomic rename, then the run is marked
-  succeeded, and the evaluation it asked for is queued (its id derived from the run's, so it is queued once).
+  succeeded with the evaluation it asked for already queued (its id derived from the run's, so it is queued once).
 - `evaluate_models` evaluates the base model and adapters through the teacher service (`TeacherClient` is an
   `Engine`; adapters are loaded there as LoRAs by name from the shared adapters directory) and writes the report to
   DATA_DIR/evals/<eval id>/report.json.
@@ -129,9 +129,14 @@ def train_run(run_id: str) -> dict:
         return {"status": "failed"}
 
     publish_adapter(run_dir, Path(settings.adapters_dir), run_id)
+    # The evaluation is queued before the run is marked succeeded, so that a succeeded run that asked for one always
+    # names it (and a retried job that died in between queues the same one: its id comes from the run's).
+    evaluation = run.get("evaluation")
+    evaluation_id = queue_evaluation_after(settings, connection, run_id, evaluation) if evaluation else None
     runs.advance(
         run_id,
         status="succeeded",
+        evaluation_id=evaluation_id,
         step=result.steps,
         total_steps=result.steps,
         time_left_seconds=0.0,
@@ -141,8 +146,6 @@ def train_run(run_id: str) -> dict:
         finished_at=time.time(),
     )
     log.info("run %s succeeded: %d steps, final loss %s", run_id, result.steps, result.final_loss)
-    if run.get("evaluation"):
-        queue_evaluation_after(settings, connection, run_id, run["evaluation"])
     return {"status": "succeeded", "steps": result.steps}
 
 
@@ -164,7 +167,8 @@ def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str) -> Path:
     return final
 
 
-def queue_evaluation_after(settings: TrainerSettings, connection, run_id: str, options: dict) -> None:
+def queue_evaluation_after(settings: TrainerSettings, connection, run_id: str, options: dict) -> str | None:
+    """Queue the evaluation a run asked for (id `<run id>-eval`, so queued once); its id, or None when refused."""
     from services.trainer.schemas import BASE_MODEL, EvalAfterRun, EvalRequest
     from services.trainer.service import ServiceError, TrainerService
 
@@ -177,8 +181,8 @@ def queue_evaluation_after(settings: TrainerSettings, connection, run_id: str, o
         )
     except ServiceError as exc:
         log.error("run %s: the evaluation it asked for was refused: %s", run_id, exc.message)
-        return
-    run_records(connection, settings.key_prefix).update(run_id, evaluation_id=evaluation.id)
+        return None
+    return evaluation.id
 
 
 def on_train_failure(job, connection, exc_type, exc_value, traceback) -> None:

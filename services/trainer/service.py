@@ -224,7 +224,7 @@ class TrainerService:
                                "per evaluation", "invalid_request", "problems")
         for position, name in enumerate(request.models):
             if name != BASE_MODEL:
-                self.check_adapter(name, f"models.{position}")
+                self.check_adapter(name, f"models.{position}", publishing=name == run_id)
         eval_id = eval_id or f"eval-{uuid.uuid4().hex[:12]}"
         if self.evals.get(eval_id) is not None:
             return self.get_evaluation(eval_id, problems=False), False
@@ -244,10 +244,11 @@ class TrainerService:
         queues.enqueue_evaluation(self.settings, self.redis, eval_id)
         return self.get_evaluation(eval_id, problems=False), created
 
-    def check_adapter(self, name: str, param: str) -> None:
-        """A model to evaluate must be a finished run's adapter or an adapter in the adapters directory."""
+    def check_adapter(self, name: str, param: str, *, publishing: bool = False) -> None:
+        """A model to evaluate must be a finished run's adapter or an adapter in the adapters directory. `publishing`:
+        the run's own job asks, after publishing the adapter and before marking the run succeeded."""
         run = self.runs.get(name)
-        if run is not None and run.get("status") != "succeeded":
+        if run is not None and run.get("status") != "succeeded" and not publishing:
             raise ServiceError(409, f"run {name!r} has no adapter yet (status {run.get('status')})", "not_ready",
                                param)
         if not (Path(self.settings.adapters_dir) / name / "adapter_config.json").exists():
