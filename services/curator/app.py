@@ -7,33 +7,36 @@
 `POST /v1/datasets` takes a JSONL or Parquet file (multipart: `file`, optional `options` as JSON and `name`) or a
 JSON body `{"rows": [...], "options": {...}, "name": ...}`. The whole upload is checked before anything is stored:
 a bad row rejects it with 422 naming every bad row (up to ten), duplicate ids too; over `SSB_MAX_UPLOAD_BYTES`, 413.
-Errors share the teacher's envelope (`shared.teacher_api.ErrorResponse`); with `SSB_CURATOR_API_KEY` set, every
-endpoint but the probes needs `Authorization: Bearer <key>`.
+Errors share one envelope with the other services (services/http.py); with `SSB_CURATOR_API_KEY` set, every endpoint
+but the probes and the API docs needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.curator.service import CuratorService, ServiceError
+from services.curator.service import CuratorService
 from services.curator.settings import CuratorSettings
+from services.http import (
+    DOCS,
+    PROBES,
+    ServiceError,
+    error_response,
+    error_responses,
+    register_error_handlers,
+    require_bearer_key,
+)
 from shared.curator_api import DatasetCreated, DatasetList, DatasetOptions, DatasetRows, DatasetStatus
 from shared.datasets import DatasetError, parse_problem_file, parse_problem_rows
-from shared.teacher_api import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("ssb.curator")
 
-PROBES = ("/healthz", "/readyz")
-ALWAYS_OPEN = (*PROBES, "/docs", "/redoc", "/openapi.json")
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 503)}
+ERROR_RESPONSES = error_responses(401, 404, 413, 422, 503)
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -55,11 +58,6 @@ UPLOAD_BODY = {
 }
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
 def service_of(request: Request) -> CuratorService:
     return request.app.state.service
 
@@ -73,7 +71,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["probes"], responses={503: {"model": ErrorResponse}})
+@router.get("/readyz", tags=["probes"], responses=error_responses(503))
 async def readyz(request: Request):
     """200 when Redis answers; 503 otherwise."""
     problem = service_of(request).readiness_problem()
@@ -157,46 +155,6 @@ async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | Non
         raise ServiceError(422, f"the dataset was rejected whole:\n{exc}", "invalid_dataset", "file") from exc
 
 
-def register_error_handlers(app: FastAPI) -> None:
-    """Every error in one envelope."""
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_fields(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        messages = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors]
-        return error_response(422, "; ".join(messages), "invalid_request")
-
-    @app.exception_handler(ServiceError)
-    async def refused(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
-
-
-def register_auth(app: FastAPI, settings: CuratorSettings) -> None:
-    key = settings.curator_key().encode() if settings.curator_api_key else None
-    if key is None:
-        return
-
-    @app.middleware("http")
-    async def gate(request: Request, call_next) -> Response:
-        if request.url.path not in ALWAYS_OPEN:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
-                return error_response(
-                    401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return await call_next(request)
-
-
 def create_app(settings: CuratorSettings | None = None, service: CuratorService | None = None) -> FastAPI:
     """The curator app, on `service` (or one built from `settings`: Redis is connected lazily, on first use)."""
     settings = settings or CuratorSettings()
@@ -209,6 +167,6 @@ def create_app(settings: CuratorSettings | None = None, service: CuratorService 
     app.state.settings = settings
     app.state.service = service or CuratorService(settings)
     app.include_router(router)
-    register_error_handlers(app)
-    register_auth(app, settings)
+    register_error_handlers(app, log)
+    require_bearer_key(app, settings.curator_key(), open_paths=(*PROBES, *DOCS))
     return app

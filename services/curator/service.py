@@ -20,20 +20,13 @@ from rq.job import Job, JobStatus
 from services.curator.jobs import META_FILE, PROBLEMS_FILE, curation_queue, enqueue_data, redis_connection
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from services.curator.settings import CuratorSettings
+from services.http import ServiceError
 from shared.curator_api import DatasetCreated, DatasetList, DatasetOptions, DatasetStatus
 from shared.datasets import write_problems_jsonl
 from shared.schemas import Problem
 from shared.storage import PairStore
 
 NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
-
-
-class ServiceError(Exception):
-    """A request the service refuses: the HTTP status, a message naming what is wrong, an error type."""
-
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
 
 
 class CuratorService:

@@ -5,8 +5,8 @@ a `TeacherService` (services/teacher/service.py holds the logic; the routes here
 
 The engine is built in the app's lifespan, in a thread, so `/healthz` answers at once while `/readyz` (and every other
 endpoint) says 503 with Retry-After until the engine is up, and again if it dies. Uvicorn's SIGTERM/SIGINT handling
-ends the lifespan, which shuts the engine's processes down. Errors share one envelope
-(`shared.teacher_api.ErrorResponse`); with `SSB_TEACHER_API_KEY` set, every endpoint but the two probes needs
+ends the lifespan, which shuts the engine's processes down. Errors share one envelope with the other services
+(services/http.py); with `SSB_TEACHER_API_KEY` set, every endpoint but the two probes needs
 `Authorization: Bearer <key>`, compared in constant time. `/metrics` is vLLM's Prometheus registry plus this
 service's requests, errors, latency and response sizes per endpoint.
 """
@@ -14,26 +14,22 @@ service's requests, errors, latency and response sizes per endpoint.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.http import DOCS, PROBES, error_response, error_responses, register_error_handlers, require_bearer_key
 from services.teacher.openai_routes import attach_openai_routers, init_openai_state, register_vllm_error_handler
-from services.teacher.service import ServiceError, TeacherService
+from services.teacher.service import TeacherService
 from services.teacher.settings import TeacherSettings
 from shared.teacher_api import (
     AdapterCard,
     AdapterLoadRequest,
-    ErrorDetail,
-    ErrorResponse,
     ExplanationsRequest,
     GenerationsResponse,
     LogprobsRequest,
@@ -44,14 +40,8 @@ from shared.teacher_api import (
 
 log = logging.getLogger("ssb.teacher")
 
-PROBES = ("/healthz", "/readyz")
-ALWAYS_OPEN = (*PROBES, "/metrics", "/docs", "/redoc", "/openapi.json")
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 422, 429, 503)}
-
-
-def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+ALWAYS_OPEN = (*PROBES, "/metrics", *DOCS)  # answered while the engine is not ready
+ERROR_RESPONSES = error_responses(400, 401, 404, 409, 422, 429, 503)
 
 
 class ServiceMetrics:
@@ -106,7 +96,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["probes"], responses={503: {"model": ErrorResponse}})
+@router.get("/readyz", tags=["probes"], responses=error_responses(503))
 async def readyz(request: Request):
     """200 when the engine is up and healthy; 503 with Retry-After while it starts, or when it died."""
     not_ready = readiness_problem(request.app)
@@ -179,60 +169,24 @@ def retry_after(app: FastAPI) -> dict[str, str]:
     return {"Retry-After": str(app.state.settings.retry_after_seconds)}
 
 
-def field_path(location) -> str:
-    return ".".join(str(part) for part in location if part not in ("body", "query", "path"))
-
-
-def register_error_handlers(app: FastAPI) -> None:
-    """Every error in one envelope: bad fields 422 (named), refused requests by their class, unexpected ones 500."""
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_fields(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        messages = [f"{field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors]
-        return error_response(422, "; ".join(messages), "invalid_request", field_path(errors[0]["loc"]) or None)
-
-    @app.exception_handler(ServiceError)
-    async def refused(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = retry_after(request.app) if exc.status == 429 else None
-        return error_response(exc.status, exc.message, exc.type, exc.param, headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
-
-    register_vllm_error_handler(app, error_response)
-
-
 def register_middleware(app: FastAPI, settings: TeacherSettings) -> None:
-    """Auth, then readiness, then metrics, around every request."""
-    key = settings.teacher_api_key.get_secret_value().encode() if settings.teacher_api_key else None
+    """Around every request, outermost first: metrics, then the bearer key, then readiness (503 while the engine is
+    not up)."""
 
     @app.middleware("http")
-    async def gate(request: Request, call_next):
-        started = time.perf_counter()
-        path = request.url.path
-        if key is not None and path not in PROBES:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
-                response = error_response(
-                    401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                return observe(request, response, started)
-        if path not in ALWAYS_OPEN:
+    async def readiness(request: Request, call_next):
+        if request.url.path not in ALWAYS_OPEN:
             problem = readiness_problem(request.app)
             if problem:
-                not_ready = error_response(503, problem, "not_ready", headers=retry_after(request.app))
-                return observe(request, not_ready, started)
-        return observe(request, await call_next(request), started)
+                return error_response(503, problem, "not_ready", headers=retry_after(request.app))
+        return await call_next(request)
 
-    def observe(request: Request, response: Response, started: float) -> Response:
+    require_bearer_key(app, settings.teacher_key(), open_paths=PROBES)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
         route = request.scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
         size = response.headers.get("content-length")
@@ -291,6 +245,7 @@ def create_app(settings: TeacherSettings | None = None, engine: TeacherService |
     app.state.metrics = ServiceMetrics()
     app.include_router(router)
     attach_openai_routers(app)
-    register_error_handlers(app)
+    register_error_handlers(app, log, retry_after_seconds=settings.retry_after_seconds)
+    register_vllm_error_handler(app, error_response)
     register_middleware(app, settings)
     return app

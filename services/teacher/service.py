@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from services.http import ServiceError
 from services.teacher.engine import (
     EngineOptions,
     engine_kwargs,
@@ -26,8 +27,8 @@ from services.teacher.engine import (
     topk_from_vllm,
 )
 from services.teacher.settings import TeacherSettings
-from shared.models import resolve_model
 from shared.engine import HintedQuestion, explanation_messages, rollout_messages
+from shared.models import resolve_model
 from shared.prompts import PROMPT_VERSION, render_chat
 from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSettings
 from shared.teacher_api import (
@@ -48,31 +49,28 @@ from shared.teacher_api import (
 log = logging.getLogger("ssb.teacher")
 
 
-class ServiceError(Exception):
-    """A request the service refuses: an HTTP status, an error type and the offending field."""
+class Refused(ServiceError):
+    """A request the teacher refuses, with the HTTP status and error type of its class."""
 
-    status = 400
-    type = "invalid_request"
+    status, type = 400, "invalid_request"
 
     def __init__(self, message: str, *, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
+        super().__init__(self.status, message, self.type, param)
 
 
-class InvalidRequest(ServiceError):
+class InvalidRequest(Refused):
     pass
 
 
-class NotFound(ServiceError):
+class NotFound(Refused):
     status, type = 404, "not_found"
 
 
-class Conflict(ServiceError):
+class Conflict(Refused):
     status, type = 409, "conflict"
 
 
-class Overloaded(ServiceError):
+class Overloaded(Refused):
     status, type = 429, "overloaded"
 
 

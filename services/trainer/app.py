@@ -4,38 +4,29 @@ workers (`ssb worker train`), which take the jobs this service queues in Redis.
 
     ssb serve trainer --port 8002          (cli/serve_command.py runs this app on uvicorn)
 
-Errors share the teacher's envelope (`shared.teacher_api.ErrorResponse`): 422 names the bad field, 404 an unknown id,
+Errors share one envelope with the other services (services/http.py): 422 names the bad field, 404 an unknown id,
 409 a conflict (an existing run id with other settings, an adapter not trained yet). With `SSB_TRAINER_API_KEY` set,
 every endpoint but the two probes needs `Authorization: Bearer <key>`, compared in constant time.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
+from services.http import error_response, error_responses, register_error_handlers, require_bearer_key
 from services.trainer.records import connect
 from services.trainer.schemas import EvalCreated, EvalRequest, Evaluation, Run, RunCreated, RunList, RunRequest
-from services.trainer.service import ServiceError, TrainerService
+from services.trainer.service import TrainerService
 from services.trainer.settings import TrainerSettings
-from shared.teacher_api import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("ssb.trainer")
 
-PROBES = ("/healthz", "/readyz")
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 404, 409, 422, 503)}
-
-
-def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+ERROR_RESPONSES = error_responses(401, 404, 409, 422, 503)
 
 
 def service_of(request: Request) -> TrainerService:
@@ -51,7 +42,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["probes"], responses={503: {"model": ErrorResponse}})
+@router.get("/readyz", tags=["probes"], responses=error_responses(503))
 async def readyz(request: Request):
     """200 when Redis answers; 503 otherwise."""
     problem = await run_in_threadpool(service_of(request).readiness_problem)
@@ -120,52 +111,6 @@ def get_eval(
     return service_of(request).get_evaluation(eval_id, problems=problems)
 
 
-def field_path(location) -> str:
-    return ".".join(str(part) for part in location if part not in ("body", "query", "path"))
-
-
-def register_error_handlers(app: FastAPI) -> None:
-    """Every error in one envelope: bad fields 422 (named), refused requests by their class, unexpected ones 500."""
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_fields(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        messages = [f"{field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors]
-        return error_response(422, "; ".join(messages), "invalid_request", field_path(errors[0]["loc"]) or None)
-
-    @app.exception_handler(ServiceError)
-    async def refused(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
-
-
-def register_auth(app: FastAPI, settings: TrainerSettings) -> None:
-    """With a key configured, every request but the probes needs it as a bearer token."""
-    key = settings.trainer_key()
-    if key is None:
-        return
-    expected = key.encode()
-
-    @app.middleware("http")
-    async def gate(request: Request, call_next):
-        if request.url.path not in PROBES:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-                return error_response(
-                    401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return await call_next(request)
-
-
 def create_app(settings: TrainerSettings | None = None, service: TrainerService | None = None) -> FastAPI:
     """The trainer app over `service` (default: one on the settings' Redis, connected at start-up)."""
     settings = settings or TrainerSettings()
@@ -188,6 +133,6 @@ def create_app(settings: TrainerSettings | None = None, service: TrainerService 
     )
     app.state.settings = settings
     app.include_router(router)
-    register_error_handlers(app)
-    register_auth(app, settings)
+    register_error_handlers(app, log)
+    require_bearer_key(app, settings.trainer_key())
     return app

@@ -26,6 +26,7 @@ from typing import Any
 
 import redis
 
+from services.http import ServiceError
 from services.trainer import queues
 from services.trainer.records import FINAL, eval_records, run_records
 from services.trainer.schemas import (
@@ -42,17 +43,6 @@ from shared.datasets import BENCHMARKS, DatasetError, load_problems
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
 REPORT_NAME = "report.json"
 UPLOADED_PROBLEMS = "problems.jsonl"
-
-
-class ServiceError(Exception):
-    """A request the service refuses: the HTTP status, a message naming the problem, an error type and the field."""
-
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
 
 
 def not_found(what: str, record_id: str, param: str | None = None) -> ServiceError:

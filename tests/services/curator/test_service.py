@@ -83,7 +83,21 @@ def test_a_dataset_through_two_workers_matches_in_process_curation(curator, cura
         mine, theirs = store.load_pair(problem_id), local_store.load_pair(problem_id)
         assert mine.record.student_prompt == theirs.record.student_prompt
         if mine.record.rollouts == theirs.record.rollouts and mine.record.explanation_attempt == 0:
-            assert mine.token_ids == theirs.token_ids
+            assert_same_sample_up_to_rounding(mine, theirs)
+
+
+def assert_same_sample_up_to_rounding(mine, theirs) -> None:
+    """Two engines' explanations of one prompt with one seed agree token by token, unless the engine's
+    batch-dependent rounding tipped a draw: then, where they part, each token is among the other's top-k, and before
+    it the top log-probabilities agree."""
+    if mine.token_ids == theirs.token_ids:
+        return
+    shortest = min(len(mine.token_ids), len(theirs.token_ids))
+    parted = next((i for i in range(shortest) if mine.token_ids[i] != theirs.token_ids[i]), shortest)
+    if parted < shortest:  # (else one stopped where the other went on)
+        assert mine.token_ids[parted] in theirs.topk_ids[parted] and theirs.token_ids[parted] in mine.topk_ids[parted]
+    before = [(a[0], b[0]) for a, b in zip(mine.topk_logprobs[:parted], theirs.topk_logprobs[:parted])]
+    assert all(abs(a - b) < 0.1 for a, b in before), before
 
 
 def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(curator):

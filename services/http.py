@@ -1,0 +1,90 @@
+"""What the three services' HTTP apps share: the refusal a service raises (`ServiceError`, with its HTTP status), one
+error envelope for every error (`shared.teacher_api.ErrorResponse`), and the bearer-key gate.
+
+    register_error_handlers(app, log)                      bad fields 422 naming the field, refusals by their status,
+                                                           unexpected errors 500 (logged), all in the envelope
+    require_bearer_key(app, key, open_paths=PROBES)        every other path needs `Authorization: Bearer <key>`,
+                                                           compared in constant time
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.teacher_api import ErrorDetail, ErrorResponse
+
+PROBES = ("/healthz", "/readyz")
+DOCS = ("/docs", "/redoc", "/openapi.json")
+
+
+class ServiceError(Exception):
+    """A request a service refuses: the HTTP status, a message naming what is wrong, an error type, the field."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def error_responses(*statuses: int) -> dict:
+    """The `responses=` of a route: these statuses answer in the envelope (for the OpenAPI schema)."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def field_path(location) -> str:
+    """`body.rows.3.question` -> `rows.3.question`: a field as the client named it."""
+    return ".".join(str(part) for part in location if part not in ("body", "query", "path"))
+
+
+def register_error_handlers(app: FastAPI, log: logging.Logger, *, retry_after_seconds: int | None = None) -> None:
+    """Every error in one envelope: bad fields 422 (named), refusals by their status (429 with Retry-After when
+    `retry_after_seconds` is given), HTTP errors by theirs, unexpected ones 500 (logged with their traceback)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_fields(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        messages = [f"{field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors]
+        return error_response(422, "; ".join(messages), "invalid_request", field_path(errors[0]["loc"]) or None)
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(retry_after_seconds)} if exc.status == 429 and retry_after_seconds else None
+        return error_response(exc.status, exc.message, exc.type, exc.param, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+def require_bearer_key(app: FastAPI, key: str | None, open_paths: tuple[str, ...] = PROBES) -> None:
+    """With a key, every request but those to `open_paths` needs `Authorization: Bearer <key>`; 401 otherwise.
+    Without one, nothing is checked."""
+    if not key:
+        return
+    expected = key.encode()
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next):
+        if request.url.path not in open_paths:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+                return error_response(
+                    401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)

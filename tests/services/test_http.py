@@ -1,0 +1,96 @@
+"""What the services' apps share (services/http.py), on a small app of its own: every error in one envelope, the
+bearer-key gate. Each service's own tests check the same through its real app."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from services.http import DOCS, PROBES, ServiceError, register_error_handlers, require_bearer_key
+
+KEY = "s3cret"
+
+
+class Body(BaseModel):
+    count: int
+
+
+def make_app(key: str | None = None) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/things")
+    def things(body: Body) -> dict:
+        return {"count": body.count}
+
+    @app.get("/v1/busy")
+    def busy() -> dict:
+        raise ServiceError(429, "too many requests pending", "overloaded")
+
+    @app.get("/v1/missing")
+    def missing() -> dict:
+        raise ServiceError(404, "no thing 'x'", "not_found", "thing_id")
+
+    @app.get("/v1/broken")
+    def broken() -> dict:
+        raise RuntimeError("a bug")
+
+    register_error_handlers(app, logging.getLogger("test"), retry_after_seconds=5)
+    require_bearer_key(app, key, open_paths=(*PROBES, *DOCS))
+    return app
+
+
+@pytest.fixture
+def client():
+    return TestClient(make_app(), raise_server_exceptions=False)
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == response.status_code
+    return body["error"]
+
+
+def test_a_bad_field_is_a_422_that_names_it(client):
+    error = error_of(client.post("/v1/things", json={"count": "many"}))
+    assert error["type"] == "invalid_request" and error["param"] == "count"
+    assert error["message"].startswith("count: ")
+
+
+def test_refusals_keep_their_status_type_and_field(client):
+    missing = client.get("/v1/missing")
+    assert missing.status_code == 404
+    assert error_of(missing) == {"message": "no thing 'x'", "type": "not_found", "param": "thing_id", "code": 404}
+    busy = client.get("/v1/busy")
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "5" and error_of(busy)["type"] == "overloaded"
+
+
+def test_unknown_paths_and_unexpected_errors_answer_in_the_envelope(client):
+    assert error_of(client.get("/v1/nowhere"))["type"] == "http_error"
+    broken = client.get("/v1/broken")
+    assert broken.status_code == 500 and error_of(broken) == {
+        "message": "internal error: RuntimeError", "type": "internal_error", "param": None, "code": 500,
+    }
+
+
+def test_with_a_key_only_the_open_paths_answer_without_it():
+    client = TestClient(make_app(KEY))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        refused = client.post("/v1/things", json={"count": 1}, headers=headers)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert error_of(refused)["type"] == "unauthorized"
+    assert client.post("/v1/things", json={"count": 1}, headers={"Authorization": f"Bearer {KEY}"}).json() == {
+        "count": 1
+    }
+    assert client.get("/healthz").status_code == 200 and client.get("/openapi.json").status_code == 200
+
+
+def test_without_a_key_nothing_is_checked(client):
+    assert client.post("/v1/things", json={"count": 2}).json() == {"count": 2}
