@@ -1,34 +1,33 @@
-"""What the three services' HTTP apps share: the refusal a service raises (`ServiceError`, with its HTTP status), one
-error envelope for every error (`shared.teacher_api.ErrorResponse`), and the bearer-key gate.
+"""What the three services' HTTP apps share: one error envelope for every error (`shared.teacher_api.ErrorResponse`;
+a `ServiceError` from services/errors.py answers with its own status), the bearer-key gate, and Prometheus metrics of
+the requests.
 
     register_error_handlers(app, log)                      bad fields 422 naming the field, refusals by their status,
                                                            unexpected errors 500 (logged), all in the envelope
     require_bearer_key(app, key, open_paths=PROBES)        every other path needs `Authorization: Bearer <key>`,
                                                            compared in constant time
+    measure_requests(app, RequestMetrics("curator"))       requests, errors, latency and response sizes per endpoint
+                                                           (`ssb_curator_requests_total`, ...), 401s and 503s included
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.errors import ServiceError
 from shared.teacher_api import ErrorDetail, ErrorResponse
 
 PROBES = ("/healthz", "/readyz")
 DOCS = ("/docs", "/redoc", "/openapi.json")
-
-
-class ServiceError(Exception):
-    """A request a service refuses: the HTTP status, a message naming what is wrong, an error type, the field."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
 
 
 def error_responses(*statuses: int) -> dict:
@@ -88,3 +87,56 @@ def require_bearer_key(app: FastAPI, key: str | None, open_paths: tuple[str, ...
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         return await call_next(request)
+
+
+class RequestMetrics:
+    """One service's requests by endpoint and status, errors, latency and response sizes, in a registry of its own
+    (a service adds its own metrics to `registry`)."""
+
+    def __init__(self, service: str):
+        self.registry = CollectorRegistry()
+        labels = ["endpoint", "status"]
+        self.requests = Counter(f"ssb_{service}_requests", "Requests by endpoint and status.", labels,
+                                registry=self.registry)
+        self.errors = Counter(f"ssb_{service}_errors", "Responses with a 4xx or 5xx status.", labels,
+                              registry=self.registry)
+        self.seconds = Histogram(f"ssb_{service}_request_seconds", "Time to answer, by endpoint.", ["endpoint"],
+                                 registry=self.registry)
+        self.response_bytes = Histogram(
+            f"ssb_{service}_response_bytes",
+            "Response body size, by endpoint.",
+            ["endpoint"],
+            buckets=(1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8),
+            registry=self.registry,
+        )
+
+    def observe(self, endpoint: str, status: int, seconds: float, size: int | None) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(endpoint, str(status)).inc()
+        self.seconds.labels(endpoint).observe(seconds)
+        if size is not None:
+            self.response_bytes.labels(endpoint).observe(size)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def measure_requests(app: FastAPI, metrics: RequestMetrics) -> None:
+    """Observe every request into `metrics`, by its route's path (`unmatched` when none matched). Register it after
+    every other middleware, so that it is the outermost and sees their answers (401, 503) too."""
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        size = response.headers.get("content-length")
+        metrics.observe(endpoint, response.status_code, time.perf_counter() - started, int(size) if size else None)
+        return response
+
+
+def metrics_response(body: bytes) -> Response:
+    """Prometheus text exposition."""
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

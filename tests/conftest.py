@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def settings():
     from shared.settings import Settings

@@ -8,30 +8,43 @@
 JSON body `{"rows": [...], "options": {...}, "name": ...}`. The whole upload is checked before anything is stored:
 a bad row rejects it with 422 naming every bad row (up to ten), duplicate ids too; over `SSB_MAX_UPLOAD_BYTES`, 413.
 Errors share one envelope with the other services (services/http.py); with `SSB_CURATOR_API_KEY` set, every endpoint
-but the probes and the API docs needs `Authorization: Bearer <key>`.
+but the probes and the API docs needs `Authorization: Bearer <key>`. `/metrics` is Prometheus text: each dataset's
+problems by state, the queue and its workers, and this service's requests.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import get_args
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from services.curator.service import CuratorService
+from services.curator.service import CurationOverview, CuratorService
 from services.curator.settings import CuratorSettings
+from services.errors import ServiceError
 from services.http import (
     DOCS,
     PROBES,
-    ServiceError,
+    RequestMetrics,
     error_response,
     error_responses,
+    measure_requests,
+    metrics_response,
     register_error_handlers,
     require_bearer_key,
 )
-from shared.curator_api import DatasetCreated, DatasetList, DatasetOptions, DatasetRows, DatasetStatus
+from shared.curator_api import (
+    DatasetCreated,
+    DatasetList,
+    DatasetOptions,
+    DatasetRows,
+    DatasetState,
+    DatasetStatus,
+)
 from shared.datasets import DatasetError, parse_problem_file, parse_problem_rows
 
 log = logging.getLogger("ssb.curator")
@@ -78,6 +91,32 @@ async def readyz(request: Request):
     if problem:
         return error_response(503, problem, "not_ready", headers={"Retry-After": "2"})
     return {"status": "ready"}
+
+
+@router.get("/metrics", tags=["probes"], response_class=Response, responses=error_responses(401))
+def metrics(request: Request) -> Response:
+    """Prometheus text: every dataset's problems by state and its tokens/s, the datasets by state, the jobs waiting and
+    the workers listening, then this service's requests."""
+    overview = service_of(request).overview()
+    return metrics_response(curation_metrics(overview) + request.app.state.metrics.exposition())
+
+
+def curation_metrics(overview: CurationOverview) -> bytes:
+    registry = CollectorRegistry()
+    problems = Gauge("ssb_curator_problems", "Problems by dataset and state (the funnel: queued, running, paired, "
+                     "each drop reason, failed, cancelled).", ["dataset", "state"], registry=registry)
+    rate = Gauge("ssb_curator_tokens_per_second", "Tokens the teacher generated per second of the dataset's curation.",
+                 ["dataset"], registry=registry)
+    datasets = Gauge("ssb_curator_datasets", "Datasets by state.", ["state"], registry=registry)
+    Gauge("ssb_curator_queued_jobs", "Jobs waiting in the curation queue.", registry=registry).set(overview.queued_jobs)
+    Gauge("ssb_curator_workers", "Workers listening to the curation queue.", registry=registry).set(overview.workers)
+    for state in get_args(DatasetState):
+        datasets.labels(state).set(sum(status.state == state for status in overview.datasets))
+    for status in overview.datasets:
+        for state, count in status.funnel.model_dump().items():
+            problems.labels(status.id, state).set(count)
+        rate.labels(status.id).set(status.tokens_per_second)
+    return generate_latest(registry)
 
 
 @router.post(
@@ -167,6 +206,8 @@ def create_app(settings: CuratorSettings | None = None, service: CuratorService 
     app.state.settings = settings
     app.state.service = service or CuratorService(settings)
     app.include_router(router)
+    app.state.metrics = RequestMetrics("curator")
     register_error_handlers(app, log)
     require_bearer_key(app, settings.curator_key(), open_paths=(*PROBES, *DOCS))
+    measure_requests(app, app.state.metrics)
     return app

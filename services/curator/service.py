@@ -13,20 +13,29 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from redis import Redis
+from rq import Worker
 from rq.job import Job, JobStatus
 
 from services.curator.jobs import META_FILE, PROBLEMS_FILE, curation_queue, enqueue_data, redis_connection
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from services.curator.settings import CuratorSettings
-from services.http import ServiceError
+from services.errors import ServiceError
 from shared.curator_api import DatasetCreated, DatasetList, DatasetOptions, DatasetStatus
 from shared.datasets import write_problems_jsonl
 from shared.schemas import Problem
 from shared.storage import PairStore
 
 NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
+
+
+@dataclass
+class CurationOverview:
+    datasets: list[DatasetStatus]
+    queued_jobs: int
+    workers: int
 
 
 class CuratorService:
@@ -90,6 +99,15 @@ class CuratorService:
 
     def list_datasets(self) -> DatasetList:
         return DatasetList(datasets=[s for i in self.ledger.ids() if (s := self.ledger.status(i)) is not None])
+
+    def overview(self) -> CurationOverview:
+        """Every dataset's status, the jobs waiting in the queue, and the workers listening to it (for `/metrics`)."""
+        return CurationOverview(
+            datasets=self.list_datasets().datasets,
+            queued_jobs=self.queue.count,
+            # Worker.all drops the workers whose key expired (they died); Worker.count would still count them.
+            workers=len(Worker.all(queue=self.queue, serializer=self.queue.serializer)),
+        )
 
     def store(self, dataset_id: str) -> PairStore:
         self.status(dataset_id)  # 404 for an unknown id

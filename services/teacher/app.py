@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import Gauge, generate_latest
 
-from services.http import DOCS, PROBES, error_response, error_responses, register_error_handlers, require_bearer_key
+from services.http import (
+    DOCS,
+    PROBES,
+    RequestMetrics,
+    error_response,
+    error_responses,
+    measure_requests,
+    metrics_response,
+    register_error_handlers,
+    require_bearer_key,
+)
 from services.teacher.openai_routes import attach_openai_routers, init_openai_state, register_vllm_error_handler
 from services.teacher.service import TeacherService
 from services.teacher.settings import TeacherSettings
@@ -42,40 +50,6 @@ log = logging.getLogger("ssb.teacher")
 
 ALWAYS_OPEN = (*PROBES, "/metrics", *DOCS)  # answered while the engine is not ready
 ERROR_RESPONSES = error_responses(400, 401, 404, 409, 422, 429, 503)
-
-
-class ServiceMetrics:
-    """Per-endpoint requests (by status), errors, latency and response sizes, in a registry of their own."""
-
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "ssb_teacher_requests", "Requests by endpoint and status.", ["endpoint", "status"], registry=self.registry
-        )
-        self.errors = Counter(
-            "ssb_teacher_errors", "Responses with a 4xx or 5xx status.", ["endpoint", "status"], registry=self.registry
-        )
-        self.seconds = Histogram(
-            "ssb_teacher_request_seconds", "Time to answer, by endpoint.", ["endpoint"], registry=self.registry
-        )
-        self.response_bytes = Histogram(
-            "ssb_teacher_response_bytes",
-            "Response body size, by endpoint.",
-            ["endpoint"],
-            buckets=(1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8),
-            registry=self.registry,
-        )
-        self.pending = Gauge(
-            "ssb_teacher_pending_engine_requests", "Engine requests admitted and not finished.", registry=self.registry
-        )
-
-    def observe(self, endpoint: str, status: int, seconds: float, size: int | None) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        if status >= 400:
-            self.errors.labels(endpoint, str(status)).inc()
-        self.seconds.labels(endpoint).observe(seconds)
-        if size is not None:
-            self.response_bytes.labels(endpoint).observe(size)
 
 
 def service_of(request: Request) -> TeacherService:
@@ -149,9 +123,8 @@ async def metrics(request: Request) -> Response:
 
     service = request.app.state.service
     if service is not None:
-        request.app.state.metrics.pending.set(service.pending)
-    body = generate_latest(get_prometheus_registry()) + generate_latest(request.app.state.metrics.registry)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+        request.app.state.pending.set(service.pending)
+    return metrics_response(generate_latest(get_prometheus_registry()) + request.app.state.metrics.exposition())
 
 
 def readiness_problem(app: FastAPI) -> str | None:
@@ -170,8 +143,8 @@ def retry_after(app: FastAPI) -> dict[str, str]:
 
 
 def register_middleware(app: FastAPI, settings: TeacherSettings) -> None:
-    """Around every request, outermost first: metrics, then the bearer key, then readiness (503 while the engine is
-    not up)."""
+    """Around every request, outermost first: request metrics, then the bearer key, then readiness (503 while the
+    engine is not up)."""
 
     @app.middleware("http")
     async def readiness(request: Request, call_next):
@@ -182,18 +155,7 @@ def register_middleware(app: FastAPI, settings: TeacherSettings) -> None:
         return await call_next(request)
 
     require_bearer_key(app, settings.teacher_key(), open_paths=PROBES)
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
-        size = response.headers.get("content-length")
-        app.state.metrics.observe(
-            endpoint, response.status_code, time.perf_counter() - started, int(size) if size else None
-        )
-        return response
+    measure_requests(app, app.state.metrics)
 
 
 async def start_service(app: FastAPI, settings: TeacherSettings) -> None:
@@ -242,7 +204,11 @@ def create_app(settings: TeacherSettings | None = None, engine: TeacherService |
     app.state.settings = settings
     app.state.service = None
     app.state.startup_error = None
-    app.state.metrics = ServiceMetrics()
+    app.state.metrics = RequestMetrics("teacher")
+    app.state.pending = Gauge(
+        "ssb_teacher_pending_engine_requests", "Engine requests admitted and not finished.",
+        registry=app.state.metrics.registry,
+    )
     app.include_router(router)
     attach_openai_routers(app)
     register_error_handlers(app, log, retry_after_seconds=settings.retry_after_seconds)

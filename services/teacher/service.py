@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from services.http import ServiceError
+from services.errors import ServiceError
 from services.teacher.engine import (
     EngineOptions,
     engine_kwargs,

@@ -6,22 +6,44 @@ workers (`ssb worker train`), which take the jobs this service queues in Redis.
 
 Errors share one envelope with the other services (services/http.py): 422 names the bad field, 404 an unknown id,
 409 a conflict (an existing run id with other settings, an adapter not trained yet). With `SSB_TRAINER_API_KEY` set,
-every endpoint but the two probes needs `Authorization: Bearer <key>`, compared in constant time.
+every endpoint but the two probes needs `Authorization: Bearer <key>`, compared in constant time. `/metrics` is
+Prometheus text: runs and evaluations by status, running runs' step and loss, the queues and their workers, and this
+service's requests.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from typing import get_args
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from services.http import error_response, error_responses, register_error_handlers, require_bearer_key
+from services.http import (
+    RequestMetrics,
+    error_response,
+    error_responses,
+    measure_requests,
+    metrics_response,
+    register_error_handlers,
+    require_bearer_key,
+)
 from services.trainer.records import connect
-from services.trainer.schemas import EvalCreated, EvalRequest, Evaluation, Run, RunCreated, RunList, RunRequest
-from services.trainer.service import TrainerService
+from services.trainer.schemas import (
+    EvalCreated,
+    EvalRequest,
+    EvalStatusName,
+    Evaluation,
+    Run,
+    RunCreated,
+    RunList,
+    RunRequest,
+    RunStatusName,
+)
+from services.trainer.service import TrainerOverview, TrainerService
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger("ssb.trainer")
@@ -49,6 +71,39 @@ async def readyz(request: Request):
     if problem:
         return error_response(503, problem, "not_ready", headers={"Retry-After": "2"})
     return {"status": "ready"}
+
+
+@router.get("/metrics", tags=["probes"], response_class=Response, responses=error_responses(401))
+def metrics(request: Request) -> Response:
+    """Prometheus text: runs and evaluations by status, each running run's step and loss, the jobs waiting and the
+    train workers, then this service's requests."""
+    overview = service_of(request).overview()
+    return metrics_response(training_metrics(overview) + request.app.state.metrics.exposition())
+
+
+def training_metrics(overview: TrainerOverview) -> bytes:
+    registry = CollectorRegistry()
+    runs = Gauge("ssb_trainer_runs", "Runs by status.", ["status"], registry=registry)
+    evaluations = Gauge("ssb_trainer_evaluations", "Evaluations by status.", ["status"], registry=registry)
+    queued = Gauge("ssb_trainer_queued_jobs", "Jobs waiting, by queue.", ["queue"], registry=registry)
+    Gauge("ssb_trainer_workers", "Workers listening to the train queue.", registry=registry).set(overview.workers)
+    step = Gauge("ssb_trainer_run_step", "A running run's optimizer steps done.", ["run"], registry=registry)
+    total = Gauge("ssb_trainer_run_total_steps", "A running run's optimizer steps in all.", ["run"], registry=registry)
+    loss = Gauge("ssb_trainer_run_loss", "A running run's latest logged loss.", ["run"], registry=registry)
+    for status in get_args(RunStatusName):
+        runs.labels(status).set(sum(run.status == status for run in overview.runs))
+    for status in get_args(EvalStatusName):
+        evaluations.labels(status).set(overview.evaluations_by_status.get(status, 0))
+    for kind, count in overview.queued_jobs.items():
+        queued.labels(kind).set(count)
+    for run in overview.runs:
+        if run.status == "running":
+            step.labels(run.id).set(run.step)
+            if run.total_steps is not None:
+                total.labels(run.id).set(run.total_steps)
+            if run.metrics and run.metrics.get("loss") is not None:
+                loss.labels(run.id).set(run.metrics["loss"])
+    return generate_latest(registry)
 
 
 @router.post("/v1/runs", status_code=202, response_model=RunCreated, responses=ERROR_RESPONSES, tags=["runs"])
@@ -133,6 +188,8 @@ def create_app(settings: TrainerSettings | None = None, service: TrainerService 
     )
     app.state.settings = settings
     app.include_router(router)
+    app.state.metrics = RequestMetrics("trainer")
     register_error_handlers(app, log)
     require_bearer_key(app, settings.trainer_key())
+    measure_requests(app, app.state.metrics)
     return app

@@ -22,11 +22,11 @@ import socket
 import redis
 from rq import Callback, Queue, Retry, Worker
 from rq.callbacks import execute_failure_callback
-from rq.utils import now
-from rq.worker import WorkerStatus
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.utils import now
+from rq.worker import WorkerStatus
 
 from services.trainer.settings import TrainerSettings
 

@@ -20,13 +20,16 @@ import os
 import tarfile
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
+from rq import Worker
 
-from services.http import ServiceError
+from services.errors import ServiceError
 from services.trainer import queues
 from services.trainer.records import FINAL, eval_records, run_records
 from services.trainer.schemas import (
@@ -43,6 +46,14 @@ from shared.datasets import BENCHMARKS, DatasetError, load_problems
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
 REPORT_NAME = "report.json"
 UPLOADED_PROBLEMS = "problems.jsonl"
+
+
+@dataclass
+class TrainerOverview:
+    runs: list[Run]
+    evaluations_by_status: dict[str, int]
+    queued_jobs: dict[str, int]
+    workers: int
 
 
 def not_found(what: str, record_id: str, param: str | None = None) -> ServiceError:
@@ -162,6 +173,21 @@ class TrainerService:
             except ServiceError:
                 continue  # removed meanwhile
         return runs
+
+    def overview(self, limit: int = 1000) -> TrainerOverview:
+        """The newest `limit` runs, the evaluations by status, the jobs waiting per queue and the train workers (for
+        `/metrics`)."""
+        evaluations = Counter(
+            record.get("status") for eval_id in self.evals.ids(limit) if (record := self.evals.get(eval_id))
+        )
+        train_queue = queues.open_queue(self.settings, queues.TRAIN, self.redis)
+        return TrainerOverview(
+            runs=self.list_runs(limit),
+            evaluations_by_status=dict(evaluations),
+            queued_jobs={kind: queues.open_queue(self.settings, kind, self.redis).count for kind in queues.KINDS},
+            # Worker.all drops the workers whose key expired (they died); Worker.count would still count them.
+            workers=len(Worker.all(queue=train_queue, serializer=train_queue.serializer)),
+        )
 
     def run_dir(self, run_id: str) -> Path:
         self.get_run(run_id)

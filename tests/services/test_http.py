@@ -10,7 +10,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from services.http import DOCS, PROBES, ServiceError, register_error_handlers, require_bearer_key
+from services.errors import ServiceError
+from services.http import DOCS, PROBES, register_error_handlers, require_bearer_key
 
 KEY = "s3cret"
 

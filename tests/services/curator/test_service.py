@@ -26,6 +26,7 @@ from shared.arithmetic import make_arithmetic_problems
 from shared.curator_api import FINAL_STATES
 from shared.storage import PairStore
 from tests.conftest import CURATION_CONFIG
+from tests.prometheus_text import metric
 from tests.services.curator.conftest import MAX_UPLOAD_BYTES, PREFIX
 
 pytestmark = pytest.mark.engine
@@ -197,6 +198,28 @@ def test_unknown_ids_auth_and_cancel(curator):
         assert anonymous.get("/healthz").status_code == 200
     with curator.client(key="wrong") as wrong:
         assert wrong.post("/v1/datasets", json={"rows": [GOOD]}).status_code == 401
+
+
+def test_metrics_show_the_funnel_the_queue_and_the_requests(curator):
+    """`/metrics` on the real service and Redis: a dataset no worker has taken shows all its problems queued and its
+    jobs waiting; once cancelled, all of them cancelled; the requests are counted; the key is needed."""
+    rows = rows_of(make_arithmetic_problems(5, seed=17))
+    with curator.client() as http:
+        dataset = http.post("/v1/datasets", json={"rows": rows, "options": {"batch_size": 2}}).json()
+        series = f'dataset="{dataset["id"]}"'
+        queued = http.get("/metrics").text
+        http.delete(f"/v1/datasets/{dataset['id']}")
+        cancelled = http.get("/metrics").text
+    assert metric(queued, "ssb_curator_problems", f'{series},state="queued"') == 5
+    assert metric(queued, "ssb_curator_problems", series) == 5  # the states add up to the problems
+    assert metric(queued, "ssb_curator_queued_jobs") >= 3 and metric(queued, "ssb_curator_workers") == 0
+    assert metric(queued, "ssb_curator_datasets", 'state="queued"') >= 1
+    assert metric(cancelled, "ssb_curator_problems", f'{series},state="cancelled"') == 5
+    assert metric(cancelled, "ssb_curator_queued_jobs") == metric(queued, "ssb_curator_queued_jobs") - 3
+    assert metric(cancelled, "ssb_curator_requests_total", 'endpoint="/v1/datasets",status="201"') >= 1
+    assert metric(cancelled, "ssb_curator_requests_total", 'endpoint="/metrics",status="200"') >= 1
+    with curator.client(key=None) as anonymous:
+        assert anonymous.get("/metrics").status_code == 401
 
 
 def test_submit_waits_with_a_progress_bar_and_prints_the_funnel(curator, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -22,21 +21,12 @@ from shared.settings import CurationConfig
 from shared.storage import PairStore
 from shared.teacher_api import TopKBase64, decode_topk
 from shared.teacher_client import TeacherClient, TeacherRejected
+from tests.prometheus_text import metric
 from tests.services.teacher.conftest import API_KEY, MAX_PENDING_REQUESTS
 
 LOGPROB_TOLERANCE = 1e-3
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does Tom have now?"
 pytestmark = pytest.mark.engine
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    """Sum of a Prometheus sample's values over every label set matching `labels` (a substring)."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
-        if match and labels in (match.group(1) or ""):
-            total += float(match.group(2))
-    return total
 
 
 def test_probes_and_models(teacher_server):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from services.trainer.config import TrainConfig
-from services.trainer.data import collate_examples, TrainExample
+from services.trainer.data import TrainExample, collate_examples
 from services.trainer.losses import ce_chunked, kl_dense, kl_dense_chunked
 from services.trainer.modeling import (
     DecoderBody,

@@ -29,6 +29,7 @@ import pytest
 import redis
 
 from shared.arithmetic import make_arithmetic_problems
+from tests.prometheus_text import metric
 from tests.teacher_server import API_KEY as TEACHER_KEY
 from tests.teacher_server import free_port
 
@@ -327,3 +328,20 @@ def test_round_two_records_its_parent_and_evaluates_when_done(trainer):
     assert evaluation["status"] == "succeeded", evaluation
     assert evaluation["run_id"] == run_id and evaluation["benchmark"] == "gsm8k" and evaluation["problems"] is None
     assert [row["name"] for row in evaluation["rows"]] == [run_id] and evaluation["rows"][0]["problems"] == 2
+
+
+def test_metrics_show_runs_queues_workers_and_requests(trainer):
+    """`/metrics` after the runs above: the finished runs by status (the states add up to every run), no job waiting,
+    the requests counted, the key needed."""
+    with trainer.client() as http:
+        runs = http.get("/v1/runs").json()["runs"]
+        text = http.get("/metrics").text
+    assert metric(text, "ssb_trainer_runs") == len(runs)
+    assert metric(text, "ssb_trainer_runs", 'status="succeeded"') == sum(r["status"] == "succeeded" for r in runs) >= 1
+    assert metric(text, "ssb_trainer_queued_jobs") == 0
+    alive = sum(worker.poll() is None for worker in trainer.workers)  # a killed one counts until its key expires
+    assert alive <= metric(text, "ssb_trainer_workers") <= len(trainer.workers)
+    assert metric(text, "ssb_trainer_requests_total", 'endpoint="/v1/runs",status="202"') >= 1
+    assert metric(text, "ssb_trainer_errors_total", 'status="401"') >= 1  # test_a_key_is_needed_when_configured
+    with trainer.client(None) as anonymous:
+        assert anonymous.get("/metrics").status_code == 401
