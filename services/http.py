@@ -8,6 +8,7 @@ the requests.
                                                            compared in constant time
     measure_requests(app, RequestMetrics("curator"))       requests, errors, latency and response sizes per endpoint
                                                            (`ssb_curator_requests_total`, ...), 401s and 503s included
+    app.include_router(probes(readiness_problem, "Redis answers"))      /healthz and /readyz
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -28,6 +31,29 @@ from shared.teacher_api import ErrorDetail, ErrorResponse
 
 PROBES = ("/healthz", "/readyz")
 DOCS = ("/docs", "/redoc", "/openapi.json")
+
+
+def probes(
+    readiness_problem: Callable[[Request], str | None], ready_when: str, retry_after_seconds: int = 2
+) -> APIRouter:
+    """`/healthz` (the process answers) and `/readyz`: 200 when `readiness_problem(request)` (run in a thread: it may
+    block on Redis) finds none, else 503 saying it, with Retry-After."""
+    router = APIRouter(tags=["probes"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict:
+        """The process answers."""
+        return {"status": "ok"}
+
+    async def readyz(request: Request):
+        problem = await run_in_threadpool(readiness_problem, request)
+        if problem:
+            return error_response(503, problem, "not_ready", headers={"Retry-After": str(retry_after_seconds)})
+        return {"status": "ready"}
+
+    router.add_api_route("/readyz", readyz, methods=["GET"], responses=error_responses(503),
+                         description=f"200 when {ready_when}; 503 otherwise.")
+    return router
 
 
 def error_responses(*statuses: int) -> dict:

@@ -30,10 +30,10 @@ from services.http import (
     DOCS,
     PROBES,
     RequestMetrics,
-    error_response,
     error_responses,
     measure_requests,
     metrics_response,
+    probes,
     register_error_handlers,
     require_bearer_key,
 )
@@ -76,21 +76,6 @@ def service_of(request: Request) -> CuratorService:
 
 
 router = APIRouter()
-
-
-@router.get("/healthz", tags=["probes"])
-async def healthz() -> dict:
-    """The process answers."""
-    return {"status": "ok"}
-
-
-@router.get("/readyz", tags=["probes"], responses=error_responses(503))
-async def readyz(request: Request):
-    """200 when Redis answers; 503 otherwise."""
-    problem = service_of(request).readiness_problem()
-    if problem:
-        return error_response(503, problem, "not_ready", headers={"Retry-After": "2"})
-    return {"status": "ready"}
 
 
 @router.get("/metrics", tags=["probes"], response_class=Response, responses=error_responses(401))
@@ -177,7 +162,9 @@ async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | Non
             form = await request.form()
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
-                raise ServiceError(422, "a multipart upload needs a `file` part (.jsonl or .parquet)", "invalid_request", "file")
+                raise ServiceError(
+                    422, "a multipart upload needs a `file` part (.jsonl or .parquet)", "invalid_request", "file"
+                )
             raw_options = form.get("options")
             options = DatasetOptions.model_validate_json(raw_options) if raw_options else DatasetOptions()
             problems = parse_problem_file(await upload.read(), upload.filename or "upload.jsonl")
@@ -205,6 +192,7 @@ def create_app(settings: CuratorSettings | None = None, service: CuratorService 
     )
     app.state.settings = settings
     app.state.service = service or CuratorService(settings)
+    app.include_router(probes(lambda request: service_of(request).readiness_problem(), "Redis answers"))
     app.include_router(router)
     app.state.metrics = RequestMetrics("curator")
     register_error_handlers(app, log)

@@ -18,16 +18,15 @@ from contextlib import asynccontextmanager
 from typing import get_args
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from services.http import (
     RequestMetrics,
-    error_response,
     error_responses,
     measure_requests,
     metrics_response,
+    probes,
     register_error_handlers,
     require_bearer_key,
 )
@@ -56,21 +55,6 @@ def service_of(request: Request) -> TrainerService:
 
 
 router = APIRouter()
-
-
-@router.get("/healthz", tags=["probes"])
-async def healthz() -> dict:
-    """The process answers."""
-    return {"status": "ok"}
-
-
-@router.get("/readyz", tags=["probes"], responses=error_responses(503))
-async def readyz(request: Request):
-    """200 when Redis answers; 503 otherwise."""
-    problem = await run_in_threadpool(service_of(request).readiness_problem)
-    if problem:
-        return error_response(503, problem, "not_ready", headers={"Retry-After": "2"})
-    return {"status": "ready"}
 
 
 @router.get("/metrics", tags=["probes"], response_class=Response, responses=error_responses(401))
@@ -187,6 +171,7 @@ def create_app(settings: TrainerSettings | None = None, service: TrainerService 
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.include_router(probes(lambda request: service_of(request).readiness_problem(), "Redis answers"))
     app.include_router(router)
     app.state.metrics = RequestMetrics("trainer")
     register_error_handlers(app, log)

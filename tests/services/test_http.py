@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from services.errors import ServiceError
-from services.http import DOCS, PROBES, register_error_handlers, require_bearer_key
+from services.http import DOCS, PROBES, probes, register_error_handlers, require_bearer_key
 
 KEY = "s3cret"
 
@@ -22,10 +22,8 @@ class Body(BaseModel):
 
 def make_app(key: str | None = None) -> FastAPI:
     app = FastAPI()
-
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok"}
+    app.state.problem = None
+    app.include_router(probes(lambda request: request.app.state.problem, "the test says so", retry_after_seconds=7))
 
     @app.post("/v1/things")
     def things(body: Body) -> dict:
@@ -95,3 +93,12 @@ def test_with_a_key_only_the_open_paths_answer_without_it():
 
 def test_without_a_key_nothing_is_checked(client):
     assert client.post("/v1/things", json={"count": 2}).json() == {"count": 2}
+
+
+def test_the_probes_say_why_the_service_is_not_ready(client):
+    assert client.get("/healthz").json() == {"status": "ok"} and client.get("/readyz").json() == {"status": "ready"}
+    client.app.state.problem = "Redis does not answer"
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.headers["retry-after"] == "7"
+    assert error_of(not_ready) == {"message": "Redis does not answer", "type": "not_ready", "param": None, "code": 503}
+    assert client.get("/healthz").status_code == 200
