@@ -28,6 +28,19 @@ from shared.curator_api import FINAL_STATES, DatasetOptions, DatasetStatus, Fail
 
 MAX_LISTED_FAILURES = 100
 
+# KEYS: final, failures, running, stats. ARGV: problem id, state, has reason (1/0), reason, problems (-1: unknown),
+# now. Set the final state if absent; stamp `finished_at` when that made every problem final; 1 when it did.
+RECORD_FINAL = """
+local newly = redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('hsetnx', KEYS[2], ARGV[1], ARGV[4]) end
+redis.call('srem', KEYS[3], ARGV[1])
+local problems = tonumber(ARGV[5])
+if newly == 1 and problems >= 0 and redis.call('hlen', KEYS[1]) >= problems then
+  return redis.call('hsetnx', KEYS[4], 'finished_at', ARGV[6])
+end
+return 0
+"""
+
 
 class DatasetMeta(BaseModel):
     """What a dataset is; written once at upload."""
@@ -45,6 +58,7 @@ class DatasetLedger:
     def __init__(self, redis: Redis, prefix: str):
         self.redis = redis
         self.prefix = prefix
+        self._record_final = redis.register_script(RECORD_FINAL)
 
     def key(self, dataset_id: str, part: str | None = None) -> str:
         base = f"{self.prefix}:dataset:{dataset_id}"
@@ -90,21 +104,15 @@ class DatasetLedger:
 
     def record_final(self, dataset_id: str, problem_id: str, state: str, reason: str | None = None) -> bool:
         """Record how a problem ended, unless it already has a final state. True when this call finished the
-        dataset (its last problem reached a final state): exactly one caller sees True."""
+        dataset (its last problem reached a final state): exactly one caller sees True. One atomic step, so a
+        reader never sees every problem final without the dataset's `finished_at`."""
         if state not in FINAL_STATES:
             raise ValueError(f"unknown final state {state!r}; one of {', '.join(FINAL_STATES)}")
-        with self.redis.pipeline() as pipe:  # MULTI/EXEC: the three happen together
-            pipe.hsetnx(self.key(dataset_id, "final"), problem_id, state)
-            if reason is not None:
-                pipe.hsetnx(self.key(dataset_id, "failures"), problem_id, reason[:2000])
-            pipe.srem(self.key(dataset_id, "running"), problem_id)
-            pipe.hlen(self.key(dataset_id, "final"))
-            results = pipe.execute()
-        newly_set, finished = results[0], results[-1]
         meta = self.meta(dataset_id)
-        if not newly_set or meta is None or finished < meta.problems:
-            return False
-        return bool(self.redis.hsetnx(self.key(dataset_id, "stats"), "finished_at", time.time()))
+        keys = [self.key(dataset_id, part) for part in ("final", "failures", "running", "stats")]
+        flag, text = ("1", reason[:2000]) if reason is not None else ("0", "")
+        problems = meta.problems if meta is not None else -1
+        return bool(self._record_final(keys=keys, args=[problem_id, state, flag, text, problems, repr(time.time())]))
 
     def add_generation(self, dataset_id: str, tokens: int) -> None:
         """Tokens the teacher generated for a job (throughput, not a count of problems: a rerun job's tokens were

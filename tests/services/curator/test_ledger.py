@@ -46,7 +46,9 @@ def test_a_problem_is_counted_once_however_often_it_is_recorded(ledger):
     assert ledger.record_final("ds-1", "c", "paired") is False  # ... once
     status = ledger.status("ds-1")
     assert status.state == "done" and status.funnel.finished == 3 and status.seconds_left == 0
+    assert status.finished_at >= status.started_at  # stamped in the same step as the last final state
     assert [(f.problem_id, f.reason) for f in status.failures] == [("b", "TeacherUnavailable: down")]
+    assert ledger.record_final("ds-2", "a", "paired") is False  # a dataset the ledger does not know never finishes
 
 
 def test_unknown_states_and_datasets(ledger):
