@@ -30,6 +30,16 @@ return 1
 """
 
 
+# Set fields (ARGV[3:]) unless the record's status is one of the two final ones (ARGV[1], ARGV[2], as stored).
+ADVANCE_UNLESS_FINAL = """
+local status = redis.call('hget', KEYS[1], 'status')
+if status == ARGV[1] or status == ARGV[2] then return 0 end
+if #ARGV > 2 then redis.call('hset', KEYS[1], unpack(ARGV, 3)) end
+return 1
+"""
+FINAL_JSON = [json.dumps(status) for status in FINAL]
+
+
 def connect(redis_url: str) -> redis.Redis:
     """A Redis client with bounded waits: a lost Redis is an error, not a hang."""
     return redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30)
@@ -71,12 +81,10 @@ class Records:
             self.redis.hset(self.key(record_id), mapping={name: json.dumps(value) for name, value in fields.items()})
 
     def advance(self, record_id: str, **fields: Any) -> bool:
-        """Set these fields unless the record is already final; False when it was (nothing written)."""
-        current = self.redis.hget(self.key(record_id), "status")
-        if current is not None and json.loads(current) in FINAL:
-            return False
-        self.update(record_id, **fields)
-        return True
+        """Set these fields unless the record is already final; False when it was (nothing written). One atomic
+        step: a writer that read the record as running can never overwrite a final state written meanwhile."""
+        mapping = [part for name, value in fields.items() for part in (name, json.dumps(value))]
+        return bool(self.redis.eval(ADVANCE_UNLESS_FINAL, 1, self.key(record_id), *FINAL_JSON, *mapping))
 
     def ids(self, limit: int = 100) -> list[str]:
         """Newest first."""
