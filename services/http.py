@@ -96,23 +96,29 @@ def register_error_handlers(app: FastAPI, log: logging.Logger, *, retry_after_se
         return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
+def bearer_refusal(request: Request, key: str | None, open_paths: tuple[str, ...] = PROBES) -> JSONResponse | None:
+    """The 401 for a request without `Authorization: Bearer <key>` (compared in constant time), or None: the key is
+    right, none is configured, or the path is open."""
+    if not key or request.url.path in open_paths:
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
+        return None
+    return error_response(
+        401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 def require_bearer_key(app: FastAPI, key: str | None, open_paths: tuple[str, ...] = PROBES) -> None:
     """With a key, every request but those to `open_paths` needs `Authorization: Bearer <key>`; 401 otherwise.
     Without one, nothing is checked."""
     if not key:
         return
-    expected = key.encode()
 
     @app.middleware("http")
     async def gate(request: Request, call_next):
-        if request.url.path not in open_paths:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-                return error_response(
-                    401, "a valid `Authorization: Bearer <key>` header is needed", "unauthorized",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return await call_next(request)
+        return bearer_refusal(request, key, open_paths) or await call_next(request)
 
 
 class RequestMetrics:
@@ -144,6 +150,13 @@ class RequestMetrics:
         if size is not None:
             self.response_bytes.labels(endpoint).observe(size)
 
+    def observe_response(self, request: Request, response: Response, started: float) -> None:
+        """A finished request, by its route's path (`unmatched` when none matched); `started` from perf_counter."""
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        size = response.headers.get("content-length")
+        self.observe(endpoint, response.status_code, time.perf_counter() - started, int(size) if size else None)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -156,10 +169,7 @@ def measure_requests(app: FastAPI, metrics: RequestMetrics) -> None:
     async def measure(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
-        size = response.headers.get("content-length")
-        metrics.observe(endpoint, response.status_code, time.perf_counter() - started, int(size) if size else None)
+        metrics.observe_response(request, response, started)
         return response
 
 
