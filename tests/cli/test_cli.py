@@ -80,35 +80,23 @@ def test_curate_rejects_a_bad_file_before_starting_the_engine(tmp_path):
 
 
 @pytest.mark.engine
-def test_curate_then_export_end_to_end(tmp_path, model_path):
-    """The plain command with the default model (worked example on by default for it) on a handful of problems: plain
-    progress lines (the output is not a terminal), the funnel, pairs exported as JSONL."""
-    data = tmp_path / "train.jsonl"
-    ssb("data", "arith", "--n", "8", "--seed", "0", "--out", str(data))
-    out = tmp_path / "pairs"
-    result = ssb("curate", "--data", str(data), "--out", str(out), "--rollout-max-tokens", "96",
-                 "--explanation-max-tokens", "160")
-    assert "Curation funnel" in result.stderr and "verified pairs written" in result.stderr
-    assert "curating: 8/8 (100%)" in result.stderr
-    exported = [json.loads(line) for line in ssb("pairs", "export", str(out)).stdout.splitlines()]
-    stored = sorted(p.stem for p in (out / "pairs").glob("*.safetensors"))
-    assert sorted(r["problem_id"] for r in exported) == stored
-    dropped = list((out / "dropped").glob("*.json"))
-    assert len(stored) + len(dropped) == 8
+def test_sigterm_mid_curation_stops_every_engine_process_and_the_rerun_finishes(tmp_path, model_path):
+    """`ssb curate` as a user runs it, twice on one output directory (one engine start each, so one test).
 
-
-@pytest.mark.engine
-def test_sigterm_stops_curation_and_every_engine_process(tmp_path, model_path):
-    """A real SIGTERM to `ssb curate` mid-run: it exits with 128 + 15, every engine process it started is gone, and no
-    half-written file is left. Before that, plain progress lines arrive at the configured interval."""
+    A real SIGTERM once a batch is written: the command exits with 128 + 15, every engine process it started is gone,
+    and no half-written file is left; plain progress lines (the output is not a terminal) arrived at the configured
+    interval before. Then the plain command with the default model (worked example on by default for it) on the same
+    directory: it skips what the first run wrote, curates the rest, prints the funnel, and the pairs export as JSONL.
+    """
     import psutil
 
-    data = tmp_path / "train.jsonl"
-    ssb("data", "arith", "--n", "64", "--seed", "0", "--out", str(data))
-    out, log = tmp_path / "pairs", tmp_path / "curate.log"
+    data, out, log = tmp_path / "train.jsonl", tmp_path / "pairs", tmp_path / "curate.log"
+    ssb("data", "arith", "--n", "8", "--seed", "0", "--out", str(data))
+    curate = ["curate", "--data", str(data), "--out", str(out), "--rollout-max-tokens", "96",
+              "--explanation-max-tokens", "160"]
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "curate", "--data", str(data), "--out", str(out), "--batch-size", "8"],
+            [sys.executable, "-m", "cli.main", *curate, "--batch-size", "2"],
             cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
             # The engine in processes of its own, as on a GPU (on a CPU it runs in the command's process by default,
             # which leaves nothing behind): those are what must not outlive the command.
@@ -116,10 +104,10 @@ def test_sigterm_stops_curation_and_every_engine_process(tmp_path, model_path):
         )
         try:
             deadline = time.monotonic() + 300
-            while log.read_text().count("curating:") < 2:
+            while not (written := re.search(r"curating: ([1-9]\d*)/8", log.read_text())):
                 assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, f"no progress lines after 300 s:\n{log.read_text()}"
-                time.sleep(0.5)
+                assert time.monotonic() < deadline, f"no batch written after 300 s:\n{log.read_text()}"
+                time.sleep(0.2)
             engine_processes = psutil.Process(process.pid).children(recursive=True)
             assert engine_processes, "the engine runs in child processes"
             process.send_signal(signal.SIGTERM)
@@ -130,4 +118,16 @@ def test_sigterm_stops_curation_and_every_engine_process(tmp_path, model_path):
     _, alive = psutil.wait_procs(engine_processes, timeout=30)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
     assert not list(out.rglob("*.tmp"))
-    assert re.search(r"curating: \d+/64 \(\d+%\)", log.read_text())
+    assert log.read_text().count("curating:") >= 2
+    first = len(list(out.glob("pairs/*.safetensors"))) + len(list(out.glob("dropped/*.json")))
+    assert 0 < int(written.group(1)) <= first < 8
+
+    result = ssb(*curate)
+    stderr = " ".join(result.stderr.split())
+    assert "Curation funnel" in stderr and "verified pairs written" in stderr
+    assert f"already done (skipped) │ {first} │" in stderr
+    assert "curating: 8/8 (100%)" in stderr
+    exported = [json.loads(line) for line in ssb("pairs", "export", str(out)).stdout.splitlines()]
+    stored = sorted(p.stem for p in (out / "pairs").glob("*.safetensors"))
+    assert sorted(r["problem_id"] for r in exported) == stored
+    assert len(stored) + len(list((out / "dropped").glob("*.json"))) == 8

@@ -1,0 +1,76 @@
+"""Run a command as if on a slower CPU class: a stand-in for the 2-core machines a session does not have.
+
+    python -m benchmarks.slower_cpu --isa avx2 --cpus 1.31 -- make test
+    python -m benchmarks.slower_cpu --isa avx512 -- make demo
+
+`--isa` tells torch and the CPU build of vLLM that the CPU has only AVX2 (vLLM's `_C_AVX2` kernels, float32) or AVX512
+without BF16 (`_C_AVX512`, float32), through `hook/sitecustomize.py` and torch's and oneDNN's own ISA caps.
+`--cpus` caps the command and every process it starts at that many cores' worth of CPU time (a CPU cgroup quota; needs
+root), so that the engine generates about as fast as on the real machine. Calibrated with `benchmarks.engine_threads
+--variants ssb-no-lora` against the one real figure of the AVX2-only class (179.8 tokens/s on a 2-core AMD EPYC,
+docs/BENCHMARKS.md): on an AVX512-BF16 EPYC, `--isa avx2` alone generated 290 tokens/s, with `--cpus 1.24` 160, with
+`--cpus 1.40` 207, so `--cpus 1.31` for that class. The quota slows everything else (Python, the trainer, Redis
+clients) by as much, which the real machine may not: a stand-in, not a measurement of that machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HOOK = Path(__file__).resolve().parent / "hook"
+ISA_ENVIRONMENT = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+}
+CGROUP_NAME = "ssb-slower-cpu"
+PERIOD_US = 100_000
+
+
+def cpu_cgroup(cpus: float) -> Path:
+    """A CPU cgroup capped at `cpus` cores' worth of time per period (cgroup v2's cpu.max, or v1's CFS quota)."""
+    root = Path("/sys/fs/cgroup")
+    quota = int(cpus * PERIOD_US)
+    if (root / "cgroup.controllers").exists():
+        group = root / CGROUP_NAME
+        group.mkdir(exist_ok=True)
+        (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+        return group
+    group = root / "cpu" / CGROUP_NAME
+    group.mkdir(exist_ok=True)
+    (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+    (group / "cpu.cfs_quota_us").write_text(str(quota))
+    return group
+
+
+def run(command: list[str], isa: str | None, cpus: float | None) -> int:
+    environment = dict(os.environ)
+    if isa:
+        environment |= ISA_ENVIRONMENT[isa] | {"SSB_STANDIN_ISA": isa}
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))
+    group = cpu_cgroup(cpus) if cpus else None
+    # The child joins the cgroup before it execs, so everything it starts is capped with it.
+    join = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+    try:
+        return subprocess.call(command, env=environment, preexec_fn=join)
+    finally:
+        if group:
+            try:
+                group.rmdir()
+            except OSError as error:  # a process the command left behind still runs in it
+                print(f"cgroup {group} kept: {error}", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--isa", choices=sorted(ISA_ENVIRONMENT), help="the CPU features to pretend to have")
+    parser.add_argument("--cpus", type=float, help="cap the command at this many cores' worth of CPU time")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (put it after --)")
+    sys.exit(run(command, args.isa, args.cpus))
