@@ -19,6 +19,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HOOK = Path(__file__).resolve().parent / "hook"
@@ -58,10 +59,22 @@ def run(command: list[str], isa: str | None, cpus: float | None) -> int:
         return subprocess.call(command, env=environment, preexec_fn=join)
     finally:
         if group:
-            try:
-                group.rmdir()
-            except OSError as error:  # a process the command left behind still runs in it
-                print(f"cgroup {group} kept: {error}", file=sys.stderr)
+            remove_cgroup(group)
+
+
+def remove_cgroup(group: Path, wait_seconds: float = 30.0) -> None:
+    """Remove the cgroup once the last process in it is gone (a process the command stopped may still be exiting)."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            group.rmdir()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                left = (group / "cgroup.procs").read_text().split()
+                print(f"cgroup {group} kept: {error}; processes still in it: {left}", file=sys.stderr)
+                return
+            time.sleep(0.5)
 
 
 def main() -> None:
