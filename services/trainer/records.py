@@ -30,11 +30,14 @@ return 1
 """
 
 
-# Set fields (ARGV[3:]) unless the record's status is one of the two final ones (ARGV[1], ARGV[2], as stored).
+# Set fields unless the record's status is a final one. ARGV: n, the n final statuses (as stored), then field, value...
 ADVANCE_UNLESS_FINAL = """
+local n = tonumber(ARGV[1])
 local status = redis.call('hget', KEYS[1], 'status')
-if status == ARGV[1] or status == ARGV[2] then return 0 end
-if #ARGV > 2 then redis.call('hset', KEYS[1], unpack(ARGV, 3)) end
+for i = 2, n + 1 do
+  if status == ARGV[i] then return 0 end
+end
+if #ARGV > n + 1 then redis.call('hset', KEYS[1], unpack(ARGV, n + 2)) end
 return 1
 """
 FINAL_JSON = [json.dumps(status) for status in FINAL]
@@ -84,7 +87,8 @@ class Records:
         """Set these fields unless the record is already final; False when it was (nothing written). One atomic
         step: a writer that read the record as running can never overwrite a final state written meanwhile."""
         mapping = [part for name, value in fields.items() for part in (name, json.dumps(value))]
-        return bool(self.redis.eval(ADVANCE_UNLESS_FINAL, 1, self.key(record_id), *FINAL_JSON, *mapping))
+        finals = [len(FINAL_JSON), *FINAL_JSON]
+        return bool(self.redis.eval(ADVANCE_UNLESS_FINAL, 1, self.key(record_id), *finals, *mapping))
 
     def ids(self, limit: int = 100) -> list[str]:
         """Newest first."""
