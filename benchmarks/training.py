@@ -594,6 +594,16 @@ def spawn(args, child: str, tokens: int | None = None) -> dict:
     return result
 
 
+def free_memory_gib(device: str) -> float:
+    """What a measurement may still take: the GPU's free memory on a GPU (host memory is not where it runs out
+    there), else the host's available memory less a margin for the rest of the machine."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0] / GIB
+    return available_memory_gib() - MEMORY_MARGIN_GIB
+
+
 def predicted_reference_gib(smaller: dict, model_gib: float, prompt: int, tokens_small: int, tokens: int) -> float:
     """The reference's peak at `tokens` from its peak at a smaller size (what lies above the model grows with B x S)."""
     return model_gib + (smaller["peak_gib"] - model_gib) * (prompt + tokens) / (prompt + tokens_small)
@@ -617,7 +627,7 @@ def measure_costs(args) -> dict:
                 needed = predicted_reference_gib(
                     smaller, model_only["peak_gib"], args.prompt_tokens, args.comparison_tokens, tokens
                 )
-                free = available_memory_gib() - MEMORY_MARGIN_GIB
+                free = free_memory_gib(args.device)
                 measured[variant] = (
                     spawn(args, variant, tokens)
                     if needed <= free
