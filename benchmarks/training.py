@@ -278,8 +278,9 @@ def measure_step(args) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
     config = TrainConfig(
-        rank=args.rank, alpha=args.rank, temperature=args.temperature, teacher="online" if online else "stored"
-    )
+        rank=args.rank, alpha=args.rank, temperature=args.temperature, teacher="online" if online else "stored",
+        **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
+    )  # fmt: skip
 
     def one_step() -> tuple[float, float, float]:
         started = time.perf_counter()
@@ -564,6 +565,8 @@ def spawn(args, child: str, tokens: int | None = None) -> dict:
         command += ["--shape", args.shape]
     if args.peak_tflops is not None:
         command += ["--peak-tflops", str(args.peak_tflops)]
+    if args.chunk_size is not None:
+        command += ["--chunk-size", str(args.chunk_size)]
     if args.pairs is not None:
         command += ["--pairs", str(args.pairs)]
 
@@ -734,6 +737,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha equal to it).")
     parser.add_argument("--topk", type=int, default=20, help="Stored top-k width of this trainer's step.")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="Positions per chunk of the loss (default: the trainer's, 256)."
+    )
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--steps", type=int, default=1, help="Timed steps per variant, after one warm-up step.")
     parser.add_argument("--seed", type=int, default=0)
@@ -815,6 +821,7 @@ def main() -> None:
             "explanation_tokens": args.explanation_tokens,
             "comparison_tokens": args.comparison_tokens,
             "lora_rank": args.rank,
+            "chunk_size": args.chunk_size,
             "topk": args.topk,
             "temperature": args.temperature,
             "variants": args.variants,
