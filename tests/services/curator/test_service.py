@@ -1,7 +1,7 @@
 """The curator service end to end on real parts: `ssb serve curator` and `ssb worker curate` processes, the real
 teacher service on the small model, Redis, and the pair store on disk.
 
-- 12 arithmetic problems through two workers end with every problem in exactly one final state, and the same pairs
+- 8 arithmetic problems through two workers end with every problem in exactly one final state, and the same pairs
   as in-process `curate()` with the same seed (up to the engine's batch-dependent rounding, measured in the teacher's
   tests);
 - a worker SIGKILLed mid-job loses nothing and doubles nothing: another worker finishes its problems;
@@ -50,18 +50,19 @@ def assert_each_problem_final_once(status: dict, store: PairStore, problem_ids: 
 
 def test_a_dataset_through_two_workers_matches_in_process_curation(curator, curation_run):
     """The session's in-process curation (tests/conftest.py) ran `curate()` on the first 64 arithmetic problems with
-    CURATION_CONFIG; the service curates the first 12 of the same problems with the same options."""
+    CURATION_CONFIG; the service curates the first 8 of the same problems with the same options, one job of 4 per
+    worker."""
     local_problems, local_store, _ = curation_run
-    problems = make_arithmetic_problems(12, seed=0)
-    assert problems == local_problems[:12]
+    problems = make_arithmetic_problems(8, seed=0)
+    assert problems == local_problems[:8]
     options = {**CURATION_CONFIG, "batch_size": 4}
     with curator.client() as http:
         created = http.post("/v1/datasets", json={"rows": rows_of(problems), "name": "arith", "options": options})
         assert created.status_code == 201, created.text
         dataset = created.json()
-        assert (dataset["problems"], dataset["jobs"]) == (12, 3)
+        assert (dataset["problems"], dataset["jobs"]) == (8, 2)
         queued = http.get(f"/v1/datasets/{dataset['id']}").json()
-        assert queued["state"] == "queued" and queued["funnel"]["queued"] == 12
+        assert queued["state"] == "queued" and queued["funnel"]["queued"] == 8
         curator.start_worker(), curator.start_worker()
         status = curator.wait_done(dataset["id"])
         listed = http.get("/v1/datasets").json()["datasets"]
@@ -74,12 +75,12 @@ def test_a_dataset_through_two_workers_matches_in_process_curation(curator, cura
     assert status["tokens_per_second"] > 0 and status["problems_per_minute"] > 0 and status["seconds_left"] == 0
     assert [d["id"] for d in listed] == [dataset["id"]]
     assert sorted(p["problem_id"] for p in exported) == store.pair_ids()
-    assert len(exported) + len(dropped) == 12
+    assert len(exported) + len(dropped) == 8
 
     # The same outcomes as in-process curation, problem by problem, wherever the engine's samples agree.
     same_outcome = sum(store.outcome(p.id) == local_store.outcome(p.id) for p in problems)
-    print(f"\nservice vs in-process: {same_outcome}/12 outcomes, {status['funnel']}")
-    assert same_outcome >= 10
+    print(f"\nservice vs in-process: {same_outcome}/8 outcomes, {status['funnel']}")
+    assert same_outcome >= 6
     for problem_id in set(store.pair_ids()) & set(local_store.pair_ids()):
         mine, theirs = store.load_pair(problem_id), local_store.load_pair(problem_id)
         assert mine.record.student_prompt == theirs.record.student_prompt
