@@ -270,7 +270,7 @@ def test_evaluation_of_base_and_adapter_through_the_teacher(trainer):
     run = trainer.finished.get("run") or pytest.skip("needs the run of the resume test")
     problems = [{"question": p.question, "answer": p.answer} for p in make_arithmetic_problems(2, seed=5)]
     with trainer.client() as http:
-        created = http.post("/v1/evals", json={"models": ["base", run["id"]], "problems": problems, "max_tokens": 48})
+        created = http.post("/v1/evals", json={"models": ["base", run["id"]], "problems": problems, "max_tokens": 32})
         assert created.status_code == 202, created.text
         eval_id = created.json()["id"]
     done = trainer.wait_for(f"/v1/evals/{eval_id}", lambda e: e["status"] in ("succeeded", "failed"))
