@@ -279,7 +279,7 @@ def measure_step(args) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
     config = TrainConfig(
         rank=args.rank, alpha=args.rank, temperature=args.temperature, teacher="online" if online else "stored",
-        **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
+        **({"chunk_size": args.chunk_size} if args.chunk_size is not None else {}),
     )  # fmt: skip
 
     def one_step() -> tuple[float, float, float]:
@@ -778,7 +778,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--child", choices=["model", *VARIANT_NAMES, "fidelity"], help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.chunk_size is not None and args.chunk_size < 1:
+        parser.error(f"--chunk-size must be at least 1 (got {args.chunk_size})")
+    return args
 
 
 def main() -> None:
