@@ -3,11 +3,22 @@
 The engine starts once (about half a minute on the CPU) the first time a test asks for it; tests that need it carry the
 `engine` marker. The tests that serve a LoRA adapter in-process share a second engine built for LoRA (`lora_engine`).
 The default model is pulled by `make model` (a dependency of `make test`) or here on first use.
+
+Every engine of the suite, in-process or in a process it starts, computes in float32 (`SSB_DTYPE`; set it to run the
+suite in another dtype). The suite compares engines that see different batches (in-process against the service, the
+merged copy against the LoRA, curation by two workers against one process), and only float32 gives numbers that do not
+change with the batch on every CPU: in bfloat16 on a CPU with AMX, vLLM's kernels change the logits with the batch's
+shape (the same prompt and seed, alone and in a batch of 8: 0 of 4 samples the same, each parting after 9 to 34
+tokens; in float32 4 of 4), and the CPUs without BF16 run float32 anyway.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ.setdefault("SSB_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")
@@ -24,22 +35,31 @@ def model_path(settings) -> str:
     return ensure_model(None, settings)
 
 
+def engine_dtype(engine) -> str:
+    """The dtype an engine computes in, "auto" resolved."""
+    from services.teacher.engine import native_dtype
+
+    return native_dtype() if engine.options.dtype == "auto" else engine.options.dtype
+
+
 @pytest.fixture(scope="session")
-def engine(model_path):
+def engine(model_path, settings):
     """The base model without LoRA support: on a CPU, an engine built for LoRA runs plain requests at less than half
     the speed (docs/BENCHMARKS.md, "what LoRA support costs on a CPU"), and most tests need no adapter."""
     from services.teacher.engine import EngineOptions, TeacherEngine
 
-    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=2, max_logprobs=64, enable_lora=False)) as engine:
+    options = EngineOptions(model=model_path, dtype=settings.dtype, kv_cache_gib=2, max_logprobs=64, enable_lora=False)
+    with TeacherEngine(options) as engine:
         yield engine
 
 
 @pytest.fixture(scope="session")
-def lora_engine(model_path):
+def lora_engine(model_path, settings):
     """A second engine on the same model, built for LoRA adapters, for the tests that serve one in-process."""
     from services.teacher.engine import EngineOptions, TeacherEngine
 
-    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=0.5, max_logprobs=64, enable_lora=True)) as engine:
+    options = EngineOptions(model=model_path, dtype=settings.dtype, kv_cache_gib=0.5, max_logprobs=64, enable_lora=True)
+    with TeacherEngine(options) as engine:
         yield engine
 
 

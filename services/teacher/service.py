@@ -77,6 +77,7 @@ class Overloaded(Refused):
 def engine_options(settings: TeacherSettings, model_path: str) -> EngineOptions:
     return EngineOptions(
         model=model_path,
+        dtype=settings.dtype,
         max_model_len=settings.max_model_len,
         max_logprobs=settings.max_logprobs,
         kv_cache_gib=settings.kv_cache_gib,

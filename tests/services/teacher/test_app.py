@@ -60,3 +60,15 @@ def test_openapi_documents_every_endpoint_and_field(open_app):
     request = schema["components"]["schemas"]["RolloutsRequest"]
     assert all("description" in field for field in request["properties"].values())
     assert request["properties"]["questions"]["maxItems"] == 256
+
+
+def test_the_engine_is_built_as_the_settings_say():
+    from services.teacher.service import engine_options
+
+    settings = TeacherSettings(
+        dtype="bfloat16", kv_cache_gib=0.75, max_model_len=2048, max_logprobs=8, seed=5, enable_lora=False
+    )
+    options = engine_options(settings, "/models/small")
+    built = (options.model, options.dtype, options.kv_cache_gib, options.max_model_len, options.max_logprobs)
+    assert built == ("/models/small", "bfloat16", 0.75, 2048, 8)
+    assert (options.seed, options.enable_lora) == (5, False)

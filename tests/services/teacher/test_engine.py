@@ -4,6 +4,7 @@ import math
 
 from shared.prompts import build_student_messages
 from shared.schemas import SamplingSettings
+from tests.conftest import engine_dtype
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does Tom have now?"
 
@@ -38,7 +39,8 @@ def test_logprobs_are_the_unmodified_distribution_not_the_temperature_scaled_one
     """Generate at T=0.4 with top-k log-probabilities, then score the same token ids in a separate pass.
 
     The scoring pass sees no temperature, so its numbers are the model's own distribution. The stored ones agree with it
-    up to bf16 noise, and are far from what temperature scaling would give (log_softmax(logp / T)).
+    up to the engine's rounding (float32: about 1e-5 on average; bfloat16: 0.08 to 0.10 measured on an AMX CPU), and
+    are far from what temperature scaling would give (log_softmax(logp / T)).
     """
     k, temperature = 20, 0.4
     prompt = engine.render(build_student_messages(QUESTION))
@@ -63,5 +65,6 @@ def test_logprobs_are_the_unmodified_distribution_not_the_temperature_scaled_one
     assert len(raw_diffs) > 10 * k
     mean_raw = sum(raw_diffs) / len(raw_diffs)
     mean_tempered = sum(tempered_diffs) / len(tempered_diffs)
-    assert mean_raw < 0.1, f"stored vs scored log-probabilities differ by {mean_raw:.3f} on average"
+    bound = 0.2 if engine_dtype(engine) == "bfloat16" else 1e-3
+    assert mean_raw < bound, f"stored vs scored log-probabilities differ by {mean_raw:.3g} on average"
     assert mean_tempered > 10 * mean_raw, (mean_raw, mean_tempered)

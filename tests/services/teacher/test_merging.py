@@ -13,6 +13,7 @@ from services.teacher.merging import merge_adapter
 from shared.arithmetic import make_arithmetic_problems
 from shared.prompts import build_student_messages
 from shared.schemas import SamplingSettings
+from tests.conftest import engine_dtype
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -38,11 +39,12 @@ def small_adapter(model_path, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def merged_engine(small_adapter, model_path, tmp_path_factory):
+def merged_engine(small_adapter, model_path, settings, tmp_path_factory):
     from services.teacher.engine import EngineOptions, TeacherEngine
 
     merged = merge_adapter(small_adapter, model_path, tmp_path_factory.mktemp("merged"))
-    with TeacherEngine(EngineOptions(model=str(merged), enable_lora=False, kv_cache_gib=1)) as engine:
+    options = EngineOptions(model=str(merged), dtype=settings.dtype, enable_lora=False, kv_cache_gib=1)
+    with TeacherEngine(options) as engine:
         yield engine
 
 
@@ -97,12 +99,6 @@ def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, sm
     bound = 0.15 if engine_dtype(engine) == "bfloat16" else 1e-3
     assert mean_merged < bound, f"merged vs LoRA log-probabilities differ by {mean_merged:.3f} on average"
     assert mean_merged < mean_base / 3, (mean_merged, mean_base)
-
-
-def engine_dtype(engine) -> str:
-    from services.teacher.engine import native_dtype
-
-    return native_dtype() if engine.options.dtype == "auto" else engine.options.dtype
 
 
 def demo_held_out_problems() -> int:

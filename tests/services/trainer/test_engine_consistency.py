@@ -6,9 +6,10 @@
   trains on what curation wrote; no step runs at a learning rate of 0.
 - LoRA parity: vLLM serving the trained adapter as a LoRA scores a text as peft does.
 
-Tolerances. transformers runs in float32. The engine runs in bfloat16 on a CPU with AVX512-BF16 (and on a GPU) and in
-float32 elsewhere (`services.teacher.engine.native_dtype`); the bounds depend on which. bfloat16 keeps 8 significant
-bits, so every layer of the model rounds its activations by up to 0.4%, and log-probabilities drift by a few
+Tolerances. transformers runs in float32. The suite's engines run in float32 (tests/conftest.py); with
+`SSB_DTYPE=auto` they run in bfloat16 on a CPU with AVX512-BF16 (and on a GPU), and the bounds depend on which.
+bfloat16 keeps 8 significant bits, so every layer of the model rounds its activations by up to 0.4%, and
+log-probabilities drift by a few
 hundredths on average and some tenths at the worst token (two bfloat16 vLLM passes over the same tokens already
 differ by 0.022 on average and 0.23 at most on sampled tokens). Measured on a 2-core AVX512-BF16 machine
 (2026-11-26), over all top-20 entries, in two sessions (different curated pairs):
@@ -43,6 +44,7 @@ from services.trainer.data import build_example, collate_examples
 from services.trainer.losses import kl_on_topk
 from services.trainer.modeling import trainer_logits
 from shared.storage import PairStore
+from tests.conftest import engine_dtype
 
 # (mean |difference|, largest |difference|) of log-probabilities at the stored top-k ids, and the mean KL at T = 1.
 TOLERANCES = {
@@ -52,13 +54,6 @@ TOLERANCES = {
 # LoRA parity on a short text: the first SCORED_TOKENS explanation tokens of one pair after its student prompt.
 SCORED_TOKENS = 24
 SCORED_TOPK = 20
-
-
-def engine_dtype(engine) -> str:
-    from services.teacher.engine import native_dtype
-
-    dtype = engine.options.dtype
-    return native_dtype() if dtype == "auto" else dtype
 
 
 def load_float32_model(model_path):
