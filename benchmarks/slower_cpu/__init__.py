@@ -1,7 +1,7 @@
 """Run a command as if on a slower CPU class: a stand-in for the 2-core machines a session does not have.
 
     python -m benchmarks.slower_cpu --isa avx2 --cpus 1.31 -- make test
-    python -m benchmarks.slower_cpu --isa avx512 -- make demo
+    python -m benchmarks.slower_cpu --isa avx512 --cpus 1.0 -- make demo
 
 `--isa` tells torch and the CPU build of vLLM that the CPU has only AVX2 (vLLM's `_C_AVX2` kernels, float32) or AVX512
 without BF16 (`_C_AVX512`, float32), through `hook/sitecustomize.py` and torch's and oneDNN's own ISA caps.
@@ -9,8 +9,11 @@ without BF16 (`_C_AVX512`, float32), through `hook/sitecustomize.py` and torch's
 root), so that the engine generates about as fast as on the real machine. Calibrated with `benchmarks.engine_threads
 --variants ssb-no-lora` against the one real figure of the AVX2-only class (179.8 tokens/s on a 2-core AMD EPYC,
 docs/BENCHMARKS.md): on an AVX512-BF16 EPYC, `--isa avx2` alone generated 290 tokens/s, with `--cpus 1.24` 160, with
-`--cpus 1.40` 207, so `--cpus 1.31` for that class. The quota slows everything else (Python, the trainer, Redis
-clients) by as much, which the real machine may not: a stand-in, not a measurement of that machine.
+`--cpus 1.40` 207, so `--cpus 1.31` for that class. For the AVX512-without-BF16 class, `--isa avx512 --cpus 1.0`:
+on an Intel Xeon with AMX, `--variants ssb-processes-no-lora` gave 453 tokens/s with `--isa avx512` alone and 217-225
+with `--cpus 1.0`, against 217 in that class's one probe (plain vLLM, the same binding). The quota slows everything
+else (Python, the trainer, Redis clients) by as much, which the real machine may not: a stand-in, not a measurement
+of that machine.
 """
 
 from __future__ import annotations
