@@ -64,8 +64,10 @@ def lora_engine(model_path, settings):
 
 
 # How the session's curated pairs are made: the curation test's settings (paper sampling, the worked example, the
-# demo's token limits, top-20), on the first CURATED_PROBLEMS arithmetic problems of seed 0.
-CURATED_PROBLEMS = 64
+# demo's token limits, top-20), on the first CURATED_PROBLEMS arithmetic problems of seed 0. In float32 the outcome
+# depends on neither the batch nor the CPU (each problem has its own seed): problems 7, 11 and 28 pair, the three pairs
+# the tests below need (of 64 problems, 51 and 56 pair too; 64 took 67 s natively on an AMX Xeon, 32 half of it).
+CURATED_PROBLEMS = 32
 
 
 CURATION_CONFIG = dict(k=4, seed=0, worked_example=True, rollout_max_tokens=192, explanation_max_tokens=256, topk=20)

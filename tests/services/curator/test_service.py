@@ -49,7 +49,7 @@ def assert_each_problem_final_once(status: dict, store: PairStore, problem_ids: 
 
 
 def test_a_dataset_through_two_workers_matches_in_process_curation(curator, curation_run):
-    """The session's in-process curation (tests/conftest.py) ran `curate()` on the first 64 arithmetic problems with
+    """The session's in-process curation (tests/conftest.py) ran `curate()` on the first 32 arithmetic problems with
     CURATION_CONFIG; the service curates the first 8 of the same problems with the same options, in two jobs of 4
     for the two workers."""
     local_problems, local_store, _ = curation_run

@@ -102,8 +102,9 @@ def test_trainer_teacher_reproduces_the_stored_top_k(curated_pairs, base_model, 
 
 @pytest.fixture(scope="module")
 def trained_on_curated_pairs(curated_pairs, model_path, tmp_path_factory):
-    """Two steps of the default configuration (teacher resolved to online at T = 2, cosine with 10% warm-up) on four
-    curated pairs, two per step, at a learning rate high enough to move the log-probabilities visibly; rank 8."""
+    """Two steps of the default configuration (teacher resolved to online at T = 2, cosine with 10% warm-up) on the
+    curated pairs (three or more), two per step, at a learning rate high enough to move the log-probabilities
+    visibly; rank 8."""
     config = TrainConfig(rank=8, alpha=16, lr=2e-3, batch_size=2, max_steps=2, chunk_size=128)
     steps = []
     from services.trainer.training import train
