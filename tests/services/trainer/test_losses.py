@@ -146,7 +146,7 @@ def test_topk_is_invariant_to_vocabulary_order() -> None:
     mask = _all_true(1, 3)
     base = kl_on_topk(logits, ids, logprobs, mask)
     permuted = kl_on_topk(permuted_logits, perm[ids], logprobs, mask)
-    assert permuted.total.item() == pytest.approx(base.total.item(), abs=1e-6)
+    assert permuted.total.item() == pytest.approx(base.total.item(), rel=1e-5)  # the sum's order moves the last bits
 
 
 def _chunk_case(seed: int = 0):
