@@ -66,7 +66,8 @@ def lora_engine(model_path, settings):
 # How the session's curated pairs are made: the curation test's settings (paper sampling, the worked example, the
 # demo's token limits, top-20), on the first CURATED_PROBLEMS arithmetic problems of seed 0. In float32 the outcome
 # depends on neither the batch nor the CPU (each problem has its own seed): problems 7, 11 and 28 pair, the three pairs
-# the tests below need (of 64 problems, 51 and 56 pair too; 64 took 67 s natively on an AMX Xeon, 32 half of it).
+# the tests need (two training steps of two pairs). Of 64 problems 51 and 56 pair too; on an AMX Xeon the curation with
+# its engine's start took 80 s for 64 problems and 55 s for 32.
 CURATED_PROBLEMS = 32
 
 
