@@ -46,7 +46,7 @@ def wait_for(http: httpx.Client, path: str, done, log, timeout: float = 600) -> 
         time.sleep(0.5)
 
 
-def chosen_problems(curation_run, paired: int = 2, others: int = 2) -> list[dict]:
+def chosen_problems(curation_run, paired: int = 2, others: int = 1) -> list[dict]:
     """A few of the session's curated problems (tests/conftest.py), some that paired in-process and some that did not:
     the topology curates them with the same seed and options, so it pairs at least one (the service agrees with
     in-process curation problem by problem, tests/services/curator), and the training run has data."""
@@ -126,8 +126,8 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
         assert any("lora_" in name for name, _ in adapted.named_parameters())
 
         # The same intake through `ssb submit --wait`, as a user types it.
-        path = tmp_path / "three.jsonl"
-        path.write_text("".join(json.dumps(p) + "\n" for p in problems[:3]))
+        path = tmp_path / "one.jsonl"
+        path.write_text(json.dumps(problems[0]) + "\n")
         submit = [sys.executable, "-m", "cli.main", "submit", str(path), "--curator", ready["curator"], "--wait"]
         submit += ["--options", json.dumps({"rollout_max_tokens": 64, "explanation_max_tokens": 64})]
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)

@@ -91,7 +91,7 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_the_rerun_finishes(
     import psutil
 
     data, out, log = tmp_path / "train.jsonl", tmp_path / "pairs", tmp_path / "curate.log"
-    ssb("data", "arith", "--n", "8", "--seed", "0", "--out", str(data))
+    ssb("data", "arith", "--n", "6", "--seed", "0", "--out", str(data))
     curate = ["curate", "--data", str(data), "--out", str(out), "--rollout-max-tokens", "96",
               "--explanation-max-tokens", "160"]
     with open(log, "w") as log_file:
@@ -104,7 +104,7 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_the_rerun_finishes(
         )
         try:
             deadline = time.monotonic() + 300
-            while not (written := re.search(r"curating: ([1-9]\d*)/8", log.read_text())):
+            while not (written := re.search(r"curating: ([1-9]\d*)/6", log.read_text())):
                 assert process.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, f"no batch written after 300 s:\n{log.read_text()}"
                 time.sleep(0.2)
@@ -120,14 +120,14 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_the_rerun_finishes(
     assert not list(out.rglob("*.tmp"))
     assert log.read_text().count("curating:") >= 2
     first = len(list(out.glob("pairs/*.safetensors"))) + len(list(out.glob("dropped/*.json")))
-    assert 0 < int(written.group(1)) <= first < 8
+    assert 0 < int(written.group(1)) <= first < 6
 
     result = ssb(*curate)
     stderr = " ".join(result.stderr.split())
     assert "Curation funnel" in stderr and "verified pairs written" in stderr
     assert f"already done (skipped) │ {first} │" in stderr
-    assert "curating: 8/8 (100%)" in stderr
+    assert "curating: 6/6 (100%)" in stderr
     exported = [json.loads(line) for line in ssb("pairs", "export", str(out)).stdout.splitlines()]
     stored = sorted(p.stem for p in (out / "pairs").glob("*.safetensors"))
     assert sorted(r["problem_id"] for r in exported) == stored
-    assert len(stored) + len(list((out / "dropped").glob("*.json"))) == 8
+    assert len(stored) + len(list((out / "dropped").glob("*.json"))) == 6

@@ -63,7 +63,8 @@ def test_mean_pass_at_k_averages_over_problems():
 
 
 def test_mcnemar_by_hand():
-    # Discordant problems: first alone right on 1, second alone right on 5. Two-sided exact p = 2 * P(X <= 1), X ~ B(6, 1/2)
+    # Discordant problems: first alone right on 1, second alone right on 5.
+    # Two-sided exact p = 2 * P(X <= 1), X ~ B(6, 1/2)
     first = [True] * 3 + [True] + [False] * 5 + [None] * 2
     second = [True] * 3 + [False] + [True] * 5 + [False] * 2
     test = mcnemar(first, second)

@@ -1,6 +1,6 @@
 """Curation on the real engine and model: pairs are verified, complete, aligned with the tokens, and written once.
 
-The session's curation (`curation_run` in tests/conftest.py: 32 arithmetic problems of seed 0, paper sampling, the
+The session's curation (`curation_run` in tests/conftest.py: ten arithmetic problems of seed 0, paper sampling, the
 worked example, the demo's token limits, top-20) is checked here; the 200-problem yardstick (at least 10 pairs) is in
 `make bench` (benchmarks/curation.py), where its minutes do not weigh on the test suite.
 """
@@ -8,7 +8,7 @@ worked example, the demo's token limits, top-20) is checked here; the 200-proble
 from services.curator.curation import curate
 from shared.grading import grade_response
 from shared.settings import CurationConfig
-from tests.conftest import CURATED_PROBLEMS, CURATION_CONFIG
+from tests.conftest import CURATION_CONFIG, SESSION_PROBLEMS
 
 CONFIG = CurationConfig(**CURATION_CONFIG)
 
@@ -26,7 +26,7 @@ def test_funnel_accounts_for_every_problem(curation_run):
 
 def test_pairs_are_verified_and_aligned_with_their_tokens(curation_run, engine):
     _, store, funnel = curation_run
-    assert funnel.pairs >= 3, f"only {funnel.pairs} verified pairs from {CURATED_PROBLEMS} arithmetic problems"
+    assert funnel.pairs >= 3, f"only {funnel.pairs} verified pairs from {len(SESSION_PROBLEMS)} arithmetic problems"
     for pair in store.iter_pairs():
         record = pair.record
         assert grade_response(record.gold, record.explanation).correct is True

@@ -143,7 +143,7 @@ def lora_adapter(model_path, tmp_path_factory) -> str:
 
 
 def test_base_and_adapter_side_by_side_on_the_real_engine(lora_engine, lora_adapter):
-    problems = make_arithmetic_problems(4, seed=1)
+    problems = make_arithmetic_problems(2, seed=1)
     config = EvalConfig(samples=2, max_tokens=32, worked_example=True)
     report = evaluate(problems, lora_engine, config, adapters=[None, lora_adapter], benchmark="arith-s1")
 
