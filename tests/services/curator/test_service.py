@@ -228,8 +228,8 @@ def test_submit_waits_with_a_progress_bar_and_prints_the_funnel(curator, tmp_pat
     import subprocess
     import sys
 
-    problems = make_arithmetic_problems(4, seed=21)
-    path = tmp_path / "four.jsonl"
+    problems = make_arithmetic_problems(2, seed=21)
+    path = tmp_path / "two.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows_of(problems)))
     curator.start_worker()
     options = json.dumps({"rollout_max_tokens": 96, "explanation_max_tokens": 96})
