@@ -40,9 +40,7 @@ from cli.runtime import (
     exit_on_signals,
     fail,
     print_funnel,
-    progress_bar,
     resolve_worked_example,
-    start_engine,
 )
 from cli.submit_command import submit_command
 from cli.train_command import train_command
