@@ -12,10 +12,9 @@ docs/BENCHMARKS.md): on an AVX512-BF16 EPYC, `--isa avx2` alone generated 290 to
 `--cpus 1.40` 207, so `--cpus 1.31` for that class. For the AVX512-without-BF16 class, `--isa avx512 --cpus 1.0`:
 on an Intel Xeon with AMX, `--variants ssb-processes-no-lora` gave 453 tokens/s with `--isa avx512` alone and 217-225
 with `--cpus 1.0`, against 217 in that class's one probe (plain vLLM, the same binding). The quota depends on the
-host: calibrate it on yours (another AVX512-BF16 EPYC needed `--isa avx2 --cpus 1.12` and `--isa avx512 --cpus
-1.07`; the AMX Xeon `--isa avx2 --cpus 1.05`). The quota slows everything
-else (Python, the trainer, Redis clients) by as much, which the real machine may not: a stand-in, not a measurement
-of that machine.
+host: calibrate it on yours (another AVX512-BF16 EPYC needed `--isa avx2 --cpus 1.12` and `--isa avx512 --cpus 1.07`;
+the AMX Xeon `--isa avx2 --cpus 1.05`). The quota slows everything else (Python, the trainer, Redis clients) by as
+much, which the real machine may not: a stand-in, not a measurement of that machine.
 """
 
 from __future__ import annotations
