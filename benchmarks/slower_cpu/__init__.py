@@ -15,6 +15,12 @@ with `--cpus 1.0`, against 217 in that class's one probe (plain vLLM, the same b
 host: calibrate it on yours (another AVX512-BF16 EPYC needed `--isa avx2 --cpus 1.12` and `--isa avx512 --cpus 1.07`;
 the AMX Xeon `--isa avx2 --cpus 1.05`). The quota slows everything else (Python, the trainer, Redis clients) by as
 much, which the real machine may not: a stand-in, not a measurement of that machine.
+
+`--clock F` slows the machine the other way: on each core a real-time process (`burner.py`) takes the last 1 - F of
+every 2 ms, all cores in step, so the command's processes get the share F of every core, as on a machine whose
+clock is F times this one's. Serial work (one Python process while the others wait) slows as much as the engine's
+parallel work, where a quota leaves it at full speed when it runs alone. The two bracket a real machine that is
+slower at the engine's vector work than at plain Python: the quota estimates low, the clock high.
 """
 
 from __future__ import annotations
@@ -51,17 +57,28 @@ def cpu_cgroup(cpus: float) -> Path:
     return group
 
 
-def run(command: list[str], isa: str | None, cpus: float | None) -> int:
+def start_burners(fraction: float) -> list[subprocess.Popen]:
+    """One burner per core this process may run on (needs the right to real-time scheduling: root)."""
+    command = [sys.executable, "-m", "benchmarks.slower_cpu.burner", "--fraction", str(fraction)]
+    repo = Path(__file__).resolve().parents[2]
+    return [subprocess.Popen([*command, "--cpu", str(cpu)], cwd=repo) for cpu in sorted(os.sched_getaffinity(0))]
+
+
+def run(command: list[str], isa: str | None, cpus: float | None, clock: float | None = None) -> int:
     environment = dict(os.environ)
     if isa:
         environment |= ISA_ENVIRONMENT[isa] | {"SSB_STANDIN_ISA": isa}
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))
     group = cpu_cgroup(cpus) if cpus else None
+    burners = start_burners(clock) if clock else []
     # The child joins the cgroup before it execs, so everything it starts is capped with it.
     join = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
     try:
         return subprocess.call(command, env=environment, preexec_fn=join)
     finally:
+        for burner in burners:
+            burner.terminate()
+            burner.wait()
         if group:
             remove_cgroup(group)
 
@@ -85,9 +102,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--isa", choices=sorted(ISA_ENVIRONMENT), help="the CPU features to pretend to have")
     parser.add_argument("--cpus", type=float, help="cap the command at this many cores' worth of CPU time")
+    parser.add_argument("--clock", type=float, help="leave the command this share of every core, as a slower clock")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (put it after --)")
-    sys.exit(run(command, args.isa, args.cpus))
+    if args.clock is not None and not 0 < args.clock <= 1:
+        parser.error(f"--clock must be in (0, 1], got {args.clock}")
+    sys.exit(run(command, args.isa, args.cpus, args.clock))
