@@ -61,7 +61,18 @@ def start_burners(fraction: float) -> list[subprocess.Popen]:
     """One burner per core this process may run on (needs the right to real-time scheduling: root)."""
     command = [sys.executable, "-m", "benchmarks.slower_cpu.burner", "--fraction", str(fraction)]
     repo = Path(__file__).resolve().parents[2]
-    return [subprocess.Popen([*command, "--cpu", str(cpu)], cwd=repo) for cpu in sorted(os.sched_getaffinity(0))]
+    burners = [subprocess.Popen([*command, "--cpu", str(cpu)], cwd=repo) for cpu in sorted(os.sched_getaffinity(0))]
+    time.sleep(0.5)  # a burner that cannot run exits at once (it says why): then nothing runs unthrottled
+    if any(burner.poll() is not None for burner in burners):
+        stop_burners(burners)
+        sys.exit("--clock: a burner could not start (its message is above)")
+    return burners
+
+
+def stop_burners(burners: list[subprocess.Popen]) -> None:
+    for burner in burners:
+        burner.terminate()
+        burner.wait()
 
 
 def run(command: list[str], isa: str | None, cpus: float | None, clock: float | None = None) -> int:
@@ -76,9 +87,7 @@ def run(command: list[str], isa: str | None, cpus: float | None, clock: float | 
     try:
         return subprocess.call(command, env=environment, preexec_fn=join)
     finally:
-        for burner in burners:
-            burner.terminate()
-            burner.wait()
+        stop_burners(burners)
         if group:
             remove_cgroup(group)
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 
 def burn(cpu: int, fraction: float, period_ns: int) -> None:
     os.sched_setaffinity(0, {cpu})
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))  # preempts every ordinary process on this core
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))  # preempts every ordinary process on this core
+    except PermissionError:
+        sys.exit(f"burner on cpu {cpu}: real-time scheduling is not allowed here (it needs root or CAP_SYS_NICE)")
     parent, idle_ns = os.getppid(), int(fraction * period_ns)
     while os.getppid() == parent:
         start = time.monotonic_ns() // period_ns * period_ns
