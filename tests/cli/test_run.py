@@ -1,17 +1,32 @@
-"""`ssb run`, the main job, as a user runs it: a real process on the real engine and model, end to end.
+"""`ssb curate` stopped by SIGTERM, then `ssb run`, the main job, resuming it: real processes on the real engine and
+model, end to end, with one engine start for each command (the two commands share one test for that reason).
 
-It starts from the session's curated pairs (a rerun skips every problem already curated, so the run is quick and the
-skip is exercised too), evaluates the base model on held-out problems, trains one step, evaluates the adapter merged
-into a copy of the base weights, and prints the paired comparison.
+`ssb curate`, the plain command on the default model (the worked example on by default for it), is stopped by a real
+SIGTERM once a batch is written: it exits with 128 + 15, every engine process it started is gone, no half-written file
+is left, and plain progress lines (the output is not a terminal) arrived at the configured interval before. `ssb run`
+on the same directory skips what was written, curates the rest, evaluates the base model on held-out problems, trains
+one step, evaluates the adapter merged into a copy of the base weights, and prints the paired comparison; the pairs
+export as JSONL.
 """
 
 import json
-import shutil
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
+
+from shared.arithmetic import make_arithmetic_problems
+
 REPO = Path(__file__).resolve().parents[2]
+# Four of the session's problems (tests/conftest.py): in float32 each problem's outcome depends on neither the batch
+# nor the CPU, and with these options 7, 11 and 28 pair, so the first batch holds a pair and the run has three to train.
+PROBLEMS = (6, 7, 11, 28)
+LIMITS = ("--rollout-max-tokens", "192", "--explanation-max-tokens", "256")
 
 
 def ssb(*args: str) -> subprocess.CompletedProcess:
@@ -19,27 +34,59 @@ def ssb(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
-def test_run_curates_trains_and_compares_base_and_merged_adapter(curation_run, curated_pairs, tmp_path):
-    problems = curation_run[0]
-    out = tmp_path / "run"
-    shutil.copytree(curated_pairs, out / "pairs")
-    train, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
-    train.write_text("".join(p.model_dump_json(exclude_none=True) + "\n" for p in problems))
+def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_trains_and_compares(tmp_path):
+    problems = make_arithmetic_problems(max(PROBLEMS) + 1, seed=0)
+    train, held_out, log = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl", tmp_path / "curate.log"
+    train.write_text("".join(problems[i].model_dump_json(exclude_none=True) + "\n" for i in PROBLEMS))
     assert ssb("data", "arith", "--n", "4", "--seed", "1", "--out", str(held_out)).returncode == 0
+    out = tmp_path / "run"
+    pairs = out / "pairs"  # where `ssb run --out OUT` keeps its curation
+
+    curate = [sys.executable, "-m", "cli.main", "curate", "--data", str(train), "--out", str(pairs), *LIMITS]
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [*curate, "--batch-size", "2"], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+            # The engine in processes of its own, as on a GPU (on a CPU it runs in the command's process by default,
+            # which leaves nothing behind): those are what must not outlive the command.
+            env={**os.environ, "SSB_PROGRESS_INTERVAL": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not (written := re.search(r"curating: ([1-9]\d*)/4", log.read_text())):
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"no batch written after 300 s:\n{log.read_text()}"
+                time.sleep(0.2)
+            engine_processes = psutil.Process(process.pid).children(recursive=True)
+            assert engine_processes, "the engine runs in child processes"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=120) == 128 + signal.SIGTERM
+        finally:
+            if process.poll() is None:
+                process.kill()
+    _, alive = psutil.wait_procs(engine_processes, timeout=30)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
+    assert not list(pairs.rglob("*.tmp"))
+    assert log.read_text().count("curating:") >= 2
+    first = len(list(pairs.glob("pairs/*.safetensors"))) + len(list(pairs.glob("dropped/*.json")))
+    assert 0 < int(written.group(1)) <= first < 4
 
     result = ssb(
-        "run", "--train", str(train), "--eval", str(held_out), "--out", str(out),
-        "--rollout-max-tokens", "192", "--explanation-max-tokens", "256", "--eval-max-tokens", "32",
-        "--max-steps", "1",
+        "run", "--train", str(train), "--eval", str(held_out), "--out", str(out), *LIMITS,
+        "--eval-max-tokens", "32", "--max-steps", "1",
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    log = " ".join(result.stderr.split())
-    skipped = len(problems)
-    assert f"already done (skipped) │ {skipped}" in log or f"already done (skipped) {skipped}" in log
-    assert "McNemar's exact p =" in log and "training: 1 steps" in log
+    stderr = " ".join(result.stderr.split())
+    assert "Curation funnel" in stderr and "verified pairs written" in stderr
+    assert f"already done (skipped) │ {first} │" in stderr
+    assert "McNemar's exact p =" in stderr and "training: 1 steps" in stderr
     report = json.loads((out / "eval.json").read_text())
     assert [(row["name"], row["served"]) for row in report["rows"]] == [("base", None), ("adapter", "merged")]
     assert report["benchmark"] == "held_out" and len(report["problems"]) == 4
     assert all(set(p["answers"]) == {"base", "adapter"} for p in report["problems"])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter" / "training_config.json").read_text())
+
+    exported = [json.loads(line) for line in ssb("pairs", "export", str(pairs)).stdout.splitlines()]
+    stored = sorted(p.stem for p in (pairs / "pairs").glob("*.safetensors"))
+    assert stored and sorted(r["problem_id"] for r in exported) == stored
+    assert len(stored) + len(list((pairs / "dropped").glob("*.json"))) == len(PROBLEMS)
