@@ -102,8 +102,8 @@ def assert_same_sample_up_to_rounding(mine, theirs) -> None:
 
 
 def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(curator):
-    problems = make_arithmetic_problems(6, seed=7)
-    options = {**CURATION_CONFIG, "seed": 7, "batch_size": 3, "rollout_max_tokens": 128, "explanation_max_tokens": 128}
+    problems = make_arithmetic_problems(4, seed=7)
+    options = {**CURATION_CONFIG, "seed": 7, "batch_size": 2, "rollout_max_tokens": 96, "explanation_max_tokens": 96}
     with curator.client() as http:
         dataset = http.post("/v1/datasets", json={"rows": rows_of(problems), "options": options}).json()
         victim = curator.start_worker()
@@ -250,7 +250,7 @@ def test_a_problem_the_teacher_refuses_fails_alone_with_its_reason(curator):
     one at a time, and only that problem ends `failed`, with the teacher's message; the others are curated."""
     problems = rows_of(make_arithmetic_problems(3, seed=13))
     problems[1]["question"] = "How many apples? " * 3000
-    options = {**CURATION_CONFIG, "seed": 13, "rollout_max_tokens": 64, "explanation_max_tokens": 64}
+    options = {**CURATION_CONFIG, "k": 2, "seed": 13, "rollout_max_tokens": 64, "explanation_max_tokens": 64}
     with curator.client() as http:
         dataset = http.post("/v1/datasets", json={"rows": problems, "options": options}).json()
     curator.start_worker()
