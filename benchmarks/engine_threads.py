@@ -16,6 +16,10 @@ core in the calling process). Each of those engines is built for LoRA adapters, 
 `ssb-no-lora` is `ssb` without LoRA support, as `ssb curate`, `ssb run` and `ssb eval` start it (on a CPU, LoRA support
 slows plain requests too), and `ssb-processes-no-lora` the same with the engine core and the model in processes of
 their own (vLLM's default). Each row also gives the seconds from building the engine to its being ready (`start_s`).
+The variants named after vLLM's own settings (`default`, `all-cores`, `in-process*`, `nobind`) run the model where
+vLLM's CPU build puts it, in a process of its own beside the engine core's; the project's run it in the core's
+process (`services.teacher.engine.executor_kwargs`), and `ssb-processes-worker-no-lora` is `ssb-processes-no-lora`
+with the model in that third process, as the project ran it before.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from pathlib import Path
 RESULTS = Path("runs/bench/engine_threads.json")
 
 
-NO_LORA = {"ssb-no-lora", "ssb-processes-no-lora"}  # the variants whose engine is built without LoRA support
+NO_LORA = {"ssb-no-lora", "ssb-processes-no-lora", "ssb-processes-worker-no-lora"}  # built without LoRA support
+VLLM_EXECUTOR = "BENCH_VLLM_EXECUTOR"  # set: the model where vLLM's CPU build puts it (a process of its own)
 
 
 def variants(cores: int) -> dict[str, dict[str, str]]:
@@ -39,20 +44,25 @@ def variants(cores: int) -> dict[str, dict[str, str]]:
     from services.teacher.engine import cpu_thread_environment
 
     every_core = f"0-{cores - 1}"
-    processes = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the engine core and the model in processes of their own
+    processes = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the engine core in a process of its own
+    vllm = {VLLM_EXECUTOR: "1"}
     return {
-        "default": processes,
-        "all-cores": {**processes, "VLLM_CPU_OMP_THREADS_BIND": every_core, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
-        "in-process": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "default": {**processes, **vllm},
+        "all-cores": {
+            **processes, **vllm, "VLLM_CPU_OMP_THREADS_BIND": every_core, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"
+        },
+        "in-process": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **vllm},
         "in-process-all-cores": {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            **vllm,
             "VLLM_CPU_OMP_THREADS_BIND": every_core,
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         },
-        "nobind": {**processes, "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+        "nobind": {**processes, **vllm, "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
         "ssb": cpu_thread_environment(cores),
         "ssb-no-lora": cpu_thread_environment(cores),
         "ssb-processes-no-lora": {**processes, **cpu_thread_environment(cores)},
+        "ssb-processes-worker-no-lora": {**processes, **vllm, **cpu_thread_environment(cores)},
     }
 
 
@@ -66,6 +76,10 @@ def measure(prompts: int, n: int, tokens: int, lora: int) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    if os.environ.get(VLLM_EXECUTOR):
+        import services.teacher.engine
+
+        services.teacher.engine.executor_kwargs = lambda **_: {}
     problems = make_arithmetic_problems(prompts, seed=0)
     started = time.perf_counter()
     options = EngineOptions(model=resolve_model(None, Settings()), cpu_threads="vllm", enable_lora=bool(lora))
@@ -85,7 +99,8 @@ def measure(prompts: int, n: int, tokens: int, lora: int) -> dict:
 
 
 def run_variant(name: str, env: dict[str, str], args) -> dict:
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_CPU_OMP", "VLLM_CPU_NUM_OF", "VLLM_ENABLE_V1"))}
+    ours = ("VLLM_CPU_OMP", "VLLM_CPU_NUM_OF", "VLLM_ENABLE_V1", VLLM_EXECUTOR)
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     child_env.update(env)
     lora = "0" if name in NO_LORA else "1"
     command = [sys.executable, "-m", "benchmarks.engine_threads", "--child"]
