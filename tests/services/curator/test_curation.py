@@ -1,6 +1,6 @@
 """Curation on the real engine and model: pairs are verified, complete, aligned with the tokens, and written once.
 
-The session's curation (`curation_run` in tests/conftest.py: ten arithmetic problems of seed 0, paper sampling, the
+The session's curation (`curation_run` in tests/conftest.py: six arithmetic problems of seed 0, paper sampling, the
 worked example, the demo's token limits, top-20) is checked here; the 200-problem yardstick (at least 10 pairs) is in
 `make bench` (benchmarks/curation.py), where its minutes do not weigh on the test suite.
 """
