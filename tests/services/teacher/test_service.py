@@ -40,6 +40,16 @@ def test_probes_and_models(teacher_server):
     assert models["model"].endswith("SmolLM2-135M-Instruct")
 
 
+def test_the_model_runs_in_the_engine_cores_process(teacher_server, lora_teacher_server):
+    """Each service starts one engine process, its core, which also runs the model (vLLM's CPU build would start the
+    model in a third process: docs/BENCHMARKS.md, "Engine start")."""
+    import psutil
+
+    for server in (teacher_server, lora_teacher_server):
+        names = [p.name() for p in psutil.Process(server.process.pid).children(recursive=True)]
+        assert [name for name in names if name.startswith("VLLM::")] == ["VLLM::EngineCore"], names
+
+
 def test_rollouts_return_n_samples_with_the_prompt_as_rendered(teacher_server, engine):
     body = {
         "questions": [{"question": QUESTION}, {"question": "What is 5 + 6?"}],
