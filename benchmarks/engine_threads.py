@@ -19,7 +19,8 @@ their own (vLLM's default). Each row also gives the seconds from building the en
 The variants named after vLLM's own settings (`default`, `all-cores`, `in-process*`, `nobind`) run the model where
 vLLM's CPU build puts it, in a process of its own beside the engine core's; the project's run it in the core's
 process (`services.teacher.engine.executor_kwargs`), and `ssb-processes-worker-no-lora` is `ssb-processes-no-lora`
-with the model in that third process, as the project ran it before.
+with the model in that third process, as the project ran it before. Every LoRA engine above is built for ranks up to
+32 (the teacher's default, `SSB_MAX_LORA_RANK`); `ssb-rank16` and `ssb-rank8` are `ssb` built for 16 and 8.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ RESULTS = Path("runs/bench/engine_threads.json")
 
 NO_LORA = {"ssb-no-lora", "ssb-processes-no-lora", "ssb-processes-worker-no-lora"}  # built without LoRA support
 VLLM_EXECUTOR = "BENCH_VLLM_EXECUTOR"  # set: the model where vLLM's CPU build puts it (a process of its own)
+LORA_RANK = "BENCH_MAX_LORA_RANK"  # the largest LoRA rank the engine is built for (the teacher's default: 32)
 
 
 def variants(cores: int) -> dict[str, dict[str, str]]:
@@ -63,6 +65,8 @@ def variants(cores: int) -> dict[str, dict[str, str]]:
         "ssb-no-lora": cpu_thread_environment(cores),
         "ssb-processes-no-lora": {**processes, **cpu_thread_environment(cores)},
         "ssb-processes-worker-no-lora": {**processes, **vllm, **cpu_thread_environment(cores)},
+        "ssb-rank16": {**cpu_thread_environment(cores), LORA_RANK: "16"},
+        "ssb-rank8": {**cpu_thread_environment(cores), LORA_RANK: "8"},
     }
 
 
@@ -82,7 +86,10 @@ def measure(prompts: int, n: int, tokens: int, lora: int) -> dict:
         services.teacher.engine.executor_kwargs = lambda **_: {}
     problems = make_arithmetic_problems(prompts, seed=0)
     started = time.perf_counter()
-    options = EngineOptions(model=resolve_model(None, Settings()), cpu_threads="vllm", enable_lora=bool(lora))
+    rank = int(os.environ.get(LORA_RANK, 32))
+    options = EngineOptions(
+        model=resolve_model(None, Settings()), cpu_threads="vllm", enable_lora=bool(lora), max_lora_rank=rank
+    )
     with TeacherEngine(options) as engine:
         start_seconds = time.perf_counter() - started
         prompts_ = [
@@ -99,7 +106,7 @@ def measure(prompts: int, n: int, tokens: int, lora: int) -> dict:
 
 
 def run_variant(name: str, env: dict[str, str], args) -> dict:
-    ours = ("VLLM_CPU_OMP", "VLLM_CPU_NUM_OF", "VLLM_ENABLE_V1", VLLM_EXECUTOR)
+    ours = ("VLLM_CPU_OMP", "VLLM_CPU_NUM_OF", "VLLM_ENABLE_V1", VLLM_EXECUTOR, LORA_RANK)
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     child_env.update(env)
     lora = "0" if name in NO_LORA else "1"

@@ -55,10 +55,13 @@ def engine(model_path, settings):
 
 @pytest.fixture(scope="session")
 def lora_engine(model_path, settings):
-    """A second engine on the same model, built for LoRA adapters, for the tests that serve one in-process."""
+    """A second engine on the same model, built for LoRA adapters, for the tests that serve one in-process (theirs have
+    rank 8 at most: on a CPU each step costs more with a larger bound, adapter or not)."""
     from services.teacher.engine import EngineOptions, TeacherEngine
 
-    options = EngineOptions(model=model_path, dtype=settings.dtype, kv_cache_gib=0.5, max_logprobs=64, enable_lora=True)
+    options = EngineOptions(
+        model=model_path, dtype=settings.dtype, kv_cache_gib=0.5, max_logprobs=64, enable_lora=True, max_lora_rank=8
+    )
     with TeacherEngine(options) as engine:
         yield engine
 

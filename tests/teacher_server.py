@@ -50,15 +50,16 @@ def free_port() -> int:
             return port
 
 
-def write_tiny_adapter(model_path: str, directory: Path) -> None:
-    """A rank-4 LoRA on q/v with random (non-zero) weights: it changes the model's output, as a trained one would."""
+def write_tiny_adapter(model_path: str, directory: Path, rank: int = 4) -> None:
+    """A LoRA on q/v (rank 4 unless told) with random (non-zero) weights: it changes the model's output, as a trained
+    one would."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(directory)
 
 
@@ -93,6 +94,8 @@ def start_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> It
         "SSB_RETRY_AFTER_SECONDS": "1",
         # Its workloads are small; several engines share the machine's memory during the session.
         "SSB_KV_CACHE_GIB": "0.5",
+        # The suite's adapters have rank 8 at most; on a CPU a smaller bound makes every request faster.
+        "SSB_MAX_LORA_RANK": "8",
     }
     command = [sys.executable, "-m", "cli.main", "serve", "teacher", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--adapters-dir", str(adapters_dir), "--log-level", "info", "--lora" if lora else "--no-lora"]

@@ -62,6 +62,7 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
     command += ["--teacher-port", "0", "--curator-port", "0", "--trainer-port", "0", "--ready-file", str(ready_file)]
     env = {name: value for name, value in os.environ.items() if not name.startswith("SSB_")}
     env["SSB_KV_CACHE_GIB"] = "0.5"  # the session's engines and teachers are alive too: they share the memory
+    env["SSB_MAX_LORA_RANK"] = "8"  # the run trains rank 8; on a CPU a smaller bound makes every request faster
     env["SSB_DTYPE"] = os.environ["SSB_DTYPE"]  # the session's dtype (tests/conftest.py), as the curation it repeats
     with open(log_path, "wb") as log_file:
         up = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)

@@ -84,6 +84,7 @@ def engine_options(settings: TeacherSettings, model_path: str) -> EngineOptions:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.seed,
         enable_lora=settings.enable_lora,
+        max_lora_rank=settings.max_lora_rank,
     )
 
 

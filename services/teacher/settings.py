@@ -4,9 +4,11 @@ read once from `SSB_*` environment variables (see `.env.example`)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from shared.settings import ServiceSettings
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the largest-rank bounds vLLM accepts
 
 
 class TeacherSettings(ServiceSettings):
@@ -28,6 +30,12 @@ class TeacherSettings(ServiceSettings):
         "built for LoRA runs every request at about half the speed (docs/BENCHMARKS.md): turn it off for a teacher "
         "that only curates.",
     )
+    max_lora_rank: int = Field(
+        default=32,
+        description="The largest LoRA rank the engine serves: one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's); "
+        "the trainer's default rank is 32. On a CPU every request costs more with a larger one, adapter or not (rank "
+        "8: about 1.5x the tokens/s of 32, docs/BENCHMARKS.md): set it to your adapters' rank.",
+    )
     gpu_memory_utilization: float = Field(
         default=0.9,
         gt=0.05,
@@ -35,3 +43,10 @@ class TeacherSettings(ServiceSettings):
         description="The share of the GPU's memory the engine takes for weights and KV cache (vLLM's default 0.9); "
         "lower it when the trainer worker shares the GPU, e.g. 0.45 on one 80 GB card (ignored on a CPU).",
     )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_rank_vllm_serves(cls, rank: int) -> int:
+        if rank not in LORA_RANKS:
+            raise ValueError(f"{rank} is not one of the ranks vLLM serves: {', '.join(map(str, LORA_RANKS))}")
+        return rank

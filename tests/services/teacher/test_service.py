@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from shared.teacher_api import TopKBase64, decode_topk
 from shared.teacher_client import TeacherClient, TeacherRejected
 from tests.prometheus_text import metric
 from tests.services.teacher.conftest import API_KEY, MAX_PENDING_REQUESTS
+from tests.teacher_server import write_tiny_adapter
 
 LOGPROB_TOLERANCE = 1e-3
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does Tom have now?"
@@ -222,6 +224,21 @@ def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
         assert http.get("/v1/models").json()["adapters"] == []
         assert http.post("/v1/rollouts", json={**greedy, "adapter": "tiny"}).status_code == 404
         assert http.delete("/v1/adapters/tiny").status_code == 404
+
+
+def test_an_adapter_above_the_largest_rank_is_refused_saying_so(lora_teacher_server, model_path):
+    """The session's LoRA teacher serves ranks up to 8 (SSB_MAX_LORA_RANK, tests/teacher_server.py): a rank-16 adapter
+    gets a 400 that says why, and is not loaded."""
+    directory = lora_teacher_server.adapters_dir / "rank16"
+    write_tiny_adapter(model_path, directory, rank=16)
+    try:
+        with lora_teacher_server.client() as http:
+            response = http.post("/v1/adapters", json={"name": "rank16"})
+            assert response.status_code == 400, response.text
+            assert "max_lora_rank" in response.json()["error"]["message"], response.text
+            assert "rank16" not in [a["name"] for a in http.get("/v1/models").json()["adapters"]]
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_adapter_symlink_out_of_the_directory_is_refused(lora_teacher_server, tmp_path):
