@@ -19,7 +19,7 @@ def test_render_uses_the_models_chat_template(engine):
 
 def test_batched_generation_returns_n_samples_that_stop_at_end_of_turn(engine):
     prompts = [engine.render(build_student_messages(q)) for q in (QUESTION, "What is 5 + 6?")]
-    results = engine.generate(prompts, SamplingSettings(n=3, temperature=0.8, top_k=50, max_tokens=200, seed=1))
+    results = engine.generate(prompts, SamplingSettings(n=3, temperature=0.8, top_k=50, max_tokens=128, seed=1))
     assert [len(r) for r in results] == [3, 3]
     stopped = [g for r in results for g in r if g.finish_reason == "stop"]
     assert stopped, "no sample ended at <|im_end|>"
