@@ -81,10 +81,11 @@ def run(command: list[str], isa: str | None, cpus: float | None, clock: float | 
         environment |= ISA_ENVIRONMENT[isa] | {"SSB_STANDIN_ISA": isa}
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))
     group = cpu_cgroup(cpus) if cpus else None
-    burners = start_burners(clock) if clock else []
     # The child joins the cgroup before it execs, so everything it starts is capped with it.
     join = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+    burners = []
     try:
+        burners = start_burners(clock) if clock else []
         return subprocess.call(command, env=environment, preexec_fn=join)
     finally:
         stop_burners(burners)
