@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional, Union, get_args, get_origin
 import typer
 
 from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar
-from services.trainer.config import TrainConfig
+from services.trainer.config import TrainConfig, TrainingError
 from shared.settings import Settings
 
 TRAIN_OPTIONS_PARAMETER = "train_options"
@@ -135,16 +135,20 @@ def train_command(
     online: the exact full-vocabulary loss; the base model reads the hinted prompt in every step (1.30x the step time).
     stored: the top-k saved with the pairs, no teacher pass; gradient cosine with exact 0.995 at T = 1, 0.58 at T = 2.
     """
-    from services.trainer.data import PairDataError
-    from services.trainer.training import TrainingError, train
+    from services.trainer.inputs import PairDataError, check_output_dir, pair_store
 
-    if not (pairs / "pairs").is_dir():
-        raise fail(f"{pairs}: no pairs/ directory here; is this a curation output?")
+    try:  # a wrong path fails at once, before torch and the model load
+        check_output_dir(out, resume=resume)
+        pair_store(pairs)
+    except (PairDataError, TrainingError) as exc:
+        raise fail(str(exc)) from exc
     config = build_train_config(train_options)
     try:
         model_path = ensure_model(model, Settings())
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
+
+    from services.trainer.training import train
 
     # Under `accelerate launch` every process runs this command; only the main one draws (and gets on_step calls).
     main_process = int(os.environ.get("RANK", "0")) == 0

@@ -31,11 +31,6 @@ def digest_of(problem_ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(problem_ids).encode()).hexdigest()[:16]
 
 
-def holds_a_run(out_dir: Path) -> bool:
-    """True when `out_dir` already has an adapter, metrics or checkpoints."""
-    return any((out_dir / name).exists() for name in ("adapter_config.json", "metrics.jsonl", "checkpoints"))
-
-
 def write_training_config(
     out_dir: Path,
     config: TrainConfig,

@@ -20,12 +20,8 @@ from typing import Literal
 
 import torch
 
+from services.trainer.inputs import PairDataError, pair_store
 from shared.schemas import Pair
-from shared.storage import PairStore
-
-
-class PairDataError(ValueError):
-    """The pairs cannot be trained on as they are (missing, empty, or inconsistent)."""
 
 
 @dataclass(frozen=True)
@@ -137,13 +133,8 @@ def load_examples(pairs_dir: str | Path, *, teacher: Literal["stored", "online"]
     Raises PairDataError for a directory without pairs, or top-k widths that differ between pairs (one run trains on
     one width).
     """
-    store = PairStore(pairs_dir)
-    if not store.pairs_dir.is_dir():
-        raise PairDataError(f"{store.root}: no pairs/ directory here; is this a curation output?")
-    ids = store.pair_ids()
-    if not ids:
-        raise PairDataError(f"{store.root}: no pairs in {store.pairs_dir}; curation kept none, or has not run")
-    examples = [build_example(store.load_pair(problem_id), teacher=teacher) for problem_id in ids]
+    store = pair_store(pairs_dir)
+    examples = [build_example(store.load_pair(problem_id), teacher=teacher) for problem_id in store.pair_ids()]
     if teacher == "stored":
         widths = {e.topk_ids.shape[1]: e.problem_id for e in examples}
         if len(widths) > 1:

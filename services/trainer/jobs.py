@@ -52,7 +52,7 @@ def train_run(run_id: str) -> dict:
     """Train one run to its adapter, resuming from its newest checkpoint if an earlier attempt left one."""
     from services.trainer.checkpoints import latest_checkpoint
     from services.trainer.config import TrainConfig, TrainingError
-    from services.trainer.data import PairDataError
+    from services.trainer.inputs import PairDataError
     from services.trainer.training import train
     from shared.models import resolve_model
     from shared.storage import StorageError

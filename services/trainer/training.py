@@ -53,7 +53,6 @@ from torch import nn
 
 from services.trainer.checkpoints import (
     digest_of,
-    holds_a_run,
     keep_metrics_through,
     last_logged_loss,
     latest_checkpoint,
@@ -63,6 +62,7 @@ from services.trainer.checkpoints import (
 )
 from services.trainer.config import TrainConfig, TrainingError  # TrainingError: callers import it from here too
 from services.trainer.data import Batch, check_vocabulary, collate_examples, load_examples
+from services.trainer.inputs import check_output_dir
 from services.trainer.losses import LossSum, ce_chunked, kl_dense_chunked, kl_on_topk_chunked
 from services.trainer.modeling import DecoderBody, check_output_layer, output_layer_of, resolve_dtype
 from services.trainer.plots import plot_training_curve, read_metrics
@@ -140,10 +140,7 @@ def train(
     out_dir = Path(out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     checkpoints_dir = out_dir / "checkpoints"
-    if not resume and holds_a_run(out_dir):
-        raise TrainingError(
-            f"{out_dir} already holds a training run; resume it (--resume), or choose a new output directory"
-        )
+    check_output_dir(out_dir, resume=resume)
     checkpoint = latest_checkpoint(checkpoints_dir) if resume else None
     if resume and checkpoint is None:
         raise TrainingError(f"nothing to resume: no complete checkpoint in {checkpoints_dir}")

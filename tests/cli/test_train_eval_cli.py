@@ -1,16 +1,19 @@
 """`ssb train` and `ssb eval` as a user runs them: bad input exits with status 2 and one message before any model or
-engine loads, and a one-step training run on real pairs leaves a complete adapter directory.
+engine loads (`ssb train`'s paths before torch is even imported), and a one-step training run on real pairs leaves a
+complete adapter directory.
 
 The error-path tests pass `--model` a checkpoint directory that cannot load (a config and no weights): had the command
 loaded the model or started the engine before checking its input, it would crash instead of giving the message.
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 from safetensors import safe_open
 
-from tests.cli.test_cli import ssb
+from tests.cli.test_cli import REPO, ssb
 from tests.services.trainer.test_training import pairs_dir  # noqa: F401  (a fixture: three real pairs, top-8)
 
 
@@ -52,6 +55,17 @@ def test_train_refuses_an_output_directory_that_holds_a_run(tmp_path, unloadable
     result = ssb("train", *args, check=False)
     assert "already holds a training run" in error_of(result)
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_train_checks_its_paths_before_importing_torch(tmp_path, unloadable_model):
+    """A wrong path is refused at once: not after torch, transformers and peft have loaded (seconds)."""
+    (tmp_path / "curated" / "pairs").mkdir(parents=True)
+    args = ["--pairs", str(tmp_path / "curated"), "--out", str(tmp_path / "out"), "--model", unloadable_model]
+    command = [sys.executable, "-X", "importtime", "-m", "cli.main", "train", *args]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "no pairs in" in error_of(result)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "typer" in imported and "torch" not in imported
 
 
 def test_eval_rejects_an_unknown_benchmark(tmp_path, unloadable_model):
