@@ -112,6 +112,20 @@ def curated_pairs(curation_run):
     return store.root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def teacher_servers_started_early(request, tmp_path_factory):
+    """Start the session's teacher services that its tests need before the first test, in the background: each takes
+    about 15 s to start, mostly one core importing, and the tests before the first that needs one leave a core idle
+    for much of their time (docs/BENCHMARKS.md, "cutting the suite"). Those no fixture claimed are stopped at the end."""
+    from tests.teacher_server import start_early, stop_unclaimed
+
+    for lora, fixture in ((False, "teacher_server"), (True, "lora_teacher_server")):
+        if any(fixture in item.fixturenames for item in request.session.items):
+            start_early(request.getfixturevalue("model_path"), tmp_path_factory, lora=lora)
+    yield
+    stop_unclaimed()
+
+
 @pytest.fixture(scope="session")
 def teacher_server(model_path, tmp_path_factory):
     """The real teacher service as its own process on loopback, started once per session (tests/teacher_server.py):

@@ -1,8 +1,10 @@
 """The real teacher service for the test session (the `teacher_server` fixture in tests/conftest.py, for every test that
 needs it): `ssb serve teacher` as its own process on a loopback port, on the
 real small model with the CPU build of vLLM, started once, with a bearer key, a small admission bound (so 429 is
-cheap to reach) and, for the one built for LoRA, an adapters directory holding one tiny LoRA adapter. On teardown it
-gets SIGTERM, and the test asserts that it and every process it started are gone.
+cheap to reach) and, for the one built for LoRA, an adapters directory holding one tiny LoRA adapter. The session
+starts the ones its tests need before the first test (`start_early`), so that their start overlaps other tests; each
+fixture claims its own and waits until it is ready. On teardown it gets SIGTERM, and the test asserts that it and every
+process it started are gone.
 """
 
 from __future__ import annotations
@@ -77,14 +79,17 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
     raise RuntimeError(f"the service was not ready in {READY_TIMEOUT_SECONDS} s:\n{log_path.read_text()[-4000:]}")
 
 
-def start_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> Iterator[TeacherServer]:
-    """Start the service (its engine built for LoRA adapters, or not: `--no-lora`), yield it when ready, stop it (and
-    check that nothing is left) on exit."""
+# The services started before the first test (`start_early`), by whether they are built for LoRA, until a fixture
+# claims them.
+_started_early: dict[bool, TeacherServer] = {}
+
+
+def begin_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> TeacherServer:
+    """Start the service as its own process (its engine built for LoRA adapters, or not: `--no-lora`); return at once,
+    before it is ready."""
     root = tmp_path_factory.mktemp("lora-teacher" if lora else "teacher")
     adapters_dir = root / "adapters"
-    if lora:
-        write_tiny_adapter(model_path, adapters_dir / "tiny")
-    adapters_dir.mkdir(exist_ok=True)
+    adapters_dir.mkdir()
     port = free_port()
     log_path = root / "serve.log"
     env = {
@@ -100,13 +105,45 @@ def start_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> It
     command = [sys.executable, "-m", "cli.main", "serve", "teacher", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--adapters-dir", str(adapters_dir), "--log-level", "info", "--lora" if lora else "--no-lora"]
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+        # At the lowest priority: while it starts early, it takes only the CPU the tests leave idle (an engine's
+        # threads, bound to every core, slow down whole when another process takes a core from one of them).
+        process = subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19)
+        )
+    return TeacherServer(f"http://127.0.0.1:{port}", process, adapters_dir, log_path)
+
+
+def start_early(model_path: str, tmp_path_factory, *, lora: bool) -> None:
+    """Start the service now, for its fixture to claim later: its start (about 15 s, mostly one core importing) then
+    overlaps the tests that run before, which leave a core idle for much of their time."""
+    _started_early[lora] = begin_teacher_server(model_path, tmp_path_factory, lora=lora)
+
+
+def stop_unclaimed() -> None:
+    """Stop the services started early that no fixture claimed (a run stopped early, say), ready or not, and their
+    children."""
+    while _started_early:
+        _, server = _started_early.popitem()
+        if server.process.poll() is not None:
+            continue
+        family = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+        server.process.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(family, timeout=60)
+        for leftover in alive:
+            leftover.kill()
+
+
+def start_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> Iterator[TeacherServer]:
+    """The service started early, or started now; yielded when ready (the one built for LoRA with the tiny adapter
+    `tiny` in its adapters directory, which it reads on request), stopped on exit, and checked that nothing is left."""
+    server = _started_early.pop(lora, None) or begin_teacher_server(model_path, tmp_path_factory, lora=lora)
     try:
-        wait_ready(url, process, log_path)
-        yield TeacherServer(url, process, adapters_dir, log_path)
+        if lora:
+            write_tiny_adapter(model_path, server.adapters_dir / "tiny")
+        wait_ready(server.url, server.process, server.log_path)
+        yield server
     finally:
-        stop_and_check_nothing_left(process, log_path)
+        stop_and_check_nothing_left(server.process, server.log_path)
 
 
 def stop_and_check_nothing_left(process: subprocess.Popen, log_path: Path) -> None:
