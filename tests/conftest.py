@@ -114,9 +114,10 @@ def curated_pairs(curation_run):
 
 @pytest.fixture(scope="session", autouse=True)
 def teacher_servers_started_early(request, tmp_path_factory):
-    """Start the session's teacher services that its tests need before the first test, in the background: each takes
-    about 15 s to start, mostly one core importing, and the tests before the first that needs one leave a core idle
-    for much of their time (docs/BENCHMARKS.md, "cutting the suite"). Those no fixture claimed are stopped at the end."""
+    """Start the session's teacher services that its tests need before the first test, in the background and at the
+    lowest priority: each takes about 15 s to start, mostly one core importing, and the tests before the first that
+    needs one leave a core idle for much of their time (docs/BENCHMARKS.md, "an Intel Xeon with AVX512-BF16 and
+    AMX"). Those no fixture claimed are stopped at the end."""
     from tests.teacher_server import start_early, stop_unclaimed
 
     for lora, fixture in ((False, "teacher_server"), (True, "lora_teacher_server")):
