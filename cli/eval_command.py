@@ -27,6 +27,7 @@ from cli.runtime import (
     ModelOption,
     WorkedExampleOption,
     console,
+    engine_reporting,
     ensure_model,
     exit_on_signals,
     fail,
@@ -133,7 +134,8 @@ def resolve_adapter_serving(serving: str) -> str:
 def evaluate_with_progress(
     problems, engine, config: EvalConfig, adapters: list, label: str, *, what: str | None = None
 ) -> EvalReport:
-    """`evaluate` on one engine with a progress bar over every model it answers for (`what`, else the benchmark)."""
+    """`evaluate` on one engine with a progress bar over every model it answers for (`what`, else the benchmark),
+    moving as the engine finishes answers inside a batch, not only between batches."""
     with progress_bar("model") as progress:
         task = progress.add_task(f"evaluating {what or label}", total=len(problems) * len(adapters), model="")
         finished: dict[str, int] = {}
@@ -142,7 +144,15 @@ def evaluate_with_progress(
             finished[name] = done
             progress.update(task, completed=sum(finished.values()), model=name if len(adapters) > 1 else "")
 
-        return evaluate(problems, engine, config, adapters=adapters, benchmark=label, on_progress=show_progress)
+        def on_sequences(done_in_call: int, in_call: int) -> None:
+            # The models run one after another, in batches of `batch_size` problems; counted in problems, a batch's
+            # share is exact with one sample per problem.
+            done = sum(finished.values())
+            batch = min(config.batch_size, len(problems) - done % len(problems))
+            progress.update(task, completed=done + batch * done_in_call // max(in_call, 1))
+
+        with engine_reporting(engine, on_sequences):
+            return evaluate(problems, engine, config, adapters=adapters, benchmark=label, on_progress=show_progress)
 
 
 def evaluate_merged_adapter(

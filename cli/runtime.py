@@ -9,7 +9,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -197,21 +198,33 @@ def progress_bar(*extra_fields: str) -> Progress | PlainProgress:
     )
 
 
+def engine_reporting(engine, report: Callable[[int, int], None]) -> AbstractContextManager:
+    """`report(finished, total)` as the sequences of each engine call finish, where the engine runs in this process
+    (`TeacherEngine.reporting`); a teacher over HTTP answers each call whole, so progress with it moves per call."""
+    from services.teacher.engine import TeacherEngine
+
+    return engine.reporting(report) if isinstance(engine, TeacherEngine) else nullcontext()
+
+
 def curate_with_progress(problems, engine, store, config):
-    """Curation with a progress line of problems done, pairs kept and tokens/s."""
+    """Curation with a progress line of problems done, pairs kept, tokens/s, and how far the engine's current batch
+    is (one batch can take minutes on a small CPU)."""
     from services.curator.curation import curate
 
     with progress_bar("status") as progress:
         curating = progress.add_task("curating", total=len(problems), status="")
+        kept = ""  # pairs and tokens/s after the latest engine call
 
         def on_curation(funnel) -> None:
-            progress.update(
-                curating,
-                completed=funnel.skipped + funnel.processed,
-                status=f"pairs {funnel.pairs}, {funnel.tokens_per_second:,.0f} tok/s",
-            )
+            nonlocal kept
+            kept = f"pairs {funnel.pairs}, {funnel.tokens_per_second:,.0f} tok/s"
+            progress.update(curating, completed=funnel.skipped + funnel.processed, status=kept)
 
-        return curate(problems, engine, store, config, on_progress=on_curation)
+        def on_sequences(finished: int, total: int) -> None:
+            progress.update(curating, status=", ".join(filter(None, (kept, f"batch {finished}/{total} sequences"))))
+
+        with engine_reporting(engine, on_sequences):
+            return curate(problems, engine, store, config, on_progress=on_curation)
 
 
 def print_funnel(funnel, out: Path) -> None:

@@ -12,12 +12,16 @@ definition of how an engine is built, shared by this synchronous engine and the 
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
+
+from tqdm import tqdm
 
 from shared.engine import PromptingEngine
 from shared.prompts import render_chat
@@ -25,6 +29,27 @@ from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSett
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+SequenceReport = Callable[[int, int], None]  # (sequences finished, sequences in the engine call)
+
+
+class FinishedSequences(tqdm):
+    """What `LLM.generate(use_tqdm=...)` builds for one call and advances by each finished request's sequences: shows
+    nothing itself, and passes (finished, total) to `report`. (vLLM also wraps the prompts it renders in one; iterating
+    it does not call `update`.)"""
+
+    monitor_interval = 0  # no tqdm monitor thread
+
+    def __init__(self, *args, report: SequenceReport, sequences: int, **kwargs):
+        super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+        self.report, self.sequences, self.finished = report, sequences, 0
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        self.finished += int(n or 0)
+        self.report(min(self.finished, self.sequences), self.sequences)
+        return shown
 
 
 @dataclass(frozen=True)
@@ -253,6 +278,7 @@ class TeacherEngine(PromptingEngine):
         torch.set_num_threads(threads)
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
+        self._report: SequenceReport | None = None
         self.closed = False
 
     def close(self) -> None:
@@ -278,6 +304,23 @@ class TeacherEngine(PromptingEngine):
         """Render a chat with the model's chat template, ending with the assistant's turn opened."""
         return render_chat(self.tokenizer, messages)
 
+    @contextmanager
+    def reporting(self, report: SequenceReport) -> Iterator[None]:
+        """Within the block, each `generate` call calls `report(finished, total)` when it starts and as its sequences
+        finish (a request with `n` samples is `n` sequences), so that progress moves inside one long batched call."""
+        self._report = report
+        try:
+            yield
+        finally:
+            self._report = None
+
+    def _progress_hook(self, sequences: int):
+        """vLLM's `use_tqdm` for one call of `sequences` sequences: False when nobody is told."""
+        if self._report is None:
+            return False
+        self._report(0, sequences)
+        return partial(FinishedSequences, report=self._report, sequences=sequences)
+
     def _lora_request(self, adapter: str | None):
         if adapter is None:
             return None
@@ -302,7 +345,12 @@ class TeacherEngine(PromptingEngine):
             raise ValueError(f"{len(prompts)} prompts but {len(settings)} sampling settings")
         params = [sampling_params(s) for s in settings]
         inputs = [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._lora_request(adapter))
+        outputs = self.llm.generate(
+            inputs,
+            params,
+            use_tqdm=self._progress_hook(sum(s.n for s in settings)),
+            lora_request=self._lora_request(adapter),
+        )
         return [
             [generation_from_completion(completion, s.logprobs) for completion in output.outputs]
             for output, s in zip(outputs, settings, strict=True)

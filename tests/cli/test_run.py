@@ -3,7 +3,8 @@ model, end to end, with one engine start for each command (the two commands shar
 
 `ssb curate`, the plain command on the default model (the worked example on by default for it), is stopped by a real
 SIGTERM once a batch is written: it exits with 128 + 15, every engine process it started is gone, no half-written file
-is left, and plain progress lines (the output is not a terminal) arrived at the configured interval before. `ssb run`
+is left, and plain progress lines (the output is not a terminal) arrived at the configured interval before, counting
+the sequences of the engine's batch in flight. `ssb run`
 on the same directory skips what was written, curates the rest, evaluates the base model on held-out problems, trains
 one step, evaluates the adapter merged into a copy of the base weights, and prints the paired comparison; the pairs
 export as JSONL.
@@ -67,6 +68,8 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     assert not alive, f"left behind: {[p.pid for p in alive]}"
     assert not list(pairs.rglob("*.tmp"))
     assert log.read_text().count("curating:") >= 2
+    # Before the first batch was written, the line already counted the sequences the engine had finished in it.
+    assert re.search(r"curating: 0/4 \(0%\) batch \d+/\d+ sequences", log.read_text()), log.read_text()
     first = len(list(pairs.glob("pairs/*.safetensors"))) + len(list(pairs.glob("dropped/*.json")))
     assert 0 < int(written.group(1)) <= first < 4
 

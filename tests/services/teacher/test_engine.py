@@ -28,6 +28,22 @@ def test_batched_generation_returns_n_samples_that_stop_at_end_of_turn(engine):
         assert "<|im_end|>" not in generation.text
 
 
+def test_reporting_counts_a_calls_sequences_as_they_finish_and_changes_no_output(engine):
+    """Two requests that finish at different steps: 2 + 3 sequences, reported at the start, after the short one and at
+    the end; seeded outputs the same as without reporting, and nothing reported outside the block."""
+    prompts = [engine.render(build_student_messages(q)) for q in (QUESTION, "What is 5 + 6?")]
+    sampling = [
+        SamplingSettings(n=2, temperature=0.8, max_tokens=4, seed=1),
+        SamplingSettings(n=3, temperature=0.8, max_tokens=48, seed=2),
+    ]
+    reports: list[tuple[int, int]] = []
+    with engine.reporting(lambda finished, total: reports.append((finished, total))):
+        reported = engine.generate(prompts, sampling)
+    plain = engine.generate(prompts, sampling)
+    assert reports == [(0, 5), (2, 5), (5, 5)]
+    assert [[g.token_ids for g in r] for r in reported] == [[g.token_ids for g in r] for r in plain]
+
+
 def test_seeded_sampling_is_reproducible(engine):
     prompt = engine.render(build_student_messages(QUESTION))
     sampling = SamplingSettings(n=2, temperature=1.0, max_tokens=40, seed=123)

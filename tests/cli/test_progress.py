@@ -1,0 +1,36 @@
+"""Progress inside one engine call: the evaluation bar of `ssb eval` and `ssb run` moves as the engine finishes answers
+within a batch, not only when a batch ends (one batch can take minutes on a small CPU). The real engine and model; the
+bar is the plain one a log file gets, recording what it is told. (Curation's line, which counts the sequences of the
+batch in flight, is checked in a real `ssb curate` process: tests/cli/test_run.py.)"""
+
+from cli import eval_command
+from cli.runtime import PlainProgress
+from services.evaluation.evaluation import EvalConfig
+from shared.arithmetic import make_arithmetic_problems
+
+
+class RecordedProgress(PlainProgress):
+    """The plain progress output, also keeping every `completed` it was given."""
+
+    def __init__(self):
+        super().__init__(("model",), interval=3600)
+        self.completed: list[float] = []
+
+    def update(self, task_id: int, *, completed: float | None = None, **fields) -> None:
+        if completed is not None:
+            self.completed.append(completed)
+        super().update(task_id, completed=completed, **fields)
+
+
+def test_eval_progress_counts_answers_inside_a_batch(engine, monkeypatch):
+    recorded = RecordedProgress()
+    monkeypatch.setattr(eval_command, "progress_bar", lambda *fields: recorded)
+    problems = make_arithmetic_problems(6, seed=3)
+    config = EvalConfig(max_tokens=48, batch_size=4, worked_example=True)
+    report = eval_command.evaluate_with_progress(problems, engine, config, [None], "arith")
+    assert report.rows[0].problems == 6
+    assert recorded.completed == sorted(recorded.completed), "progress went back"
+    assert recorded.completed[-1] == 6
+    # Answers that end before the token limit finish before the rest of their batch of 4 (and of 2).
+    assert any(0 < done < 4 for done in recorded.completed), recorded.completed
+    assert any(4 < done < 6 for done in recorded.completed), recorded.completed
