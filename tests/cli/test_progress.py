@@ -1,7 +1,8 @@
-"""Progress inside one engine call: the evaluation bar of `ssb eval` and `ssb run` moves as the engine finishes answers
-within a batch, not only when a batch ends (one batch can take minutes on a small CPU). The real engine and model; the
-bar is the plain one a log file gets, recording what it is told. (Curation's line, which counts the sequences of the
-batch in flight, is checked in a real `ssb curate` process: tests/cli/test_run.py.)"""
+"""Progress in a log: one plain line per report, however long; and progress inside one engine call: the evaluation
+bar of `ssb eval` and `ssb run` moves as the engine finishes answers within a batch, not only when a batch ends (one
+batch can take minutes on a small CPU). The real engine and model; the bar is the plain one a log file gets, recording
+what it is told. (Curation's line, which counts the sequences of the batch in flight, is checked in a real
+`ssb curate` process: tests/cli/test_run.py.)"""
 
 from cli import eval_command
 from cli.runtime import PlainProgress
@@ -34,3 +35,13 @@ def test_eval_progress_counts_answers_inside_a_batch(engine, monkeypatch):
     # Answers that end before the token limit finish before the rest of their batch of 4 (and of 2).
     assert any(0 < done < 4 for done in recorded.completed), recorded.completed
     assert any(4 < done < 6 for done in recorded.completed), recorded.completed
+
+
+def test_a_plain_progress_line_is_one_line_however_long(capsys):
+    status = "pairs 3, 132 tok/s, batch 37/165 sequences, " * 3
+    with PlainProgress(("status",), interval=3600) as progress:
+        task = progress.add_task("curating", total=2, status=status)
+        progress.update(task, completed=2)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"curating: 2/2 (100%) {status.strip()}") and " | elapsed 0:00" in lines[0]
