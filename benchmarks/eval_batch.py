@@ -1,7 +1,7 @@
 """Benchmark: how many problems an evaluation sends to the engine together (`EvalConfig.batch_size`).
 
 An engine call lasts until its longest answer ends, so each call ends with a few steps that decode a handful of
-sequences; fewer calls, fewer such tails. Every batch size answers the demo's 400 held-out arithmetic problems
+sequences; fewer calls, fewer such tails. Every batch size answers the demo's earlier 400 held-out arithmetic problems
 (seed 1) greedily with at most 192 tokens, the worked example on, as `make demo` evaluates, on one engine in one
 process: the baseline (`--baseline`, the previous default) first and again last, the prefix cache emptied before each,
 and whether the answers are the baseline's.
@@ -25,7 +25,9 @@ from shared.settings import Settings
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", type=int, default=400, help="Held-out arithmetic problems (seed 1): the demo's.")
+    parser.add_argument(
+        "--problems", type=int, default=400, help="Held-out arithmetic problems (seed 1): the demo's earlier 400 (now 200)."
+    )
     parser.add_argument("--baseline", type=int, default=256, help="The batch size every other one is compared with.")
     parser.add_argument("--sizes", default="400", help="Batch sizes measured against the baseline.")
     parser.add_argument("--dtype", default="auto", help="The engine's dtype (float32: a stand-in for CPUs without BF16).")

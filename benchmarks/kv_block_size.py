@@ -1,8 +1,8 @@
 """Benchmark: the KV cache's block size on a CPU, for prompts that share a prefix.
 
 Every prompt of curation and evaluation opens with the same system turn and worked example; vLLM's prefix cache
-shares whole blocks only. Each variant builds a fresh engine (in a process of its own) and answers the demo's 400
-held-out arithmetic problems (seed 1) greedily with at most 192 tokens, the worked example on, as `make demo`
+shares whole blocks only. Each variant builds a fresh engine (in a process of its own) and answers the demo's earlier
+400 held-out arithmetic problems (seed 1) greedily with at most 192 tokens, the worked example on, as `make demo`
 evaluates the base model; the figure is the time of that evaluation on the fresh engine, against vLLM's CPU default
 block size (128) in the same run, and whether the answers are the same.
 
