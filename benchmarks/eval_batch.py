@@ -26,7 +26,7 @@ from shared.settings import Settings
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--problems", type=int, default=400, help="Held-out arithmetic problems (seed 1): the demo's earlier 400 (now 200)."
+        "--problems", type=int, default=400, help="Held-out problems (seed 1): the demo's earlier 400 (now 200)."
     )
     parser.add_argument("--baseline", type=int, default=256, help="The batch size every other one is compared with.")
     parser.add_argument("--sizes", default="400", help="Batch sizes measured against the baseline.")
