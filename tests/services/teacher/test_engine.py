@@ -33,8 +33,8 @@ def test_reporting_counts_a_calls_sequences_as_they_finish_and_changes_no_output
     the end; seeded outputs the same as without reporting, and nothing reported outside the block."""
     prompts = [engine.render(build_student_messages(q)) for q in (QUESTION, "What is 5 + 6?")]
     sampling = [
-        SamplingSettings(n=2, temperature=0.8, max_tokens=4, seed=1),
-        SamplingSettings(n=3, temperature=0.8, max_tokens=48, seed=2),
+        SamplingSettings(n=2, temperature=0.8, max_tokens=2, seed=1),
+        SamplingSettings(n=3, temperature=0.8, max_tokens=16, seed=2),
     ]
     reports: list[tuple[int, int]] = []
     with engine.reporting(lambda finished, total: reports.append((finished, total))):
