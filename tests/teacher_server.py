@@ -124,9 +124,11 @@ def stop_unclaimed() -> None:
     children."""
     while _started_early:
         _, server = _started_early.popitem()
-        if server.process.poll() is not None:
+        try:
+            parent = psutil.Process(server.process.pid)
+            family = [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:  # it already ended
             continue
-        family = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
         server.process.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(family, timeout=60)
         for leftover in alive:

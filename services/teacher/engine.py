@@ -43,12 +43,11 @@ class FinishedSequences(tqdm):
 
     def __init__(self, *args, report: SequenceReport, sequences: int, **kwargs):
         super().__init__(*args, **{**kwargs, "file": io.StringIO()})
-        self.report, self.sequences, self.finished = report, sequences, 0
+        self.report, self.sequences = report, sequences
 
     def update(self, n: float | None = 1) -> bool | None:
         shown = super().update(n)
-        self.finished += int(n or 0)
-        self.report(min(self.finished, self.sequences), self.sequences)
+        self.report(min(int(self.n), self.sequences), self.sequences)
         return shown
 
 
