@@ -23,6 +23,9 @@ from shared.models import default_model_dir, is_default_model, needs_worked_exam
 from shared.settings import DEFAULT_MODEL, CurationConfig, Settings
 
 console = Console(stderr=True)
+# In a log (not a terminal) a printed line stays one line, however long, instead of wrapping at 80 columns (tables
+# still fit the width). Decided once, at import; the plain progress lines ask for it on every print.
+console.soft_wrap = not console.is_terminal
 
 ModelOption = Annotated[
     Optional[str],

@@ -82,6 +82,8 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     assert "Curation funnel" in stderr and "verified pairs written" in stderr
     assert f"already done (skipped) │ {first} │" in stderr
     assert "McNemar's exact p =" in stderr and "training: 1 steps" in stderr
+    # Its output is a pipe, as in a log: the report's long lines are not wrapped.
+    assert re.search(r"^adapter - base: .+; McNemar's exact p = [\d.]+: ", result.stderr, re.MULTILINE), result.stderr
     report = json.loads((out / "eval.json").read_text())
     assert [(row["name"], row["served"]) for row in report["rows"]] == [("base", None), ("adapter", "merged")]
     assert report["benchmark"] == "held_out" and len(report["problems"]) == 4
