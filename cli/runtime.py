@@ -6,7 +6,9 @@ Progress is a rich bar on a terminal; elsewhere (a log file, CI, `docker logs`) 
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,10 @@ from shared.models import default_model_dir, is_default_model, needs_worked_exam
 from shared.settings import DEFAULT_MODEL, CurationConfig, Settings
 
 console = Console(stderr=True)
+if not sys.stderr.isatty():
+    # In a log, the model loaders' progress bars (one line rewritten with carriage returns) are noise: off, before
+    # huggingface_hub or transformers is imported.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # In a log (not a terminal) a printed line stays one line, however long, instead of wrapping at 80 columns (tables
 # still fit the width). Decided once, at import; the plain progress lines ask for it on every print.
 console.soft_wrap = not console.is_terminal

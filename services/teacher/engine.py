@@ -13,7 +13,9 @@ definition of how an engine is built, shared by this synchronous engine and the 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +31,10 @@ from shared.schemas import ChatMessage, Generation, RenderedPrompt, SamplingSett
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Two lines at every engine start that are not the user's to act on: the CPU build of vLLM saying that Triton has no
+# CPU backend, and torch's deprecation of an alias that vLLM's kernel dispatcher touches.
+logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
 
 
 SequenceReport = Callable[[int, int], None]  # (sequences finished, sequences in the engine call)

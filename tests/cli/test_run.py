@@ -6,8 +6,8 @@ SIGTERM once a batch is written: it exits with 128 + 15, every engine process it
 is left, and plain progress lines (the output is not a terminal) arrived at the configured interval before, counting
 the sequences of the engine's batch in flight. `ssb run`
 on the same directory skips what was written, curates the rest, evaluates the base model on held-out problems, trains
-one step, evaluates the adapter merged into a copy of the base weights, and prints the paired comparison; the pairs
-export as JSONL.
+one step, evaluates the adapter merged into a copy of the base weights, and prints the paired comparison, in a log
+unwrapped and without the loaders' progress bars; the pairs export as JSONL.
 """
 
 import json
@@ -82,8 +82,11 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     assert "Curation funnel" in stderr and "verified pairs written" in stderr
     assert f"already done (skipped) │ {first} │" in stderr
     assert "McNemar's exact p =" in stderr and "training: 1 steps" in stderr
-    # Its output is a pipe, as in a log: the report's long lines are not wrapped.
+    # Its output is a pipe, as in a log: the report's long lines are not wrapped, and neither the model loaders'
+    # progress bars nor the dependencies' notices at the engine's start are there.
     assert re.search(r"^adapter - base: .+; McNemar's exact p = [\d.]+: ", result.stderr, re.MULTILINE), result.stderr
+    for noise in ("Loading weights", "Writing model shards", "Triton is installed", "FutureWarning"):
+        assert noise not in result.stderr, noise
     report = json.loads((out / "eval.json").read_text())
     assert [(row["name"], row["served"]) for row in report["rows"]] == [("base", None), ("adapter", "merged")]
     assert report["benchmark"] == "held_out" and len(report["problems"]) == 4
