@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,13 +24,13 @@ from shared.models import default_model_dir, is_default_model, needs_worked_exam
 from shared.settings import DEFAULT_MODEL, CurationConfig, Settings
 
 console = Console(stderr=True)
-if not sys.stderr.isatty():
-    # In a log, the model loaders' progress bars (one line rewritten with carriage returns) are noise: off, before
-    # huggingface_hub or transformers is imported.
+if not console.is_terminal:
+    # In a log (a file, CI, `docker logs`), decided once at import: a printed line stays one line, however long,
+    # instead of wrapping at 80 columns (tables still fit the width; the plain progress lines ask for it on every
+    # print), and the model loaders' progress bars, one line rewritten with carriage returns, are off (set before
+    # huggingface_hub or transformers is imported).
+    console.soft_wrap = True
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# In a log (not a terminal) a printed line stays one line, however long, instead of wrapping at 80 columns (tables
-# still fit the width). Decided once, at import; the plain progress lines ask for it on every print.
-console.soft_wrap = not console.is_terminal
 
 ModelOption = Annotated[
     Optional[str],
