@@ -1,9 +1,10 @@
 """Benchmark: evaluating an adapter as a LoRA inside the engine against merging it into a copy of the base weights.
 
 The same held-out problems (arithmetic, seed 1, the worked example, greedy, the demo's answer limit) are answered by:
-the base model, the adapter served as a LoRA beside the base weights (one engine), and the adapter merged into a copy
-of the weights and served by an engine of its own (the merge and that engine's start are counted). Also reported:
-how many greedy answers the two ways of serving the adapter agree on.
+the base model (an engine without LoRA support); the adapter merged into a copy of the weights and loaded in place of
+that engine's own (what `ssb eval` and `ssb run` do on a CPU; the merge and the load are counted); the same merged
+copy served by an engine started on it (the way before, its start counted); and the adapter served as a LoRA beside
+the base weights (an engine built for LoRA). Also reported: how many greedy answers the ways of serving agree on.
 
     .venv/bin/python -m benchmarks.adapter_eval [--problems 60] [--max-tokens 256] [--adapter DIR]
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cli.runtime import ensure_model
@@ -65,51 +67,67 @@ def main() -> None:
     config = EvalConfig(max_tokens=args.max_tokens, worked_example=True)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = str(args.adapter) if args.adapter else stand_in_adapter(model_path, Path(tmp) / "adapter")
-        options = EngineOptions(model=model_path, kv_cache_gib=settings.kv_cache_gib)
-        with TeacherEngine(options) as engine:
+        plain = EngineOptions(model=model_path, kv_cache_gib=settings.kv_cache_gib, enable_lora=False)
+        with TeacherEngine(plain) as engine:
             base_seconds, base = timed_evaluation(problems, engine, config, None)
             print(f"base: {base_seconds:.1f} s", flush=True)
-            lora_seconds, with_lora = timed_evaluation(problems, engine, config, adapter)
-            print(f"LoRA in the engine: {lora_seconds:.1f} s", flush=True)
+            started = time.perf_counter()
+            merged_dir = merge_adapter(adapter, model_path, Path(tmp) / "merged")
+            merge_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            engine.load_weights(merged_dir)
+            load_seconds = time.perf_counter() - started
+            in_place_seconds, in_place = timed_evaluation(problems, engine, config, None)
+        print(f"merged, loaded in place: merge {merge_seconds:.1f} s, load {load_seconds:.1f} s, "
+              f"evaluation {in_place_seconds:.1f} s", flush=True)
 
         started = time.perf_counter()
-        merged_dir = merge_adapter(adapter, model_path, Path(tmp) / "merged")
-        merge_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        with TeacherEngine(EngineOptions(model=str(merged_dir), kv_cache_gib=settings.kv_cache_gib, enable_lora=False)) as merged_engine:
+        with TeacherEngine(replace(plain, model=str(merged_dir))) as merged_engine:
             start_seconds = time.perf_counter() - started
             merged_seconds, merged = timed_evaluation(problems, merged_engine, config, None)
-    print(f"merged: merge {merge_seconds:.1f} s, engine start {start_seconds:.1f} s, evaluation {merged_seconds:.1f} s")
+        print(f"merged, an engine of its own: start {start_seconds:.1f} s, evaluation {merged_seconds:.1f} s")
 
-    merged_total = merge_seconds + start_seconds + merged_seconds
+        with TeacherEngine(replace(plain, enable_lora=True)) as lora_engine:
+            lora_seconds, with_lora = timed_evaluation(problems, lora_engine, config, adapter)
+        print(f"LoRA in the engine: {lora_seconds:.1f} s", flush=True)
+
+    in_place_total = merge_seconds + load_seconds + in_place_seconds
+    own_engine_total = merge_seconds + start_seconds + merged_seconds
     result = {
         "problems": len(problems),
         "max_tokens": args.max_tokens,
         "seconds": {
             "base": base_seconds,
-            "lora": lora_seconds,
             "merge": merge_seconds,
+            "load_in_place": load_seconds,
+            "in_place_evaluation": in_place_seconds,
+            "in_place_total": in_place_total,
             "merged_engine_start": start_seconds,
             "merged_evaluation": merged_seconds,
-            "merged_total": merged_total,
+            "merged_engine_total": own_engine_total,
+            "lora": lora_seconds,
         },
-        "lora_over_merged_total": lora_seconds / merged_total,
+        "in_place_total_over_merged_engine_total": in_place_total / own_engine_total,
+        "lora_over_in_place_total": lora_seconds / in_place_total,
         "lora_over_base": lora_seconds / base_seconds,
-        "merged_evaluation_over_base": merged_seconds / base_seconds,
-        "greedy_answers_identical": sum(a.response == b.response for a, b in zip(with_lora, merged)),
-        "greedy_verdicts_identical": sum(a.correct == b.correct for a, b in zip(with_lora, merged)),
+        "in_place_evaluation_over_base": in_place_seconds / base_seconds,
+        "in_place_answers_identical_to_merged_engine": sum(a.response == b.response for a, b in zip(in_place, merged)),
+        "greedy_answers_identical_lora_merged": sum(a.response == b.response for a, b in zip(with_lora, in_place)),
+        "greedy_verdicts_identical_lora_merged": sum(a.correct == b.correct for a, b in zip(with_lora, in_place)),
         "adapter_tokens": {
             "lora": sum(a.num_tokens for a in with_lora),
-            "merged": sum(a.num_tokens for a in merged),
+            "merged": sum(a.num_tokens for a in in_place),
             "base": sum(a.num_tokens for a in base),
         },
     }
     print(json.dumps(result, indent=2))
     print(
-        f"adapter evaluation of {len(problems)} problems: LoRA {lora_seconds:.0f} s ({result['lora_over_base']:.1f}x the "
-        f"base model's {base_seconds:.0f} s); merged {merged_total:.0f} s in all "
-        f"(the LoRA takes {result['lora_over_merged_total']:.1f}x as long); "
-        f"{result['greedy_answers_identical']}/{len(problems)} greedy answers identical"
+        f"adapter evaluation of {len(problems)} problems: merged and loaded in place {in_place_total:.0f} s in all "
+        f"({result['in_place_total_over_merged_engine_total']:.2f}x the {own_engine_total:.0f} s of an engine of its "
+        f"own; {result['in_place_answers_identical_to_merged_engine']}/{len(problems)} answers identical to it); "
+        f"LoRA {lora_seconds:.0f} s ({result['lora_over_base']:.1f}x the base model's {base_seconds:.0f} s, "
+        f"{result['lora_over_in_place_total']:.1f}x merged in place); "
+        f"{result['greedy_answers_identical_lora_merged']}/{len(problems)} greedy answers identical to the LoRA's"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

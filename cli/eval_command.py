@@ -6,9 +6,10 @@
 
 The benchmark is a packaged name (`gsm8k` is the GSM8K test split, `math500`, `aime24`) or a `.jsonl`/`.parquet` file
 with a question and an answer per row. The base model is always evaluated first, then each `--adapter` (a PEFT adapter
-directory). On a CPU each adapter is merged into a temporary copy of the base weights and served by an engine of its
-own, at the base model's speed (the CPU build of vLLM runs a LoRA several times slower, and a large LoRA batch can
-outlast its step timeout); on a GPU the one engine serves it as a LoRA (`--adapter-serving` chooses). Everything is checked before the engine starts; a bad
+directory). On a CPU each adapter is merged into a temporary copy of the base weights, which the same engine then
+loads in place of its own, to answer at the base model's speed (the CPU build of vLLM runs a LoRA several times slower,
+and a large LoRA batch can outlast its step timeout); on a GPU the engine serves it as a LoRA (`--adapter-serving`
+chooses). Everything is checked before the engine starts; a bad
 benchmark, file or adapter exits with status 2 and one message. The logic lives in `services/evaluation/evaluation.py`.
 """
 
@@ -33,7 +34,6 @@ from cli.runtime import (
     fail,
     progress_bar,
     resolve_worked_example,
-    start_engine,
 )
 from services.evaluation.evaluation import (
     EvalConfig,
@@ -113,9 +113,9 @@ AdapterServingOption = Annotated[
     str,
     typer.Option(
         "--adapter-serving",
-        help="How adapters are served: merged (into a copy of the base weights, by a second engine: the base model's "
-        "speed), lora (beside the base weights in one engine), or auto: merged on a CPU, where the CPU build of vLLM "
-        "runs a LoRA several times slower than the base model, lora on a GPU.",
+        help="How adapters are served: merged (into a copy of the base weights, which the engine loads in place of "
+        "its own: the base model's speed), lora (beside the base weights in one engine), or auto: merged on a CPU, "
+        "where the CPU build of vLLM runs a LoRA several times slower than the base model, lora on a GPU.",
     ),
 ]
 
@@ -156,18 +156,18 @@ def evaluate_with_progress(
 
 
 def evaluate_merged_adapter(
-    problems, adapter: str, model_path: str, settings: Settings, config: EvalConfig, label: str
+    problems, adapter: str, model_path: str, engine, config: EvalConfig, label: str
 ) -> EvalReport:
-    """Evaluate one adapter merged into a temporary copy of the base weights, on an engine of its own."""
+    """Evaluate one adapter merged into a temporary copy of the base weights `model_path`, which `engine` (an engine
+    without LoRA support, on that base model or an earlier merge) loads in place of its weights and keeps."""
     from services.teacher.merging import merge_adapter
 
     with tempfile.TemporaryDirectory(prefix="ssb-merged-") as merged_dir:
         with console.status(f"Merging {Path(adapter).name} into a copy of the base weights..."):
             merge_adapter(adapter, model_path, merged_dir)
-        with start_engine(merged_dir, settings, seed=config.seed, enable_lora=False) as engine:
-            report = evaluate_with_progress(
-                problems, engine, config, [None], label, what=f"{label} ({Path(adapter).name}, merged)"
-            )
+            engine.load_weights(merged_dir)
+    what = f"{label} ({Path(adapter).name}, merged)"
+    report = evaluate_with_progress(problems, engine, config, [None], label, what=what)
     return as_merged_adapter(report.model_copy(update={"model": model_path}), adapter)
 
 
@@ -240,11 +240,11 @@ def eval_command(
             model_path = model_path or engine.model_name
             lora_adapters = adapters if serving == "lora" else []
             reports = [evaluate_with_progress(problems, engine, config, [None, *lora_adapters], label)]
-        if serving == "merged":
-            reports += [
-                evaluate_merged_adapter(problems, adapter_path, model_path, settings, config, label)
-                for adapter_path in adapters
-            ]
+            if serving == "merged":
+                reports += [
+                    evaluate_merged_adapter(problems, adapter_path, model_path, engine, config, label)
+                    for adapter_path in adapters
+                ]
     eval_report = combine_reports(reports)
 
     write_json_atomically(eval_report.model_dump_json(indent=2), out)

@@ -2,9 +2,10 @@
 
     ssb run --train train.jsonl --eval held_out.jsonl --out runs/demo
 
-One engine curates and then answers the held-out problems with the base model; it is closed before training, which
-runs in this process with every core. The adapter is then evaluated on the same problems: on a CPU merged into a
-temporary copy of the base weights (an engine of its own, at the base model's speed), on a GPU as a LoRA
+One engine curates and then answers the held-out problems with the base model; training runs in this process with
+every core. The adapter is then evaluated on the same problems: on a CPU merged into a temporary copy of the base
+weights, which the same engine loads in place of its own (it waits through training, idle) to answer at the base
+model's speed; on a GPU as a LoRA, by an engine started after training, which needs the memory vLLM holds
 (`--adapter-serving`). The end is a table of base vs adapter, how many answers were cut off or ungradeable on each
 side, and McNemar's exact test on the paired verdicts. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter, metrics, training curve) and
 `OUT/eval.json` (per-problem results). A rerun skips problems already curated; training needs an empty
@@ -14,6 +15,7 @@ side, and McNemar's exact test on the paired verdicts. Writes `OUT/pairs/` (cura
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -96,15 +98,21 @@ def run_command(
 
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"
     label = Path(eval_).stem
-    with exit_on_signals():
-        # One engine curates and evaluates the base model; it is closed before training so that training has every
-        # core (and, on a GPU, the memory vLLM holds).
-        with start_engine(model_path, settings, seed=seed, enable_lora=False) as engine:
-            funnel = curate_with_progress(problems, engine, PairStore(pairs_dir), curation)
-            if not PairStore(pairs_dir).pair_ids():
-                print_funnel(funnel, pairs_dir)
-                raise fail("no verified pairs to train on: use more problems or --k")
-            base_report = evaluate_with_progress(held_out, engine, evaluation, [None], label, what=f"{label} (base)")
+    with exit_on_signals(), ExitStack() as engines:
+        # One engine curates and evaluates the base model. On a CPU it then stays open through training (idle, it
+        # takes no CPU time, only its memory) and loads the adapter merged into the base weights: no second engine
+        # start. Where the adapter is served as a LoRA (by an engine built for it), or on a GPU (where training needs
+        # the memory vLLM holds), it is closed before training and the adapter's engine starts after it.
+        engine = engines.enter_context(start_engine(model_path, settings, seed=seed, enable_lora=False))
+        funnel = curate_with_progress(problems, engine, PairStore(pairs_dir), curation)
+        if not PairStore(pairs_dir).pair_ids():
+            print_funnel(funnel, pairs_dir)
+            raise fail("no verified pairs to train on: use more problems or --k")
+        base_report = evaluate_with_progress(held_out, engine, evaluation, [None], label, what=f"{label} (base)")
+        import torch  # loaded with the engine
+
+        if serving == "lora" or torch.cuda.is_available():
+            engine.close()
 
         with progress_bar("status") as progress:
             training_task = progress.add_task("training", total=None, status="")
@@ -123,11 +131,12 @@ def run_command(
                 progress.stop()
                 raise fail(str(exc)) from exc
 
+        if engine.closed:
+            engine = engines.enter_context(start_engine(model_path, settings, seed=seed, enable_lora=serving == "lora"))
         if serving == "merged":
-            adapter_report = evaluate_merged_adapter(held_out, str(adapter_dir), model_path, settings, evaluation, label)
+            adapter_report = evaluate_merged_adapter(held_out, str(adapter_dir), model_path, engine, evaluation, label)
         else:
-            with start_engine(model_path, settings, seed=seed) as engine:
-                adapter_report = evaluate_with_progress(held_out, engine, evaluation, [str(adapter_dir)], label)
+            adapter_report = evaluate_with_progress(held_out, engine, evaluation, [str(adapter_dir)], label)
     report = combine_reports([base_report, adapter_report])
     eval_path.write_text(report.model_dump_json(indent=1))
 

@@ -305,6 +305,15 @@ class TeacherEngine(PromptingEngine):
     def model_name(self) -> str:
         return self.options.model
 
+    def load_weights(self, checkpoint: str | Path) -> None:
+        """Replace the model's weights in place with those of `checkpoint`, a checkpoint of the same architecture (an
+        adapter merged into the base weights, services/teacher/merging.py): a second or a few seconds instead of a new
+        engine's start. The prefix cache is emptied, since its blocks were computed with the old weights (kept, they
+        would answer a prompt seen before partly as the old model). `model_name` stays the engine's model."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint)})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("the engine could not empty its prefix cache after loading new weights")
+
     def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
         """Render a chat with the model's chat template, ending with the assistant's turn opened."""
         return render_chat(self.tokenizer, messages)

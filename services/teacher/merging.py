@@ -6,6 +6,7 @@ CPU). A merged copy computes W' x = (W + (alpha / r) B A) x, the same function a
 tests/services/teacher/test_merging.py checks that the merged engine answers as the LoRA one does.
 
     merged = merge_adapter("runs/demo/adapter", base_model_path, out_dir)   # a checkpoint vLLM and transformers load
+    engine.load_weights(merged)   # the base model's engine now answers as the adapter (services/teacher/engine.py)
 
 The merge runs in float32 and is saved in float32; the engine casts to its own dtype when it loads, as it does for the
 base model.

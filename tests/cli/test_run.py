@@ -3,11 +3,11 @@ model, end to end, with one engine start for each command (the two commands shar
 
 `ssb curate`, the plain command on the default model (the worked example on by default for it), is stopped by a real
 SIGTERM once a batch is written: it exits with 128 + 15, every engine process it started is gone, no half-written file
-is left, and plain progress lines (the output is not a terminal) arrived at the configured interval before, counting
-the sequences of the engine's batch in flight. `ssb run`
-on the same directory skips what was written, curates the rest, evaluates the base model on held-out problems, trains
-one step, evaluates the adapter merged into a copy of the base weights, and prints the paired comparison, in a log
-unwrapped and without the loaders' progress bars; the pairs export as JSONL.
+is left, and plain progress lines (the output is not a terminal) arrived at the configured interval before, counting the
+sequences of the engine's batch in flight. `ssb run` on the same directory skips what was written, curates the rest,
+evaluates the base model on held-out problems, trains one step, evaluates the adapter merged into a copy of the base
+weights (loaded by the same engine, started once), and prints the paired comparison, in a log unwrapped and without the
+loaders' progress bars; the pairs export as JSONL.
 """
 
 import json
@@ -82,6 +82,8 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     assert "Curation funnel" in stderr and "verified pairs written" in stderr
     assert f"already done (skipped) │ {first} │" in stderr
     assert "McNemar's exact p =" in stderr and "training: 1 steps" in stderr
+    # On a CPU the engine that curated waits through training and then loads the merged adapter: one engine start.
+    assert stderr.count("Starting the engine") == 1, result.stderr
     # Its output is a pipe, as in a log: the report's long lines are not wrapped, and neither the model loaders'
     # progress bars nor the dependencies' notices at the engine's start are there.
     assert re.search(r"^adapter - base: .+; McNemar's exact p = [\d.]+: ", result.stderr, re.MULTILINE), result.stderr

@@ -1,5 +1,6 @@
-"""Adapters merged into a copy of the base weights: the merged engine answers as the LoRA does, and takes the demo's
-largest evaluation batch (the same number of prompts, the same prompts) in stride."""
+"""Adapters merged into a copy of the base weights, loaded in place of a running base engine's weights: the engine
+then answers as the LoRA does, prompts it answered before with the base weights included, and takes the demo's largest
+evaluation batch (the same number of prompts, the same prompts) in stride."""
 
 from __future__ import annotations
 
@@ -38,13 +39,21 @@ def small_adapter(model_path, tmp_path_factory) -> str:
     return str(out)
 
 
+QUESTIONS = [p.question for p in make_arithmetic_problems(2, seed=5)]
+GREEDY = SamplingSettings(temperature=0.0, max_tokens=24)
+
+
 @pytest.fixture(scope="module")
 def merged_engine(small_adapter, model_path, settings, tmp_path_factory):
+    """An engine on the base model that answers QUESTIONS (so its prefix cache holds their prompts, computed with the
+    base weights), then loads the adapter merged into the base weights, as `ssb run` and `ssb eval` do on a CPU."""
     from services.teacher.engine import EngineOptions, TeacherEngine
 
     merged = merge_adapter(small_adapter, model_path, tmp_path_factory.mktemp("merged"))
-    options = EngineOptions(model=str(merged), dtype=settings.dtype, enable_lora=False, kv_cache_gib=1)
+    options = EngineOptions(model=model_path, dtype=settings.dtype, enable_lora=False, kv_cache_gib=1)
     with TeacherEngine(options) as engine:
+        engine.generate([engine.render(build_student_messages(q, worked_example=True)) for q in QUESTIONS], GREEDY)
+        engine.load_weights(merged)
         yield engine
 
 
@@ -63,7 +72,9 @@ def test_merge_refuses_a_non_empty_directory_and_a_non_lora_adapter(small_adapte
 def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, small_adapter):
     """The LoRA's greedy answers, scored token by token (teacher forcing) by the LoRA and by the merged copy: the same
     choice at every position where the LoRA's choice is not a near tie, and log-probabilities far closer to the LoRA's
-    than the base model's are.
+    than the base model's are. And the merged copy's own greedy answers to the prompts its engine answered before with
+    the base weights: their log-probabilities as the LoRA's on the same tokens (a prefix cache kept from the base
+    weights would answer those prompts partly as the base model).
 
     Why not compare free greedy generations: in bfloat16 (the engine's dtype on a CPU with AVX512-BF16 and on a GPU)
     the merged weights W + BA are rounded once, the LoRA's two products separately; the difference is rounding-sized,
@@ -73,11 +84,9 @@ def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, sm
     is not a near tie); in float32 the two agree to rounding.
     """
     engine = lora_engine
-    questions = [p.question for p in make_arithmetic_problems(2, seed=5)]
-    prompts = [engine.render(build_student_messages(q, worked_example=True)) for q in questions]
-    greedy = SamplingSettings(temperature=0.0, max_tokens=24)
-    answers = [gens[0].token_ids for gens in engine.generate(prompts, greedy, adapter=small_adapter)]
-    base_answers = [gens[0].token_ids for gens in engine.generate(prompts, greedy)]
+    prompts = [engine.render(build_student_messages(q, worked_example=True)) for q in QUESTIONS]
+    answers = [gens[0].token_ids for gens in engine.generate(prompts, GREEDY, adapter=small_adapter)]
+    base_answers = [gens[0].token_ids for gens in engine.generate(prompts, GREEDY)]
     assert answers != base_answers, "the adapter changes no answer"
 
     k, near_tie = 5, 0.1
@@ -99,6 +108,16 @@ def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, sm
     bound = 0.15 if engine_dtype(engine) == "bfloat16" else 1e-3
     assert mean_merged < bound, f"merged vs LoRA log-probabilities differ by {mean_merged:.3f} on average"
     assert mean_merged < mean_base / 3, (mean_merged, mean_base)
+
+    own_gaps = []
+    generations = merged_engine.generate(prompts, GREEDY.model_copy(update={"logprobs": k}))
+    for prompt, (generation,) in zip(prompts, generations):
+        lora_ids, lora_lps = engine.score(prompt.token_ids, generation.token_ids, k, adapter=small_adapter)
+        for t, (merged_ids, merged_lps) in enumerate(zip(generation.topk_ids, generation.topk_logprobs)):
+            lora, merged = dict(zip(lora_ids[t], lora_lps[t])), dict(zip(merged_ids, merged_lps))
+            own_gaps += [abs(lora[i] - merged[i]) for i in lora.keys() & merged.keys()]
+    mean_own = sum(own_gaps) / len(own_gaps)
+    assert mean_own < bound and mean_own < mean_base / 3, f"its own answers: {mean_own:.3f} from the LoRA's on average"
 
 
 def demo_held_out_problems() -> int:
