@@ -1,6 +1,7 @@
-"""Adapters merged into a copy of the base weights, loaded in place of a running base engine's weights: the engine
+"""Adapters merged into a copy of the base weights, loaded in place of the session engine's base weights: the engine
 then answers as the LoRA does, prompts it answered before with the base weights included, and takes the demo's largest
-evaluation batch (the same number of prompts, the same prompts) in stride."""
+evaluation batch (the same number of prompts, the same prompts) in stride; with the base weights loaded back, it answers
+as it did before."""
 
 from __future__ import annotations
 
@@ -40,21 +41,29 @@ def small_adapter(model_path, tmp_path_factory) -> str:
 
 
 QUESTIONS = [p.question for p in make_arithmetic_problems(2, seed=5)]
-GREEDY = SamplingSettings(temperature=0.0, max_tokens=24)
+GREEDY = SamplingSettings(temperature=0.0, max_tokens=24, logprobs=5)
+
+
+def question_prompts(engine) -> list:
+    return [engine.render(build_student_messages(q, worked_example=True)) for q in QUESTIONS]
 
 
 @pytest.fixture(scope="module")
-def merged_engine(small_adapter, model_path, settings, tmp_path_factory):
-    """An engine on the base model that answers QUESTIONS (so its prefix cache holds their prompts, computed with the
-    base weights), then loads the adapter merged into the base weights, as `ssb run` and `ssb eval` do on a CPU."""
-    from services.teacher.engine import EngineOptions, TeacherEngine
+def base_generations(engine) -> list:
+    """The session engine's greedy answers to QUESTIONS with the base weights (which leaves their prompts, as the base
+    weights computed them, in its prefix cache)."""
+    return [gens[0] for gens in engine.generate(question_prompts(engine), GREEDY)]
 
+
+@pytest.fixture(scope="module")
+def merged_engine(engine, base_generations, small_adapter, model_path, tmp_path_factory):
+    """The session's engine with the adapter merged into the base weights loaded in place of its own, as `ssb run` and
+    `ssb eval` do on a CPU; the base weights are loaded back after this module (the module's last test checks that
+    the engine then answers as before: the tests after it use the engine)."""
     merged = merge_adapter(small_adapter, model_path, tmp_path_factory.mktemp("merged"))
-    options = EngineOptions(model=model_path, dtype=settings.dtype, enable_lora=False, kv_cache_gib=1)
-    with TeacherEngine(options) as engine:
-        engine.generate([engine.render(build_student_messages(q, worked_example=True)) for q in QUESTIONS], GREEDY)
-        engine.load_weights(merged)
-        yield engine
+    engine.load_weights(merged)
+    yield engine
+    engine.load_weights(model_path)
 
 
 def test_merge_refuses_a_non_empty_directory_and_a_non_lora_adapter(small_adapter, model_path, tmp_path):
@@ -84,12 +93,12 @@ def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, sm
     is not a near tie); in float32 the two agree to rounding.
     """
     engine = lora_engine
-    prompts = [engine.render(build_student_messages(q, worked_example=True)) for q in QUESTIONS]
+    prompts = question_prompts(engine)
     answers = [gens[0].token_ids for gens in engine.generate(prompts, GREEDY, adapter=small_adapter)]
     base_answers = [gens[0].token_ids for gens in engine.generate(prompts, GREEDY)]
     assert answers != base_answers, "the adapter changes no answer"
 
-    k, near_tie = 5, 0.1
+    k, near_tie = GREEDY.logprobs, 0.1
     merged_gaps, base_gaps, disagreements = [], [], []
     for prompt, answer in zip(prompts, answers):
         lora_ids, lora_lps = engine.score(prompt.token_ids, answer, k, adapter=small_adapter)
@@ -110,7 +119,7 @@ def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, sm
     assert mean_merged < mean_base / 3, (mean_merged, mean_base)
 
     own_gaps = []
-    generations = merged_engine.generate(prompts, GREEDY.model_copy(update={"logprobs": k}))
+    generations = merged_engine.generate(prompts, GREEDY)
     for prompt, (generation,) in zip(prompts, generations):
         lora_ids, lora_lps = engine.score(prompt.token_ids, generation.token_ids, k, adapter=small_adapter)
         for t, (merged_ids, merged_lps) in enumerate(zip(generation.topk_ids, generation.topk_logprobs)):
@@ -134,3 +143,15 @@ def test_the_demos_largest_evaluation_batch_completes_on_the_merged_engine(merge
     report = evaluate(problems, merged_engine, config, adapters=[None])
     assert report.rows[0].problems == len(problems) >= min(demo_held_out_problems(), config.batch_size)
     assert all(p.answers["base"].num_tokens > 0 for p in report.problems)
+
+
+def test_the_base_weights_loaded_back_answer_as_before(merged_engine, base_generations, model_path):
+    """The module's last test: the engine gets its base weights back and answers QUESTIONS as it did before the merge,
+    token for token and log-probability for log-probability."""
+    merged_engine.load_weights(model_path)
+    again = [gens[0] for gens in merged_engine.generate(question_prompts(merged_engine), GREEDY)]
+    assert [g.token_ids for g in again] == [g.token_ids for g in base_generations]
+    for after, before in zip(again, base_generations):
+        assert after.topk_ids == before.topk_ids
+        for position_after, position_before in zip(after.topk_logprobs, before.topk_logprobs):
+            assert position_after == pytest.approx(position_before, abs=1e-4)
