@@ -36,13 +36,15 @@ class CuratorDeployment:
     root: Path
     redis: Redis
     workers: list[subprocess.Popen] = field(default_factory=list)
+    workers_started: int = 0  # names each worker's log: a later test's workers do not overwrite an earlier one's
 
     def client(self, *, key: str | None = CURATOR_KEY, timeout: float = 60.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def start_worker(self) -> subprocess.Popen:
-        log = open(self.root / f"worker-{len(self.workers)}.log", "wb")
+        log = open(self.root / f"worker-{self.workers_started}.log", "wb")
+        self.workers_started += 1
         command = [sys.executable, "-m", "cli.main", "worker", "curate", "--log-level", "info"]
         worker = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.workers.append(worker)
