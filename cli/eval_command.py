@@ -9,8 +9,8 @@ with a question and an answer per row. The base model is always evaluated first,
 directory). On a CPU each adapter is merged into a temporary copy of the base weights, which the same engine then
 loads in place of its own, to answer at the base model's speed (the CPU build of vLLM runs a LoRA several times slower,
 and a large LoRA batch can outlast its step timeout); on a GPU the engine serves it as a LoRA (`--adapter-serving`
-chooses). Everything is checked before the engine starts; a bad
-benchmark, file or adapter exits with status 2 and one message. The logic lives in `services/evaluation/evaluation.py`.
+chooses). Everything is checked before the engine starts; a bad benchmark, file or adapter exits with status 2 and
+one message. The logic lives in `services/evaluation/evaluation.py`.
 """
 
 from __future__ import annotations
