@@ -3,7 +3,8 @@
 loopback ports; a dataset submitted over HTTP with a training request is curated through the teacher, the curator
 starts the run on the trainer when the last problem is final, the run succeeds, its adapter downloads and loads in
 peft, and an evaluation of the base model against the adapter (served by the teacher as a LoRA) returns a table.
-Finally SIGTERM: `ssb up` exits 128 + 15 and every process it started, and everything those started, is gone.
+Finally SIGTERM: `ssb up` exits 128 + 15 and every process it started, and everything those started, is gone, and so
+are the IPC sockets of the teacher's engine.
 (`ssb submit --wait` against a real curator is tested in tests/services/curator.)
 
 Marked `topology` (and `engine`): it costs an engine start of its own; `-m "not topology"` leaves it out.
@@ -57,7 +58,7 @@ def paired_problem(curation_run) -> dict:
     return next(p for p in problems if p.id in pair_ids).model_dump(exclude_none=True)
 
 
-def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_run, tmp_path):
+def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_run, tmp_path, tmp_path_factory):
     ready_file, log_path = tmp_path / "ready.json", tmp_path / "up.log"
     command = [sys.executable, "-m", "cli.main", "up", "--workers", "2", "--data-dir", str(tmp_path / "data")]
     command += ["--teacher-port", "0", "--curator-port", "0", "--trainer-port", "0", "--ready-file", str(ready_file)]
@@ -65,6 +66,8 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
     env["SSB_KV_CACHE_GIB"] = "0.5"  # the session's engines and teachers are alive too: they share the memory
     env["SSB_MAX_LORA_RANK"] = "8"  # the run trains rank 8; on a CPU a smaller bound makes every request faster
     env["SSB_DTYPE"] = os.environ["SSB_DTYPE"]  # the session's dtype (tests/conftest.py), as the curation it repeats
+    ipc = tmp_path_factory.mktemp("ipc")  # where vLLM puts the engine's IPC sockets: a short path (108 bytes at most)
+    env["VLLM_RPC_BASE_PATH"] = str(ipc)
     with open(log_path, "wb") as log_file:
         up = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
@@ -85,6 +88,7 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
         assert redis.Redis.from_url(ready["redis"]).ping()
         everything += psutil.Process(up.pid).children(recursive=True)
         assert len(everything) > len(NAMES) + 1, "the teacher started no engine process"
+        assert any(path.is_socket() for path in ipc.rglob("*")), "the engine's processes talk over IPC sockets"
 
         # Over HTTP: an arithmetic problem with a training request, then an evaluation.
         problems = [paired_problem(curation_run)]
@@ -142,6 +146,7 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
     assert not left, f"processes left after SIGTERM: {left}"
     assert returncode == 128 + signal.SIGTERM, log()[-3000:]
     assert not ready_file.exists()
+    assert not list(ipc.iterdir()), "the teacher's engine left its IPC sockets behind"
     for name in NAMES:
         assert f"\n{name:<16} | " in log(), f"no line of {name}"
     assert "ready: teacher=" in log()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -111,6 +113,7 @@ def apply_cpu_thread_environment() -> None:
 
 
 MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+RPC_BASE_PATH = "VLLM_RPC_BASE_PATH"
 
 # Tokens per KV-cache block on a CPU: the smallest the CPU build's attention takes (its default is 128). Prefix caching
 # shares whole blocks only, and every prompt opens with the same system turn and worked example (about 120 tokens):
@@ -132,23 +135,42 @@ def runs_in_process(*, on_gpu: bool, another_in_process: bool) -> bool:
 
 
 @contextmanager
-def multiprocessing_environment(in_process: bool) -> Iterator[None]:
-    """vLLM's switch set while one engine is built, and restored after, so that processes started later (a teacher
-    service, whose async engine needs its core in a process of its own) keep vLLM's default. vLLM caches its
-    environment when an engine core starts; the cache is dropped on both sides so the next engine reads it again."""
+def engine_environment(*, ipc_dir: str, in_process: bool | None = None) -> Iterator[None]:
+    """vLLM's variables set while one engine is built, and restored after: where its processes put their IPC sockets
+    (`ipc_directory`), and for a synchronous engine whether its core runs in this process, so that processes started
+    later (a teacher service, whose async engine needs its core in a process of its own) keep vLLM's defaults. vLLM
+    caches its environment when an engine core starts; the cache is dropped on both sides so the next engine reads it
+    again."""
     import vllm.envs
 
-    previous = os.environ.get(MULTIPROCESSING)
-    os.environ[MULTIPROCESSING] = "0" if in_process else "1"
+    variables = {RPC_BASE_PATH: ipc_dir}
+    if in_process is not None:
+        variables[MULTIPROCESSING] = "0" if in_process else "1"
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     vllm.envs.disable_envs_cache()
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[MULTIPROCESSING]
-        else:
-            os.environ[MULTIPROCESSING] = previous
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
         vllm.envs.disable_envs_cache()
+
+
+def ipc_directory() -> str:
+    """A new directory for one engine's IPC sockets, inside vLLM's (`VLLM_RPC_BASE_PATH`, by default the system's
+    temporary directory). vLLM leaves its socket files there when an engine stops (three for each engine whose core
+    runs in a process of its own), so each engine removes its directory when it closes. The name is short: a socket's
+    whole path must stay under 108 bytes."""
+    return tempfile.mkdtemp(prefix="ssb-", dir=os.environ.get(RPC_BASE_PATH))
+
+
+def remove_ipc_directory(path: str) -> None:
+    """Remove an engine's IPC directory and the sockets its processes left in it."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def engine_kwargs(options: EngineOptions) -> dict:
@@ -275,8 +297,13 @@ class TeacherEngine(PromptingEngine):
         self.in_process = runs_in_process(
             on_gpu=torch.cuda.is_available(), another_in_process=TeacherEngine.in_process_engines > 0
         )
-        with multiprocessing_environment(self.in_process):
-            self.llm = LLM(**engine_kwargs(options))
+        self.ipc_dir = ipc_directory()
+        try:
+            with engine_environment(ipc_dir=self.ipc_dir, in_process=self.in_process):
+                self.llm = LLM(**engine_kwargs(options))
+        except BaseException:
+            remove_ipc_directory(self.ipc_dir)
+            raise
         TeacherEngine.in_process_engines += self.in_process
         # vLLM drops this process's torch threads to 1 "for serving"; give them back to the in-process model, or to
         # whatever else this process does (training, in `ssb run`).
@@ -291,7 +318,10 @@ class TeacherEngine(PromptingEngine):
         can abort the process."""
         if self.closed:
             return
-        self.llm.llm_engine.engine_core.shutdown()
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            remove_ipc_directory(self.ipc_dir)
         self.closed = True
         TeacherEngine.in_process_engines -= self.in_process
 

@@ -21,8 +21,11 @@ from pathlib import Path, PurePosixPath
 from services.errors import ServiceError
 from services.teacher.engine import (
     EngineOptions,
+    engine_environment,
     engine_kwargs,
     generation_from_completion,
+    ipc_directory,
+    remove_ipc_directory,
     sampling_params,
     topk_from_vllm,
 )
@@ -106,8 +109,9 @@ def resolve_adapter_dir(adapters_dir: Path, relative: str, param: str) -> Path:
 class TeacherService:
     """One async vLLM engine on one base model, its tokenizer, and the LoRA adapters loaded into it."""
 
-    def __init__(self, engine, options: EngineOptions, settings: TeacherSettings, served_name: str):
+    def __init__(self, engine, options: EngineOptions, settings: TeacherSettings, served_name: str, ipc_dir: str):
         self.engine = engine
+        self.ipc_dir = ipc_dir
         self.options = options
         self.settings = settings
         self.served_name = served_name
@@ -130,7 +134,14 @@ class TeacherService:
         options = engine_options(settings, model_path)
         served_names = list(dict.fromkeys([settings.model, model_path]))
         args = AsyncEngineArgs(**engine_kwargs(options), served_model_name=served_names, disable_log_stats=False)
-        return cls(AsyncLLM.from_engine_args(args), options, settings, served_names[0])
+        ipc_dir = ipc_directory()
+        try:
+            with engine_environment(ipc_dir=ipc_dir):
+                engine = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            remove_ipc_directory(ipc_dir)
+            raise
+        return cls(engine, options, settings, served_names[0], ipc_dir)
 
     @property
     def model_name(self) -> str:
@@ -142,8 +153,11 @@ class TeacherService:
         return not self.engine.errored
 
     def close(self) -> None:
-        """Stop the engine's processes."""
-        self.engine.shutdown()
+        """Stop the engine's processes, and remove the IPC sockets they leave."""
+        try:
+            self.engine.shutdown()
+        finally:
+            remove_ipc_directory(self.ipc_dir)
 
     @contextmanager
     def admitted(self, requests: int):

@@ -2,12 +2,12 @@
 model, end to end, with one engine start for each command (the two commands share one test for that reason).
 
 `ssb curate`, the plain command on the default model (the worked example on by default for it), is stopped by a real
-SIGTERM once a batch is written: it exits with 128 + 15, every engine process it started is gone, no half-written file
-is left, and plain progress lines (the output is not a terminal) arrived at the configured interval before, counting the
-sequences of the engine's batch in flight. `ssb run` on the same directory skips what was written, curates the rest,
-evaluates the base model on held-out problems, trains one step, evaluates the adapter merged into a copy of the base
-weights (loaded by the same engine, started once), and prints the paired comparison, in a log unwrapped and without the
-loaders' progress bars; the pairs export as JSONL.
+SIGTERM once a batch is written: it exits with 128 + 15, every engine process it started is gone, neither a half-written
+file nor an IPC socket of the engine's is left, and plain progress lines (the output is not a terminal) arrived at the
+configured interval before, counting the sequences of the engine's batch in flight. `ssb run` on the same directory
+skips what was written, curates the rest, evaluates the base model on held-out problems, trains one step, evaluates the
+adapter merged into a copy of the base weights (loaded by the same engine, started once), and prints the paired
+comparison, in a log unwrapped and without the loaders' progress bars; the pairs export as JSONL.
 """
 
 import json
@@ -35,7 +35,9 @@ def ssb(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
-def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_trains_and_compares(tmp_path):
+def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_trains_and_compares(
+    tmp_path, tmp_path_factory
+):
     problems = make_arithmetic_problems(max(PROBLEMS) + 1, seed=0)
     train, held_out, log = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl", tmp_path / "curate.log"
     train.write_text("".join(problems[i].model_dump_json(exclude_none=True) + "\n" for i in PROBLEMS))
@@ -44,12 +46,16 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     pairs = out / "pairs"  # where `ssb run --out OUT` keeps its curation
 
     curate = [sys.executable, "-m", "cli.main", "curate", "--data", str(train), "--out", str(pairs), *LIMITS]
+    ipc = tmp_path_factory.mktemp("ipc")  # where vLLM puts the engine's IPC sockets: a short path (108 bytes at most)
     with open(log, "w") as log_file:
         process = subprocess.Popen(
             [*curate, "--batch-size", "2"], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
             # The engine in processes of its own, as on a GPU (on a CPU it runs in the command's process by default,
             # which leaves nothing behind): those are what must not outlive the command.
-            env={**os.environ, "SSB_PROGRESS_INTERVAL": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+            env={
+                **os.environ, "SSB_PROGRESS_INTERVAL": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                "VLLM_RPC_BASE_PATH": str(ipc),
+            },
         )
         try:
             deadline = time.monotonic() + 300
@@ -59,6 +65,7 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
                 time.sleep(0.2)
             engine_processes = psutil.Process(process.pid).children(recursive=True)
             assert engine_processes, "the engine runs in child processes"
+            assert any(path.is_socket() for path in ipc.rglob("*")), "the engine's processes talk over IPC sockets"
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=120) == 128 + signal.SIGTERM
         finally:
@@ -67,6 +74,7 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     _, alive = psutil.wait_procs(engine_processes, timeout=30)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
     assert not list(pairs.rglob("*.tmp"))
+    assert not list(ipc.iterdir()), "the engine's IPC sockets were left behind"
     assert log.read_text().count("curating:") >= 2
     # Before the first batch was written, the line already counted the sequences the engine had finished in it.
     assert re.search(r"curating: 0/4 \(0%\) batch \d+/\d+ sequences", log.read_text()), log.read_text()
