@@ -135,14 +135,18 @@ def runs_in_process(*, on_gpu: bool, another_in_process: bool) -> bool:
 
 
 @contextmanager
-def engine_environment(*, ipc_dir: str, in_process: bool | None = None) -> Iterator[None]:
-    """vLLM's variables set while one engine is built, and restored after: where its processes put their IPC sockets
-    (`ipc_directory`), and for a synchronous engine whether its core runs in this process, so that processes started
-    later (a teacher service, whose async engine needs its core in a process of its own) keep vLLM's defaults. vLLM
-    caches its environment when an engine core starts; the cache is dropped on both sides so the next engine reads it
-    again."""
+def engine_environment(*, in_process: bool | None = None) -> Iterator[str]:
+    """vLLM's variables set while one engine is built, and restored after, so that processes started later (a teacher
+    service, whose async engine needs its core in a process of its own) keep vLLM's defaults: for a synchronous
+    engine, whether its core runs in this process; for every engine, where its processes put their IPC sockets. vLLM
+    leaves those socket files behind when an engine stops (three for each engine whose core runs in a process of its
+    own), so each engine gets a new directory for them (yielded), inside vLLM's `VLLM_RPC_BASE_PATH` (by default the
+    system's temporary directory), and removes it when it closes (`remove_ipc_directory`), or here if the build fails.
+    The directory's name is short: a socket's whole path must stay under 108 bytes. vLLM caches its environment when
+    an engine core starts; the cache is dropped on both sides so the next engine reads it again."""
     import vllm.envs
 
+    ipc_dir = tempfile.mkdtemp(prefix="ssb-", dir=os.environ.get(RPC_BASE_PATH))
     variables = {RPC_BASE_PATH: ipc_dir}
     if in_process is not None:
         variables[MULTIPROCESSING] = "0" if in_process else "1"
@@ -150,7 +154,10 @@ def engine_environment(*, ipc_dir: str, in_process: bool | None = None) -> Itera
     os.environ.update(variables)
     vllm.envs.disable_envs_cache()
     try:
-        yield
+        yield ipc_dir
+    except BaseException:
+        remove_ipc_directory(ipc_dir)
+        raise
     finally:
         for name, value in previous.items():
             if value is None:
@@ -158,14 +165,6 @@ def engine_environment(*, ipc_dir: str, in_process: bool | None = None) -> Itera
             else:
                 os.environ[name] = value
         vllm.envs.disable_envs_cache()
-
-
-def ipc_directory() -> str:
-    """A new directory for one engine's IPC sockets, inside vLLM's (`VLLM_RPC_BASE_PATH`, by default the system's
-    temporary directory). vLLM leaves its socket files there when an engine stops (three for each engine whose core
-    runs in a process of its own), so each engine removes its directory when it closes. The name is short: a socket's
-    whole path must stay under 108 bytes."""
-    return tempfile.mkdtemp(prefix="ssb-", dir=os.environ.get(RPC_BASE_PATH))
 
 
 def remove_ipc_directory(path: str) -> None:
@@ -297,13 +296,8 @@ class TeacherEngine(PromptingEngine):
         self.in_process = runs_in_process(
             on_gpu=torch.cuda.is_available(), another_in_process=TeacherEngine.in_process_engines > 0
         )
-        self.ipc_dir = ipc_directory()
-        try:
-            with engine_environment(ipc_dir=self.ipc_dir, in_process=self.in_process):
-                self.llm = LLM(**engine_kwargs(options))
-        except BaseException:
-            remove_ipc_directory(self.ipc_dir)
-            raise
+        with engine_environment(in_process=self.in_process) as self.ipc_dir:
+            self.llm = LLM(**engine_kwargs(options))
         TeacherEngine.in_process_engines += self.in_process
         # vLLM drops this process's torch threads to 1 "for serving"; give them back to the in-process model, or to
         # whatever else this process does (training, in `ssb run`).

@@ -24,7 +24,6 @@ from services.teacher.engine import (
     engine_environment,
     engine_kwargs,
     generation_from_completion,
-    ipc_directory,
     remove_ipc_directory,
     sampling_params,
     topk_from_vllm,
@@ -134,13 +133,8 @@ class TeacherService:
         options = engine_options(settings, model_path)
         served_names = list(dict.fromkeys([settings.model, model_path]))
         args = AsyncEngineArgs(**engine_kwargs(options), served_model_name=served_names, disable_log_stats=False)
-        ipc_dir = ipc_directory()
-        try:
-            with engine_environment(ipc_dir=ipc_dir):
-                engine = AsyncLLM.from_engine_args(args)
-        except BaseException:
-            remove_ipc_directory(ipc_dir)
-            raise
+        with engine_environment() as ipc_dir:
+            engine = AsyncLLM.from_engine_args(args)
         return cls(engine, options, settings, served_names[0], ipc_dir)
 
     @property

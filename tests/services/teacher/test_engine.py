@@ -1,7 +1,12 @@
 """The teacher engine on the real small model: chat rendering, batched sampling, and which distribution it reports."""
 
 import math
+import os
+from pathlib import Path
 
+import pytest
+
+from services.teacher.engine import engine_environment
 from shared.prompts import build_student_messages
 from shared.schemas import SamplingSettings
 from tests.conftest import engine_dtype
@@ -85,3 +90,23 @@ def test_logprobs_are_the_unmodified_distribution_not_the_temperature_scaled_one
     bound = 0.2 if engine_dtype(engine) == "bfloat16" else 1e-3
     assert mean_raw < bound, f"stored vs scored log-probabilities differ by {mean_raw:.3g} on average"
     assert mean_tempered > 10 * mean_raw, (mean_raw, mean_tempered)
+
+
+def test_each_engine_builds_with_a_socket_directory_of_its_own_and_the_variables_come_back(monkeypatch, tmp_path):
+    """vLLM's variables hold only while an engine is built: its IPC sockets' directory, new inside the user's
+    VLLM_RPC_BASE_PATH, and the multiprocessing switch. The directory stays for the engine to remove on closing (the
+    SIGTERM test and the user path check that nothing is left), and goes at once if the build fails."""
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    with engine_environment(in_process=True) as ipc_dir:
+        assert os.environ["VLLM_RPC_BASE_PATH"] == ipc_dir and Path(ipc_dir).parent == tmp_path
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert Path(ipc_dir).is_dir()
+    assert os.environ["VLLM_RPC_BASE_PATH"] == str(tmp_path) and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    with pytest.raises(RuntimeError, match="no engine"), engine_environment() as failed:
+        raise RuntimeError("no engine")
+    assert not Path(failed).exists() and os.environ["VLLM_RPC_BASE_PATH"] == str(tmp_path)
+
+
+def test_the_session_engine_keeps_its_socket_directory_while_open(engine):
+    assert Path(engine.ipc_dir).is_dir() and not engine.closed
