@@ -101,22 +101,24 @@ def exit_on_signals():
 
 def start_engine(model_path: str, settings: Settings, *, seed: int = 0, enable_lora: bool = True):
     """Start the vLLM engine on a model (about half a minute for the small model on the CPU)."""
-    from services.teacher.engine import EngineOptions, TeacherEngine
+    from services.teacher.engine import EngineEnvironmentError, EngineOptions, TeacherEngine
 
+    options = EngineOptions(
+        model=model_path,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_logprobs=settings.max_logprobs,
+        kv_cache_gib=settings.kv_cache_gib,
+        seed=seed,
+        enable_lora=enable_lora,
+    )
     with console.status(f"Starting the engine on {Path(model_path).name}..."):
         if not console.is_terminal:
             console.print(f"Starting the engine on {Path(model_path).name}...")
-        return TeacherEngine(
-            EngineOptions(
-                model=model_path,
-                dtype=settings.dtype,
-                max_model_len=settings.max_model_len,
-                max_logprobs=settings.max_logprobs,
-                kv_cache_gib=settings.kv_cache_gib,
-                seed=seed,
-                enable_lora=enable_lora,
-            )
-        )
+        try:
+            return TeacherEngine(options)
+        except EngineEnvironmentError as exc:
+            raise fail(str(exc)) from exc
 
 
 class PlainProgress:

@@ -134,6 +134,10 @@ def runs_in_process(*, on_gpu: bool, another_in_process: bool) -> bool:
     return not on_gpu and not another_in_process
 
 
+class EngineEnvironmentError(RuntimeError):
+    """The environment names a place the engine cannot use."""
+
+
 @contextmanager
 def engine_environment(*, in_process: bool | None = None) -> Iterator[str]:
     """vLLM's variables set while one engine is built, and restored after, so that processes started later (a teacher
@@ -146,7 +150,15 @@ def engine_environment(*, in_process: bool | None = None) -> Iterator[str]:
     an engine core starts; the cache is dropped on both sides so the next engine reads it again."""
     import vllm.envs
 
-    ipc_dir = tempfile.mkdtemp(prefix="ssb-", dir=os.environ.get(RPC_BASE_PATH))
+    base = os.environ.get(RPC_BASE_PATH)
+    try:
+        ipc_dir = tempfile.mkdtemp(prefix="ssb-", dir=base)
+    except OSError as exc:
+        where = f"{RPC_BASE_PATH}={base}" if base else f"the temporary directory {tempfile.gettempdir()}"
+        raise EngineEnvironmentError(
+            f"cannot make the engine's IPC socket directory in {where} ({exc.strerror}); "
+            f"set {RPC_BASE_PATH} to a writable directory"
+        ) from exc
     variables = {RPC_BASE_PATH: ipc_dir}
     if in_process is not None:
         variables[MULTIPROCESSING] = "0" if in_process else "1"

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -71,3 +73,22 @@ def test_curate_rejects_a_bad_file_before_starting_the_engine(tmp_path):
     assert result.returncode == 2
     assert "bad.jsonl:2" in result.stderr.replace("\n", "") and "empty" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unusable_socket_directory_is_one_error_line_before_the_engine_starts(model_path, monkeypatch, capsys):
+    """The engine's IPC sockets go in a directory of its own under VLLM_RPC_BASE_PATH: one that cannot hold it ends
+    the command (`ssb curate`, `ssb run`, `ssb eval`) with exit status 2 and one line naming it; the teacher service
+    says the same on /readyz. In the test process, which loads vLLM once for the session's engine: a process of its
+    own would load it again."""
+    import typer
+
+    from cli.runtime import start_engine
+    from shared.settings import Settings
+
+    missing = "/nonexistent/sockets"
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", missing)
+    with pytest.raises(typer.Exit) as exit_info:
+        start_engine(model_path, Settings())
+    assert exit_info.value.exit_code == 2
+    printed = " ".join(capsys.readouterr().err.split())
+    assert f"error: cannot make the engine's IPC socket directory in VLLM_RPC_BASE_PATH={missing}" in printed

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.teacher.engine import engine_environment
+from services.teacher.engine import EngineEnvironmentError, engine_environment
 from shared.prompts import build_student_messages
 from shared.schemas import SamplingSettings
 from tests.conftest import engine_dtype
@@ -106,6 +106,10 @@ def test_each_engine_builds_with_a_socket_directory_of_its_own_and_the_variables
     with pytest.raises(RuntimeError, match="no engine"), engine_environment() as failed:
         raise RuntimeError("no engine")
     assert not Path(failed).exists() and os.environ["VLLM_RPC_BASE_PATH"] == str(tmp_path)
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path / "missing"))
+    with pytest.raises(EngineEnvironmentError, match=f"VLLM_RPC_BASE_PATH={tmp_path / 'missing'} .No such file"):
+        with engine_environment():
+            pass
 
 
 def test_the_session_engine_keeps_its_socket_directory_while_open(engine):
