@@ -150,7 +150,7 @@ def engine_environment(*, in_process: bool | None = None) -> Iterator[str]:
     an engine core starts; the cache is dropped on both sides so the next engine reads it again."""
     import vllm.envs
 
-    base = os.environ.get(RPC_BASE_PATH)
+    base = os.environ.get(RPC_BASE_PATH) or None  # empty counts as unset: mkdtemp(dir="") would make a relative path
     try:
         ipc_dir = tempfile.mkdtemp(prefix="ssb-", dir=base)
     except OSError as exc:

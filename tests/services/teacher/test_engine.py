@@ -2,11 +2,12 @@
 
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from services.teacher.engine import EngineEnvironmentError, engine_environment
+from services.teacher.engine import EngineEnvironmentError, engine_environment, remove_ipc_directory
 from shared.prompts import build_student_messages
 from shared.schemas import SamplingSettings
 from tests.conftest import engine_dtype
@@ -106,6 +107,10 @@ def test_each_engine_builds_with_a_socket_directory_of_its_own_and_the_variables
     with pytest.raises(RuntimeError, match="no engine"), engine_environment() as failed:
         raise RuntimeError("no engine")
     assert not Path(failed).exists() and os.environ["VLLM_RPC_BASE_PATH"] == str(tmp_path)
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", "")  # as an empty line of a .env file sets it: the temporary directory
+    with engine_environment() as default:
+        assert Path(default).is_absolute() and Path(default).parent == Path(tempfile.gettempdir())
+    remove_ipc_directory(default)
     monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path / "missing"))
     with pytest.raises(EngineEnvironmentError, match=f"VLLM_RPC_BASE_PATH={tmp_path / 'missing'} .No such file"):
         with engine_environment():
