@@ -12,7 +12,8 @@ again.
 A worker that dies mid-job (SIGKILL, a lost machine) stops sending heartbeats; after `3 x SSB_WORKER_HEARTBEAT_SECONDS`
 its job counts as abandoned, and the next maintenance pass of any worker (every `SSB_MAINTENANCE_INTERVAL_SECONDS`)
 puts it back on the queue: with the defaults (5 s, 10 s) another worker takes it over within about 25 s. A job that
-fails through every retry marks its unfinished problems `failed`, with the last error, through `record_job_failure`.
+fails through every retry marks its unfinished problems `failed`, with the last error, through `record_job_failure`
+(also when its process died on the last attempt: `shared.workers`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 import httpx
 from redis import Redis
-from rq import Callback, Queue, Retry, Worker
+from rq import Callback, Queue, Retry
 from rq.serializers import JSONSerializer
 
 from services.curator.curation import Funnel, curate
@@ -35,6 +36,7 @@ from shared.schemas import Problem
 from shared.settings import CurationConfig
 from shared.storage import PairStore
 from shared.teacher_client import TeacherPool, TeacherRejected
+from shared.workers import FailureCallbackWorker
 
 log = logging.getLogger("ssb.curator")
 
@@ -220,10 +222,11 @@ class AdapterRollouts(ConcurrentCalls):
         return self.engine.explanations(items, sampling, worked_example=worked_example)
 
 
-class CurationWorker(Worker):
+class CurationWorker(FailureCallbackWorker):
     """RQ's forking worker with a short heartbeat: RQ's own is the monitoring interval plus 60 s, which leaves a
     killed worker's job unclaimed for a minute and a half. (An idle worker wakes for maintenance every
-    `worker_ttl - 15` s, so `run_worker` sets that to the maintenance interval too.)"""
+    `worker_ttl - 15` s, so `run_worker` sets that to the maintenance interval too.) A job whose process dies on its
+    last attempt still marks its problems `failed` (`FailureCallbackWorker`)."""
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return 3 * self.job_monitoring_interval

@@ -20,8 +20,7 @@ import signal
 import socket
 
 import redis
-from rq import Callback, Queue, Retry, Worker
-from rq.callbacks import execute_failure_callback
+from rq import Callback, Queue, Retry
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -29,6 +28,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from services.trainer.settings import TrainerSettings
+from shared.workers import FailureCallbackWorker
 
 TRAIN = "train"
 EVAL = "eval"
@@ -108,9 +108,11 @@ def fetch_job(settings: TrainerSettings, connection: redis.Redis, kind: str, rec
         return None
 
 
-class TrainWorker(Worker):
+class TrainWorker(FailureCallbackWorker):
     """An RQ worker (one job at a time, each in a forked work horse) whose jobs count as abandoned after a few
-    missed heartbeats instead of RQ's minute or more."""
+    missed heartbeats instead of RQ's minute or more. When a work horse dies (stopped as below, or killed), the job's
+    failure callback still runs (`FailureCallbackWorker`): the run's record says that it is queued again, or failed
+    without retries left, instead of still running."""
 
     heartbeat_seconds: int = 5
 
@@ -130,20 +132,6 @@ class TrainWorker(Worker):
         signal.signal(signal.SIGTERM, self.request_force_stop)
         self._stop_requested = True  # the work loop ends after this job's failure is handled (retried: re-queued)
         self.kill_horse()
-
-    def handle_work_horse_killed(self, job: Job, retpid, ret_val, rusage) -> None:
-        """RQ calls no failure callback when a work horse dies (stopped as above, or killed): call it here, so the
-        run's record says that it is queued again (or failed, without retries left) instead of still running."""
-        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        stopped = WorkHorseStopped(f"the job's process stopped (wait status {ret_val})")
-        try:
-            execute_failure_callback(job, self.death_penalty_class, WorkHorseStopped, stopped, None)
-        except Exception:
-            self.log.exception("Worker %s: the failure callback of job %s raised", self.name, job.id)
-
-
-class WorkHorseStopped(RuntimeError):
-    """A job's process ended without finishing it: its worker was stopped, or it was killed."""
 
 
 def make_worker(settings: TrainerSettings, kinds: tuple[str, ...], connection: redis.Redis) -> TrainWorker:

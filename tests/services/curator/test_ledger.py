@@ -1,15 +1,25 @@
-"""The curator's ledger on a real Redis (database 9, a key prefix of its own, deleted afterwards): final states are
-recorded once however often a job runs, the funnel always adds up, and exactly one call finishes a dataset."""
+"""The curator's ledger on a real Redis (database 9, a key prefix of its own, its keys and RQ's deleted afterwards):
+final states are recorded once however often a job runs, the funnel always adds up, exactly one call finishes a
+dataset, and a job's last failure is recorded however it failed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from shared.curator_api import DatasetOptions
+from tests.redis_keys import delete_keys
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -17,8 +27,7 @@ def ledger():
     redis = Redis.from_url("redis://127.0.0.1:6379/9")
     prefix = f"ssb-test-ledger-{uuid.uuid4().hex[:8]}"
     yield DatasetLedger(redis, prefix)
-    for key in redis.scan_iter(f"{prefix}:*"):
-        redis.delete(key)
+    delete_keys(redis, prefix)
     redis.close()
 
 
@@ -81,3 +90,39 @@ def test_the_last_failure_of_a_job_marks_its_unfinished_problems_failed(ledger, 
     assert ledger.final_states("ds-1") == {"a": "no_mix", "b": "failed"}
     (failure,) = ledger.status("ds-1").failures
     assert failure.problem_id == "b" and failure.reason.startswith("TimeoutError: the teacher did not answer (after 4")
+
+
+def test_a_job_whose_process_dies_on_its_last_attempt_marks_its_problems_failed(ledger, tmp_path):
+    """RQ calls no failure callback when a job's process dies (the OOM killer, a signal): a real worker (`ssb worker
+    curate`'s, in burst mode) whose job's process is killed on both attempts still finishes the dataset, each problem
+    `failed` with how the process died, instead of leaving them `running` for ever."""
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from shared.schemas import Problem
+
+    redis_url = "redis://127.0.0.1:6379/9"
+    settings = CuratorSettings(redis_url=redis_url, key_prefix=ledger.prefix, data_dir=tmp_path, job_retries=1)
+    problems = [Problem(id="q1", question="2 + 2?", answer="4"), Problem(id="q2", question="3 + 3?", answer="6")]
+    dataset = CuratorService(settings, ledger.redis).create_dataset(problems, DatasetOptions(), "killed").id
+    worker = (
+        "import os, signal\n"
+        "import services.curator.jobs as jobs\n"
+        "from services.curator.settings import CuratorSettings\n"
+        "jobs.TeacherPool = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # dies mid-job\n"
+        f"jobs.run_worker(CuratorSettings(), burst=True, name='{ledger.prefix}-worker')\n"
+    )
+    env = {
+        **os.environ, "SSB_REDIS_URL": redis_url, "SSB_KEY_PREFIX": ledger.prefix, "SSB_DATA_DIR": str(tmp_path),
+        "SSB_JOB_RETRIES": "1", "SSB_WORKER_HEARTBEAT_SECONDS": "1",
+    }
+    command = [sys.executable, "-c", worker]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (job_id,) = ledger.job_ids(dataset)
+    job = Job.fetch(job_id, connection=ledger.redis, serializer=JSONSerializer)
+    assert job.get_status() == "failed" and job.retries_left == 0  # both attempts ran, and died
+    status = ledger.status(dataset)
+    assert status.state == "done" and status.funnel.failed == 2 and status.finished_at, status
+    assert {f.reason for f in status.failures} == {
+        "JobProcessDied: the job's process was killed by signal 9 (after 2 attempts)"
+    }

@@ -30,6 +30,7 @@ import redis
 
 from shared.arithmetic import make_arithmetic_problems
 from tests.prometheus_text import metric
+from tests.redis_keys import delete_keys
 from tests.teacher_server import API_KEY as TEACHER_KEY
 from tests.teacher_server import free_port
 
@@ -114,16 +115,6 @@ def stop(process: subprocess.Popen, timeout: float = 120) -> None:
     for p in left:
         p.kill()
     assert not left, f"processes left after SIGTERM: {left}"
-
-
-def delete_keys(connection: redis.Redis, key_prefix: str) -> None:
-    """Every key of this test's deployment: its records, its RQ queues, jobs, registries and workers."""
-    for key in connection.scan_iter(match=f"*{key_prefix}*", count=1000):
-        connection.delete(key)
-    for set_key in (b"rq:queues", b"rq:workers"):
-        for member in connection.smembers(set_key):
-            if key_prefix.encode() in member:
-                connection.srem(set_key, member)
 
 
 @pytest.fixture(scope="module")

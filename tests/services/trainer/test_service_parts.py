@@ -124,7 +124,7 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once():
 
     from services.trainer.queues import open_queue
     from services.trainer.settings import TrainerSettings
-    from tests.services.trainer.test_service import delete_keys
+    from tests.redis_keys import delete_keys
 
     key_prefix = f"test-parts-{uuid.uuid4().hex[:8]}"
     settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=key_prefix)
