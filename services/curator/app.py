@@ -144,7 +144,7 @@ async def dataset_dropped(dataset_id: str, request: Request) -> StreamingRespons
 
 @router.delete("/v1/datasets/{dataset_id}", response_model=DatasetStatus, responses=ERROR_RESPONSES, tags=["datasets"])
 async def cancel_dataset(dataset_id: str, request: Request):
-    """Cancel what has not started (those problems end `cancelled`); running jobs finish."""
+    """Cancel what has not started (those problems end `cancelled`); running jobs finish; no training run starts."""
     return service_of(request).cancel(dataset_id)
 
 

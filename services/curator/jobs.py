@@ -94,8 +94,7 @@ def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
     finished = ledger.final_states(dataset_id)
     todo = [p for p in problem_ids if p not in finished]
     if ledger.is_cancelled(dataset_id):
-        for problem_id in todo:
-            finish_problem(settings, ledger, meta, problem_id, "cancelled")
+        cancel_problems(settings, ledger, meta, todo)
         return {"dataset": dataset_id, "cancelled": len(todo)}
     # A previous run of this job may have written some problems and died before recording them.
     stored = {problem_id: store.outcome(problem_id) for problem_id in todo}
@@ -150,9 +149,19 @@ def curate_with_rejections(
 def finish_problem(
     settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta, problem_id: str, state: str, reason=None
 ) -> None:
-    """Record a problem's final state; the call that finishes the dataset starts its training request, if any."""
+    """Record a problem's final state; the call that finishes the dataset starts its training request, if any, unless
+    the dataset was cancelled."""
     if ledger.record_final(meta.id, problem_id, state, reason) and meta.options.train is not None:
-        start_training(settings, ledger, meta)
+        if not ledger.is_cancelled(meta.id):
+            start_training(settings, ledger, meta)
+
+
+def cancel_problems(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta, problem_ids) -> None:
+    """End these problems of a cancelled dataset `cancelled`, except those whose result a previous run of their job
+    stored before it died: they end as stored, as the pair store holds them."""
+    store = PairStore(settings.dataset_dir(meta.id))
+    for problem_id in problem_ids:
+        finish_problem(settings, ledger, meta, problem_id, store.outcome(problem_id) or "cancelled")
 
 
 def start_training(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta) -> None:

@@ -19,7 +19,9 @@ from redis import Redis
 from rq import Worker
 from rq.job import Job, JobStatus
 
-from services.curator.jobs import META_FILE, PROBLEMS_FILE, curation_queue, enqueue_data, redis_connection
+from services.curator.jobs import (
+    META_FILE, PROBLEMS_FILE, cancel_problems, curation_queue, enqueue_data, redis_connection,
+)
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from services.curator.settings import CuratorSettings
 from services.errors import ServiceError
@@ -123,8 +125,9 @@ class CuratorService:
         return (dropped.model_dump_json() + "\n" for dropped in store.iter_dropped())
 
     def cancel(self, dataset_id: str) -> DatasetStatus:
-        """Cancel what has not started: queued jobs leave the queue and their problems end `cancelled`; a job
-        already running finishes its problems; a job that starts later finds the dataset cancelled."""
+        """Cancel what has not started: queued jobs leave the queue and their problems end `cancelled` (or as a
+        previous run stored them); a job already running finishes its problems; a job that starts later finds the
+        dataset cancelled. A cancelled dataset starts no training."""
         meta = self.ledger.meta(dataset_id)
         if meta is None:
             raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
@@ -135,6 +138,5 @@ class CuratorService:
                 continue
             job.cancel()
             _, problem_ids = job.args
-            for problem_id in problem_ids:
-                self.ledger.record_final(dataset_id, problem_id, "cancelled")
+            cancel_problems(self.settings, self.ledger, meta, problem_ids)
         return self.status(dataset_id)

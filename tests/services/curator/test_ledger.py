@@ -126,3 +126,31 @@ def test_a_job_whose_process_dies_on_its_last_attempt_marks_its_problems_failed(
     assert {f.reason for f in status.failures} == {
         "JobProcessDied: the job's process was killed by signal 9 (after 2 attempts)"
     }
+
+
+def test_cancelling_records_what_the_store_holds_and_starts_no_training(ledger, tmp_path, monkeypatch):
+    """A problem whose result a previous run stored ends as stored, not `cancelled`, on both ways a cancel reaches
+    it: `DELETE /v1/datasets/{id}` on a queued job, and a job that starts after it. A cancelled dataset sends no
+    training request, whichever of them finishes it (the trainer's URL here would refuse the connection)."""
+    from services.curator.jobs import curate_problems
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from shared.schemas import DroppedProblem, Problem
+    from shared.storage import PairStore
+
+    redis_url = "redis://127.0.0.1:6379/9"
+    for name, value in {"SSB_REDIS_URL": redis_url, "SSB_KEY_PREFIX": ledger.prefix, "SSB_DATA_DIR": str(tmp_path),
+                        "SSB_TRAINER_URL": "http://127.0.0.1:9"}.items():
+        monkeypatch.setenv(name, value)
+    service = CuratorService(CuratorSettings(), ledger.redis)
+    problems = [Problem(id="q1", question="2 + 2?", answer="4"), Problem(id="q2", question="3 + 3?", answer="6")]
+    options = DatasetOptions(train={"max_steps": 1})
+    for cancel_before in (service.cancel, lambda dataset: ledger.cancel(dataset)):
+        dataset = service.create_dataset(problems, options, "cancelled").id
+        PairStore(tmp_path / "datasets" / dataset).write_dropped(DroppedProblem(problem_id="q1", reason="no_mix"))
+        cancel_before(dataset)
+        curate_problems(dataset, ["q1", "q2"])  # a job that starts after the cancel (a no-op once all are final)
+        status = ledger.status(dataset)
+        assert ledger.final_states(dataset) == {"q1": "no_mix", "q2": "cancelled"}, cancel_before
+        assert status.state == "cancelled" and status.finished_at, status
+        assert status.training_run is None and status.training_error is None, status
