@@ -232,10 +232,8 @@ def curate_step(
         choice = select_hints(rollouts, seed=config.seed, key=problem.id)
         if choice is None:
             reason = drop_reason(rollouts)
-            store.write_dropped(
-                DroppedProblem(problem_id=problem.id, reason=reason, rollouts=rollouts, explanation_attempts=0)
-            )
-            funnel.count_drop(reason)
+            dropped = DroppedProblem(problem_id=problem.id, reason=reason, rollouts=rollouts, explanation_attempts=0)
+            record_dropped(dropped, store, funnel)
             continue
         funnel.with_mix += 1
         ready.append(Hinted(problem, rollouts, choice.correct_index, choice.incorrect_index, answer.prompt, sampling))
@@ -255,17 +253,15 @@ def write_explained(
     problem, rollouts, attempts = hinted.problem, hinted.rollouts, explained.generations
     choice = choose_explanation(problem, attempts, config.extraction_order)
     if choice.kept is None:
-        store.write_dropped(
-            DroppedProblem(
-                problem_id=problem.id,
-                reason=choice.drop_reason,
-                detail=choice.drop_detail,
-                rollouts=rollouts,
-                explanation=attempts[0].text,
-                explanation_attempts=len(attempts),
-            )
+        dropped = DroppedProblem(
+            problem_id=problem.id,
+            reason=choice.drop_reason,
+            detail=choice.drop_detail,
+            rollouts=rollouts,
+            explanation=attempts[0].text,
+            explanation_attempts=len(attempts),
         )
-        funnel.count_drop(choice.drop_reason)
+        record_dropped(dropped, store, funnel)
         return
     explanation, verdict = attempts[choice.kept], choice.verdict
     record = PairRecord(
@@ -297,5 +293,14 @@ def write_explained(
     if store.write_pair(pair):
         funnel.pairs += 1
         funnel.pairs_from_later_attempts += choice.kept > 0
+    else:
+        funnel.skipped += 1
+
+
+def record_dropped(dropped: DroppedProblem, store: PairStore, funnel: Funnel) -> None:
+    """Record a dropped problem once and count it; one that another run recorded meanwhile counts as skipped, as a
+    pair does."""
+    if store.write_dropped(dropped):
+        funnel.count_drop(dropped.reason)
     else:
         funnel.skipped += 1

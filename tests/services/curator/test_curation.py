@@ -5,9 +5,11 @@ worked example, the demo's token limits, top-20) is checked here; the 200-proble
 `make bench` (benchmarks/curation.py), where its minutes do not weigh on the test suite.
 """
 
-from services.curator.curation import curate
+from services.curator.curation import Funnel, curate, record_dropped
 from shared.grading import grade_response
+from shared.schemas import DroppedProblem
 from shared.settings import CurationConfig
+from shared.storage import PairStore
 from tests.conftest import CURATION_CONFIG, SESSION_PROBLEMS
 
 CONFIG = CurationConfig(**CURATION_CONFIG)
@@ -58,3 +60,13 @@ def test_running_again_writes_nothing_new(curation_run, engine):
     after = {p.name: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
     assert funnel.skipped == len(problems) and funnel.pairs == 0
     assert before == after
+
+
+def test_a_drop_another_run_recorded_meanwhile_counts_as_skipped_not_twice(tmp_path):
+    """Two runs of one problem at once (a job re-queued while its first process still runs): the second drop writes
+    nothing and the funnel counts it skipped, as it does a second pair."""
+    store, funnel = PairStore(tmp_path), Funnel(problems=1)
+    record_dropped(DroppedProblem(problem_id="q1", reason="no_mix"), store, funnel)
+    record_dropped(DroppedProblem(problem_id="q1", reason="ungradeable"), store, funnel)
+    assert funnel.dropped == {"no_mix": 1} and funnel.skipped == 1
+    assert [(d.problem_id, d.reason) for d in store.iter_dropped()] == [("q1", "no_mix")]
