@@ -94,7 +94,7 @@ def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
     finished = ledger.final_states(dataset_id)
     todo = [p for p in problem_ids if p not in finished]
     if ledger.is_cancelled(dataset_id):
-        cancel_problems(settings, ledger, meta, todo)
+        end_problems(settings, ledger, meta, todo, "cancelled")
         return {"dataset": dataset_id, "cancelled": len(todo)}
     # A previous run of this job may have written some problems and died before recording them.
     stored = {problem_id: store.outcome(problem_id) for problem_id in todo}
@@ -156,12 +156,19 @@ def finish_problem(
             start_training(settings, ledger, meta)
 
 
-def cancel_problems(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta, problem_ids) -> None:
-    """End these problems of a cancelled dataset `cancelled`, except those whose result a previous run of their job
-    stored before it died: they end as stored, as the pair store holds them."""
+def end_problems(
+    settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta, problem_ids: Sequence[str], state: str,
+    reason: str | None = None,
+) -> None:
+    """End these problems `state` (`failed` with `reason`, or `cancelled`), except those whose result a previous run
+    of their job stored before it died: they end as the pair store holds them."""
     store = PairStore(settings.dataset_dir(meta.id))
     for problem_id in problem_ids:
-        finish_problem(settings, ledger, meta, problem_id, store.outcome(problem_id) or "cancelled")
+        outcome = store.outcome(problem_id)
+        if outcome is not None:
+            finish_problem(settings, ledger, meta, problem_id, outcome)
+        else:
+            finish_problem(settings, ledger, meta, problem_id, state, reason)
 
 
 def start_training(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta) -> None:
@@ -192,15 +199,8 @@ def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:
     meta = ledger.meta(dataset_id)
     if meta is None:
         return
-    store = PairStore(settings.dataset_dir(dataset_id))
-    reason = f"{exc_type.__name__}: {exc_value}".strip().rstrip(":")
-    attempts = settings.job_retries + 1
-    for problem_id in problem_ids:
-        outcome = store.outcome(problem_id)
-        if outcome is not None:
-            finish_problem(settings, ledger, meta, problem_id, outcome)
-        else:
-            finish_problem(settings, ledger, meta, problem_id, "failed", f"{reason} (after {attempts} attempts)")
+    error = f"{exc_type.__name__}: {exc_value}".strip().rstrip(":")
+    end_problems(settings, ledger, meta, problem_ids, "failed", f"{error} (after {settings.job_retries + 1} attempts)")
 
 
 def dataset_problems(settings: CuratorSettings, dataset_id: str, problem_ids: Sequence[str]) -> list[Problem]:

@@ -20,7 +20,7 @@ from rq import Worker
 from rq.job import Job, JobStatus
 
 from services.curator.jobs import (
-    META_FILE, PROBLEMS_FILE, cancel_problems, curation_queue, enqueue_data, redis_connection,
+    META_FILE, PROBLEMS_FILE, curation_queue, end_problems, enqueue_data, redis_connection,
 )
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from services.curator.settings import CuratorSettings
@@ -138,5 +138,5 @@ class CuratorService:
                 continue
             job.cancel()
             _, problem_ids = job.args
-            cancel_problems(self.settings, self.ledger, meta, problem_ids)
+            end_problems(self.settings, self.ledger, meta, problem_ids, "cancelled")
         return self.status(dataset_id)
