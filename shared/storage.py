@@ -8,7 +8,9 @@ Layout of a pair directory:
 A pair file holds `token_ids` (int32, T), `topk_ids` (int32, T x k) and `topk_logprobs` (float32, T x k); safetensors
 loads without pickle and memory-maps. Every file is written to a hidden temporary name, flushed to disk, then
 hard-linked to its final name, which fails if the name exists: a reader never sees a half-written file, and a
-problem written twice (a retried job, a second run, two workers) keeps its first result.
+problem written twice (a retried job, a second run, two workers) keeps its first result. Two runs of one problem at
+once that end differently (a job re-queued while its first process still runs) can leave both a pair and a drop: the
+pair wins, so every reader sees each problem once, paired or dropped.
 """
 
 from __future__ import annotations
@@ -139,8 +141,9 @@ class PairStore:
             yield self.load_pair(problem_id)
 
     def iter_dropped(self) -> Iterator[DroppedProblem]:
+        """The dropped problems, except any that another run of the same problem paired."""
         for path in sorted(self.dropped_dir.glob("*.json")):
-            if not path.name.startswith("."):
+            if not path.name.startswith(".") and not self.pair_path(path.stem).exists():
                 yield DroppedProblem.model_validate_json(path.read_text())
 
     def export_jsonl_lines(self) -> Iterator[str]:

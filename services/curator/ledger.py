@@ -4,7 +4,7 @@ Keys, under the deployment's prefix P (`SSB_KEY_PREFIX`) and a dataset id D:
 
     P:datasets                 sorted set of dataset ids by upload time
     P:dataset:D                the dataset's metadata (JSON: name, problem count, options, upload time)
-    P:dataset:D:final          hash problem id -> final state; written with HSETNX, so a problem is counted once
+    P:dataset:D:final          hash problem id -> final state; set if absent, so a problem is counted once
     P:dataset:D:failures       hash problem id -> why it failed
     P:dataset:D:running        set of problem ids a job has started and not finished
     P:dataset:D:stats          hash: tokens generated, started_at, finished_at, training_run, training_error
@@ -13,6 +13,8 @@ Keys, under the deployment's prefix P (`SSB_KEY_PREFIX`) and a dataset id D:
 
 Every write is safe to repeat: a job that runs twice (a retry, or a worker killed after writing) records nothing
 twice, because final states are set-if-absent and the counts are read from the final-state hash, never incremented.
+One exception matches the pair store: `paired` replaces another final state (two runs of a problem at once that ended
+differently leave its pair, and the pair wins), still without counting the problem twice.
 The funnel's `queued` is what is neither final nor running, so the counts always add up to the problems.
 """
 
@@ -29,10 +31,16 @@ from shared.curator_api import FINAL_STATES, DatasetOptions, DatasetStatus, Fail
 MAX_LISTED_FAILURES = 100
 
 # KEYS: final, failures, running, stats. ARGV: problem id, state, has reason (1/0), reason, problems (-1: unknown),
-# now. Set the final state if absent; stamp `finished_at` when that made every problem final; 1 when it did.
+# now. Set the final state if absent (`paired` also over another state, dropping its failure reason); stamp
+# `finished_at` when that made every problem final; 1 when it did.
 RECORD_FINAL = """
 local newly = redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] == '1' then redis.call('hsetnx', KEYS[2], ARGV[1], ARGV[4]) end
+if newly == 0 and ARGV[2] == 'paired' then
+  redis.call('hset', KEYS[1], ARGV[1], 'paired')
+  redis.call('hdel', KEYS[2], ARGV[1])
+elseif ARGV[3] == '1' then
+  redis.call('hsetnx', KEYS[2], ARGV[1], ARGV[4])
+end
 redis.call('srem', KEYS[3], ARGV[1])
 local problems = tonumber(ARGV[5])
 if newly == 1 and problems >= 0 and redis.call('hlen', KEYS[1]) >= problems then
@@ -103,9 +111,10 @@ class DatasetLedger:
             pipe.execute()
 
     def record_final(self, dataset_id: str, problem_id: str, state: str, reason: str | None = None) -> bool:
-        """Record how a problem ended, unless it already has a final state. True when this call finished the
-        dataset (its last problem reached a final state): exactly one caller sees True. One atomic step, so a
-        reader never sees every problem final without the dataset's `finished_at`."""
+        """Record how a problem ended, unless it already has a final state (`paired` replaces any other: the pair
+        store's pair wins). True when this call finished the dataset (its last problem reached a final state):
+        exactly one caller sees True. One atomic step, so a reader never sees every problem final without the
+        dataset's `finished_at`."""
         if state not in FINAL_STATES:
             raise ValueError(f"unknown final state {state!r}; one of {', '.join(FINAL_STATES)}")
         meta = self.meta(dataset_id)

@@ -61,6 +61,17 @@ def test_dropped_and_export(tmp_path):
     assert row["problem_id"] == "a" and len(row["topk_ids"]) == 5 and row["token_ids"] == [0, 1, 2, 3, 4]
 
 
+def test_a_pair_wins_over_a_drop_of_the_same_problem(tmp_path):
+    """Two runs of one problem at once that ended differently leave both files: every reader sees the pair only."""
+    store = PairStore(tmp_path)
+    assert store.write_dropped(DroppedProblem(problem_id="a", reason="explanation_wrong"))
+    assert store.write_dropped(DroppedProblem(problem_id="b", reason="no_mix"))
+    assert store.outcome("a") == "explanation_wrong"
+    assert store.write_pair(make_pair("a"))  # the other run's pair, written after the drop
+    assert store.outcome("a") == "paired" and store.pair_ids() == ["a"]
+    assert [d.problem_id for d in store.iter_dropped()] == ["b"]
+
+
 def test_corrupt_file_is_a_clear_error(tmp_path):
     store = PairStore(tmp_path)
     store.pairs_dir.mkdir(parents=True)

@@ -60,6 +60,22 @@ def test_a_problem_is_counted_once_however_often_it_is_recorded(ledger):
     assert ledger.record_final("ds-2", "a", "paired") is False  # a dataset the ledger does not know never finishes
 
 
+def test_a_pair_replaces_another_final_state_without_counting_twice(ledger):
+    """As in the pair store, a pair wins: two runs of a problem at once that ended differently end it `paired`."""
+    new_dataset(ledger, 2)
+    ledger.mark_running("ds-1", ["a", "b"])
+    assert ledger.record_final("ds-1", "a", "failed", "TeacherUnavailable: down") is False
+    assert ledger.record_final("ds-1", "a", "paired") is False  # the other run's pair
+    ledger.record_final("ds-1", "a", "no_mix")  # nothing replaces a pair
+    status = ledger.status("ds-1")
+    assert (status.funnel.paired, status.funnel.failed, status.funnel.no_mix, status.funnel.finished) == (1, 0, 0, 1)
+    assert status.failures == [] and status.state == "running"
+    assert ledger.record_final("ds-1", "b", "cancelled") is True  # the dataset finishes once, on its last problem
+    assert ledger.record_final("ds-1", "b", "paired") is False
+    status = ledger.status("ds-1")
+    assert (status.funnel.paired, status.funnel.cancelled, status.funnel.finished) == (2, 0, 2)
+
+
 def test_unknown_states_and_datasets(ledger):
     new_dataset(ledger, 1)
     with pytest.raises(ValueError, match="unknown final state"):
