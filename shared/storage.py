@@ -10,13 +10,15 @@ loads without pickle and memory-maps. Every file is written to a hidden temporar
 hard-linked to its final name, which fails if the name exists: a reader never sees a half-written file, and a
 problem written twice (a retried job, a second run, two workers) keeps its first result. Two runs of one problem at
 once that end differently (a job re-queued while its first process still runs) can leave both a pair and a drop: the
-pair wins, so every reader sees each problem once, paired or dropped.
+pair wins, so every reader sees each problem once, paired or dropped. A writer killed mid-write leaves its hidden
+temporary file, which readers ignore and `remove_orphaned_temporaries` deletes once it is old (curation calls it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +147,20 @@ class PairStore:
         for path in sorted(self.dropped_dir.glob("*.json")):
             if not path.name.startswith(".") and not self.pair_path(path.stem).exists():
                 yield DroppedProblem.model_validate_json(path.read_text())
+
+    def remove_orphaned_temporaries(self, older_than_seconds: float = 3600.0) -> int:
+        """Delete the temporary files of writers that died mid-write; return how many. A write takes milliseconds,
+        so a temporary file older than `older_than_seconds` has no writer left, on any machine sharing the store."""
+        cutoff, removed = time.time() - older_than_seconds, 0
+        for directory in (self.pairs_dir, self.dropped_dir):
+            for path in directory.glob(".*.tmp"):
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:  # its writer finished, or another curation removed it
+                    continue
+        return removed
 
     def export_jsonl_lines(self) -> Iterator[str]:
         """Each pair as one JSON line (record fields plus the arrays as lists)."""

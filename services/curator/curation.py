@@ -176,13 +176,15 @@ def curate(
     *,
     on_progress: Callable[[Funnel], None] | None = None,
 ) -> Funnel:
-    """Run steps 1-5 on every problem not yet in `store`; return the funnel.
+    """Run steps 1-5 on every problem not yet in `store`; return the funnel. Old temporary files of writers that
+    died mid-write are removed first.
 
     Pipelined: each engine call carries the rollouts of one batch together with the hinted explanations of the
     previous batch's problems, so the engine's batches stay full instead of draining to a handful of explanations
     after every batch. Every request has its own seed, so only the engine's batch-dependent rounding can tell
     (docs/BENCHMARKS.md, "Curation pipelined").
     """
+    store.remove_orphaned_temporaries()
     funnel = Funnel(problems=len(problems))
     todo = [p for p in problems if not store.is_done(p.id)]
     funnel.skipped = len(problems) - len(todo)

@@ -72,6 +72,20 @@ def test_a_pair_wins_over_a_drop_of_the_same_problem(tmp_path):
     assert [d.problem_id for d in store.iter_dropped()] == ["b"]
 
 
+def test_temporary_files_of_dead_writers_are_removed_once_old(tmp_path):
+    store = PairStore(tmp_path)
+    store.write_pair(make_pair("a"))
+    store.write_dropped(DroppedProblem(problem_id="b", reason="no_mix"))
+    orphan = store.pairs_dir / ".c.safetensors.0123.tmp"  # a writer killed between writing and linking
+    orphan.write_bytes(b"half a pair")
+    os.utime(orphan, (0, 0))
+    in_flight = store.dropped_dir / ".d.json.4567.tmp"  # a writer still at work
+    in_flight.write_bytes(b"{")
+    assert store.remove_orphaned_temporaries(older_than_seconds=3600) == 1
+    assert not orphan.exists() and in_flight.exists()
+    assert store.pair_ids() == ["a"] and [d.problem_id for d in store.iter_dropped()] == ["b"]
+
+
 def test_corrupt_file_is_a_clear_error(tmp_path):
     store = PairStore(tmp_path)
     store.pairs_dir.mkdir(parents=True)
