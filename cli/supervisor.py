@@ -2,9 +2,10 @@
 name, tells when they all answer, and stops them all, leaving no process behind.
 
 Each process starts in a session (and so a process group) of its own: a Ctrl-C at the terminal reaches only
-`ssb up`, which then stops the processes itself, and a stop reaches everything a process started (vLLM's engine core
-and workers, RQ's work horses), since it is sent to the whole group: SIGTERM, up to `stop_timeout` seconds for a
-graceful exit, then SIGKILL to whatever is left in the group. Redis stops last, after the processes that use it.
+`ssb up`, which then stops the processes itself. A stop sends SIGTERM to the process's group (vLLM's engine core and
+workers with it), waits up to `stop_timeout` seconds for a graceful exit, then SIGKILLs whatever is left in the
+session: also what moved to a group of its own (RQ forks each job's work horse into a new group, and a worker's warm
+shutdown waits for it). Redis stops last, after the processes that use it.
 
     with Supervisor(topology.processes) as supervisor:
         supervisor.start()
@@ -23,6 +24,8 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 from urllib.parse import urlsplit
+
+import psutil
 
 from cli.topology import ProcessSpec
 
@@ -62,25 +65,16 @@ def is_ready(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group is still running (zombies, already dead, do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        import psutil
-    except ImportError:
-        return True
+def session_members(sid: int) -> list[int]:
+    """The living processes of session `sid` (zombies, already dead, do not count)."""
+    members = []
     for process in psutil.process_iter(["status"]):
         try:
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
+            if os.getsid(process.pid) == sid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-    return False
+    return members
 
 
 class Supervisor:
@@ -151,41 +145,43 @@ class Supervisor:
         return all(is_ready(spec.ready_url) for spec in self.specs if spec.ready_url)
 
     def stop(self) -> None:
-        """SIGTERM every process group (Redis last), SIGKILL what is left after `stop_timeout`; idempotent."""
+        """SIGTERM every process group (Redis last), SIGKILL what is left of each session after `stop_timeout`;
+        idempotent."""
         if self._stopping:
             return
         self._stopping = True
         last = [spec.name for spec in self.specs if spec.ready_before_the_rest]
         first = [name for name in self.processes if name not in last]
-        self._stop_groups(first)
-        self._stop_groups([name for name in last if name in self.processes])
+        self._stop_sessions(first)
+        self._stop_sessions([name for name in last if name in self.processes])
         for reader in self._readers:
             reader.join(timeout=5)
 
-    def _stop_groups(self, names: list[str]) -> None:
-        groups = {name: self.processes[name].pid for name in names}  # each leads its own session and group
+    def _stop_sessions(self, names: list[str]) -> None:
+        leaders = {name: self.processes[name].pid for name in names}  # each leads its own session and group
         for name in reversed(names):
-            self._signal_group(groups[name], signal.SIGTERM)
+            try:
+                os.killpg(leaders[name], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + self.stop_timeout
         while time.monotonic() < deadline:
             for name in names:
                 self.processes[name].poll()  # reap the leader, so that only the living count
-            if not any(group_alive(pgid) for pgid in groups.values()):
+            if not any(session_members(sid) for sid in leaders.values()):
                 break
             time.sleep(0.2)
-        for name, pgid in groups.items():
-            if group_alive(pgid):
+        for name, sid in leaders.items():
+            left = session_members(sid)
+            if left:
                 self.say(name, f"still running {self.stop_timeout:.0f} s after SIGTERM: SIGKILL")
-                self._signal_group(pgid, signal.SIGKILL)
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         for name in names:
             try:
                 self.processes[name].wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.say(name, "did not exit after SIGKILL")
-
-    @staticmethod
-    def _signal_group(pgid: int, signum: int) -> None:
-        try:
-            os.killpg(pgid, signum)
-        except ProcessLookupError:
-            pass

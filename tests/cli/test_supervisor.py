@@ -5,6 +5,7 @@ process that exits is noticed, and a real Redis started first is waited for."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import sys
 import time
@@ -79,6 +80,29 @@ def test_a_process_that_ignores_sigterm_and_its_child_are_killed_after_the_grace
     gone, alive = psutil.wait_procs(processes, timeout=5)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert "stubborn | still running 1 s after SIGTERM: SIGKILL" in out.getvalue()
+
+
+HORSE_KEEPER = r"""
+import os, subprocess, sys
+horse = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgrp(); time.sleep(600)"])
+print("horse", horse.pid, flush=True)
+horse.wait()  # a warm shutdown: SIGTERM leaves this process waiting for its horse
+"""
+
+
+def test_a_child_in_a_group_of_its_own_is_killed_with_its_session():
+    """RQ forks each job's work horse into a new process group, and a worker's warm shutdown waits for it: SIGTERM to
+    the worker's group misses the horse, so what is left of the whole session is SIGKILLed."""
+    out = io.StringIO()
+    supervisor = Supervisor([ProcessSpec("worker", python(HORSE_KEEPER))], out=out, stop_timeout=1.0)
+    supervisor.start()
+    wait_for(lambda: "horse" in out.getvalue())
+    processes = family(supervisor)
+    assert len({p.pid for p in processes}) == 2 and len({os.getpgid(p.pid) for p in processes}) == 2
+    supervisor.stop()
+    gone, alive = psutil.wait_procs(processes, timeout=5)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert "worker | still running 1 s after SIGTERM: SIGKILL" in out.getvalue()
 
 
 def test_a_process_that_obeys_sigterm_is_not_killed():
