@@ -43,6 +43,7 @@ from services.evaluation.evaluation import (
     evaluate,
     render_table,
 )
+from shared.models import needs_worked_example
 from shared.settings import Settings
 
 
@@ -238,6 +239,8 @@ def eval_command(
         lora = serving == "lora" and bool(adapters)
         with open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=lora) as engine:
             model_path = model_path or engine.model_name
+            if teacher_url and worked_example is None:  # the teacher's model decides, not --model
+                config = config.model_copy(update={"worked_example": needs_worked_example(engine.model_name)})
             lora_adapters = adapters if serving == "lora" else []
             reports = [evaluate_with_progress(problems, engine, config, [None, *lora_adapters], label)]
             if serving == "merged":

@@ -46,6 +46,7 @@ from cli.submit_command import submit_command
 from cli.train_command import train_command
 from cli.up_command import up_command
 from cli.worker_command import worker_app
+from shared.models import needs_worked_example
 from shared.settings import CurationConfig, Settings
 
 app = typer.Typer(help="Semantic Soft Bootstrapping: RL-free self-distillation for math reasoning.", no_args_is_help=True)
@@ -170,6 +171,8 @@ def curate(
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
     with exit_on_signals(), open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=False) as engine:
+        if teacher_url and worked_example is None:  # the teacher's model decides, not --model
+            config = config.model_copy(update={"worked_example": needs_worked_example(engine.model_name)})
         funnel = curate_with_progress(problems, engine, PairStore(out), config)
     print_funnel(funnel, out)
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
+from shared.models import needs_worked_example
 from shared.schemas import DropReason
 from shared.settings import CurationConfig
 from shared.teacher_api import ADAPTER_NAME_PATTERN
@@ -45,10 +46,19 @@ class DatasetOptions(CurationConfig):
         description="A training request to start when curation ends: the body of the trainer's `POST /v1/runs` "
         "without `dataset_id` (which is this dataset's).",
     )
+    worked_example: bool | None = Field(
+        default=None,
+        description="Put one worked example turn before every question. Default: on when the teacher serves the small "
+        "default model (which needs it to answer in the expected form), off for every other model (the paper's "
+        "prompt).",
+    )
 
-    def curation_config(self) -> CurationConfig:
-        """The options curation itself reads."""
-        return CurationConfig(**self.model_dump(include=set(CurationConfig.model_fields)))
+    def curation_config(self, model: str) -> CurationConfig:
+        """The options curation itself reads, for the teacher's `model` (which decides an unset `worked_example`)."""
+        options = self.model_dump(include=set(CurationConfig.model_fields))
+        if options["worked_example"] is None:
+            options["worked_example"] = needs_worked_example(model)
+        return CurationConfig(**options)
 
 
 class DatasetRows(BaseModel):

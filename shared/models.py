@@ -20,10 +20,11 @@ def is_default_model(model: str | None) -> bool:
 
 
 def needs_worked_example(model: str | None) -> bool:
-    """Whether prompts should carry the worked example turn by default for `--model`: on for the small default, which
-    without it rarely ends in the expected form (7.5% right on easy arithmetic against 24% with it, and rollouts that
-    run to the token limit), off for every other model (the paper's prompt)."""
-    return is_default_model(model)
+    """Whether prompts should carry the worked example turn by default for `model` (as given to `--model`, or as an
+    engine names it: the directory the default model was pulled to): on for the small default, which without it
+    rarely ends in the expected form (7.5% right on easy arithmetic against 24% with it, and rollouts that run to the
+    token limit), off for every other model (the paper's prompt)."""
+    return is_default_model(model) or Path(model).name == DEFAULT_MODEL
 
 
 def resolve_model(model: str | None, settings: Settings) -> str:

@@ -108,7 +108,8 @@ def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
     ledger.mark_running(dataset_id, todo)
     with TeacherPool(settings.teacher_urls, api_key=settings.teacher_key()) as teacher:
         engine = teacher if meta.options.rollout_adapter is None else AdapterRollouts(teacher, meta.options.rollout_adapter)
-        funnel, failures = curate_with_rejections(problems, engine, store, meta.options.curation_config())
+        config = meta.options.curation_config(teacher.model_name)
+        funnel, failures = curate_with_rejections(problems, engine, store, config)
     ledger.add_generation(dataset_id, funnel.generated_tokens)
     for problem in problems:
         if problem.id in failures:

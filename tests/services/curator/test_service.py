@@ -28,6 +28,7 @@ from shared.storage import PairStore
 from tests.conftest import CURATION_CONFIG
 from tests.prometheus_text import metric
 from tests.services.curator.conftest import MAX_UPLOAD_BYTES, PREFIX
+from tests.teacher_server import API_KEY as TEACHER_KEY
 
 pytestmark = pytest.mark.engine
 
@@ -243,6 +244,19 @@ def test_submit_waits_with_a_progress_bar_and_prints_the_funnel(curator, tmp_pat
     assert "curating" in done.stderr and "total" in done.stderr and "problems/minute" in done.stderr
     status = curator.client().get(f"/v1/datasets/{dataset_id}").json()
     assert status["state"] == "done" and status["options"]["rollout_max_tokens"] == 96
+
+
+def test_the_teachers_model_decides_the_worked_example_when_the_dataset_leaves_it_unset(curator, teacher_server):
+    """The real teacher names its model by the directory the default model was pulled to: a dataset without
+    `worked_example` curates with it there (the small model needs it), and with what it says when it says."""
+    from shared.curator_api import DatasetOptions
+    from shared.teacher_client import TeacherClient
+
+    with TeacherClient(teacher_server.url, api_key=TEACHER_KEY) as teacher:
+        model = teacher.model_name
+    assert DatasetOptions().curation_config(model).worked_example is True
+    assert DatasetOptions(worked_example=False).curation_config(model).worked_example is False
+    assert DatasetOptions().curation_config("Qwen/Qwen2.5-3B-Instruct").worked_example is False
 
 
 def test_a_problem_the_teacher_refuses_fails_alone_with_its_reason(curator):

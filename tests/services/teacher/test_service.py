@@ -382,8 +382,10 @@ def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path)
     assert len(store.pair_ids()) + len(list(store.iter_dropped())) == 2
     report = tmp_path / "eval.json"
     ssb("eval", "--benchmark", str(problems), "--max-tokens", "8", "--adapter", "tiny", "--out", str(report))
-    rows = json.loads(report.read_text())["rows"]
+    report = json.loads(report.read_text())
+    rows = report["rows"]
     assert [row["name"] for row in rows] == ["base", "tiny"] and all(row["problems"] == 2 for row in rows)
+    assert report["config"]["worked_example"] is True  # the teacher serves the small default model, which needs it
     with lora_teacher_server.client() as http:
         assert http.delete("/v1/adapters/tiny").status_code == 204
 
