@@ -21,6 +21,7 @@ import typer
 from cli.runtime import console, fail, progress_bar
 
 POLL_SECONDS = 2.0
+_JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
 
 
 def submit_command(
@@ -51,12 +52,9 @@ def submit_command(
 
     if not file.is_file():
         raise fail(f"{file}: no such file")
-    try:
-        chosen = json.loads(options) if options else {}
-        if train is not None:
-            chosen["train"] = json.loads(train)
-    except json.JSONDecodeError as exc:
-        raise fail(f"--options/--train: not JSON: {exc}") from exc
+    chosen = parse_json_object(options, "--options") if options else {}
+    if train is not None:
+        chosen["train"] = parse_json_object(train, "--train")
     flags = {"k": k, "seed": seed, "limit": limit, "batch_size": batch_size, "rollout_adapter": rollout_adapter}
     chosen.update({key: value for key, value in flags.items() if value is not None})
     try:
@@ -88,6 +86,19 @@ def submit_command(
             print_status(status)
             if status.funnel.failed:
                 raise typer.Exit(code=1)
+
+
+def parse_json_object(text: str, option: str) -> dict:
+    """`text` as a JSON object; anything else ends the command with an error naming `option`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(f"{option}: not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise fail(f"{option}: JSON nested too deeply to read") from exc
+    if not isinstance(value, dict):
+        raise fail(f"{option}: expected a JSON object, got {_JSON_TYPES.get(type(value), 'null')}")
+    return value
 
 
 def follow(http, dataset_id: str, problems: int):

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared.schemas import PROBLEM_ID_PATTERN, Problem
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -200,6 +202,9 @@ def _jsonl_rows(raw: bytes) -> Iterator[_Row]:
         except json.JSONDecodeError as exc:
             yield _Row(str(number), number, error=f"malformed JSON: {exc.msg} (column {exc.colno})")
             continue
+        except RecursionError:  # json's decoder recurses once per level of [ or {; no problem row is this deep
+            yield _Row(str(number), number, error="JSON nested too deeply to read")
+            continue
         yield _Row(str(number), number, data=data)
 
 
@@ -309,4 +314,7 @@ def _row_to_problem(row: _Row, default_stem: str, source_prefix: str) -> Problem
     source = data.get("source")
     if not isinstance(source, str) or not source:
         source = f"{source_prefix}:{row.label}"
-    return Problem(id=problem_id, question=question, answer=answer, source=source)
+    try:
+        return Problem(id=problem_id, question=question, answer=answer, source=source)
+    except ValidationError as exc:  # what the checks above leave to the schema, e.g. a lone surrogate ("\ud800")
+        return "; ".join(f"{'.'.join(map(str, e['loc']))!r}: {e['msg']}" for e in exc.errors())

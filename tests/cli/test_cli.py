@@ -75,6 +75,41 @@ def test_curate_rejects_a_bad_file_before_starting_the_engine(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [("[" * 200_000 + "]" * 200_000, "JSON nested too deeply to read"),
+     (r'{"question": "What is 2+\ud800 2?", "answer": "4"}', "'question': Input should be a valid string")],
+    ids=["deep-nesting", "lone-surrogate"],
+)
+def test_curate_names_the_line_of_a_row_python_cannot_hold(tmp_path, line, says):
+    src = tmp_path / "odd.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n' + line + "\n", encoding="utf-8")
+    result = ssb("curate", "--data", str(src), "--out", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2, result.stderr
+    assert f"error: {src}:2: {says}" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [(["--options", "[]"], "--options: expected a JSON object, got an array"),
+     (["--options", '"x"', "--train", "{}"], "--options: expected a JSON object, got a string"),
+     (["--train", "[1]"], "--train: expected a JSON object, got an array"),
+     (["--options", "{}", "--train", "null"], "--train: expected a JSON object, got null"),
+     (["--train", "{"], "--train: not JSON:"),
+     (["--options", "[" * 50_000 + "]" * 50_000], "--options: JSON nested too deeply to read")],
+    ids=["options-array", "options-string", "train-array", "train-null", "train-not-json", "options-deep"],
+)
+def test_submit_options_must_be_json_objects(tmp_path, flags, says):
+    """Refused before anything is sent: the curator URL is one where nothing listens."""
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    result = ssb("submit", str(src), "--curator", "http://127.0.0.1:9", *flags, check=False)
+    assert result.returncode == 2, result.stderr
+    assert f"error: {says}" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
 def test_an_unusable_socket_directory_is_one_error_line_before_the_engine_starts(model_path, monkeypatch, capsys):
     """The engine's IPC sockets go in a directory of its own under VLLM_RPC_BASE_PATH: one that cannot hold it ends
     the command (`ssb curate`, `ssb run`, `ssb eval`) with exit status 2 and one line naming it; the teacher service

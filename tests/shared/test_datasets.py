@@ -17,6 +17,8 @@ from shared.datasets import (
     DatasetError,
     load_problems,
     parse_gold_answer,
+    parse_problem_file,
+    parse_problem_rows,
     write_problems_jsonl,
 )
 from shared.schemas import PROBLEM_ID_PATTERN, Problem
@@ -121,6 +123,10 @@ def test_jsonl_fields_ids_and_sources(tmp_path: Path) -> None:
         ([row(), '{"question": ["Q"], "answer": "2"}'], 2, "'question' must be a string"),
         ([row(), '{"question": "Q", "answer": true}'], 2, "'answer' must be a string or a number"),
         ([row(), "", row(id="!!!")], 3, "has no letters or digits"),
+        ([row(), "[" * 200_000 + "]" * 200_000], 2, "JSON nested too deeply"),
+        ([row(), '{"question": "Q", "answer": ' + "[" * 200_000 + "]" * 200_000 + "}"], 2, "JSON nested too deeply"),
+        ([row(), r'{"question": "What is 2+\ud800 2?", "answer": "4"}'], 2, "'question': Input should be a valid"),
+        ([row(), r'{"question": "Q", "answer": "4\udfff"}'], 2, "'answer': Input should be a valid string"),
     ],
 )
 def test_bad_jsonl_line_is_reported_with_its_number(tmp_path: Path, lines: list[str], line: int, reason: str) -> None:
@@ -129,6 +135,21 @@ def test_bad_jsonl_line_is_reported_with_its_number(tmp_path: Path, lines: list[
     assert str(error).startswith(f"{path}:{line}: ")
     assert reason in str(error)
     assert error.errors == [str(error)]
+
+
+def test_uploaded_bytes_and_rows_report_deep_nesting_and_lone_surrogates_by_row() -> None:
+    """The curator's entry points (an uploaded file's bytes, rows from a request body) report the same per-row errors,
+    which it turns into a 422 naming the row."""
+    deep = ("[" * 200_000 + "]" * 200_000).encode()
+    surrogate = rb'{"question": "\ud800", "answer": "1"}'
+    with pytest.raises(DatasetError) as info:
+        parse_problem_file(row().encode() + b"\n" + deep + b"\n" + surrogate, "up.jsonl")
+    assert info.value.errors == [
+        "up.jsonl:2: JSON nested too deeply to read",
+        "up.jsonl:3: 'question': Input should be a valid string, unable to parse raw data as a unicode string",
+    ]
+    with pytest.raises(DatasetError, match=r"^rows:row 1: 'question': Input should be a valid string"):
+        parse_problem_rows([json.loads(row()), {"question": "Q\ud800", "answer": "1"}])
 
 
 def test_non_utf8_bytes_are_reported_with_their_line(tmp_path: Path) -> None:
