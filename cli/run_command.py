@@ -68,6 +68,7 @@ def run_command(
 ) -> None:
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
+    from services.trainer.inputs import check_output_dir
     from services.trainer.training import TrainingError, train as train_adapter
     from shared.datasets import DatasetError, load_problems
     from shared.settings import CurationConfig, Settings
@@ -92,8 +93,9 @@ def run_command(
         )
         training = build_train_config(train_options, seed=seed)
         evaluation = EvalConfig(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed)
+        check_output_dir(out / "adapter", resume=resume)  # before the engine starts, not after curation
         model_path = ensure_model(model, settings)
-    except (DatasetError, FileNotFoundError, ValueError) as exc:
+    except (DatasetError, FileNotFoundError, ValueError, TrainingError) as exc:
         raise fail(str(exc)) from exc
 
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"

@@ -103,6 +103,10 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     assert all(set(p["answers"]) == {"base", "adapter"} for p in report["problems"])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter" / "training_config.json").read_text())
+    # The same command again finds the trained adapter at once, before any engine starts or any work is redone.
+    again = ssb("run", "--train", str(train), "--eval", str(held_out), "--out", str(out), *LIMITS, "--max-steps", "1")
+    assert again.returncode == 2 and "already holds a training run" in again.stdout + again.stderr
+    assert "Starting the engine" not in again.stdout + again.stderr
 
     exported = [json.loads(line) for line in ssb("pairs", "export", str(pairs)).stdout.splitlines()]
     stored = sorted(p.stem for p in (pairs / "pairs").glob("*.safetensors"))
