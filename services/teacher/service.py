@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import shutil
 import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -103,6 +104,23 @@ def resolve_adapter_dir(adapters_dir: Path, relative: str, param: str) -> Path:
     if not (candidate / "adapter_config.json").is_file():
         raise NotFound(f"{param} {relative!r}: no adapter_config.json there in the adapters directory", param=param)
     return candidate
+
+
+def snapshot_adapter(directory: Path, into: Path) -> Path:
+    """Copy an adapter's files (its config and weights, and whatever else lies beside them, but no subdirectory: a
+    training run's checkpoints stay) into `into`, a directory of the engine's own that nothing else writes.
+
+    vLLM keeps only a few adapters in memory (`max_loras`) and reads one again from its path whenever a step needs one
+    it dropped, also for a request that was running when the adapter was replaced or unloaded; a directory deleted or
+    half-rewritten by then (a training run publishing its adapter again) would kill the engine, not fail one request.
+    A copy per load also gives each load a path of its own, and vLLM keys its prefix cache by an adapter's name and
+    path: a replaced adapter's requests never reuse the previous weights' cached work. The copies go when the engine
+    stops (they live in its IPC directory)."""
+    into.mkdir(parents=True)
+    for path in directory.iterdir():
+        if path.is_file():
+            shutil.copy2(path, into / path.name)
+    return into
 
 
 class TeacherService:
@@ -323,7 +341,8 @@ class TeacherService:
         )
 
     async def load_adapter(self, request: AdapterLoadRequest) -> AdapterCard:
-        """Load an adapter from the adapters directory under a name; a loaded name needs `replace`."""
+        """Load an adapter from the adapters directory under a name; a loaded name needs `replace`. The engine loads
+        a copy of its own (`snapshot_adapter`), not the directory, which a training run may rewrite later."""
         from vllm.lora.request import LoRARequest
 
         self.check_lora("name")
@@ -336,14 +355,17 @@ class TeacherService:
                     f"name: an adapter named {request.name!r} is loaded already; use a new name, or replace=true",
                     param="name",
                 )
-            lora_request = LoRARequest(request.name, next(self._lora_ids), str(directory))
+            lora_id = next(self._lora_ids)
+            copy = Path(self.ipc_dir) / "adapters" / str(lora_id)
+            snapshot = await asyncio.to_thread(snapshot_adapter, directory, copy)
+            lora_request = LoRARequest(request.name, lora_id, str(snapshot))
             try:
                 await self.engine.add_lora(lora_request)
             except Exception as exc:  # the engine says why it cannot load these weights
+                shutil.rmtree(snapshot, ignore_errors=True)
                 raise InvalidRequest(f"path {relative!r}: the engine could not load it: {exc}", param="path") from exc
-            if previous is not None:
+            if previous is not None:  # its requests still running read its own copy, should vLLM load it again
                 await self.engine.remove_lora(previous.lora_int_id)
-                await self.engine.reset_prefix_cache()
             self.lora_requests[request.name] = lora_request
             self.adapter_paths[request.name] = relative
         log.info("adapter %s loaded from %s", request.name, relative)

@@ -226,6 +226,33 @@ def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
         assert http.delete("/v1/adapters/tiny").status_code == 404
 
 
+def test_an_adapter_serves_from_the_engines_own_copy_after_its_directory_is_gone(lora_teacher_server):
+    """vLLM keeps two adapters in memory here (max_loras) and reads a dropped one again from its path when a request
+    needs it. Loading two more drops the first, whose directory is then deleted (as a training run publishing again
+    would): its next request is served, the same as before, from the engine's own copy; the engine stays up."""
+    greedy = {"questions": [{"question": QUESTION}], "sampling": {"n": 1, "temperature": 0, "max_tokens": 4}}
+    names = ["first", "second", "third"]
+    for name in names:
+        shutil.copytree(lora_teacher_server.adapters_dir / "tiny", lora_teacher_server.adapters_dir / name)
+    try:
+        with lora_teacher_server.client() as http:
+            assert http.post("/v1/adapters", json={"name": "first"}).status_code == 201
+            before = http.post("/v1/rollouts", json={**greedy, "adapter": "first"}).json()["results"][0]["samples"]
+            for name in names[1:]:
+                assert http.post("/v1/adapters", json={"name": name}).status_code == 201
+                assert http.post("/v1/rollouts", json={**greedy, "adapter": name}).status_code == 200
+            shutil.rmtree(lora_teacher_server.adapters_dir / "first")
+            after = http.post("/v1/rollouts", json={**greedy, "adapter": "first"})
+            assert after.status_code == 200, after.text
+            assert after.json()["results"][0]["samples"][0]["token_ids"] == before[0]["token_ids"]
+            assert http.get("/readyz").status_code == 200
+            for name in names:
+                assert http.delete(f"/v1/adapters/{name}").status_code == 204
+    finally:
+        for name in names:
+            shutil.rmtree(lora_teacher_server.adapters_dir / name, ignore_errors=True)
+
+
 def test_an_adapter_above_the_largest_rank_is_refused_saying_so(lora_teacher_server, model_path):
     """The session's LoRA teacher serves ranks up to 8 (SSB_MAX_LORA_RANK, tests/teacher_server.py): a rank-16 adapter
     gets a 400 that says why, and is not loaded."""
