@@ -61,6 +61,29 @@ def json_of(model) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
+async def unless_disconnected(request: Request, work) -> Response:
+    """Await `work` (a route's coroutine), cancelling it when the client disconnects first: its engine requests are
+    then aborted (vLLM aborts a request whose generator is cancelled) instead of generating for nobody, and counting
+    against `max_pending_requests`, while a client that timed out sends the same work again. FastAPI has read the body
+    by now, so the only message left to receive is the disconnect."""
+    job = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    listener = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([job, listener], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (job, listener):
+            task.cancel()
+    if not job.done() or job.cancelled():
+        log.info("%s: the client disconnected; its engine requests were aborted", request.url.path)
+        return Response(status_code=499)  # nobody reads it
+    return json_of(job.result())
+
+
 router = APIRouter()
 
 
@@ -82,19 +105,19 @@ async def readyz(request: Request):
 @router.post("/v1/rollouts", response_model=GenerationsResponse, responses=ERROR_RESPONSES, tags=["teacher"])
 async def rollouts(body: RolloutsRequest, request: Request):
     """Sample `n` answers per bare question with the student prompt (the paper's rollout settings by default)."""
-    return json_of(await service_of(request).rollouts(body))
+    return await unless_disconnected(request, service_of(request).rollouts(body))
 
 
 @router.post("/v1/explanations", response_model=GenerationsResponse, responses=ERROR_RESPONSES, tags=["teacher"])
 async def explanations(body: ExplanationsRequest, request: Request):
     """Hinted explanations with the teacher's per-token top-k log-probabilities (raw model distribution)."""
-    return json_of(await service_of(request).explanations(body))
+    return await unless_disconnected(request, service_of(request).explanations(body))
 
 
 @router.post("/v1/logprobs", response_model=LogprobsResponse, responses=ERROR_RESPONSES, tags=["teacher"])
 async def logprobs(body: LogprobsRequest, request: Request):
     """Per reply token, its log-probability and the top-k under the prompt, in one forward pass."""
-    return json_of(await service_of(request).logprobs(body))
+    return await unless_disconnected(request, service_of(request).logprobs(body))
 
 
 @router.get("/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES, tags=["teacher"])

@@ -226,6 +226,25 @@ def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
         assert http.delete("/v1/adapters/tiny").status_code == 404
 
 
+def test_a_client_that_disconnects_has_its_engine_requests_aborted(teacher_server):
+    """A client that gives up (a read timeout; a retry would send the same work again) ends its work at once: the
+    engine aborts its requests instead of generating up to 2,048 tokens each for nobody."""
+    import httpx
+
+    long = {"questions": [{"question": QUESTION}] * 4, "sampling": {"n": 4, "temperature": 1.0, "max_tokens": 2048}}
+    with teacher_server.client() as http:
+        generated = metric(http.get("/metrics").text, "vllm:generation_tokens_total")
+        with teacher_server.client(timeout=1.0) as impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/rollouts", json=long)
+        deadline = time.monotonic() + 60
+        while metric(text := http.get("/metrics").text, "ssb_teacher_pending_engine_requests") > 0:
+            assert time.monotonic() < deadline, "the engine requests of a client that left still run"
+            time.sleep(0.2)
+        generated = metric(text, "vllm:generation_tokens_total") - generated
+        assert generated < 16 * 2048 / 8, f"{generated:.0f} tokens generated for a client that left after 1 s"
+        assert http.post("/v1/rollouts", json={**long, "sampling": {"n": 1, "max_tokens": 2}}).status_code == 200
+
+
 def test_an_adapter_serves_from_the_engines_own_copy_after_its_directory_is_gone(lora_teacher_server):
     """vLLM keeps two adapters in memory here (max_loras) and reads a dropped one again from its path when a request
     needs it. Loading two more drops the first, whose directory is then deleted (as a training run publishing again
