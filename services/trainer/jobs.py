@@ -4,8 +4,10 @@ to run twice (RQ delivers at least once):
 
 - `train_run` trains into DATA_DIR/runs/<run id>/ with checkpoints; an attempt that finds a checkpoint there (its
   predecessor's worker died) resumes from the newest and records `resumed_from_step`; one that finds a run already
-  final does nothing. The adapter is published to ADAPTERS_DIR/<run id>/ by an atomic rename, then the run is marked
-  succeeded with the evaluation it asked for already queued (its id derived from the run's, so it is queued once).
+  final does nothing. The adapter is published to ADAPTERS_DIR/<run id>/ by an atomic rename (never over a folder
+  that another run or a person put there: the run fails instead), then the run is marked succeeded with the evaluation
+  it asked for already queued (its id derived from the run's, so it is queued once), or with `evaluation_error` saying
+  why it could not be.
 - `evaluate_models` evaluates the base model and adapters through the teacher service (`TeacherClient` is an
   `Engine`; adapters are loaded there as LoRAs by name from the shared adapters directory) and writes the report to
   DATA_DIR/evals/<eval id>/report.json.
@@ -17,6 +19,7 @@ the outcome (retrying, or failed).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -128,7 +131,12 @@ def train_run(run_id: str) -> dict:
         log.error("run %s failed: %s", run_id, exc)
         return {"status": "failed"}
 
-    publish_adapter(run_dir, Path(settings.adapters_dir), run_id)
+    try:
+        publish_adapter(run_dir, Path(settings.adapters_dir), run_id)
+    except AdapterNameTaken as exc:  # a retry cannot free the name: fail the run, its adapter stays in its run dir
+        runs.advance(run_id, status="failed", error=str(exc), finished_at=time.time())
+        log.error("run %s failed: %s", run_id, exc)
+        return {"status": "failed"}
     # The evaluation is queued before the run is marked succeeded, so that a succeeded run that asked for one always
     # names it (and a retried job that died in between queues the same one: its id comes from the run's).
     evaluation = run.get("evaluation")
@@ -149,13 +157,23 @@ def train_run(run_id: str) -> dict:
     return {"status": "succeeded", "steps": result.steps}
 
 
+class AdapterNameTaken(Exception):
+    """ADAPTERS_DIR/<run id> holds a folder that this run did not publish (placed by hand, or another deployment's)."""
+
+
 def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str) -> Path:
     """Copy the adapter (and its training config) to ADAPTERS_DIR/<run id>/ by an atomic rename: the teacher never
-    sees half an adapter. Publishing twice leaves the same files."""
+    sees half an adapter. Publishing twice leaves the same files; a folder of that name that did not come from this
+    run is never replaced: `AdapterNameTaken`."""
     from services.trainer.service import ADAPTER_FILES
 
     adapters_dir.mkdir(parents=True, exist_ok=True)
     final = adapters_dir / run_id
+    if final.exists() and not published_from(final, run_dir):
+        raise AdapterNameTaken(
+            f"{final} holds an adapter that run {run_id!r} did not publish (its training_config.json is not the one "
+            f"in {run_dir}); it was left as it is, and the run's adapter stays in {run_dir}"
+        )
     tmp = adapters_dir / f".{run_id}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     for name in ADAPTER_FILES:
@@ -167,22 +185,51 @@ def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str) -> Path:
     return final
 
 
+def published_from(adapter_dir: Path, run_dir: Path) -> bool:
+    """Whether an adapter folder is this run's: a published adapter carries a copy of its run's training_config.json
+    (the model, the pair store's absolute path and every setting), which a hand-placed adapter lacks and another
+    deployment's run (another data directory, or other settings) does not match."""
+    try:
+        published = json.loads((adapter_dir / "training_config.json").read_text())
+        own = json.loads((run_dir / "training_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return published == own
+
+
 def queue_evaluation_after(settings: TrainerSettings, connection, run_id: str, options: dict) -> str | None:
-    """Queue the evaluation a run asked for (id `<run id>-eval`, so queued once); its id, or None when refused."""
+    """Queue the evaluation a run asked for (id `<run id>-eval`, so queued once); its id, or None when refused, with
+    the reason recorded on the run as `evaluation_error` (the run itself still succeeds: its adapter is published)."""
     from services.trainer.schemas import BASE_MODEL, EvalAfterRun, EvalRequest
     from services.trainer.service import ServiceError, TrainerService
 
-    after = EvalAfterRun(**options)
-    models = [BASE_MODEL, run_id] if after.include_base else [run_id]
-    fields = after.model_dump(exclude={"include_base"})
     try:
+        after = EvalAfterRun(**options)
+        models = [BASE_MODEL, run_id] if after.include_base else [run_id]
+        fields = after.model_dump(exclude={"include_base"})
         evaluation, _ = TrainerService(settings, connection).create_evaluation(
             EvalRequest(models=models, **fields), run_id=run_id, eval_id=f"{run_id}-eval"
         )
-    except ServiceError as exc:
-        log.error("run %s: the evaluation it asked for was refused: %s", run_id, exc.message)
+    except (ServiceError, ValueError) as exc:  # ValueError: pydantic's ValidationError among others
+        error = f"the evaluation it asked for could not be queued: {refusal_reason(exc)}"
+        run_records(connection, settings.key_prefix).advance(run_id, evaluation_error=error)
+        log.error("run %s: %s", run_id, error)
         return None
     return evaluation.id
+
+
+def refusal_reason(exc: Exception) -> str:
+    """One line saying why a request was refused: a ServiceError's message, or each invalid field of a pydantic
+    ValidationError with what is wrong with it."""
+    from pydantic import ValidationError
+
+    from services.trainer.service import ServiceError
+
+    if isinstance(exc, ServiceError):
+        return exc.message
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'evaluation'}: {e['msg']}" for e in exc.errors())
+    return str(exc)
 
 
 def on_train_failure(job, connection, exc_type, exc_value, traceback) -> None:

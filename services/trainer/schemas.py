@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.trainer.config import TrainConfig
+from shared.datasets import BENCHMARKS
 from shared.schemas import PROBLEM_ID_PATTERN
 
 # Run ids name the run's adapter in the adapters directory (and so the teacher's LoRA) and its RQ job: no dots.
@@ -62,6 +63,19 @@ class EvalAfterRun(EvalOptions):
     )
     include_base: bool = Field(default=True, description="Evaluate the base model too, as the table's first row.")
 
+    @field_validator("benchmark")
+    @classmethod
+    def known_benchmark(cls, benchmark: str) -> str:
+        # Checked when the run is asked for: found unknown only when the run ends, hours of training are wasted.
+        if benchmark not in BENCHMARKS:
+            raise ValueError(unknown_benchmark_message(benchmark))
+        return benchmark
+
+
+def unknown_benchmark_message(benchmark: str) -> str:
+    """The refusal of a benchmark that is not packaged (`shared.datasets.BENCHMARKS`), naming those that are."""
+    return f"unknown benchmark {benchmark!r}; one of {', '.join(sorted(BENCHMARKS))}"
+
 
 class RunRequest(TrainConfig):
     """Train a LoRA adapter on a curated dataset: the source of the pairs plus any `TrainConfig` field."""
@@ -81,7 +95,8 @@ class RunRequest(TrainConfig):
         default=None,
         pattern=RUN_ID_PATTERN,
         description="Name of the run and of its adapter; default: a new `run-<hex>`. Posting an existing id with the "
-        "same request returns that run (a retried POST starts nothing twice); with another request it is a 409.",
+        "same request returns that run (a retried POST starts nothing twice); with another request it is a 409, as is "
+        "a new id that an adapter in the adapters directory already has. Not `base` (the base model's name).",
     )
     round: int | None = Field(
         default=None,
@@ -99,6 +114,14 @@ class RunRequest(TrainConfig):
     evaluation: EvalAfterRun | None = Field(
         default=None, description="Queue an evaluation of the base model and the adapter when the run succeeds."
     )
+
+    @field_validator("run_id")
+    @classmethod
+    def not_the_base_model(cls, run_id: str | None) -> str | None:
+        # An evaluation names the base model `base`: an adapter of that name could never be evaluated as itself.
+        if run_id == BASE_MODEL:
+            raise ValueError(f"{BASE_MODEL!r} is the name evaluations give the base model; choose another run_id")
+        return run_id
 
     @model_validator(mode="after")
     def one_source(self) -> RunRequest:
@@ -146,6 +169,9 @@ class Run(BaseModel):
     final_loss: float | None = None
     num_pairs: int | None = None
     evaluation_id: str | None = Field(default=None, description="The evaluation queued after the run, if asked.")
+    evaluation_error: str | None = Field(
+        default=None, description="Why the evaluation the run asked for could not be queued (the run still succeeds)."
+    )
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

@@ -39,6 +39,7 @@ from services.trainer.schemas import (
     Evaluation,
     Run,
     RunRequest,
+    unknown_benchmark_message,
 )
 from services.trainer.settings import TrainerSettings
 from shared.datasets import BENCHMARKS, DatasetError, load_problems
@@ -83,13 +84,16 @@ class TrainerService:
         """Record a run and queue its training; returns the run and whether it is new.
 
         A request naming an existing `run_id` returns that run when the request is the same (a retried POST) and is
-        refused with 409 when it differs.
+        refused with 409 when it differs. A new run whose `run_id` names an adapter already in the adapters directory
+        is refused with 409: publishing its own would replace that one.
         """
         pairs_dir = self.resolve_pairs_dir(request)
         parent, round_ = self.lineage(request)
         config = request.train_config(checkpoint_every=self.settings.checkpoint_every)
         fingerprint = request_fingerprint(request)
         run_id = request.run_id or f"run-{uuid.uuid4().hex[:12]}"
+        if self.runs.get(run_id) is None:
+            self.check_adapter_name_free(run_id)
         fields = {
             "status": "queued",
             "dataset_id": request.dataset_id,
@@ -112,6 +116,14 @@ class TrainerService:
                 )
         queues.enqueue_training(self.settings, self.redis, run_id)
         return self.get_run(run_id), created
+
+    def check_adapter_name_free(self, run_id: str) -> None:
+        """A new run publishes its adapter as ADAPTERS_DIR/<run id>: refuse a name that a folder there already has
+        (an adapter placed by hand, or another deployment's run), which is not this run's."""
+        taken = Path(self.settings.adapters_dir) / run_id
+        if taken.exists():
+            raise ServiceError(409, f"an adapter named {run_id!r} is already in the adapters directory ({taken}) and "
+                               "did not come from this run; choose another run_id", "conflict", "run_id")
 
     def resolve_pairs_dir(self, request: RunRequest) -> Path:
         """The pair store a request names, which must lie inside DATA_DIR and hold at least one pair."""
@@ -232,9 +244,7 @@ class TrainerService:
                           eval_id: str | None = None) -> tuple[Evaluation, bool]:
         """Record an evaluation and queue it; returns it and whether it is new (an `eval_id` given twice is not)."""
         if request.benchmark is not None and request.benchmark not in BENCHMARKS:
-            names = ", ".join(sorted(BENCHMARKS))
-            raise ServiceError(422, f"unknown benchmark {request.benchmark!r}; one of {names}", "invalid_request",
-                               "benchmark")
+            raise ServiceError(422, unknown_benchmark_message(request.benchmark), "invalid_request", "benchmark")
         if request.problems is not None and len(request.problems) > self.settings.max_eval_problems:
             raise ServiceError(422, f"{len(request.problems)} problems; at most {self.settings.max_eval_problems} "
                                "per evaluation", "invalid_request", "problems")

@@ -1,0 +1,147 @@
+"""What the trainer must refuse when a run is asked for, not hours later when it ends, and what publishing must never
+replace: `ssb serve trainer` as a process on loopback with real Redis (a throwaway database and a key prefix of the
+test's own, deleted at the end), no worker, and a stand-in pair store (the API only checks that pairs are there).
+
+- A run whose `evaluation` names an unknown benchmark, or whose `run_id` is `base` (the name evaluations give the base
+  model), is a 422 at once; a run whose `run_id` names an adapter already in the adapters directory is a 409.
+- `publish_adapter` replaces only a folder this same run published; `queue_evaluation_after` records on the run why
+  the evaluation it asked for could not be queued, and leaves the run to succeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from services.trainer.jobs import AdapterNameTaken, publish_adapter, queue_evaluation_after
+from services.trainer.records import connect
+from services.trainer.settings import TrainerSettings
+from tests.redis_keys import delete_keys
+from tests.services.trainer.test_service import stop, wait_ready
+from tests.teacher_server import free_port
+
+REDIS_URL = "redis://127.0.0.1:6379/13"
+DATASET = "stand-in"
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """The trainer API on a free port, and settings that reach its Redis records and directories."""
+    connection = connect(REDIS_URL)
+    try:
+        connection.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    root = tmp_path_factory.mktemp("trainer-refusals")
+    settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=f"test-refusals-{uuid.uuid4().hex[:8]}",
+                               data_dir=root / "data", adapters_dir=root / "adapters")
+    pairs = settings.datasets_dir() / DATASET / "pairs"
+    pairs.mkdir(parents=True)
+    (pairs / "p1.safetensors").write_bytes(b"never read: no worker trains here")
+    env = {**os.environ, "SSB_REDIS_URL": REDIS_URL, "SSB_KEY_PREFIX": settings.key_prefix,
+           "SSB_DATA_DIR": str(settings.data_dir), "SSB_ADAPTERS_DIR": str(settings.adapters_dir)}
+    env.pop("SSB_TRAINER_API_KEY", None)
+    port = free_port()
+    log_path = root / "api.log"
+    with open(log_path, "wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "trainer", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", api, log_path)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            yield http, settings, connection
+    finally:
+        stop(api)
+        delete_keys(connection, settings.key_prefix)
+        connection.close()
+
+
+def place_adapter(directory: Path, training_config: dict | None = None) -> Path:
+    """An adapter folder as a person (no training_config.json) or a run (with one) leaves it."""
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text('{"r": 8}')
+    (directory / "adapter_model.safetensors").write_bytes(b"weights of " + directory.name.encode())
+    if training_config is not None:
+        (directory / "training_config.json").write_text(json.dumps(training_config))
+    return directory
+
+
+def test_an_unknown_benchmark_to_evaluate_after_the_run_is_refused_at_once(trainer):
+    http, _, _ = trainer
+    request = {"dataset_id": DATASET, "run_id": "r-bench", "evaluation": {"benchmark": "gsm9k"}}
+    response = http.post("/v1/runs", json=request)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "evaluation.benchmark"
+    assert "gsm9k" in error["message"] and "gsm8k" in error["message"] and "math500" in error["message"]
+    assert http.get("/v1/runs/r-bench").status_code == 404  # nothing recorded, nothing queued
+
+
+def test_a_run_cannot_take_the_name_evaluations_give_the_base_model(trainer):
+    http, _, _ = trainer
+    response = http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "base"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "run_id" and "'base'" in error["message"] and "base model" in error["message"]
+    assert http.get("/v1/runs/base").status_code == 404
+
+
+def test_a_run_cannot_take_the_name_of_an_adapter_already_there(trainer):
+    http, settings, _ = trainer
+    hand_placed = place_adapter(settings.adapters_dir / "gsm8k-v1")
+    response = http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "gsm8k-v1"})
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["param"] == "run_id" and str(hand_placed) in error["message"]
+    assert http.get("/v1/runs/gsm8k-v1").status_code == 404
+    assert (hand_placed / "adapter_model.safetensors").read_bytes() == b"weights of gsm8k-v1"
+
+    # The run's own adapter is no conflict: a retried POST after the run published still answers with the run.
+    request = {"dataset_id": DATASET, "run_id": "r-own"}
+    assert http.post("/v1/runs", json=request).status_code == 202
+    place_adapter(settings.adapters_dir / "r-own", {"model": "m"})
+    again = http.post("/v1/runs", json=request)
+    assert again.status_code == 202 and again.json()["id"] == "r-own", again.text
+
+
+def test_publishing_replaces_only_the_runs_own_adapter(tmp_path):
+    adapters = tmp_path / "adapters"
+    run_dir = place_adapter(tmp_path / "runs" / "r1", {"model": "m", "pairs_dir": "/data/datasets/a", "num_pairs": 3})
+
+    published = publish_adapter(run_dir, adapters, "r1")
+    (run_dir / "adapter_model.safetensors").write_bytes(b"weights of a second attempt")
+    assert publish_adapter(run_dir, adapters, "r1") == published  # an earlier attempt of the same run: replaced
+    assert (published / "adapter_model.safetensors").read_bytes() == b"weights of a second attempt"
+
+    hand_placed = place_adapter(adapters / "hand")
+    another_runs = place_adapter(adapters / "other", {"model": "m", "pairs_dir": "/elsewhere/a", "num_pairs": 3})
+    for taken in (hand_placed, another_runs):
+        before = {path.name: path.read_bytes() for path in taken.iterdir()}
+        with pytest.raises(AdapterNameTaken, match=str(taken)):
+            publish_adapter(run_dir, adapters, taken.name)
+        assert {path.name: path.read_bytes() for path in taken.iterdir()} == before
+    assert not list(adapters.glob(".*.tmp"))  # no half-published copy left behind
+
+
+def test_an_evaluation_that_cannot_be_queued_is_recorded_on_the_run(trainer):
+    http, settings, connection = trainer
+    assert http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "r-eval"}).status_code == 202
+    place_adapter(settings.adapters_dir / "r-eval", {"model": "m"})  # as the worker publishes it before queueing
+
+    # A run recorded before the API refused these: an unknown benchmark (refused by the service), and options that
+    # no longer validate (a ValidationError).
+    for options, named in [({"benchmark": "gsm9k"}, "gsm9k"), ({"benchmark": "gsm8k", "samples": 0}, "samples")]:
+        assert queue_evaluation_after(settings, connection, "r-eval", options) is None
+        run = http.get("/v1/runs/r-eval").json()
+        assert run["status"] == "queued" and run["evaluation_id"] is None, run
+        assert named in run["evaluation_error"], run
