@@ -115,13 +115,15 @@ class TrainWorker(FailureCallbackWorker):
     without retries left, instead of still running."""
 
     heartbeat_seconds: int = 5
+    handing_back: bool = False  # set by `request_stop` while its job's work horse is being stopped
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return HEARTBEATS_TO_ABANDON * self.heartbeat_seconds
 
     def request_stop(self, signum, frame) -> None:
-        """SIGTERM or Ctrl-C while a job runs: stop its work horse now and hand the job back to its queue (it resumes
-        from its last checkpoint on the next worker), where RQ's warm shutdown would wait for a training run to end.
+        """SIGTERM or Ctrl-C while a job runs: stop its work horse now and hand the job back to its queue, without
+        spending a retry (it resumes from its last checkpoint on the next worker), where RQ's warm shutdown would wait
+        for a training run to end.
         A second signal is RQ's cold shutdown; an idle worker just stops."""
         if self.get_state() != WorkerStatus.BUSY or not self.horse_pid:
             super().request_stop(signum, frame)
@@ -131,7 +133,15 @@ class TrainWorker(FailureCallbackWorker):
         signal.signal(signal.SIGINT, self.request_force_stop)
         signal.signal(signal.SIGTERM, self.request_force_stop)
         self._stop_requested = True  # the work loop ends after this job's failure is handled (retried: re-queued)
+        self.handing_back = True
         self.kill_horse()
+
+    def handle_work_horse_killed(self, job: Job, retpid, ret_val, rusage) -> None:
+        """A job handed back by `request_stop` spends no retry (RQ's retry, which re-queues it, takes one): stopping
+        workers, however often, never fails a run. A horse that died on its own spends one, as any failure does."""
+        if self.handing_back:
+            job.retries_left = (job.retries_left or 0) + 1
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
 
 def make_worker(settings: TrainerSettings, kinds: tuple[str, ...], connection: redis.Redis) -> TrainWorker:

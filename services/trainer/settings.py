@@ -21,8 +21,8 @@ class TrainerSettings(ServiceSettings):
     train_timeout_seconds: int = Field(
         default=86_400,
         ge=60,
-        description="A training job running longer than this is stopped and failed (job_timeout_seconds bounds "
-        "evaluation jobs).",
+        description="A training job running longer than this is stopped; like any failure it is retried (from its "
+        "newest checkpoint) while SSB_JOB_RETRIES allow, then failed (job_timeout_seconds bounds evaluation jobs).",
     )
     checkpoint_every: int = Field(
         default=50,

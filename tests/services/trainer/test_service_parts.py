@@ -109,8 +109,9 @@ def nap(seconds: float) -> None:
 
 
 def test_stopping_a_busy_worker_hands_its_job_back_at_once():
-    """SIGTERM to a worker whose job runs: its work horse stops now and the job is queued again (one retry spent),
-    where RQ's warm shutdown would wait for the job (a training run) to end."""
+    """SIGTERM to a worker whose job runs: its work horse stops now and the job is queued again, where RQ's warm
+    shutdown would wait for the job (a training run) to end. Handing back spends no retry: a job on its last one is
+    handed back, not failed."""
     import os
     import signal
     import subprocess
@@ -139,7 +140,9 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once():
     try:
         queue = open_queue(settings, "train", connection)
         # The job id carries the prefix, so `delete_keys` removes the job's own keys too.
-        job = queue.enqueue(f"{__name__}.nap", 120, retry=Retry(max=2), job_timeout=300, job_id=f"{key_prefix}-nap")
+        job = queue.enqueue(f"{__name__}.nap", 120, retry=Retry(max=1), job_timeout=300, job_id=f"{key_prefix}-nap")
+        job.retries_left = 0  # its last attempt
+        job.save()
         worker = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[3],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
@@ -155,7 +158,7 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once():
         _, alive = psutil.wait_procs(family, timeout=5)
         assert not alive, alive
         job = Job.fetch(job.id, connection=connection, serializer=queue.serializer)
-        assert job.get_status() == "queued" and job.retries_left == 1 and job.id in queue.get_job_ids()
+        assert job.get_status() == "queued" and job.retries_left == 0 and job.id in queue.get_job_ids()
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
