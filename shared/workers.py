@@ -1,17 +1,25 @@
-"""What the curator's and the trainer's RQ workers share: a job whose process dies still gets its failure callback.
+"""What the curator's and the trainer's RQ workers share: a job's process neither outlives its worker nor dies
+unreported.
 
-RQ runs a job in a forked process (its "work horse") and calls the job's `on_failure` callback when the job raises,
-but not when that process dies (the OOM killer, a signal, RQ's own kill past the job's timeout, a worker handing its
-job back): the job is retried or failed with no callback, and whatever the callback records (a run queued again, a
-problem failed) would stay unsaid.
+RQ runs a job in a forked process (its "work horse"). That process does not die with its worker: a worker killed
+(SIGKILL, the OOM killer) leaves it running on its own, and once the worker's heartbeat lapses another worker takes
+the job over while the first run still writes (two training attempts into one run directory, two curations of one
+batch). And RQ calls the job's `on_failure` callback when the job raises, but not when that process dies (the OOM
+killer, a signal, RQ's own kill past the job's timeout, a worker handing its job back): the job is retried or failed
+with no callback, and whatever the callback records (a run queued again, a problem failed) would stay unsaid.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 
 from rq import Worker
 from rq.callbacks import execute_failure_callback
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class JobProcessDied(RuntimeError):
@@ -27,8 +35,29 @@ def how_it_died(wait_status: int | None) -> str:
     return f"exited with status {os.waitstatus_to_exitcode(wait_status)}"
 
 
-class FailureCallbackWorker(Worker):
-    """RQ's forking worker that also calls a job's failure callback when the job's process dies."""
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere nothing is done), and die now if
+    the parent is already gone (it may have died between the fork and this call)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here: the job still runs, as it would without this
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class JobProcessWorker(Worker):
+    """RQ's forking worker whose job processes die with it, and whose job's failure callback also runs when the job's
+    process dies."""
+
+    def fork_work_horse(self, job, queue) -> None:
+        self.worker_pid = os.getpid()  # read by the job's process, which the fork below starts
+        super().fork_work_horse(job, queue)
+
+    def main_work_horse(self, job, queue) -> None:
+        die_with_parent(self.worker_pid)
+        super().main_work_horse(job, queue)
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage) -> None:
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)

@@ -36,7 +36,7 @@ from shared.schemas import Problem
 from shared.settings import CurationConfig
 from shared.storage import PairStore
 from shared.teacher_client import TeacherPool, TeacherRejected
-from shared.workers import FailureCallbackWorker
+from shared.workers import JobProcessWorker
 
 log = logging.getLogger("ssb.curator")
 
@@ -232,11 +232,12 @@ class AdapterRollouts(ConcurrentCalls):
         return self.engine.explanations(items, sampling, worked_example=worked_example)
 
 
-class CurationWorker(FailureCallbackWorker):
+class CurationWorker(JobProcessWorker):
     """RQ's forking worker with a short heartbeat: RQ's own is the monitoring interval plus 60 s, which leaves a
     killed worker's job unclaimed for a minute and a half. (An idle worker wakes for maintenance every
     `worker_ttl - 15` s, so `run_worker` sets that to the maintenance interval too.) A job whose process dies on its
-    last attempt still marks its problems `failed` (`FailureCallbackWorker`)."""
+    last attempt still marks its problems `failed`, and a killed worker's job process dies with it, so the worker
+    that takes the job over does not curate its problems beside it (`JobProcessWorker`)."""
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return 3 * self.job_monitoring_interval

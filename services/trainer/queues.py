@@ -28,7 +28,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from services.trainer.settings import TrainerSettings
-from shared.workers import FailureCallbackWorker
+from shared.workers import JobProcessWorker
 
 TRAIN = "train"
 EVAL = "eval"
@@ -108,11 +108,12 @@ def fetch_job(settings: TrainerSettings, connection: redis.Redis, kind: str, rec
         return None
 
 
-class TrainWorker(FailureCallbackWorker):
+class TrainWorker(JobProcessWorker):
     """An RQ worker (one job at a time, each in a forked work horse) whose jobs count as abandoned after a few
     missed heartbeats instead of RQ's minute or more. When a work horse dies (stopped as below, or killed), the job's
-    failure callback still runs (`FailureCallbackWorker`): the run's record says that it is queued again, or failed
-    without retries left, instead of still running."""
+    failure callback still runs (`JobProcessWorker`): the run's record says that it is queued again, or failed
+    without retries left, instead of still running. A killed worker's work horse dies with it, so the attempt that
+    takes its job over never trains beside it into the same run directory."""
 
     heartbeat_seconds: int = 5
     handing_back: bool = False  # set by `request_stop` while its job's work horse is being stopped

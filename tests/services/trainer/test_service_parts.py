@@ -164,3 +164,52 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once():
             worker.kill()
         delete_keys(connection, key_prefix)
         connection.close()
+
+
+def test_a_killed_workers_job_process_dies_with_it():
+    """SIGKILL to a worker whose job runs (the OOM killer, a lost container): its work horse dies too, instead of
+    running on beside the worker that takes the job over once the heartbeat lapses."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from services.trainer.queues import open_queue
+    from services.trainer.settings import TrainerSettings
+    from tests.redis_keys import delete_keys
+
+    key_prefix = f"test-parts-{uuid.uuid4().hex[:8]}"
+    settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=key_prefix)
+    connection = connect(REDIS_URL)
+    env = {**os.environ, "SSB_REDIS_URL": REDIS_URL, "SSB_KEY_PREFIX": key_prefix}
+    code = (
+        "from services.trainer.queues import make_worker; from services.trainer.records import connect; "
+        "from services.trainer.settings import TrainerSettings; s = TrainerSettings(); "
+        "make_worker(s, ('train',), connect(s.redis_url)).work()"
+    )
+    family = []
+    try:
+        queue = open_queue(settings, "train", connection)
+        job = queue.enqueue(f"{__name__}.nap", 120, job_timeout=300, job_id=f"{key_prefix}-nap")
+        worker = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[3],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while job.get_status() != "started":
+            assert time.monotonic() < deadline and worker.poll() is None, "the job never started"
+            time.sleep(0.1)
+        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+        assert len(family) == 2, family  # the worker and its work horse
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        _, alive = psutil.wait_procs(family[1:], timeout=10)
+        assert not alive, f"the job's process outlived its worker: {alive}"
+    finally:
+        for process in family:
+            if process.is_running():
+                process.kill()
+        delete_keys(connection, key_prefix)
+        connection.close()
