@@ -121,7 +121,7 @@ def train_run(run_id: str) -> dict:
         result = train(
             run["pairs_dir"],
             run_dir,
-            resolve_model(settings.model, settings),
+            resolve_model(run.get("model", settings.model), settings),  # as recorded: every attempt, any worker
             config,
             resume=checkpoint is not None,
             on_step=on_step,
@@ -276,13 +276,13 @@ def evaluate_models(eval_id: str) -> dict:
     except (DatasetError, FileNotFoundError) as exc:
         evals.advance(eval_id, status="failed", error=f"problems: {exc}", finished_at=time.time())
         return {"status": "failed"}
-    worked_example = options.get("worked_example")
+    worked_example = options.get("worked_example")  # None: the teacher's model decides, once it answers
     config = EvalConfig(
         samples=options["samples"],
         temperature=options["temperature"],
         max_tokens=options["max_tokens"],
         seed=options["seed"],
-        worked_example=needs_worked_example(settings.model) if worked_example is None else worked_example,
+        worked_example=bool(worked_example),
     )
     adapters = [None if name == BASE_MODEL else name for name in record["models"]]
     teacher_url = settings.teacher_urls[sum(eval_id.encode()) % len(settings.teacher_urls)]
@@ -295,6 +295,8 @@ def evaluate_models(eval_id: str) -> dict:
     try:
         with TeacherClient(teacher_url, api_key=settings.teacher_key()) as teacher:
             teacher.wait_ready(timeout_seconds=300)
+            if worked_example is None:
+                config = config.model_copy(update={"worked_example": needs_worked_example(teacher.model_name)})
             report = evaluate(problems, teacher, config, adapters=adapters, benchmark=record["benchmark"],
                               on_progress=on_progress)
     except TeacherRejected as exc:

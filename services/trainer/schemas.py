@@ -49,8 +49,8 @@ class EvalOptions(BaseModel):
     seed: int = Field(default=0, ge=0, description="Per-problem sampling seeds are drawn from it.")
     worked_example: bool | None = Field(
         default=None,
-        description="Put the worked example turn before each question; default: as curation does for the model (on "
-        "for the small default model, off for others).",
+        description="Put the worked example turn before each question; default: as curation does for the teacher's "
+        "model (on for the small default model, off for others).",
     )
 
 

@@ -145,3 +145,22 @@ def test_an_evaluation_that_cannot_be_queued_is_recorded_on_the_run(trainer):
         run = http.get("/v1/runs/r-eval").json()
         assert run["status"] == "queued" and run["evaluation_id"] is None, run
         assert named in run["evaluation_error"], run
+
+
+def test_a_run_trains_the_model_its_record_names_not_the_workers(trainer, tmp_path, monkeypatch):
+    """Every attempt, on any worker, trains the base model the run was recorded with: a worker set up with another
+    model (here the default) still loads the record's (here a path that is no model, which fails the run saying so)."""
+    from services.trainer import jobs
+    from services.trainer.records import run_records
+
+    http, settings, connection = trainer
+    created = http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "recorded-model"})
+    assert created.status_code == 202, created.text
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    runs = run_records(connection, settings.key_prefix)
+    runs.update("recorded-model", model=str(not_a_model))
+    monkeypatch.setattr(jobs, "_settings", settings)
+    assert jobs.train_run("recorded-model") == {"status": "failed"}
+    run = runs.get("recorded-model")
+    assert run["status"] == "failed" and f"{not_a_model} is not a model checkpoint" in run["error"]
