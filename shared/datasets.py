@@ -18,6 +18,7 @@ Pure: no torch, no vLLM. pyarrow is imported only when a Parquet file is read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -298,6 +299,8 @@ def _row_to_problem(row: _Row, default_stem: str, source_prefix: str) -> Problem
         return "missing answer field ('answer')"
     if isinstance(answer, bool) or not isinstance(answer, str | int | float):
         return f"'answer' must be a string or a number, got {type(answer).__name__}"
+    if isinstance(answer, float) and not math.isfinite(answer):  # JSON's NaN and Infinity, which Python reads
+        return f"'answer' must be a finite number, got {answer}"
     answer = parse_gold_answer(str(answer))
     if not answer:
         return "empty answer"

@@ -122,6 +122,8 @@ def test_jsonl_fields_ids_and_sources(tmp_path: Path) -> None:
         ([row(), row(answer="Work.\n#### ")], 2, "empty answer"),
         ([row(), '{"question": ["Q"], "answer": "2"}'], 2, "'question' must be a string"),
         ([row(), '{"question": "Q", "answer": true}'], 2, "'answer' must be a string or a number"),
+        ([row(), '{"question": "Q", "answer": NaN}'], 2, "'answer' must be a finite number, got nan"),
+        ([row(), '{"question": "Q", "answer": -Infinity}'], 2, "'answer' must be a finite number, got -inf"),
         ([row(), "", row(id="!!!")], 3, "has no letters or digits"),
         ([row(), "[" * 200_000 + "]" * 200_000], 2, "JSON nested too deeply"),
         ([row(), '{"question": "Q", "answer": ' + "[" * 200_000 + "]" * 200_000 + "}"], 2, "JSON nested too deeply"),
