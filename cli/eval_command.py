@@ -29,6 +29,7 @@ from cli.runtime import (
     WorkedExampleOption,
     console,
     engine_reporting,
+    check_fits_context,
     ensure_model,
     exit_on_signals,
     fail,
@@ -232,6 +233,9 @@ def eval_command(
             raise ValueError(f"--out {out} is a directory; give a JSON file path")
         serving = resolve_adapter_serving(adapter_serving)
         model_path = None if teacher_url else ensure_model(model, settings)
+        if model_path is not None:
+            check_fits_context(problems, model_path, settings, answer_tokens=max_tokens,
+                               worked_example=config.worked_example)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
 

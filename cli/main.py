@@ -36,6 +36,7 @@ from cli.runtime import (
     WorkedExampleOption,
     console,
     curate_with_progress,
+    check_fits_context,
     ensure_model,
     exit_on_signals,
     fail,
@@ -168,6 +169,11 @@ def curate(
         )
         settings = Settings()
         model_path = None if teacher_url else ensure_model(model, settings)
+        if model_path is not None:  # a teacher service refuses such a problem alone, and curation goes on
+            check_fits_context(
+                problems, model_path, settings, answer_tokens=rollout_max_tokens,
+                explanation_tokens=explanation_max_tokens, worked_example=config.worked_example,
+            )
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
     with exit_on_signals(), open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=False) as engine:

@@ -36,6 +36,7 @@ from cli.runtime import (
     WorkedExampleOption,
     console,
     curate_with_progress,
+    check_fits_context,
     ensure_model,
     exit_on_signals,
     fail,
@@ -95,6 +96,11 @@ def run_command(
         evaluation = EvalConfig(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed)
         check_output_dir(out / "adapter", resume=resume)  # before the engine starts, not after curation
         model_path = ensure_model(model, settings)
+        check_fits_context(
+            problems, model_path, settings, answer_tokens=rollout_max_tokens, explanation_tokens=explanation_max_tokens,
+            worked_example=worked_example,
+        )
+        check_fits_context(held_out, model_path, settings, answer_tokens=eval_max_tokens, worked_example=worked_example)
     except (DatasetError, FileNotFoundError, ValueError, TrainingError) as exc:
         raise fail(str(exc)) from exc
 

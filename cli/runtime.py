@@ -100,6 +100,30 @@ def exit_on_signals():
             signal.signal(signum, handler)
 
 
+def check_fits_context(
+    problems, model_path: str, settings: Settings, *, answer_tokens: int, explanation_tokens: int | None = None,
+    worked_example: bool,
+) -> None:
+    """Refuse (ValueError) problems whose prompts cannot fit the engine's context, before the engine starts: it would
+    refuse them only when it comes to them, ending the command in the middle of its work. Reads the model's
+    tokenizer, and renders each prompt as the engine will."""
+    from transformers import AutoTokenizer
+
+    from shared.prompts import context_overflows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    overflows = context_overflows(
+        tokenizer, problems, context=settings.max_model_len, answer_tokens=answer_tokens,
+        explanation_tokens=explanation_tokens, worked_example=worked_example,
+    )
+    if overflows:
+        shown = "\n  ".join(overflows[:10]) + (f"\n  ... and {len(overflows) - 10} more" if len(overflows) > 10 else "")
+        raise ValueError(
+            f"{len(overflows)} of {len(problems)} problems do not fit the engine's {settings.max_model_len}-token "
+            f"context (SSB_MAX_MODEL_LEN); shorten or drop them, or lower the token limits:\n  {shown}"
+        )
+
+
 def start_engine(model_path: str, settings: Settings, *, seed: int = 0, enable_lora: bool = True):
     """Start the vLLM engine on a model (about half a minute for the small model on the CPU)."""
     from services.teacher.engine import EngineEnvironmentError, EngineOptions, TeacherEngine

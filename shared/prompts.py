@@ -11,13 +11,14 @@ need it to answer in the expected form. When it is used, it is used identically 
 
 `render_chat` is the one renderer: the model's own chat template, ending with the assistant's turn opened, as text and
 token ids (it takes any tokenizer with `apply_chat_template` and `encode`, so this module imports no transformers).
+`context_overflows` names the problems whose prompts cannot fit an engine's context, before any engine starts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.schemas import ChatMessage, RenderedPrompt
+from shared.schemas import ChatMessage, Problem, RenderedPrompt
 
 PROMPT_VERSION = "ssb-prompts-v1"
 
@@ -81,3 +82,44 @@ def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> RenderedPrompt:
     plain = [m.model_dump() for m in messages]
     text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
     return RenderedPrompt(messages=list(messages), text=text, token_ids=tokenizer.encode(text, add_special_tokens=False))
+
+
+# A response re-tokenized inside the hinted prompt may take a few tokens more than it did alone.
+RESPONSE_TOKENS_SLACK = 8
+
+
+def context_overflows(
+    tokenizer,
+    problems: Sequence[Problem],
+    *,
+    context: int,
+    answer_tokens: int,
+    explanation_tokens: int | None = None,
+    worked_example: bool = False,
+) -> list[str]:
+    """The problems whose prompts cannot fit a `context`-token engine, each as `source: why`: the question's prompt
+    plus an answer of `answer_tokens` (a rollout, or an evaluation's answer), and, with `explanation_tokens`, the
+    hinted prompt at its largest (two earlier answers of `answer_tokens` each) plus the explanation. The engine
+    refuses such a prompt only when it comes to it, in the middle of a run."""
+    overflows = []
+    for problem in problems:
+        where = problem.source or problem.id
+        student = build_student_messages(problem.question, worked_example=worked_example)
+        asked = len(render_chat(tokenizer, student).token_ids)
+        if asked + answer_tokens > context:
+            overflows.append(
+                f"{where}: the question's prompt is {asked} tokens; with {answer_tokens} for the answer that passes "
+                f"the context by {asked + answer_tokens - context}"
+            )
+            continue
+        if explanation_tokens is None:
+            continue
+        hinted = build_hinted_messages(problem.question, "", "", worked_example=worked_example)
+        largest = len(render_chat(tokenizer, hinted).token_ids) + 2 * (answer_tokens + RESPONSE_TOKENS_SLACK)
+        if largest + explanation_tokens > context:
+            overflows.append(
+                f"{where}: the hinted prompt can reach {largest} tokens (two answers of up to {answer_tokens}); with "
+                f"{explanation_tokens} for the explanation that passes the context by "
+                f"{largest + explanation_tokens - context}"
+            )
+    return overflows

@@ -75,6 +75,29 @@ def test_curate_rejects_a_bad_file_before_starting_the_engine(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_curate_eval_and_run_refuse_a_question_longer_than_the_context_before_starting_the_engine(tmp_path):
+    """A question too long for the engine's context: each command that would start an engine names it, with the
+    tokens it takes, before the engine starts (the engine would refuse it mid-run)."""
+    src = tmp_path / "long.jsonl"
+    long_question = "How many apples are there? " * 700  # about 4,200 tokens: over the 4,096-token context
+    rows = [{"question": "1+1?", "answer": "2"}, {"question": long_question, "answer": "1"}]
+    src.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text('{"question": "2+2?", "answer": "4"}\n')
+    commands = {
+        "curate": ["curate", "--data", str(src), "--out", str(tmp_path / "out")],
+        "eval": ["eval", "--benchmark", str(src), "--out", str(tmp_path / "eval.json")],
+        "run": ["run", "--train", str(src), "--eval", str(held_out), "--out", str(tmp_path / "run")],
+    }
+    for name, command in commands.items():
+        result = ssb(*command, check=False)
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 2, f"{name}: {result.stderr}"
+        assert "1 of 2 problems do not fit the engine's 4096-token context" in said, f"{name}: {said}"
+        assert "long.jsonl:2: the question's prompt is" in said and "Starting the engine" not in said, f"{name}: {said}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("line", "says"),
     [("[" * 200_000 + "]" * 200_000, "JSON nested too deeply to read"),
