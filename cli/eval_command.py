@@ -27,9 +27,9 @@ from cli.serve_command import TeacherUrlOption, open_teacher
 from cli.runtime import (
     ModelOption,
     WorkedExampleOption,
+    check_fits_context,
     console,
     engine_reporting,
-    check_fits_context,
     ensure_model,
     exit_on_signals,
     fail,
