@@ -7,7 +7,8 @@ to run twice (RQ delivers at least once):
   final does nothing. The adapter is published to ADAPTERS_DIR/<run id>/ by an atomic rename (never over a folder
   that another run or a person put there: the run fails instead), then the run is marked succeeded with the evaluation
   it asked for already queued (its id derived from the run's, so it is queued once), or with `evaluation_error` saying
-  why it could not be.
+  why it could not be. Each attempt writes the run's record only while it is the run's latest (`attempt=` in
+  `Records.advance`): one whose worker lost its heartbeat while it went on stops at its next step.
 - `evaluate_models` evaluates the base model and adapters through the teacher service (`TeacherClient` is an
   `Engine`; adapters are loaded there as LoRAs by name from the shared adapters directory) and writes the report to
   DATA_DIR/evals/<eval id>/report.json.
@@ -90,7 +91,7 @@ def train_run(run_id: str) -> dict:
         progress["note"] = f"attempt {attempt} resumed from the checkpoint at step {resumed_from} (an earlier attempt stopped)"
     elif attempt > 1:
         progress["note"] = f"attempt {attempt} started over: the earlier attempt stopped before its first checkpoint"
-    if not runs.advance(run_id, **progress):
+    if not runs.advance(run_id, attempt=attempt, **progress):
         return {"status": "final"}
     log.info("run %s: attempt %d%s", run_id, attempt, f", resuming at step {resumed_from}" if resumed_from else "")
 
@@ -115,7 +116,8 @@ def train_run(run_id: str) -> dict:
         }
         if config.checkpoint_every and metrics.step % config.checkpoint_every == 0:
             fields["checkpoint_step"] = metrics.step  # saved before on_step is called
-        runs.advance(run_id, **fields)
+        if not runs.advance(run_id, attempt=attempt, **fields):
+            raise AttemptSuperseded(f"run {run_id}: attempt {attempt} stops at step {metrics.step}")
 
     try:
         result = train(
@@ -126,15 +128,22 @@ def train_run(run_id: str) -> dict:
             resume=checkpoint is not None,
             on_step=on_step,
         )
+    except AttemptSuperseded as exc:
+        log.warning("%s: a later attempt took the run over, or it ended", exc)
+        return {"status": "superseded"}
     except (TrainingError, PairDataError, StorageError, FileNotFoundError) as exc:
-        runs.advance(run_id, status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
-        log.error("run %s failed: %s", run_id, exc)
-        return {"status": "failed"}
+        if runs.advance(run_id, attempt=attempt, status="failed", error=f"{type(exc).__name__}: {exc}",
+                        finished_at=time.time()):
+            log.error("run %s failed: %s", run_id, exc)
+            return {"status": "failed"}
+        return {"status": "superseded"}  # e.g. its directory deleted by the attempt that took the run over
 
+    if not runs.advance(run_id, attempt=attempt):  # nothing to write: is this still the run's attempt?
+        return {"status": "superseded"}
     try:
         publish_adapter(run_dir, Path(settings.adapters_dir), run_id)
     except AdapterNameTaken as exc:  # a retry cannot free the name: fail the run, its adapter stays in its run dir
-        runs.advance(run_id, status="failed", error=str(exc), finished_at=time.time())
+        runs.advance(run_id, attempt=attempt, status="failed", error=str(exc), finished_at=time.time())
         log.error("run %s failed: %s", run_id, exc)
         return {"status": "failed"}
     # The evaluation is queued before the run is marked succeeded, so that a succeeded run that asked for one always
@@ -143,6 +152,7 @@ def train_run(run_id: str) -> dict:
     evaluation_id = queue_evaluation_after(settings, connection, run_id, evaluation) if evaluation else None
     runs.advance(
         run_id,
+        attempt=attempt,
         status="succeeded",
         evaluation_id=evaluation_id,
         step=result.steps,
@@ -155,6 +165,11 @@ def train_run(run_id: str) -> dict:
     )
     log.info("run %s succeeded: %d steps, final loss %s", run_id, result.steps, result.final_loss)
     return {"status": "succeeded", "steps": result.steps}
+
+
+class AttemptSuperseded(Exception):
+    """A later attempt of the run started (its worker's heartbeat lapsed while this one went on), or the run ended:
+    this attempt stops writing."""
 
 
 class AdapterNameTaken(Exception):

@@ -30,14 +30,16 @@ return 1
 """
 
 
-# Set fields unless the record's status is a final one. ARGV: n, the n final statuses (as stored), then field, value...
+# Set fields unless the record's status is a final one, or its `attempts` is not the writer's attempt. ARGV: n, the n
+# final statuses (as stored), the writer's attempt ('' for any), then field, value...
 ADVANCE_UNLESS_FINAL = """
 local n = tonumber(ARGV[1])
 local status = redis.call('hget', KEYS[1], 'status')
 for i = 2, n + 1 do
   if status == ARGV[i] then return 0 end
 end
-if #ARGV > n + 1 then redis.call('hset', KEYS[1], unpack(ARGV, n + 2)) end
+if ARGV[n + 2] ~= '' and redis.call('hget', KEYS[1], 'attempts') ~= ARGV[n + 2] then return 0 end
+if #ARGV > n + 2 then redis.call('hset', KEYS[1], unpack(ARGV, n + 3)) end
 return 1
 """
 FINAL_JSON = [json.dumps(status) for status in FINAL]
@@ -83,11 +85,13 @@ class Records:
         if fields:
             self.redis.hset(self.key(record_id), mapping={name: json.dumps(value) for name, value in fields.items()})
 
-    def advance(self, record_id: str, **fields: Any) -> bool:
-        """Set these fields unless the record is already final; False when it was (nothing written). One atomic
-        step: a writer that read the record as running can never overwrite a final state written meanwhile."""
+    def advance(self, record_id: str, *, attempt: int | None = None, **fields: Any) -> bool:
+        """Set these fields unless the record is already final, or, given the writer's `attempt`, a later attempt
+        has started (its `attempts` moved on); False when nothing was written. One atomic step: a writer that read
+        the record as running can never overwrite a final state written meanwhile, nor a stale attempt (whose worker
+        lost its heartbeat while its job went on) the record of the attempt that took its job over."""
         mapping = [part for name, value in fields.items() for part in (name, json.dumps(value))]
-        finals = [len(FINAL_JSON), *FINAL_JSON]
+        finals = [len(FINAL_JSON), *FINAL_JSON, "" if attempt is None else str(attempt)]
         return bool(self.redis.eval(ADVANCE_UNLESS_FINAL, 1, self.key(record_id), *finals, *mapping))
 
     def ids(self, limit: int = 100) -> list[str]:

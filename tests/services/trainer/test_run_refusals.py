@@ -164,3 +164,32 @@ def test_a_run_trains_the_model_its_record_names_not_the_workers(trainer, tmp_pa
     assert jobs.train_run("recorded-model") == {"status": "failed"}
     run = runs.get("recorded-model")
     assert run["status"] == "failed" and f"{not_a_model} is not a model checkpoint" in run["error"]
+
+
+def test_an_attempt_that_a_later_one_took_over_stops_at_its_next_step(trainer, monkeypatch):
+    """The logic of `train_run` with `train` stood in for (real training is in test_service.py): after a second
+    attempt starts (the first one's worker lost its heartbeat), the first stops at its next step, publishes nothing
+    and writes nothing more to the run's record."""
+    from services.trainer import jobs, training
+    from services.trainer.records import run_records
+
+    http, settings, connection = trainer
+    assert http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "taken-over"}).status_code == 202
+    runs = run_records(connection, settings.key_prefix)
+    steps = []
+
+    def stand_in(pairs_dir, out_dir, model, config, *, resume, on_step):
+        metrics = training.StepMetrics(step=1, total_steps=5, epoch=0.2, loss=1.0, kl=1.0, ce=None, grad_norm=1.0,
+                                       lr=1e-4, explanation_tokens=10.0, tokens_per_s=1.0)
+        on_step(metrics)
+        steps.append(1)
+        runs.increment("taken-over", "attempts")  # the attempt that took the job over
+        on_step(metrics.model_copy(update={"step": 2}))
+        steps.append(2)  # never reached
+
+    monkeypatch.setattr(jobs, "_settings", settings)
+    monkeypatch.setattr(training, "train", stand_in)
+    assert jobs.train_run("taken-over") == {"status": "superseded"}
+    run = runs.get("taken-over")
+    assert steps == [1] and run["step"] == 1 and run["status"] == "running" and run["attempts"] == 2
+    assert not (settings.adapters_dir / "taken-over").exists()

@@ -45,6 +45,17 @@ def test_a_record_is_created_once_and_a_final_state_stays(runs):
     assert runs.ids() == ["r1"] and runs.get("r2") is None
 
 
+def test_an_attempt_writes_the_record_only_while_it_is_the_latest(runs):
+    assert runs.create("r1", {"status": "queued", "step": 0, "attempts": 0})
+    first = runs.increment("r1", "attempts")
+    assert runs.advance("r1", attempt=first, status="running", step=1)
+    second = runs.increment("r1", "attempts")  # a worker lost its heartbeat; another took the job over
+    assert not runs.advance("r1", attempt=first, step=7)  # the first attempt, still going, writes nothing now
+    assert not runs.advance("r1", attempt=first)  # which it can also ask without writing
+    assert runs.advance("r1", attempt=second, step=2) and runs.advance("r1", step=3)  # no attempt: any writer
+    assert runs.get("r1")["step"] == 3
+
+
 def test_a_run_request_holds_training_settings_and_defaults_fill_only_unset_ones():
     request = RunRequest(dataset_id="d", lr=1e-4, checkpoint_every=5, temperature=1.0)
     config = request.train_config(checkpoint_every=50, keep_checkpoints=3)
