@@ -169,7 +169,7 @@ def curate(
         )
         settings = Settings()
         model_path = None if teacher_url else ensure_model(model, settings)
-        if model_path is not None:  # a teacher service refuses such a problem alone, and curation goes on
+        if model_path is not None:  # with --teacher-url, the teacher refuses it when it comes to it
             check_fits_context(
                 problems, model_path, settings, answer_tokens=rollout_max_tokens,
                 explanation_tokens=explanation_max_tokens, worked_example=config.worked_example,

@@ -65,13 +65,13 @@ def is_ready(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def session_members(sid: int) -> list[int]:
+def session_members(sid: int) -> list[psutil.Process]:
     """The living processes of session `sid` (zombies, already dead, do not count)."""
     members = []
     for process in psutil.process_iter(["status"]):
         try:
             if os.getsid(process.pid) == sid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(process.pid)
+                members.append(process)
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
     return members
@@ -175,10 +175,10 @@ class Supervisor:
             left = session_members(sid)
             if left:
                 self.say(name, f"still running {self.stop_timeout:.0f} s after SIGTERM: SIGKILL")
-            for pid in left:
+            for process in left:
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    process.kill()  # psutil checks first that the pid is still this process, not a reused one
+                except psutil.NoSuchProcess:
                     pass
         for name in names:
             try:
