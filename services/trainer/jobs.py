@@ -137,11 +137,17 @@ def train_run(run_id: str) -> dict:
             log.error("run %s failed: %s", run_id, exc)
             return {"status": "failed"}
         return {"status": "superseded"}  # e.g. its directory deleted by the attempt that took the run over
+    except Exception:
+        if not runs.advance(run_id, attempt=attempt):  # its failure callback would fail or re-queue the later attempt
+            log.exception("run %s: attempt %d failed after a later attempt took the run over", run_id, attempt)
+            return {"status": "superseded"}
+        raise
 
     if not runs.advance(run_id, attempt=attempt):  # nothing to write: is this still the run's attempt?
         return {"status": "superseded"}
     try:
-        publish_adapter(run_dir, Path(settings.adapters_dir), run_id)
+        publisher = {"run_id": run_id, "key_prefix": settings.key_prefix, "created_at": run.get("created_at")}
+        publish_adapter(run_dir, Path(settings.adapters_dir), run_id, publisher)
     except AdapterNameTaken as exc:  # a retry cannot free the name: fail the run, its adapter stays in its run dir
         runs.advance(run_id, attempt=attempt, status="failed", error=str(exc), finished_at=time.time())
         log.error("run %s failed: %s", run_id, exc)
@@ -176,40 +182,41 @@ class AdapterNameTaken(Exception):
     """ADAPTERS_DIR/<run id> holds a folder that this run did not publish (placed by hand, or another deployment's)."""
 
 
-def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str) -> Path:
+PUBLISHED_BY = "published_by.json"  # in a published adapter's folder: the run that published it
+
+
+def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str, publisher: dict) -> Path:
     """Copy the adapter (and its training config) to ADAPTERS_DIR/<run id>/ by an atomic rename: the teacher never
-    sees half an adapter. Publishing twice leaves the same files; a folder of that name that did not come from this
-    run is never replaced: `AdapterNameTaken`."""
+    sees half an adapter. The folder also says which run published it (`publisher`: the run's id, deployment and
+    creation time), so that any attempt of the same run, on any worker, replaces it, and nothing else does: a folder
+    of that name that another run or a person put there raises `AdapterNameTaken`."""
     from services.trainer.service import ADAPTER_FILES
 
     adapters_dir.mkdir(parents=True, exist_ok=True)
     final = adapters_dir / run_id
-    if final.exists() and not published_from(final, run_dir):
+    if final.exists() and published_by(final) != publisher:
         raise AdapterNameTaken(
-            f"{final} holds an adapter that run {run_id!r} did not publish (its training_config.json is not the one "
-            f"in {run_dir}); it was left as it is, and the run's adapter stays in {run_dir}"
+            f"{final} holds an adapter that run {run_id!r} did not publish (no {PUBLISHED_BY} of this run in it); it "
+            f"was left as it is, and the run's adapter stays in {run_dir}"
         )
     tmp = adapters_dir / f".{run_id}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     for name in ADAPTER_FILES:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, tmp / name)
+    (tmp / PUBLISHED_BY).write_text(json.dumps(publisher) + "\n")
     if final.exists():
         shutil.rmtree(final)  # an earlier attempt published the same adapter, then died before marking the run
     os.replace(tmp, final)
     return final
 
 
-def published_from(adapter_dir: Path, run_dir: Path) -> bool:
-    """Whether an adapter folder is this run's: a published adapter carries a copy of its run's training_config.json
-    (the model, the pair store's absolute path and every setting), which a hand-placed adapter lacks and another
-    deployment's run (another data directory, or other settings) does not match."""
+def published_by(adapter_dir: Path) -> dict | None:
+    """The run that published an adapter folder, or None for one placed by hand."""
     try:
-        published = json.loads((adapter_dir / "training_config.json").read_text())
-        own = json.loads((run_dir / "training_config.json").read_text())
+        return json.loads((adapter_dir / PUBLISHED_BY).read_text())
     except (OSError, ValueError):
-        return False
-    return published == own
+        return None
 
 
 def queue_evaluation_after(settings: TrainerSettings, connection, run_id: str, options: dict) -> str | None:

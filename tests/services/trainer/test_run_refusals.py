@@ -66,9 +66,9 @@ def trainer(tmp_path_factory):
         connection.close()
 
 
-def place_adapter(directory: Path, training_config: dict | None = None) -> Path:
+def place_adapter(directory: Path, training_config: dict | None = None, exist_ok: bool = False) -> Path:
     """An adapter folder as a person (no training_config.json) or a run (with one) leaves it."""
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=exist_ok)
     (directory / "adapter_config.json").write_text('{"r": 8}')
     (directory / "adapter_model.safetensors").write_bytes(b"weights of " + directory.name.encode())
     if training_config is not None:
@@ -116,19 +116,22 @@ def test_a_run_cannot_take_the_name_of_an_adapter_already_there(trainer):
 
 def test_publishing_replaces_only_the_runs_own_adapter(tmp_path):
     adapters = tmp_path / "adapters"
-    run_dir = place_adapter(tmp_path / "runs" / "r1", {"model": "m", "pairs_dir": "/data/datasets/a", "num_pairs": 3})
+    run_dir = place_adapter(tmp_path / "runs" / "r1", {"model": "/home/a/model", "num_processes": 1})
+    publisher = {"run_id": "r1", "key_prefix": "ssb", "created_at": 1000.0}
 
-    published = publish_adapter(run_dir, adapters, "r1")
+    published = publish_adapter(run_dir, adapters, "r1", publisher)
+    # A later attempt of the same run, on a worker with another model path and more processes: its own, replaced.
+    place_adapter(run_dir, {"model": "/home/b/model", "num_processes": 2}, exist_ok=True)
     (run_dir / "adapter_model.safetensors").write_bytes(b"weights of a second attempt")
-    assert publish_adapter(run_dir, adapters, "r1") == published  # an earlier attempt of the same run: replaced
+    assert publish_adapter(run_dir, adapters, "r1", publisher) == published
     assert (published / "adapter_model.safetensors").read_bytes() == b"weights of a second attempt"
 
     hand_placed = place_adapter(adapters / "hand")
-    another_runs = place_adapter(adapters / "other", {"model": "m", "pairs_dir": "/elsewhere/a", "num_pairs": 3})
+    another_runs = publish_adapter(run_dir, adapters, "other", {**publisher, "run_id": "other", "created_at": 5.0})
     for taken in (hand_placed, another_runs):
         before = {path.name: path.read_bytes() for path in taken.iterdir()}
         with pytest.raises(AdapterNameTaken, match=str(taken)):
-            publish_adapter(run_dir, adapters, taken.name)
+            publish_adapter(run_dir, adapters, taken.name, {**publisher, "run_id": taken.name})
         assert {path.name: path.read_bytes() for path in taken.iterdir()} == before
     assert not list(adapters.glob(".*.tmp"))  # no half-published copy left behind
 
@@ -193,3 +196,11 @@ def test_an_attempt_that_a_later_one_took_over_stops_at_its_next_step(trainer, m
     run = runs.get("taken-over")
     assert steps == [1] and run["step"] == 1 and run["status"] == "running" and run["attempts"] == 2
     assert not (settings.adapters_dir / "taken-over").exists()
+
+    def crashes(pairs_dir, out_dir, model, config, *, resume, on_step):
+        runs.increment("taken-over", "attempts")  # taken over, then this attempt crashes (say, out of memory)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(training, "train", crashes)
+    assert jobs.train_run("taken-over") == {"status": "superseded"}  # not raised: no failure callback to mislead
+    assert runs.get("taken-over")["status"] == "running"
