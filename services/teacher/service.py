@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -106,6 +107,10 @@ def resolve_adapter_dir(adapters_dir: Path, relative: str, param: str) -> Path:
     return candidate
 
 
+# How long the copy of a replaced or unloaded adapter outlives it: longer than any request runs.
+RETIRED_COPY_GRACE_SECONDS = 3600.0
+
+
 def snapshot_adapter(directory: Path, into: Path) -> Path:
     """Copy an adapter's files (its config and weights, and whatever else lies beside them, but no subdirectory: a
     training run's checkpoints stay) into `into`, a directory of the engine's own that nothing else writes.
@@ -114,8 +119,9 @@ def snapshot_adapter(directory: Path, into: Path) -> Path:
     it dropped, also for a request that was running when the adapter was replaced or unloaded; a directory deleted or
     half-rewritten by then (a training run publishing its adapter again) would kill the engine, not fail one request.
     A copy per load also gives each load a path of its own, and vLLM keys its prefix cache by an adapter's name and
-    path: a replaced adapter's requests never reuse the previous weights' cached work. The copies go when the engine
-    stops (they live in its IPC directory)."""
+    path: a replaced adapter's requests never reuse the previous weights' cached work. A replaced or unloaded
+    adapter's copy goes an hour later (`retire_copy`), the rest when the engine stops (they live in its IPC
+    directory)."""
     into.mkdir(parents=True)
     for path in directory.iterdir():
         if path.is_file():
@@ -139,6 +145,7 @@ class TeacherService:
         self.adapter_paths: dict[str, str] = {}
         self._lora_ids = itertools.count(1)
         self._adapter_lock = asyncio.Lock()
+        self._retired_copies: list[tuple[float, Path]] = []  # (when, copy) of adapters replaced or unloaded
         self.pending = 0
 
     @classmethod
@@ -366,6 +373,7 @@ class TeacherService:
                 raise InvalidRequest(f"path {relative!r}: the engine could not load it: {exc}", param="path") from exc
             if previous is not None:  # its requests still running read its own copy, should vLLM load it again
                 await self.engine.remove_lora(previous.lora_int_id)
+                self.retire_copy(previous)
             self.lora_requests[request.name] = lora_request
             self.adapter_paths[request.name] = relative
         log.info("adapter %s loaded from %s", request.name, relative)
@@ -377,4 +385,13 @@ class TeacherService:
             del self.lora_requests[name]
             del self.adapter_paths[name]
             await self.engine.remove_lora(lora_request.lora_int_id)
+            self.retire_copy(lora_request)
         log.info("adapter %s unloaded", name)
+
+    def retire_copy(self, lora_request, now: float | None = None) -> None:
+        """An adapter replaced or unloaded: its copy stays for a grace period (a request that was running with it may
+        still need vLLM to read it again), and the copies retired longer ago than that go now."""
+        now = time.monotonic() if now is None else now
+        self._retired_copies.append((now, Path(lora_request.lora_path)))
+        while self._retired_copies and now - self._retired_copies[0][0] > RETIRED_COPY_GRACE_SECONDS:
+            shutil.rmtree(self._retired_copies.pop(0)[1], ignore_errors=True)

@@ -272,6 +272,24 @@ def test_an_adapter_serves_from_the_engines_own_copy_after_its_directory_is_gone
             shutil.rmtree(lora_teacher_server.adapters_dir / name, ignore_errors=True)
 
 
+def test_a_retired_adapter_copy_goes_after_its_grace_period(tmp_path):
+    """The copy of a replaced or unloaded adapter stays an hour (a request running with it may need it read again),
+    then goes at the next retirement; the logic alone, on a stand-in for the service."""
+    from types import SimpleNamespace
+
+    from services.teacher.service import RETIRED_COPY_GRACE_SECONDS, TeacherService
+
+    service = SimpleNamespace(_retired_copies=[])
+    copies = [tmp_path / name for name in ("1", "2", "3")]
+    for copy in copies:
+        copy.mkdir()
+    TeacherService.retire_copy(service, SimpleNamespace(lora_path=str(copies[0])), now=0.0)
+    TeacherService.retire_copy(service, SimpleNamespace(lora_path=str(copies[1])), now=10.0)
+    assert all(copy.exists() for copy in copies)
+    TeacherService.retire_copy(service, SimpleNamespace(lora_path=str(copies[2])), now=RETIRED_COPY_GRACE_SECONDS + 5)
+    assert [copy.exists() for copy in copies] == [False, True, True]
+
+
 def test_an_adapter_above_the_largest_rank_is_refused_saying_so(lora_teacher_server, model_path):
     """The session's LoRA teacher serves ranks up to 8 (SSB_MAX_LORA_RANK, tests/teacher_server.py): a rank-16 adapter
     gets a 400 that says why, and is not loaded."""
