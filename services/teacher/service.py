@@ -364,7 +364,11 @@ class TeacherService:
                 )
             lora_id = next(self._lora_ids)
             copy = Path(self.ipc_dir) / "adapters" / str(lora_id)
-            snapshot = await asyncio.to_thread(snapshot_adapter, directory, copy)
+            try:
+                snapshot = await asyncio.to_thread(snapshot_adapter, directory, copy)
+            except OSError as exc:  # e.g. a run publishing its adapter again while it was read
+                shutil.rmtree(copy, ignore_errors=True)
+                raise Conflict(f"path {relative!r}: its files changed while being read ({exc}); retry", param="path")
             lora_request = LoRARequest(request.name, lora_id, str(snapshot))
             try:
                 await self.engine.add_lora(lora_request)
