@@ -149,9 +149,15 @@ class TeacherClient(ConcurrentCalls):
         self.request("DELETE", f"/v1/adapters/{name}")
 
     def ensure_adapter(self, name: str) -> None:
-        """Load the adapter of that name from the service's adapters directory unless it is loaded already."""
-        if name not in {a.name for a in self.models().adapters}:
+        """Load the adapter of that name from the service's adapters directory unless it is loaded already (also
+        when another client loaded it between the check and the load: the service's 409 then says so)."""
+        if name in {a.name for a in self.models().adapters}:
+            return
+        try:
             self.load_adapter(name)
+        except TeacherRejected as exc:
+            if exc.status != 409 or name not in {a.name for a in self.models().adapters}:
+                raise
 
     def rollouts(
         self,

@@ -368,7 +368,8 @@ class TeacherService:
                 snapshot = await asyncio.to_thread(snapshot_adapter, directory, copy)
             except OSError as exc:  # e.g. a run publishing its adapter again while it was read
                 shutil.rmtree(copy, ignore_errors=True)
-                raise Conflict(f"path {relative!r}: its files changed while being read ({exc}); retry", param="path")
+                message = f"path {relative!r}: its files changed while being read ({exc}); retry"
+                raise Conflict(message, param="path") from exc
             lora_request = LoRARequest(request.name, lora_id, str(snapshot))
             try:
                 await self.engine.add_lora(lora_request)

@@ -89,3 +89,16 @@ def test_a_pool_takes_turns_and_skips_a_teacher_that_cannot_be_reached():
     with pytest.raises(TeacherUnavailable):
         pool.call("models")
     pool.close()
+
+
+def test_an_adapter_another_client_loaded_meanwhile_counts_as_loaded():
+    """Two workers asking for the same adapter at once: the second load is a 409 (loaded already), which
+    `ensure_adapter` checks and accepts; a 409 for anything else is still an error."""
+    loaded = {**MODELS, "adapters": [{"name": "round-1", "path": "round-1"}]}
+    taken = {"error": {"message": "name: loaded already", "type": "conflict", "param": "name", "code": 409}}
+    transport, calls = scripted((200, MODELS, {}), (409, taken, {}), (200, loaded, {}))
+    client(transport).ensure_adapter("round-1")
+    assert [c.method for c in calls] == ["GET", "POST", "GET"]
+    transport, _ = scripted((200, MODELS, {}), (409, taken, {}), (200, MODELS, {}))
+    with pytest.raises(TeacherRejected):
+        client(transport).ensure_adapter("round-1")
