@@ -169,13 +169,30 @@ class TrainerService:
 
     def reconcile_run(self, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
         """A run whose job RQ failed without the job recording it (its work horse killed with no retries left) is
-        failed."""
+        failed. A run not final whose job RQ counts finished, with no worker on it, is queued again (it resumes from
+        its newest checkpoint): an attempt superseded by a later one ends its job as finished, which leaves the job
+        to nobody should the later attempt's process then die."""
         job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
-        if job is not None and job.get_status(refresh=False) in ("failed", "stopped", "canceled"):
-            error = record.get("error") or f"the training job ended as {job.get_status(refresh=False)}"
+        if job is None:
+            return record
+        status = job.get_status(refresh=False)
+        if status in ("failed", "stopped", "canceled"):
+            error = record.get("error") or f"the training job ended as {status}"
             self.runs.advance(run_id, status="failed", error=error)
             return self.runs.get(run_id) or record
+        if status == "finished" and record.get("status") in ("queued", "running") and not self.job_held(job.id):
+            job.delete()
+            queues.enqueue_training(self.settings, self.redis, run_id)
+            note = "its job had ended without finishing the run (an attempt taken over by another); queued again"
+            self.runs.advance(run_id, status="queued", note=note)
+            return self.runs.get(run_id) or record
         return record
+
+    def job_held(self, job_id: str) -> bool:
+        """Whether a live train worker is running this job now."""
+        queue = queues.open_queue(self.settings, queues.TRAIN, self.redis)
+        workers = Worker.all(queue=queue, serializer=queue.serializer)
+        return any(worker.get_current_job_id() == job_id for worker in workers)
 
     def list_runs(self, limit: int = 100) -> list[Run]:
         runs = []

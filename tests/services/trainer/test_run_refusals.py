@@ -204,3 +204,22 @@ def test_an_attempt_that_a_later_one_took_over_stops_at_its_next_step(trainer, m
     monkeypatch.setattr(training, "train", crashes)
     assert jobs.train_run("taken-over") == {"status": "superseded"}  # not raised: no failure callback to mislead
     assert runs.get("taken-over")["status"] == "running"
+
+
+def test_a_run_whose_job_ended_without_finishing_it_is_queued_again(trainer):
+    """An attempt superseded by a later one ends the job both share as finished; should the later attempt's process
+    then die, nothing would take the run up. Reading the run notices (no worker holds the job) and queues it again."""
+    from rq.job import Job, JobStatus
+
+    from services.trainer.queues import TRAIN, job_id
+    from services.trainer.records import run_records
+
+    http, settings, connection = trainer
+    assert http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "left-over"}).status_code == 202
+    job = Job.fetch(job_id(settings, TRAIN, "left-over"), connection=connection)
+    job.set_status(JobStatus.FINISHED)
+    run_records(connection, settings.key_prefix).update("left-over", status="running")
+    run = http.get("/v1/runs/left-over").json()
+    assert run["status"] == "queued" and "queued again" in run["note"], run
+    assert Job.fetch(job.id, connection=connection).get_status() == JobStatus.QUEUED
+    assert http.get("/v1/runs/left-over").json()["status"] == "queued"  # once: the job is queued now
