@@ -81,6 +81,7 @@ def train_run(run_id: str) -> dict:
     progress = {
         "status": "running",
         "started_at": started,
+        "worker": os.environ.get("RQ_WORKER_ID"),  # set by RQ in the work horse; on_train_failure reads it
         "error": None,
         "step": resumed_from or 0,
         "time_left_seconds": None,
@@ -255,10 +256,15 @@ def refusal_reason(exc: Exception) -> str:
 
 
 def on_train_failure(job, connection, exc_type, exc_value, traceback) -> None:
-    """RQ's failure callback (also called for a job abandoned by a dead worker): retrying, or failed for good."""
+    """RQ's failure callback (also called for a job abandoned by a dead worker): retrying, or failed for good. The
+    failure of an attempt that a later one, on another worker, took over says nothing of the run: not recorded."""
     settings = current_settings()
     run_id = job.args[0]
     runs = run_records(connection, settings.key_prefix)
+    latest = (runs.get(run_id) or {}).get("worker")
+    if latest and job.worker_name and latest != job.worker_name:
+        log.warning("run %s: an attempt on %s failed after %s took the run over", run_id, job.worker_name, latest)
+        return
     error = f"{exc_type.__name__}: {exc_value}" if exc_type else "the job failed"
     if job.retries_left:
         runs.advance(run_id, status="queued", error=error, note=f"the attempt stopped ({error}); queued again")

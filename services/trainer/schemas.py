@@ -160,6 +160,7 @@ class Run(BaseModel):
     time_left_seconds: float | None = Field(default=None, description="Estimated time to the last step.")
     checkpoint_step: int | None = Field(default=None, description="Step of the newest resumable checkpoint.")
     attempts: int = Field(default=0, description="Times a worker started this run (more than 1 after a retry).")
+    worker: str | None = Field(default=None, description="The RQ worker of the latest attempt.")
     resumed_from_step: int | None = Field(
         default=None, description="Set when an attempt continued from a checkpoint (its step) instead of step 0."
     )

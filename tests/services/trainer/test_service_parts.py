@@ -224,3 +224,21 @@ def test_a_killed_workers_job_process_dies_with_it():
                 process.kill()
         delete_keys(connection, key_prefix)
         connection.close()
+
+
+def test_the_failure_of_an_attempt_taken_over_by_another_worker_is_not_recorded(runs, monkeypatch):
+    """RQ's failure callback for an attempt whose worker lost the run to another (its heartbeat lapsed): the run,
+    now the other worker's, is left as it is; the failure of the latest attempt is recorded as always."""
+    from types import SimpleNamespace
+
+    from services.trainer import jobs
+    from services.trainer.settings import TrainerSettings
+
+    monkeypatch.setattr(jobs, "_settings", TrainerSettings(redis_url=REDIS_URL, key_prefix=runs.prefix))
+    runs.create("r1", {"status": "running", "step": 4, "attempts": 2, "worker": "worker-b"})
+    stale = SimpleNamespace(args=("r1",), worker_name="worker-a", retries_left=0)
+    jobs.on_train_failure(stale, runs.redis, RuntimeError, RuntimeError("out of memory"), None)
+    assert runs.get("r1")["status"] == "running" and runs.get("r1").get("error") is None
+    latest = SimpleNamespace(args=("r1",), worker_name="worker-b", retries_left=0)
+    jobs.on_train_failure(latest, runs.redis, RuntimeError, RuntimeError("out of memory"), None)
+    assert runs.get("r1")["status"] == "failed" and "out of memory" in runs.get("r1")["error"]
