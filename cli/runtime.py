@@ -6,6 +6,7 @@ Progress is a rich bar on a terminal; elsewhere (a log file, CI, `docker logs`) 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -100,20 +101,25 @@ def exit_on_signals():
             signal.signal(signum, handler)
 
 
+@functools.lru_cache(maxsize=2)
+def model_tokenizer(model_path: str):
+    """The model's tokenizer, as the engine loads it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
 def check_fits_context(
     problems, model_path: str, settings: Settings, *, answer_tokens: int, explanation_tokens: int | None = None,
     worked_example: bool,
 ) -> None:
     """Refuse (ValueError) problems whose prompts cannot fit the engine's context, before the engine starts: it would
     refuse them only when it comes to them, ending the command in the middle of its work. Reads the model's
-    tokenizer, and renders each prompt as the engine will."""
-    from transformers import AutoTokenizer
-
+    tokenizer (once per model and process), and renders each prompt as the engine will."""
     from shared.prompts import context_overflows
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     overflows = context_overflows(
-        tokenizer, problems, context=settings.max_model_len, answer_tokens=answer_tokens,
+        model_tokenizer(model_path), problems, context=settings.max_model_len, answer_tokens=answer_tokens,
         explanation_tokens=explanation_tokens, worked_example=worked_example,
     )
     if overflows:

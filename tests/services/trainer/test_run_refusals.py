@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -25,8 +23,7 @@ from services.trainer.jobs import AdapterNameTaken, publish_adapter, queue_evalu
 from services.trainer.records import connect
 from services.trainer.settings import TrainerSettings
 from tests.redis_keys import delete_keys
-from tests.services.trainer.test_service import stop, wait_ready
-from tests.teacher_server import free_port
+from tests.services.trainer.test_service import start_api, stop, wait_ready
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 DATASET = "stand-in"
@@ -49,16 +46,10 @@ def trainer(tmp_path_factory):
     env = {**os.environ, "SSB_REDIS_URL": REDIS_URL, "SSB_KEY_PREFIX": settings.key_prefix,
            "SSB_DATA_DIR": str(settings.data_dir), "SSB_ADAPTERS_DIR": str(settings.adapters_dir)}
     env.pop("SSB_TRAINER_API_KEY", None)
-    port = free_port()
-    log_path = root / "api.log"
-    with open(log_path, "wb") as log:
-        api = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "trainer", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+    url, api, log_path = start_api(env, root / "api.log")
     try:
-        wait_ready(f"http://127.0.0.1:{port}", api, log_path)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        wait_ready(url, api, log_path)
+        with httpx.Client(base_url=url, timeout=60) as http:
             yield http, settings, connection
     finally:
         stop(api)

@@ -86,6 +86,17 @@ class TrainerStack:
                 time.sleep(0.25)
 
 
+def start_api(env: dict, log_path: Path) -> tuple[str, subprocess.Popen, Path]:
+    """`ssb serve trainer` on a free loopback port with `env`, its output in `log_path`: (its URL, process, log)."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "trainer", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    return f"http://127.0.0.1:{port}", api, log_path
+
+
 def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -137,14 +148,7 @@ def trainer(lora_teacher_server, curated_pairs, tmp_path_factory):
         "SSB_MAINTENANCE_INTERVAL_SECONDS": "1",
         "SSB_JOB_RETRIES": "2",
     }
-    port = free_port()
-    log_path = root / "api.log"
-    with open(log_path, "wb") as log:
-        api = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "trainer", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    url, api, log_path = start_api(env, root / "api.log")
     stack = TrainerStack(url, data_dir, lora_teacher_server.adapters_dir, root, env, key_prefix, api)
     connection = redis.Redis.from_url(REDIS_URL)
     try:

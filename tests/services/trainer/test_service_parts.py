@@ -113,18 +113,17 @@ def test_a_worker_counts_a_job_abandoned_after_three_heartbeats_and_looks_every_
 
 
 def nap(seconds: float) -> None:
-    """A job that only takes time (the stopped worker's job below)."""
+    """A job that only takes time (the busy worker's job below)."""
     import time
 
     time.sleep(seconds)
 
 
-def test_stopping_a_busy_worker_hands_its_job_back_at_once():
-    """SIGTERM to a worker whose job runs: its work horse stops now and the job is queued again, where RQ's warm
-    shutdown would wait for the job (a training run) to end. Handing back spends no retry: a job on its last one is
-    handed back, not failed."""
+@pytest.fixture
+def busy_worker():
+    """A real `ssb worker train` process whose job (a 120 s nap, on its last attempt: `Retry(max=1)` with none left)
+    has started: yields (worker, its work horse's process and its own, the job, the queue); stops and cleans up."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -132,7 +131,6 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once():
 
     import psutil
     from rq import Retry
-    from rq.job import Job
 
     from services.trainer.queues import open_queue
     from services.trainer.settings import TrainerSettings
@@ -147,7 +145,7 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once():
         "from services.trainer.settings import TrainerSettings; s = TrainerSettings(); "
         "make_worker(s, ('train',), connect(s.redis_url)).work()"
     )
-    worker = None
+    family = []
     try:
         queue = open_queue(settings, "train", connection)
         # The job id carries the prefix, so `delete_keys` removes the job's own keys too.
@@ -156,74 +154,55 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once():
         job.save()
         worker = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[3],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        family = [psutil.Process(worker.pid)]
         deadline = time.monotonic() + 60
         while job.get_status() != "started":
             assert time.monotonic() < deadline and worker.poll() is None, "the job never started"
             time.sleep(0.1)
-        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+        family += psutil.Process(worker.pid).children(recursive=True)
         assert len(family) == 2, family  # the worker and its work horse
-        stopped_at = time.monotonic()
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=20)
-        assert time.monotonic() - stopped_at < 10
-        _, alive = psutil.wait_procs(family, timeout=5)
-        assert not alive, alive
-        job = Job.fetch(job.id, connection=connection, serializer=queue.serializer)
-        assert job.get_status() == "queued" and job.retries_left == 0 and job.id in queue.get_job_ids()
-    finally:
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-        delete_keys(connection, key_prefix)
-        connection.close()
-
-
-def test_a_killed_workers_job_process_dies_with_it():
-    """SIGKILL to a worker whose job runs (the OOM killer, a lost container): its work horse dies too, instead of
-    running on beside the worker that takes the job over once the heartbeat lapses."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import psutil
-
-    from services.trainer.queues import open_queue
-    from services.trainer.settings import TrainerSettings
-    from tests.redis_keys import delete_keys
-
-    key_prefix = f"test-parts-{uuid.uuid4().hex[:8]}"
-    settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=key_prefix)
-    connection = connect(REDIS_URL)
-    env = {**os.environ, "SSB_REDIS_URL": REDIS_URL, "SSB_KEY_PREFIX": key_prefix}
-    code = (
-        "from services.trainer.queues import make_worker; from services.trainer.records import connect; "
-        "from services.trainer.settings import TrainerSettings; s = TrainerSettings(); "
-        "make_worker(s, ('train',), connect(s.redis_url)).work()"
-    )
-    family = []
-    try:
-        queue = open_queue(settings, "train", connection)
-        job = queue.enqueue(f"{__name__}.nap", 120, job_timeout=300, job_id=f"{key_prefix}-nap")
-        worker = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[3],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while job.get_status() != "started":
-            assert time.monotonic() < deadline and worker.poll() is None, "the job never started"
-            time.sleep(0.1)
-        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
-        assert len(family) == 2, family  # the worker and its work horse
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=10)
-        _, alive = psutil.wait_procs(family[1:], timeout=10)
-        assert not alive, f"the job's process outlived its worker: {alive}"
+        yield worker, family, job, queue
     finally:
         for process in family:
             if process.is_running():
                 process.kill()
         delete_keys(connection, key_prefix)
         connection.close()
+
+
+def test_stopping_a_busy_worker_hands_its_job_back_at_once(busy_worker):
+    """SIGTERM to a worker whose job runs: its work horse stops now and the job is queued again, where RQ's warm
+    shutdown would wait for the job (a training run) to end. Handing back spends no retry: a job on its last one is
+    handed back, not failed."""
+    import signal
+    import time
+
+    import psutil
+    from rq.job import Job
+
+    worker, family, job, queue = busy_worker
+    stopped_at = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=20)
+    assert time.monotonic() - stopped_at < 10
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive, alive
+    job = Job.fetch(job.id, connection=queue.connection, serializer=queue.serializer)
+    assert job.get_status() == "queued" and job.retries_left == 0 and job.id in queue.get_job_ids()
+
+
+def test_a_killed_workers_job_process_dies_with_it(busy_worker):
+    """SIGKILL to a worker whose job runs (the OOM killer, a lost container): its work horse dies too, instead of
+    running on beside the worker that takes the job over once the heartbeat lapses."""
+    import signal
+
+    import psutil
+
+    worker, family, _, _ = busy_worker
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=10)
+    _, alive = psutil.wait_procs(family[1:], timeout=10)
+    assert not alive, f"the job's process outlived its worker: {alive}"
 
 
 def test_the_failure_of_an_attempt_taken_over_by_another_worker_is_not_recorded(runs, monkeypatch):
