@@ -84,7 +84,7 @@ def test_a_process_that_ignores_sigterm_and_its_child_are_killed_after_the_grace
 
 HORSE_KEEPER = r"""
 import os, subprocess, sys
-horse = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgrp(); time.sleep(600)"])
+horse = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], process_group=0)  # before it runs
 print("horse", horse.pid, flush=True)
 horse.wait()  # a warm shutdown: SIGTERM leaves this process waiting for its horse
 """
