@@ -12,12 +12,15 @@ Extraction (`extract_final_answer`) tries these strategies in order and returns 
 1. "boxed": the content of the LAST `\\boxed{...}` or `\\fbox{...}` (nested braces matched by a scan, escaped `\\{ \\}`
    skipped), or the token after a brace-less `\\boxed 7`. If the last box is never closed (a truncated output), this
    strategy finds nothing; it does not fall back to an earlier box.
-2. "gsm8k": the text after the last `####` (the GSM8K solution format).
-3. "answer_is": the last "the answer is ..." / "final answer: ..." (any case); the answer is the math span right after
-   it (`$...$`, `\\(...\\)`, `\\[...\\]`) or else the rest of that sentence ("the answer is 5, since ..." gives `5`).
+2. "gsm8k": the text after the last `####` not followed by a word (the GSM8K solution format, `#### 72`; a
+   `#### Step 1` is a Markdown heading).
+3. "answer_is": the last "the answer is ..." / "final answer: ..." (any case) followed by math (a digit, `\\` or `$`),
+   or else the last one; the answer is the math span right after it (`$...$`, `\\(...\\)`, `\\[...\\]`) or else the
+   rest of that sentence ("the answer is 5, since ..." gives `5`).
 4. "last_number": the last number in the text; commas as thousands separators, a leading minus and decimals allowed.
 
-Every extracted answer is stripped of surrounding whitespace, one trailing period and a surrounding `$...$` pair.
+Every extracted answer is stripped of surrounding whitespace, one trailing period, Markdown emphasis (`**18**`) and a
+surrounding `$...$` pair.
 `None` means nothing was found.
 
 Equivalence (`is_equivalent`) is math-verify 0.9.0 (`math_verify.parse` + `math_verify.verify`, default settings) on
@@ -121,11 +124,15 @@ def _matching_brace(text: str, open_at: int) -> int | None:
 
 
 def _strip_answer(answer: str) -> str:
-    """Surrounding whitespace, one trailing period (not an ellipsis), and a surrounding `$...$` pair."""
+    """Surrounding whitespace, one trailing period (not an ellipsis), Markdown emphasis around it (`**18**`, `__18__`)
+    and a surrounding `$...$` pair."""
     answer = answer.strip()
     for _ in range(2):
         if answer.endswith(".") and not answer.endswith(".."):
             answer = answer[:-1].rstrip()
+        answer = answer.strip("*").strip()
+        while len(answer) > 4 and answer.startswith("__") and answer.endswith("__"):
+            answer = answer[2:-2].strip()
         for left, right in _MATH_SPANS:
             inner = answer[len(left) : len(answer) - len(right)]
             if (
@@ -160,15 +167,23 @@ def _extract_boxed(response: str) -> str | None:
 
 
 def _extract_gsm8k(response: str) -> str | None:
-    marks = _GSM8K_MARK.findall(response)
+    """The text after the last `####` that is followed by no word: `#### Step 1: ...` is a Markdown heading, not the
+    GSM8K answer mark (`#### 72`)."""
+    marks = [mark for mark in _GSM8K_MARK.findall(response) if not mark[:1].isalpha()]
     return marks[-1] if marks else None
 
 
 def _extract_answer_is(response: str) -> str | None:
-    phrases = list(_ANSWER_IS.finditer(response))
-    if not phrases:
+    """The answer after the last phrase followed by math (a digit, `\\` or `$`), or else after the last phrase:
+    "the answer is 7. Checking whether the answer is right: yes" gives `7`, "the answer is B" gives `B`."""
+    answers = [_answer_after(response, phrase.end()) for phrase in _ANSWER_IS.finditer(response)]
+    if not answers:
         return None
-    rest = response[phrases[-1].end() :].lstrip(" \t\n*:")
+    return next((answer for answer in reversed(answers) if re.search(r"[\d\\$]", answer)), answers[-1])
+
+
+def _answer_after(response: str, at: int) -> str:
+    rest = response[at:].lstrip(" \t\n*:")
     for left, right in _MATH_SPANS:
         if rest.startswith(left):
             close_at = rest.find(right, len(left))
@@ -228,8 +243,15 @@ _NUMBER_THEN_WORDS = re.compile(
 )
 # Words that carry meaning after a number, so they are never dropped as units.
 _MEANINGFUL_WORDS = frozenset({
-    "pi", "and", "or", "percent", "percentage", "pct", "sqrt", "infinity", "inf", "ln", "log", "sin", "cos", "tan",
-    "hundred", "thousand", "thousands", "million", "millions", "billion", "billions", "trillion", "dozen", "dozens",
+    "pi", "and", "or", "squared", "cubed", "percent", "percentage", "pct", "sqrt", "infinity", "inf", "ln", "log",
+    "sin", "cos", "tan", "hundred", "thousand", "thousands", "million", "millions", "billion", "billions", "trillion",
+    "dozen", "dozens",
+})  # fmt: skip
+# Units written against the number ("5cm", "12kg"): without a space, other letters are more likely a product of
+# variables ("2xy"), which must not become "2".
+_COMPACT_UNITS = frozenset({
+    "mm", "cm", "km", "kg", "mg", "ml", "ft", "yd", "mi", "lb", "lbs", "oz", "mph", "kph", "sec", "secs", "min", "mins",
+    "hr", "hrs", "am", "pm",
 })  # fmt: skip
 _DEGREE_SIGN = re.compile(r"\s*°")
 # "30^\circ C", "30^{\circ}\text{F}": the temperature scale after a degree mark.
@@ -241,6 +263,9 @@ def _drop_unit_words(answer: str) -> str:
     if not match:
         return answer
     words = match.group("words")
+    first_word = re.match(r"[A-Za-z]+", words).group(0)
+    if match.end("number") == match.start("words") and first_word.lower() not in _COMPACT_UNITS:
+        return answer
     # A one-letter word may be a variable ("2 x", "3 i"); math-verify knows the one-letter units it strips itself.
     # After a slash it is a unit ("km/h").
     if any(len(name) < 2 for name in re.findall(r"[A-Za-z]+", words.split("/", 1)[0])):
@@ -259,6 +284,7 @@ def normalize_answer(answer: str) -> str:
       after it holds another digit, so `(1, 2)` or `1 2 3` are untouched;
     - a number followed only by words (two letters or more, none of `_MEANINGFUL_WORDS`) loses the words, which are
       units: `18 dollars`, `64 square feet`, `10 km/h` -> the number. `2 x`, `3 pi`, `12 and 13`, `5 million` stay.
+      Written against the number, only the units of `_COMPACT_UNITS` go (`5cm` -> `5`; `2xy` stays).
       (`\\text{ cm}`, `^\\circ`, `\\%`, "percent" and many unit words math-verify already handles.)
     """
     answer = _strip_answer(answer)

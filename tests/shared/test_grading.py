@@ -51,6 +51,16 @@ MIN_AGREEMENT = 228
         ("She pays $1,234.50 in total.", "1,234.50"),
         ("so 3-5 = -2, and the change is -.5", "-.5"),
         ("In 2023 it cost 7 dollars; now it costs 12.", "12"),
+        # Markdown emphasis around the answer
+        ("The answer is **18**.", "18"),
+        ("So the final answer is: **18**", "18"),
+        ("**Final Answer:** __5__", "5"),
+        # a `####` Markdown heading is no GSM8K answer mark
+        ("#### Step 1: Add the apples\n3 + 4 = 7\n\nThe answer is 7.", "7"),
+        ("#### Step 1\nTom has 3 + 4 apples.\n#### 7\n", "7"),
+        # "the answer is" that states no answer gives way to the last one that does
+        ("The answer is 7. Let me check whether the answer is right: yes.", "7"),
+        ("The answer is B.", "B"),
     ],
 )
 def test_extract_final_answer(response, expected):
@@ -101,6 +111,11 @@ def test_unclosed_last_box_is_not_an_answer():
         ("3 pi", "3 pi"),
         ("2 x", "2 x"),
         ("5 million", "5 million"),
+        ("2 squared", "2 squared"),
+        # written against the number: units go, other letters (a product of variables) stay
+        ("5cm", "5"),
+        ("12kg", "12"),
+        ("2xy", "2xy"),
         ("28 percent", "28 percent"),
         ("$1$ and $2$", "$1$ and $2$"),
     ],
@@ -119,6 +134,8 @@ def test_normalize_answer(answer, expected):
         ("18", "18.", True),
         ("18", "x = 18", True),
         ("18", "19", False),
+        ("2", "2xy", False),
+        ("2xy", "2ab", False),
         ("1000", "1,000", True),
         ("1000", "1 000", True),
         ("7425000", "7,425,000", True),
