@@ -16,7 +16,6 @@ one message. The logic lives in `services/evaluation/evaluation.py`.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,6 +45,7 @@ from services.evaluation.evaluation import (
 )
 from shared.models import needs_worked_example
 from shared.settings import Settings
+from shared.storage import replace_atomically
 
 
 def _default(name: str):
@@ -96,19 +96,6 @@ def check_adapter(path: Path, max_rank: int) -> str:
     if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise ValueError(f"adapter {path}: no adapter_model.safetensors (or .bin) in it")
     return str(path.resolve())
-
-
-def write_json_atomically(text: str, out: Path) -> None:
-    """Write the whole file or nothing: a temporary file beside it replaces it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 AdapterServingOption = Annotated[
@@ -254,7 +241,7 @@ def eval_command(
                 ]
     eval_report = combine_reports(reports)
 
-    write_json_atomically(eval_report.model_dump_json(indent=2), out)
+    replace_atomically(out, eval_report.model_dump_json(indent=2))
     console.print(render_table(eval_report, title=f"{label}: {len(problems)} problems, {Path(model_path).name}"))
     for row in eval_report.rows:
         console.print(

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -124,20 +123,9 @@ def write_problems_jsonl(problems: Iterable[Problem], path: str | os.PathLike[st
     The file appears complete or not at all: rows go to a temporary file in the same directory, which then replaces
     `path`. `load_problems` reads the result back to the same problems.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            for problem in problems:
-                out.write(problem_to_json(problem) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+    from shared.storage import replace_atomically
+
+    return replace_atomically(Path(path), "".join(problem_to_json(problem) + "\n" for problem in problems))
 
 
 def parse_gold_answer(answer: str) -> str:

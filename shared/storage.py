@@ -56,6 +56,23 @@ def write_once(path: Path, data: bytes) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def replace_atomically(path: Path, text: str) -> Path:
+    """Write `text` to `path` whole or not at all: a temporary file beside it, on disk before it is renamed over
+    `path` (with the mode the umask gives any new file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
