@@ -105,7 +105,8 @@ def save_checkpoint(
     if main:
         shutil.rmtree(final, ignore_errors=True)  # the same step written again after a resume
         os.replace(tmp, final)
-        steps = sorted(int(p.name[len(CHECKPOINT_PREFIX) :]) for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+        names = [p.name[len(CHECKPOINT_PREFIX) :] for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")]
+        steps = sorted(int(name) for name in names if name.isdigit())  # a folder someone put there is not pruned
         for old in steps[:-keep]:
             shutil.rmtree(checkpoints_dir / f"{CHECKPOINT_PREFIX}{old}", ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -20,7 +20,7 @@ RESUMABLE_CHANGES = frozenset({"checkpoint_every", "keep_checkpoints", "log_ever
 
 class TrainingError(RuntimeError):
     """The run cannot start or resume as asked (occupied output directory, no checkpoint, changed settings, a model
-    whose logits the trainer cannot reproduce)."""
+    whose logits the trainer cannot reproduce), or cannot go on (a gradient that is not finite)."""
 
 
 def resolve_teacher(teacher: str, temperature: float) -> Literal["stored", "online"]:

@@ -107,6 +107,14 @@ def build_example(pair: Pair, *, teacher: Literal["stored", "online"] = "stored"
             f"pair {name}: {len(explanation)} explanation tokens but a stored teacher signal of shape "
             f"{tuple(topk_ids.shape)}; train with the online teacher, or curate with top-k log-probabilities"
         )
+    # NaN, or above 0 (past rounding), is no log-probability; -inf is a token the teacher gives no chance.
+    bad = torch.isnan(topk_logprobs) | (topk_logprobs > 1e-3)
+    if teacher == "stored" and bool(bad.any()):
+        position = int(bad.any(dim=1).nonzero()[0])
+        raise PairDataError(
+            f"pair {name}: the teacher's top-k at explanation token {position} holds "
+            f"{topk_logprobs[position][bad[position]][0].item()}, not a log-probability"
+        )
     teacher_ids = teacher_prompt_length = None
     if teacher == "online":
         # The online teacher replaces the stored signal, whatever its width (or absence).
@@ -130,8 +138,9 @@ def build_example(pair: Pair, *, teacher: Literal["stored", "online"] = "stored"
 def load_examples(pairs_dir: str | Path, *, teacher: Literal["stored", "online"] = "stored") -> list[TrainExample]:
     """Every pair of a curation output directory, in problem-id order, as training examples.
 
-    Raises PairDataError for a directory without pairs, or top-k widths that differ between pairs (one run trains on
-    one width).
+    Raises PairDataError for a directory without pairs, a pair that cannot be trained on (`build_example`: no tokens, a
+    stored top-k of the wrong shape or with values that are no log-probabilities), or top-k widths that differ between
+    pairs (one run trains on one width).
     """
     store = pair_store(pairs_dir)
     examples = [build_example(store.load_pair(problem_id), teacher=teacher) for problem_id in store.pair_ids()]

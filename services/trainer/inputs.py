@@ -37,5 +37,6 @@ def check_output_dir(out_dir: Path, *, resume: bool) -> None:
     """A new run (not `resume`) refuses an output directory that holds an earlier one: TrainingError."""
     if not resume and holds_a_run(out_dir):
         raise TrainingError(
-            f"{out_dir} already holds a training run; resume it (--resume), or choose a new output directory"
+            f"{out_dir} already holds a training run; resume it (--resume) if it saved a checkpoint, or choose a new "
+            "output directory"
         )

@@ -64,7 +64,13 @@ from services.trainer.config import TrainConfig, TrainingError  # TrainingError:
 from services.trainer.data import Batch, check_vocabulary, collate_examples, load_examples
 from services.trainer.inputs import check_output_dir
 from services.trainer.losses import LossSum, ce_chunked, kl_dense_chunked, kl_on_topk_chunked
-from services.trainer.modeling import DecoderBody, check_output_layer, output_layer_of, resolve_dtype
+from services.trainer.modeling import (
+    DecoderBody,
+    check_output_layer,
+    output_layer_of,
+    resolve_dtype,
+    switch_off_dropout,
+)
 from services.trainer.plots import plot_training_curve, read_metrics
 
 
@@ -127,7 +133,7 @@ def train(
     trainer cannot reproduce) and PairDataError (pairs that cannot be trained on) before the first step.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -135,7 +141,19 @@ def train(
     started = time.perf_counter()
     # On a machine without an accelerator, `cpu=True` makes torchrun / accelerate launch processes join one gloo
     # process group; without it each would train alone and all would write the same files.
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    # Mixed precision and gradient accumulation are set here, not by `accelerate launch` or ACCELERATE_* variables:
+    # the model computes in `config.dtype` throughout (teacher pass and loss included), and the micro-batches of a
+    # step are accumulated by `optimizer_step` with weights of its own.
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision="no",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
+    )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        raise TrainingError(
+            f"{accelerator.distributed_type.value} is not supported: launch plain data parallelism "
+            "(torchrun, or `accelerate launch` without DeepSpeed, FSDP or Megatron)"
+        )
     main = accelerator.is_main_process
     out_dir = Path(out_dir)
     metrics_path = out_dir / "metrics.jsonl"
@@ -143,7 +161,10 @@ def train(
     check_output_dir(out_dir, resume=resume)
     checkpoint = latest_checkpoint(checkpoints_dir) if resume else None
     if resume and checkpoint is None:
-        raise TrainingError(f"nothing to resume: no complete checkpoint in {checkpoints_dir}")
+        raise TrainingError(
+            f"nothing to resume: no complete checkpoint in {checkpoints_dir}; train again in a new output directory "
+            "(or after deleting this one)"
+        )
     examples = load_examples(pairs_dir, teacher=config.teacher)
     steps_per_epoch = count_steps_per_epoch(len(examples), config, accelerator.num_processes)
     total_steps = steps_per_epoch * config.epochs
@@ -155,6 +176,7 @@ def train(
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config.dtype, accelerator.device))
     model.to(accelerator.device)
+    switch_off_dropout(model)
     check_vocabulary(examples, model.get_output_embeddings().weight.shape[0])
     check_output_layer(model, examples[0].input_ids)  # the losses form the logits as the model does, or refuse
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -290,6 +312,11 @@ def optimizer_step(
             ce_sum += losses.ce.total.detach()
     lr = optimizer.param_groups[0]["lr"]
     grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+    if not math.isfinite(float(grad_norm)):  # the same global norm on every process: all stop together
+        raise TrainingError(
+            f"the gradient is not finite (norm {float(grad_norm)}, KL {float(kl_sum)}): nothing was applied. A pair "
+            "with non-finite log-probabilities, or a learning rate too high; the last checkpoint is intact"
+        )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

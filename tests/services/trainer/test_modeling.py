@@ -20,6 +20,7 @@ from services.trainer.modeling import (
     UnsupportedModelError,
     check_output_layer,
     output_layer_of,
+    switch_off_dropout,
     trainer_logits,
 )
 from services.trainer.training import batch_losses
@@ -145,3 +146,26 @@ def test_an_adapter_on_the_output_layer_is_refused():
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(UnsupportedModelError, match="output layer carries an adapter"):
         output_layer_of(model)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "dropout"),
+    [("phi", {"resid_pdrop": 0.5, "embd_pdrop": 0.5, "attention_dropout": 0.5}), ("llama", {"attention_dropout": 0.5})],
+)
+def test_the_base_models_own_dropout_is_off_in_training(architecture, dropout):
+    """Phi's residual and embedding dropout are layers, attention dropout is a number its attention modules read: in
+    train mode both would make the student (and the online teacher) differ at every step."""
+    import transformers
+
+    config_class, extra = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(**{**TINY, **extra, **dropout})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    ids = token_ids()
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout on: the test would see it
+        switch_off_dropout(model)
+        torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+        reference = model.eval()(ids).logits
+        torch.testing.assert_close(model.train()(ids).logits, reference, rtol=0, atol=0)

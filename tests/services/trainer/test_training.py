@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.trainer.config import TrainConfig
-from services.trainer.data import collate_examples, load_examples
+from services.trainer.data import PairDataError, collate_examples, load_examples
 from services.trainer.training import (
     TrainingError,
     batch_losses,
@@ -231,6 +231,35 @@ def test_online_teacher_step_is_finite(model_path, pairs_dir, tmp_path):
     assert result.steps == 1 and math.isfinite(result.final_loss)
     # The student starts as the teacher's model but without the hints, so the two differ.
     assert metrics[0].kl > 0 and math.isfinite(metrics[0].grad_norm)
+
+
+def test_pairs_whose_top_k_are_no_log_probabilities_are_refused_naming_the_pair(pairs_dir, tmp_path):
+    store = PairStore(tmp_path / "bad")
+    for pair in PairStore(pairs_dir).iter_pairs():
+        if pair.record.problem_id == "sub":
+            logprobs = [list(row) for row in pair.topk_logprobs]
+            logprobs[2][1] = float("nan")
+            pair = pair.model_copy(update={"topk_logprobs": logprobs})
+        store.write_pair(pair)
+    with pytest.raises(PairDataError, match="pair sub: the teacher's top-k at explanation token 2 holds nan"):
+        load_examples(store.root)
+
+
+def test_a_gradient_that_is_not_finite_stops_the_run_before_the_weights_move(model_path, pairs_dir, tmp_path):
+    config = TrainConfig(**SMALL, batch_size=3, max_steps=2, checkpoint_every=1)
+    model = load_model(model_path)
+    steps = []
+
+    def poison_after_the_first_step(metrics):
+        steps.append(metrics.step)
+        with torch.no_grad():  # what a learning rate far too high would do
+            next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("inf"))
+
+    with pytest.raises(TrainingError, match="the gradient is not finite"):
+        train(pairs_dir, tmp_path / "run", model_path, config, model=model, on_step=poison_after_the_first_step)
+    assert steps == [1]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-1"]
+    assert not (tmp_path / "run" / "adapter_config.json").exists()
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():
