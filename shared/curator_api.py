@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.models import needs_worked_example
 from shared.schemas import DropReason
@@ -25,7 +25,9 @@ DatasetState = Literal["queued", "running", "done", "cancelled"]
 
 class DatasetOptions(CurationConfig):
     """How to curate an uploaded dataset: every option of `ssb curate` (the paper's defaults), plus what only the
-    service needs."""
+    service needs. An option it does not know is refused (a misspelt option would otherwise curate with the default)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(
         default=8,
@@ -44,7 +46,7 @@ class DatasetOptions(CurationConfig):
     train: dict[str, Any] | None = Field(
         default=None,
         description="A training request to start when curation ends: the body of the trainer's `POST /v1/runs` "
-        "without `dataset_id` (which is this dataset's).",
+        "without `dataset_id` (which is this dataset's); checked against the trainer's schema at upload.",
     )
     worked_example: bool | None = Field(
         default=None,

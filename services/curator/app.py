@@ -27,8 +27,6 @@ from services.curator.service import CurationOverview, CuratorService
 from services.curator.settings import CuratorSettings
 from services.errors import ServiceError
 from services.http import (
-    DOCS,
-    PROBES,
     RequestMetrics,
     error_responses,
     measure_requests,
@@ -167,18 +165,41 @@ async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | Non
                 )
             raw_options = form.get("options")
             options = DatasetOptions.model_validate_json(raw_options) if raw_options else DatasetOptions()
+            check_training_request(options)
             problems = parse_problem_file(await upload.read(), upload.filename or "upload.jsonl")
             name = form.get("name") or upload.filename
             return problems, options, str(name) if name else None
         rows = DatasetRows.model_validate_json(body)
+        check_training_request(rows.options)
         return parse_problem_rows(rows.rows), rows.options, rows.name
     except ValidationError as exc:
-        errors = exc.errors()
-        where = ".".join(str(part) for part in errors[0]["loc"]) or None
-        messages = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors]
-        raise ServiceError(422, "; ".join(messages), "invalid_request", where) from exc
+        raise validation_refusal(exc) from exc
     except DatasetError as exc:
         raise ServiceError(422, f"the dataset was rejected whole:\n{exc}", "invalid_dataset", "file") from exc
+
+
+def validation_refusal(exc: ValidationError, prefix: tuple = ()) -> ServiceError:
+    """The 422 naming every field pydantic refused (`prefix`: where the validated object sits in the upload)."""
+    errors = exc.errors()
+    where = ".".join(str(part) for part in (*prefix, *errors[0]["loc"])) or None
+    messages = [f"{'.'.join(str(p) for p in (*prefix, *e['loc'])) or 'body'}: {e['msg']}" for e in errors]
+    return ServiceError(422, "; ".join(messages), "invalid_request", where)
+
+
+def check_training_request(options: DatasetOptions) -> None:
+    """`options.train` checked now against the trainer's own request schema, as the trainer will read it when curation
+    ends: a mistake is a 422 at upload, not a `training_error` hours later."""
+    if options.train is None:
+        return
+    from services.trainer.schemas import RunRequest  # the trainer's wire schema: pydantic only, no torch
+
+    if "dataset_id" in options.train:
+        message = "options.train.dataset_id: set by the curator (this dataset's id); leave it out"
+        raise ServiceError(422, message, "invalid_request", "options.train.dataset_id")
+    try:
+        RunRequest.model_validate({**options.train, "dataset_id": "this-dataset"})
+    except ValidationError as exc:
+        raise validation_refusal(exc, ("options", "train")) from exc
 
 
 def create_app(settings: CuratorSettings | None = None, service: CuratorService | None = None) -> FastAPI:
@@ -196,6 +217,6 @@ def create_app(settings: CuratorSettings | None = None, service: CuratorService 
     app.include_router(router)
     app.state.metrics = RequestMetrics("curator")
     register_error_handlers(app, log)
-    require_bearer_key(app, settings.curator_key(), open_paths=(*PROBES, *DOCS))
+    require_bearer_key(app, settings.curator_key())
     measure_requests(app, app.state.metrics)
     return app

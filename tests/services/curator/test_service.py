@@ -168,11 +168,19 @@ GOOD = {"question": "What is 2 + 3?", "answer": "5"}
         ({"json": {"rows": [GOOD, {"question": 3, "answer": 1}]}}, 422, ["rows:row 1: 'question' must be a string"]),
         ({"json": {"rows": [GOOD], "options": {"rollout_adapter": "../x"}}}, 422, ["options.rollout_adapter"]),
         ({"json": {"rows": []}}, 422, ["rows: List should have at least 1 item"]),
+        ({"json": {"rows": [GOOD], "options": {"rollout_temprature": 0.2}}}, 422,
+         ["options.rollout_temprature: Extra inputs are not permitted"]),
+        ({"files": {"file": ("p.jsonl", json.dumps(GOOD).encode())}, "data": {"options": '{"train": {"lr": "x"}}'}},
+         422, ["options.train.lr: Input should be a valid number"]),
+        ({"json": {"rows": [GOOD], "options": {"train": {"epoch": 2}}}}, 422,
+         ["options.train.epoch: Extra inputs are not permitted"]),
+        ({"json": {"rows": [GOOD], "options": {"train": {"dataset_id": "ds-other"}}}}, 422,
+         ["options.train.dataset_id: set by the curator"]),
         ({"files": {"file": ("big.jsonl", (json.dumps(GOOD) + "\n").encode() * (MAX_UPLOAD_BYTES // 30))}},
          413, ["at most 200000"]),
     ],
     ids=["bad-json-lines", "duplicate-ids", "parquet-row", "extension", "options", "no-file", "json-rows",
-         "adapter-name", "empty", "too-large"],
+         "adapter-name", "empty", "misspelt-option", "train-value", "train-field", "train-dataset-id", "too-large"],
 )
 def test_a_malformed_upload_is_rejected_whole_and_leaves_nothing(curator, upload, status, says):
     before = snapshot(curator)
