@@ -4,8 +4,8 @@ the requests.
 
     register_error_handlers(app, log)                      bad fields 422 naming the field, refusals by their status,
                                                            unexpected errors 500 (logged), all in the envelope
-    require_bearer_key(app, key, open_paths=PROBES)        every other path needs `Authorization: Bearer <key>`,
-                                                           compared in constant time
+    require_bearer_key(app, key)                           every path but the probes and the API's own docs needs
+                                                           `Authorization: Bearer <key>`, compared in constant time
     measure_requests(app, RequestMetrics("curator"))       requests, errors, latency and response sizes per endpoint
                                                            (`ssb_curator_requests_total`, ...), 401s and 503s included
     app.include_router(probes(readiness_problem, "Redis answers"))      /healthz and /readyz
@@ -31,6 +31,7 @@ from shared.teacher_api import ErrorDetail, ErrorResponse
 
 PROBES = ("/healthz", "/readyz")
 DOCS = ("/docs", "/redoc", "/openapi.json")
+OPEN_PATHS = (*PROBES, *DOCS)  # what a key never guards: the probes, and the API's description (no data in it)
 
 
 def probes(
@@ -96,7 +97,9 @@ def register_error_handlers(app: FastAPI, log: logging.Logger, *, retry_after_se
         return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
-def bearer_refusal(request: Request, key: str | None, open_paths: tuple[str, ...] = PROBES) -> JSONResponse | None:
+def bearer_refusal(
+    request: Request, key: str | None, open_paths: tuple[str, ...] = OPEN_PATHS
+) -> JSONResponse | None:
     """The 401 for a request without `Authorization: Bearer <key>` (compared in constant time), or None: the key is
     right, none is configured, or the path is open."""
     if not key or request.url.path in open_paths:
@@ -110,7 +113,7 @@ def bearer_refusal(request: Request, key: str | None, open_paths: tuple[str, ...
     )
 
 
-def require_bearer_key(app: FastAPI, key: str | None, open_paths: tuple[str, ...] = PROBES) -> None:
+def require_bearer_key(app: FastAPI, key: str | None, open_paths: tuple[str, ...] = OPEN_PATHS) -> None:
     """With a key, every request but those to `open_paths` needs `Authorization: Bearer <key>`; 401 otherwise.
     Without one, nothing is checked."""
     if not key:

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Seconds between plain progress lines when the output is not a terminal."
     )
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def expand_home(cls, value):
+        """`~` in a directory setting (`SSB_HOME=~/.cache/ssb`) means the home directory, as in a shell."""
+        return value.expanduser() if isinstance(value, Path) else value
+
 
 class ServiceSettings(Settings):
     """What the services and workers share, from `SSB_*` environment variables (see `.env.example`)."""
@@ -75,8 +81,8 @@ class ServiceSettings(Settings):
     )
     trainer_api_key: SecretStr | None = Field(
         default=None,
-        description="When set, the trainer's endpoints (but its probes) need `Authorization: Bearer <key>`; the "
-        "curator sends it.",
+        description="When set, the trainer's endpoints (but its probes and docs) need `Authorization: Bearer <key>`; "
+        "the curator sends it.",
     )
     job_timeout_seconds: int = Field(default=3600, ge=10, description="A job running longer than this is failed.")
     job_retries: int = Field(

@@ -18,7 +18,7 @@ class CuratorSettings(ServiceSettings):
     curator_port: int = Field(default=8001, ge=1, le=65535, description="Port to listen on.")
     curator_api_key: SecretStr | None = Field(
         default=None,
-        description="When set, every endpoint but /healthz and /readyz needs `Authorization: Bearer <key>`; "
+        description="When set, every endpoint but the probes and the API's docs needs `Authorization: Bearer <key>`; "
         "`ssb submit` sends it.",
     )
     curator_url: str = Field(

@@ -35,6 +35,8 @@ def test_probes_and_models(teacher_server):
     with teacher_server.client(key=None) as anonymous:
         assert anonymous.get("/healthz").json() == {"status": "ok"}
         assert anonymous.get("/readyz").status_code == 200
+        assert anonymous.get("/openapi.json").json()["info"]["title"] == "SSB teacher"  # its docs need no key
+        assert anonymous.get("/v1/models").status_code == 401
     with teacher_server.client() as http:
         models = http.get("/v1/models").json()
     assert models["max_model_len"] == 4096 and models["vocab_size"] == 49152 and models["max_logprobs"] == 64

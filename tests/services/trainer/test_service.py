@@ -30,13 +30,13 @@ import redis
 
 from shared.arithmetic import make_arithmetic_problems
 from tests.prometheus_text import metric
-from tests.redis_keys import delete_keys
+from tests.redis_server import delete_keys, redis_url
 from tests.teacher_server import API_KEY as TEACHER_KEY
 from tests.teacher_server import free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = redis_url(13)
 TRAINER_KEY = "trainer-test-key-5b1e"
 DATASET = "arith"
 # Small and quick: one pair per step, a rank-8 adapter on the stored top-k teacher, a checkpoint after every step.
@@ -340,3 +340,4 @@ def test_metrics_show_runs_queues_workers_and_requests(trainer):
     assert metric(text, "ssb_trainer_errors_total", 'status="401"') >= 1  # test_a_key_is_needed_when_configured
     with trainer.client(None) as anonymous:
         assert anonymous.get("/metrics").status_code == 401
+        assert anonymous.get("/docs").status_code == 200  # the API's description needs no key
