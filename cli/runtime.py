@@ -35,7 +35,11 @@ if not console.is_terminal:
 
 ModelOption = Annotated[
     Optional[str],
-    typer.Option("--model", help=f"The default's name ({DEFAULT_MODEL}), a local checkpoint path, or a Hugging Face id."),
+    typer.Option(
+        "--model",
+        envvar="SSB_MODEL",
+        help=f"The default's name ({DEFAULT_MODEL}), a local checkpoint path, or a Hugging Face id.",
+    ),
 ]
 
 

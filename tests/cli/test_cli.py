@@ -1,6 +1,7 @@
 """The `ssb` command as a user runs it: real processes, real files, clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,17 @@ def test_model_pull_prints_the_checkpoint_and_does_nothing_the_second_time(model
     result = ssb("model", "pull")
     assert result.stdout.strip() == model_path
     assert {p: p.stat().st_mtime_ns for p in Path(model_path).iterdir()} == before
+
+
+def test_ssb_model_in_the_environment_is_the_default_of_model(tmp_path, model_path):
+    command = [sys.executable, "-m", "cli.main", "model", "pull"]
+    missing = {**os.environ, "SSB_MODEL": str(tmp_path / "no-such-model")}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, env=missing)
+    assert result.returncode != 0 and "no-such-model does not exist" in " ".join(result.stderr.split())
+    flag_wins = subprocess.run(
+        [*command, "--model", "SmolLM2-135M-Instruct"], cwd=REPO, capture_output=True, text=True, timeout=60, env=missing
+    )
+    assert flag_wins.returncode == 0 and flag_wins.stdout.strip() == model_path
 
 
 def test_data_arith_writes_a_loadable_file(tmp_path):
