@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SSB_HOME ?= $(HOME)/.cache/ssb
 export SSB_HOME
 
-.PHONY: setup setup-gpu model test test-fast demo up bench gpu-wheels redis clean
+.PHONY: setup setup-gpu model test test-fast demo up bench gpu-wheels clean
 
 setup: $(STAMP)
 

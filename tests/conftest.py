@@ -2,7 +2,8 @@
 
 The engine starts once (about half a minute on the CPU) the first time a test asks for it; tests that need it carry the
 `engine` marker. The tests that serve a LoRA adapter in-process share a second engine built for LoRA (`lora_engine`).
-The default model is pulled by `make model` (a dependency of `make test`) or here on first use.
+The default model is pulled by `make model` (a dependency of `make test`) or here on first use. The tests that need
+Redis use one the session starts for itself (tests/redis_server.py).
 
 Every engine of the suite, in-process or in a process it starts, computes in float32 (`SSB_DTYPE`; set it to run the
 suite in another dtype). The suite compares engines that see different batches (in-process against the service, the
@@ -18,7 +19,18 @@ import os
 
 import pytest
 
+from tests.redis_server import start_session_redis, stop_session_redis
+
 os.environ.setdefault("SSB_DTYPE", "float32")
+
+
+def pytest_configure(config):
+    """The suite's own Redis (tests/redis_server.py), up before any test module reads its URL."""
+    config.session_redis = start_session_redis()
+
+
+def pytest_unconfigure(config):
+    stop_session_redis(getattr(config, "session_redis", None))
 
 
 @pytest.fixture(scope="session")

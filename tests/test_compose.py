@@ -245,7 +245,8 @@ def test_env_example_lists_every_setting_and_only_what_is_read():
 def test_the_dashboard_reads_only_its_own_variables_from_env():
     dashboard = services()["dashboard"]
     assert dashboard["profiles"] == ["dashboard"]
-    assert set(environment(dashboard)) == {"RQ_DASHBOARD_REDIS_URL"}
+    assert set(environment(dashboard)) == {"RQ_DASHBOARD_REDIS_URL", "RQ_DASHBOARD_JSON"}
+    assert environment(dashboard)["RQ_DASHBOARD_JSON"] == "true", "the jobs travel with RQ's JSON serializer"
     assert urlsplit(interpolate(environment(dashboard)["RQ_DASHBOARD_REDIS_URL"])).hostname == "redis"
 
 

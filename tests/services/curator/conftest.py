@@ -19,10 +19,11 @@ import psutil
 import pytest
 from redis import Redis
 
+from tests.redis_server import redis_url
 from tests.teacher_server import API_KEY as TEACHER_KEY
 from tests.teacher_server import free_port
 
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = redis_url(11)
 PREFIX = "ssb-test-curator"
 CURATOR_KEY = "curator-key-51c2"
 MAX_UPLOAD_BYTES = 200_000

@@ -17,14 +17,14 @@ from rq.serializers import JSONSerializer
 
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from shared.curator_api import DatasetOptions
-from tests.redis_keys import delete_keys
+from tests.redis_server import delete_keys, redis_url
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
 def ledger():
-    redis = Redis.from_url("redis://127.0.0.1:6379/9")
+    redis = Redis.from_url(redis_url(9))
     prefix = f"ssb-test-ledger-{uuid.uuid4().hex[:8]}"
     yield DatasetLedger(redis, prefix)
     delete_keys(redis, prefix)
@@ -116,8 +116,8 @@ def test_a_job_whose_process_dies_on_its_last_attempt_marks_its_problems_failed(
     from services.curator.settings import CuratorSettings
     from shared.schemas import Problem
 
-    redis_url = "redis://127.0.0.1:6379/9"
-    settings = CuratorSettings(redis_url=redis_url, key_prefix=ledger.prefix, data_dir=tmp_path, job_retries=1)
+    url = redis_url(9)
+    settings = CuratorSettings(redis_url=url, key_prefix=ledger.prefix, data_dir=tmp_path, job_retries=1)
     problems = [Problem(id="q1", question="2 + 2?", answer="4"), Problem(id="q2", question="3 + 3?", answer="6")]
     dataset = CuratorService(settings, ledger.redis).create_dataset(problems, DatasetOptions(), "killed").id
     worker = (
@@ -128,7 +128,7 @@ def test_a_job_whose_process_dies_on_its_last_attempt_marks_its_problems_failed(
         f"jobs.run_worker(CuratorSettings(), burst=True, name='{ledger.prefix}-worker')\n"
     )
     env = {
-        **os.environ, "SSB_REDIS_URL": redis_url, "SSB_KEY_PREFIX": ledger.prefix, "SSB_DATA_DIR": str(tmp_path),
+        **os.environ, "SSB_REDIS_URL": url, "SSB_KEY_PREFIX": ledger.prefix, "SSB_DATA_DIR": str(tmp_path),
         "SSB_JOB_RETRIES": "1", "SSB_WORKER_HEARTBEAT_SECONDS": "1",
     }
     command = [sys.executable, "-c", worker]
@@ -154,8 +154,8 @@ def test_cancelling_records_what_the_store_holds_and_starts_no_training(ledger, 
     from shared.schemas import DroppedProblem, Problem
     from shared.storage import PairStore
 
-    redis_url = "redis://127.0.0.1:6379/9"
-    for name, value in {"SSB_REDIS_URL": redis_url, "SSB_KEY_PREFIX": ledger.prefix, "SSB_DATA_DIR": str(tmp_path),
+    url = redis_url(9)
+    for name, value in {"SSB_REDIS_URL": url, "SSB_KEY_PREFIX": ledger.prefix, "SSB_DATA_DIR": str(tmp_path),
                         "SSB_TRAINER_URL": "http://127.0.0.1:9"}.items():
         monkeypatch.setenv(name, value)
     service = CuratorService(CuratorSettings(), ledger.redis)

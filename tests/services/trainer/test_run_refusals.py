@@ -22,10 +22,10 @@ import redis
 from services.trainer.jobs import AdapterNameTaken, publish_adapter, queue_evaluation_after
 from services.trainer.records import connect
 from services.trainer.settings import TrainerSettings
-from tests.redis_keys import delete_keys
+from tests.redis_server import delete_keys, redis_url
 from tests.services.trainer.test_service import start_api, stop, wait_ready
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = redis_url(13)
 DATASET = "stand-in"
 
 
@@ -36,7 +36,7 @@ def trainer(tmp_path_factory):
     try:
         connection.ping()
     except redis.RedisError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        pytest.skip(f"no Redis at {REDIS_URL}")
     root = tmp_path_factory.mktemp("trainer-refusals")
     settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=f"test-refusals-{uuid.uuid4().hex[:8]}",
                                data_dir=root / "data", adapters_dir=root / "adapters")

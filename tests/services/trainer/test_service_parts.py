@@ -15,8 +15,9 @@ import redis
 from services.trainer.records import connect, run_records
 from services.trainer.schemas import RunRequest
 from services.trainer.service import rollout_adapter_of, stream_tar_gz
+from tests.redis_server import redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = redis_url(13)
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def runs():
     try:
         connection.ping()
     except redis.RedisError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        pytest.skip(f"no Redis at {REDIS_URL}")
     yield records
     records.delete_all()
     connection.close()
@@ -134,7 +135,7 @@ def busy_worker():
 
     from services.trainer.queues import open_queue
     from services.trainer.settings import TrainerSettings
-    from tests.redis_keys import delete_keys
+    from tests.redis_server import delete_keys
 
     key_prefix = f"test-parts-{uuid.uuid4().hex[:8]}"
     settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=key_prefix)

@@ -1,0 +1,76 @@
+"""The suite's Redis: a `redis-server` of the test session's own on a free loopback port (no snapshots, its files in a
+temporary directory), started by tests/conftest.py before any test module is imported and stopped after the last
+test, so that the tests need no Redis running on the machine and never touch one that is. Without `redis-server`
+installed, the machine's Redis on 127.0.0.1:6379 is used. `SSB_TEST_REDIS_URL` (`redis://host:port`, no database)
+names another one.
+
+Each test module takes a database number of its own (`redis_url(13)`) and a key prefix per test, and cleans up with
+`delete_keys`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from redis import Redis
+
+MACHINE_REDIS = "redis://127.0.0.1:6379"
+
+
+def redis_url(database: int) -> str:
+    """The URL of one database of the suite's Redis (after `start_session_redis`)."""
+    return f"{os.environ.get('SSB_TEST_REDIS_URL', MACHINE_REDIS)}/{database}"
+
+
+def start_session_redis() -> subprocess.Popen | None:
+    """Start the session's `redis-server` and point `SSB_TEST_REDIS_URL` at it; None when another Redis is named, or
+    none can be started (then the machine's is used)."""
+    if os.environ.get("SSB_TEST_REDIS_URL") or shutil.which("redis-server") is None:
+        return None
+    from cli.supervisor import free_port
+
+    directory = tempfile.mkdtemp(prefix="ssb-test-redis-")
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
+            "--appendonly", "no"]  # fmt: skip
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server.directory = directory
+    url = f"redis://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            Redis.from_url(url, socket_connect_timeout=1).ping()
+            break
+        except Exception:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop_session_redis(server)
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+    os.environ["SSB_TEST_REDIS_URL"] = url
+    return server
+
+
+def stop_session_redis(server: subprocess.Popen | None) -> None:
+    if server is None:
+        return
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+def delete_keys(connection: Redis, key_prefix: str) -> None:
+    """Every key of this test's deployment: its records, its RQ queues, jobs, registries and workers."""
+    for key in connection.scan_iter(match=f"*{key_prefix}*", count=1000):
+        connection.delete(key)
+    for set_key in (b"rq:queues", b"rq:workers"):
+        for member in connection.smembers(set_key):
+            if key_prefix.encode() in member:
+                connection.srem(set_key, member)
