@@ -16,7 +16,8 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -146,6 +147,9 @@ class TeacherService:
         self._lora_ids = itertools.count(1)
         self._adapter_lock = asyncio.Lock()
         self._retired_copies: list[tuple[float, Path]] = []  # (when, copy) of adapters replaced or unloaded
+        # Prompts are rendered and tokenized off the event loop (a request of many long questions takes seconds), on
+        # one thread: the tokenizer is not safe to call from several at once.
+        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssb-render")
         self.pending = 0
 
     @classmethod
@@ -173,17 +177,22 @@ class TeacherService:
 
     def close(self) -> None:
         """Stop the engine's processes, and remove the IPC sockets they leave."""
+        self._renderer.shutdown(wait=False, cancel_futures=True)
         try:
             self.engine.shutdown()
         finally:
             remove_ipc_directory(self.ipc_dir)
 
-    @contextmanager
-    def admitted(self, requests: int):
-        """Admit `requests` engine requests, or raise Overloaded when that would pass `max_pending_requests`."""
+    def check_room(self, requests: int) -> None:
+        """Raise Overloaded when `requests` more engine requests would pass `max_pending_requests`."""
         limit = self.settings.max_pending_requests
         if self.pending + requests > limit:
             raise Overloaded(f"{self.pending} engine requests pending, {requests} more would pass the bound of {limit}")
+
+    @contextmanager
+    def admitted(self, requests: int):
+        """Admit `requests` engine requests, or raise Overloaded when that would pass `max_pending_requests`."""
+        self.check_room(requests)
         self.pending += requests
         try:
             yield
@@ -192,6 +201,13 @@ class TeacherService:
 
     def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
         return render_chat(self.tokenizer, messages)
+
+    async def off_the_loop(self, work: Callable):
+        """`work()` (rendering, tokenizing) on the renderer's thread, the event loop answering meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._renderer, work)
+
+    async def render_all(self, conversations: Sequence[Sequence[ChatMessage]]) -> list[RenderedPrompt]:
+        return await self.off_the_loop(lambda: [self.render(messages) for messages in conversations])
 
     def check_lora(self, param: str) -> None:
         if not self.options.enable_lora:
@@ -271,16 +287,18 @@ class TeacherService:
         )
 
     async def rollouts(self, request: RolloutsRequest) -> GenerationsResponse:
+        self.check_room(len(request.questions))  # before the rendering's work, which admission repeats after
         questions = [q.question for q in request.questions]
-        prompts = [self.render(m) for m in rollout_messages(questions, worked_example=request.worked_example)]
+        prompts = await self.render_all(rollout_messages(questions, worked_example=request.worked_example))
         settings = [q.sampling or request.sampling for q in request.questions]
         params = [f"questions.{i}.sampling" if q.sampling else "sampling" for i, q in enumerate(request.questions)]
         outputs = await self.generate_all(prompts, settings, params, request.adapter)
         return self.response(prompts, outputs, request.adapter, request.topk_encoding)
 
     async def explanations(self, request: ExplanationsRequest) -> GenerationsResponse:
+        self.check_room(len(request.items))
         items = [HintedQuestion(**item.model_dump(exclude={"sampling"})) for item in request.items]
-        prompts = [self.render(m) for m in explanation_messages(items, worked_example=request.worked_example)]
+        prompts = await self.render_all(explanation_messages(items, worked_example=request.worked_example))
         settings = [item.sampling or request.sampling for item in request.items]
         params = [f"items.{i}.sampling" if item.sampling else "sampling" for i, item in enumerate(request.items)]
         outputs = await self.generate_all(prompts, settings, params, request.adapter)
@@ -299,8 +317,11 @@ class TeacherService:
                 param="k",
             )
         lora_request = self.lora_request(request.adapter)
-        prompt_ids = request.prompt_token_ids or self.render(request.messages).token_ids
-        reply_ids = request.reply_token_ids or self.tokenizer.encode(request.reply_text, add_special_tokens=False)
+        self.check_room(1)
+        prompt_ids = request.prompt_token_ids or (await self.render_all([request.messages]))[0].token_ids
+        reply_ids = request.reply_token_ids or await self.off_the_loop(
+            lambda: self.tokenizer.encode(request.reply_text, add_special_tokens=False)
+        )
         for field, ids in (("prompt_token_ids", prompt_ids), ("reply_token_ids", reply_ids)):
             bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
             if bad is not None:
