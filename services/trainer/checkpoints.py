@@ -22,6 +22,7 @@ import torch
 
 from services.trainer.config import RESUMABLE_CHANGES, TrainConfig, TrainingError
 from services.trainer.plots import read_metrics
+from shared.storage import replace_atomically
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -63,7 +64,7 @@ def last_logged_loss(metrics_path: Path) -> float | None:
 def keep_metrics_through(metrics_path: Path, step: int) -> None:
     """Drop metric lines after `step` (logged by the interrupted run after its last checkpoint)."""
     kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
-    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    replace_atomically(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:

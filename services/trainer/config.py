@@ -153,3 +153,9 @@ class TrainConfig(BaseModel):
                 return data  # the temperature's own validation reports it
             data = {**data, "teacher": resolve_teacher("auto", temperature)}
         return data
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> TrainConfig:
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: the loss would be 0 and nothing would be learned")
+        return self

@@ -12,11 +12,18 @@ from pathlib import Path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The metric lines of a run, in order; an absent file has none."""
+    """The metric lines of a run, in order; an absent file has none. A last line cut short (the run killed while it
+    wrote it) is left out; a bad line before it is an error."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    metrics = [json.loads(line) for line in lines[:-1]]
+    try:
+        metrics += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        pass
+    return metrics
 
 
 def plot_training_curve(metrics: Sequence[dict], path: str | Path) -> Path:

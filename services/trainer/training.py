@@ -41,6 +41,8 @@ import contextlib
 import functools
 import gc
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -256,7 +258,7 @@ def train(
     accelerator.wait_for_everyone()
     curve_path = out_dir / "training_curve.png"
     if main:
-        peft_model.save_pretrained(out_dir)
+        save_adapter(peft_model, out_dir)
         plot_training_curve(read_metrics(metrics_path), curve_path)
     accelerator.wait_for_everyone()
     result = TrainResult(
@@ -277,6 +279,18 @@ def train(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def save_adapter(peft_model, out_dir: Path) -> None:
+    """The adapter's files into `out_dir`, its config last: a directory with `adapter_config.json` holds whole weights
+    (a run killed while saving leaves no adapter that looks finished)."""
+    staging = out_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    peft_model.save_pretrained(staging)
+    files = sorted(staging.iterdir(), key=lambda path: path.name == "adapter_config.json")
+    for path in files:
+        os.replace(path, out_dir / path.name)
+    staging.rmdir()
 
 
 def optimizer_step(

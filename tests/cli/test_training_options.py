@@ -83,3 +83,13 @@ def test_a_parameter_that_is_also_a_training_option_must_be_excluded():
         training_options()(command)
     with pytest.raises(ValueError, match="not TrainConfig fields"):
         training_options(exclude={"sede"})
+
+
+def test_a_loss_of_nothing_exits_2_saying_why():
+    @training_options()
+    def command(*, train_options: dict[str, Any]) -> None:
+        build_train_config(train_options)
+
+    result = CliRunner().invoke(one_command_app(command), ["--kd-weight", "0"])
+    assert result.exit_code == 2
+    assert "kd_weight and ce_weight are both 0" in " ".join(result.output.split())

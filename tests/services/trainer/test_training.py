@@ -262,6 +262,20 @@ def test_a_gradient_that_is_not_finite_stops_the_run_before_the_weights_move(mod
     assert not (tmp_path / "run" / "adapter_config.json").exists()
 
 
+def test_metrics_cut_short_by_a_kill_lose_only_their_last_line(tmp_path):
+    from services.trainer.checkpoints import keep_metrics_through
+    from services.trainer.plots import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}, {"step": 3}]
+    keep_metrics_through(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(path)
+
+
 def test_data_order_is_a_seeded_permutation_per_epoch():
     config = TrainConfig(batch_size=2, grad_accum=2, seed=5)
     assert count_steps_per_epoch(9, config) == 3
