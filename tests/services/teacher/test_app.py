@@ -39,10 +39,12 @@ def test_without_a_key_nothing_asks_for_one(open_app):
     assert open_app.get("/openapi.json").status_code == 200
 
 
-def test_with_a_key_everything_but_the_probes_needs_it(keyed_app):
+def test_with_a_key_everything_but_the_probes_and_the_docs_needs_it(keyed_app):
     assert keyed_app.get("/healthz").status_code == 200
     assert keyed_app.get("/readyz").status_code == 503
-    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs"):
+    for path in ("/openapi.json", "/docs", "/redoc"):  # the API's description holds no data
+        assert keyed_app.get(path).status_code == 200
+    for path in ("/v1/models", "/metrics", "/v1/rollouts"):
         assert keyed_app.get(path).status_code == 401
         assert keyed_app.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert keyed_app.get(path, headers={"Authorization": KEY}).status_code == 401
