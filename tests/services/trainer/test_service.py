@@ -191,7 +191,8 @@ def test_bad_requests_are_refused_naming_the_field(trainer):
 def test_a_key_is_needed_when_configured(trainer):
     for key in (None, "wrong"):
         with trainer.client(key) as http:
-            for method, path in [("GET", "/v1/runs"), ("POST", "/v1/runs"), ("GET", "/v1/runs/x"), ("POST", "/v1/evals")]:
+            guarded = [("GET", "/v1/runs"), ("POST", "/v1/runs"), ("GET", "/v1/runs/x"), ("POST", "/v1/evals")]
+            for method, path in guarded:
                 response = http.request(method, path)
                 assert response.status_code == 401, (key, path)
                 assert response.json()["error"]["type"] == "unauthorized"
