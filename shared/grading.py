@@ -12,11 +12,11 @@ Extraction (`extract_final_answer`) tries these strategies in order and returns 
 1. "boxed": the content of the LAST `\\boxed{...}` or `\\fbox{...}` (nested braces matched by a scan, escaped `\\{ \\}`
    skipped), or the token after a brace-less `\\boxed 7`. If the last box is never closed (a truncated output), this
    strategy finds nothing; it does not fall back to an earlier box.
-2. "gsm8k": the text after the last `####` not followed by a word (the GSM8K solution format, `#### 72`; a
-   `#### Step 1` is a Markdown heading).
-3. "answer_is": the last "the answer is ..." / "final answer: ..." (any case) followed by math (a digit, `\\` or `$`),
-   or else the last one; the answer is the math span right after it (`$...$`, `\\(...\\)`, `\\[...\\]`) or else the
-   rest of that sentence ("the answer is 5, since ..." gives `5`).
+2. "gsm8k": the text after the last `####` that opens no Markdown heading (the GSM8K solution format, `#### 72`;
+   `#### Step 1: ...` and `#### 1. Add ...` are headings).
+3. "answer_is": the last "the answer is ..." / "final answer: ..." (any case) that states an answer ("... whether the
+   answer is right" states none); the answer is the math span right after it (`$...$`, `\\(...\\)`, `\\[...\\]`) or
+   else the rest of that sentence ("the answer is 5, since ..." gives `5`).
 4. "last_number": the last number in the text; commas as thousands separators, a leading minus and decimals allowed.
 
 Every extracted answer is stripped of surrounding whitespace, one trailing period, Markdown emphasis (`**18**`) and a
@@ -92,6 +92,14 @@ class GradedAnswer:
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _GSM8K_MARK = re.compile(r"####[ \t]*([^\n]*)")
+# What a Markdown heading opens with, and an answer after `####` does not: a word of two letters or more and a space
+# or colon ("Step 1: ...", "Final answer"), or a numbered title ("1. Add the apples").
+_HEADING = re.compile(r"[A-Za-z]{2,}[\s:]|\d+[.)]\s+[A-Za-z]")
+# What follows "the answer is" in a sentence that states no answer ("... whether the answer is right: yes").
+_NO_ANSWER_WORDS = frozenset({
+    "right", "correct", "wrong", "incorrect", "not", "that", "to", "because", "as", "in", "still", "indeed", "clearly",
+    "likely", "probably", "reasonable", "consistent", "below", "above", "given", "shown",
+})  # fmt: skip
 # "The answer is", "the final answer is", "Final answer: 5", "**Final Answer:** 5", "**Final Answer**\n5".
 _ANSWER_IS = re.compile(
     r"\bthe\s+(?:final\s+)?answer\s+is\b|\bfinal\s+answer\b\s*\**\s*(?::|is\b|(?=\n))",
@@ -167,19 +175,24 @@ def _extract_boxed(response: str) -> str | None:
 
 
 def _extract_gsm8k(response: str) -> str | None:
-    """The text after the last `####` that is followed by no word: `#### Step 1: ...` is a Markdown heading, not the
-    GSM8K answer mark (`#### 72`)."""
-    marks = [mark for mark in _GSM8K_MARK.findall(response) if not mark[:1].isalpha()]
+    """The text after the last `####` that opens no Markdown heading: `#### Step 1: ...` and `#### 1. Add` are
+    headings, `#### 72`, `#### x^2 + 1` and `#### B` answer marks (GSM8K's format)."""
+    marks = [mark for mark in _GSM8K_MARK.findall(response) if not _HEADING.match(mark.strip("*_ \t") + " ")]
     return marks[-1] if marks else None
 
 
 def _extract_answer_is(response: str) -> str | None:
-    """The answer after the last phrase followed by math (a digit, `\\` or `$`), or else after the last phrase:
-    "the answer is 7. Checking whether the answer is right: yes" gives `7`, "the answer is B" gives `B`."""
+    """The answer after the last phrase that states one: "the answer is 7. Checking whether the answer is right: yes"
+    gives `7` (a phrase followed by nothing, or by a word of `_NO_ANSWER_WORDS`, states none)."""
     answers = [_answer_after(response, phrase.end()) for phrase in _ANSWER_IS.finditer(response)]
     if not answers:
         return None
-    return next((answer for answer in reversed(answers) if re.search(r"[\d\\$]", answer)), answers[-1])
+    return next((answer for answer in reversed(answers) if _states_an_answer(answer)), answers[-1])
+
+
+def _states_an_answer(answer: str) -> bool:
+    words = answer.split()
+    return bool(words) and words[0].strip(".,:;!*").lower() not in _NO_ANSWER_WORDS
 
 
 def _answer_after(response: str, at: int) -> str:
@@ -243,7 +256,7 @@ _NUMBER_THEN_WORDS = re.compile(
 )
 # Words that carry meaning after a number, so they are never dropped as units.
 _MEANINGFUL_WORDS = frozenset({
-    "pi", "and", "or", "squared", "cubed", "percent", "percentage", "pct", "sqrt", "infinity", "inf", "ln", "log",
+    "pi", "and", "or", "percent", "percentage", "pct", "sqrt", "infinity", "inf", "ln", "log",
     "sin", "cos", "tan", "hundred", "thousand", "thousands", "million", "millions", "billion", "billions", "trillion",
     "dozen", "dozens",
 })  # fmt: skip
@@ -251,8 +264,10 @@ _MEANINGFUL_WORDS = frozenset({
 # variables ("2xy"), which must not become "2".
 _COMPACT_UNITS = frozenset({
     "mm", "cm", "km", "kg", "mg", "ml", "ft", "yd", "mi", "lb", "lbs", "oz", "mph", "kph", "sec", "secs", "min", "mins",
-    "hr", "hrs", "am", "pm",
+    "hr", "hrs", "am", "pm", "in", "st", "nd", "rd", "th",
 })  # fmt: skip
+# A power of the number itself ("5 squared" is 25), not of a unit ("24 units squared", "24 cm squared").
+_POWER_WORDS = frozenset({"squared", "cubed"})
 _DEGREE_SIGN = re.compile(r"\s*°")
 # "30^\circ C", "30^{\circ}\text{F}": the temperature scale after a degree mark.
 _DEGREE_SCALE = re.compile(r"(\^\s*\{?\s*\\circ\s*\}?)\s*(?:\\(?:text|mathrm)\s*\{\s*[CF]\s*\}|[CF])$")
@@ -263,8 +278,10 @@ def _drop_unit_words(answer: str) -> str:
     if not match:
         return answer
     words = match.group("words")
-    first_word = re.match(r"[A-Za-z]+", words).group(0)
-    if match.end("number") == match.start("words") and first_word.lower() not in _COMPACT_UNITS:
+    first_word = re.match(r"[A-Za-z]+", words).group(0).lower()
+    if match.end("number") == match.start("words") and first_word not in _COMPACT_UNITS:
+        return answer
+    if first_word in _POWER_WORDS:
         return answer
     # A one-letter word may be a variable ("2 x", "3 i"); math-verify knows the one-letter units it strips itself.
     # After a slash it is a unit ("km/h").
@@ -284,7 +301,8 @@ def normalize_answer(answer: str) -> str:
       after it holds another digit, so `(1, 2)` or `1 2 3` are untouched;
     - a number followed only by words (two letters or more, none of `_MEANINGFUL_WORDS`) loses the words, which are
       units: `18 dollars`, `64 square feet`, `10 km/h` -> the number. `2 x`, `3 pi`, `12 and 13`, `5 million` stay.
-      Written against the number, only the units of `_COMPACT_UNITS` go (`5cm` -> `5`; `2xy` stays).
+      Written against the number, only the units and ordinal endings of `_COMPACT_UNITS` go (`5cm`, `3rd` -> the
+      number; `2xy` stays); `5 squared` stays (a power of the number, not of a unit: `24 cm squared` -> `24`).
       (`\\text{ cm}`, `^\\circ`, `\\%`, "percent" and many unit words math-verify already handles.)
     """
     answer = _strip_answer(answer)

@@ -58,9 +58,14 @@ MIN_AGREEMENT = 228
         # a `####` Markdown heading is no GSM8K answer mark
         ("#### Step 1: Add the apples\n3 + 4 = 7\n\nThe answer is 7.", "7"),
         ("#### Step 1\nTom has 3 + 4 apples.\n#### 7\n", "7"),
+        ("#### **Step 1: Add**\n3 + 4 = 7", "7"),
+        ("#### 1. Add the apples\n3 + 4 = 7", "7"),
+        ("so we get\n#### x^2 + 1", "x^2 + 1"),
+        ("#### B", "B"),
         # "the answer is" that states no answer gives way to the last one that does
         ("The answer is 7. Let me check whether the answer is right: yes.", "7"),
         ("The answer is B.", "B"),
+        ("Let us test whether the answer is 12: no. So the answer is $x$.", "x"),
     ],
 )
 def test_extract_final_answer(response, expected):
@@ -112,6 +117,9 @@ def test_unclosed_last_box_is_not_an_answer():
         ("2 x", "2 x"),
         ("5 million", "5 million"),
         ("2 squared", "2 squared"),
+        ("24 units squared", "24"),
+        ("3rd place", "3"),
+        ("12in", "12"),
         # written against the number: units go, other letters (a product of variables) stay
         ("5cm", "5"),
         ("12kg", "12"),
