@@ -23,14 +23,13 @@ from tests.redis_server import start_session_redis, stop_session_redis
 
 os.environ.setdefault("SSB_DTYPE", "float32")
 
-
-def pytest_configure(config):
-    """The suite's own Redis (tests/redis_server.py), up before any test module reads its URL."""
-    config.session_redis = start_session_redis()
+# The suite's own Redis (tests/redis_server.py), up now: pytest imports this file before any conftest below it, and
+# those read its URL when they are imported.
+SESSION_REDIS = start_session_redis()
 
 
 def pytest_unconfigure(config):
-    stop_session_redis(getattr(config, "session_redis", None))
+    stop_session_redis(SESSION_REDIS)
 
 
 @pytest.fixture(scope="session")

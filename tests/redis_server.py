@@ -1,8 +1,8 @@
 """The suite's Redis: a `redis-server` of the test session's own on a free loopback port (no snapshots, its files in a
-temporary directory), started by tests/conftest.py before any test module is imported and stopped after the last
-test, so that the tests need no Redis running on the machine and never touch one that is. Without `redis-server`
-installed, the machine's Redis on 127.0.0.1:6379 is used. `SSB_TEST_REDIS_URL` (`redis://host:port`, no database)
-names another one.
+temporary directory, killed by the kernel should pytest die), started when tests/conftest.py is imported, before any
+other conftest or test module reads its URL, and stopped after the last test: the tests need no Redis running on the
+machine and leave one that is alone. Without `redis-server` (or should it fail to start), the machine's Redis on
+127.0.0.1:6379 is used. `SSB_TEST_REDIS_URL` (`redis://host:port`, no database) names another one.
 
 Each test module takes a database number of its own (`redis_url(13)`) and a key prefix per test, and cleans up with
 `delete_keys`.
@@ -10,13 +10,17 @@ Each test module takes a database number of its own (`redis_url(13)`) and a key 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 
 from redis import Redis
+
+from shared.workers import die_with_parent
 
 MACHINE_REDIS = "redis://127.0.0.1:6379"
 
@@ -37,7 +41,12 @@ def start_session_redis() -> subprocess.Popen | None:
     port = free_port()
     argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
             "--appendonly", "no"]  # fmt: skip
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        preexec_fn=functools.partial(die_with_parent, os.getpid()),
+    )
     server.directory = directory
     url = f"redis://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -48,7 +57,8 @@ def start_session_redis() -> subprocess.Popen | None:
         except Exception:
             if server.poll() is not None or time.monotonic() > deadline:
                 stop_session_redis(server)
-                raise RuntimeError(f"redis-server did not start on port {port}") from None
+                warnings.warn(f"redis-server did not start on port {port}; the tests use {MACHINE_REDIS}")
+                return None
             time.sleep(0.05)
     os.environ["SSB_TEST_REDIS_URL"] = url
     return server
