@@ -183,16 +183,13 @@ class TeacherService:
         finally:
             remove_ipc_directory(self.ipc_dir)
 
-    def check_room(self, requests: int) -> None:
-        """Raise Overloaded when `requests` more engine requests would pass `max_pending_requests`."""
+    @contextmanager
+    def admitted(self, requests: int):
+        """Admit `requests` engine requests, or raise Overloaded when that would pass `max_pending_requests`: a call is
+        admitted before its prompts are rendered, and counts until its generation ends."""
         limit = self.settings.max_pending_requests
         if self.pending + requests > limit:
             raise Overloaded(f"{self.pending} engine requests pending, {requests} more would pass the bound of {limit}")
-
-    @contextmanager
-    def admitted(self, requests: int):
-        """Admit `requests` engine requests, or raise Overloaded when that would pass `max_pending_requests`."""
-        self.check_room(requests)
         self.pending += requests
         try:
             yield
@@ -264,14 +261,14 @@ class TeacherService:
     async def generate_all(
         self, prompts: list[RenderedPrompt], settings: list[SamplingSettings], params: list[str], adapter: str | None
     ) -> list[list[Generation]]:
-        """Every prompt as its own engine request, submitted together so that the engine batches them."""
+        """Every prompt as its own engine request, submitted together so that the engine batches them. The adapter is
+        looked up here, with no await before the requests are submitted: an adapter replaced meanwhile is not used."""
         lora_request = self.lora_request(adapter)
         for prompt, setting, param in zip(prompts, settings, params, strict=True):
             self.check_sampling(setting, len(prompt.token_ids), param)
-        with self.admitted(len(prompts)):
-            return await asyncio.gather(
-                *(self.generate_one(p, s, lora_request) for p, s in zip(prompts, settings, strict=True))
-            )
+        return await asyncio.gather(
+            *(self.generate_one(p, s, lora_request) for p, s in zip(prompts, settings, strict=True))
+        )
 
     def response(
         self, prompts: list[RenderedPrompt], outputs: list[list[Generation]], adapter: str | None, encoding: str
@@ -287,21 +284,21 @@ class TeacherService:
         )
 
     async def rollouts(self, request: RolloutsRequest) -> GenerationsResponse:
-        self.check_room(len(request.questions))  # before the rendering's work, which admission repeats after
         questions = [q.question for q in request.questions]
-        prompts = await self.render_all(rollout_messages(questions, worked_example=request.worked_example))
         settings = [q.sampling or request.sampling for q in request.questions]
         params = [f"questions.{i}.sampling" if q.sampling else "sampling" for i, q in enumerate(request.questions)]
-        outputs = await self.generate_all(prompts, settings, params, request.adapter)
+        with self.admitted(len(questions)):
+            prompts = await self.render_all(rollout_messages(questions, worked_example=request.worked_example))
+            outputs = await self.generate_all(prompts, settings, params, request.adapter)
         return self.response(prompts, outputs, request.adapter, request.topk_encoding)
 
     async def explanations(self, request: ExplanationsRequest) -> GenerationsResponse:
-        self.check_room(len(request.items))
         items = [HintedQuestion(**item.model_dump(exclude={"sampling"})) for item in request.items]
-        prompts = await self.render_all(explanation_messages(items, worked_example=request.worked_example))
         settings = [item.sampling or request.sampling for item in request.items]
         params = [f"items.{i}.sampling" if item.sampling else "sampling" for i, item in enumerate(request.items)]
-        outputs = await self.generate_all(prompts, settings, params, request.adapter)
+        with self.admitted(len(items)):
+            prompts = await self.render_all(explanation_messages(items, worked_example=request.worked_example))
+            outputs = await self.generate_all(prompts, settings, params, request.adapter)
         return self.response(prompts, outputs, request.adapter, request.topk_encoding)
 
     async def logprobs(self, request: LogprobsRequest) -> LogprobsResponse:
@@ -316,29 +313,29 @@ class TeacherService:
                 "(refused, not truncated)",
                 param="k",
             )
-        lora_request = self.lora_request(request.adapter)
-        self.check_room(1)
-        prompt_ids = request.prompt_token_ids or (await self.render_all([request.messages]))[0].token_ids
-        reply_ids = request.reply_token_ids or await self.off_the_loop(
-            lambda: self.tokenizer.encode(request.reply_text, add_special_tokens=False)
-        )
-        for field, ids in (("prompt_token_ids", prompt_ids), ("reply_token_ids", reply_ids)):
-            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-            if bad is not None:
-                message = f"{field}: token id {bad} is outside the vocabulary of {self.vocab_size}"
-                raise InvalidRequest(message, param=field)
-        overflow = len(prompt_ids) + len(reply_ids) + 1 - self.max_model_len
-        if overflow > 0:
-            raise InvalidRequest(
-                f"reply: {len(prompt_ids)} prompt and {len(reply_ids)} reply tokens exceed the context length "
-                f"{self.max_model_len} by {overflow} tokens",
-                param="reply_token_ids" if request.reply_token_ids else "reply_text",
-            )
-        params = SamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=request.k, output_kind=RequestOutputKind.FINAL_ONLY
-        )
-        final = None
+        self.lora_request(request.adapter)  # an unknown adapter is refused before any work
         with self.admitted(1):
+            prompt_ids = request.prompt_token_ids or (await self.render_all([request.messages]))[0].token_ids
+            reply_ids = request.reply_token_ids or await self.off_the_loop(
+                lambda: self.tokenizer.encode(request.reply_text, add_special_tokens=False)
+            )
+            for field, ids in (("prompt_token_ids", prompt_ids), ("reply_token_ids", reply_ids)):
+                bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+                if bad is not None:
+                    message = f"{field}: token id {bad} is outside the vocabulary of {self.vocab_size}"
+                    raise InvalidRequest(message, param=field)
+            overflow = len(prompt_ids) + len(reply_ids) + 1 - self.max_model_len
+            if overflow > 0:
+                raise InvalidRequest(
+                    f"reply: {len(prompt_ids)} prompt and {len(reply_ids)} reply tokens exceed the context length "
+                    f"{self.max_model_len} by {overflow} tokens",
+                    param="reply_token_ids" if request.reply_token_ids else "reply_text",
+                )
+            params = SamplingParams(
+                max_tokens=1, temperature=0.0, prompt_logprobs=request.k, output_kind=RequestOutputKind.FINAL_ONLY
+            )
+            final = None
+            lora_request = self.lora_request(request.adapter)  # again, after the await: the adapter loaded now
             async for output in self.engine.generate(
                 TokensPrompt(prompt_token_ids=list(prompt_ids) + list(reply_ids)),
                 params,
