@@ -3,7 +3,7 @@
     ssb submit problems.jsonl --curator http://127.0.0.1:8001 --wait
     ssb submit gsm8k.parquet --k 4 --options '{"rollout_max_tokens": 192}' --train '{"epochs": 2}'
 
-The file goes up as it is (the service checks every row and names the bad ones); options are `DatasetOptions`
+The file goes up as it is (the service checks every row and names the bad ones); options are `NewDatasetOptions`
 (shared/curator_api.py), from the flags and `--options`. With `--wait`, a live progress bar of the funnel until every
 problem has its final state, then the funnel as a table. The curator's key, if it has one, comes from
 SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
@@ -48,7 +48,7 @@ def submit_command(
     """Submit a dataset to the curator service; with --wait, show its funnel live until it is done."""
     import httpx
 
-    from shared.curator_api import DatasetCreated, DatasetOptions
+    from shared.curator_api import DatasetCreated, NewDatasetOptions
 
     if not file.is_file():
         raise fail(f"{file}: no such file")
@@ -58,7 +58,7 @@ def submit_command(
     flags = {"k": k, "seed": seed, "limit": limit, "batch_size": batch_size, "rollout_adapter": rollout_adapter}
     chosen.update({key: value for key, value in flags.items() if value is not None})
     try:
-        dataset_options = DatasetOptions.model_validate(chosen)
+        dataset_options = NewDatasetOptions.model_validate(chosen)
     except ValueError as exc:
         raise fail(f"invalid options: {exc}") from exc
     from services.curator.settings import CuratorSettings

@@ -25,9 +25,7 @@ DatasetState = Literal["queued", "running", "done", "cancelled"]
 
 class DatasetOptions(CurationConfig):
     """How to curate an uploaded dataset: every option of `ssb curate` (the paper's defaults), plus what only the
-    service needs. An option it does not know is refused (a misspelt option would otherwise curate with the default)."""
-
-    model_config = ConfigDict(extra="forbid")
+    service needs. Stored datasets and status replies are read with it; an upload's options with `NewDatasetOptions`."""
 
     batch_size: int = Field(
         default=8,
@@ -63,12 +61,19 @@ class DatasetOptions(CurationConfig):
         return CurationConfig(**options)
 
 
+class NewDatasetOptions(DatasetOptions):
+    """The options of an upload: one this version does not know is refused (a misspelt option would otherwise curate
+    with its default). Datasets stored by another version are still read (`DatasetOptions`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class DatasetRows(BaseModel):
     """A dataset sent as JSON: rows as in a JSONL file (`question` or `problem`, `answer`, optional `id`)."""
 
     rows: list[Any] = Field(min_length=1, description="The problems, one object each.")
     name: str | None = Field(default=None, max_length=200, description="A label for listings.")
-    options: DatasetOptions = Field(default_factory=DatasetOptions)
+    options: NewDatasetOptions = Field(default_factory=NewDatasetOptions)
 
 
 class DatasetCreated(BaseModel):

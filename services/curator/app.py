@@ -39,6 +39,7 @@ from shared.curator_api import (
     DatasetCreated,
     DatasetList,
     DatasetOptions,
+    NewDatasetOptions,
     DatasetRows,
     DatasetState,
     DatasetStatus,
@@ -163,9 +164,7 @@ async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | Non
                 raise ServiceError(
                     422, "a multipart upload needs a `file` part (.jsonl or .parquet)", "invalid_request", "file"
                 )
-            raw_options = form.get("options")
-            options = DatasetOptions.model_validate_json(raw_options) if raw_options else DatasetOptions()
-            check_training_request(options)
+            options = read_options(form.get("options"))
             problems = parse_problem_file(await upload.read(), upload.filename or "upload.jsonl")
             name = form.get("name") or upload.filename
             return problems, options, str(name) if name else None
@@ -176,6 +175,16 @@ async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | Non
         raise validation_refusal(exc) from exc
     except DatasetError as exc:
         raise ServiceError(422, f"the dataset was rejected whole:\n{exc}", "invalid_dataset", "file") from exc
+
+
+def read_options(raw: str | None) -> NewDatasetOptions:
+    """A multipart upload's `options` part (JSON), checked as the JSON body's are."""
+    try:
+        options = NewDatasetOptions.model_validate_json(raw) if raw else NewDatasetOptions()
+    except ValidationError as exc:
+        raise validation_refusal(exc, ("options",)) from exc
+    check_training_request(options)
+    return options
 
 
 def validation_refusal(exc: ValidationError, prefix: tuple = ()) -> ServiceError:
