@@ -144,15 +144,17 @@ def check_output_layer(model: nn.Module, input_ids: torch.Tensor) -> float:
 
 
 def switch_off_dropout(model: nn.Module) -> None:
-    """Zero the base model's own dropout (its `nn.Dropout` layers and the attention dropout its attention modules
-    read), in place, before the LoRA layers are added: `train()` would switch it on, and a model configured with it
-    (GPT-2, OPT, Phi: 0.1) would then give a student that differs at every step and, with the online teacher, a
-    noisy teacher. The LoRA layers' own dropout (`TrainConfig.dropout`) is added after, and stays."""
+    """Zero the base model's own dropout, in place, before the LoRA layers are added: its `nn.Dropout` layers, and
+    the probabilities its modules keep as numbers for functional dropout (`attention_dropout`, OPT's `dropout`, ...).
+    `train()` would switch it on, and a model configured with it (GPT-2, OPT, Phi: 0.1) would then give a student
+    that differs at every step and, with the online teacher, a noisy teacher. The LoRA layers' own dropout
+    (`TrainConfig.dropout`) is added after, and stays."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in vars(module).items():
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(module, name, 0.0)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -43,6 +43,8 @@ ARCHITECTURES = {
     "cohere": ("CohereConfig", {"logit_scale": 0.25}),
     "gemma2": ("Gemma2Config", {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 0.5}),
 }
+# Only for the dropout test: OPT keeps its dropout probabilities as numbers for functional dropout.
+OPT = ("OPTConfig", {"ffn_dim": 64, "word_embed_proj_dim": 32})
 
 
 def tiny_model(architecture: str) -> torch.nn.Module:
@@ -150,14 +152,18 @@ def test_an_adapter_on_the_output_layer_is_refused():
 
 @pytest.mark.parametrize(
     ("architecture", "dropout"),
-    [("phi", {"resid_pdrop": 0.5, "embd_pdrop": 0.5, "attention_dropout": 0.5}), ("llama", {"attention_dropout": 0.5})],
+    [
+        ("phi", {"resid_pdrop": 0.5, "embd_pdrop": 0.5, "attention_dropout": 0.5}),
+        ("llama", {"attention_dropout": 0.5}),
+        ("opt", {"dropout": 0.5, "attention_dropout": 0.5, "activation_dropout": 0.5}),
+    ],
 )
 def test_the_base_models_own_dropout_is_off_in_training(architecture, dropout):
     """Phi's residual and embedding dropout are layers, attention dropout is a number its attention modules read: in
     train mode both would make the student (and the online teacher) differ at every step."""
     import transformers
 
-    config_class, extra = ARCHITECTURES[architecture]
+    config_class, extra = OPT if architecture == "opt" else ARCHITECTURES[architecture]
     config = getattr(transformers, config_class)(**{**TINY, **extra, **dropout})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")

@@ -259,7 +259,10 @@ def test_a_gradient_that_is_not_finite_stops_the_run_before_the_weights_move(mod
         train(pairs_dir, tmp_path / "run", model_path, config, model=model, on_step=poison_after_the_first_step)
     assert steps == [1]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-1"]
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-1" / "adapter_model.safetensors"))
+    assert saved and all(torch.isfinite(weights).all() for weights in saved.values())
     assert not (tmp_path / "run" / "adapter_config.json").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_metrics_cut_short_by_a_kill_lose_only_their_last_line(tmp_path):
