@@ -69,6 +69,8 @@ def run_command(
 ) -> None:
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
+    from services.teacher.engine import EngineOptions
+    from services.trainer.checkpoints import latest_checkpoint
     from services.trainer.inputs import check_output_dir
     from services.trainer.training import TrainingError, train as train_adapter
     from shared.datasets import DatasetError, load_problems
@@ -94,7 +96,18 @@ def run_command(
         )
         training = build_train_config(train_options, seed=seed)
         evaluation = EvalConfig(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed)
-        check_output_dir(out / "adapter", resume=resume)  # before the engine starts, not after curation
+        # Before the engine starts, not after curation and the base model's evaluation:
+        check_output_dir(out / "adapter", resume=resume)
+        if resume and latest_checkpoint(out / "adapter" / "checkpoints") is None:
+            raise ValueError(
+                f"--resume: no complete checkpoint in {out / 'adapter' / 'checkpoints'} to resume training from "
+                "(--checkpoint-every saves them); rerun without --resume on a new --out, or delete OUT/adapter"
+            )
+        if serving == "lora" and training.rank > EngineOptions.max_lora_rank:
+            raise ValueError(
+                f"--rank {training.rank} is above the largest LoRA rank the engine serves "
+                f"({EngineOptions.max_lora_rank}); use --adapter-serving merged, or a smaller --rank"
+            )
         model_path = ensure_model(model, settings)
         check_fits_context(
             problems, model_path, settings, answer_tokens=rollout_max_tokens, explanation_tokens=explanation_max_tokens,

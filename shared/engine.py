@@ -9,8 +9,8 @@ imports the teacher. Prompts are built by `shared/prompts.py` in both places.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from pydantic import BaseModel, Field
@@ -106,10 +106,23 @@ class ConcurrentCalls:
         check_lengths("items", items, explanation_sampling)
         if not items:
             return self.rollouts(questions, rollout_sampling, worked_example=worked_example), []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            explained = pool.submit(self.explanations, items, explanation_sampling, worked_example=worked_example)
-            answered = self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
-            return answered, explained.result()
+        # The explanations in a daemon thread: should the rollouts fail, or Ctrl-C or SIGTERM end the command, its
+        # exit does not wait for the other call to the teacher (up to its read timeout, times its retries).
+        explained: dict = {}
+
+        def explain() -> None:
+            try:
+                explained["result"] = self.explanations(items, explanation_sampling, worked_example=worked_example)
+            except BaseException as exc:  # raised in the caller's thread, below
+                explained["error"] = exc
+
+        thread = threading.Thread(target=explain, name="ssb-explanations", daemon=True)
+        thread.start()
+        answered = self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
+        thread.join()
+        if "error" in explained:
+            raise explained["error"]
+        return answered, explained["result"]
 
 
 class PromptingEngine:

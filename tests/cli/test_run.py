@@ -107,6 +107,13 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     again = ssb("run", "--train", str(train), "--eval", str(held_out), "--out", str(out), *LIMITS, "--max-steps", "1")
     assert again.returncode == 2 and "already holds a training run" in again.stdout + again.stderr
     assert "Starting the engine" not in again.stdout + again.stderr
+    # So does --resume there (the run saved no checkpoint), and a rank the LoRA engine could not serve.
+    common = ("run", "--train", str(train), "--eval", str(held_out), *LIMITS)
+    resumed = ssb(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 2 and "no complete checkpoint" in " ".join(resumed.stderr.split())
+    too_wide = ssb(*common, "--out", str(tmp_path / "wide"), "--rank", "64", "--adapter-serving", "lora")
+    assert too_wide.returncode == 2 and "above the largest LoRA rank" in " ".join(too_wide.stderr.split())
+    assert "Starting the engine" not in resumed.stderr + too_wide.stderr and not (tmp_path / "wide").exists()
 
     exported = [json.loads(line) for line in ssb("pairs", "export", str(pairs)).stdout.splitlines()]
     stored = sorted(p.stem for p in (pairs / "pairs").glob("*.safetensors"))
