@@ -4,8 +4,10 @@ run against a remote teacher unchanged.
     with TeacherClient("http://teacher:8000", api_key=...) as teacher:
         curate(problems, teacher, store, config)
 
-Every call has explicit timeouts; connection errors, 503 (not ready) and 429 (busy) are retried with exponential
-backoff (honouring Retry-After) up to `retries` times, then raise `TeacherUnavailable`. Any other 4xx raises
+Every call has explicit timeouts; connection errors, 502 and 503 (not ready) are retried with exponential backoff
+(honouring Retry-After) up to `retries` times, and 429 (busy with other clients' work) for up to `busy_wait_seconds`,
+then raise `TeacherUnavailable`. A POST that got no answer within the read timeout, or a 504, is not sent again: the
+teacher aborted it, and it would take as long again. Any other 4xx raises
 `TeacherRejected` with the service's message (which names the field). Top-k arrays travel in the compact base64
 encoding. Adapters are names of adapters in the service's adapters directory; the client loads one on first use.
 `TeacherPool` spreads calls over several teacher services.
@@ -35,7 +37,9 @@ from shared.teacher_api import (
     RolloutsRequest,
 )
 
-RETRIED_STATUSES = (429, 502, 503, 504)
+# The longest wait between two tries, whatever Retry-After says.
+MAX_WAIT_SECONDS = 30.0
+RETRIED_STATUSES = (502, 503)  # and 429 (busy) for up to `busy_wait_seconds`, and 504 for a GET
 
 
 class TeacherError(Exception):
@@ -72,6 +76,7 @@ class TeacherClient(ConcurrentCalls):
         timeout: httpx.Timeout | float | None = None,
         retries: int = 5,
         backoff_seconds: float = 0.5,
+        busy_wait_seconds: float = 600.0,
         transport: httpx.BaseTransport | None = None,
     ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -83,6 +88,7 @@ class TeacherClient(ConcurrentCalls):
         )
         self.retries = retries
         self.backoff_seconds = backoff_seconds
+        self.busy_wait_seconds = busy_wait_seconds
         self._model: ModelsResponse | None = None
 
     def close(self) -> None:
@@ -95,21 +101,34 @@ class TeacherClient(ConcurrentCalls):
         self.close()
 
     def request(self, method: str, path: str, json=None) -> httpx.Response:
-        """One call, retried on connection errors, 429 and 503 with exponential backoff (or the Retry-After)."""
-        for attempt in range(self.retries + 1):
-            wait = self.backoff_seconds * 2**attempt
+        """One call, retried as the module docstring says, with exponential backoff (or the Retry-After, at most
+        `MAX_WAIT_SECONDS`) and a little jitter, so that clients refused together do not come back together."""
+        attempt, busy_since = 0, None
+        while True:
+            wait = self.backoff_seconds * 2 ** min(attempt, 16)
             try:
                 response = self.http.request(method, path, json=json)
             except httpx.TransportError as exc:
-                if attempt == self.retries:
+                if method == "POST" and isinstance(exc, httpx.ReadTimeout):
+                    message = f"no answer within the read timeout ({self.http.timeout.read} s); sent again it would "
+                    raise TeacherUnavailable(f"{method} {path}: {message}take as long: send smaller batches") from exc
+                if attempt >= self.retries:
                     raise TeacherUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
             else:
-                if response.status_code not in RETRIED_STATUSES:
+                status = response.status_code
+                if status == 429:
+                    busy_since = busy_since if busy_since is not None else time.monotonic()
+                    if time.monotonic() - busy_since >= self.busy_wait_seconds:
+                        waited = f"busy for {self.busy_wait_seconds:.0f} s"
+                        raise TeacherUnavailable(f"{method} {path}: {waited}: {error_message(response)}")
+                elif status in RETRIED_STATUSES or (status == 504 and method == "GET"):
+                    if attempt >= self.retries:
+                        raise TeacherUnavailable(f"{method} {path}: {status} {error_message(response)}")
+                else:
                     break
-                if attempt == self.retries:
-                    raise TeacherUnavailable(f"{method} {path}: {response.status_code} {error_message(response)}")
                 wait = max(wait, retry_after_seconds(response))
-            time.sleep(wait)
+            attempt += 1
+            time.sleep(min(wait, MAX_WAIT_SECONDS) * random.uniform(1.0, 1.2))
         if response.status_code >= 400:
             message, param = error_message(response), error_param(response)
             if response.status_code >= 500:
@@ -122,7 +141,7 @@ class TeacherClient(ConcurrentCalls):
         deadline = time.monotonic() + timeout_seconds
         while True:
             try:
-                if self.http.get("/readyz").status_code == 200:
+                if self.http.get("/readyz", timeout=10.0).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -251,6 +270,8 @@ class TeacherPool(ConcurrentCalls):
     def __init__(self, urls: Sequence[str], *, api_key: str | None = None, **client_options):
         if not urls:
             raise ValueError("a teacher pool needs at least one URL")
+        # A busy service is left for the next one sooner than a single service would be waited for.
+        client_options.setdefault("busy_wait_seconds", 600.0 / len(urls))
         self.clients = [TeacherClient(url, api_key=api_key, **client_options) for url in urls]
         self._turn = random.randrange(len(self.clients))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from shared.teacher_client import TeacherClient, TeacherRejected, TeacherUnavailable
+from shared.teacher_client import TeacherClient, TeacherError, TeacherRejected, TeacherUnavailable
 
 MODELS = {
     "object": "list", "data": [{"id": "m"}], "model": "/models/m", "max_model_len": 4096, "vocab_size": 10,
@@ -47,6 +47,31 @@ def test_gives_up_with_teacher_unavailable():
     with pytest.raises(TeacherUnavailable, match="the engine is starting"):
         client(transport, retries=2).models()
     assert len(calls) == 3
+
+
+def test_a_busy_teacher_is_waited_for_beyond_the_retries_but_not_forever():
+    busy = (429, {"error": {"message": "1000 engine requests pending"}}, {"Retry-After": "0"})
+    transport, calls = scripted(*[busy] * 6, (200, MODELS, {}))
+    assert client(transport, retries=2).model_name == "/models/m" and len(calls) == 7
+    transport, calls = scripted(*[busy] * 1000)
+    patient = TeacherClient("http://teacher", retries=2, backoff_seconds=0.001, busy_wait_seconds=0.2,
+                            transport=transport)  # fmt: skip
+    with pytest.raises(TeacherUnavailable, match="busy for 0 s: 1000 engine requests pending"):
+        patient.models()
+    assert 3 < len(calls) < 1000
+
+
+def test_a_generation_that_timed_out_or_got_a_504_is_not_sent_again():
+    transport, calls = scripted(httpx.ReadTimeout("no answer"), (200, MODELS, {}))
+    with pytest.raises(TeacherUnavailable, match="no answer within the read timeout"):
+        client(transport).request("POST", "/v1/rollouts", json={})
+    assert len(calls) == 1
+    transport, calls = scripted((504, {"error": {"message": "gateway timeout"}}, {}), (200, MODELS, {}))
+    with pytest.raises(TeacherError, match="504 gateway timeout"):
+        client(transport).request("POST", "/v1/rollouts", json={})
+    assert len(calls) == 1
+    transport, calls = scripted(httpx.ReadTimeout("no answer"), (504, {}, {}), (200, MODELS, {}))
+    assert client(transport).model_name == "/models/m" and len(calls) == 3  # a GET is sent again
 
 
 def test_a_4xx_is_rejected_at_once_with_the_field():
