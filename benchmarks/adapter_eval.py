@@ -72,7 +72,7 @@ def main() -> None:
             base_seconds, base = timed_evaluation(problems, engine, config, None)
             print(f"base: {base_seconds:.1f} s", flush=True)
             started = time.perf_counter()
-            merged_dir = merge_adapter(adapter, model_path, Path(tmp) / "merged")
+            merged_dir = merge_adapter(adapter, model_path, Path(tmp) / "merged").path
             merge_seconds = time.perf_counter() - started
             started = time.perf_counter()
             engine.load_weights(merged_dir)

@@ -6,10 +6,11 @@
 
 The benchmark is a packaged name (`gsm8k` is the GSM8K test split, `math500`, `aime24`) or a `.jsonl`/`.parquet` file
 with a question and an answer per row. The base model is always evaluated first, then each `--adapter` (a PEFT adapter
-directory). On a CPU each adapter is merged into a temporary copy of the base weights, which the same engine then
-loads in place of its own, to answer at the base model's speed (the CPU build of vLLM runs a LoRA several times slower,
-and a large LoRA batch can outlast its step timeout); on a GPU the engine serves it as a LoRA (`--adapter-serving`
-chooses). Everything is checked before the engine starts; a bad benchmark, file or adapter exits with status 2 and
+directory). Where the engine computes in float32 (a CPU without BF16) each adapter is merged into a temporary copy of
+the base weights, which the same engine then loads in place of its own, to answer at the base model's speed (the CPU
+build of vLLM runs a LoRA several times slower, and a large LoRA batch can outlast its step timeout); where it
+computes in bfloat16 (a GPU, a CPU with BF16) the engine serves it as a LoRA, since rounding merged weights to
+bfloat16 loses most of a small adapter's update (`--adapter-serving` chooses). Everything is checked before the engine starts; a bad benchmark, file or adapter exits with status 2 and
 one message. The logic lives in `services/evaluation/evaluation.py`.
 """
 
@@ -103,21 +104,26 @@ AdapterServingOption = Annotated[
     typer.Option(
         "--adapter-serving",
         help="How adapters are served: merged (into a copy of the base weights, which the engine loads in place of "
-        "its own: the base model's speed), lora (beside the base weights in one engine), or auto: merged on a CPU, "
-        "where the CPU build of vLLM runs a LoRA several times slower than the base model, lora on a GPU.",
+        "its own: the base model's speed), lora (beside the base weights in one engine), or auto: merged where the "
+        "engine computes in float32 (a CPU without BF16, where the CPU build of vLLM runs a LoRA several times "
+        "slower), lora where it computes in bfloat16 (a GPU, a CPU with BF16), whose rounding of merged weights "
+        "would lose most of a small adapter's update.",
     ),
 ]
 
 
-def resolve_adapter_serving(serving: str) -> str:
-    """`merged` or `lora`; `auto` is merged without a GPU, lora with one."""
+def resolve_adapter_serving(serving: str, dtype: str) -> str:
+    """`merged` or `lora`; `auto` is merged where the engine computes in float32 (`dtype`, as `SSB_DTYPE` gives it),
+    lora elsewhere. Merged weights are rounded to the engine's dtype as a whole: in bfloat16 that changed the demo's
+    adapter's update by 92% (`Merged.update_error`, services/teacher/merging.py), where a LoRA keeps the update in a
+    path of its own; in float32 by less than 1e-4."""
     if serving not in ("auto", "merged", "lora"):
         raise ValueError(f"--adapter-serving {serving!r}: use auto, merged or lora")
     if serving != "auto":
         return serving
-    import torch
+    from services.teacher.engine import native_dtype
 
-    return "lora" if torch.cuda.is_available() else "merged"
+    return "merged" if (native_dtype() if dtype == "auto" else dtype) == "float32" else "lora"
 
 
 def evaluate_with_progress(
@@ -148,13 +154,23 @@ def evaluate_merged_adapter(
     problems, adapter: str, model_path: str, engine, config: EvalConfig, label: str
 ) -> EvalReport:
     """Evaluate one adapter merged into a temporary copy of the base weights `model_path`, which `engine` (an engine
-    without LoRA support, on that base model or an earlier merge) loads in place of its weights and keeps."""
+    without LoRA support, on that base model or an earlier merge) loads in place of its weights and keeps. In an engine
+    that computes in bfloat16, a note says how much of the adapter's update the rounded weights lose, when it is more
+    than a percent (services/teacher/merging.py)."""
+    from services.teacher.engine import native_dtype
     from services.teacher.merging import merge_adapter
 
+    dtype = native_dtype() if engine.options.dtype == "auto" else engine.options.dtype
     with tempfile.TemporaryDirectory(prefix="ssb-merged-") as merged_dir:
         with console.status(f"Merging {Path(adapter).name} into a copy of the base weights..."):
-            merge_adapter(adapter, model_path, merged_dir)
-            engine.load_weights(merged_dir)
+            merged = merge_adapter(adapter, model_path, merged_dir, dtype)
+            engine.load_weights(merged.path)
+    if merged.update_error > 0.01:
+        console.print(
+            f"note: the engine computes in {dtype}, and rounding the merged weights to it changes the adapter's update "
+            f"by {merged.update_error:.0%} (relative); for an exact comparison, --adapter-serving lora (slower on a "
+            "CPU) or SSB_DTYPE=float32"
+        )
     what = f"{label} ({Path(adapter).name}, merged)"
     report = evaluate_with_progress(problems, engine, config, [None], label, what=what)
     return as_merged_adapter(report.model_copy(update={"model": model_path}), adapter)
@@ -218,7 +234,7 @@ def eval_command(
         out = out or Path("runs") / f"eval-{label}.json"
         if out.is_dir():
             raise ValueError(f"--out {out} is a directory; give a JSON file path")
-        serving = resolve_adapter_serving(adapter_serving)
+        serving = resolve_adapter_serving(adapter_serving, settings.dtype)
         model_path = None if teacher_url else ensure_model(model, settings)
         if model_path is not None:
             check_fits_context(problems, model_path, settings, answer_tokens=max_tokens,

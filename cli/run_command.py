@@ -3,10 +3,10 @@
     ssb run --train train.jsonl --eval held_out.jsonl --out runs/demo
 
 One engine curates and then answers the held-out problems with the base model; training runs in this process with
-every core. The adapter is then evaluated on the same problems: on a CPU merged into a temporary copy of the base
-weights, which the same engine loads in place of its own (it waits through training, idle) to answer at the base
-model's speed; on a GPU as a LoRA, by an engine started after training (which needs the memory vLLM holds)
-(`--adapter-serving`). The end is a table of base vs adapter, how many answers were cut off or ungradeable on each
+every core. The adapter is then evaluated on the same problems: where the engine computes in float32 (a CPU without
+BF16) merged into a temporary copy of the base weights, which the same engine loads in place of its own (it waits
+through training, idle) to answer at the base model's speed; in bfloat16 (a GPU, a CPU with BF16) as a LoRA, by an
+engine started after training (`--adapter-serving`; services/teacher/merging.py says why). The end is a table of base vs adapter, how many answers were cut off or ungradeable on each
 side, and McNemar's exact test on the paired verdicts. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter,
 metrics, training curve) and `OUT/eval.json` (per-problem results). A rerun skips problems already curated; training
 needs an empty `OUT/adapter/` (or `--resume`). Every training option of `ssb train` is an option here too (one
@@ -85,7 +85,7 @@ def run_command(
         if overlap:
             raise ValueError(f"{len(overlap)} held-out questions are also training questions, e.g. {min(overlap)!r}")
         worked_example = resolve_worked_example(worked_example, model)
-        serving = resolve_adapter_serving(adapter_serving)
+        serving = resolve_adapter_serving(adapter_serving, settings.dtype)
         curation = CurationConfig(
             k=k,
             seed=seed,

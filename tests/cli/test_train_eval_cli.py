@@ -102,3 +102,17 @@ def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path)
     assert [m["step"] for m in metrics] == [1] and metrics[0]["explanation_tokens"] > 0
     curve = out / "training_curve.png"
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("serving", "dtype", "served"),
+    [("auto", "float32", "merged"), ("auto", "bfloat16", "lora"), ("auto", "float16", "lora"),
+     ("merged", "bfloat16", "merged"), ("lora", "float32", "lora")],
+)
+def test_adapters_are_served_merged_only_where_the_engine_keeps_their_update(serving, dtype, served):
+    """Merged weights rounded to bfloat16 lose most of a small adapter's update (services/teacher/merging.py)."""
+    from cli.eval_command import resolve_adapter_serving
+
+    assert resolve_adapter_serving(serving, dtype) == served
+    with pytest.raises(ValueError, match="use auto, merged or lora"):
+        resolve_adapter_serving("both", dtype)

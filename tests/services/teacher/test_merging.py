@@ -60,8 +60,10 @@ def merged_engine(engine, base_generations, small_adapter, model_path, tmp_path_
     """The session's engine with the adapter merged into the base weights loaded in place of its own, as `ssb run` and
     `ssb eval` do on a CPU; the base weights are loaded back after this module (the module's last test checks that
     the engine then answers as before: the tests after it use the engine)."""
-    merged = merge_adapter(small_adapter, model_path, tmp_path_factory.mktemp("merged"))
-    engine.load_weights(merged)
+    merged = merge_adapter(small_adapter, model_path, tmp_path_factory.mktemp("merged"), engine_dtype(engine))
+    if engine_dtype(engine) == "float32":
+        assert merged.update_error < 1e-4  # the update kept (the suite's engines compute in float32)
+    engine.load_weights(merged.path)
     yield engine
     engine.load_weights(model_path)
 
@@ -155,3 +157,34 @@ def test_the_base_weights_loaded_back_answer_as_before(merged_engine, base_gener
         assert after.topk_ids == before.topk_ids
         for position_after, position_before in zip(after.topk_logprobs, before.topk_logprobs):
             assert position_after == pytest.approx(position_before, abs=1e-4)
+
+
+def test_the_update_error_measures_what_rounding_the_merged_weights_loses():
+    """W + dW rounded to bfloat16 as a whole keeps a small update badly, a large one well; float32 keeps both.
+    A tiny random model, a LoRA with its B scaled to set the update's size against W."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from services.teacher.merging import update_error
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(
+        transformers.LlamaForCausalLM(config),
+        LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    errors = {}
+    for size in (1e-3, 1e-1):
+        for name, module in model.named_modules():
+            if name.endswith("lora_B.default"):
+                with torch.no_grad():
+                    module.weight.normal_(0.0, 1.0)
+                    delta = module.weight @ model.get_submodule(name.replace("lora_B", "lora_A")).weight
+                    weight = model.get_submodule(name.rsplit(".lora_B", 1)[0]).base_layer.weight
+                    module.weight.mul_(size * weight.norm() / delta.norm())
+        errors[size] = {dtype: update_error(model, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    assert errors[1e-3][torch.float32] < 1e-4 and errors[1e-1][torch.float32] < 1e-6
+    assert errors[1e-3][torch.bfloat16] > 0.5 and errors[1e-1][torch.bfloat16] < 0.05
