@@ -76,8 +76,9 @@ def check_benchmark(benchmark: str) -> None:
     )
 
 
-def check_adapter(path: Path, max_rank: int) -> str:
-    """The adapter directory's resolved path, or ValueError saying why vLLM could not load it as a LoRA."""
+def check_adapter(path: Path, max_rank: int | None) -> str:
+    """The adapter directory's resolved path, or ValueError saying why it could not be served (as a LoRA of at most
+    `max_rank`; None: merged, any rank)."""
     if not path.is_dir():
         raise ValueError(f"adapter {path}: no such directory")
     config_file = path / "adapter_config.json"
@@ -92,7 +93,7 @@ def check_adapter(path: Path, max_rank: int) -> str:
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {path}: peft_type is {config['peft_type']!r}; only LoRA adapters can be served")
     rank = config.get("r")
-    if isinstance(rank, int) and rank > max_rank:
+    if max_rank is not None and isinstance(rank, int) and rank > max_rank:
         raise ValueError(f"adapter {path}: LoRA rank {rank} is above the engine's maximum of {max_rank}")
     if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise ValueError(f"adapter {path}: no adapter_model.safetensors (or .bin) in it")
@@ -214,9 +215,11 @@ def eval_command(
     try:
         check_benchmark(benchmark)
         if teacher_url:  # adapters are names in the service's adapters directory, served as LoRAs there
-            adapters, adapter_serving = [str(path) for path in adapter or []], "lora"
+            adapters, serving = [str(path) for path in adapter or []], "lora"
         else:
-            adapters = [check_adapter(path, EngineOptions.max_lora_rank) for path in adapter or []]
+            serving = resolve_adapter_serving(adapter_serving, settings.dtype)
+            max_rank = EngineOptions.max_lora_rank if serving == "lora" else None  # merged: any rank
+            adapters = [check_adapter(path, max_rank) for path in adapter or []]
         if max_tokens >= settings.max_model_len:
             raise ValueError(
                 f"--max-tokens {max_tokens} leaves no room for the prompt in the engine's {settings.max_model_len} "
@@ -234,7 +237,6 @@ def eval_command(
         out = out or Path("runs") / f"eval-{label}.json"
         if out.is_dir():
             raise ValueError(f"--out {out} is a directory; give a JSON file path")
-        serving = resolve_adapter_serving(adapter_serving, settings.dtype)
         model_path = None if teacher_url else ensure_model(model, settings)
         if model_path is not None:
             check_fits_context(problems, model_path, settings, answer_tokens=max_tokens,

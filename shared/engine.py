@@ -106,8 +106,9 @@ class ConcurrentCalls:
         check_lengths("items", items, explanation_sampling)
         if not items:
             return self.rollouts(questions, rollout_sampling, worked_example=worked_example), []
-        # The explanations in a daemon thread: should the rollouts fail, or Ctrl-C or SIGTERM end the command, its
-        # exit does not wait for the other call to the teacher (up to its read timeout, times its retries).
+        # The explanations in a daemon thread: should Ctrl-C or SIGTERM end the command during the rollouts, its exit
+        # does not wait for the other call to the teacher (up to its read timeout). Other errors wait for it, so that
+        # a caller that retries (the curator, problem by problem) does not compete with a call nobody reads.
         explained: dict = {}
 
         def explain() -> None:
@@ -118,7 +119,13 @@ class ConcurrentCalls:
 
         thread = threading.Thread(target=explain, name="ssb-explanations", daemon=True)
         thread.start()
-        answered = self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
+        try:
+            answered = self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:
+            thread.join()
+            raise
         thread.join()
         if "error" in explained:
             raise explained["error"]

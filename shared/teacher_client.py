@@ -6,11 +6,11 @@ run against a remote teacher unchanged.
 
 Every call has explicit timeouts; connection errors, 502 and 503 (not ready) are retried with exponential backoff
 (honouring Retry-After) up to `retries` times, and 429 (busy with other clients' work) for up to `busy_wait_seconds`,
-then raise `TeacherUnavailable`. A POST that got no answer within the read timeout, or a 504, is not sent again: the
-teacher aborted it, and it would take as long again. Any other 4xx raises
-`TeacherRejected` with the service's message (which names the field). Top-k arrays travel in the compact base64
-encoding. Adapters are names of adapters in the service's adapters directory; the client loads one on first use.
-`TeacherPool` spreads calls over several teacher services.
+then raise `TeacherUnavailable`. A POST that got no answer within the read timeout, or a 504, raises `TeacherTimedOut`
+and is not sent again (nor to another service of a pool): the teacher aborted it, and it would take as long again.
+Any other 4xx raises `TeacherRejected` with the service's message (which names the field). Top-k arrays travel in the
+compact base64 encoding. Adapters are names of adapters in the service's adapters directory; the client loads one on
+first use. `TeacherPool` spreads calls over several teacher services.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class TeacherError(Exception):
 
 class TeacherUnavailable(TeacherError):
     """The service could not be reached, or stayed not ready or busy through every retry."""
+
+
+class TeacherTimedOut(TeacherError):
+    """A generation got no answer in time (the read timeout, or a gateway's 504): not sent again, to this service or
+    another, since it would take as long there."""
 
 
 class TeacherRejected(TeacherError):
@@ -103,17 +108,18 @@ class TeacherClient(ConcurrentCalls):
     def request(self, method: str, path: str, json=None) -> httpx.Response:
         """One call, retried as the module docstring says, with exponential backoff (or the Retry-After, at most
         `MAX_WAIT_SECONDS`) and a little jitter, so that clients refused together do not come back together."""
-        attempt, busy_since = 0, None
+        attempt, busy, busy_since = 0, 0, None  # failed tries (up to `retries`), and 429s (up to a time)
         while True:
-            wait = self.backoff_seconds * 2 ** min(attempt, 16)
             try:
                 response = self.http.request(method, path, json=json)
             except httpx.TransportError as exc:
                 if method == "POST" and isinstance(exc, httpx.ReadTimeout):
                     message = f"no answer within the read timeout ({self.http.timeout.read} s); sent again it would "
-                    raise TeacherUnavailable(f"{method} {path}: {message}take as long: send smaller batches") from exc
+                    raise TeacherTimedOut(f"{method} {path}: {message}take as long: send smaller batches") from exc
                 if attempt >= self.retries:
                     raise TeacherUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+                attempt += 1
+                wait = self.backoff_seconds * 2 ** min(attempt - 1, 16)
             else:
                 status = response.status_code
                 if status == 429:
@@ -121,13 +127,19 @@ class TeacherClient(ConcurrentCalls):
                     if time.monotonic() - busy_since >= self.busy_wait_seconds:
                         waited = f"busy for {self.busy_wait_seconds:.0f} s"
                         raise TeacherUnavailable(f"{method} {path}: {waited}: {error_message(response)}")
-                elif status in RETRIED_STATUSES or (status == 504 and method == "GET"):
+                    busy += 1
+                    wait = self.backoff_seconds * 2 ** min(busy - 1, 16)
+                elif status == 504 and method == "POST":
+                    message = f"504 {error_message(response)}: a gateway gave up waiting; sent again it would again"
+                    raise TeacherTimedOut(f"{method} {path}: {message}")
+                elif status in RETRIED_STATUSES or status == 504:
                     if attempt >= self.retries:
                         raise TeacherUnavailable(f"{method} {path}: {status} {error_message(response)}")
+                    attempt += 1
+                    wait = self.backoff_seconds * 2 ** min(attempt - 1, 16)
                 else:
                     break
                 wait = max(wait, retry_after_seconds(response))
-            attempt += 1
             time.sleep(min(wait, MAX_WAIT_SECONDS) * random.uniform(1.0, 1.2))
         if response.status_code >= 400:
             message, param = error_message(response), error_param(response)

@@ -116,3 +116,13 @@ def test_adapters_are_served_merged_only_where_the_engine_keeps_their_update(ser
     assert resolve_adapter_serving(serving, dtype) == served
     with pytest.raises(ValueError, match="use auto, merged or lora"):
         resolve_adapter_serving("both", dtype)
+
+
+def test_an_adapter_of_any_rank_can_be_served_merged_but_only_up_to_the_engines_as_a_lora(tmp_path):
+    from cli.eval_command import check_adapter
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 64}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert check_adapter(tmp_path, None) == str(tmp_path.resolve())
+    with pytest.raises(ValueError, match="LoRA rank 64 is above the engine's maximum of 32"):
+        check_adapter(tmp_path, 32)

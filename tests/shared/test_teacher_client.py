@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from shared.teacher_client import TeacherClient, TeacherError, TeacherRejected, TeacherUnavailable
+from shared.teacher_client import TeacherClient, TeacherPool, TeacherRejected, TeacherTimedOut, TeacherUnavailable
 
 MODELS = {
     "object": "list", "data": [{"id": "m"}], "model": "/models/m", "max_model_len": 4096, "vocab_size": 10,
@@ -63,15 +63,27 @@ def test_a_busy_teacher_is_waited_for_beyond_the_retries_but_not_forever():
 
 def test_a_generation_that_timed_out_or_got_a_504_is_not_sent_again():
     transport, calls = scripted(httpx.ReadTimeout("no answer"), (200, MODELS, {}))
-    with pytest.raises(TeacherUnavailable, match="no answer within the read timeout"):
+    with pytest.raises(TeacherTimedOut, match="no answer within the read timeout"):
         client(transport).request("POST", "/v1/rollouts", json={})
     assert len(calls) == 1
     transport, calls = scripted((504, {"error": {"message": "gateway timeout"}}, {}), (200, MODELS, {}))
-    with pytest.raises(TeacherError, match="504 gateway timeout"):
+    with pytest.raises(TeacherTimedOut, match="504 gateway timeout"):
         client(transport).request("POST", "/v1/rollouts", json={})
+    assert len(calls) == 1
+    transport, calls = scripted(httpx.ReadTimeout("no answer"), (200, MODELS, {}))
+    pool = TeacherPool(["http://a", "http://b"], retries=3, backoff_seconds=0.001, transport=transport)
+    with pytest.raises(TeacherTimedOut):  # nor to another service of the pool
+        pool.call("request", "POST", "/v1/rollouts", json={})
     assert len(calls) == 1
     transport, calls = scripted(httpx.ReadTimeout("no answer"), (504, {}, {}), (200, MODELS, {}))
     assert client(transport).model_name == "/models/m" and len(calls) == 3  # a GET is sent again
+
+
+def test_waiting_out_a_busy_teacher_spends_no_retry():
+    busy = (429, {"error": {"message": "busy"}}, {"Retry-After": "0"})
+    starting = (503, {"error": {"message": "starting"}}, {"Retry-After": "0"})
+    transport, calls = scripted(*[busy] * 6, starting, starting, (200, MODELS, {}))
+    assert client(transport, retries=2).model_name == "/models/m" and len(calls) == 9
 
 
 def test_a_4xx_is_rejected_at_once_with_the_field():
