@@ -75,7 +75,7 @@ def run_command(
     from services.trainer.training import TrainingError, train as train_adapter
     from shared.datasets import DatasetError, load_problems
     from shared.settings import CurationConfig, Settings
-    from shared.storage import PairStore
+    from shared.storage import PairStore, replace_atomically
 
     settings = Settings()
     try:
@@ -159,7 +159,7 @@ def run_command(
         else:
             adapter_report = evaluate_with_progress(held_out, engine, evaluation, [str(adapter_dir)], label)
     report = combine_reports([base_report, adapter_report])
-    eval_path.write_text(report.model_dump_json(indent=1))
+    replace_atomically(eval_path, report.model_dump_json(indent=1))
 
     print_funnel(funnel, pairs_dir)
     console.print(f"training: {result.steps} steps on {result.num_pairs} pairs, final loss {result.final_loss:.4f}")
