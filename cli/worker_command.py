@@ -38,7 +38,7 @@ def worker_train(
     from cli.runtime import fail
     from services.trainer import jobs
     from services.trainer.queues import KINDS, make_worker
-    from services.trainer.records import connect
+    from shared.workers import connect_redis
     from services.trainer.settings import TrainerSettings
     from shared.models import default_model_dir, is_default_model
 
@@ -54,7 +54,7 @@ def worker_train(
         subprocess.run([sys.executable, "-m", "cli.main", "model", "pull"], check=True)
     logging.getLogger("ssb").setLevel(log_level.upper())
     jobs.configure(settings)
-    worker = make_worker(settings, tuple(dict.fromkeys(queue)), connect(settings.redis_url))
+    worker = make_worker(settings, tuple(dict.fromkeys(queue)), connect_redis(settings.redis_url))
     worker.work(burst=burst, logging_level=log_level.upper())
 
 

@@ -72,9 +72,16 @@ def field_path(location) -> str:
     return ".".join(str(part) for part in location if part not in ("body", "query", "path"))
 
 
-def register_error_handlers(app: FastAPI, log: logging.Logger, *, retry_after_seconds: int | None = None) -> None:
+def register_error_handlers(
+    app: FastAPI,
+    log: logging.Logger,
+    *,
+    retry_after_seconds: int | None = None,
+    unavailable: tuple[type[Exception], ...] = (),
+) -> None:
     """Every error in one envelope: bad fields 422 (named), refusals by their status (429 with Retry-After when
-    `retry_after_seconds` is given), HTTP errors by theirs, unexpected ones 500 (logged with their traceback)."""
+    `retry_after_seconds` is given), HTTP errors by theirs, the `unavailable` errors (a store the service needs is
+    unreachable) 503 with Retry-After, unexpected ones 500 (logged with their traceback)."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid_fields(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,6 +97,14 @@ def register_error_handlers(app: FastAPI, log: logging.Logger, *, retry_after_se
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+
+    async def dependency_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("%s on %s: %s", type(exc).__name__, request.url.path, exc)
+        message = f"the service cannot reach what it stores its state in ({type(exc).__name__}); try again shortly"
+        return error_response(503, message, "unavailable", headers={"Retry-After": "5"})
+
+    for error in unavailable:
+        app.add_exception_handler(error, dependency_down)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

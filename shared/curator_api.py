@@ -21,6 +21,8 @@ from shared.teacher_api import ADAPTER_NAME_PATTERN
 
 FINAL_STATES: tuple[str, ...] = ("paired", *get_args(DropReason), "failed", "cancelled")
 DatasetState = Literal["queued", "running", "done", "cancelled"]
+DATASET_ID_PATTERN = r"^ds-[0-9a-f]{12}$"
+DATASET_NAME_MAX_LENGTH = 200
 
 
 class DatasetOptions(CurationConfig):
@@ -71,8 +73,10 @@ class NewDatasetOptions(DatasetOptions):
 class DatasetRows(BaseModel):
     """A dataset sent as JSON: rows as in a JSONL file (`question` or `problem`, `answer`, optional `id`)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     rows: list[Any] = Field(min_length=1, description="The problems, one object each.")
-    name: str | None = Field(default=None, max_length=200, description="A label for listings.")
+    name: str | None = Field(default=None, max_length=DATASET_NAME_MAX_LENGTH, description="A label for listings.")
     options: NewDatasetOptions = Field(default_factory=NewDatasetOptions)
 
 

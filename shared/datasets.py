@@ -194,6 +194,9 @@ def _jsonl_rows(raw: bytes) -> Iterator[_Row]:
         except RecursionError:  # json's decoder recurses once per level of [ or {; no problem row is this deep
             yield _Row(str(number), number, error="JSON nested too deeply to read")
             continue
+        except ValueError:  # the one other error json.loads raises: an integer over Python's conversion limit
+            yield _Row(str(number), number, error="unreadable JSON: a number of more than 4300 digits")
+            continue
         yield _Row(str(number), number, data=data)
 
 
@@ -305,6 +308,10 @@ def _row_to_problem(row: _Row, default_stem: str, source_prefix: str) -> Problem
     source = data.get("source")
     if not isinstance(source, str) or not source:
         source = f"{source_prefix}:{row.label}"
+    try:
+        source.encode("utf-8")  # the schema refuses a lone surrogate ("\ud800") in the other fields, not in this one
+    except UnicodeEncodeError as exc:
+        return f"'source': a lone surrogate (character {exc.start + 1}) is not valid Unicode"
     try:
         return Problem(id=problem_id, question=question, answer=answer, source=source)
     except ValidationError as exc:  # what the checks above leave to the schema, e.g. a lone surrogate ("\ud800")

@@ -220,15 +220,23 @@ _EXTRACTORS = {
 }
 
 
+def check_extraction_order(order: Sequence[str]) -> tuple[str, ...]:
+    """`order` as a tuple; a ValueError when it names no strategy or one that does not exist."""
+    if isinstance(order, str) or not order:
+        raise ValueError(f"an extraction order names one or more of {list(EXTRACTION_STRATEGIES)}, got {order!r}")
+    unknown = [name for name in order if name not in _EXTRACTORS]
+    if unknown:
+        raise ValueError(f"unknown extraction strategies {unknown}; known: {list(EXTRACTION_STRATEGIES)}")
+    return tuple(order)
+
+
 def extract_final_answer(response: str, order: Sequence[str] = DEFAULT_EXTRACTION_ORDER) -> str | None:
     """The final answer in a model's response, by the first strategy in `order` that finds a non-empty one.
 
     Strategies are named in `EXTRACTION_STRATEGIES` and described in the module docstring. Returns None when none finds
     anything. Raises ValueError for an unknown strategy name (a configuration error, not a grading outcome).
     """
-    unknown = [name for name in order if name not in _EXTRACTORS]
-    if unknown:
-        raise ValueError(f"unknown extraction strategies {unknown}; known: {list(EXTRACTION_STRATEGIES)}")
+    check_extraction_order(order)
     if not isinstance(response, str):
         return None
     for name in order:

@@ -6,11 +6,18 @@ services send them over the wire. Pure pydantic: no torch, no vLLM.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 PROBLEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+# The bounds of one generation's settings, shared by every configuration that builds them, so a bad value is refused
+# where it is given (a CLI flag, an upload's options) rather than when the first engine call is made.
+Temperature = Annotated[float, Field(ge=0.0, le=5.0)]
+TopK = Annotated[int, Field(ge=-1, le=1_048_576)]
+MaxTokens = Annotated[int, Field(ge=1, le=32768)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class Problem(BaseModel):
@@ -35,13 +42,11 @@ class SamplingSettings(BaseModel):
     """How one generation is sampled. `logprobs` asks for the top-k log-probabilities of every generated token."""
 
     n: int = Field(default=1, ge=1, le=64, description="Samples per prompt.")
-    temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 means greedy.")
-    top_k: int = Field(default=-1, ge=-1, le=1_048_576, description="Sample among the k most likely; -1 (or 0) all.")
+    temperature: Temperature = Field(default=0.0, description="0 means greedy.")
+    top_k: TopK = Field(default=-1, description="Sample among the k most likely; -1 (or 0) all.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: the smallest set with this mass.")
-    max_tokens: int = Field(default=512, ge=1, le=32768, description="Most tokens to generate.")
-    seed: int | None = Field(
-        default=None, ge=-(2**63), le=2**63 - 1, description="Per-request seed, for reproducible samples."
-    )
+    max_tokens: MaxTokens = Field(default=512, description="Most tokens to generate.")
+    seed: Seed | None = Field(default=None, description="Per-request seed, for reproducible samples.")
     logprobs: int | None = Field(default=None, ge=1, le=256, description="Top-k log-probabilities per token.")
 
 

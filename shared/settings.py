@@ -11,11 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared.grading import DEFAULT_EXTRACTION_ORDER
-from shared.schemas import SamplingSettings
+from shared.grading import DEFAULT_EXTRACTION_ORDER, check_extraction_order
+from shared.schemas import MaxTokens, SamplingSettings, Seed, Temperature, TopK
+
+# Answer extraction strategies, first match wins: at least one, each a known one.
+ExtractionOrder = Annotated[tuple[str, ...], AfterValidator(check_extraction_order)]
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -55,8 +58,9 @@ class ServiceSettings(Settings):
     )
     key_prefix: str = Field(
         default="ssb",
-        pattern=r"^[A-Za-z0-9_.-]+$",
-        description="Prefix of every Redis key and queue name, so several deployments (or tests) share one Redis.",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Prefix of every Redis key, queue name and job id, so several deployments (or tests) share one "
+        "Redis: letters, digits, `_` and `-` (the characters RQ allows in a job id).",
     )
     data_dir: Path = Field(
         default=Path("ssb-data"),
@@ -125,12 +129,12 @@ class CurationConfig(BaseModel):
     """One curation run (steps 1-5 of SSB). Defaults follow the paper where it gives one."""
 
     k: int = Field(default=4, ge=2, le=64, description="Rollouts per problem (paper: 4).")
-    rollout_temperature: float = Field(default=0.8, ge=0.0, description="Rollout sampling temperature (paper: 0.8).")
-    rollout_top_k: int = Field(default=50, ge=-1, description="Rollout top-k sampling (paper: 50; -1 is off).")
+    rollout_temperature: Temperature = Field(default=0.8, description="Rollout sampling temperature (paper: 0.8).")
+    rollout_top_k: TopK = Field(default=50, description="Rollout top-k sampling (paper: 50; -1 is off).")
     rollout_top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Rollout nucleus sampling.")
-    rollout_max_tokens: int = Field(default=512, ge=1, description="Longest rollout, in tokens.")
-    explanation_temperature: float = Field(default=0.4, ge=0.0, description="Hinted explanation temperature (paper: 0.4).")
-    explanation_max_tokens: int = Field(default=768, ge=1, description="Longest explanation, in tokens.")
+    rollout_max_tokens: MaxTokens = Field(default=512, description="Longest rollout, in tokens.")
+    explanation_temperature: Temperature = Field(default=0.4, description="Hinted explanation temperature (paper: 0.4).")
+    explanation_max_tokens: MaxTokens = Field(default=768, description="Longest explanation, in tokens.")
     explanation_attempts: int = Field(
         default=1,
         ge=1,
@@ -139,9 +143,9 @@ class CurationConfig(BaseModel):
         "ends with the gold answer becomes the pair (paper: 1). Each attempt costs one explanation's tokens.",
     )
     topk: int = Field(default=20, ge=1, le=256, description="Teacher log-probabilities kept per explanation token.")
-    seed: int = Field(default=0, description="Seeds sampling and the tie-breaking draws.")
+    seed: Seed = Field(default=0, description="Seeds sampling and the tie-breaking draws.")
     worked_example: bool = Field(default=False, description="Put one worked example turn before every question.")
-    extraction_order: tuple[str, ...] = Field(
+    extraction_order: ExtractionOrder = Field(
         default=DEFAULT_EXTRACTION_ORDER, description="How final answers are pulled from text, first match wins."
     )
     # 64 rather than 32: the demo's curation 1.10-1.16x faster (fewer engine calls, each ending with a few long

@@ -46,7 +46,7 @@ def write_once(path: Path, data: bytes) -> bool:
             os.link(tmp, path)
         except FileExistsError:
             return False
-        _fsync_dir(path.parent)
+        sync_directory(path.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)
@@ -59,7 +59,7 @@ def replace_atomically(path: Path, text: str) -> Path:
     tmp = _temporary_on_disk(path, text.encode("utf-8"))
     try:
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -79,7 +79,8 @@ def _temporary_on_disk(path: Path, data: bytes) -> Path:
     return tmp
 
 
-def _fsync_dir(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
+    """Flush a directory's entries to disk, so a file created or renamed in it survives a crash of the machine."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,5 +1,5 @@
-"""What the curator's and the trainer's RQ workers share: a job's process neither outlives its worker nor dies
-unreported.
+"""What the curator's and the trainer's RQ workers share: a Redis client that cannot hang, and a job's process that
+neither outlives its worker nor dies unreported.
 
 RQ runs a job in a forked process (its "work horse"). That process does not die with its worker: a worker killed
 (SIGKILL, the OOM killer) leaves it running on its own, and once the worker's heartbeat lapses another worker takes
@@ -16,10 +16,19 @@ import os
 import signal
 import sys
 
+import redis
 from rq import Worker
 from rq.callbacks import execute_failure_callback
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+# Redis errors a service answers with 503 (try again later) rather than 500.
+REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def connect_redis(redis_url: str) -> redis.Redis:
+    """A Redis client with bounded waits: a lost Redis is an error, not a hang (an RQ worker raises the read timeout
+    of its own connection above its blocking dequeue's)."""
+    return redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30)
 
 
 class JobProcessDied(RuntimeError):

@@ -21,6 +21,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from services.curator.service import CurationOverview, CuratorService
@@ -36,6 +37,7 @@ from services.http import (
     require_bearer_key,
 )
 from shared.curator_api import (
+    DATASET_NAME_MAX_LENGTH,
     DatasetCreated,
     DatasetList,
     DatasetOptions,
@@ -45,10 +47,12 @@ from shared.curator_api import (
     DatasetStatus,
 )
 from shared.datasets import DatasetError, parse_problem_file, parse_problem_rows
+from shared.workers import REDIS_UNAVAILABLE
 
 log = logging.getLogger("ssb.curator")
 
 ERROR_RESPONSES = error_responses(401, 404, 413, 422, 503)
+FORM_PARTS = ("file", "options", "name")
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -58,10 +62,11 @@ UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
+                    "additionalProperties": False,
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "A .jsonl or .parquet file."},
                         "options": {"type": "string", "description": "DatasetOptions as JSON."},
-                        "name": {"type": "string"},
+                        "name": {"type": "string", "maxLength": DATASET_NAME_MAX_LENGTH},
                     },
                 }
             },
@@ -114,67 +119,99 @@ def curation_metrics(overview: CurationOverview) -> bytes:
 async def create_dataset(request: Request):
     """Upload problems (a JSONL or Parquet file, or JSON rows) with curation options; every problem is queued."""
     problems, options, name = await read_upload(request)
-    return service_of(request).create_dataset(problems, options, name)
+    return await run_in_threadpool(service_of(request).create_dataset, problems, options, name)
 
 
 @router.get("/v1/datasets", response_model=DatasetList, responses=ERROR_RESPONSES, tags=["datasets"])
-async def list_datasets(request: Request):
+def list_datasets(request: Request):
     """Every dataset with its status and funnel, oldest first."""
     return service_of(request).list_datasets()
 
 
 @router.get("/v1/datasets/{dataset_id}", response_model=DatasetStatus, responses=ERROR_RESPONSES, tags=["datasets"])
-async def dataset_status(dataset_id: str, request: Request):
+def dataset_status(dataset_id: str, request: Request):
     """Status, the funnel (its counts add up to the problems), tokens/s, problems/minute and time left."""
     return service_of(request).status(dataset_id)
 
 
 @router.get("/v1/datasets/{dataset_id}/pairs", responses=ERROR_RESPONSES, tags=["datasets"])
-async def dataset_pairs(dataset_id: str, request: Request) -> StreamingResponse:
+def dataset_pairs(dataset_id: str, request: Request) -> StreamingResponse:
     """The verified pairs so far as JSONL, streamed (the format of `ssb pairs export`)."""
     return StreamingResponse(service_of(request).pair_lines(dataset_id), media_type="application/x-ndjson")
 
 
 @router.get("/v1/datasets/{dataset_id}/dropped", responses=ERROR_RESPONSES, tags=["datasets"])
-async def dataset_dropped(dataset_id: str, request: Request) -> StreamingResponse:
+def dataset_dropped(dataset_id: str, request: Request) -> StreamingResponse:
     """The problems that gave no pair, and why, as JSONL."""
     return StreamingResponse(service_of(request).dropped_lines(dataset_id), media_type="application/x-ndjson")
 
 
 @router.delete("/v1/datasets/{dataset_id}", response_model=DatasetStatus, responses=ERROR_RESPONSES, tags=["datasets"])
-async def cancel_dataset(dataset_id: str, request: Request):
+def cancel_dataset(dataset_id: str, request: Request):
     """Cancel what has not started (those problems end `cancelled`); running jobs finish; no training run starts."""
     return service_of(request).cancel(dataset_id)
 
 
 async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | None]:
     """The upload's problems, options and name, all checked; raises ServiceError (413, 422) naming what is wrong."""
-    limit = request.app.state.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ServiceError(413, f"the upload is {int(declared)} bytes; at most {limit}", "too_large")
-    body = await request.body()
-    if len(body) > limit:
-        raise ServiceError(413, f"the upload is {len(body)} bytes; at most {limit}", "too_large")
+    body = await read_body(request, request.app.state.settings.max_upload_bytes)
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise ServiceError(
-                    422, "a multipart upload needs a `file` part (.jsonl or .parquet)", "invalid_request", "file"
-                )
-            options = read_options(form.get("options"))
-            problems = parse_problem_file(await upload.read(), upload.filename or "upload.jsonl")
-            name = form.get("name") or upload.filename
-            return problems, options, str(name) if name else None
+            return await read_form(Request(request.scope, replay(body)))
         rows = DatasetRows.model_validate_json(body)
         check_training_request(rows.options)
-        return parse_problem_rows(rows.rows), rows.options, rows.name
+        return await run_in_threadpool(parse_problem_rows, rows.rows), rows.options, rows.name
     except ValidationError as exc:
         raise validation_refusal(exc) from exc
     except DatasetError as exc:
         raise ServiceError(422, f"the dataset was rejected whole:\n{exc}", "invalid_dataset", "file") from exc
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with 413 as soon as it is over `limit` bytes, whether or not it declared a length
+    (a chunked upload is counted as it arrives, never held whole beyond the limit)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(413, f"the upload is {int(declared)} bytes; at most {limit}", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, f"the upload is over {limit} bytes; at most {limit}", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def replay(body: bytes):
+    """An ASGI `receive` that hands over an already read body, so the form parser can read it again."""
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def read_form(request: Request) -> tuple[list, DatasetOptions, str | None]:
+    """A multipart upload: a `file` part, optional `options` (JSON) and `name`; any other part is refused."""
+    async with request.form() as form:
+        unknown = sorted(set(form.keys()) - set(FORM_PARTS))
+        if unknown:
+            message = f"unknown form parts {unknown}; a multipart upload has {list(FORM_PARTS)}"
+            raise ServiceError(422, message, "invalid_request", unknown[0])
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ServiceError(422, "a multipart upload needs a `file` part (.jsonl or .parquet)", "invalid_request", "file")
+        for part in ("options", "name"):
+            if isinstance(form.get(part), UploadFile):
+                raise ServiceError(422, f"`{part}` is a text part, not a file", "invalid_request", part)
+        options = read_options(form.get("options"))
+        name = form.get("name") or upload.filename
+        if name and len(name) > DATASET_NAME_MAX_LENGTH:
+            message = f"name: at most {DATASET_NAME_MAX_LENGTH} characters, got {len(name)}"
+            raise ServiceError(422, message, "invalid_request", "name")
+        content = await upload.read()
+        problems = await run_in_threadpool(parse_problem_file, content, upload.filename or "upload.jsonl")
+        return problems, options, name or None
 
 
 def read_options(raw: str | None) -> NewDatasetOptions:
@@ -225,7 +262,7 @@ def create_app(settings: CuratorSettings | None = None, service: CuratorService 
     app.include_router(probes(lambda request: service_of(request).readiness_problem(), "Redis answers"))
     app.include_router(router)
     app.state.metrics = RequestMetrics("curator")
-    register_error_handlers(app, log)
+    register_error_handlers(app, log, unavailable=REDIS_UNAVAILABLE)
     require_bearer_key(app, settings.curator_key())
     measure_requests(app, app.state.metrics)
     return app

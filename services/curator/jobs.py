@@ -36,7 +36,7 @@ from shared.schemas import Problem
 from shared.settings import CurationConfig
 from shared.storage import PairStore
 from shared.teacher_client import TeacherPool, TeacherRejected
-from shared.workers import JobProcessWorker
+from shared.workers import JobProcessWorker, connect_redis
 
 log = logging.getLogger("ssb.curator")
 
@@ -49,7 +49,7 @@ RETRY_BACKOFF_SECONDS = (0, 30, 120)
 
 
 def redis_connection(settings: CuratorSettings) -> Redis:
-    return Redis.from_url(settings.redis_url)
+    return connect_redis(settings.redis_url)
 
 
 def curation_queue(settings: CuratorSettings, connection: Redis) -> Queue:
@@ -130,9 +130,9 @@ def curate_with_rejections(
     propagate, so RQ retries the whole job."""
     try:
         return curate(problems, engine, store, config), {}
-    except TeacherRejected:
-        if len(problems) == 1:
-            raise
+    except TeacherRejected as exc:
+        if len(problems) == 1:  # the refusal is this problem's: another attempt would be refused alike
+            return Funnel(problems=1), {problems[0].id: f"the teacher refused the request: {exc.message}"}
     total, failures = Funnel(problems=len(problems)), {}
     for problem in problems:
         try:

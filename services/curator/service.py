@@ -9,6 +9,7 @@ upload leaves nothing in Redis or on disk.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 from rq import Worker
+from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 
 from services.curator.jobs import (
@@ -25,12 +27,18 @@ from services.curator.jobs import (
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from services.curator.settings import CuratorSettings
 from services.errors import ServiceError
-from shared.curator_api import DatasetCreated, DatasetList, DatasetOptions, DatasetStatus
+from shared.curator_api import DATASET_ID_PATTERN, DatasetCreated, DatasetList, DatasetOptions, DatasetStatus
 from shared.datasets import write_problems_jsonl
 from shared.schemas import Problem
-from shared.storage import PairStore
+from shared.storage import PairStore, replace_atomically, sync_directory
 
 NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
+
+
+def is_dataset_id(text: str) -> bool:
+    """Whether `text` has the form of the ids this service gives (`ds-` and 12 hex digits): anything else names no
+    dataset, and never reaches a Redis key (where `<id>:jobs` would name another key of a real dataset)."""
+    return re.fullmatch(DATASET_ID_PATTERN, text) is not None
 
 
 @dataclass
@@ -87,14 +95,15 @@ class CuratorService:
         try:
             staging.mkdir(parents=True)
             write_problems_jsonl(problems, staging / PROBLEMS_FILE)
-            (staging / META_FILE).write_text(meta.model_dump_json(indent=1))
+            replace_atomically(staging / META_FILE, meta.model_dump_json(indent=1))
             os.rename(staging, final)
+            sync_directory(final.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
     def status(self, dataset_id: str) -> DatasetStatus:
-        status = self.ledger.status(dataset_id)
+        status = self.ledger.status(dataset_id) if is_dataset_id(dataset_id) else None
         if status is None:
             raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
         return status
@@ -128,7 +137,7 @@ class CuratorService:
         """Cancel what has not started: queued jobs leave the queue and their problems end `cancelled` (or as a
         previous run stored them); a job already running finishes its problems; a job that starts later finds the
         dataset cancelled. A cancelled dataset starts no training."""
-        meta = self.ledger.meta(dataset_id)
+        meta = self.ledger.meta(dataset_id) if is_dataset_id(dataset_id) else None
         if meta is None:
             raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
         self.ledger.cancel(dataset_id)
@@ -136,7 +145,10 @@ class CuratorService:
         for job in Job.fetch_many(job_ids, connection=self.redis, serializer=self.queue.serializer):
             if job is None or job.get_status() not in NOT_STARTED:
                 continue
-            job.cancel()
+            try:
+                job.cancel()
+            except InvalidJobOperation:  # cancelled meanwhile by a second DELETE of the same dataset
+                continue
             _, problem_ids = job.args
             end_problems(self.settings, self.ledger, meta, problem_ids, "cancelled")
         return self.status(dataset_id)

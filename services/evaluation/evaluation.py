@@ -30,8 +30,9 @@ from rich.table import Table
 from shared.engine import Engine
 from shared.grading import DEFAULT_EXTRACTION_ORDER, grade_response
 from shared.metrics import count_correct, count_ungradeable, mean_accuracy, mean_pass_at_k
-from shared.schemas import Generation, Problem, SamplingSettings
+from shared.schemas import Generation, MaxTokens, Problem, SamplingSettings, Temperature, TopK
 from shared.selection import seeded_rng
+from shared.settings import ExtractionOrder
 
 BASE_NAME = "base"
 
@@ -42,15 +43,15 @@ class EvalConfig(BaseModel):
     samples: int = Field(
         default=1, ge=1, le=64, description="Samples per problem for mean@n; 1 means greedy pass@1 only."
     )
-    temperature: float = Field(default=0.6, gt=0.0, le=5.0, description="Sampling temperature of the n samples.")
+    temperature: Temperature = Field(default=0.6, gt=0.0, description="Sampling temperature of the n samples.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling of the n samples.")
-    top_k: int = Field(default=-1, ge=-1, description="Top-k sampling of the n samples (-1: the whole vocabulary).")
-    max_tokens: int = Field(default=2048, ge=1, description="Longest response, in tokens, greedy and sampled.")
+    top_k: TopK = Field(default=-1, description="Top-k sampling of the n samples (-1: the whole vocabulary).")
+    max_tokens: MaxTokens = Field(default=2048, description="Longest response, in tokens, greedy and sampled.")
     worked_example: bool = Field(
         default=False, description="Put the worked example turn before each question, exactly as in curation."
     )
     seed: int = Field(default=0, description="Per-problem sampling seeds are drawn from it.")
-    extraction_order: tuple[str, ...] = Field(
+    extraction_order: ExtractionOrder = Field(
         default=DEFAULT_EXTRACTION_ORDER, description="How final answers are pulled from responses, first match wins."
     )
     batch_size: int = Field(

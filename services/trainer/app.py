@@ -30,7 +30,6 @@ from services.http import (
     register_error_handlers,
     require_bearer_key,
 )
-from services.trainer.records import connect
 from services.trainer.schemas import (
     EvalCreated,
     EvalRequest,
@@ -44,6 +43,7 @@ from services.trainer.schemas import (
 )
 from services.trainer.service import TrainerOverview, TrainerService
 from services.trainer.settings import TrainerSettings
+from shared.workers import REDIS_UNAVAILABLE, connect_redis
 
 log = logging.getLogger("ssb.trainer")
 
@@ -156,7 +156,7 @@ def create_app(settings: TrainerSettings | None = None, service: TrainerService 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.service = service or TrainerService(settings, connect(settings.redis_url))
+        app.state.service = service or TrainerService(settings, connect_redis(settings.redis_url))
         try:
             yield
         finally:
@@ -174,7 +174,7 @@ def create_app(settings: TrainerSettings | None = None, service: TrainerService 
     app.include_router(probes(lambda request: service_of(request).readiness_problem(), "Redis answers"))
     app.include_router(router)
     app.state.metrics = RequestMetrics("trainer")
-    register_error_handlers(app, log)
+    register_error_handlers(app, log, unavailable=REDIS_UNAVAILABLE)
     require_bearer_key(app, settings.trainer_key())
     measure_requests(app, app.state.metrics)
     return app

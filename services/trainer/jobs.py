@@ -28,8 +28,9 @@ import time
 import uuid
 from pathlib import Path
 
-from services.trainer.records import connect, eval_records, run_records
+from services.trainer.records import eval_records, run_records
 from services.trainer.settings import TrainerSettings
+from shared.workers import connect_redis
 
 log = logging.getLogger("ssb.trainer")
 
@@ -62,7 +63,7 @@ def train_run(run_id: str) -> dict:
     from shared.storage import StorageError
 
     settings = current_settings()
-    connection = connect(settings.redis_url)
+    connection = connect_redis(settings.redis_url)
     runs = run_records(connection, settings.key_prefix)
     run = runs.get(run_id)
     if run is None:
@@ -285,7 +286,7 @@ def evaluate_models(eval_id: str) -> dict:
     from shared.teacher_client import TeacherClient, TeacherRejected
 
     settings = current_settings()
-    connection = connect(settings.redis_url)
+    connection = connect_redis(settings.redis_url)
     evals = eval_records(connection, settings.key_prefix)
     record = evals.get(eval_id)
     if record is None:

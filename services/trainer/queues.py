@@ -15,9 +15,9 @@ hands its job back to the queue at once instead of waiting for the run to end.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
+import uuid
 
 import redis
 from rq import Callback, Queue, Retry
@@ -47,8 +47,8 @@ def open_queue(settings: TrainerSettings, kind: str, connection: redis.Redis) ->
 
 
 def job_id(settings: TrainerSettings, kind: str, record_id: str) -> str:
-    """RQ job ids allow letters, digits, `_` and `-`; the key prefix may hold dots."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{settings.key_prefix}-{kind}-{record_id}")
+    """The one job of a record (RQ job keys are global, so the key prefix keeps deployments apart)."""
+    return f"{settings.key_prefix}-{kind}-{record_id}"
 
 
 def enqueue_training(settings: TrainerSettings, connection: redis.Redis, run_id: str) -> None:
@@ -149,8 +149,9 @@ def make_worker(settings: TrainerSettings, kinds: tuple[str, ...], connection: r
     """A worker on the given queues (in that order of priority) with the settings' heartbeat and maintenance."""
     worker = TrainWorker(
         [open_queue(settings, kind, connection) for kind in kinds],
-        # Named after the deployment, so its keys in Redis say whose worker it is.
-        name=f"{settings.key_prefix}-{socket.gethostname()}-{os.getpid()}",
+        # Named after the deployment, so its keys in Redis say whose worker it is; the random part keeps a restarted
+        # container (same hostname, PID 1 again) from clashing with its own previous life until that key expires.
+        name=f"{settings.key_prefix}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         connection=connection,
         serializer=JSONSerializer,
         job_monitoring_interval=settings.worker_heartbeat_seconds,

@@ -45,11 +45,6 @@ return 1
 FINAL_JSON = [json.dumps(status) for status in FINAL]
 
 
-def connect(redis_url: str) -> redis.Redis:
-    """A Redis client with bounded waits: a lost Redis is an error, not a hang."""
-    return redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30)
-
-
 class Records:
     """One kind of record (`run` or `eval`) under a key prefix."""
 

@@ -102,3 +102,25 @@ def test_the_probes_say_why_the_service_is_not_ready(client):
     assert not_ready.status_code == 503 and not_ready.headers["retry-after"] == "7"
     assert error_of(not_ready) == {"message": "Redis does not answer", "type": "not_ready", "param": None, "code": 503}
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("service", ["curator", "trainer"])
+def test_a_lost_redis_is_a_503_with_retry_after_on_the_real_apps(service):
+    """Redis down is the service's state out of reach, not a bug: 503 and a time to come back, in the envelope."""
+    from tests.teacher_server import free_port
+
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    if service == "curator":
+        from services.curator.app import create_app
+        from services.curator.settings import CuratorSettings
+
+        app, path = create_app(CuratorSettings(redis_url=unreachable)), "/v1/datasets"
+    else:
+        from services.trainer.app import create_app
+        from services.trainer.settings import TrainerSettings
+
+        app, path = create_app(TrainerSettings(redis_url=unreachable)), "/v1/runs"
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get(path)
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert "ConnectionError" in error_of(response)["message"]

@@ -144,11 +144,16 @@ def test_uploaded_bytes_and_rows_report_deep_nesting_and_lone_surrogates_by_row(
     which it turns into a 422 naming the row."""
     deep = ("[" * 200_000 + "]" * 200_000).encode()
     surrogate = rb'{"question": "\ud800", "answer": "1"}'
+    huge_number = b'{"question": "Q", "answer": "1", "note": ' + b"9" * 5000 + b"}"
+    surrogate_source = rb'{"question": "Q", "answer": "1", "source": "x\ud800"}'
+    upload = b"\n".join([row().encode(), deep, surrogate, huge_number, surrogate_source])
     with pytest.raises(DatasetError) as info:
-        parse_problem_file(row().encode() + b"\n" + deep + b"\n" + surrogate, "up.jsonl")
+        parse_problem_file(upload, "up.jsonl")
     assert info.value.errors == [
         "up.jsonl:2: JSON nested too deeply to read",
         "up.jsonl:3: 'question': Input should be a valid string, unable to parse raw data as a unicode string",
+        "up.jsonl:4: unreadable JSON: a number of more than 4300 digits",
+        "up.jsonl:5: 'source': a lone surrogate (character 2) is not valid Unicode",
     ]
     with pytest.raises(DatasetError, match=r"^rows:row 1: 'question': Input should be a valid string"):
         parse_problem_rows([json.loads(row()), {"question": "Q\ud800", "answer": "1"}])

@@ -178,9 +178,22 @@ GOOD = {"question": "What is 2 + 3?", "answer": "5"}
          ["options.train.dataset_id: set by the curator"]),
         ({"files": {"file": ("big.jsonl", (json.dumps(GOOD) + "\n").encode() * (MAX_UPLOAD_BYTES // 30))}},
          413, ["at most 200000"]),
+        # Options a worker could not use: refused at upload, not after four failed attempts of every job.
+        ({"json": {"rows": [GOOD], "options": {"rollout_max_tokens": 40000, "seed": 2**63}}}, 422,
+         ["options.rollout_max_tokens: Input should be less than or equal to 32768", "options.seed"]),
+        ({"json": {"rows": [GOOD], "options": {"extraction_order": ["boxd"]}}}, 422,
+         ["options.extraction_order: Value error, unknown extraction strategies ['boxd']"]),
+        ({"json": {"rows": [GOOD], "option": {"k": 8}}}, 422, ["option: Extra inputs are not permitted"]),
+        ({"files": {"file": ("p.jsonl", json.dumps(GOOD).encode())}, "data": {"option": '{"k": 8}'}}, 422,
+         ["unknown form parts ['option']"]),
+        ({"files": {"file": ("p.jsonl", json.dumps(GOOD).encode())}, "data": {"name": "n" * 201}}, 422,
+         ["name: at most 200 characters"]),
+        ({"files": {"file": ("p.jsonl", b'{"question": "q", "answer": 1, "n": ' + b"9" * 5000 + b"}\n")}}, 422,
+         ["p.jsonl:1: unreadable JSON: a number of more than 4300 digits"]),
     ],
     ids=["bad-json-lines", "duplicate-ids", "parquet-row", "extension", "options", "no-file", "json-rows",
-         "adapter-name", "empty", "misspelt-option", "train-value", "train-field", "train-dataset-id", "too-large"],
+         "adapter-name", "empty", "misspelt-option", "train-value", "train-field", "train-dataset-id", "too-large",
+         "sampling-bounds", "extraction-order", "misspelt-field", "misspelt-part", "long-name", "huge-number"],
 )
 def test_a_malformed_upload_is_rejected_whole_and_leaves_nothing(curator, upload, status, says):
     before = snapshot(curator)
@@ -193,6 +206,17 @@ def test_a_malformed_upload_is_rejected_whole_and_leaves_nothing(curator, upload
     assert snapshot(curator) == before
 
 
+def test_a_chunked_upload_over_the_limit_is_refused_as_it_arrives(curator):
+    """No Content-Length to go by: the body is counted as it arrives."""
+    before = snapshot(curator)
+    chunks = ((json.dumps(GOOD) + "\n").encode() * 100 for _ in range(MAX_UPLOAD_BYTES // 3000 + 10))
+    with curator.client() as http:
+        response = http.post("/v1/datasets", content=chunks, headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413 and "at most 200000" in response.json()["error"]["message"]
+    assert snapshot(curator) == before
+
+
 def test_unknown_ids_auth_and_cancel(curator):
     with curator.client() as http:
         for path in ("/v1/datasets/ds-nope", "/v1/datasets/ds-nope/pairs", "/v1/datasets/ds-nope/dropped"):
@@ -201,8 +225,14 @@ def test_unknown_ids_auth_and_cancel(curator):
         # No worker runs: a cancelled dataset's problems all end `cancelled` at once, and its jobs leave the queue.
         rows = rows_of(make_arithmetic_problems(6, seed=11))
         dataset = http.post("/v1/datasets", json={"rows": rows, "options": {"batch_size": 4}}).json()
+        # An id that names another of the dataset's keys in Redis is no dataset either.
+        for suffix in (":jobs", ":final", ":cancelled"):
+            assert http.get(f"/v1/datasets/{dataset['id']}{suffix}").status_code == 404
+            assert http.delete(f"/v1/datasets/{dataset['id']}{suffix}").status_code == 404
         cancelled = http.delete(f"/v1/datasets/{dataset['id']}").json()
+        again = http.delete(f"/v1/datasets/{dataset['id']}")
     assert cancelled["state"] == "cancelled" and cancelled["funnel"]["cancelled"] == 6
+    assert again.status_code == 200 and again.json()["funnel"] == cancelled["funnel"]
     with curator.client(key=None) as anonymous:
         assert anonymous.get("/v1/datasets").status_code == 401
         assert anonymous.get("/healthz").status_code == 200
@@ -275,11 +305,15 @@ def test_a_problem_the_teacher_refuses_fails_alone_with_its_reason(curator):
     options = {**CURATION_CONFIG, "k": 2, "seed": 13, "rollout_max_tokens": 64, "explanation_max_tokens": 64}
     with curator.client() as http:
         dataset = http.post("/v1/datasets", json={"rows": problems, "options": options}).json()
+        # A job of that problem alone fails it at once: no retry (30 s, then 120 s later) would be answered otherwise.
+        alone = http.post("/v1/datasets", json={"rows": [problems[1]], "options": options}).json()
     curator.start_worker()
     status = curator.wait_done(dataset["id"], timeout=300)
+    alone_status = curator.wait_done(alone["id"], timeout=25)
     curator.stop_workers()
     assert status["funnel"]["failed"] == 1 and status["funnel"]["queued"] == status["funnel"]["running"] == 0
     (failure,) = status["failures"]
     assert failure["problem_id"] == problems[1]["id"] and "exceed the context length" in failure["reason"]
+    assert alone_status["failures"] == [failure]
     store = PairStore(curator.data_dir / "datasets" / dataset["id"])
     assert store.outcome(problems[0]["id"]) is not None and store.outcome(problems[2]["id"]) is not None

@@ -20,8 +20,8 @@ import pytest
 import redis
 
 from services.trainer.jobs import AdapterNameTaken, publish_adapter, queue_evaluation_after
-from services.trainer.records import connect
 from services.trainer.settings import TrainerSettings
+from shared.workers import connect_redis
 from tests.redis_server import delete_keys, redis_url
 from tests.services.trainer.test_service import start_api, stop, wait_ready
 
@@ -32,7 +32,7 @@ DATASET = "stand-in"
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """The trainer API on a free port, and settings that reach its Redis records and directories."""
-    connection = connect(REDIS_URL)
+    connection = connect_redis(REDIS_URL)
     try:
         connection.ping()
     except redis.RedisError:

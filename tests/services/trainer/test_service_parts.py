@@ -12,9 +12,10 @@ import uuid
 import pytest
 import redis
 
-from services.trainer.records import connect, run_records
+from services.trainer.records import run_records
 from services.trainer.schemas import RunRequest
 from services.trainer.service import rollout_adapter_of, stream_tar_gz
+from shared.workers import connect_redis
 from tests.redis_server import redis_url
 
 REDIS_URL = redis_url(13)
@@ -22,7 +23,7 @@ REDIS_URL = redis_url(13)
 
 @pytest.fixture
 def runs():
-    connection = connect(REDIS_URL)
+    connection = connect_redis(REDIS_URL)
     records = run_records(connection, f"test-parts-{uuid.uuid4().hex[:8]}")
     try:
         connection.ping()
@@ -103,7 +104,7 @@ def test_a_worker_counts_a_job_abandoned_after_three_heartbeats_and_looks_every_
         redis_url=REDIS_URL, key_prefix=f"test-parts-{uuid.uuid4().hex[:8]}", worker_heartbeat_seconds=2,
         maintenance_interval_seconds=7,
     )
-    connection = connect(REDIS_URL)
+    connection = connect_redis(REDIS_URL)
     worker = make_worker(settings, ("train", "eval"), connection)
     job = Job.create("services.trainer.jobs.train_run", args=("r",), connection=connection, timeout=86_400)
     assert worker.get_heartbeat_ttl(job) == 6  # RQ's own: min(timeout left, monitoring interval) + 60
@@ -139,12 +140,12 @@ def busy_worker():
 
     key_prefix = f"test-parts-{uuid.uuid4().hex[:8]}"
     settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=key_prefix)
-    connection = connect(REDIS_URL)
+    connection = connect_redis(REDIS_URL)
     env = {**os.environ, "SSB_REDIS_URL": REDIS_URL, "SSB_KEY_PREFIX": key_prefix, "SSB_WORKER_HEARTBEAT_SECONDS": "1"}
     code = (
-        "from services.trainer.queues import make_worker; from services.trainer.records import connect; "
+        "from services.trainer.queues import make_worker; from shared.workers import connect_redis; "
         "from services.trainer.settings import TrainerSettings; s = TrainerSettings(); "
-        "make_worker(s, ('train',), connect(s.redis_url)).work()"
+        "make_worker(s, ('train',), connect_redis(s.redis_url)).work()"
     )
     family = []
     try:
