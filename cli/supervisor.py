@@ -89,6 +89,7 @@ class Supervisor:
         self._print_lock = threading.Lock()
         self._readers: list[threading.Thread] = []
         self._stopping = False
+        self._output_lost = False
 
     def __enter__(self) -> Supervisor:
         return self
@@ -97,9 +98,16 @@ class Supervisor:
         self.stop()
 
     def say(self, name: str, text: str) -> None:
+        """One prefixed line out; once the output is gone (a closed terminal, a dead pipe) lines are dropped, so that
+        neither stopping the processes nor draining their output depends on it."""
         with self._print_lock:
-            self.out.write(f"{name:<{self._width}} | {text}\n")
-            self.out.flush()
+            if self._output_lost:
+                return
+            try:
+                self.out.write(f"{name:<{self._width}} | {text}\n")
+                self.out.flush()
+            except (OSError, ValueError):  # EIO, EPIPE; ValueError: the stream was closed
+                self._output_lost = True
 
     def start(self, ready_timeout: float = 60.0) -> None:
         """Start every process in order; after one marked `ready_before_the_rest`, wait until it is ready."""

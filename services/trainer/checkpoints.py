@@ -2,11 +2,14 @@
 
     checkpoints/step-<N>/      adapter, optimizer and scheduler states, each process's RNG states, state.json
     training_config.json       the TrainConfig (teacher resolved), model, pairs directory and number of pairs
+    pair_ids.txt               the ids of the pairs the run trains on, one a line
     metrics.jsonl              one line per logged step (written by the loop; trimmed here on resume)
 
 A checkpoint is written into a hidden temporary directory and renamed when complete, so a run killed mid-write never
-leaves one that looks complete. `load_checkpoint` refuses to continue a run whose settings (other than
-`RESUMABLE_CHANGES`), pairs or number of processes changed: the resumed run would not compute the same thing.
+leaves one that looks complete. A resumed run trains on the pairs in `pair_ids.txt`, not on what the directory holds
+now (a run started while curation still wrote pairs resumes as it began). `load_checkpoint` refuses to continue a run
+whose settings (other than `RESUMABLE_CHANGES`), pairs or number of processes changed: the resumed run would not
+compute the same thing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,20 @@ from services.trainer.plots import read_metrics
 from shared.storage import replace_atomically
 
 CHECKPOINT_PREFIX = "step-"
+
+
+PAIR_IDS_FILE = "pair_ids.txt"
+
+
+def write_pair_ids(out_dir: Path, problem_ids: Sequence[str]) -> None:
+    """Record the pairs a run trains on, for its resumes."""
+    replace_atomically(out_dir / PAIR_IDS_FILE, "".join(f"{problem_id}\n" for problem_id in problem_ids))
+
+
+def read_pair_ids(out_dir: Path) -> list[str] | None:
+    """The pairs a run started on, or None for a run that did not record them (one of an earlier version)."""
+    path = out_dir / PAIR_IDS_FILE
+    return path.read_text().split() if path.exists() else None
 
 
 def digest_of(problem_ids: Sequence[str]) -> str:

@@ -39,7 +39,8 @@ def resolve_teacher(teacher: str, temperature: float) -> Literal["stored", "onli
 class TrainConfig(BaseModel):
     """One LoRA distillation run: the student matches the hinted teacher on the explanation tokens."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Python's JSON reads `Infinity` and `NaN`: a learning rate of infinity would train to NaN.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     # LoRA
     rank: int = Field(default=32, ge=1, description="LoRA rank r (paper: 32).")
@@ -149,7 +150,7 @@ class TrainConfig(BaseModel):
         if isinstance(data, dict) and data.get("teacher", "auto") == "auto":
             try:
                 temperature = float(data.get("temperature", cls.model_fields["temperature"].default))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
                 return data  # the temperature's own validation reports it
             data = {**data, "teacher": resolve_teacher("auto", temperature)}
         return data

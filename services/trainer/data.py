@@ -135,15 +135,27 @@ def build_example(pair: Pair, *, teacher: Literal["stored", "online"] = "stored"
     )
 
 
-def load_examples(pairs_dir: str | Path, *, teacher: Literal["stored", "online"] = "stored") -> list[TrainExample]:
-    """Every pair of a curation output directory, in problem-id order, as training examples.
+def load_examples(
+    pairs_dir: str | Path,
+    *,
+    teacher: Literal["stored", "online"] = "stored",
+    problem_ids: Sequence[str] | None = None,
+) -> list[TrainExample]:
+    """Every pair of a curation output directory (or only those of `problem_ids`: the pairs a resumed run started
+    on), in problem-id order, as training examples.
 
-    Raises PairDataError for a directory without pairs, a pair that cannot be trained on (`build_example`: no tokens, a
-    stored top-k of the wrong shape or with values that are no log-probabilities), or top-k widths that differ between
-    pairs (one run trains on one width).
+    Raises PairDataError for a directory without pairs, a pair of `problem_ids` that is gone, a pair that cannot be
+    trained on (`build_example`: no tokens, a stored top-k of the wrong shape or with values that are no
+    log-probabilities), or top-k widths that differ between pairs (one run trains on one width).
     """
     store = pair_store(pairs_dir)
-    examples = [build_example(store.load_pair(problem_id), teacher=teacher) for problem_id in store.pair_ids()]
+    if problem_ids is None:
+        problem_ids = store.pair_ids()
+    else:
+        missing = [problem_id for problem_id in problem_ids if not store.pair_path(problem_id).exists()]
+        if missing:
+            raise PairDataError(f"{store.root}: the run trained on pairs that are gone: {', '.join(missing[:5])}")
+    examples = [build_example(store.load_pair(problem_id), teacher=teacher) for problem_id in sorted(problem_ids)]
     if teacher == "stored":
         widths = {e.topk_ids.shape[1]: e.problem_id for e in examples}
         if len(widths) > 1:

@@ -202,14 +202,22 @@ def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str, publisher: d
             f"was left as it is, and the run's adapter stays in {run_dir}"
         )
     tmp = adapters_dir / f".{run_id}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    for name in ADAPTER_FILES:
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, tmp / name)
-    (tmp / PUBLISHED_BY).write_text(json.dumps(publisher) + "\n")
-    if final.exists():
-        shutil.rmtree(final)  # an earlier attempt published the same adapter, then died before marking the run
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        for name in ADAPTER_FILES:
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, tmp / name)
+        (tmp / PUBLISHED_BY).write_text(json.dumps(publisher) + "\n")
+        if final.exists():  # an earlier attempt published the same adapter, then died before marking the run:
+            # moved aside whole, not emptied in place, so a teacher loading it meanwhile never reads half of it
+            old = adapters_dir / f".{run_id}.{uuid.uuid4().hex}.old"
+            os.rename(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when something above failed
     return final
 
 

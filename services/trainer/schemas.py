@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from services.trainer.config import TrainConfig
 from shared.datasets import BENCHMARKS
-from shared.schemas import PROBLEM_ID_PATTERN
+from shared.schemas import PROBLEM_ID_PATTERN, MaxTokens, Temperature
 
 # Run ids name the run's adapter in the adapters directory (and so the teacher's LoRA) and its RQ job: no dots.
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -44,8 +44,8 @@ class EvalOptions(BaseModel):
 
     limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N problems.")
     samples: int = Field(default=1, ge=1, le=64, description="Samples per problem for mean@n; 1: greedy pass@1 only.")
-    temperature: float = Field(default=0.6, gt=0.0, le=5.0, description="Sampling temperature of the n samples.")
-    max_tokens: int = Field(default=2048, ge=1, le=32_768, description="Longest response, in tokens.")
+    temperature: Temperature = Field(default=0.6, gt=0.0, description="Sampling temperature of the n samples.")
+    max_tokens: MaxTokens = Field(default=2048, description="Longest response, in tokens.")
     seed: int = Field(default=0, ge=0, description="Per-problem sampling seeds are drawn from it.")
     worked_example: bool | None = Field(
         default=None,

@@ -42,7 +42,7 @@ from services.trainer.schemas import (
     unknown_benchmark_message,
 )
 from services.trainer.settings import TrainerSettings
-from shared.datasets import BENCHMARKS, DatasetError, load_problems
+from shared.datasets import BENCHMARKS, DatasetError, parse_problem_rows, write_problems_jsonl
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
 REPORT_NAME = "report.json"
@@ -135,11 +135,15 @@ class TrainerService:
                                    "not_found", param)
         else:
             given, param = Path(request.pairs_dir), "pairs_dir"
-            directory = (given if given.is_absolute() else data_dir / given).resolve()
+            try:
+                directory = (given if given.is_absolute() else data_dir / given).resolve()
+                exists = directory.is_dir()
+            except (ValueError, OSError) as exc:  # a NUL byte; a name longer than the filesystem allows
+                raise ServiceError(422, f"pairs_dir is not a usable path: {exc}", "invalid_request", param) from exc
             if not directory.is_relative_to(data_dir):
                 raise ServiceError(422, f"pairs_dir must lie inside the data directory {data_dir}", "invalid_request",
                                    param)
-            if not directory.is_dir():
+            if not exists:
                 raise ServiceError(404, f"no directory {directory}", "not_found", param)
         pairs = directory / "pairs"
         if not pairs.is_dir() or not any(pairs.glob("*.safetensors")):
@@ -171,9 +175,11 @@ class TrainerService:
         """A run whose job RQ failed without the job recording it (its work horse killed with no retries left) is
         failed. A run not final whose job RQ counts finished, with no worker on it, is queued again (it resumes from
         its newest checkpoint): an attempt superseded by a later one ends its job as finished, which leaves the job
-        to nobody should the later attempt's process then die."""
+        to nobody should the later attempt's process then die. A run not final with no job at all (the service died,
+        or Redis failed, between recording the run and queueing it) is queued (the job id makes that happen once)."""
         job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
         if job is None:
+            queues.enqueue_training(self.settings, self.redis, run_id)
             return record
         status = job.get_status(refresh=False)
         if status in ("failed", "stopped", "canceled"):
@@ -303,7 +309,9 @@ class TrainerService:
             raise not_found("evaluation", eval_id)
         if record.get("status") not in FINAL:
             job = queues.fetch_job(self.settings, self.redis, queues.EVAL, eval_id)
-            if job is not None and job.get_status(refresh=False) in ("failed", "stopped", "canceled"):
+            if job is None:  # recorded, never queued: the service died, or Redis failed, in between
+                queues.enqueue_evaluation(self.settings, self.redis, eval_id)
+            elif job.get_status(refresh=False) in ("failed", "stopped", "canceled"):
                 self.evals.advance(eval_id, status="failed", error=record.get("error") or "the evaluation job failed")
                 record = self.evals.get(eval_id) or record
         report_path = self.settings.evals_dir() / eval_id / REPORT_NAME
@@ -336,18 +344,13 @@ def rollout_adapter_of(directory: Path) -> str | None:
 
 
 def write_uploaded_problems(request: EvalRequest, path: Path) -> None:
-    """Write uploaded problems as a problem file and read it back with the one loader, which names bad rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [p.model_dump(exclude_none=True) for p in request.problems]
-    for position, row in enumerate(rows):
-        row.setdefault("id", f"p{position}")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    """Check uploaded problems by the one loader's rules (errors name `problems:row N`, from 0), then write them as a
+    problem file: a refused upload writes nothing."""
     try:
-        load_problems(path)
+        problems = parse_problem_rows([p.model_dump(exclude_none=True) for p in request.problems], where="problems")
     except DatasetError as exc:
-        raise ServiceError(422, f"problems: {exc}", "invalid_request", "problems") from exc
+        raise ServiceError(422, str(exc), "invalid_request", "problems") from exc
+    write_problems_jsonl(problems, path)
 
 
 def stream_tar_gz(directory: Path, arcname: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:

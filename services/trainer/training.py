@@ -30,6 +30,7 @@ Output directory:
 
     adapter_config.json, adapter_model.safetensors    the LoRA adapter (peft `save_pretrained`; vLLM loads it too)
     training_config.json                              the TrainConfig, model, pairs directory and number of pairs
+    pair_ids.txt                                      the pairs trained on (a resume trains on these)
     metrics.jsonl                                     one line per optimizer step (see StepMetrics)
     training_curve.png                                loss, gradient norm and explanation length against step
     checkpoints/step-<N>/                             adapter, optimizer, scheduler, RNG states and position
@@ -59,7 +60,9 @@ from services.trainer.checkpoints import (
     last_logged_loss,
     latest_checkpoint,
     load_checkpoint,
+    read_pair_ids,
     save_checkpoint,
+    write_pair_ids,
     write_training_config,
 )
 from services.trainer.config import TrainConfig, TrainingError  # TrainingError: callers import it from here too
@@ -167,7 +170,8 @@ def train(
             f"nothing to resume: no complete checkpoint in {checkpoints_dir}; train again in a new output directory "
             "(or after deleting this one)"
         )
-    examples = load_examples(pairs_dir, teacher=config.teacher)
+    started_on = read_pair_ids(out_dir) if checkpoint is not None else None
+    examples = load_examples(pairs_dir, teacher=config.teacher, problem_ids=started_on)
     steps_per_epoch = count_steps_per_epoch(len(examples), config, accelerator.num_processes)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -213,6 +217,8 @@ def train(
         write_training_config(
             out_dir, config, model_path, pairs_dir, len(examples), total_steps, accelerator.num_processes
         )
+        if started_on is None:
+            write_pair_ids(out_dir, [e.problem_id for e in examples])
     accelerator.wait_for_everyone()
 
     # --- Train -------------------------------------------------------------------------------------------------

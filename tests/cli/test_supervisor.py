@@ -90,6 +90,24 @@ horse.wait()  # a warm shutdown: SIGTERM leaves this process waiting for its hor
 """
 
 
+class LostTerminal(io.StringIO):
+    """The output of `ssb up` after its terminal closed: every write fails with EIO."""
+
+    def write(self, text: str) -> int:
+        raise OSError(5, "Input/output error")
+
+
+def test_processes_are_stopped_when_the_output_is_gone():
+    """The terminal closes (SSH dropped): stopping must not depend on printing, and output is still drained."""
+    supervisor = Supervisor([ProcessSpec("stubborn", python(STUBBORN))], out=LostTerminal(), stop_timeout=1.0)
+    supervisor.start()
+    wait_for(lambda: len(family(supervisor)) == 2)
+    processes = family(supervisor)
+    supervisor.stop()
+    gone, alive = psutil.wait_procs(processes, timeout=5)
+    assert alive == []
+
+
 def test_a_child_in_a_group_of_its_own_is_killed_with_its_session():
     """RQ forks each job's work horse into a new process group, and a worker's warm shutdown waits for it: SIGTERM to
     the worker's group misses the horse, so what is left of the whole session is SIGKILLed."""

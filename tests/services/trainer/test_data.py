@@ -82,6 +82,10 @@ def test_load_examples_in_id_order(tmp_path):
     for name in ("b", "a", "c"):
         store.write_pair(make_pair(name))
     assert [e.problem_id for e in load_examples(tmp_path)] == ["a", "b", "c"]
+    # The pairs a resumed run started on, and only those; one that is gone is named.
+    assert [e.problem_id for e in load_examples(tmp_path, problem_ids=["c", "a"])] == ["a", "c"]
+    with pytest.raises(PairDataError, match="pairs that are gone: gone"):
+        load_examples(tmp_path, problem_ids=["a", "gone"])
 
 
 def test_clear_errors(tmp_path):

@@ -124,7 +124,14 @@ def test_publishing_replaces_only_the_runs_own_adapter(tmp_path):
         with pytest.raises(AdapterNameTaken, match=str(taken)):
             publish_adapter(run_dir, adapters, taken.name, {**publisher, "run_id": taken.name})
         assert {path.name: path.read_bytes() for path in taken.iterdir()} == before
-    assert not list(adapters.glob(".*.tmp"))  # no half-published copy left behind
+    # A copy that fails midway (here a weights "file" that is a folder) publishes nothing and leaves nothing.
+    broken = place_adapter(tmp_path / "runs" / "r2", {"model": "m"})
+    (broken / "adapter_model.safetensors").unlink()
+    (broken / "adapter_model.safetensors").mkdir()
+    with pytest.raises(OSError):
+        publish_adapter(broken, adapters, "r2", {**publisher, "run_id": "r2"})
+    assert not (adapters / "r2").exists()
+    assert not list(adapters.glob(".*"))  # no half-published copy, nor a replaced one, left behind
 
 
 def test_an_evaluation_that_cannot_be_queued_is_recorded_on_the_run(trainer):

@@ -171,6 +171,10 @@ def test_bad_requests_are_refused_naming_the_field(trainer):
             ({"dataset_id": "no-such-set"}, 404, "dataset_id"),
             ({"pairs_dir": "/etc"}, 422, "pairs_dir"),
             ({"pairs_dir": "../../.."}, 422, "pairs_dir"),
+            ({"pairs_dir": "a\u0000b"}, 422, "pairs_dir"),
+            ({"pairs_dir": "x" * 300}, 422, "pairs_dir"),
+            ({"dataset_id": DATASET, "lr": float("inf")}, 422, "lr"),
+            ({"dataset_id": DATASET, "temperature": int("1" * 400)}, 422, "temperature"),
             ({}, 422, None),
             ({"dataset_id": DATASET, "pairs_dir": "datasets/arith"}, 422, None),
         ]:
@@ -184,6 +188,13 @@ def test_bad_requests_are_refused_naming_the_field(trainer):
             assert response.status_code == 404 and response.json()["error"]["type"] == "not_found", path
         bad_eval = http.post("/v1/evals", json={"models": ["base"], "benchmark": "gsm9k"})
         assert bad_eval.status_code == 422 and bad_eval.json()["error"]["param"] == "benchmark"
+        evals_dir = trainer.data_dir / "evals"
+        files_before = set(evals_dir.rglob("*"))
+        twice = [{"id": "a", "question": "1 + 1?", "answer": "2"}, {"id": "a", "question": "2 + 2?", "answer": "4"}]
+        duplicate = http.post("/v1/evals", json={"models": ["base"], "problems": twice})
+        assert duplicate.status_code == 422 and duplicate.json()["error"]["param"] == "problems"
+        assert "problems:row 1: duplicate id 'a' (also at problems:row 0)" in duplicate.json()["error"]["message"]
+        assert set(evals_dir.rglob("*")) == files_before  # a refused upload writes nothing
         unknown_adapter = http.post("/v1/evals", json={"models": ["base", "nobody"], "benchmark": "gsm8k"})
         assert unknown_adapter.status_code == 404 and unknown_adapter.json()["error"]["param"] == "models.1"
 

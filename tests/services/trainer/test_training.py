@@ -8,6 +8,8 @@ it. Training on pairs that vLLM curated is in test_consistency.py.
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +181,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_adapter(model_path, p
     # Dropout on, so the restored RNG state matters; 2 steps per epoch, stopping 1 step into epoch 2 (the schedule
     # spans 3 steps); a checkpoint every 2 steps; the interruption comes one step after the checkpoint.
     config = TrainConfig(**SMALL, dropout=0.1, lr=2e-3, batch_size=2, epochs=2, max_steps=3, checkpoint_every=2, seed=3)
+    pairs_dir = Path(shutil.copytree(pairs_dir, tmp_path / "pairs"))  # a copy, to which a pair comes late below
     uninterrupted = train(pairs_dir, tmp_path / "a", model_path, config)
 
     class Killed(Exception):
@@ -193,7 +196,12 @@ def test_resume_after_interruption_gives_the_uninterrupted_adapter(model_path, p
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-2"]
     with pytest.raises(TrainingError, match="already holds a training run"):
         train(pairs_dir, tmp_path / "b", model_path, config)
+    # Curation was still writing when the run started: a pair that arrives now is not part of the resumed run.
+    started_on = (tmp_path / "b" / "pair_ids.txt").read_text().split()
+    first = PairStore(pairs_dir).pair_path(started_on[0])
+    shutil.copy(first, first.with_name("zz-late.safetensors"))
     resumed = train(pairs_dir, tmp_path / "b", model_path, config, resume=True)
+    assert resumed.num_pairs == len(started_on) == uninterrupted.num_pairs
 
     assert uninterrupted.steps == resumed.steps == 3
     a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
