@@ -104,6 +104,7 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
         assert dataset["training_error"] is None, dataset["training_error"]
         assert dataset["funnel"]["paired"] == 1, dataset["funnel"]
         run_id = dataset["training_run"]
+        assert run_id == f"{dataset_id}-train"  # named after the dataset: a request sent twice starts one run
         with httpx.Client(base_url=ready["trainer"], timeout=60) as trainer:
             run = wait_for(trainer, f"/v1/runs/{run_id}", lambda b: b["status"] in ("succeeded", "failed"), log)
             assert run["status"] == "succeeded", f"{run}\n{log()[-4000:]}"

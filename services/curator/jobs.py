@@ -103,6 +103,7 @@ def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
             finish_problem(settings, ledger, meta, problem_id, outcome)
     todo = [problem_id for problem_id, outcome in stored.items() if outcome is None]
     if not todo:
+        start_training_if_owed(settings, ledger, meta)
         return {"dataset": dataset_id, "curated": 0}
     problems = dataset_problems(settings, dataset_id, todo)
     ledger.mark_running(dataset_id, todo)
@@ -172,21 +173,38 @@ def end_problems(
             finish_problem(settings, ledger, meta, problem_id, state, reason)
 
 
+def training_run_id(meta: DatasetMeta) -> str:
+    """The run a finished dataset asks the trainer for: the `run_id` of its training request, else one named after
+    the dataset. A request sent twice (by a job retried after it died waiting for the answer) starts one run."""
+    return (meta.options.train or {}).get("run_id") or f"{meta.id}-train"
+
+
 def start_training(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta) -> None:
     """Ask the trainer service to train on the finished dataset; record the run id, or why it could not start."""
     headers = {"Authorization": f"Bearer {settings.trainer_key()}"} if settings.trainer_api_key else {}
-    body = {**(meta.options.train or {}), "dataset_id": meta.id}
+    run_id = training_run_id(meta)
+    body = {**(meta.options.train or {}), "dataset_id": meta.id, "run_id": run_id}
     try:
-        response = httpx.post(f"{settings.trainer_url.rstrip('/')}/v1/runs", json=body, headers=headers, timeout=60)
+        # Well inside RQ's 60 s for a failure callback, which may be what sends it.
+        response = httpx.post(f"{settings.trainer_url.rstrip('/')}/v1/runs", json=body, headers=headers, timeout=30)
     except httpx.HTTPError as exc:
         ledger.set_training(meta.id, error=f"the trainer at {settings.trainer_url} could not be reached: {exc}")
         return
     if response.status_code >= 400:
         ledger.set_training(meta.id, error=f"the trainer refused the request ({response.status_code}): {response.text[:1000]}")
         return
-    reply = response.json()
-    ledger.set_training(meta.id, run_id=str(reply.get("id") or reply.get("run_id")))
-    log.info("dataset %s done; training run %s started", meta.id, reply.get("id") or reply.get("run_id"))
+    ledger.set_training(meta.id, run_id=run_id)
+    log.info("dataset %s done; training run %s started", meta.id, run_id)
+
+
+def start_training_if_owed(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta) -> None:
+    """Send the training request of a finished dataset that has neither a run nor an error recorded: the job that
+    finished it died before the trainer answered, and RQ runs it again."""
+    if meta.options.train is None or ledger.is_cancelled(meta.id):
+        return
+    status = ledger.status(meta.id)
+    if status is not None and status.state == "done" and not status.training_run and not status.training_error:
+        start_training(settings, ledger, meta)
 
 
 def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:

@@ -170,3 +170,56 @@ def test_cancelling_records_what_the_store_holds_and_starts_no_training(ledger, 
         assert ledger.final_states(dataset) == {"q1": "no_mix", "q2": "cancelled"}, cancel_before
         assert status.state == "cancelled" and status.finished_at, status
         assert status.training_run is None and status.training_error is None, status
+
+
+def test_a_training_request_lost_with_its_job_is_sent_by_the_retried_job_once(ledger, tmp_path, monkeypatch):
+    """The job that finished a dataset died before the trainer answered its training request: RQ runs the job again,
+    which finds every problem final and sends the request, under the run id named after the dataset (the trainer
+    starts one run for one id); once a run is recorded, further runs send nothing. The trainer here is a small HTTP
+    server that records what it is sent (the real one answers the same request in tests/test_user_path.py)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from services.curator.jobs import curate_problems
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from shared.schemas import DroppedProblem, Problem
+    from shared.storage import PairStore
+
+    received = []
+
+    class Trainer(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.path, json.loads(self.rfile.read(int(self.headers["content-length"])))))
+            reply = json.dumps({"id": received[-1][1]["run_id"]}).encode()
+            self.send_response(202)
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trainer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name, value in {"SSB_REDIS_URL": redis_url(9), "SSB_KEY_PREFIX": ledger.prefix,
+                            "SSB_DATA_DIR": str(tmp_path), "SSB_TRAINER_URL": f"http://127.0.0.1:{server.server_port}"
+                            }.items():
+            monkeypatch.setenv(name, value)
+        service = CuratorService(CuratorSettings(), ledger.redis)
+        problems = [Problem(id="q1", question="2 + 2?", answer="4"), Problem(id="q2", question="3 + 3?", answer="6")]
+        dataset = service.create_dataset(problems, DatasetOptions(train={"max_steps": 1}), "lost request").id
+        store = PairStore(tmp_path / "datasets" / dataset)
+        for problem in problems:  # the first run of the job: both problems stored and recorded, then it died
+            store.write_dropped(DroppedProblem(problem_id=problem.id, reason="no_mix"))
+            ledger.record_final(dataset, problem.id, "no_mix")
+        assert ledger.status(dataset).training_run is None and received == []
+        curate_problems(dataset, ["q1", "q2"])  # RQ's retry of that job
+        curate_problems(dataset, ["q1", "q2"])  # and another (a job handed back twice): nothing more is sent
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert received == [("/v1/runs", {"max_steps": 1, "dataset_id": dataset, "run_id": f"{dataset}-train"})]
+    assert ledger.status(dataset).training_run == f"{dataset}-train"
