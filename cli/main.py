@@ -197,5 +197,21 @@ def pairs_export(directory: Annotated[Path, typer.Argument(help="A curation outp
         raise fail(str(exc)) from exc
 
 
+def main() -> None:
+    """The `ssb` command: the app, with a bad `SSB_*` setting in the environment reported as one error line per
+    variable instead of a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        app()
+    except ValidationError as exc:
+        if not exc.title.endswith("Settings"):
+            raise
+        for error in exc.errors():
+            variable = f"SSB_{error['loc'][0]}".upper() if error["loc"] else "SSB_*"
+            console.print(f"[red]error:[/red] {variable}: {error['msg']}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

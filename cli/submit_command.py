@@ -21,6 +21,7 @@ import typer
 from cli.runtime import console, fail, progress_bar
 
 POLL_SECONDS = 2.0
+UNREACHABLE_SECONDS = 300  # how long `--wait` waits out a curator that does not answer
 _JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
 
 
@@ -102,13 +103,30 @@ def parse_json_object(text: str, option: str) -> dict:
 
 
 def follow(http, dataset_id: str, problems: int):
-    """Poll the dataset until every problem is final; a progress bar of the funnel meanwhile."""
+    """Poll the dataset until every problem is final; a progress bar of the funnel meanwhile. The curator out of
+    reach or unavailable (restarting, Redis down) is waited out for up to `UNREACHABLE_SECONDS`: curation goes on
+    without it."""
+    import httpx
+
     from shared.curator_api import DatasetStatus
 
     with progress_bar("counts") as progress:
         task = progress.add_task("curating", total=problems, counts="")
+        unreachable_since = None
         while True:
-            response = http.get(f"/v1/datasets/{dataset_id}")
+            try:
+                response = http.get(f"/v1/datasets/{dataset_id}")
+                problem = f"answered {response.status_code}" if response.status_code >= 500 else None
+            except httpx.HTTPError as exc:
+                response, problem = None, f"could not be reached ({type(exc).__name__})"
+            if problem is not None:
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > UNREACHABLE_SECONDS:
+                    raise fail(f"the curator {problem} for {UNREACHABLE_SECONDS} s; the dataset is {dataset_id}")
+                progress.update(task, counts=f"the curator {problem}; trying again")
+                time.sleep(POLL_SECONDS)
+                continue
+            unreachable_since = None
             if response.status_code != 200:
                 raise fail(f"the curator answered {response.status_code}: {error_message(response)}")
             status = DatasetStatus.model_validate_json(response.content)

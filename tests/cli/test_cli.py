@@ -145,6 +145,50 @@ def test_submit_options_must_be_json_objects(tmp_path, flags, says):
     assert "Traceback" not in result.stderr
 
 
+def test_a_bad_setting_in_the_environment_is_one_error_line_naming_the_variable(tmp_path):
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    env = {**os.environ, "SSB_KEY_PREFIX": "has.a.dot"}
+    command = [sys.executable, "-m", "cli.main", "submit", str(src), "--curator", "http://127.0.0.1:9"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "error: SSB_KEY_PREFIX: String should match pattern" in " ".join((result.stdout + result.stderr).split())
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
+    """`ssb submit --wait` polls the dataset: a dropped connection and a 503 (the curator restarting, its Redis
+    down) are waited out, the funnel then followed to the end. The curator here is httpx's mock transport."""
+    import httpx
+    import typer
+
+    from cli import submit_command
+    from shared.curator_api import DatasetOptions, DatasetStatus, Funnel
+
+    done = DatasetStatus(
+        id="ds-0123456789ab", state="done", problems=2, funnel=Funnel(paired=2), created_at=0.0, tokens_per_second=0,
+        problems_per_minute=1.0, seconds_left=0.0, options=DatasetOptions(),
+    )
+    answers = iter(
+        [httpx.ConnectError("refused"), httpx.Response(503, json={}), httpx.Response(200, text=done.model_dump_json())]
+    )
+
+    def curator(request: httpx.Request) -> httpx.Response:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(submit_command, "POLL_SECONDS", 0.01)
+    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+        assert submit_command.follow(http, done.id, 2) == done
+    answers = iter([httpx.ConnectError("refused")] * 1000)
+    monkeypatch.setattr(submit_command, "UNREACHABLE_SECONDS", 0.05)
+    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+        with pytest.raises(typer.Exit):
+            submit_command.follow(http, done.id, 2)
+
+
 def test_an_unusable_socket_directory_is_one_error_line_before_the_engine_starts(model_path, monkeypatch, capsys):
     """The engine's IPC sockets go in a directory of its own under VLLM_RPC_BASE_PATH: one that cannot hold it ends
     the command (`ssb curate`, `ssb run`, `ssb eval`) with exit status 2 and one line naming it; the teacher service
