@@ -205,12 +205,17 @@ def main() -> None:
     try:
         app()
     except ValidationError as exc:
-        if not exc.title.endswith("Settings"):
+        if exc.title not in settings_class_names(Settings):
             raise
         for error in exc.errors():
             variable = f"SSB_{error['loc'][0]}".upper() if error["loc"] else "SSB_*"
             console.print(f"[red]error:[/red] {variable}: {error['msg']}")
         raise SystemExit(2) from None
+
+
+def settings_class_names(cls: type) -> set[str]:
+    """The names of `cls` and its subclasses (each service's settings), whose values come from the environment."""
+    return {cls.__name__}.union(*(settings_class_names(sub) for sub in cls.__subclasses__()))
 
 
 if __name__ == "__main__":

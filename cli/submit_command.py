@@ -70,11 +70,10 @@ def submit_command(
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0)) as http:
         try:
-            response = http.post(
-                "/v1/datasets",
-                files={"file": (file.name, file.read_bytes())},
-                data={"options": dataset_options.model_dump_json(exclude_unset=True), "name": name or file.name},
-            )
+            form = {"options": dataset_options.model_dump_json(exclude_unset=True)}
+            if name:  # without it the curator names the dataset after the file
+                form["name"] = name
+            response = http.post("/v1/datasets", files={"file": (file.name, file.read_bytes())}, data=form)
         except httpx.HTTPError as exc:
             raise fail(f"the curator at {url} could not be reached: {exc}") from exc
         if response.status_code != 201:
@@ -116,7 +115,7 @@ def follow(http, dataset_id: str, problems: int):
         while True:
             try:
                 response = http.get(f"/v1/datasets/{dataset_id}")
-                problem = f"answered {response.status_code}" if response.status_code >= 500 else None
+                problem = f"answered {response.status_code}" if response.status_code in (502, 503, 504) else None
             except httpx.HTTPError as exc:
                 response, problem = None, f"could not be reached ({type(exc).__name__})"
             if problem is not None:

@@ -38,9 +38,9 @@ def worker_train(
     from cli.runtime import fail
     from services.trainer import jobs
     from services.trainer.queues import KINDS, make_worker
-    from shared.workers import connect_redis
     from services.trainer.settings import TrainerSettings
     from shared.models import default_model_dir, is_default_model
+    from shared.workers import connect_redis
 
     unknown = sorted(set(queue) - set(KINDS))
     if unknown:

@@ -27,7 +27,8 @@ DATASET_NAME_MAX_LENGTH = 200
 
 class DatasetOptions(CurationConfig):
     """How to curate an uploaded dataset: every option of `ssb curate` (the paper's defaults), plus what only the
-    service needs. Stored datasets and status replies are read with it; an upload's options with `NewDatasetOptions`."""
+    service needs. Stored datasets and status replies are read with it (a dataset stored by an earlier version with a
+    value this one refuses is reported unreadable); an upload's options with `NewDatasetOptions`."""
 
     batch_size: int = Field(
         default=8,
@@ -65,7 +66,8 @@ class DatasetOptions(CurationConfig):
 
 class NewDatasetOptions(DatasetOptions):
     """The options of an upload: one this version does not know is refused (a misspelt option would otherwise curate
-    with its default). Datasets stored by another version are still read (`DatasetOptions`)."""
+    with its default). Datasets stored by another version with options this one does not know are still read
+    (`DatasetOptions`)."""
 
     model_config = ConfigDict(extra="forbid")
 

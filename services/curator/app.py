@@ -200,15 +200,17 @@ async def read_form(request: Request) -> tuple[list, DatasetOptions, str | None]
             raise ServiceError(422, message, "invalid_request", unknown[0])
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise ServiceError(422, "a multipart upload needs a `file` part (.jsonl or .parquet)", "invalid_request", "file")
+            message = "a multipart upload needs a `file` part (.jsonl or .parquet)"
+            raise ServiceError(422, message, "invalid_request", "file")
         for part in ("options", "name"):
             if isinstance(form.get(part), UploadFile):
                 raise ServiceError(422, f"`{part}` is a text part, not a file", "invalid_request", part)
         options = read_options(form.get("options"))
-        name = form.get("name") or upload.filename
+        name = form.get("name")
         if name and len(name) > DATASET_NAME_MAX_LENGTH:
             message = f"name: at most {DATASET_NAME_MAX_LENGTH} characters, got {len(name)}"
             raise ServiceError(422, message, "invalid_request", "name")
+        name = name or (upload.filename or "")[:DATASET_NAME_MAX_LENGTH]
         content = await upload.read()
         problems = await run_in_threadpool(parse_problem_file, content, upload.filename or "upload.jsonl")
         return problems, options, name or None

@@ -220,6 +220,7 @@ def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:
         return
     error = f"{exc_type.__name__}: {exc_value}".strip().rstrip(":")
     end_problems(settings, ledger, meta, problem_ids, "failed", f"{error} (after {settings.job_retries + 1} attempts)")
+    start_training_if_owed(settings, ledger, meta)  # the job may have finished the dataset, then died on the request
 
 
 def dataset_problems(settings: CuratorSettings, dataset_id: str, problem_ids: Sequence[str]) -> list[Problem]:

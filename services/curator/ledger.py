@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from redis import Redis
 
 from shared.curator_api import FINAL_STATES, DatasetOptions, DatasetStatus, Failure, Funnel
@@ -60,6 +60,10 @@ class DatasetMeta(BaseModel):
     created_at: float
 
 
+class UnreadableDataset(ValueError):
+    """A dataset's stored record does not validate any more."""
+
+
 class DatasetLedger:
     """Datasets and their problems' states in one Redis, under one key prefix."""
 
@@ -82,8 +86,19 @@ class DatasetLedger:
             pipeline.sadd(self.key(meta.id, "jobs"), *job_ids)
 
     def meta(self, dataset_id: str) -> DatasetMeta | None:
+        """The dataset's record, None for an unknown id; `UnreadableDataset` for one stored by an earlier version with
+        options this version refuses (e.g. a `rollout_max_tokens` above the engine's limit)."""
         raw = self.redis.get(self.key(dataset_id))
-        return DatasetMeta.model_validate_json(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            return DatasetMeta.model_validate_json(raw)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise UnreadableDataset(
+                f"dataset {dataset_id} was stored with a value this version refuses ({where}: {error['msg']})"
+            ) from exc
 
     def ids(self) -> list[str]:
         return [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(f"{self.prefix}:datasets", 0, -1)]

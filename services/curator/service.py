@@ -8,6 +8,7 @@ upload leaves nothing in Redis or on disk.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -24,13 +25,15 @@ from rq.job import Job, JobStatus
 from services.curator.jobs import (
     META_FILE, PROBLEMS_FILE, curation_queue, end_problems, enqueue_data, redis_connection,
 )
-from services.curator.ledger import DatasetLedger, DatasetMeta
+from services.curator.ledger import DatasetLedger, DatasetMeta, UnreadableDataset
 from services.curator.settings import CuratorSettings
 from services.errors import ServiceError
 from shared.curator_api import DATASET_ID_PATTERN, DatasetCreated, DatasetList, DatasetOptions, DatasetStatus
 from shared.datasets import write_problems_jsonl
 from shared.schemas import Problem
 from shared.storage import PairStore, replace_atomically, sync_directory
+
+log = logging.getLogger("ssb.curator")
 
 NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
 
@@ -103,13 +106,26 @@ class CuratorService:
             raise
 
     def status(self, dataset_id: str) -> DatasetStatus:
-        status = self.ledger.status(dataset_id) if is_dataset_id(dataset_id) else None
+        try:
+            status = self.ledger.status(dataset_id) if is_dataset_id(dataset_id) else None
+        except UnreadableDataset as exc:
+            raise ServiceError(500, str(exc), "unreadable_dataset", "dataset_id") from exc
         if status is None:
             raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
         return status
 
     def list_datasets(self) -> DatasetList:
-        return DatasetList(datasets=[s for i in self.ledger.ids() if (s := self.ledger.status(i)) is not None])
+        """Every dataset this version can read (one it cannot is left out, with a warning in the log)."""
+        statuses = []
+        for dataset_id in self.ledger.ids():
+            try:
+                status = self.ledger.status(dataset_id)
+            except UnreadableDataset as exc:
+                log.warning("%s; left out of the listing", exc)
+                continue
+            if status is not None:
+                statuses.append(status)
+        return DatasetList(datasets=statuses)
 
     def overview(self) -> CurationOverview:
         """Every dataset's status, the jobs waiting in the queue, and the workers listening to it (for `/metrics`)."""
@@ -137,7 +153,10 @@ class CuratorService:
         """Cancel what has not started: queued jobs leave the queue and their problems end `cancelled` (or as a
         previous run stored them); a job already running finishes its problems; a job that starts later finds the
         dataset cancelled. A cancelled dataset starts no training."""
-        meta = self.ledger.meta(dataset_id) if is_dataset_id(dataset_id) else None
+        try:
+            meta = self.ledger.meta(dataset_id) if is_dataset_id(dataset_id) else None
+        except UnreadableDataset as exc:
+            raise ServiceError(500, str(exc), "unreadable_dataset", "dataset_id") from exc
         if meta is None:
             raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
         self.ledger.cancel(dataset_id)

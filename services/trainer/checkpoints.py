@@ -28,8 +28,6 @@ from services.trainer.plots import read_metrics
 from shared.storage import replace_atomically
 
 CHECKPOINT_PREFIX = "step-"
-
-
 PAIR_IDS_FILE = "pair_ids.txt"
 
 

@@ -212,7 +212,11 @@ def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str, publisher: d
             # moved aside whole, not emptied in place, so a teacher loading it meanwhile never reads half of it
             old = adapters_dir / f".{run_id}.{uuid.uuid4().hex}.old"
             os.rename(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.rename(old, final)  # the earlier copy stays published
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)

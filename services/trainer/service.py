@@ -344,10 +344,13 @@ def rollout_adapter_of(directory: Path) -> str | None:
 
 
 def write_uploaded_problems(request: EvalRequest, path: Path) -> None:
-    """Check uploaded problems by the one loader's rules (errors name `problems:row N`, from 0), then write them as a
-    problem file: a refused upload writes nothing."""
+    """Check uploaded problems by the one loader's rules (errors name `problems:row N`, from 0; a problem without an
+    id is `p<N>`), then write them as a problem file: a refused upload writes nothing."""
+    rows = [p.model_dump(exclude_none=True) for p in request.problems]
+    for position, row in enumerate(rows):
+        row.setdefault("id", f"p{position}")
     try:
-        problems = parse_problem_rows([p.model_dump(exclude_none=True) for p in request.problems], where="problems")
+        problems = parse_problem_rows(rows, where="problems")
     except DatasetError as exc:
         raise ServiceError(422, str(exc), "invalid_request", "problems") from exc
     write_problems_jsonl(problems, path)

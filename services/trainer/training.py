@@ -67,7 +67,7 @@ from services.trainer.checkpoints import (
 )
 from services.trainer.config import TrainConfig, TrainingError  # TrainingError: callers import it from here too
 from services.trainer.data import Batch, check_vocabulary, collate_examples, load_examples
-from services.trainer.inputs import check_output_dir
+from services.trainer.inputs import check_output_dir, pair_store
 from services.trainer.losses import LossSum, ce_chunked, kl_dense_chunked, kl_on_topk_chunked
 from services.trainer.modeling import (
     DecoderBody,
@@ -170,7 +170,16 @@ def train(
             f"nothing to resume: no complete checkpoint in {checkpoints_dir}; train again in a new output directory "
             "(or after deleting this one)"
         )
+    # The pairs of the run, fixed when it starts (curation may still be writing): the main process lists them, and
+    # every process, now and on a resume, trains on that list.
     started_on = read_pair_ids(out_dir) if checkpoint is not None else None
+    if started_on is None:
+        store = pair_store(pairs_dir)  # in every process: a directory without pairs stops them all alike
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_pair_ids(out_dir, store.pair_ids())
+        accelerator.wait_for_everyone()
+        started_on = read_pair_ids(out_dir)
     examples = load_examples(pairs_dir, teacher=config.teacher, problem_ids=started_on)
     steps_per_epoch = count_steps_per_epoch(len(examples), config, accelerator.num_processes)
     total_steps = steps_per_epoch * config.epochs
@@ -217,8 +226,6 @@ def train(
         write_training_config(
             out_dir, config, model_path, pairs_dir, len(examples), total_steps, accelerator.num_processes
         )
-        if started_on is None:
-            write_pair_ids(out_dir, [e.problem_id for e in examples])
     accelerator.wait_for_everyone()
 
     # --- Train -------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ dataset, and a job's last failure is recorded however it failed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -223,3 +224,25 @@ def test_a_training_request_lost_with_its_job_is_sent_by_the_retried_job_once(le
         server.server_close()
     assert received == [("/v1/runs", {"max_steps": 1, "dataset_id": dataset, "run_id": f"{dataset}-train"})]
     assert ledger.status(dataset).training_run == f"{dataset}-train"
+
+
+def test_a_dataset_stored_with_options_this_version_refuses_is_left_out_not_a_500_for_all(ledger, tmp_path):
+    """An earlier version stored options this one refuses (a rollout longer than the engine allows): the listing and
+    `/metrics` go on with the other datasets; the dataset itself is reported unreadable, naming the value."""
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from services.errors import ServiceError
+
+    service = CuratorService(CuratorSettings(key_prefix=ledger.prefix, data_dir=tmp_path), ledger.redis)
+    good = new_dataset(ledger, 2)
+    old = DatasetMeta(id="ds-0123456789ab", problems=1, options=DatasetOptions(), created_at=999.0)
+    stored = json.loads(old.model_dump_json())
+    stored["options"]["rollout_max_tokens"] = 40_000
+    ledger.redis.set(ledger.key(old.id), json.dumps(stored))
+    ledger.redis.zadd(f"{ledger.prefix}:datasets", {old.id: old.created_at})
+    assert [status.id for status in service.list_datasets().datasets] == [good.id]
+    for call in (service.status, service.cancel):
+        with pytest.raises(ServiceError) as refused:
+            call(old.id)
+        assert refused.value.status == 500 and refused.value.type == "unreadable_dataset"
+        assert "options.rollout_max_tokens: Input should be less than or equal to 32768" in refused.value.message

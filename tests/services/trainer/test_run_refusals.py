@@ -105,7 +105,7 @@ def test_a_run_cannot_take_the_name_of_an_adapter_already_there(trainer):
     assert again.status_code == 202 and again.json()["id"] == "r-own", again.text
 
 
-def test_publishing_replaces_only_the_runs_own_adapter(tmp_path):
+def test_publishing_replaces_only_the_runs_own_adapter(tmp_path, monkeypatch):
     adapters = tmp_path / "adapters"
     run_dir = place_adapter(tmp_path / "runs" / "r1", {"model": "/home/a/model", "num_processes": 1})
     publisher = {"run_id": "r1", "key_prefix": "ssb", "created_at": 1000.0}
@@ -116,6 +116,17 @@ def test_publishing_replaces_only_the_runs_own_adapter(tmp_path):
     (run_dir / "adapter_model.safetensors").write_bytes(b"weights of a second attempt")
     assert publish_adapter(run_dir, adapters, "r1", publisher) == published
     assert (published / "adapter_model.safetensors").read_bytes() == b"weights of a second attempt"
+    # A replacement that fails at its last step leaves the earlier copy published, and nothing hidden behind.
+    (run_dir / "adapter_model.safetensors").write_bytes(b"weights of a third attempt")
+    def disk_full(*args):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("services.trainer.jobs.os.replace", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            publish_adapter(run_dir, adapters, "r1", publisher)
+    assert (published / "adapter_model.safetensors").read_bytes() == b"weights of a second attempt"
+    assert not list(adapters.glob(".*"))
 
     hand_placed = place_adapter(adapters / "hand")
     another_runs = publish_adapter(run_dir, adapters, "other", {**publisher, "run_id": "other", "created_at": 5.0})
