@@ -164,7 +164,7 @@ GOOD = {"question": "What is 2 + 3?", "answer": "5"}
         ({"files": {"file": ("p.csv", b"question,answer\n")}}, 422, ["unsupported file type '.csv'"]),
         ({"files": {"file": ("p.jsonl", json.dumps(GOOD).encode())}, "data": {"options": '{"k": 1}'}},
          422, ["k: Input should be greater than or equal to 2"]),
-        ({"data": {"name": "no file"}, "files": {"other": ("x", b"")}}, 422, ["needs a `file` part"]),
+        ({"files": {"name": (None, "no file")}}, 422, ["needs a `file` part"]),
         ({"json": {"rows": [GOOD, {"question": 3, "answer": 1}]}}, 422, ["rows:row 1: 'question' must be a string"]),
         ({"json": {"rows": [GOOD], "options": {"rollout_adapter": "../x"}}}, 422, ["options.rollout_adapter"]),
         ({"json": {"rows": []}}, 422, ["rows: List should have at least 1 item"]),

@@ -173,12 +173,15 @@ def test_bad_requests_are_refused_naming_the_field(trainer):
             ({"pairs_dir": "../../.."}, 422, "pairs_dir"),
             ({"pairs_dir": "a\u0000b"}, 422, "pairs_dir"),
             ({"pairs_dir": "x" * 300}, 422, "pairs_dir"),
-            ({"dataset_id": DATASET, "lr": float("inf")}, 422, "lr"),
+            (f'{{"dataset_id": "{DATASET}", "lr": Infinity}}', 422, "lr"),  # Python's JSON reads it
             ({"dataset_id": DATASET, "temperature": int("1" * 400)}, 422, "temperature"),
             ({}, 422, None),
             ({"dataset_id": DATASET, "pairs_dir": "datasets/arith"}, 422, None),
         ]:
-            response = http.post("/v1/runs", json=body)
+            if isinstance(body, str):
+                response = http.post("/v1/runs", content=body, headers={"content-type": "application/json"})
+            else:
+                response = http.post("/v1/runs", json=body)
             assert response.status_code == status, (body, response.text)
             error = response.json()["error"]
             assert error["code"] == status and error["param"] == param, (body, error)
