@@ -168,10 +168,14 @@ class RequestMetrics:
         if size is not None:
             self.response_bytes.labels(endpoint).observe(size)
 
-    def observe_response(self, request: Request, response: Response, started: float) -> None:
-        """A finished request, by its route's path (`unmatched` when none matched); `started` from perf_counter."""
+    def observe_response(self, request: Request, response: Response | None, started: float) -> None:
+        """A finished request, by its route's path (`unmatched` when none matched); `started` from perf_counter. No
+        response: the route raised an unexpected error, which the outermost error handler answers with a 500."""
         route = request.scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
+        if response is None:
+            self.observe(endpoint, 500, time.perf_counter() - started, None)
+            return
         size = response.headers.get("content-length")
         self.observe(endpoint, response.status_code, time.perf_counter() - started, int(size) if size else None)
 
@@ -186,7 +190,11 @@ def measure_requests(app: FastAPI, metrics: RequestMetrics) -> None:
     @app.middleware("http")
     async def measure(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # answered 500 by Starlette's outermost handler, past this middleware
+            metrics.observe_response(request, None, started)
+            raise
         metrics.observe_response(request, response, started)
         return response
 

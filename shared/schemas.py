@@ -14,10 +14,10 @@ PROBLEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 # The bounds of one generation's settings, shared by every configuration that builds them, so a bad value is refused
 # where it is given (a CLI flag, an upload's options) rather than when the first engine call is made.
-Temperature = Annotated[float, Field(ge=0.0, le=5.0)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]  # vLLM refuses more than 2
 TopK = Annotated[int, Field(ge=-1, le=1_048_576)]
 MaxTokens = Annotated[int, Field(ge=1, le=32768)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # vLLM reads -1 as "no seed"
 
 
 class Problem(BaseModel):

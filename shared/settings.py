@@ -133,7 +133,9 @@ class CurationConfig(BaseModel):
     rollout_top_k: TopK = Field(default=50, description="Rollout top-k sampling (paper: 50; -1 is off).")
     rollout_top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Rollout nucleus sampling.")
     rollout_max_tokens: MaxTokens = Field(default=512, description="Longest rollout, in tokens.")
-    explanation_temperature: Temperature = Field(default=0.4, description="Hinted explanation temperature (paper: 0.4).")
+    explanation_temperature: Temperature = Field(
+        default=0.4, description="Hinted explanation temperature (paper: 0.4)."
+    )
     explanation_max_tokens: MaxTokens = Field(default=768, description="Longest explanation, in tokens.")
     explanation_attempts: int = Field(
         default=1,

@@ -255,7 +255,9 @@ class ModelsResponse(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard] = Field(description="The base model first, then every adapter (OpenAI-compatible list).")
-    model: str = Field(description="The base model's served name.")
+    model: str = Field(
+        description="The base model as pairs record it (the path it was loaded from); `data[0].id` is its served name."
+    )
     max_model_len: int = Field(description="Context length: prompt plus completion, in tokens.")
     vocab_size: int = Field(description="Vocabulary size.")
     max_logprobs: int = Field(description="Largest k of top-k log-probabilities the engine returns.")

@@ -173,7 +173,11 @@ def register_middleware(app: FastAPI, settings: TeacherSettings) -> None:
     @app.middleware("http")
     async def gate(request: Request, call_next):
         started = time.perf_counter()
-        response = bearer_refusal(request, key) or not_ready_refusal(request) or await call_next(request)
+        try:
+            response = bearer_refusal(request, key) or not_ready_refusal(request) or await call_next(request)
+        except Exception:  # answered 500 by Starlette's outermost handler, past this middleware
+            app.state.metrics.observe_response(request, None, started)
+            raise
         app.state.metrics.observe_response(request, response, started)
         return response
 
@@ -190,7 +194,11 @@ async def start_service(app: FastAPI, settings: TeacherSettings) -> None:
     """Build the engine in a thread (the event loop keeps answering probes), then the OpenAI routes' state."""
     try:
         service = await asyncio.to_thread(TeacherService.start, settings)
-        await init_openai_state(app, service)
+        try:
+            await init_openai_state(app, service)
+        except BaseException:
+            service.close()  # the engine's processes go with the failed start
+            raise
         app.state.service = service
         log.info("teacher ready: %s", service.model_name)
     except Exception as exc:

@@ -100,10 +100,14 @@ def resolve_adapter_dir(adapters_dir: Path, relative: str, param: str) -> Path:
     if relative.startswith(("/", "\\")) or PurePosixPath(relative).is_absolute() or ".." in parts or "\\" in relative:
         raise InvalidRequest(f"{param} {relative!r}: must be a plain path inside the adapters directory", param=param)
     root = adapters_dir.resolve()
-    candidate = (root / relative).resolve()
+    try:
+        candidate = (root / relative).resolve()
+        has_config = (candidate / "adapter_config.json").is_file()
+    except (ValueError, OSError) as exc:  # a NUL byte; a name longer than the filesystem allows; no permission
+        raise InvalidRequest(f"{param} {relative!r}: not a usable path: {exc}", param=param) from exc
     if not candidate.is_relative_to(root):
         raise InvalidRequest(f"{param} {relative!r}: leads outside the adapters directory", param=param)
-    if not (candidate / "adapter_config.json").is_file():
+    if not has_config:
         raise NotFound(f"{param} {relative!r}: no adapter_config.json there in the adapters directory", param=param)
     return candidate
 
@@ -125,7 +129,7 @@ def snapshot_adapter(directory: Path, into: Path) -> Path:
     directory)."""
     into.mkdir(parents=True)
     for path in directory.iterdir():
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():  # a link could lead outside the adapters directory
             shutil.copy2(path, into / path.name)
     return into
 
@@ -164,7 +168,12 @@ class TeacherService:
         args = AsyncEngineArgs(**engine_kwargs(options), served_model_name=served_names, disable_log_stats=False)
         with engine_environment() as ipc_dir:
             engine = AsyncLLM.from_engine_args(args)
-        return cls(engine, options, settings, served_names[0], ipc_dir)
+        try:
+            return cls(engine, options, settings, served_names[0], ipc_dir)
+        except BaseException:  # the tokenizer or the model's configuration unreadable: the engine goes too
+            engine.shutdown()
+            remove_ipc_directory(ipc_dir)
+            raise
 
     @property
     def model_name(self) -> str:
@@ -184,10 +193,17 @@ class TeacherService:
             remove_ipc_directory(self.ipc_dir)
 
     @contextmanager
-    def admitted(self, requests: int):
+    def admitted(self, requests: int, param: str):
         """Admit `requests` engine requests, or raise Overloaded when that would pass `max_pending_requests`: a call is
-        admitted before its prompts are rendered, and counts until its generation ends."""
+        admitted before its prompts are rendered, and counts until its generation ends. More than the bound at once is
+        refused as invalid (`param` names the list): no wait would admit it."""
         limit = self.settings.max_pending_requests
+        if requests > limit:  # never admissible: waiting would not help
+            raise InvalidRequest(
+                f"{requests} prompts in one request; this teacher admits at most {limit} at once "
+                "(SSB_MAX_PENDING_REQUESTS): split the request",
+                param=param,
+            )
         if self.pending + requests > limit:
             raise Overloaded(f"{self.pending} engine requests pending, {requests} more would pass the bound of {limit}")
         self.pending += requests
@@ -266,9 +282,15 @@ class TeacherService:
         lora_request = self.lora_request(adapter)
         for prompt, setting, param in zip(prompts, settings, params, strict=True):
             self.check_sampling(setting, len(prompt.token_ids), param)
-        return await asyncio.gather(
-            *(self.generate_one(p, s, lora_request) for p, s in zip(prompts, settings, strict=True))
-        )
+        try:  # one request failing cancels (and so aborts in the engine) the others: none runs on unadmitted
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self.generate_one(p, s, lora_request))
+                    for p, s in zip(prompts, settings, strict=True)
+                ]
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        return [task.result() for task in tasks]
 
     def response(
         self, prompts: list[RenderedPrompt], outputs: list[list[Generation]], adapter: str | None, encoding: str
@@ -287,7 +309,7 @@ class TeacherService:
         questions = [q.question for q in request.questions]
         settings = [q.sampling or request.sampling for q in request.questions]
         params = [f"questions.{i}.sampling" if q.sampling else "sampling" for i, q in enumerate(request.questions)]
-        with self.admitted(len(questions)):
+        with self.admitted(len(questions), "questions"):
             prompts = await self.render_all(rollout_messages(questions, worked_example=request.worked_example))
             outputs = await self.generate_all(prompts, settings, params, request.adapter)
         return self.response(prompts, outputs, request.adapter, request.topk_encoding)
@@ -296,13 +318,14 @@ class TeacherService:
         items = [HintedQuestion(**item.model_dump(exclude={"sampling"})) for item in request.items]
         settings = [item.sampling or request.sampling for item in request.items]
         params = [f"items.{i}.sampling" if item.sampling else "sampling" for i, item in enumerate(request.items)]
-        with self.admitted(len(items)):
+        with self.admitted(len(items), "items"):
             prompts = await self.render_all(explanation_messages(items, worked_example=request.worked_example))
             outputs = await self.generate_all(prompts, settings, params, request.adapter)
         return self.response(prompts, outputs, request.adapter, request.topk_encoding)
 
     async def logprobs(self, request: LogprobsRequest) -> LogprobsResponse:
         """Score the reply's tokens under the prompt in one forward pass (`prompt_logprobs`, no temperature)."""
+        from jinja2 import TemplateError
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -314,8 +337,12 @@ class TeacherService:
                 param="k",
             )
         self.lora_request(request.adapter)  # an unknown adapter is refused before any work
-        with self.admitted(1):
-            prompt_ids = request.prompt_token_ids or (await self.render_all([request.messages]))[0].token_ids
+        with self.admitted(1, "messages"):
+            try:
+                prompt_ids = request.prompt_token_ids or (await self.render_all([request.messages]))[0].token_ids
+            except TemplateError as exc:  # a chat template that refuses these turns (e.g. roles must alternate)
+                message = f"messages: the model's chat template refused them: {exc}"
+                raise InvalidRequest(message, param="messages") from exc
             reply_ids = request.reply_token_ids or await self.off_the_loop(
                 lambda: self.tokenizer.encode(request.reply_text, add_special_tokens=False)
             )
@@ -368,9 +395,13 @@ class TeacherService:
     async def load_adapter(self, request: AdapterLoadRequest) -> AdapterCard:
         """Load an adapter from the adapters directory under a name; a loaded name needs `replace`. The engine loads
         a copy of its own (`snapshot_adapter`), not the directory, which a training run may rewrite later."""
+        from vllm.exceptions import VLLMServerError
         from vllm.lora.request import LoRARequest
 
         self.check_lora("name")
+        if request.name in (self.served_name, self.model_name):
+            message = f"name: {request.name!r} is the base model's name; an adapter under it would take its place"
+            raise Conflict(message, param="name")
         relative = request.path or request.name
         directory = resolve_adapter_dir(self.settings.adapters_dir, relative, "path" if request.path else "name")
         async with self._adapter_lock:
@@ -393,6 +424,8 @@ class TeacherService:
                 await self.engine.add_lora(lora_request)
             except Exception as exc:  # the engine says why it cannot load these weights
                 shutil.rmtree(snapshot, ignore_errors=True)
+                if isinstance(exc, VLLMServerError):  # the engine's failure (it died), not the adapter's: 503
+                    raise
                 raise InvalidRequest(f"path {relative!r}: the engine could not load it: {exc}", param="path") from exc
             if previous is not None:  # its requests still running read its own copy, should vLLM load it again
                 await self.engine.remove_lora(previous.lora_int_id)

@@ -124,3 +124,18 @@ def test_a_lost_redis_is_a_503_with_retry_after_on_the_real_apps(service):
         response = client.get(path)
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert "ConnectionError" in error_of(response)["message"]
+
+
+def test_an_unexpected_error_is_counted_as_the_500_it_is_answered_with():
+    """Starlette answers an unexpected error past every middleware: the request metrics still count it."""
+    from services.http import RequestMetrics, measure_requests
+    from tests.prometheus_text import metric
+
+    app = make_app()
+    metrics = RequestMetrics("test")
+    measure_requests(app, metrics)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/v1/broken").status_code == 500
+    text = metrics.exposition().decode()
+    assert metric(text, "ssb_test_errors_total", 'endpoint="/v1/broken",status="500"') == 1
+    assert metric(text, "ssb_test_requests_total", 'endpoint="/v1/broken",status="500"') == 1

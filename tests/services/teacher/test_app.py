@@ -74,3 +74,17 @@ def test_the_engine_is_built_as_the_settings_say():
     built = (options.model, options.dtype, options.kv_cache_gib, options.max_model_len, options.max_logprobs)
     assert built == ("/models/small", "bfloat16", 0.75, 2048, 8)
     assert (options.seed, options.enable_lora) == (5, False)
+
+
+def test_a_symlinked_file_in_an_adapter_directory_is_not_copied(tmp_path):
+    """The engine's copy of an adapter holds its files, not what a link in it points to (outside the directory)."""
+    from services.teacher.service import snapshot_adapter
+
+    adapter = tmp_path / "adapters" / "a"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "secret").write_text("not the adapter's")
+    (adapter / "adapter_model.safetensors").symlink_to(tmp_path / "secret")
+    (adapter / "checkpoints").mkdir()
+    copy = snapshot_adapter(adapter, tmp_path / "copy")
+    assert sorted(path.name for path in copy.iterdir()) == ["adapter_config.json"]

@@ -187,12 +187,33 @@ def test_context_overflow_says_by_how_many_tokens(teacher_server, engine):
     assert f"by {prompt_tokens + 4090 - 4096} tokens" in message
 
 
-def test_malformed_json_and_more_work_than_the_bound(teacher_server):
+def test_malformed_json_more_work_than_the_bound_and_more_than_is_left(teacher_server):
+    """More prompts in one request than the bound admits at all: refused as invalid (no wait would help). More than
+    is left while other work runs: 429 with Retry-After (the client waits and sends it again)."""
+    import httpx
+
+    one = {"questions": [{"question": "q"}], "sampling": {"max_tokens": 1}}
+    full = {"questions": [{"question": QUESTION}] * MAX_PENDING_REQUESTS,
+            "sampling": {"n": 1, "temperature": 1.0, "max_tokens": 2048}}
     with teacher_server.client() as http:
         malformed = http.post("/v1/rollouts", content=b"{not json", headers={"Content-Type": "application/json"})
         assert malformed.status_code == 422 and malformed.json()["error"]["type"] == "invalid_request"
-        too_many = {"questions": [{"question": "q"}] * (MAX_PENDING_REQUESTS + 1), "sampling": {"max_tokens": 1}}
-        busy = http.post("/v1/rollouts", json=too_many)
+        too_many = http.post("/v1/rollouts", json={**one, "questions": one["questions"] * (MAX_PENDING_REQUESTS + 1)})
+        with ThreadPoolExecutor(1) as pool, teacher_server.client(timeout=3.0) as impatient:
+            filling = pool.submit(impatient.post, "/v1/rollouts", json=full)
+            deadline = time.monotonic() + 30
+            while metric(http.get("/metrics").text, "ssb_teacher_pending_engine_requests") < MAX_PENDING_REQUESTS:
+                assert time.monotonic() < deadline, "the first request was never admitted"
+                time.sleep(0.05)
+            busy = http.post("/v1/rollouts", json=one)
+            with pytest.raises(httpx.ReadTimeout):
+                filling.result()
+        deadline = time.monotonic() + 60
+        while metric(http.get("/metrics").text, "ssb_teacher_pending_engine_requests") > 0:
+            assert time.monotonic() < deadline, "the engine requests of a client that left still run"
+            time.sleep(0.2)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "questions"
+    assert f"at most {MAX_PENDING_REQUESTS} at once" in too_many.json()["error"]["message"]
     assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
     assert str(MAX_PENDING_REQUESTS) in busy.json()["error"]["message"]
 
@@ -215,6 +236,13 @@ def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
         loaded = http.post("/v1/adapters", json={"name": "tiny"})
         assert loaded.status_code == 201 and loaded.json() == {"name": "tiny", "path": "tiny"}
         assert http.post("/v1/adapters", json={"name": "tiny"}).status_code == 409
+        # The base model's own name, and paths no filesystem takes: refused, naming the field.
+        served = http.get("/v1/models").json()["data"][0]["id"]
+        clash = http.post("/v1/adapters", json={"name": served, "path": "tiny"})
+        assert clash.status_code == 409 and clash.json()["error"]["param"] == "name", clash.text
+        for path in ("a\u0000b", "x" * 300):
+            unusable = http.post("/v1/adapters", json={"name": "odd", "path": path})
+            assert unusable.status_code == 400 and unusable.json()["error"]["param"] == "path", unusable.text
         assert http.post("/v1/adapters", json={"name": "tiny", "replace": True}).status_code == 201
         assert [a["name"] for a in http.get("/v1/models").json()["adapters"]] == ["tiny"]
         adapted = http.post("/v1/rollouts", json={**greedy, "adapter": "tiny"})
