@@ -187,6 +187,11 @@ class TrainerService:
             self.runs.advance(run_id, status="failed", error=error)
             return self.runs.get(run_id) or record
         if status == "finished" and record.get("status") in ("queued", "running") and not self.job_held(job.id):
+            # Once per attempt: two readers at once (a client and a metrics scrape) must not both delete and queue
+            # (the second would delete the job the first queued, perhaps already running, and queue another).
+            guard = f"{self.settings.key_prefix}:run:{run_id}:requeued:{record.get('attempts', 0)}"
+            if not self.redis.set(guard, 1, nx=True, ex=86_400):
+                return record
             job.delete()
             queues.enqueue_training(self.settings, self.redis, run_id)
             note = "its job had ended without finishing the run (an attempt taken over by another); queued again"

@@ -232,3 +232,12 @@ def test_a_run_whose_job_ended_without_finishing_it_is_queued_again(trainer):
     assert run["status"] == "queued" and "queued again" in run["note"], run
     assert Job.fetch(job.id, connection=connection).get_status() == JobStatus.QUEUED
     assert http.get("/v1/runs/left-over").json()["status"] == "queued"  # once: the job is queued now
+    # A second reader that saw the same finished job and attempt (it read them before the first re-queued) leaves
+    # the run alone: it would delete the job just queued, perhaps running, and queue another.
+    job.set_status(JobStatus.FINISHED)
+    records = run_records(connection, settings.key_prefix)
+    records.update("left-over", status="running")
+    assert http.get("/v1/runs/left-over").json()["status"] == "running"
+    assert Job.fetch(job.id, connection=connection).get_status() == JobStatus.FINISHED
+    records.increment("left-over", "attempts")  # a later attempt whose job ends alike is queued again
+    assert http.get("/v1/runs/left-over").json()["status"] == "queued"
