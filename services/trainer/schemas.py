@@ -210,6 +210,12 @@ class EvalRequest(EvalOptions):
     problems: list[ProblemIn] | None = Field(
         default=None, min_length=1, description="Uploaded problems (a problem file's rows). Give this or `benchmark`."
     )
+    eval_id: str | None = Field(
+        default=None,
+        pattern=RUN_ID_PATTERN,
+        description="Names the evaluation (default: a new id): the same request sent again under it queues nothing "
+        "twice; other settings under it are refused (409).",
+    )
 
     @model_validator(mode="after")
     def one_source(self) -> EvalRequest:

@@ -279,8 +279,15 @@ class TrainerService:
         for position, name in enumerate(request.models):
             if name != BASE_MODEL:
                 self.check_adapter(name, f"models.{position}", publishing=name == run_id)
-        eval_id = eval_id or f"eval-{uuid.uuid4().hex[:12]}"
-        if self.evals.get(eval_id) is not None:
+        eval_id = eval_id or request.eval_id or f"eval-{uuid.uuid4().hex[:12]}"
+        fingerprint = request_fingerprint(request)
+        existing = self.evals.get(eval_id)
+        if existing is not None:
+            # The same request again (a retry after a lost answer) is the same evaluation; another under its id is not.
+            # Evaluations recorded before fingerprints were (none stored) are taken as the same.
+            if existing.get("request_fingerprint", fingerprint) != fingerprint:
+                raise ServiceError(409, f"evaluation {eval_id!r} exists with other settings; choose another eval_id",
+                                   "conflict", "eval_id")
             return self.get_evaluation(eval_id, problems=False), False
         if request.problems is not None:
             write_uploaded_problems(request, self.settings.evals_dir() / eval_id / UPLOADED_PROBLEMS)
@@ -293,6 +300,7 @@ class TrainerService:
             "progress": {},
             "run_id": run_id,
             "attempts": 0,
+            "request_fingerprint": fingerprint,
         }
         created = self.evals.create(eval_id, fields)
         queues.enqueue_evaluation(self.settings, self.redis, eval_id)
@@ -328,9 +336,9 @@ class TrainerService:
         return Evaluation(**{name: value for name, value in record.items() if name in Evaluation.model_fields})
 
 
-def request_fingerprint(request: RunRequest) -> str:
-    """What makes two run requests the same request (for an idempotent retried POST)."""
-    body = request.model_dump(mode="json", exclude_unset=True)
+def request_fingerprint(request: RunRequest | EvalRequest) -> str:
+    """What makes two run or evaluation requests the same request (for an idempotent retried POST)."""
+    body = request.model_dump(mode="json", exclude_unset=True, exclude={"eval_id"})
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -279,10 +279,16 @@ def test_a_finished_runs_metrics_curve_and_adapter(trainer, model_path):
 def test_evaluation_of_base_and_adapter_through_the_teacher(trainer):
     run = trainer.finished.get("run") or pytest.skip("needs the run of the resume test")
     problems = [{"question": p.question, "answer": p.answer} for p in make_arithmetic_problems(2, seed=5)]
+    body = {"models": ["base", run["id"]], "problems": problems, "max_tokens": 32, "eval_id": "side-by-side"}
     with trainer.client() as http:
-        created = http.post("/v1/evals", json={"models": ["base", run["id"]], "problems": problems, "max_tokens": 32})
+        created = http.post("/v1/evals", json=body)
         assert created.status_code == 202, created.text
         eval_id = created.json()["id"]
+        # Sent again (its answer lost): the same evaluation, queued once; other settings under its id: refused.
+        again = http.post("/v1/evals", json=body)
+        assert again.status_code == 202 and again.json()["id"] == eval_id == "side-by-side"
+        other = http.post("/v1/evals", json={**body, "max_tokens": 16})
+        assert other.status_code == 409 and other.json()["error"]["param"] == "eval_id"
     done = trainer.wait_for(f"/v1/evals/{eval_id}", lambda e: e["status"] in ("succeeded", "failed"))
     assert done["status"] == "succeeded", done
     assert [row["name"] for row in done["rows"]] == ["base", run["id"]]
