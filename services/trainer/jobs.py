@@ -72,12 +72,14 @@ def train_run(run_id: str) -> dict:
     if run["status"] in ("succeeded", "failed"):
         return {"status": run["status"]}  # a second delivery of a finished job
 
+    # The run is claimed before its directory is touched: an earlier attempt still going (its worker stalled past
+    # its heartbeat) checks its claim before every write (`still_this_attempt`) and stops.
+    attempt = runs.increment(run_id, "attempts")
     run_dir = settings.runs_dir() / run_id
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     resumed_from = int(checkpoint.name.removeprefix("step-")) if checkpoint is not None else None
     if checkpoint is None and run_dir.exists():
         shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint: start over
-    attempt = runs.increment(run_id, "attempts")
     started = time.time()
     progress = {
         "status": "running",
@@ -121,6 +123,10 @@ def train_run(run_id: str) -> dict:
         if not runs.advance(run_id, attempt=attempt, **fields):
             raise AttemptSuperseded(f"run {run_id}: attempt {attempt} stops at step {metrics.step}")
 
+    def still_this_attempt() -> None:
+        if not runs.advance(run_id, attempt=attempt):
+            raise AttemptSuperseded(f"run {run_id}: attempt {attempt} stops before writing")
+
     try:
         result = train(
             run["pairs_dir"],
@@ -129,6 +135,7 @@ def train_run(run_id: str) -> dict:
             config,
             resume=checkpoint is not None,
             on_step=on_step,
+            before_write=still_this_attempt,
         )
     except AttemptSuperseded as exc:
         log.warning("%s: a later attempt took the run over, or it ended", exc)
@@ -180,6 +187,10 @@ class AttemptSuperseded(Exception):
     this attempt stops writing."""
 
 
+class EvaluationSuperseded(Exception):
+    """A later attempt of the evaluation started, or it ended: this attempt stops writing."""
+
+
 class AdapterNameTaken(Exception):
     """ADAPTERS_DIR/<run id> holds a folder that this run did not publish (placed by hand, or another deployment's)."""
 
@@ -201,6 +212,8 @@ def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str, publisher: d
             f"{final} holds an adapter that run {run_id!r} did not publish (no {PUBLISHED_BY} of this run in it); it "
             f"was left as it is, and the run's adapter stays in {run_dir}"
         )
+    for leftover in [*adapters_dir.glob(f".{run_id}.*.tmp"), *adapters_dir.glob(f".{run_id}.*.old")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # an earlier attempt of this run killed while publishing
     tmp = adapters_dir / f".{run_id}.{uuid.uuid4().hex}.tmp"
     try:
         tmp.mkdir()
@@ -295,6 +308,7 @@ def evaluate_models(eval_id: str) -> dict:
     from services.trainer.service import REPORT_NAME, UPLOADED_PROBLEMS
     from shared.datasets import DatasetError, load_problems
     from shared.models import needs_worked_example
+    from shared.storage import replace_atomically
     from shared.teacher_client import TeacherClient, TeacherRejected
 
     settings = current_settings()
@@ -306,8 +320,11 @@ def evaluate_models(eval_id: str) -> dict:
         return {"status": "missing"}
     if record["status"] in ("succeeded", "failed"):
         return {"status": record["status"]}
-    evals.increment(eval_id, "attempts")
-    evals.advance(eval_id, status="running", started_at=time.time(), error=None)
+    attempt = evals.increment(eval_id, "attempts")
+    # A retry starts over: the previous attempt's progress goes. Every later write names this attempt, so one taken
+    # over by a later attempt (its worker stalled past its heartbeat) writes nothing more.
+    if not evals.advance(eval_id, attempt=attempt, status="running", started_at=time.time(), error=None, progress={}):
+        return {"status": "superseded"}
 
     eval_dir = settings.evals_dir() / eval_id
     options = record["options"]
@@ -315,7 +332,7 @@ def evaluate_models(eval_id: str) -> dict:
         source = eval_dir / UPLOADED_PROBLEMS if record["benchmark"] == "uploaded" else record["benchmark"]
         problems = load_problems(source, limit=options.get("limit"))
     except (DatasetError, FileNotFoundError) as exc:
-        evals.advance(eval_id, status="failed", error=f"problems: {exc}", finished_at=time.time())
+        evals.advance(eval_id, attempt=attempt, status="failed", error=f"problems: {exc}", finished_at=time.time())
         return {"status": "failed"}
     worked_example = options.get("worked_example")  # None: the teacher's model decides, once it answers
     config = EvalConfig(
@@ -331,7 +348,8 @@ def evaluate_models(eval_id: str) -> dict:
 
     def on_progress(model: str, done: int, total: int) -> None:
         progress[model] = f"{done}/{total}"
-        evals.update(eval_id, progress=progress)
+        if not evals.advance(eval_id, attempt=attempt, progress=progress):
+            raise EvaluationSuperseded(f"evaluation {eval_id}: attempt {attempt} stops")
 
     try:
         with TeacherClient(teacher_url, api_key=settings.teacher_key()) as teacher:
@@ -341,14 +359,19 @@ def evaluate_models(eval_id: str) -> dict:
             report = evaluate(problems, teacher, config, adapters=adapters, benchmark=record["benchmark"],
                               on_progress=on_progress)
     except TeacherRejected as exc:
-        evals.advance(eval_id, status="failed", error=str(exc), finished_at=time.time())
+        evals.advance(eval_id, attempt=attempt, status="failed", error=str(exc), finished_at=time.time())
         return {"status": "failed"}
-    # Rows keep the names asked for (`base`, run ids), which the table and per-problem answers are keyed by.
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    tmp = eval_dir / f".{REPORT_NAME}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(report.model_dump_json())
-    os.replace(tmp, eval_dir / REPORT_NAME)
-    evals.advance(eval_id, status="succeeded", table=plain_table(render_table(report)), finished_at=time.time())
+    except EvaluationSuperseded as exc:
+        log.warning("%s: a later attempt took the evaluation over, or it ended", exc)
+        return {"status": "superseded"}
+    if not evals.advance(eval_id, attempt=attempt):
+        return {"status": "superseded"}
+    # Rows keep the names asked for (`base`, run ids), which the table and per-problem answers are keyed by. The
+    # report is on disk before the record says so.
+    replace_atomically(eval_dir / REPORT_NAME, report.model_dump_json())
+    table = plain_table(render_table(report))
+    if not evals.advance(eval_id, attempt=attempt, status="succeeded", table=table, finished_at=time.time()):
+        return {"status": "superseded"}
     return {"status": "succeeded"}
 
 

@@ -182,7 +182,9 @@ class TrainerService:
             queues.enqueue_training(self.settings, self.redis, run_id)
             return record
         status = job.get_status(refresh=False)
-        if status in ("failed", "stopped", "canceled"):
+        # Failed by RQ, unless a live worker runs it: the stale attempt of a worker that stalled past its heartbeat
+        # may have failed the job while the attempt that took it over goes on.
+        if status in ("failed", "stopped", "canceled") and not self.job_held(job.id):
             error = record.get("error") or f"the training job ended as {status}"
             self.runs.advance(run_id, status="failed", error=error)
             return self.runs.get(run_id) or record

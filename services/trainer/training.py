@@ -124,6 +124,7 @@ def train(
     *,
     resume: bool = False,
     on_step: Callable[[StepMetrics], None] | None = None,
+    before_write: Callable[[], None] | None = None,
     model: nn.Module | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the pairs in `pairs_dir`; write it and its records to `out_dir`.
@@ -132,6 +133,9 @@ def train(
     resume: continue from the newest complete checkpoint in `out_dir/checkpoints` (the result equals the
         uninterrupted run's). Without it, `out_dir` must not hold an earlier run.
     on_step: called on the main process with each logged step's metrics (every `config.log_every` steps).
+    before_write: called on the main process before a step writes its metrics line or a checkpoint, and before the
+        adapter is saved; what it raises stops the run (the trainer service's attempt that a later one took over).
+        For one process: with several, the others would wait for a checkpoint the main process never joins.
     model: the already loaded base model of `model_path`, used instead of loading one; LoRA layers are injected
         into it in place and stay there (the caller can inspect the trained weights), and `config.dtype` is not applied.
     Raises TrainingError (an occupied `out_dir`, nothing to resume, changed settings, a model whose logits the
@@ -247,10 +251,13 @@ def train(
         last = last.model_copy(update={"step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch})
 
         logged = step % config.log_every == 0 or step == total_steps
+        checkpointing = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+        if main and (logged or checkpointing) and before_write is not None:
+            before_write()
         if main and logged:
             with open(metrics_path, "a") as f:
                 f.write(last.model_dump_json() + "\n")
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
+        if checkpointing:
             next_epoch, next_in_epoch = divmod(step, steps_per_epoch)
             position = {"step": step, "epoch": next_epoch, "step_in_epoch": next_in_epoch}
             save_checkpoint(
@@ -271,6 +278,8 @@ def train(
     accelerator.wait_for_everyone()
     curve_path = out_dir / "training_curve.png"
     if main:
+        if before_write is not None:
+            before_write()
         save_adapter(peft_model, out_dir)
         plot_training_curve(read_metrics(metrics_path), curve_path)
     accelerator.wait_for_everyone()

@@ -185,8 +185,9 @@ def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     answers = iter([httpx.ConnectError("refused")] * 1000)
     monkeypatch.setattr(submit_command, "UNREACHABLE_SECONDS", 0.05)
     with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
-        with pytest.raises(typer.Exit):
+        with pytest.raises(typer.Exit) as gave_up:
             submit_command.follow(http, done.id, 2)
+    assert gave_up.value.exit_code == 2
 
 
 def test_an_unusable_socket_directory_is_one_error_line_before_the_engine_starts(model_path, monkeypatch, capsys):

@@ -193,8 +193,9 @@ def test_malformed_json_more_work_than_the_bound_and_more_than_is_left(teacher_s
     import httpx
 
     one = {"questions": [{"question": "q"}], "sampling": {"max_tokens": 1}}
+    # 16 prompts (the bound counts prompts) of 8 samples each: 128 sequences cannot all end within the 3 s below.
     full = {"questions": [{"question": QUESTION}] * MAX_PENDING_REQUESTS,
-            "sampling": {"n": 1, "temperature": 1.0, "max_tokens": 2048}}
+            "sampling": {"n": 8, "temperature": 1.0, "max_tokens": 2048}}
     with teacher_server.client() as http:
         malformed = http.post("/v1/rollouts", content=b"{not json", headers={"Content-Type": "application/json"})
         assert malformed.status_code == 422 and malformed.json()["error"]["type"] == "invalid_request"

@@ -190,7 +190,7 @@ def test_an_attempt_that_a_later_one_took_over_stops_at_its_next_step(trainer, m
     runs = run_records(connection, settings.key_prefix)
     steps = []
 
-    def stand_in(pairs_dir, out_dir, model, config, *, resume, on_step):
+    def stand_in(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
         metrics = training.StepMetrics(step=1, total_steps=5, epoch=0.2, loss=1.0, kl=1.0, ce=None, grad_norm=1.0,
                                        lr=1e-4, explanation_tokens=10.0, tokens_per_s=1.0)
         on_step(metrics)
@@ -206,13 +206,26 @@ def test_an_attempt_that_a_later_one_took_over_stops_at_its_next_step(trainer, m
     assert steps == [1] and run["step"] == 1 and run["status"] == "running" and run["attempts"] == 2
     assert not (settings.adapters_dir / "taken-over").exists()
 
-    def crashes(pairs_dir, out_dir, model, config, *, resume, on_step):
+    def crashes(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
         runs.increment("taken-over", "attempts")  # taken over, then this attempt crashes (say, out of memory)
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(training, "train", crashes)
     assert jobs.train_run("taken-over") == {"status": "superseded"}  # not raised: no failure callback to mislead
     assert runs.get("taken-over")["status"] == "running"
+
+    writes = []
+
+    def writes_after_a_takeover(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
+        before_write()
+        writes.append("step 1")
+        runs.increment("taken-over", "attempts")  # taken over between two steps
+        before_write()  # the check before the next metrics line, checkpoint or adapter
+        writes.append("step 2")  # never reached
+
+    monkeypatch.setattr(training, "train", writes_after_a_takeover)
+    assert jobs.train_run("taken-over") == {"status": "superseded"}
+    assert writes == ["step 1"] and runs.get("taken-over")["status"] == "running"
 
 
 def test_a_run_whose_job_ended_without_finishing_it_is_queued_again(trainer):

@@ -241,6 +241,28 @@ def test_online_teacher_step_is_finite(model_path, pairs_dir, tmp_path):
     assert metrics[0].kl > 0 and math.isfinite(metrics[0].grad_norm)
 
 
+def test_what_before_write_raises_stops_the_run_before_the_steps_files(model_path, pairs_dir, tmp_path):
+    """The trainer service's check that its attempt still owns the run: raised before the second step's metrics line
+    and checkpoint, the run stops with the first step's files only, and no adapter."""
+
+    class TakenOver(Exception):
+        pass
+
+    checks = []
+
+    def before_write():
+        checks.append(len(checks) + 1)
+        if len(checks) == 2:
+            raise TakenOver
+
+    config = TrainConfig(**SMALL, batch_size=2, max_steps=3, checkpoint_every=1)
+    with pytest.raises(TakenOver):
+        train(pairs_dir, tmp_path / "run", model_path, config, before_write=before_write)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-1"]
+    assert not (tmp_path / "run" / "adapter_config.json").exists()
+
+
 def test_pairs_whose_top_k_are_no_log_probabilities_are_refused_naming_the_pair(pairs_dir, tmp_path):
     store = PairStore(tmp_path / "bad")
     for pair in PairStore(pairs_dir).iter_pairs():
