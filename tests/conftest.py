@@ -21,6 +21,12 @@ import pytest
 
 from tests.redis_server import start_session_redis, stop_session_redis
 
+# The suite's services, workers and commands read their settings from SSB_* variables: the host's own (an exported
+# `.env`, SSB_MODEL, SSB_RETRY_AFTER_SECONDS) would change what they do. Only where the model lives and the dtype stay;
+# loopback calls never go through a proxy.
+for name in [name for name in os.environ if name.startswith("SSB_") and name not in ("SSB_HOME", "SSB_DTYPE")]:
+    del os.environ[name]
+os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
 os.environ.setdefault("SSB_DTYPE", "float32")
 
 # The suite's own Redis (tests/redis_server.py), up now: pytest imports this file before any conftest below it, and
