@@ -252,7 +252,8 @@ def test_metrics_show_the_funnel_the_queue_and_the_requests(curator):
         cancelled = http.get("/metrics").text
     assert metric(queued, "ssb_curator_problems", f'{series},state="queued"') == 5
     assert metric(queued, "ssb_curator_problems", series) == 5  # the states add up to the problems
-    assert metric(queued, "ssb_curator_queued_jobs") >= 3 and metric(queued, "ssb_curator_workers") == 0
+    # No worker runs now; one SIGKILLed by an earlier test counts until its key in Redis expires (up to a minute).
+    assert metric(queued, "ssb_curator_queued_jobs") >= 3 and metric(queued, "ssb_curator_workers") <= 1
     assert metric(queued, "ssb_curator_datasets", 'state="queued"') >= 1
     assert metric(cancelled, "ssb_curator_problems", f'{series},state="cancelled"') == 5
     assert metric(cancelled, "ssb_curator_queued_jobs") == metric(queued, "ssb_curator_queued_jobs") - 3
