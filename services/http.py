@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -179,6 +179,18 @@ class RequestMetrics:
         size = response.headers.get("content-length")
         self.observe(endpoint, response.status_code, time.perf_counter() - started, int(size) if size else None)
 
+    async def measure(self, request: Request, answer: Callable[[], Awaitable[Response]]) -> Response:
+        """`answer()` observed: its response, or a 500 for an unexpected error (which Starlette's outermost handler
+        answers, past every middleware)."""
+        started = time.perf_counter()
+        try:
+            response = await answer()
+        except Exception:
+            self.observe_response(request, None, started)
+            raise
+        self.observe_response(request, response, started)
+        return response
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -189,14 +201,7 @@ def measure_requests(app: FastAPI, metrics: RequestMetrics) -> None:
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:  # answered 500 by Starlette's outermost handler, past this middleware
-            metrics.observe_response(request, None, started)
-            raise
-        metrics.observe_response(request, response, started)
-        return response
+        return await metrics.measure(request, lambda: call_next(request))
 
 
 def metrics_response(body: bytes) -> Response:

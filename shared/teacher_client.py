@@ -39,6 +39,8 @@ from shared.teacher_api import (
 
 # The longest wait between two tries, whatever Retry-After says.
 MAX_WAIT_SECONDS = 30.0
+# How long a busy teacher (429) is waited for; a pool's services each get a share of it.
+BUSY_WAIT_SECONDS = 600.0
 RETRIED_STATUSES = (502, 503)  # and 429 (busy) for up to `busy_wait_seconds`, and 504 for a GET
 
 
@@ -81,7 +83,7 @@ class TeacherClient(ConcurrentCalls):
         timeout: httpx.Timeout | float | None = None,
         retries: int = 5,
         backoff_seconds: float = 0.5,
-        busy_wait_seconds: float = 600.0,
+        busy_wait_seconds: float = BUSY_WAIT_SECONDS,
         transport: httpx.BaseTransport | None = None,
     ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -105,6 +107,10 @@ class TeacherClient(ConcurrentCalls):
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def backoff(self, tries: int) -> float:
+        """The wait after the `tries`-th refused try in a row: `backoff_seconds`, doubling each time."""
+        return self.backoff_seconds * 2 ** min(tries - 1, 16)
+
     def request(self, method: str, path: str, json=None) -> httpx.Response:
         """One call, retried as the module docstring says, with exponential backoff (or the Retry-After, at most
         `MAX_WAIT_SECONDS`) and a little jitter, so that clients refused together do not come back together."""
@@ -119,7 +125,7 @@ class TeacherClient(ConcurrentCalls):
                 if attempt >= self.retries:
                     raise TeacherUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
                 attempt += 1
-                wait = self.backoff_seconds * 2 ** min(attempt - 1, 16)
+                wait = self.backoff(attempt)
             else:
                 status = response.status_code
                 if status == 429:
@@ -128,7 +134,7 @@ class TeacherClient(ConcurrentCalls):
                         waited = f"busy for {self.busy_wait_seconds:.0f} s"
                         raise TeacherUnavailable(f"{method} {path}: {waited}: {error_message(response)}")
                     busy += 1
-                    wait = self.backoff_seconds * 2 ** min(busy - 1, 16)
+                    wait = self.backoff(busy)
                 elif status == 504 and method == "POST":
                     message = f"504 {error_message(response)}: a gateway gave up waiting; sent again it would again"
                     raise TeacherTimedOut(f"{method} {path}: {message}")
@@ -136,7 +142,7 @@ class TeacherClient(ConcurrentCalls):
                     if attempt >= self.retries:
                         raise TeacherUnavailable(f"{method} {path}: {status} {error_message(response)}")
                     attempt += 1
-                    wait = self.backoff_seconds * 2 ** min(attempt - 1, 16)
+                    wait = self.backoff(attempt)
                 else:
                     break
                 wait = max(wait, retry_after_seconds(response))
@@ -283,7 +289,7 @@ class TeacherPool(ConcurrentCalls):
         if not urls:
             raise ValueError("a teacher pool needs at least one URL")
         # A busy service is left for the next one sooner than a single service would be waited for.
-        client_options.setdefault("busy_wait_seconds", 600.0 / len(urls))
+        client_options.setdefault("busy_wait_seconds", BUSY_WAIT_SECONDS / len(urls))
         self.clients = [TeacherClient(url, api_key=api_key, **client_options) for url in urls]
         self._turn = random.randrange(len(self.clients))
 

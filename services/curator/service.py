@@ -14,8 +14,9 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from redis import Redis
 from rq import Worker
@@ -34,6 +35,7 @@ from shared.schemas import Problem
 from shared.storage import PairStore, replace_atomically, sync_directory
 
 log = logging.getLogger("ssb.curator")
+T = TypeVar("T")
 
 NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
 
@@ -106,13 +108,18 @@ class CuratorService:
             raise
 
     def status(self, dataset_id: str) -> DatasetStatus:
+        return self.found(dataset_id, self.ledger.status)
+
+    def found(self, dataset_id: str, read: Callable[[str], T | None]) -> T:
+        """What `read` (the ledger's `meta` or `status`) says of a dataset this service holds; 404 for an id it never
+        gave or does not know, 500 for one stored with values this version refuses."""
         try:
-            status = self.ledger.status(dataset_id) if is_dataset_id(dataset_id) else None
+            found = read(dataset_id) if is_dataset_id(dataset_id) else None
         except UnreadableDataset as exc:
             raise ServiceError(500, str(exc), "unreadable_dataset", "dataset_id") from exc
-        if status is None:
+        if found is None:
             raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
-        return status
+        return found
 
     def list_datasets(self) -> DatasetList:
         """Every dataset this version can read (one it cannot is left out, with a warning in the log)."""
@@ -153,12 +160,7 @@ class CuratorService:
         """Cancel what has not started: queued jobs leave the queue and their problems end `cancelled` (or as a
         previous run stored them); a job already running finishes its problems; a job that starts later finds the
         dataset cancelled. A cancelled dataset starts no training."""
-        try:
-            meta = self.ledger.meta(dataset_id) if is_dataset_id(dataset_id) else None
-        except UnreadableDataset as exc:
-            raise ServiceError(500, str(exc), "unreadable_dataset", "dataset_id") from exc
-        if meta is None:
-            raise ServiceError(404, f"no dataset {dataset_id!r}", "not_found", "dataset_id")
+        meta = self.found(dataset_id, self.ledger.meta)
         self.ledger.cancel(dataset_id)
         job_ids = self.ledger.job_ids(dataset_id)
         for job in Job.fetch_many(job_ids, connection=self.redis, serializer=self.queue.serializer):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
@@ -172,14 +171,10 @@ def register_middleware(app: FastAPI, settings: TeacherSettings) -> None:
 
     @app.middleware("http")
     async def gate(request: Request, call_next):
-        started = time.perf_counter()
-        try:
-            response = bearer_refusal(request, key) or not_ready_refusal(request) or await call_next(request)
-        except Exception:  # answered 500 by Starlette's outermost handler, past this middleware
-            app.state.metrics.observe_response(request, None, started)
-            raise
-        app.state.metrics.observe_response(request, response, started)
-        return response
+        async def answer():
+            return bearer_refusal(request, key) or not_ready_refusal(request) or await call_next(request)
+
+        return await app.state.metrics.measure(request, answer)
 
 
 def not_ready_refusal(request: Request) -> JSONResponse | None:
