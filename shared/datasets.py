@@ -44,6 +44,8 @@ SUPPORTED_EXTENSIONS = (".jsonl", ".parquet")
 MAX_REPORTED_ERRORS = 10
 
 QUESTION_FIELDS = ("question", "problem")
+# Every field a problem is built from; a Parquet file's other columns are never read.
+ROW_FIELDS = (*QUESTION_FIELDS, "answer", "id", "source")
 
 # Suffixes that say "this was meant as a file", so a typo gets "unsupported extension", not a Hugging Face lookup.
 _FILE_LIKE_SUFFIXES = {".json", ".csv", ".tsv", ".txt", ".gz", ".zip", ".xz", ".bz2", ".arrow", ".xlsx", ".pq"}
@@ -63,6 +65,10 @@ class DatasetError(ValueError):
         if truncated:
             message += f"\n(stopped after {len(self.errors)} errors)"
         super().__init__(message)
+
+
+class DatasetTooLarge(DatasetError):
+    """A file that would take more than the allowed bytes once read (a Parquet file decompresses and decodes)."""
 
 
 def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit: int | None = None) -> list[Problem]:
@@ -93,16 +99,19 @@ def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit
     return problems if limit is None else problems[:limit]
 
 
-def parse_problem_file(data: bytes, name: str) -> list[Problem]:
+def parse_problem_file(data: bytes, name: str, *, max_read_bytes: int | None = None) -> list[Problem]:
     """The problems of an uploaded file's bytes: JSONL or Parquet, chosen by `name`'s extension, every row checked
-    as `load_problems` checks a file (errors name `name:line` for JSONL, `name:row N` for Parquet)."""
+    as `load_problems` checks a file (errors name `name:line` for JSONL, `name:row N` for Parquet).
+
+    `max_read_bytes` bounds what a Parquet file's columns may grow to once decompressed and decoded (a few kilobytes
+    can hold gigabytes of repeated text): above it, `DatasetTooLarge`, before those bytes are held."""
     suffix = Path(name).suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
         raise DatasetError(
             [f"{name}: unsupported file type {suffix or '(no extension)'!r}; use {' or '.join(SUPPORTED_EXTENSIONS)}"]
         )
     stem = Path(name).stem
-    rows = _jsonl_rows(data) if suffix == ".jsonl" else _parquet_rows(data, name)
+    rows = _jsonl_rows(data) if suffix == ".jsonl" else _parquet_rows(data, name, max_read_bytes)
     return _build_problems(rows, where=name, stem=stem, source_prefix=Path(name).name)
 
 
@@ -200,19 +209,79 @@ def _jsonl_rows(raw: bytes) -> Iterator[_Row]:
         yield _Row(str(number), number, data=data)
 
 
-def _parquet_rows(source: Path | bytes, name: str) -> Iterator[_Row]:
-    """Rows of a Parquet file (a path or its bytes) are numbered from 0, as in the table."""
+def _parquet_rows(source: Path | bytes, name: str, max_read_bytes: int | None = None) -> Iterator[_Row]:
+    """Rows of a Parquet file (a path or its bytes) are numbered from 0, as in the table. Only the columns a problem
+    is built from are read; with `max_read_bytes`, their size is checked before and while they are read."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:  # pyarrow is a core dependency; this only fires in a broken install
         raise DatasetError([f"{name}: reading Parquet needs pyarrow, which is not installed"]) from exc
     try:
-        table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source)
+        parquet = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source)
+        columns = [field.name for field in parquet.schema_arrow if field.name in ROW_FIELDS]
+        if max_read_bytes is not None:
+            _check_parquet_metadata(parquet, columns, name, max_read_bytes)
+            text = [f.name for f in parquet.schema_arrow if f.name in columns and _is_text(f.type)]
+            # Text stays dictionary-encoded, as stored, until its decoded size is known.
+            parquet = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source,
+                                     read_dictionary=text)
+        table = parquet.read(columns=columns, use_threads=False)
+    except DatasetError:
+        raise
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
         raise DatasetError([f"{name}: not a readable Parquet file ({exc})"]) from exc
+    if max_read_bytes is not None:
+        decoded = sum(_decoded_bytes(chunk) for column in table.columns for chunk in column.chunks)
+        if decoded > max_read_bytes:
+            raise DatasetTooLarge(
+                [f"{name}: its columns {columns} hold {decoded} bytes once decoded; at most {max_read_bytes}"]
+            )
     for index, data in enumerate(table.to_pylist()):
         yield _Row(f"row {index}", index, data=data)
+
+
+# Bytes counted for every value of a column besides its text: an offset or a number.
+_VALUE_BYTES = 8
+
+
+def _check_parquet_metadata(parquet, columns: list[str], name: str, limit: int) -> None:
+    """Refuse a file whose metadata says its columns decompress to more than `limit` bytes, or whose row count alone
+    (a column of nulls or one repeated number costs a few bytes per million rows) would."""
+    metadata = parquet.metadata
+    rows_bytes = metadata.num_rows * _VALUE_BYTES * len(columns)
+    if rows_bytes > limit:
+        raise DatasetTooLarge(
+            [f"{name}: {metadata.num_rows} rows of {len(columns)} columns take {rows_bytes} bytes once read; "
+             f"at most {limit}"]
+        )
+    uncompressed = 0
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for index in range(row_group.num_columns):
+            chunk = row_group.column(index)
+            if chunk.path_in_schema.split(".")[0] in columns:
+                uncompressed += chunk.total_uncompressed_size
+    if uncompressed > limit:
+        raise DatasetTooLarge([f"{name}: its columns {columns} decompress to {uncompressed} bytes; at most {limit}"])
+
+
+def _is_text(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return any(test(arrow_type) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                             pa.types.is_large_binary))
+
+
+def _decoded_bytes(chunk) -> int:
+    """What one chunk of a column takes once every value is decoded: a dictionary's text counted once per use."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(chunk.type) and _is_text(chunk.type.value_type):
+        lengths = pc.take(pc.binary_length(chunk.dictionary), chunk.indices)
+        return (pc.sum(lengths).as_py() or 0) + _VALUE_BYTES * len(chunk)
+    return chunk.nbytes + _VALUE_BYTES * len(chunk)
 
 
 def _load_hf(name: str, split: str) -> list[Problem]:

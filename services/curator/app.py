@@ -46,7 +46,7 @@ from shared.curator_api import (
     DatasetState,
     DatasetStatus,
 )
-from shared.datasets import DatasetError, parse_problem_file, parse_problem_rows
+from shared.datasets import DatasetError, DatasetTooLarge, parse_problem_file, parse_problem_rows
 from shared.workers import REDIS_UNAVAILABLE
 
 log = logging.getLogger("ssb.curator")
@@ -163,6 +163,8 @@ async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | Non
         return await run_in_threadpool(parse_problem_rows, rows.rows), rows.options, rows.name
     except ValidationError as exc:
         raise validation_refusal(exc) from exc
+    except DatasetTooLarge as exc:
+        raise ServiceError(413, str(exc), "too_large", "file") from exc
     except DatasetError as exc:
         raise ServiceError(422, f"the dataset was rejected whole:\n{exc}", "invalid_dataset", "file") from exc
 
@@ -212,7 +214,10 @@ async def read_form(request: Request) -> tuple[list, DatasetOptions, str | None]
             raise ServiceError(422, message, "invalid_request", "name")
         name = name or (upload.filename or "")[:DATASET_NAME_MAX_LENGTH]
         content = await upload.read()
-        problems = await run_in_threadpool(parse_problem_file, content, upload.filename or "upload.jsonl")
+        limit = request.app.state.settings.max_upload_bytes  # what the problems may take once read, as for JSONL
+        problems = await run_in_threadpool(
+            parse_problem_file, content, upload.filename or "upload.jsonl", max_read_bytes=limit
+        )
         return problems, options, name or None
 
 

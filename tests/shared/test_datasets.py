@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from shared.datasets import (
     BENCHMARKS,
     MAX_REPORTED_ERRORS,
     DatasetError,
+    DatasetTooLarge,
     load_problems,
     parse_gold_answer,
     parse_problem_file,
@@ -256,6 +258,48 @@ def test_corrupt_parquet_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"not parquet at all")
     assert str(load_error(path)).startswith(f"{path}: not a readable Parquet file")
+
+
+def parquet_bytes(table: pa.Table, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, **options)
+    return buffer.getvalue()
+
+
+# An upload's Parquet file is bounded by what its columns take once read, not by its size on the wire.
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        # one megabyte of one letter: a few hundred bytes compressed
+        (pa.table({"question": ["a" * 1_000_000], "answer": ["1"]}), "decompress to"),
+        # one 20 kB question stored once in the column's dictionary, used by 400 rows: 8 MB decoded
+        (pa.table({"question": ["b" * 20_000] * 400, "answer": ["1"] * 400}), "once decoded"),
+        # nulls cost a few bits per row on disk
+        (pa.table({"question": pa.nulls(100_000, pa.string()), "answer": pa.nulls(100_000, pa.string())}),
+         "rows of 2 columns"),
+    ],
+    ids=["compressed", "dictionary", "rows"],
+)
+def test_an_uploaded_parquet_file_over_its_read_limit_is_refused(table: pa.Table, says: str) -> None:
+    data = parquet_bytes(table, compression="zstd")
+    assert len(data) < 100_000
+    with pytest.raises(DatasetTooLarge, match=says) as info:
+        parse_problem_file(data, "up.parquet", max_read_bytes=1_000_000)
+    assert str(info.value).startswith("up.parquet: ")
+    if "rows" not in says:  # without a limit the same file is a good dataset: only its size is refused
+        assert len(parse_problem_file(data, "up.parquet")) == table.num_rows
+
+
+def test_an_uploaded_parquet_file_reads_only_the_problem_columns() -> None:
+    # a large column nothing reads does not count; the problems are as without a limit
+    table = pa.table({"problem": ["What is 2 + 3?", "How many?"], "answer": [5, 6], "notes": ["x" * 2_000_000] * 2})
+    data = parquet_bytes(table)
+    problems = parse_problem_file(data, "up.parquet", max_read_bytes=100_000)
+    assert [(p.id, p.question, p.answer) for p in problems] == [
+        ("up-0", "What is 2 + 3?", "5"),
+        ("up-1", "How many?", "6"),
+    ]
+    assert problems == parse_problem_file(data, "up.parquet")
 
 
 # Hugging Face names
