@@ -73,7 +73,7 @@ def test_a_dataset_through_two_workers_matches_in_process_curation(curator, cura
     store = PairStore(curator.data_dir / "datasets" / dataset["id"])
     assert_each_problem_final_once(status, store, [p.id for p in problems])
     assert status["tokens_per_second"] > 0 and status["problems_per_minute"] > 0 and status["seconds_left"] == 0
-    assert [d["id"] for d in listed] == [dataset["id"]]
+    assert [d["id"] for d in listed].count(dataset["id"]) == 1  # with whatever other tests of the session left
     assert sorted(p["problem_id"] for p in exported) == store.pair_ids()
     assert len(exported) + len(dropped) == 4
 
@@ -134,9 +134,9 @@ def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(curator):
     print(f"\nkilled worker's job finished by another in {recovered_in:.0f} s: {status['funnel']}")
 
 
-def parquet_bytes(rows: list[dict]) -> bytes:
+def parquet_bytes(rows: list[dict], compression: str = "snappy") -> bytes:
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    pq.write_table(pa.Table.from_pylist(rows), buffer, compression=compression)
     return buffer.getvalue()
 
 
@@ -190,10 +190,14 @@ GOOD = {"question": "What is 2 + 3?", "answer": "5"}
          ["name: at most 200 characters"]),
         ({"files": {"file": ("p.jsonl", b'{"question": "q", "answer": 1, "n": ' + b"9" * 5000 + b"}\n")}}, 422,
          ["p.jsonl:1: unreadable JSON: a number of more than 4300 digits"]),
+        # a few kilobytes on the wire, a megabyte once decompressed: bounded as a JSONL file of that size would be
+        ({"files": {"file": ("p.parquet", parquet_bytes([{"question": "q" * 2**20, "answer": 1}], "zstd"))}}, 413,
+         ["p.parquet: its columns ['question', 'answer'] decompress to", "at most 200000"]),
     ],
     ids=["bad-json-lines", "duplicate-ids", "parquet-row", "extension", "options", "no-file", "json-rows",
          "adapter-name", "empty", "misspelt-option", "train-value", "train-field", "train-dataset-id", "too-large",
-         "sampling-bounds", "extraction-order", "misspelt-field", "misspelt-part", "long-name", "huge-number"],
+         "sampling-bounds", "extraction-order", "misspelt-field", "misspelt-part", "long-name", "huge-number",
+         "parquet-bomb"],
 )
 def test_a_malformed_upload_is_rejected_whole_and_leaves_nothing(curator, upload, status, says):
     before = snapshot(curator)
