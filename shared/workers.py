@@ -7,6 +7,11 @@ the job over while the first run still writes (two training attempts into one ru
 batch). And RQ calls the job's `on_failure` callback when the job raises, but not when that process dies (the OOM
 killer, a signal, RQ's own kill past the job's timeout, a worker handing its job back): the job is retried or failed
 with no callback, and whatever the callback records (a run queued again, a problem failed) would stay unsaid.
+
+A worker that stalls (stopped, swapped out) past its heartbeat has its job taken over the same way, but then wakes
+and ends its own run of the job: RQ would retry it (queueing it again beside the run that took over), fail it, or
+mark it finished, and its failure callback would record an outcome, all on behalf of a job now run elsewhere.
+`handed_on` tells such a late ending apart; the worker below and the services' failure callbacks ignore it.
 """
 
 from __future__ import annotations
@@ -56,9 +61,19 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def handed_on(job, connection: redis.Redis, worker_name: str | None) -> bool:
+    """Whether `worker_name`'s run of this job has been handed on: the job was queued again after that worker's
+    heartbeat lapsed, or another worker has started it (or ended it) since. False for the run RQ counts as current,
+    and when the run's worker is unknown (`worker_name` None: nothing to compare)."""
+    if not worker_name:
+        return False
+    status, holder = connection.hmget(job.key, "status", "worker_name")
+    return status != b"started" or (holder or b"").decode() != worker_name
+
+
 class JobProcessWorker(Worker):
-    """RQ's forking worker whose job processes die with it, and whose job's failure callback also runs when the job's
-    process dies."""
+    """RQ's forking worker whose job processes die with it, whose job's failure callback also runs when the job's
+    process dies, and whose late ending of a job handed on to another run leaves that job alone."""
 
     def fork_work_horse(self, job, queue) -> None:
         self.worker_pid = os.getpid()  # read by the job's process, which the fork below starts
@@ -70,8 +85,33 @@ class JobProcessWorker(Worker):
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage) -> None:
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        if handed_on(job, self.connection, self.name):
+            return  # handle_job_failure, next, says so
+        job.worker_name = self.name  # this process's copy names the worker before this run (the horse set it there)
         died = JobProcessDied(f"the job's process {how_it_died(ret_val)}")
         try:
             execute_failure_callback(job, self.death_penalty_class, JobProcessDied, died, None)
         except Exception:  # RQ still has to retry or fail the job
             self.log.exception("Worker %s: the failure callback of job %s raised", self.name, job.id)
+
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None) -> None:
+        if self.let_go(job, execution, "failed"):
+            return
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
+    def handle_job_success(self, job, queue, started_job_registry, execution) -> None:
+        if self.let_go(job, execution, "finished"):
+            return
+        super().handle_job_success(job, queue, started_job_registry, execution)
+
+    def let_go(self, job, execution, ending: str) -> bool:
+        """True, after dropping this worker's record of running it, when the job was handed on (`handed_on`): its
+        ending here neither retries, fails nor finishes it."""
+        if not handed_on(job, self.connection, self.name):
+            return False
+        self.log.warning("Worker %s: job %s %s here after it was handed on; left to its current run", self.name,
+                         job.id, ending)
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
+        return True

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from services.trainer.records import eval_records, run_records
 from services.trainer.settings import TrainerSettings
-from shared.workers import connect_redis
+from shared.workers import connect_redis, handed_on
 
 log = logging.getLogger("ssb.trainer")
 
@@ -387,6 +387,8 @@ def plain_table(table) -> str:
 
 
 def on_eval_failure(job, connection, exc_type, exc_value, traceback) -> None:
+    if handed_on(job, connection, job.worker_name):  # a late failure of a run handed on to another says nothing
+        return
     settings = current_settings()
     eval_id = job.args[0]
     evals = eval_records(connection, settings.key_prefix)

@@ -99,7 +99,7 @@ def test_the_last_failure_of_a_job_marks_its_unfinished_problems_failed(ledger, 
     monkeypatch.setenv("SSB_DATA_DIR", str(tmp_path))
     new_dataset(ledger, 3)
     PairStore(tmp_path / "datasets" / "ds-1").write_dropped(DroppedProblem(problem_id="a", reason="no_mix"))
-    job = SimpleNamespace(should_retry=True, args=["ds-1", ["a", "b"]])
+    job = SimpleNamespace(should_retry=True, args=["ds-1", ["a", "b"]], worker_name=None)
     record_job_failure(job, ledger.redis, TimeoutError, TimeoutError("the teacher did not answer"), None)
     assert ledger.final_states("ds-1") == {}
     job.should_retry = False
@@ -107,6 +107,12 @@ def test_the_last_failure_of_a_job_marks_its_unfinished_problems_failed(ledger, 
     assert ledger.final_states("ds-1") == {"a": "no_mix", "b": "failed"}
     (failure,) = ledger.status("ds-1").failures
     assert failure.problem_id == "b" and failure.reason.startswith("TimeoutError: the teacher did not answer (after 4")
+    # The late failure of a run RQ has handed on to another worker (`shared.workers.handed_on`) records nothing.
+    job_key = f"{ledger.prefix}:rq-job"
+    ledger.redis.hset(job_key, mapping={"status": "started", "worker_name": "worker-b"})
+    late = SimpleNamespace(should_retry=False, args=["ds-1", ["c"]], key=job_key, worker_name="worker-a")
+    record_job_failure(late, ledger.redis, TimeoutError, TimeoutError("the teacher did not answer"), None)
+    assert ledger.final_states("ds-1") == {"a": "no_mix", "b": "failed"}
 
 
 def test_a_job_whose_process_dies_on_its_last_attempt_marks_its_problems_failed(ledger, tmp_path):

@@ -223,3 +223,29 @@ def test_the_failure_of_an_attempt_taken_over_by_another_worker_is_not_recorded(
     latest = SimpleNamespace(args=("r1",), worker_name="worker-b", retries_left=0)
     jobs.on_train_failure(latest, runs.redis, RuntimeError, RuntimeError("out of memory"), None)
     assert runs.get("r1")["status"] == "failed" and "out of memory" in runs.get("r1")["error"]
+
+
+def test_the_late_failure_of_an_evaluation_handed_on_to_another_worker_is_not_recorded(runs, monkeypatch):
+    """An evaluation's job that RQ has handed on (queued again, or started by another worker) since the failing run
+    began: its record is the current run's (`shared.workers.handed_on`)."""
+    from types import SimpleNamespace
+
+    from services.trainer import jobs
+    from services.trainer.records import eval_records
+    from services.trainer.settings import TrainerSettings
+
+    monkeypatch.setattr(jobs, "_settings", TrainerSettings(redis_url=REDIS_URL, key_prefix=runs.prefix))
+    evals = eval_records(runs.redis, runs.prefix)
+    evals.create("e1", {"status": "running", "attempts": 2})
+    job_key = f"{runs.prefix}:rq-job"
+    runs.redis.hset(job_key, mapping={"status": "started", "worker_name": "worker-b"})
+    try:
+        late = SimpleNamespace(args=("e1",), key=job_key, worker_name="worker-a", retries_left=0)
+        jobs.on_eval_failure(late, runs.redis, RuntimeError, RuntimeError("teacher gone"), None)
+        assert evals.get("e1")["status"] == "running" and evals.get("e1").get("error") is None
+        current = SimpleNamespace(args=("e1",), key=job_key, worker_name="worker-b", retries_left=0)
+        jobs.on_eval_failure(current, runs.redis, RuntimeError, RuntimeError("teacher gone"), None)
+        assert evals.get("e1")["status"] == "failed" and "teacher gone" in evals.get("e1")["error"]
+    finally:
+        evals.delete_all()
+        runs.redis.delete(job_key)

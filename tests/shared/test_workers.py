@@ -1,0 +1,97 @@
+"""A stalled worker's late ending of a job handed on to another run (shared/workers.py), through RQ's own bookkeeping
+on a real Redis: the job is neither queued twice, failed, nor finished on the stale run's behalf, and its failure
+callback records nothing; the run RQ counts as current still ends the job as RQ would."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+
+import pytest
+from redis import Redis
+from rq import Callback, Queue, Retry
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from shared.workers import JobProcessWorker, handed_on
+from tests.redis_server import delete_keys, redis_url
+
+REDIS_URL = redis_url(12)
+
+
+@pytest.fixture
+def queue():
+    connection = Redis.from_url(REDIS_URL)
+    prefix = f"ssb-test-workers-{uuid.uuid4().hex[:8]}"
+    yield Queue(prefix, connection=connection, serializer=JSONSerializer)
+    delete_keys(connection, prefix)
+    connection.close()
+
+
+def worker(queue: Queue, name: str) -> JobProcessWorker:
+    name = f"{queue.name}-{name}"
+    return JobProcessWorker([queue], connection=queue.connection, serializer=JSONSerializer, name=name)
+
+
+def start(worker: JobProcessWorker, queue: Queue):
+    """What RQ does when a worker takes a job: off the queue, an execution registered, the job marked as its."""
+    job, _ = Queue.dequeue_any([queue], timeout=None, connection=queue.connection, serializer=JSONSerializer)
+    execution = worker.prepare_execution(job)
+    worker.prepare_job_execution(job)
+    return job, execution
+
+
+def abandon(queue: Queue) -> None:
+    """What any worker's maintenance does once a run's heartbeat has lapsed: the job goes back on its queue."""
+    queue.started_job_registry.cleanup(timestamp=2**40)
+
+
+def stored(job: Job) -> Job:
+    return Job.fetch(job.id, connection=job.connection, serializer=JSONSerializer)
+
+
+def test_a_late_ending_of_a_job_handed_on_leaves_it_to_its_current_run(queue):
+    queue.enqueue("builtins.len", [1], job_id=f"{queue.name}-job", retry=Retry(max=3))
+    stalled, other = worker(queue, "stalled"), worker(queue, "other")
+    late_job, late_execution = start(stalled, queue)
+    assert not handed_on(late_job, queue.connection, stalled.name)
+
+    abandon(queue)  # the stalled worker's heartbeat lapsed: queued again, one retry spent
+    assert queue.count == 1 and stored(late_job).retries_left == 2
+    assert handed_on(late_job, queue.connection, stalled.name)
+    stalled.handle_job_failure(late_job, queue, exc_string="late", execution=late_execution)
+    assert queue.count == 1 and stored(late_job).retries_left == 2  # not queued a second time
+
+    job, execution = start(other, queue)  # taken over
+    assert not handed_on(job, queue.connection, other.name)
+    stalled.handle_job_failure(late_job, queue, exc_string="late", execution=late_execution)
+    stalled.handle_job_success(late_job, queue, queue.started_job_registry, late_execution)
+    now = stored(job)
+    assert (now.get_status(), now.worker_name, now.retries_left, queue.count) == ("started", other.name, 2, 0)
+    assert late_execution.id not in {e.id for e in now.get_executions()}
+    assert execution.id in {e.id for e in now.get_executions()}
+
+    other.handle_job_failure(job, queue, exc_string="the current run failed", execution=execution)
+    assert queue.count == 1 and stored(job).retries_left == 1  # RQ's own retry, as ever
+
+
+def remember_failure(job, connection, exc_type, exc_value, traceback) -> None:
+    """A job's failure callback: which worker's run of it failed."""
+    connection.rpush(f"{job.origin}:failures", job.worker_name or "")
+
+
+def test_the_failure_callback_runs_for_a_dead_job_process_unless_its_run_was_handed_on(queue):
+    queue.enqueue("builtins.len", [1], job_id=f"{queue.name}-job", retry=Retry(max=3),
+                  on_failure=Callback(remember_failure))
+    stalled, other = worker(queue, "stalled"), worker(queue, "other")
+    failures = f"{queue.name}:failures"
+    late_job, _ = start(stalled, queue)
+    abandon(queue)  # RQ runs the callback of an abandoned job itself, once
+    assert queue.connection.lrange(failures, 0, -1) == [stalled.name.encode()]
+    job, _ = start(other, queue)
+    killed = signal.SIGKILL  # a wait status: killed by this signal
+    stalled.handle_work_horse_killed(late_job, 1, killed, None)
+    assert queue.connection.lrange(failures, 0, -1) == [stalled.name.encode()]  # not a second time
+    job.worker_name = "an-earlier-worker"  # the worker process's copy of the job, read before this run began
+    other.handle_work_horse_killed(job, 1, killed, None)
+    assert queue.connection.lrange(failures, 0, -1) == [stalled.name.encode(), other.name.encode()]
