@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 from urllib.parse import urlsplit
 
@@ -109,13 +109,18 @@ class Supervisor:
             except (OSError, ValueError):  # EIO, EPIPE; ValueError: the stream was closed
                 self._output_lost = True
 
-    def start(self, ready_timeout: float = 60.0) -> None:
-        """Start every process in order; after one marked `ready_before_the_rest`, wait until it is ready."""
+    def start(self, ready_timeout: float = 60.0, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Start every process in order; after one marked `ready_before_the_rest`, wait until it is ready. Once
+        `cancelled()` is true (a stop was asked for meanwhile), return at once, the rest not started."""
         for spec in self.specs:
+            if cancelled():
+                return
             self._start_one(spec)
             if spec.ready_before_the_rest:
                 deadline = time.monotonic() + ready_timeout
-                while not is_ready(spec.ready_url):
+                while not is_ready(spec.ready_url, timeout=0.5):
+                    if cancelled():
+                        return
                     if self.processes[spec.name].poll() is not None or time.monotonic() > deadline:
                         raise StartError(f"{spec.name} did not become ready ({spec.ready_url})")
                     time.sleep(0.1)

@@ -105,7 +105,7 @@ def up_command(
         with Supervisor(topology.processes, stop_timeout=stop_timeout) as supervisor:
             _print_urls(topology, redis_started=redis_url is None)
             try:
-                supervisor.start()
+                supervisor.start(cancelled=stop.is_set)  # a Ctrl-C meanwhile starts nothing more
             except StartError as exc:
                 console.print(f"[red]{exc}[/red]")
                 status = 1

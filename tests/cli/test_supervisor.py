@@ -159,6 +159,22 @@ def test_a_process_others_wait_for_that_dies_stops_the_start():
         assert "never" not in supervisor.processes
 
 
+def test_a_stop_asked_for_during_the_start_starts_nothing_more():
+    """`ssb up`'s Ctrl-C while it waits for Redis: the start returns at once, and the rest never start."""
+    port = free_port()  # nothing answers there: the first process would be waited for a minute
+    specs = [
+        ProcessSpec("slow", python("import time; time.sleep(600)"), ready_url=f"redis://127.0.0.1:{port}/0",
+                    ready_before_the_rest=True),
+        ProcessSpec("never", python("import time; time.sleep(600)")),
+    ]
+    asked = time.monotonic() + 1.0
+    with Supervisor(specs, out=io.StringIO(), stop_timeout=5) as supervisor:
+        supervisor.start(cancelled=lambda: time.monotonic() > asked)
+        assert time.monotonic() - asked < 2.0
+        assert list(supervisor.processes) == ["slow"]
+    assert supervisor.processes["slow"].poll() is not None
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_redis_is_ready_before_the_rest_start_and_stops_last(tmp_path):
     port = free_port()
