@@ -8,8 +8,8 @@
 A checkpoint is written into a hidden temporary directory and renamed when complete, so a run killed mid-write never
 leaves one that looks complete. A resumed run trains on the pairs in `pair_ids.txt`, not on what the directory holds
 now (a run started while curation still wrote pairs resumes as it began). `load_checkpoint` refuses to continue a run
-whose settings (other than `RESUMABLE_CHANGES`), pairs or number of processes changed: the resumed run would not
-compute the same thing.
+whose settings (other than `RESUMABLE_CHANGES`), pairs, base model (`model_fingerprint`) or number of processes
+changed: the resumed run would not compute the same thing.
 """
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ def read_pair_ids(out_dir: Path) -> list[str] | None:
 def digest_of(problem_ids: Sequence[str]) -> str:
     """A short fingerprint of the ordered pair ids, so a resume notices changed data."""
     return hashlib.sha256("\n".join(problem_ids).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """A short fingerprint of a base model's weights, the same wherever and in whatever dtype it is loaded: its shape
+    and the first rows of its input embedding rounded to bfloat16 (another model, or another fine-tune of the same
+    one, differs there), so a resume notices another base model under the same or another path."""
+    embedding = model.get_input_embeddings().weight
+    rows = embedding[:8].detach().to(device="cpu", dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    shape = f"{model.config.model_type}:{tuple(embedding.shape)}:{model.config.num_hidden_layers}".encode()
+    return hashlib.sha256(shape + rows).hexdigest()[:16]
 
 
 def write_training_config(
@@ -132,8 +142,8 @@ def save_checkpoint(
 def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_state: dict, accelerator) -> int:
     """Restore adapter, optimizer, scheduler and RNG states from a checkpoint; return its step.
 
-    Raises TrainingError when the checkpoint was written with other settings, other pairs or another number of
-    processes (the resumed run would not continue the same computation).
+    Raises TrainingError when the checkpoint was written with other settings, other pairs, another base model or
+    another number of processes (the resumed run would not continue the same computation).
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -151,6 +161,11 @@ def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_stat
     if state["pairs_digest"] != run_state["pairs_digest"]:
         raise TrainingError(
             f"cannot resume from {checkpoint}: the pairs directory holds other pairs than it was trained on"
+        )
+    if state.get("model", run_state["model"]) != run_state["model"]:  # a checkpoint of an earlier version has none
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: it was trained on another base model (weights {state['model']}, "
+            f"this one's {run_state['model']})"
         )
     if state["num_processes"] != run_state["num_processes"]:
         raise TrainingError(

@@ -56,6 +56,7 @@ from torch import nn
 
 from services.trainer.checkpoints import (
     digest_of,
+    model_fingerprint,
     keep_metrics_through,
     last_logged_loss,
     latest_checkpoint,
@@ -217,6 +218,7 @@ def train(
     run_state = {
         "config": config.model_dump(mode="json"),
         "pairs_digest": digest_of([e.problem_id for e in examples]),
+        "model": model_fingerprint(model),
         "num_processes": accelerator.num_processes,
     }
 

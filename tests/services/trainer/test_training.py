@@ -217,6 +217,14 @@ def test_resume_after_interruption_gives_the_uninterrupted_adapter(model_path, p
     changed = config.model_copy(update={"lr": 1e-3})
     with pytest.raises(TrainingError, match="settings changed.*lr"):
         train(pairs_dir, tmp_path / "b", model_path, changed, resume=True)
+    # Another base model of the same shape (another fine-tune, or the same path holding other weights): refused.
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(model_path)
+    with torch.no_grad():
+        other.get_input_embeddings().weight[0] += 0.01
+    with pytest.raises(TrainingError, match="trained on another base model"):
+        train(pairs_dir, tmp_path / "b", model_path, config, resume=True, model=other)
     with pytest.raises(TrainingError, match="no complete checkpoint"):
         train(pairs_dir, tmp_path / "never-trained", model_path, config, resume=True)
 
