@@ -233,6 +233,8 @@ def test_auth_is_required_and_the_key_never_echoed(teacher_server):
 def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
     greedy = {"questions": [{"question": QUESTION}], "sampling": {"n": 1, "temperature": 0, "max_tokens": 4}}
     with lora_teacher_server.client() as http:
+        others = http.get("/v1/models").json()["adapters"]  # what other tests left loaded
+        assert "tiny" not in [a["name"] for a in others]
         base = http.post("/v1/rollouts", json=greedy).json()["results"][0]["samples"][0]["token_ids"]
         loaded = http.post("/v1/adapters", json={"name": "tiny"})
         assert loaded.status_code == 201 and loaded.json() == {"name": "tiny", "path": "tiny"}
@@ -245,14 +247,14 @@ def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
             unusable = http.post("/v1/adapters", json={"name": "odd", "path": path})
             assert unusable.status_code == 400 and unusable.json()["error"]["param"] == "path", unusable.text
         assert http.post("/v1/adapters", json={"name": "tiny", "replace": True}).status_code == 201
-        assert [a["name"] for a in http.get("/v1/models").json()["adapters"]] == ["tiny"]
+        assert http.get("/v1/models").json()["adapters"] == [*others, {"name": "tiny", "path": "tiny"}]
         adapted = http.post("/v1/rollouts", json={**greedy, "adapter": "tiny"})
         assert adapted.status_code == 200, adapted.text
         assert adapted.json()["results"][0]["samples"][0]["token_ids"] != base
         openai = http.post("/v1/completions", json={"model": "tiny", "prompt": "2 + 2 =", "max_tokens": 2})
         assert openai.status_code == 200 and openai.json()["model"] == "tiny", openai.text
         assert http.delete("/v1/adapters/tiny").status_code == 204
-        assert http.get("/v1/models").json()["adapters"] == []
+        assert http.get("/v1/models").json()["adapters"] == others
         assert http.post("/v1/rollouts", json={**greedy, "adapter": "tiny"}).status_code == 404
         assert http.delete("/v1/adapters/tiny").status_code == 404
 
