@@ -66,6 +66,7 @@ bench: setup model
 	$(BIN)/python -m benchmarks.eval_batch
 	$(BIN)/python -m benchmarks.teacher_service
 	$(BIN)/python -m benchmarks.curator_workers
+	$(BIN)/python -m benchmarks.curator_job_reads
 	$(BIN)/python -m benchmarks.adapter_eval
 	$(BIN)/python -m benchmarks.training
 

@@ -3,11 +3,12 @@ pair store, each problem's final state recorded once in the ledger.
 
     ssb worker curate            (cli/worker_command.py runs `run_worker`)
 
-Jobs take ids, not objects (`curate_problems(dataset_id, problem_ids)`), travel with RQ's JSON serializer, and carry a
-timeout and `Retry` (at once, then with backoff). Delivery is at least once, so every write is safe to repeat: pair
-files are write-once (`shared.storage`), final states set-if-absent (`services.curator.ledger`), and a job that finds a
-problem already in the store (its previous run died after writing) records what the store holds instead of curating it
-again.
+Jobs take ids, not objects (`curate_problems(dataset_id, problem_ids, span)`: `span` is where the batch's lines lie in
+the dataset's problems file, so a job reads its own problems, not the whole file), travel with RQ's JSON serializer,
+and carry a timeout and `Retry` (at once, then with backoff). Delivery is at least once, so every write is safe to
+repeat: pair files are write-once (`shared.storage`), final states set-if-absent (`services.curator.ledger`), and a
+job that finds a problem already in the store (its previous run died after writing) records what the store holds
+instead of curating it again.
 
 A worker that dies mid-job (SIGKILL, a lost machine) stops sending heartbeats; after `3 x SSB_WORKER_HEARTBEAT_SECONDS`
 its job counts as abandoned, and the next maintenance pass of any worker (every `SSB_MAINTENANCE_INTERVAL_SECONDS`)
@@ -18,9 +19,11 @@ fails through every retry marks its unfinished problems `failed`, with the last 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 from redis import Redis
@@ -30,7 +33,7 @@ from rq.serializers import JSONSerializer
 from services.curator.curation import Funnel, curate
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from services.curator.settings import CuratorSettings
-from shared.datasets import load_problems
+from shared.datasets import load_problems, parse_problem_file
 from shared.engine import ConcurrentCalls, Engine
 from shared.schemas import Problem
 from shared.settings import CurationConfig
@@ -65,12 +68,26 @@ def job_retry(settings: CuratorSettings) -> Retry:
     return Retry(max=settings.job_retries, interval=list(RETRY_BACKOFF_SECONDS[: settings.job_retries]))
 
 
-def enqueue_data(settings: CuratorSettings, dataset_id: str, batches: Sequence[list[str]]) -> list:
-    """One RQ job per batch of problem ids, with the deployment's timeout, retries and failure callback."""
+def batch_spans(problems_file: Path, sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """The byte range of each batch's lines in a problems file of one problem a line, batches in file order."""
+    ends = list(itertools.accumulate(len(line) for line in problems_file.read_bytes().splitlines(keepends=True)))
+    spans, first = [], 0
+    for size in sizes:
+        start = ends[first - 1] if first else 0
+        spans.append((start, ends[first + size - 1]))
+        first += size
+    return spans
+
+
+def enqueue_data(
+    settings: CuratorSettings, dataset_id: str, batches: Sequence[list[str]], spans: Sequence[tuple[int, int]]
+) -> list:
+    """One RQ job per batch of problem ids (and its lines' span), with the deployment's timeout, retries and failure
+    callback."""
     return [
         Queue.prepare_data(
             curate_problems,
-            args=(dataset_id, batch),
+            args=(dataset_id, batch, list(span)),
             job_id=f"{settings.key_prefix}-{dataset_id}-{index}",
             timeout=settings.job_timeout_seconds,
             retry=job_retry(settings),
@@ -79,19 +96,20 @@ def enqueue_data(settings: CuratorSettings, dataset_id: str, batches: Sequence[l
             result_ttl=24 * 3600,
             failure_ttl=7 * 24 * 3600,
         )
-        for index, batch in enumerate(batches)
+        for index, (batch, span) in enumerate(zip(batches, spans, strict=True))
     ]
 
 
-def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
-    """The job: curate these problems of the dataset; return what became of them."""
+def curate_problems(dataset_id: str, problem_ids: list[str], span: list[int] | None = None) -> dict:
+    """The job: curate these problems of the dataset (their lines at `span` of its problems file; None: a job queued
+    by an earlier version, which reads the whole file); return what became of them."""
     settings = CuratorSettings()
     ledger = DatasetLedger(redis_connection(settings), settings.key_prefix)
     meta = ledger.meta(dataset_id)
     if meta is None:
         return {"dataset": dataset_id, "skipped": "the dataset no longer exists"}
     store = PairStore(settings.dataset_dir(dataset_id))
-    finished = ledger.final_states(dataset_id)
+    finished = ledger.final_states(dataset_id, problem_ids)
     todo = [p for p in problem_ids if p not in finished]
     if ledger.is_cancelled(dataset_id):
         end_problems(settings, ledger, meta, todo, "cancelled")
@@ -105,7 +123,7 @@ def curate_problems(dataset_id: str, problem_ids: list[str]) -> dict:
     if not todo:
         start_training_if_owed(settings, ledger, meta)
         return {"dataset": dataset_id, "curated": 0}
-    problems = dataset_problems(settings, dataset_id, todo)
+    problems = dataset_problems(settings, dataset_id, todo, span)
     ledger.mark_running(dataset_id, todo)
     with TeacherPool(settings.teacher_urls, api_key=settings.teacher_key()) as teacher:
         engine = teacher if meta.options.rollout_adapter is None else AdapterRollouts(teacher, meta.options.rollout_adapter)
@@ -213,7 +231,7 @@ def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:
     to another (`handed_on`) records nothing."""
     if job.should_retry or handed_on(job, connection, job.worker_name):
         return
-    dataset_id, problem_ids = job.args
+    dataset_id, problem_ids = job.args[:2]
     settings = CuratorSettings()
     ledger = DatasetLedger(connection, settings.key_prefix)
     meta = ledger.meta(dataset_id)
@@ -224,9 +242,19 @@ def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:
     start_training_if_owed(settings, ledger, meta)  # the job may have finished the dataset, then died on the request
 
 
-def dataset_problems(settings: CuratorSettings, dataset_id: str, problem_ids: Sequence[str]) -> list[Problem]:
-    """These problems of the dataset, read from its problems file on the shared volume, in the order given."""
-    by_id = {p.id: p for p in load_problems(settings.dataset_dir(dataset_id) / PROBLEMS_FILE)}
+def dataset_problems(
+    settings: CuratorSettings, dataset_id: str, problem_ids: Sequence[str], span: Sequence[int] | None = None
+) -> list[Problem]:
+    """These problems of the dataset, in the order given, read from its problems file on the shared volume: the lines
+    at `span` (bytes from, to) when given, else the whole file."""
+    path = settings.dataset_dir(dataset_id) / PROBLEMS_FILE
+    if span is None:
+        problems = load_problems(path)
+    else:
+        with open(path, "rb") as file:
+            file.seek(span[0])
+            problems = parse_problem_file(file.read(span[1] - span[0]), str(path))
+    by_id = {p.id: p for p in problems}
     missing = [i for i in problem_ids if i not in by_id]
     if missing:
         raise LookupError(f"dataset {dataset_id} has no problems {missing[:5]} (is the data volume shared?)")

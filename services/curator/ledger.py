@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ValidationError
 from redis import Redis
@@ -114,8 +115,14 @@ class DatasetLedger:
 
     # --- problems ---
 
-    def final_states(self, dataset_id: str) -> dict[str, str]:
-        return {_text(k): _text(v) for k, v in self.redis.hgetall(self.key(dataset_id, "final")).items()}
+    def final_states(self, dataset_id: str, problem_ids: Sequence[str] | None = None) -> dict[str, str]:
+        """The final state of every problem that has one; with `problem_ids`, of those only (a job's few, without
+        reading the whole dataset's)."""
+        key = self.key(dataset_id, "final")
+        if problem_ids is None:
+            return {_text(k): _text(v) for k, v in self.redis.hgetall(key).items()}
+        states = self.redis.hmget(key, list(problem_ids)) if problem_ids else []
+        return {problem_id: _text(state) for problem_id, state in zip(problem_ids, states) if state is not None}
 
     def mark_running(self, dataset_id: str, problem_ids: list[str]) -> None:
         """A job has started these problems (and the dataset, if it is the first)."""

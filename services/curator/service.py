@@ -24,7 +24,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 
 from services.curator.jobs import (
-    META_FILE, PROBLEMS_FILE, curation_queue, end_problems, enqueue_data, redis_connection,
+    META_FILE, PROBLEMS_FILE, batch_spans, curation_queue, end_problems, enqueue_data, redis_connection,
 )
 from services.curator.ledger import DatasetLedger, DatasetMeta, UnreadableDataset
 from services.curator.settings import CuratorSettings
@@ -82,7 +82,8 @@ class CuratorService:
         self.write_directory(meta, problems)
         ids = [p.id for p in problems]
         batches = [ids[start : start + options.batch_size] for start in range(0, len(ids), options.batch_size)]
-        job_data = enqueue_data(self.settings, dataset_id, batches)
+        spans = batch_spans(directory / PROBLEMS_FILE, [len(batch) for batch in batches])
+        job_data = enqueue_data(self.settings, dataset_id, batches, spans)
         try:
             with self.redis.pipeline() as pipe:
                 self.ledger.create(meta, [d.job_id for d in job_data], pipe)
@@ -170,6 +171,6 @@ class CuratorService:
                 job.cancel()
             except InvalidJobOperation:  # cancelled meanwhile by a second DELETE of the same dataset
                 continue
-            _, problem_ids = job.args
+            problem_ids = job.args[1]
             end_problems(self.settings, self.ledger, meta, problem_ids, "cancelled")
         return self.status(dataset_id)

@@ -252,3 +252,37 @@ def test_a_dataset_stored_with_options_this_version_refuses_is_left_out_not_a_50
             call(old.id)
         assert refused.value.status == 500 and refused.value.type == "unreadable_dataset"
         assert "options.rollout_max_tokens: Input should be less than or equal to 32768" in refused.value.message
+
+
+def test_a_job_reads_only_its_own_problems_and_their_states(ledger, tmp_path, monkeypatch):
+    """Each job's lines of the problems file are found by their byte span (text of any script, lines of any length),
+    so a job's reads do not grow with the dataset; a job queued by an earlier version (no span) reads the whole
+    file; a job asks the ledger for its own problems' states only."""
+    from services.curator.jobs import dataset_problems
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from shared.schemas import Problem
+
+    for name, value in {"SSB_REDIS_URL": redis_url(9), "SSB_KEY_PREFIX": ledger.prefix,
+                        "SSB_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    settings = CuratorSettings()
+    service = CuratorService(settings, ledger.redis)
+    questions = ["2 + 2?", "Combien font 3 × 3 ?", "2の3乗は?", "x" * 5000, "7 \u2028- 1?\r\nor 6?", "Σ of 1..4?", "1"]
+    # Every problem of an upload has a source (`shared.datasets` names its file and line when the row does not).
+    problems = [
+        Problem(id=f"p{i}", question=q, answer=str(i), source=f"up.jsonl:{i + 1}") for i, q in enumerate(questions)
+    ]
+    dataset = service.create_dataset(problems, DatasetOptions(batch_size=3), "spans")
+    jobs = Job.fetch_many(ledger.job_ids(dataset.id), connection=ledger.redis, serializer=JSONSerializer)
+    batches = sorted((job.args for job in jobs), key=lambda args: args[2])
+    assert [ids for _, ids, _ in batches] == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6"]]
+    for _, ids, span in batches:
+        assert dataset_problems(settings, dataset.id, ids, span) == [p for p in problems if p.id in ids]
+        assert dataset_problems(settings, dataset.id, ids[::-1]) == [p for p in problems if p.id in ids][::-1]
+
+    ledger.record_final(dataset.id, "p1", "no_mix")
+    ledger.record_final(dataset.id, "p4", "failed", "the teacher refused the request")
+    assert ledger.final_states(dataset.id, ["p0", "p1", "p2"]) == {"p1": "no_mix"}
+    assert ledger.final_states(dataset.id, []) == {}
+    assert ledger.final_states(dataset.id) == {"p1": "no_mix", "p4": "failed"}

@@ -1,0 +1,118 @@
+"""Benchmark: what one curation job reads before it curates, on a large dataset.
+
+A job curates a batch of a dataset's problems (8 by default). It used to read the dataset's whole problems file and
+every problem's final state; it now reads its own lines of the file (their byte span travels with the job) and its
+own problems' states. On a dataset of `--problems` arithmetic problems (the curator takes up to 100,000), each of
+`--jobs` batches spread over the file is read both ways in the same run, on the same file and the same Redis:
+
+- problems: `dataset_problems` with the job's span, against the whole file read and checked (`span=None`, what a job
+  queued by an earlier version still does);
+- final states: the job's own (`HMGET`), against the whole hash (`HGETALL`), with half the problems final. Needs a
+  Redis (`--redis`, default the machine's, database 15, under a key prefix of its own, deleted after); left out
+  without one.
+
+    .venv/bin/python -m benchmarks.curator_job_reads [--problems 100000] [--jobs 20]   # -> runs/bench/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+RESULTS = Path("runs/bench/curator_job_reads.json")
+
+
+def timed(function, repeats: int = 1) -> float:
+    """The median seconds of `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=20, help="Batches timed, spread evenly over the file.")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15")
+    args = parser.parse_args()
+
+    from services.curator.jobs import PROBLEMS_FILE, batch_spans, dataset_problems
+    from services.curator.ledger import DatasetLedger
+    from services.curator.settings import CuratorSettings
+    from shared.arithmetic import make_arithmetic_problems
+    from shared.datasets import write_problems_jsonl
+
+    problems = make_arithmetic_problems(args.problems, seed=0)
+    ids = [p.id for p in problems]
+    batches = [ids[start : start + args.batch_size] for start in range(0, len(ids), args.batch_size)]
+    timed_batches = sorted({round(i * (len(batches) - 1) / max(args.jobs - 1, 1)) for i in range(args.jobs)})
+    result: dict = {"problems": args.problems, "batch_size": args.batch_size, "jobs_timed": len(timed_batches)}
+
+    with tempfile.TemporaryDirectory(prefix="ssb-bench-job-reads-") as directory:
+        settings = CuratorSettings(data_dir=Path(directory))
+        dataset_dir = settings.dataset_dir("ds-bench")
+        dataset_dir.mkdir(parents=True)
+        path = write_problems_jsonl(problems, dataset_dir / PROBLEMS_FILE)
+        spans = batch_spans(path, [len(batch) for batch in batches])
+        whole, own = [], []
+        for index in timed_batches:
+            batch, span = batches[index], spans[index]
+            expected = problems[index * args.batch_size :][: len(batch)]
+            assert dataset_problems(settings, "ds-bench", batch, span) == expected
+            whole.append(timed(lambda: dataset_problems(settings, "ds-bench", batch)))
+            own.append(timed(lambda: dataset_problems(settings, "ds-bench", batch, span), repeats=5))
+        result["file_mb"] = path.stat().st_size / 2**20
+        reads = {"whole_file_s": statistics.median(whole), "own_span_s": statistics.median(own)}
+        result["problems_read"] = {**reads, "speedup": reads["whole_file_s"] / reads["own_span_s"]}
+
+    try:
+        import redis
+
+        connection = redis.Redis.from_url(args.redis, socket_timeout=10)
+        connection.ping()
+    except Exception as exc:  # no Redis: the file half stands alone
+        print(f"final states left out: no Redis at {args.redis} ({exc})")
+        connection = None
+    if connection is not None:
+        ledger = DatasetLedger(connection, f"ssb-bench-{uuid.uuid4().hex[:8]}")
+        key = ledger.key("ds-bench", "final")
+        try:
+            for start in range(0, len(ids), 2 * 5000):  # every other problem final
+                connection.hset(key, mapping={i: "no_mix" for i in ids[start : start + 10_000 : 2]})
+            whole, own = [], []
+            for index in timed_batches:
+                batch = batches[index]
+                assert ledger.final_states("ds-bench", batch) == {
+                    i: state for i, state in ledger.final_states("ds-bench").items() if i in batch
+                }
+                whole.append(timed(lambda: ledger.final_states("ds-bench"), repeats=3))
+                own.append(timed(lambda: ledger.final_states("ds-bench", batch), repeats=5))
+        finally:
+            connection.delete(key)
+        result["states_read"] = {"whole_hash_s": statistics.median(whole), "own_s": statistics.median(own)}
+        result["states_read"]["speedup"] = result["states_read"]["whole_hash_s"] / result["states_read"]["own_s"]
+
+    reads = result["problems_read"]
+    print(f"{args.problems} problems ({result['file_mb']:.1f} MB), batches of {args.batch_size}, "
+          f"median of {len(timed_batches)} jobs")
+    print(f"problems: whole file {reads['whole_file_s'] * 1000:.1f} ms, own span {reads['own_span_s'] * 1000:.2f} ms "
+          f"({reads['speedup']:.0f}x)")
+    if "states_read" in result:
+        states = result["states_read"]
+        print(f"final states: whole hash {states['whole_hash_s'] * 1000:.1f} ms, own {states['own_s'] * 1000:.2f} ms "
+              f"({states['speedup']:.0f}x)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
