@@ -11,7 +11,9 @@ with no callback, and whatever the callback records (a run queued again, a probl
 A worker that stalls (stopped, swapped out) past its heartbeat has its job taken over the same way, but then wakes
 and ends its own run of the job: RQ would retry it (queueing it again beside the run that took over), fail it, or
 mark it finished, and its failure callback would record an outcome, all on behalf of a job now run elsewhere.
-`handed_on` tells such a late ending apart; the worker below and the services' failure callbacks ignore it.
+The worker below knows such a late ending by its execution, no longer on RQ's started registry, and leaves the job
+alone; the services' failure callbacks skip the failure of a run whose job another worker has started since
+(`started_elsewhere`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import redis
 from rq import Worker
 from rq.callbacks import execute_failure_callback
+from rq.registry import StartedJobRegistry
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 # Redis errors a service answers with 503 (try again later) rather than 500.
@@ -61,14 +64,14 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def handed_on(job, connection: redis.Redis, worker_name: str | None) -> bool:
-    """Whether `worker_name`'s run of this job has been handed on: the job was queued again after that worker's
-    heartbeat lapsed, or another worker has started it (or ended it) since. False for the run RQ counts as current,
-    and when the run's worker is unknown (`worker_name` None: nothing to compare)."""
+def started_elsewhere(job, connection: redis.Redis, worker_name: str | None) -> bool:
+    """Whether another worker has started this job since `worker_name` ran it (its heartbeat lapsed while it stalled,
+    and the job was handed on): the failure of `worker_name`'s run then says nothing of the job. False when the run's
+    worker is unknown (`worker_name` None), and while the job waits to start again (no other run to defer to)."""
     if not worker_name:
         return False
     status, holder = connection.hmget(job.key, "status", "worker_name")
-    return status != b"started" or (holder or b"").decode() != worker_name
+    return status == b"started" and holder is not None and holder.decode() != worker_name
 
 
 class JobProcessWorker(Worker):
@@ -85,8 +88,6 @@ class JobProcessWorker(Worker):
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage) -> None:
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        if handed_on(job, self.connection, self.name):
-            return  # handle_job_failure, next, says so
         job.worker_name = self.name  # this process's copy names the worker before this run (the horse set it there)
         died = JobProcessDied(f"the job's process {how_it_died(ret_val)}")
         try:
@@ -105,9 +106,14 @@ class JobProcessWorker(Worker):
         super().handle_job_success(job, queue, started_job_registry, execution)
 
     def let_go(self, job, execution, ending: str) -> bool:
-        """True, after dropping this worker's record of running it, when the job was handed on (`handed_on`): its
-        ending here neither retries, fails nor finishes it."""
-        if not handed_on(job, self.connection, self.name):
+        """True when this worker's run of the job was handed on: RQ's maintenance (any worker's) took its execution
+        off the started registry once its heartbeat lapsed, and queued the job again. Its ending here then neither
+        retries, fails nor finishes the job. An ending with no execution (RQ rescuing a job that never started) or
+        with this worker's execution still registered is the job's own."""
+        if execution is None:
+            return False
+        registry = StartedJobRegistry(job.origin, connection=self.connection, serializer=self.serializer)
+        if self.connection.zscore(registry.key, execution.composite_key) is not None:
             return False
         self.log.warning("Worker %s: job %s %s here after it was handed on; left to its current run", self.name,
                          job.id, ending)

@@ -39,7 +39,7 @@ from shared.schemas import Problem
 from shared.settings import CurationConfig
 from shared.storage import PairStore
 from shared.teacher_client import TeacherPool, TeacherRejected
-from shared.workers import JobProcessWorker, connect_redis, handed_on
+from shared.workers import JobProcessWorker, connect_redis, started_elsewhere
 
 log = logging.getLogger("ssb.curator")
 
@@ -228,8 +228,8 @@ def start_training_if_owed(settings: CuratorSettings, ledger: DatasetLedger, met
 def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:
     """RQ's failure callback. It also runs for a failure that will be retried: only the last one is final, and it
     marks each problem of the job that has no outcome `failed`, with the error. The late failure of a run handed on
-    to another (`handed_on`) records nothing."""
-    if job.should_retry or handed_on(job, connection, job.worker_name):
+    to another (`started_elsewhere`) records nothing."""
+    if job.should_retry or started_elsewhere(job, connection, job.worker_name):
         return
     dataset_id, problem_ids = job.args[:2]
     settings = CuratorSettings()

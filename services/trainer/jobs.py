@@ -30,7 +30,7 @@ from pathlib import Path
 
 from services.trainer.records import eval_records, run_records
 from services.trainer.settings import TrainerSettings
-from shared.workers import connect_redis, handed_on
+from shared.workers import connect_redis, started_elsewhere
 
 log = logging.getLogger("ssb.trainer")
 
@@ -387,7 +387,7 @@ def plain_table(table) -> str:
 
 
 def on_eval_failure(job, connection, exc_type, exc_value, traceback) -> None:
-    if handed_on(job, connection, job.worker_name):  # a late failure of a run handed on to another says nothing
+    if started_elsewhere(job, connection, job.worker_name):  # a stalled run's late failure: the job is another's now
         return
     settings = current_settings()
     eval_id = job.args[0]

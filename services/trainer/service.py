@@ -174,16 +174,18 @@ class TrainerService:
     def reconcile_run(self, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
         """A run whose job RQ failed without the job recording it (its work horse killed with no retries left) is
         failed. A run not final whose job RQ counts finished, with no worker on it, is queued again (it resumes from
-        its newest checkpoint): an attempt superseded by a later one ends its job as finished, which leaves the job
-        to nobody should the later attempt's process then die. A run not final with no job at all (the service died,
-        or Redis failed, between recording the run and queueing it) is queued (the job id makes that happen once)."""
+        its newest checkpoint): a superseded attempt's worker leaves the job to the later attempt
+        (`shared.workers.JobProcessWorker`), but one of an earlier version, or one whose ending races RQ's handing the
+        job on, can still end it as finished. A run not final with
+        no job at all (the service died, or Redis failed, between recording the run and queueing it) is queued (the
+        job id makes that happen once)."""
         job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
         if job is None:
             queues.enqueue_training(self.settings, self.redis, run_id)
             return record
         status = job.get_status(refresh=False)
-        # Failed by RQ, unless a live worker runs it: the stale attempt of a worker that stalled past its heartbeat
-        # may have failed the job while the attempt that took it over goes on.
+        # Failed by RQ, unless a live worker runs it (a stalled worker's attempt of an earlier version may have failed
+        # the job while the attempt that took it over goes on).
         if status in ("failed", "stopped", "canceled") and not self.job_held(job.id):
             error = record.get("error") or f"the training job ended as {status}"
             self.runs.advance(run_id, status="failed", error=error)

@@ -13,7 +13,7 @@ from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared.workers import JobProcessWorker, handed_on
+from shared.workers import JobProcessWorker, started_elsewhere
 from tests.redis_server import delete_keys, redis_url
 
 REDIS_URL = redis_url(12)
@@ -54,25 +54,42 @@ def test_a_late_ending_of_a_job_handed_on_leaves_it_to_its_current_run(queue):
     queue.enqueue("builtins.len", [1], job_id=f"{queue.name}-job", retry=Retry(max=3))
     stalled, other = worker(queue, "stalled"), worker(queue, "other")
     late_job, late_execution = start(stalled, queue)
-    assert not handed_on(late_job, queue.connection, stalled.name)
 
     abandon(queue)  # the stalled worker's heartbeat lapsed: queued again, one retry spent
     assert queue.count == 1 and stored(late_job).retries_left == 2
-    assert handed_on(late_job, queue.connection, stalled.name)
+    assert not started_elsewhere(late_job, queue.connection, stalled.name)  # no other run yet
     stalled.handle_job_failure(late_job, queue, exc_string="late", execution=late_execution)
     assert queue.count == 1 and stored(late_job).retries_left == 2  # not queued a second time
 
     job, execution = start(other, queue)  # taken over
-    assert not handed_on(job, queue.connection, other.name)
+    assert started_elsewhere(late_job, queue.connection, stalled.name)
+    assert not started_elsewhere(job, queue.connection, other.name)
     stalled.handle_job_failure(late_job, queue, exc_string="late", execution=late_execution)
     stalled.handle_job_success(late_job, queue, queue.started_job_registry, late_execution)
     now = stored(job)
     assert (now.get_status(), now.worker_name, now.retries_left, queue.count) == ("started", other.name, 2, 0)
-    assert late_execution.id not in {e.id for e in now.get_executions()}
-    assert execution.id in {e.id for e in now.get_executions()}
+    assert [e.id for e in now.get_executions()] == [execution.id]
 
     other.handle_job_failure(job, queue, exc_string="the current run failed", execution=execution)
     assert queue.count == 1 and stored(job).retries_left == 1  # RQ's own retry, as ever
+
+
+def test_rqs_own_rescues_of_a_job_that_never_started_still_retry_it(queue):
+    """A job left in the queue's intermediate list (its worker died between taking it and starting it), which RQ's
+    maintenance fails with no execution; and a job whose process died before marking it started, failed by its
+    worker with its execution still registered: both retried as RQ would."""
+    queue.enqueue("builtins.len", [1], job_id=f"{queue.name}-job", retry=Retry(max=3))
+    rescuer = worker(queue, "rescuer")
+    stuck, _ = Queue.dequeue_any([queue], timeout=None, connection=queue.connection, serializer=JSONSerializer)
+    rescuer.handle_job_failure(stuck, queue, exc_string="Job was stuck in intermediate queue.")
+    assert queue.count == 1 and stored(stuck).retries_left == 2
+
+    taker = worker(queue, "taker")
+    job, _ = Queue.dequeue_any([queue], timeout=None, connection=queue.connection, serializer=JSONSerializer)
+    execution = taker.prepare_execution(job)  # then its process died before `prepare_job_execution`
+    assert stored(job).get_status() == "queued"
+    taker.handle_job_failure(job, queue, exc_string="Work-horse terminated unexpectedly", execution=execution)
+    assert queue.count == 1 and stored(job).retries_left == 1
 
 
 def remember_failure(job, connection, exc_type, exc_value, traceback) -> None:
@@ -80,18 +97,16 @@ def remember_failure(job, connection, exc_type, exc_value, traceback) -> None:
     connection.rpush(f"{job.origin}:failures", job.worker_name or "")
 
 
-def test_the_failure_callback_runs_for_a_dead_job_process_unless_its_run_was_handed_on(queue):
+def test_the_failure_callback_of_a_dead_job_process_names_the_worker_that_ran_it(queue):
+    """The worker's copy of the job was read before this run began (it names the previous run's worker); the
+    callback, which may compare it with the job's current worker (`started_elsewhere`), sees this run's."""
     queue.enqueue("builtins.len", [1], job_id=f"{queue.name}-job", retry=Retry(max=3),
                   on_failure=Callback(remember_failure))
-    stalled, other = worker(queue, "stalled"), worker(queue, "other")
-    failures = f"{queue.name}:failures"
-    late_job, _ = start(stalled, queue)
-    abandon(queue)  # RQ runs the callback of an abandoned job itself, once
-    assert queue.connection.lrange(failures, 0, -1) == [stalled.name.encode()]
-    job, _ = start(other, queue)
-    killed = signal.SIGKILL  # a wait status: killed by this signal
-    stalled.handle_work_horse_killed(late_job, 1, killed, None)
-    assert queue.connection.lrange(failures, 0, -1) == [stalled.name.encode()]  # not a second time
-    job.worker_name = "an-earlier-worker"  # the worker process's copy of the job, read before this run began
-    other.handle_work_horse_killed(job, 1, killed, None)
-    assert queue.connection.lrange(failures, 0, -1) == [stalled.name.encode(), other.name.encode()]
+    job, _ = start(worker(queue, "first"), queue)
+    abandon(queue)  # RQ runs the callback of an abandoned job itself, with the job as stored
+    second = worker(queue, "second")
+    job, _ = start(second, queue)
+    job.worker_name = worker(queue, "first").name  # as the worker process read it, before its work horse started
+    second.handle_work_horse_killed(job, 1, signal.SIGKILL, None)  # the wait status of a process killed by SIGKILL
+    names = [name.decode() for name in queue.connection.lrange(f"{queue.name}:failures", 0, -1)]
+    assert names == [f"{queue.name}-first", f"{queue.name}-second"]

@@ -107,7 +107,7 @@ def test_the_last_failure_of_a_job_marks_its_unfinished_problems_failed(ledger, 
     assert ledger.final_states("ds-1") == {"a": "no_mix", "b": "failed"}
     (failure,) = ledger.status("ds-1").failures
     assert failure.problem_id == "b" and failure.reason.startswith("TimeoutError: the teacher did not answer (after 4")
-    # The late failure of a run RQ has handed on to another worker (`shared.workers.handed_on`) records nothing.
+    # The late failure of a run RQ has handed on to another worker (`shared.workers.started_elsewhere`) records nothing.
     job_key = f"{ledger.prefix}:rq-job"
     ledger.redis.hset(job_key, mapping={"status": "started", "worker_name": "worker-b"})
     late = SimpleNamespace(should_retry=False, args=["ds-1", ["c"]], key=job_key, worker_name="worker-a")
