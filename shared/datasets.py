@@ -211,21 +211,31 @@ def _jsonl_rows(raw: bytes) -> Iterator[_Row]:
 
 def _parquet_rows(source: Path | bytes, name: str, max_read_bytes: int | None = None) -> Iterator[_Row]:
     """Rows of a Parquet file (a path or its bytes) are numbered from 0, as in the table. Only the columns a problem
-    is built from are read; with `max_read_bytes`, their size is checked before and while they are read."""
+    is built from are read. With `max_read_bytes`, their size is checked from the file's metadata before they are
+    read (their rows, and their bytes once decompressed), and once read, before their values are decoded (a column's
+    dictionary counted once per use); a column of a type that cannot be bounded so is refused."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:  # pyarrow is a core dependency; this only fires in a broken install
         raise DatasetError([f"{name}: reading Parquet needs pyarrow, which is not installed"]) from exc
+
+    def open_file(**options):
+        return pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source, **options)
+
     try:
-        parquet = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source)
-        columns = [field.name for field in parquet.schema_arrow if field.name in ROW_FIELDS]
+        parquet = open_file()
+        schema = parquet.schema_arrow
+        used = [field for field in schema if field.name in ROW_FIELDS]
+        if not any(field.name in QUESTION_FIELDS for field in used):
+            raise DatasetError(
+                [f"{name}: no question column ('question' or 'problem'); its columns are {schema.names[:20]}"]
+            )
+        columns = [field.name for field in used]
         if max_read_bytes is not None:
-            _check_parquet_metadata(parquet, columns, name, max_read_bytes)
-            text = [f.name for f in parquet.schema_arrow if f.name in columns and _is_text(f.type)]
+            _check_parquet_metadata(parquet, used, name, max_read_bytes)
             # Text stays dictionary-encoded, as stored, until its decoded size is known.
-            parquet = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source,
-                                     read_dictionary=text)
+            parquet = open_file(read_dictionary=[field.name for field in used if _is_text(field.type)])
         table = parquet.read(columns=columns, use_threads=False)
     except DatasetError:
         raise
@@ -245,23 +255,36 @@ def _parquet_rows(source: Path | bytes, name: str, max_read_bytes: int | None = 
 _VALUE_BYTES = 8
 
 
-def _check_parquet_metadata(parquet, columns: list[str], name: str, limit: int) -> None:
-    """Refuse a file whose metadata says its columns decompress to more than `limit` bytes, or whose row count alone
-    (a column of nulls or one repeated number costs a few bytes per million rows) would."""
+def _check_parquet_metadata(parquet, used: list, name: str, limit: int) -> None:
+    """Refuse a file whose columns (`used`: Arrow fields) are of a type whose decoded size cannot be bounded before
+    reading (lists, structs, views), or whose metadata says they decompress to more than `limit` bytes, or whose row
+    count alone (a column of nulls or one repeated number costs a few bytes per million rows) would."""
+    for field in used:
+        value_type = field.type.value_type if _is_dictionary(field.type) else field.type
+        if not (_is_text(value_type) or _is_scalar(value_type)):
+            raise DatasetTooLarge(
+                [f"{name}: column {field.name!r} holds {field.type}; an uploaded file's question, answer, id and "
+                 "source columns hold text (string) or numbers"]
+            )
     metadata = parquet.metadata
-    rows_bytes = metadata.num_rows * _VALUE_BYTES * len(columns)
+    columns = [field.name for field in used]
+    chunks = [
+        metadata.row_group(group).column(index)
+        for group in range(metadata.num_row_groups)
+        for index in range(metadata.row_group(group).num_columns)
+    ]
+    chunks = [chunk for chunk in chunks if chunk.path_in_schema.split(".")[0] in columns]
+    rows = max(
+        metadata.num_rows,
+        sum(metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)),
+        max((sum(c.num_values for c in chunks if c.path_in_schema == column) for column in columns), default=0),
+    )
+    rows_bytes = rows * _VALUE_BYTES * len(columns)
     if rows_bytes > limit:
         raise DatasetTooLarge(
-            [f"{name}: {metadata.num_rows} rows of {len(columns)} columns take {rows_bytes} bytes once read; "
-             f"at most {limit}"]
+            [f"{name}: {rows} rows of {len(columns)} columns take {rows_bytes} bytes once read; at most {limit}"]
         )
-    uncompressed = 0
-    for group in range(metadata.num_row_groups):
-        row_group = metadata.row_group(group)
-        for index in range(row_group.num_columns):
-            chunk = row_group.column(index)
-            if chunk.path_in_schema.split(".")[0] in columns:
-                uncompressed += chunk.total_uncompressed_size
+    uncompressed = sum(chunk.total_uncompressed_size for chunk in chunks)
     if uncompressed > limit:
         raise DatasetTooLarge([f"{name}: its columns {columns} decompress to {uncompressed} bytes; at most {limit}"])
 
@@ -271,6 +294,20 @@ def _is_text(arrow_type) -> bool:
 
     return any(test(arrow_type) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                                              pa.types.is_large_binary))
+
+
+def _is_scalar(arrow_type) -> bool:
+    """A number, a boolean or null: a fixed size per value."""
+    import pyarrow as pa
+
+    return any(test(arrow_type) for test in (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal,
+                                             pa.types.is_boolean, pa.types.is_null))
+
+
+def _is_dictionary(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_dictionary(arrow_type)
 
 
 def _decoded_bytes(chunk) -> int:

@@ -268,26 +268,37 @@ def parquet_bytes(table: pa.Table, **options: object) -> bytes:
 
 # An upload's Parquet file is bounded by what its columns take once read, not by its size on the wire.
 @pytest.mark.parametrize(
-    ("table", "says"),
+    ("table", "says", "a_dataset_without_the_limit"),
     [
         # one megabyte of one letter: a few hundred bytes compressed
-        (pa.table({"question": ["a" * 1_000_000], "answer": ["1"]}), "decompress to"),
+        (pa.table({"question": ["a" * 1_000_000], "answer": ["1"]}), "decompress to", True),
         # one 20 kB question stored once in the column's dictionary, used by 400 rows: 8 MB decoded
-        (pa.table({"question": ["b" * 20_000] * 400, "answer": ["1"] * 400}), "once decoded"),
+        (pa.table({"question": ["b" * 20_000] * 400, "answer": ["1"] * 400}), "once decoded", True),
         # nulls cost a few bits per row on disk
         (pa.table({"question": pa.nulls(100_000, pa.string()), "answer": pa.nulls(100_000, pa.string())}),
-         "rows of 2 columns"),
+         "100000 rows of 2 columns", False),
+        # a list in one row can hold millions of values: no row count bounds it
+        (pa.table({"question": [["c" * 20_000] * 400], "answer": ["1"]}), "column 'question' holds list<", False),
     ],
-    ids=["compressed", "dictionary", "rows"],
+    ids=["compressed", "dictionary", "rows", "list"],
 )
-def test_an_uploaded_parquet_file_over_its_read_limit_is_refused(table: pa.Table, says: str) -> None:
+def test_an_uploaded_parquet_file_over_its_read_limit_is_refused(
+    table: pa.Table, says: str, a_dataset_without_the_limit: bool
+) -> None:
     data = parquet_bytes(table, compression="zstd")
     assert len(data) < 100_000
-    with pytest.raises(DatasetTooLarge, match=says) as info:
+    with pytest.raises(DatasetTooLarge, match=re.escape(says)) as info:
         parse_problem_file(data, "up.parquet", max_read_bytes=1_000_000)
     assert str(info.value).startswith("up.parquet: ")
-    if "rows" not in says:  # without a limit the same file is a good dataset: only its size is refused
+    if a_dataset_without_the_limit:  # only its size is refused
         assert len(parse_problem_file(data, "up.parquet")) == table.num_rows
+
+
+def test_a_parquet_file_without_a_question_column_is_refused_before_its_rows_are_read() -> None:
+    data = parquet_bytes(pa.table({"notes": pa.nulls(1_000_000, pa.string())}), compression="zstd")
+    for limit in (None, 1_000_000):
+        with pytest.raises(DatasetError, match=re.escape("up.parquet: no question column ('question' or 'problem');")):
+            parse_problem_file(data, "up.parquet", max_read_bytes=limit)
 
 
 def test_an_uploaded_parquet_file_reads_only_the_problem_columns() -> None:
