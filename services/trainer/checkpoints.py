@@ -48,13 +48,14 @@ def digest_of(problem_ids: Sequence[str]) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """A short fingerprint of a base model's weights, the same wherever and in whatever dtype it is loaded: its shape
-    and the first rows of its input embedding rounded to bfloat16 (another model, or another fine-tune of the same
-    one, differs there), so a resume notices another base model under the same or another path."""
-    embedding = model.get_input_embeddings().weight
-    rows = embedding[:8].detach().to(device="cpu", dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
-    shape = f"{model.config.model_type}:{tuple(embedding.shape)}:{model.config.num_hidden_layers}".encode()
-    return hashlib.sha256(shape + rows).hexdigest()[:16]
+    """A short fingerprint of a base model's weights (before any adapter), the same wherever and in whatever dtype it
+    is loaded: the name, shape and first values of every weight, rounded to bfloat16. Another model, or another
+    fine-tune of this one, differs, unless each of its changes vanishes at that precision."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        first = parameter.detach().reshape(-1)[:16].to(device="cpu", dtype=torch.bfloat16)
+        digest.update(f"{name}:{tuple(parameter.shape)}:".encode() + first.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def write_training_config(

@@ -196,6 +196,7 @@ def train(
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config.dtype, accelerator.device))
     model.to(accelerator.device)
+    base_model = model_fingerprint(model)  # before the adapter's layers join it
     switch_off_dropout(model)
     check_vocabulary(examples, model.get_output_embeddings().weight.shape[0])
     check_output_layer(model, examples[0].input_ids)  # the losses form the logits as the model does, or refuse
@@ -218,7 +219,7 @@ def train(
     run_state = {
         "config": config.model_dump(mode="json"),
         "pairs_digest": digest_of([e.problem_id for e in examples]),
-        "model": model_fingerprint(model),
+        "model": base_model,
         "num_processes": accelerator.num_processes,
     }
 
