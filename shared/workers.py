@@ -65,13 +65,15 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def started_elsewhere(job, connection: redis.Redis, worker_name: str | None) -> bool:
-    """Whether another worker has started this job since `worker_name` ran it (its heartbeat lapsed while it stalled,
-    and the job was handed on): the failure of `worker_name`'s run then says nothing of the job. False when the run's
-    worker is unknown (`worker_name` None), and while the job waits to start again (no other run to defer to)."""
+    """Whether another worker has started this job (and perhaps ended it) since `worker_name` ran it: its heartbeat
+    lapsed while it stalled, and the job was handed on. The failure of `worker_name`'s run then says nothing of the
+    job. False when the run's worker is unknown (`worker_name` None), and while the job waits to start again (no
+    other run to defer to)."""
     if not worker_name:
         return False
     status, holder = connection.hmget(job.key, "status", "worker_name")
-    return status == b"started" and holder is not None and holder.decode() != worker_name
+    waiting = status in (b"queued", b"scheduled", b"deferred")
+    return not waiting and holder is not None and holder.decode() != worker_name
 
 
 class JobProcessWorker(Worker):
@@ -106,15 +108,24 @@ class JobProcessWorker(Worker):
         super().handle_job_success(job, queue, started_job_registry, execution)
 
     def let_go(self, job, execution, ending: str) -> bool:
-        """True when this worker's run of the job was handed on: RQ's maintenance (any worker's) took its execution
+        """True when this worker's run of the job was handed on: RQ's maintenance (another worker's) took its execution
         off the started registry once its heartbeat lapsed, and queued the job again. Its ending here then neither
-        retries, fails nor finishes the job. An ending with no execution (RQ rescuing a job that never started) or
-        with this worker's execution still registered is the job's own."""
+        retries, fails nor finishes the job. An ending with no execution (RQ rescuing a job that never started), with
+        this worker's execution still registered, or of a job still marked started by this worker is the job's own.
+        (Should another worker's maintenance hand the job on between this check and the ending, RQ's own race, the
+        job may be queued twice; every job is safe to run twice.)"""
         if execution is None:
             return False
         registry = StartedJobRegistry(job.origin, connection=self.connection, serializer=self.serializer)
         if self.connection.zscore(registry.key, execution.composite_key) is not None:
             return False
+        # Gone from the registry but still started by this worker: removed as expired before this run marked the job
+        # started (the worker froze in between), never handed on. Its ending is the job's own.
+        status, holder = self.connection.hmget(job.key, "status", "worker_name")
+        if status == b"started" and holder is not None and holder.decode() == self.name:
+            return False
+        if self._stopped_job_id == job.id:  # a stop asked for this run ends with it
+            self._stopped_job_id = None
         self.log.warning("Worker %s: job %s %s here after it was handed on; left to its current run", self.name,
                          job.id, ending)
         with self.connection.pipeline() as pipeline:

@@ -227,8 +227,8 @@ def start_training_if_owed(settings: CuratorSettings, ledger: DatasetLedger, met
 
 def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:
     """RQ's failure callback. It also runs for a failure that will be retried: only the last one is final, and it
-    marks each problem of the job that has no outcome `failed`, with the error. The late failure of a run handed on
-    to another (`started_elsewhere`) records nothing."""
+    marks each problem of the job that has no outcome `failed`, with the error. The late failure of a stalled run
+    whose job another worker has taken up since (`started_elsewhere`) records nothing."""
     if job.should_retry or started_elsewhere(job, connection, job.worker_name):
         return
     dataset_id, problem_ids = job.args[:2]

@@ -64,7 +64,9 @@ def test_a_late_ending_of_a_job_handed_on_leaves_it_to_its_current_run(queue):
     job, execution = start(other, queue)  # taken over
     assert started_elsewhere(late_job, queue.connection, stalled.name)
     assert not started_elsewhere(job, queue.connection, other.name)
+    stalled._stopped_job_id = late_job.id  # a stop asked for the late run (`rq job stop`) ends with it
     stalled.handle_job_failure(late_job, queue, exc_string="late", execution=late_execution)
+    assert stalled._stopped_job_id is None
     stalled.handle_job_success(late_job, queue, queue.started_job_registry, late_execution)
     now = stored(job)
     assert (now.get_status(), now.worker_name, now.retries_left, queue.count) == ("started", other.name, 2, 0)
@@ -90,6 +92,21 @@ def test_rqs_own_rescues_of_a_job_that_never_started_still_retry_it(queue):
     assert stored(job).get_status() == "queued"
     taker.handle_job_failure(job, queue, exc_string="Work-horse terminated unexpectedly", execution=execution)
     assert queue.count == 1 and stored(job).retries_left == 1
+
+
+def test_a_run_whose_registry_entry_expired_before_it_started_the_job_still_ends_it(queue):
+    """The worker froze between registering its run and marking the job started, long enough for another worker's
+    maintenance to drop the expired entry (RQ leaves a job not yet started where it is): the job was never handed
+    on, and this run's ending is the job's own."""
+    queue.enqueue("builtins.len", [1], job_id=f"{queue.name}-job", retry=Retry(max=3))
+    frozen = worker(queue, "frozen")
+    job, _ = Queue.dequeue_any([queue], timeout=None, connection=queue.connection, serializer=JSONSerializer)
+    execution = frozen.prepare_execution(job)
+    abandon(queue)
+    assert queue.count == 0 and queue.started_job_registry.get_job_ids() == []
+    frozen.prepare_job_execution(job)  # it wakes, and its run goes on
+    frozen.handle_job_failure(job, queue, exc_string="the run failed", execution=execution)
+    assert queue.count == 1 and stored(job).retries_left == 2
 
 
 def remember_failure(job, connection, exc_type, exc_value, traceback) -> None:

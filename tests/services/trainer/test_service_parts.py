@@ -225,9 +225,9 @@ def test_the_failure_of_an_attempt_taken_over_by_another_worker_is_not_recorded(
     assert runs.get("r1")["status"] == "failed" and "out of memory" in runs.get("r1")["error"]
 
 
-def test_the_late_failure_of_an_evaluation_started_elsewhere_to_another_worker_is_not_recorded(runs, monkeypatch):
-    """An evaluation's job that RQ has handed on (queued again, or started by another worker) since the failing run
-    began: its record is the current run's (`shared.workers.started_elsewhere`)."""
+def test_the_late_failure_of_an_evaluation_another_worker_took_up_is_not_recorded(runs, monkeypatch):
+    """An evaluation's job that another worker has started since the failing run began (RQ handed it on when the
+    failing run's heartbeat lapsed): its record is the current run's (`shared.workers.started_elsewhere`)."""
     from types import SimpleNamespace
 
     from services.trainer import jobs
