@@ -211,9 +211,9 @@ def _jsonl_rows(raw: bytes) -> Iterator[_Row]:
 
 def _parquet_rows(source: Path | bytes, name: str, max_read_bytes: int | None = None) -> Iterator[_Row]:
     """Rows of a Parquet file (a path or its bytes) are numbered from 0, as in the table. Only the columns a problem
-    is built from are read. With `max_read_bytes`, their size is checked from the file's metadata before they are
-    read (their rows, and their bytes once decompressed), and once read, before their values are decoded (a column's
-    dictionary counted once per use); a column of a type that cannot be bounded so is refused."""
+    is built from are read. With `max_read_bytes`, their size is checked as the file's metadata states it before they
+    are read (their rows, and their bytes once decompressed), and once read, before their values are decoded (a
+    column's dictionary counted once per use); a column of a type that cannot be bounded so is refused."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -228,9 +228,8 @@ def _parquet_rows(source: Path | bytes, name: str, max_read_bytes: int | None = 
         schema = parquet.schema_arrow
         used = [field for field in schema if field.name in ROW_FIELDS]
         if not any(field.name in QUESTION_FIELDS for field in used):
-            raise DatasetError(
-                [f"{name}: no question column ('question' or 'problem'); its columns are {schema.names[:20]}"]
-            )
+            shown = [column[:40] for column in schema.names[:20]]
+            raise DatasetError([f"{name}: no question column ('question' or 'problem'); its columns are {shown}"])
         columns = [field.name for field in used]
         if max_read_bytes is not None:
             _check_parquet_metadata(parquet, used, name, max_read_bytes)
@@ -264,7 +263,7 @@ def _check_parquet_metadata(parquet, used: list, name: str, limit: int) -> None:
         if not (_is_text(value_type) or _is_scalar(value_type)):
             raise DatasetTooLarge(
                 [f"{name}: column {field.name!r} holds {field.type}; an uploaded file's question, answer, id and "
-                 "source columns hold text (string) or numbers"]
+                 "source columns hold text (string), integers or floats"]
             )
     metadata = parquet.metadata
     columns = [field.name for field in used]
@@ -273,7 +272,7 @@ def _check_parquet_metadata(parquet, used: list, name: str, limit: int) -> None:
         for group in range(metadata.num_row_groups)
         for index in range(metadata.row_group(group).num_columns)
     ]
-    chunks = [chunk for chunk in chunks if chunk.path_in_schema.split(".")[0] in columns]
+    chunks = [chunk for chunk in chunks if chunk.path_in_schema in columns]  # flat columns: the path is the name
     rows = max(
         metadata.num_rows,
         sum(metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)),
@@ -297,11 +296,11 @@ def _is_text(arrow_type) -> bool:
 
 
 def _is_scalar(arrow_type) -> bool:
-    """A number, a boolean or null: a fixed size per value."""
+    """An integer, a float, a boolean or null: at most 8 bytes a value."""
     import pyarrow as pa
 
-    return any(test(arrow_type) for test in (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal,
-                                             pa.types.is_boolean, pa.types.is_null))
+    return any(test(arrow_type) for test in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
+                                             pa.types.is_null))
 
 
 def _is_dictionary(arrow_type) -> bool:

@@ -49,8 +49,8 @@ def digest_of(problem_ids: Sequence[str]) -> str:
 
 def model_fingerprint(model) -> str:
     """A short fingerprint of a base model's weights (before any adapter), the same wherever and in whatever dtype it
-    is loaded: the name, shape and first values of every weight, rounded to bfloat16. Another model, or another
-    fine-tune of this one, differs, unless each of its changes vanishes at that precision."""
+    is loaded: the name, shape and first 16 values of every weight, rounded to bfloat16. Another model, or another
+    fine-tune of this one, differs, unless its changes miss every weight's first values or vanish at that precision."""
     digest = hashlib.sha256()
     for name, parameter in model.named_parameters():
         first = parameter.detach().reshape(-1)[:16].to(device="cpu", dtype=torch.bfloat16)
