@@ -16,6 +16,7 @@ tokens; in float32 4 of 4), and the CPUs without BF16 run float32 anyway.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -32,6 +33,16 @@ os.environ.setdefault("SSB_DTYPE", "float32")
 # The suite's own Redis (tests/redis_server.py), up now: pytest imports this file before any conftest below it, and
 # those read its URL when they are imported.
 SESSION_REDIS = start_session_redis()
+
+
+def pytest_configure(config):
+    """A SIGTERM (a CI job's time limit, `kill`) ends the run as Ctrl-C does: the fixtures tear down, so the engines,
+    services and Redis the session started stop with it instead of running on without it."""
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def pytest_unconfigure(config):
