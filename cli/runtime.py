@@ -156,6 +156,11 @@ def start_engine(model_path: str, settings: Settings, *, seed: int = 0, enable_l
             raise fail(str(exc)) from exc
 
 
+# The share of a task done before a plain progress line estimates the time left (the first answers of an evaluation
+# arrive early, the batch's long ones late: 1 of 200 after 30 s is not 1 h 40 min to go).
+ESTIMATE_AFTER = 0.05
+
+
 class PlainProgress:
     """Progress for output that is not a terminal: `Progress`'s `add_task`/`update`/`stop`, printed as one plain line
     per unfinished task every `interval` seconds (and once when a task finishes), from a background thread so that a
@@ -208,7 +213,7 @@ class PlainProgress:
         count = f"{done:g}" if total is None else f"{done:g}/{total:g} ({100 * done / max(total, 1):.0f}%)"
         fields = ", ".join(str(task["fields"][name]) for name in self.extra_fields if task["fields"].get(name))
         left = ""
-        if total and 0 < done < total:
+        if total and total * ESTIMATE_AFTER <= done < total:  # from fewer, a straight line says little
             left = f", left ~{format_seconds(elapsed * (total - done) / done)}"
         head = " ".join(part for part in (f"{task['description']}:", count, fields) if part)
         return f"{head} | elapsed {format_seconds(elapsed)}{left}"

@@ -4,6 +4,8 @@ batch can take minutes on a small CPU). The real engine and model; the bar is th
 what it is told. (Curation's line, which counts the sequences of the batch in flight, is checked in a real
 `ssb curate` process: tests/cli/test_run.py.)"""
 
+import re
+
 from cli import eval_command
 from cli.runtime import PlainProgress
 from services.evaluation.evaluation import EvalConfig
@@ -45,3 +47,13 @@ def test_a_plain_progress_line_is_one_line_however_long(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"curating: 2/2 (100%) {status.strip()}") and " | elapsed 0:00" in lines[0]
+
+
+def test_a_plain_progress_line_estimates_the_time_left_once_a_twentieth_is_done():
+    progress = PlainProgress((), interval=3600)
+    task = progress.add_task("evaluating", total=200)
+    progress.tasks[task]["started"] -= 30  # 30 s ago
+    progress.update(task, completed=1)
+    assert "left" not in progress.line(progress.tasks[task])
+    progress.update(task, completed=20)
+    assert re.search(r"\| elapsed 0:3\d, left ~4:[3-5]\d$", progress.line(progress.tasks[task]))  # 30 s x 180 / 20
