@@ -7,9 +7,12 @@ own problems' states. On a dataset of `--problems` arithmetic problems (the cura
 
 - problems: `dataset_problems` with the job's span, against the whole file read and checked (`span=None`, what a job
   queued by an earlier version still does);
-- final states: the job's own (`HMGET`), against the whole hash (`HGETALL`), with half the problems final. Needs a
-  Redis (`--redis`, default the machine's, database 15, under a key prefix of its own, deleted after); left out
-  without one.
+- final states: the job's own (`HMGET`), against the whole hash (`HGETALL`), with half the problems final;
+- a dataset's status (`GET /v1/datasets/{id}`, and each dataset's line of `/metrics`): from the counts kept as
+  problems end, against counting every problem's state (what a dataset of an earlier version still does).
+
+The last two need a Redis (`--redis`, default the machine's, database 15, under a key prefix of its own, deleted
+after); left out without one.
 
     .venv/bin/python -m benchmarks.curator_job_reads [--problems 100000] [--jobs 20]   # -> runs/bench/*.json
 """
@@ -46,7 +49,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from services.curator.jobs import PROBLEMS_FILE, batch_spans, dataset_problems
-    from services.curator.ledger import DatasetLedger
+    from services.curator.ledger import COUNTED, DatasetLedger, DatasetMeta
+    from shared.curator_api import DatasetOptions
     from services.curator.settings import CuratorSettings
     from shared.arithmetic import make_arithmetic_problems
     from shared.datasets import write_problems_jsonl
@@ -86,8 +90,12 @@ def main() -> None:
         ledger = DatasetLedger(connection, f"ssb-bench-{uuid.uuid4().hex[:8]}")
         key = ledger.key("ds-bench", "final")
         try:
-            for start in range(0, len(ids), 2 * 5000):  # every other problem final
-                connection.hset(key, mapping={i: "no_mix" for i in ids[start : start + 10_000 : 2]})
+            meta = DatasetMeta(id="ds-bench", problems=len(ids), options=DatasetOptions(), created_at=time.time())
+            with connection.pipeline() as pipe:
+                ledger.create(meta, [], pipe)
+                pipe.execute()
+            for problem_id in ids[::2]:  # every other problem final, recorded as a job records it
+                ledger.record_final("ds-bench", problem_id, "no_mix")
             whole, own = [], []
             for index in timed_batches:
                 batch = batches[index]
@@ -96,10 +104,15 @@ def main() -> None:
                 }
                 whole.append(timed(lambda: ledger.final_states("ds-bench"), repeats=3))
                 own.append(timed(lambda: ledger.final_states("ds-bench", batch), repeats=5))
+            result["states_read"] = {"whole_hash_s": statistics.median(whole), "own_s": statistics.median(own)}
+            counted = timed(lambda: ledger.status("ds-bench"), repeats=5)
+            connection.hdel(ledger.key("ds-bench", "counts"), COUNTED)  # as a dataset of an earlier version
+            one_by_one = timed(lambda: ledger.status("ds-bench"), repeats=5)
+            assert ledger.status("ds-bench").funnel.no_mix == len(ids[::2])
         finally:
-            connection.delete(key)
-        result["states_read"] = {"whole_hash_s": statistics.median(whole), "own_s": statistics.median(own)}
+            ledger.delete("ds-bench")
         result["states_read"]["speedup"] = result["states_read"]["whole_hash_s"] / result["states_read"]["own_s"]
+        result["status"] = {"every_state_s": one_by_one, "counts_s": counted, "speedup": one_by_one / counted}
 
     reads = result["problems_read"]
     print(f"{args.problems} problems ({result['file_mb']:.1f} MB), batches of {args.batch_size}, "
@@ -110,6 +123,9 @@ def main() -> None:
         states = result["states_read"]
         print(f"final states: whole hash {states['whole_hash_s'] * 1000:.1f} ms, own {states['own_s'] * 1000:.2f} ms "
               f"({states['speedup']:.0f}x)")
+        status = result["status"]
+        print(f"status: every state {status['every_state_s'] * 1000:.1f} ms, counts {status['counts_s'] * 1000:.2f} ms "
+              f"({status['speedup']:.0f}x)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
 

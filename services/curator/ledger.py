@@ -31,13 +31,21 @@ from shared.curator_api import FINAL_STATES, DatasetOptions, DatasetStatus, Fail
 
 MAX_LISTED_FAILURES = 100
 
-# KEYS: final, failures, running, stats. ARGV: problem id, state, has reason (1/0), reason, problems (-1: unknown),
-# now. Set the final state if absent (`paired` also over another state, dropping its failure reason); stamp
-# `finished_at` when that made every problem final; 1 when it did.
+# KEYS: final, failures, running, stats, counts. ARGV: problem id, state, has reason (1/0), reason, problems (-1:
+# unknown), now. Set the final state if absent (`paired` also over another state, dropping its failure reason), and
+# keep the count of problems in each final state; stamp `finished_at` when that made every problem final; 1 when it did.
 RECORD_FINAL = """
 local newly = redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2])
+if newly == 1 then
+  redis.call('hincrby', KEYS[5], ARGV[2], 1)
+end
 if newly == 0 and ARGV[2] == 'paired' then
-  redis.call('hset', KEYS[1], ARGV[1], 'paired')
+  local before = redis.call('hget', KEYS[1], ARGV[1])
+  if before ~= 'paired' then
+    redis.call('hincrby', KEYS[5], before, -1)
+    redis.call('hincrby', KEYS[5], 'paired', 1)
+    redis.call('hset', KEYS[1], ARGV[1], 'paired')
+  end
   redis.call('hdel', KEYS[2], ARGV[1])
 elseif ARGV[3] == '1' then
   redis.call('hsetnx', KEYS[2], ARGV[1], ARGV[4])
@@ -49,6 +57,23 @@ if newly == 1 and problems >= 0 and redis.call('hlen', KEYS[1]) >= problems then
 end
 return 0
 """
+
+# KEYS: running, final. How many of the running problems have no final state yet (a job marks its problems running
+# before it curates them, and another run of the job may have finished one meanwhile).
+RUNNING_COUNT = """
+local count = 0
+for _, problem_id in ipairs(redis.call('smembers', KEYS[1])) do
+  if redis.call('hexists', KEYS[2], problem_id) == 0 then
+    count = count + 1
+  end
+end
+return count
+"""
+
+# In a dataset's `counts` hash (besides one field per final state): set when the dataset was created, by a version that
+# keeps the counts from the first problem on. A dataset of an earlier version has no counts: its status counts its
+# final states one by one.
+COUNTED = "counted"
 
 
 class DatasetMeta(BaseModel):
@@ -72,6 +97,7 @@ class DatasetLedger:
         self.redis = redis
         self.prefix = prefix
         self._record_final = redis.register_script(RECORD_FINAL)
+        self._running_count = redis.register_script(RUNNING_COUNT)
 
     def key(self, dataset_id: str, part: str | None = None) -> str:
         base = f"{self.prefix}:dataset:{dataset_id}"
@@ -82,6 +108,7 @@ class DatasetLedger:
     def create(self, meta: DatasetMeta, job_ids: list[str], pipeline) -> None:
         """Record a new dataset in `pipeline` (executed by the caller together with the enqueueing of its jobs)."""
         pipeline.set(self.key(meta.id), meta.model_dump_json())
+        pipeline.hset(self.key(meta.id, "counts"), COUNTED, 1)
         pipeline.zadd(f"{self.prefix}:datasets", {meta.id: meta.created_at})
         if job_ids:
             pipeline.sadd(self.key(meta.id, "jobs"), *job_ids)
@@ -140,7 +167,7 @@ class DatasetLedger:
         if state not in FINAL_STATES:
             raise ValueError(f"unknown final state {state!r}; one of {', '.join(FINAL_STATES)}")
         meta = self.meta(dataset_id)
-        keys = [self.key(dataset_id, part) for part in ("final", "failures", "running", "stats")]
+        keys = [self.key(dataset_id, part) for part in ("final", "failures", "running", "stats", "counts")]
         flag, text = ("1", reason[:2000]) if reason is not None else ("0", "")
         problems = meta.problems if meta is not None else -1
         return bool(self._record_final(keys=keys, args=[problem_id, state, flag, text, problems, repr(time.time())]))
@@ -161,17 +188,19 @@ class DatasetLedger:
         if meta is None:
             return None
         now = time.time() if now is None else now
+        final_key, running_key = self.key(dataset_id, "final"), self.key(dataset_id, "running")
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.key(dataset_id, "final"))
-            pipe.smembers(self.key(dataset_id, "running"))
+            pipe.hgetall(self.key(dataset_id, "counts"))
+            self._running_count(keys=[running_key, final_key], client=pipe)
             pipe.hgetall(self.key(dataset_id, "stats"))
             pipe.hgetall(self.key(dataset_id, "failures"))
             pipe.exists(self.key(dataset_id, "cancelled"))
-            final_raw, running_raw, stats_raw, failures_raw, cancelled = pipe.execute()
-        final = {_text(k): _text(v) for k, v in final_raw.items()}
+            counts_raw, running, stats_raw, failures_raw, cancelled = pipe.execute()
+        counts = {_text(k): int(v) for k, v in counts_raw.items()}
+        if counts.pop(COUNTED, None) is None:  # a dataset of an earlier version (its status may lag a running job's)
+            counts = Counter(_text(state) for state in self.redis.hvals(final_key))
         stats = {_text(k): _text(v) for k, v in stats_raw.items()}
-        running = {_text(p) for p in running_raw} - final.keys()
-        funnel = Funnel(**Counter(final.values()), running=len(running))
+        funnel = Funnel(**{state: n for state, n in counts.items() if n}, running=running)
         funnel.queued = meta.problems - funnel.finished - funnel.running
         started = _float(stats.get("started_at"))
         finished_at = _float(stats.get("finished_at"))
@@ -205,7 +234,7 @@ class DatasetLedger:
 
     def delete(self, dataset_id: str) -> None:
         """Forget a dataset entirely (tests, and an upload whose jobs could not be queued)."""
-        parts = (None, "final", "failures", "running", "stats", "cancelled", "jobs")
+        parts = (None, "final", "failures", "running", "stats", "counts", "cancelled", "jobs")
         with self.redis.pipeline() as pipe:
             pipe.delete(*(self.key(dataset_id, part) for part in parts))
             pipe.zrem(f"{self.prefix}:datasets", dataset_id)

@@ -77,6 +77,19 @@ def test_a_pair_replaces_another_final_state_without_counting_twice(ledger):
     assert (status.funnel.paired, status.funnel.cancelled, status.funnel.finished) == (2, 0, 2)
 
 
+def test_a_dataset_of_an_earlier_version_counts_its_final_states_one_by_one(ledger):
+    """The status reads kept counts, not every problem's state; a dataset created by a version that kept none is
+    counted from its states."""
+    new_dataset(ledger, 4)
+    ledger.redis.delete(ledger.key("ds-1", "counts"))  # an earlier version kept no counts
+    ledger.record_final("ds-1", "a", "failed", "TeacherUnavailable: down")
+    ledger.record_final("ds-1", "a", "paired")
+    ledger.record_final("ds-1", "b", "no_mix")
+    ledger.mark_running("ds-1", ["b", "c"])
+    funnel = ledger.status("ds-1").funnel
+    assert (funnel.paired, funnel.no_mix, funnel.failed, funnel.running, funnel.queued) == (1, 1, 0, 1, 1)
+
+
 def test_unknown_states_and_datasets(ledger):
     new_dataset(ledger, 1)
     with pytest.raises(ValueError, match="unknown final state"):
