@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from services.curator.jobs import PROBLEMS_FILE, batch_spans, dataset_problems
-    from services.curator.ledger import COUNTED, DatasetLedger, DatasetMeta
+    from services.curator.ledger import DatasetLedger, DatasetMeta
     from shared.curator_api import DatasetOptions
     from services.curator.settings import CuratorSettings
     from shared.arithmetic import make_arithmetic_problems
@@ -88,7 +88,6 @@ def main() -> None:
         connection = None
     if connection is not None:
         ledger = DatasetLedger(connection, f"ssb-bench-{uuid.uuid4().hex[:8]}")
-        key = ledger.key("ds-bench", "final")
         try:
             meta = DatasetMeta(id="ds-bench", problems=len(ids), options=DatasetOptions(), created_at=time.time())
             with connection.pipeline() as pipe:
@@ -96,6 +95,7 @@ def main() -> None:
                 pipe.execute()
             for problem_id in ids[::2]:  # every other problem final, recorded as a job records it
                 ledger.record_final("ds-bench", problem_id, "no_mix")
+            ledger.mark_running("ds-bench", ids[1 : 4 * args.batch_size : 2])  # four jobs' problems in flight
             whole, own = [], []
             for index in timed_batches:
                 batch = batches[index]
@@ -106,7 +106,7 @@ def main() -> None:
                 own.append(timed(lambda: ledger.final_states("ds-bench", batch), repeats=5))
             result["states_read"] = {"whole_hash_s": statistics.median(whole), "own_s": statistics.median(own)}
             counted = timed(lambda: ledger.status("ds-bench"), repeats=5)
-            connection.hdel(ledger.key("ds-bench", "counts"), COUNTED)  # as a dataset of an earlier version
+            connection.delete(ledger.key("ds-bench", "counts"))  # as a dataset of an earlier version
             one_by_one = timed(lambda: ledger.status("ds-bench"), repeats=5)
             assert ledger.status("ds-bench").funnel.no_mix == len(ids[::2])
         finally:

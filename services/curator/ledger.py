@@ -5,6 +5,7 @@ Keys, under the deployment's prefix P (`SSB_KEY_PREFIX`) and a dataset id D:
     P:datasets                 sorted set of dataset ids by upload time
     P:dataset:D                the dataset's metadata (JSON: name, problem count, options, upload time)
     P:dataset:D:final          hash problem id -> final state; set if absent, so a problem is counted once
+    P:dataset:D:counts         hash final state -> how many problems ended so (kept with `final`, in one step)
     P:dataset:D:failures       hash problem id -> why it failed
     P:dataset:D:running        set of problem ids a job has started and not finished
     P:dataset:D:stats          hash: tokens generated, started_at, finished_at, training_run, training_error
@@ -12,10 +13,12 @@ Keys, under the deployment's prefix P (`SSB_KEY_PREFIX`) and a dataset id D:
     P:dataset:D:jobs           set of the dataset's RQ job ids
 
 Every write is safe to repeat: a job that runs twice (a retry, or a worker killed after writing) records nothing
-twice, because final states are set-if-absent and the counts are read from the final-state hash, never incremented.
+twice, because final states are set-if-absent and a count goes up only when a problem's final state is first set.
 One exception matches the pair store: `paired` replaces another final state (two runs of a problem at once that ended
-differently leave its pair, and the pair wins), still without counting the problem twice.
-The funnel's `queued` is what is neither final nor running, so the counts always add up to the problems.
+differently leave its pair, and the pair wins), moving one count to `paired`, still without counting the problem
+twice. So the counts add up to the final states; where they do not (a dataset created, or some of its problems
+recorded, by an earlier version, which kept no counts), a status counts the final states one by one instead.
+The funnel's `queued` is what is neither final nor running, so the funnel always adds up to the problems.
 """
 
 from __future__ import annotations
@@ -70,11 +73,6 @@ end
 return count
 """
 
-# In a dataset's `counts` hash (besides one field per final state): set when the dataset was created, by a version that
-# keeps the counts from the first problem on. A dataset of an earlier version has no counts: its status counts its
-# final states one by one.
-COUNTED = "counted"
-
 
 class DatasetMeta(BaseModel):
     """What a dataset is; written once at upload."""
@@ -108,7 +106,6 @@ class DatasetLedger:
     def create(self, meta: DatasetMeta, job_ids: list[str], pipeline) -> None:
         """Record a new dataset in `pipeline` (executed by the caller together with the enqueueing of its jobs)."""
         pipeline.set(self.key(meta.id), meta.model_dump_json())
-        pipeline.hset(self.key(meta.id, "counts"), COUNTED, 1)
         pipeline.zadd(f"{self.prefix}:datasets", {meta.id: meta.created_at})
         if job_ids:
             pipeline.sadd(self.key(meta.id, "jobs"), *job_ids)
@@ -191,14 +188,19 @@ class DatasetLedger:
         final_key, running_key = self.key(dataset_id, "final"), self.key(dataset_id, "running")
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.key(dataset_id, "counts"))
+            pipe.hlen(final_key)
             self._running_count(keys=[running_key, final_key], client=pipe)
             pipe.hgetall(self.key(dataset_id, "stats"))
             pipe.hgetall(self.key(dataset_id, "failures"))
             pipe.exists(self.key(dataset_id, "cancelled"))
-            counts_raw, running, stats_raw, failures_raw, cancelled = pipe.execute()
+            counts_raw, finals, running, stats_raw, failures_raw, cancelled = pipe.execute()
         counts = {_text(k): int(v) for k, v in counts_raw.items()}
-        if counts.pop(COUNTED, None) is None:  # a dataset of an earlier version (its status may lag a running job's)
-            counts = Counter(_text(state) for state in self.redis.hvals(final_key))
+        if sum(counts.values()) != finals:  # not every final state counted: an earlier version recorded some
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hvals(final_key)
+                self._running_count(keys=[running_key, final_key], client=pipe)
+                states, running = pipe.execute()
+            counts = Counter(_text(state) for state in states)
         stats = {_text(k): _text(v) for k, v in stats_raw.items()}
         funnel = Funnel(**{state: n for state, n in counts.items() if n}, running=running)
         funnel.queued = meta.problems - funnel.finished - funnel.running

@@ -77,17 +77,21 @@ def test_a_pair_replaces_another_final_state_without_counting_twice(ledger):
     assert (status.funnel.paired, status.funnel.cancelled, status.funnel.finished) == (2, 0, 2)
 
 
-def test_a_dataset_of_an_earlier_version_counts_its_final_states_one_by_one(ledger):
-    """The status reads kept counts, not every problem's state; a dataset created by a version that kept none is
-    counted from its states."""
-    new_dataset(ledger, 4)
-    ledger.redis.delete(ledger.key("ds-1", "counts"))  # an earlier version kept no counts
+def test_the_status_reads_kept_counts_and_recounts_what_an_earlier_version_recorded(ledger):
+    """The status reads counts kept as problems end, not every problem's state; where they do not add up to the
+    final states (problems recorded by a version that kept no counts, say a worker not yet upgraded), it counts the
+    states one by one."""
+    new_dataset(ledger, 5)
     ledger.record_final("ds-1", "a", "failed", "TeacherUnavailable: down")
     ledger.record_final("ds-1", "a", "paired")
+    ledger.record_final("ds-1", "a", "paired")  # a pair over a pair moves nothing
     ledger.record_final("ds-1", "b", "no_mix")
-    ledger.mark_running("ds-1", ["b", "c"])
+    assert ledger.redis.hgetall(ledger.key("ds-1", "counts")) == {b"failed": b"0", b"paired": b"1", b"no_mix": b"1"}
+    ledger.redis.hset(ledger.key("ds-1", "final"), "c", "failed")  # as an earlier version recorded it: no count
+    ledger.record_final("ds-1", "c", "paired")  # its counts now say failed -1
+    ledger.mark_running("ds-1", ["b", "d"])
     funnel = ledger.status("ds-1").funnel
-    assert (funnel.paired, funnel.no_mix, funnel.failed, funnel.running, funnel.queued) == (1, 1, 0, 1, 1)
+    assert (funnel.paired, funnel.no_mix, funnel.failed, funnel.running, funnel.queued) == (2, 1, 0, 1, 1)
 
 
 def test_unknown_states_and_datasets(ledger):
