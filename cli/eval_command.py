@@ -11,7 +11,8 @@ the base weights, which the same engine then loads in place of its own, to answe
 build of vLLM runs a LoRA several times slower, and a large LoRA batch can outlast its step timeout); where it
 computes in bfloat16 (a GPU, a CPU with BF16) the engine serves it as a LoRA, since rounding merged weights to
 bfloat16 loses most of a small adapter's update (`--adapter-serving` chooses). Everything is checked before the
-engine starts; a bad benchmark, file or adapter exits with status 2 and one message. The logic lives in `services/evaluation/evaluation.py`.
+engine starts; a bad benchmark, file or adapter exits with status 2 and one message. The logic lives in
+`services/evaluation/evaluation.py`.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ every core. The adapter is then evaluated on the same problems: where the engine
 BF16) merged into a temporary copy of the base weights, which the same engine loads in place of its own (it waits
 through training, idle) to answer at the base model's speed; in bfloat16 (a GPU, a CPU with BF16) as a LoRA, by an
 engine started after training (`--adapter-serving`; services/teacher/merging.py says why). The end is a table of
-base vs adapter, how many answers were cut off or ungradeable on each side, and McNemar's exact test on the paired verdicts. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter,
-metrics, training curve) and `OUT/eval.json` (per-problem results). A rerun skips problems already curated; training
-needs an empty `OUT/adapter/` (or `--resume`). Every training option of `ssb train` is an option here too (one
-definition, from `TrainConfig`); `--seed` seeds curation, training and evaluation alike.
+base vs adapter, how many answers were cut off or ungradeable on each side, and McNemar's exact test on the paired
+verdicts. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter, metrics, training curve) and `OUT/eval.json`
+(per-problem results). A rerun skips problems already curated; training needs an empty `OUT/adapter/` (or
+`--resume`). Every training option of `ssb train` is an option here too (one definition, from `TrainConfig`); `--seed`
+seeds curation, training and evaluation alike.
 """
 
 from __future__ import annotations

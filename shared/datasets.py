@@ -258,8 +258,10 @@ def _check_parquet_metadata(parquet, used: list, name: str, limit: int) -> None:
     """Refuse a file whose columns (`used`: Arrow fields) are of a type whose decoded size cannot be bounded before
     reading (lists, structs, views), or whose metadata says they decompress to more than `limit` bytes, or whose row
     count alone (a column of nulls or one repeated number costs a few bytes per million rows) would."""
+    import pyarrow as pa
+
     for field in used:
-        value_type = field.type.value_type if _is_dictionary(field.type) else field.type
+        value_type = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
         if not (_is_text(value_type) or _is_scalar(value_type)):
             raise DatasetTooLarge(
                 [f"{name}: column {field.name!r} holds {field.type}; an uploaded file's question, answer, id and "
@@ -267,15 +269,12 @@ def _check_parquet_metadata(parquet, used: list, name: str, limit: int) -> None:
             )
     metadata = parquet.metadata
     columns = [field.name for field in used]
-    chunks = [
-        metadata.row_group(group).column(index)
-        for group in range(metadata.num_row_groups)
-        for index in range(metadata.row_group(group).num_columns)
-    ]
+    groups = [metadata.row_group(index) for index in range(metadata.num_row_groups)]
+    chunks = [group.column(index) for group in groups for index in range(group.num_columns)]
     chunks = [chunk for chunk in chunks if chunk.path_in_schema in columns]  # flat columns: the path is the name
     rows = max(
         metadata.num_rows,
-        sum(metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)),
+        sum(group.num_rows for group in groups),
         max((sum(c.num_values for c in chunks if c.path_in_schema == column) for column in columns), default=0),
     )
     rows_bytes = rows * _VALUE_BYTES * len(columns)
@@ -301,12 +300,6 @@ def _is_scalar(arrow_type) -> bool:
 
     return any(test(arrow_type) for test in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
                                              pa.types.is_null))
-
-
-def _is_dictionary(arrow_type) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_dictionary(arrow_type)
 
 
 def _decoded_bytes(chunk) -> int:

@@ -176,9 +176,8 @@ class TrainerService:
         failed. A run not final whose job RQ counts finished, with no worker on it, is queued again (it resumes from
         its newest checkpoint): a superseded attempt's worker leaves the job to the later attempt
         (`shared.workers.JobProcessWorker`), but one of an earlier version, or one whose ending races RQ's handing the
-        job on, can still end it as finished. A run not final with
-        no job at all (the service died, or Redis failed, between recording the run and queueing it) is queued (the
-        job id makes that happen once)."""
+        job on, can still end it as finished. A run not final with no job at all (the service died, or Redis failed,
+        between recording the run and queueing it) is queued (the job id makes that happen once)."""
         job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
         if job is None:
             queues.enqueue_training(self.settings, self.redis, run_id)
