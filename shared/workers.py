@@ -25,12 +25,15 @@ import sys
 
 import redis
 from rq import Worker
+from rq.job import JobStatus
 from rq.callbacks import execute_failure_callback
 from rq.registry import StartedJobRegistry
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 # Redis errors a service answers with 503 (try again later) rather than 500.
 REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+# The states of a job that no worker has started: cancelling it there keeps it from ever running.
+NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
 
 
 def connect_redis(redis_url: str) -> redis.Redis:

@@ -21,7 +21,7 @@ from typing import TypeVar
 from redis import Redis
 from rq import Worker
 from rq.exceptions import InvalidJobOperation
-from rq.job import Job, JobStatus
+from rq.job import Job
 
 from services.curator.jobs import (
     META_FILE, PROBLEMS_FILE, batch_spans, curation_queue, end_problems, enqueue_data, redis_connection,
@@ -33,11 +33,10 @@ from shared.curator_api import DATASET_ID_PATTERN, DatasetCreated, DatasetList, 
 from shared.datasets import write_problems_jsonl
 from shared.schemas import Problem
 from shared.storage import PairStore, replace_atomically, sync_directory
+from shared.workers import NOT_STARTED
 
 log = logging.getLogger("ssb.curator")
 T = TypeVar("T")
-
-NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
 
 
 def is_dataset_id(text: str) -> bool:

@@ -110,6 +110,13 @@ def get_run(run_id: str, request: Request):
     return service_of(request).get_run(run_id)
 
 
+@router.delete("/v1/runs/{run_id}", response_model=Run, responses=ERROR_RESPONSES, tags=["runs"])
+def cancel_run(run_id: str, request: Request):
+    """Cancel a queued or running run: it ends `cancelled` (409 if it already succeeded or failed); a queued one never
+    starts, a running one stops at its next logged step, keeping its checkpoints; no adapter is published."""
+    return service_of(request).cancel_run(run_id)
+
+
 @router.get("/v1/runs/{run_id}/metrics", responses=ERROR_RESPONSES, tags=["runs"],
             response_class=FileResponse)
 def get_metrics(run_id: str, request: Request):

@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from services.trainer.records import eval_records, run_records
+from services.trainer.records import FINAL, eval_records, run_records
 from services.trainer.settings import TrainerSettings
 from shared.workers import connect_redis, started_elsewhere
 
@@ -69,8 +69,8 @@ def train_run(run_id: str) -> dict:
     if run is None:
         log.error("run %s: no record; nothing to do", run_id)
         return {"status": "missing"}
-    if run["status"] in ("succeeded", "failed"):
-        return {"status": run["status"]}  # a second delivery of a finished job
+    if run["status"] in FINAL:
+        return {"status": run["status"]}  # a second delivery of a finished job, or a cancelled run
 
     # The run is claimed before its directory is touched: an earlier attempt still going (its worker stalled past
     # its heartbeat) checks its claim before every write (`still_this_attempt`) and stops.
@@ -318,7 +318,7 @@ def evaluate_models(eval_id: str) -> dict:
     if record is None:
         log.error("evaluation %s: no record; nothing to do", eval_id)
         return {"status": "missing"}
-    if record["status"] in ("succeeded", "failed"):
+    if record["status"] in FINAL:
         return {"status": record["status"]}
     attempt = evals.increment(eval_id, "attempts")
     # A retry starts over: the previous attempt's progress goes. Every later write names this attempt, so one taken

@@ -8,7 +8,7 @@
 
 Every write sets named fields (HSET), so two writers never lose each other's fields and writing the same update
 twice (a retried job) leaves the same state. Creation is set-if-absent: a record is created once, whoever asks twice.
-A record that reached `succeeded` or `failed` is final: `advance` refuses to move it back.
+A record that reached `succeeded`, `failed` or `cancelled` is final: `advance` refuses to move it back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-FINAL = ("succeeded", "failed")
+FINAL = ("succeeded", "failed", "cancelled")
 
 # Create a hash and index it, in one step, only if absent: a reader never sees half a record.
 CREATE_ONCE = """

@@ -25,7 +25,7 @@ DATASET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 BASE_MODEL = "base"
 
-RunStatusName = Literal["queued", "running", "succeeded", "failed"]
+RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 EvalStatusName = Literal["queued", "running", "succeeded", "failed"]
 
 ModelName = Annotated[
@@ -146,7 +146,7 @@ class Run(BaseModel):
     """A training run as it stands."""
 
     id: str
-    status: RunStatusName = Field(description="queued, running, succeeded or failed.")
+    status: RunStatusName = Field(description="queued, running, succeeded, failed or cancelled.")
     dataset_id: str | None = Field(default=None, description="The curated dataset trained on, if given by id.")
     pairs_dir: str = Field(description="The pair store trained on.")
     model: str = Field(description="The base model (as the train worker resolves SSB_MODEL).")

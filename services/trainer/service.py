@@ -19,6 +19,7 @@ import json
 import os
 import tarfile
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from typing import Any
 
 import redis
 from rq import Worker
+from rq.exceptions import InvalidJobOperation
 
 from services.errors import ServiceError
 from services.trainer import queues
@@ -43,6 +45,7 @@ from services.trainer.schemas import (
 )
 from services.trainer.settings import TrainerSettings
 from shared.datasets import BENCHMARKS, DatasetError, parse_problem_rows, write_problems_jsonl
+from shared.workers import NOT_STARTED
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
 REPORT_NAME = "report.json"
@@ -116,6 +119,29 @@ class TrainerService:
                 )
         queues.enqueue_training(self.settings, self.redis, run_id)
         return self.get_run(run_id), created
+
+    def cancel_run(self, run_id: str) -> Run:
+        """Cancel a run that has not ended: it ends `cancelled` at once; its job leaves the queue if it has not started,
+        and an attempt under way stops before its next metrics line or checkpoint (each write first checks the run's
+        state, final now), keeping the checkpoints it has, and publishes no adapter (unless the cancel came while it
+        was publishing its finished one: it then stays cancelled, its adapter published). Cancelling a cancelled run
+        returns it (a retried DELETE); a run that succeeded or failed is refused with 409."""
+        record = self.runs.get(run_id)
+        if record is None:
+            raise not_found("run", run_id)
+        self.runs.advance(run_id, status="cancelled", finished_at=time.time(), time_left_seconds=None,
+                          note="cancelled by request")
+        run = self.get_run(run_id)
+        if run.status != "cancelled":
+            raise ServiceError(409, f"run {run_id!r} already {run.status}; only a queued or running run can be "
+                               "cancelled", "conflict")
+        job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
+        if job is not None and job.get_status() in NOT_STARTED:
+            try:
+                job.cancel()
+            except InvalidJobOperation:  # cancelled meanwhile by a second DELETE
+                pass
+        return run
 
     def check_adapter_name_free(self, run_id: str) -> None:
         """A new run publishes its adapter as ADAPTERS_DIR/<run id>: refuse a name that a folder there already has
@@ -262,7 +288,8 @@ class TrainerService:
         run = self.get_run(run_id)
         directory = Path(self.settings.adapters_dir) / run_id
         if run.status != "succeeded" or not (directory / "adapter_config.json").exists():
-            raise ServiceError(409, f"run {run_id!r} has no adapter yet (status {run.status})", "not_ready")
+            still = " yet" if run.status not in FINAL else ""
+            raise ServiceError(409, f"run {run_id!r} has no adapter{still} (status {run.status})", "not_ready")
         return directory
 
     def adapter_archive(self, run_id: str) -> Iterator[bytes]:

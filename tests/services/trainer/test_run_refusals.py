@@ -254,3 +254,58 @@ def test_a_run_whose_job_ended_without_finishing_it_is_queued_again(trainer):
     assert Job.fetch(job.id, connection=connection).get_status() == JobStatus.FINISHED
     records.increment("left-over", "attempts")  # a later attempt whose job ends alike is queued again
     assert http.get("/v1/runs/left-over").json()["status"] == "queued"
+
+
+def test_a_cancelled_run_never_starts_and_a_running_one_stops_at_its_next_step(trainer, monkeypatch):
+    """DELETE /v1/runs/{id}: a queued run ends `cancelled` and its job leaves the queue (a retried DELETE or POST
+    changes nothing, a delivery of its job trains nothing); a running attempt (`train` stood in for: the worker's
+    real run is in test_service.py) stops before its next write and publishes nothing; an ended run is a 409."""
+    from rq.job import Job, JobStatus
+
+    from services.trainer import jobs, training
+    from services.trainer.queues import TRAIN, job_id
+    from services.trainer.records import run_records
+
+    http, settings, connection = trainer
+    runs = run_records(connection, settings.key_prefix)
+    request = {"dataset_id": DATASET, "run_id": "cancel-queued"}
+    assert http.post("/v1/runs", json=request).status_code == 202
+    cancelled = http.delete("/v1/runs/cancel-queued")
+    assert cancelled.status_code == 200, cancelled.text
+    run = cancelled.json()
+    assert run["status"] == "cancelled" and run["note"] == "cancelled by request" and run["attempts"] == 0, run
+    job = Job.fetch(job_id(settings, TRAIN, "cancel-queued"), connection=connection)
+    assert job.get_status() == JobStatus.CANCELED
+    assert http.delete("/v1/runs/cancel-queued").json()["status"] == "cancelled"  # a retried DELETE
+    again = http.post("/v1/runs", json=request)  # a retried POST: the same run, not queued again
+    assert again.status_code == 202 and again.json()["status"] == "cancelled"
+    assert Job.fetch(job.id, connection=connection).get_status() == JobStatus.CANCELED
+    monkeypatch.setattr(jobs, "_settings", settings)
+    assert jobs.train_run("cancel-queued") == {"status": "cancelled"}  # delivered anyway: nothing done
+    assert runs.get("cancel-queued")["attempts"] == 0
+
+    assert http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "cancel-running"}).status_code == 202
+    writes = []
+
+    def cancelled_while_training(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
+        before_write()
+        writes.append("step 1")
+        on_step(training.StepMetrics(step=1, total_steps=5, epoch=0.2, loss=1.0, kl=1.0, ce=None, grad_norm=1.0,
+                                     lr=1e-4, explanation_tokens=10.0, tokens_per_s=1.0))
+        assert runs.get("cancel-running")["status"] == "running"
+        assert http.delete("/v1/runs/cancel-running").json()["status"] == "cancelled"
+        before_write()  # the check before the next metrics line, checkpoint or adapter
+        writes.append("step 2")  # never reached
+
+    monkeypatch.setattr(training, "train", cancelled_while_training)
+    assert jobs.train_run("cancel-running") == {"status": "superseded"}
+    run = runs.get("cancel-running")
+    assert writes == ["step 1"] and run["status"] == "cancelled" and run["step"] == 1, run
+    assert not (settings.adapters_dir / "cancel-running").exists()
+
+    runs.update("cancel-running", status="succeeded")  # as if it had ended before the DELETE
+    for run_id, status, error_type in [("cancel-running", 409, "conflict"), ("no-such-run", 404, "not_found")]:
+        response = http.delete(f"/v1/runs/{run_id}")
+        assert response.status_code == status and response.json()["error"]["type"] == error_type, response.text
+    assert "already succeeded" in http.delete("/v1/runs/cancel-running").json()["error"]["message"]
+    assert runs.get("cancel-running")["status"] == "succeeded"

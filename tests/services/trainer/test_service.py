@@ -205,7 +205,8 @@ def test_bad_requests_are_refused_naming_the_field(trainer):
 def test_a_key_is_needed_when_configured(trainer):
     for key in (None, "wrong"):
         with trainer.client(key) as http:
-            guarded = [("GET", "/v1/runs"), ("POST", "/v1/runs"), ("GET", "/v1/runs/x"), ("POST", "/v1/evals")]
+            guarded = [("GET", "/v1/runs"), ("POST", "/v1/runs"), ("GET", "/v1/runs/x"), ("DELETE", "/v1/runs/x"),
+                       ("POST", "/v1/evals")]
             for method, path in guarded:
                 response = http.request(method, path)
                 assert response.status_code == 401, (key, path)
@@ -344,6 +345,44 @@ def test_round_two_records_its_parent_and_evaluates_when_done(trainer):
     assert evaluation["status"] == "succeeded", evaluation
     assert evaluation["run_id"] == run_id and evaluation["benchmark"] == "gsm8k" and evaluation["problems"] is None
     assert [row["name"] for row in evaluation["rows"]] == [run_id] and evaluation["rows"][0]["problems"] == 2
+
+
+def test_a_run_cancelled_while_it_trains_stops_and_one_queued_behind_it_never_starts(trainer):
+    """DELETE /v1/runs/{id} with a real worker: the run it trains stops before its next metrics line (its
+    checkpoints stay, no adapter is published), and the run queued behind it never starts."""
+    from rq.job import JobStatus
+
+    from services.trainer.queues import TRAIN, fetch_job
+    from services.trainer.settings import TrainerSettings
+
+    if not any(worker.poll() is None for worker in trainer.workers):
+        trainer.start_worker("worker-3")
+    settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=trainer.key_prefix)
+    connection = redis.Redis.from_url(REDIS_URL)
+    long_run = {"dataset_id": DATASET, **RUN_SETTINGS, "epochs": 100, "max_steps": 400}
+    with trainer.client() as http:
+        training = http.post("/v1/runs", json={**long_run, "run_id": "cancelled-while-training"}).json()["id"]
+        waiting = http.post("/v1/runs", json={**long_run, "run_id": "cancelled-while-queued"}).json()["id"]
+        trainer.wait_for(f"/v1/runs/{training}", lambda r: (r["checkpoint_step"] or 0) >= 1)
+        assert http.get(f"/v1/runs/{waiting}").json()["status"] == "queued"  # one worker, busy
+        assert http.delete(f"/v1/runs/{waiting}").json()["status"] == "cancelled"
+        response = http.delete(f"/v1/runs/{training}")
+        assert response.status_code == 200 and response.json()["status"] == "cancelled", response.text
+        deadline = time.monotonic() + 120
+        while fetch_job(settings, connection, TRAIN, training).get_status() != JobStatus.FINISHED:
+            assert time.monotonic() < deadline, trainer.logs()
+            time.sleep(0.25)
+        run = http.get(f"/v1/runs/{training}").json()
+        lines = http.get(f"/v1/runs/{training}/metrics").text.splitlines()
+        assert run["status"] == "cancelled" and run["attempts"] == 1 and run["step"] < run["total_steps"], run
+        assert len(lines) == run["step"], (len(lines), run)  # no step logged after the cancel
+        assert http.get(f"/v1/runs/{training}/adapter").status_code == 409
+        time.sleep(2)  # the worker, free again, takes no job
+        queued = http.get(f"/v1/runs/{waiting}").json()
+    connection.close()
+    assert queued["status"] == "cancelled" and queued["attempts"] == 0 and queued["step"] == 0, queued
+    assert any((trainer.data_dir / "runs" / training / "checkpoints").iterdir())
+    assert not (trainer.adapters_dir / training).exists() and not (trainer.adapters_dir / waiting).exists()
 
 
 def test_metrics_show_runs_queues_workers_and_requests(trainer):
