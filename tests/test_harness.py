@@ -21,7 +21,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def child():
-    process = subprocess.Popen(["sleep", "600"])
+    process = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL)  # not holding the run's output open
     print(f"child {process.pid}", flush=True)
     yield process
     process.kill()
@@ -29,6 +29,7 @@ def child():
 
 
 def test_waits(child):
+    print("waiting", flush=True)
     time.sleep(600)
 """
 
@@ -40,9 +41,10 @@ def test_a_test_run_stopped_with_sigterm_tears_its_fixtures_down(tmp_path):
     run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     child = None
     try:
-        for line in run.stdout:
+        for line in run.stdout:  # the signal comes once the test runs: not inside the fixture, before its yield
             if line.startswith("child "):
                 child = psutil.Process(int(line.split()[1]))
+            if "waiting" in line:
                 break
         assert child is not None, "the fixture never started its process"
         run.send_signal(signal.SIGTERM)
