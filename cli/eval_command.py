@@ -6,11 +6,11 @@
 
 The benchmark is a packaged name (`gsm8k` is the GSM8K test split, `math500`, `aime24`) or a `.jsonl`/`.parquet` file
 with a question and an answer per row. The base model is always evaluated first, then each `--adapter` (a PEFT adapter
-directory). Where the engine computes in float32 (a CPU without BF16) each adapter is merged into a temporary copy of
-the base weights, which the same engine then loads in place of its own, to answer at the base model's speed (the CPU
-build of vLLM runs a LoRA several times slower, and a large LoRA batch can outlast its step timeout); where it
-computes in bfloat16 (a GPU, a CPU with BF16) the engine serves it as a LoRA, since rounding merged weights to
-bfloat16 loses most of a small adapter's update (`--adapter-serving` chooses). Everything is checked before the
+directory). On a CPU each adapter is merged into a temporary copy of the base weights, which the same engine then
+loads in place of its own, to answer at the base model's speed (the CPU build of vLLM runs a LoRA several times
+slower, and a large LoRA batch can outlast its step timeout), and an evaluation with adapters computes in float32,
+since rounding merged weights to bfloat16 loses most of a small adapter's update; on a GPU the engine serves each as
+a LoRA (`--adapter-serving` chooses). Everything is checked before the
 engine starts; a bad benchmark, file or adapter exits with status 2 and one message. The logic lives in
 `services/evaluation/evaluation.py`.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NamedTuple, Optional
 
 import typer
 
@@ -106,26 +106,39 @@ AdapterServingOption = Annotated[
     typer.Option(
         "--adapter-serving",
         help="How adapters are served: merged (into a copy of the base weights, which the engine loads in place of "
-        "its own: the base model's speed), lora (beside the base weights in one engine), or auto: merged where the "
-        "engine computes in float32 (a CPU without BF16, where the CPU build of vLLM runs a LoRA several times "
-        "slower), lora where it computes in bfloat16 (a GPU, a CPU with BF16), whose rounding of merged weights "
-        "would lose most of a small adapter's update.",
+        "its own: the base model's speed), lora (beside the base weights in one engine), or auto: on a CPU merged, "
+        "with the evaluation in float32 (the CPU build of vLLM runs a LoRA several times slower, and rounding merged "
+        "weights to bfloat16 would lose most of a small adapter's update), on a GPU lora. With SSB_DTYPE set, auto "
+        "merges in float32 and serves a LoRA in other dtypes.",
     ),
 ]
 
 
-def resolve_adapter_serving(serving: str, dtype: str) -> str:
-    """`merged` or `lora`; `auto` is merged where the engine computes in float32 (`dtype`, as `SSB_DTYPE` gives it),
-    lora elsewhere. Merged weights are rounded to the engine's dtype as a whole: in bfloat16 that changed the demo's
-    adapter's update by 92% (`Merged.update_error`, services/teacher/merging.py), where a LoRA keeps the update in a
-    path of its own; in float32 by less than 1e-4."""
+class AdapterServing(NamedTuple):
+    """How an evaluation with adapters runs: `how` (merged or lora) and the engine's dtype setting for it."""
+
+    how: str
+    dtype: str
+
+
+def resolve_adapter_serving(serving: str, dtype: str) -> AdapterServing:
+    """How adapters are served, and in which dtype the evaluation's engine computes (`dtype` is `SSB_DTYPE`).
+
+    Merged weights are rounded to the engine's dtype as a whole: in bfloat16 that changed the demo's adapter's update
+    by 92% (`Merged.update_error`, services/teacher/merging.py), where a LoRA keeps the update in a path of its own; in
+    float32 by less than 1e-4. And the CPU build of vLLM runs a LoRA 7-10x slower than the base model. So `auto`, with
+    the dtype left to the machine, merges on a CPU and evaluates in float32 (the base model too, so that both are
+    measured in one dtype; a CPU with BF16 computes float32 somewhat slower), and serves a LoRA on a GPU; with a dtype
+    given it merges in float32 and serves a LoRA in any other. `merged` and `lora` keep the dtype as given."""
     if serving not in ("auto", "merged", "lora"):
         raise ValueError(f"--adapter-serving {serving!r}: use auto, merged or lora")
     if serving != "auto":
-        return serving
-    from services.teacher.engine import native_dtype
+        return AdapterServing(serving, dtype)
+    if dtype != "auto":
+        return AdapterServing("merged" if dtype == "float32" else "lora", dtype)
+    import torch
 
-    return "merged" if (native_dtype() if dtype == "auto" else dtype) == "float32" else "lora"
+    return AdapterServing("lora", dtype) if torch.cuda.is_available() else AdapterServing("merged", "float32")
 
 
 def evaluate_with_progress(
@@ -159,10 +172,10 @@ def evaluate_merged_adapter(
     without LoRA support, on that base model or an earlier merge) loads in place of its weights and keeps. In an engine
     that computes in bfloat16, a note says how much of the adapter's update the rounded weights lose, when it is more
     than a percent (services/teacher/merging.py)."""
-    from services.teacher.engine import native_dtype
+    from services.teacher.engine import resolved_dtype
     from services.teacher.merging import merge_adapter
 
-    dtype = native_dtype() if engine.options.dtype == "auto" else engine.options.dtype
+    dtype = resolved_dtype(engine.options.dtype)
     with tempfile.TemporaryDirectory(prefix="ssb-merged-") as merged_dir:
         with console.status(f"Merging {Path(adapter).name} into a copy of the base weights..."):
             merged = merge_adapter(adapter, model_path, merged_dir, dtype)
@@ -218,9 +231,11 @@ def eval_command(
         if teacher_url:  # adapters are names in the service's adapters directory, served as LoRAs there
             adapters, serving = [str(path) for path in adapter or []], "lora"
         else:
-            serving = resolve_adapter_serving(adapter_serving, settings.dtype)
+            serving, dtype = resolve_adapter_serving(adapter_serving, settings.dtype)
             max_rank = EngineOptions.max_lora_rank if serving == "lora" else None  # merged: any rank
             adapters = [check_adapter(path, max_rank) for path in adapter or []]
+            if adapters:  # the base model and the adapters in one dtype
+                settings = settings.model_copy(update={"dtype": dtype})
         if max_tokens >= settings.max_model_len:
             raise ValueError(
                 f"--max-tokens {max_tokens} leaves no room for the prompt in the engine's {settings.max_model_len} "

@@ -3,10 +3,11 @@
     ssb run --train train.jsonl --eval held_out.jsonl --out runs/demo
 
 One engine curates and then answers the held-out problems with the base model; training runs in this process with
-every core. The adapter is then evaluated on the same problems: where the engine computes in float32 (a CPU without
-BF16) merged into a temporary copy of the base weights, which the same engine loads in place of its own (it waits
-through training, idle) to answer at the base model's speed; in bfloat16 (a GPU, a CPU with BF16) as a LoRA, by an
-engine started after training (`--adapter-serving`; services/teacher/merging.py says why). The end is a table of
+every core. The adapter is then evaluated on the same problems: on a CPU merged into a temporary copy of the base
+weights, which the same engine loads in place of its own (it waits through training, idle) to answer at the base
+model's speed; on a GPU as a LoRA, by an engine started after training. Merged weights keep a small adapter's update
+only in float32 (services/teacher/merging.py), so on a CPU that computes in bfloat16 the engine that curated closes
+and one in float32 evaluates the base model and the adapter (`--adapter-serving`). The end is a table of
 base vs adapter, how many answers were cut off or ungradeable on each side, and McNemar's exact test on the paired
 verdicts. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter, metrics, training curve) and `OUT/eval.json`
 (per-problem results). A rerun skips problems already curated; training needs an empty `OUT/adapter/` (or
@@ -70,7 +71,7 @@ def run_command(
 ) -> None:
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
-    from services.teacher.engine import EngineOptions
+    from services.teacher.engine import EngineOptions, resolved_dtype
     from services.trainer.checkpoints import latest_checkpoint
     from services.trainer.inputs import check_output_dir
     from services.trainer.training import TrainingError, train as train_adapter
@@ -86,7 +87,7 @@ def run_command(
         if overlap:
             raise ValueError(f"{len(overlap)} held-out questions are also training questions, e.g. {min(overlap)!r}")
         worked_example = resolve_worked_example(worked_example, model)
-        serving = resolve_adapter_serving(adapter_serving, settings.dtype)
+        serving, eval_dtype = resolve_adapter_serving(adapter_serving, settings.dtype)
         curation = CurationConfig(
             k=k,
             seed=seed,
@@ -121,15 +122,23 @@ def run_command(
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"
     label = Path(eval_).stem
     with exit_on_signals(), ExitStack() as engines:
-        # One engine curates and evaluates the base model. On a CPU it then stays open through training (idle, it
-        # takes no CPU time, only its memory) and loads the adapter merged into the base weights: no second engine
-        # start. Where the adapter is served as a LoRA (by an engine built for it), or on a GPU (where training needs
-        # the memory vLLM holds), it is closed before training and the adapter's engine starts after it.
+        # One engine curates and evaluates the base model (on a CPU that computes in bfloat16, a float32 engine takes
+        # over after curation). On a CPU it then stays open through training (idle, it takes no CPU time, only its
+        # memory) and loads the adapter merged into the base weights: no engine start after training. Where the
+        # adapter is served as a LoRA (by an engine built for it), or on a GPU (where training needs the memory vLLM
+        # holds), it is closed before training and the adapter's engine starts after it.
         engine = engines.enter_context(start_engine(model_path, settings, seed=seed, enable_lora=False))
         funnel = curate_with_progress(problems, engine, PairStore(pairs_dir), curation)
         if not PairStore(pairs_dir).pair_ids():
             print_funnel(funnel, pairs_dir)
             raise fail("no verified pairs to train on: use more problems or --k")
+        eval_settings = settings.model_copy(update={"dtype": eval_dtype})
+        curated_in, evaluated_in = resolved_dtype(settings.dtype), resolved_dtype(eval_dtype)
+        if evaluated_in != curated_in:  # a CPU with BF16: evaluated in float32
+            console.print(f"Evaluating in {evaluated_in} (curation ran in {curated_in}): the adapter, merged into the "
+                          "weights, answers exactly and at the base model's speed")
+            engine.close()
+            engine = engines.enter_context(start_engine(model_path, eval_settings, seed=seed, enable_lora=False))
         base_report = evaluate_with_progress(held_out, engine, evaluation, [None], label, what=f"{label} (base)")
         import torch  # loaded with the engine
 
@@ -154,7 +163,9 @@ def run_command(
                 raise fail(str(exc)) from exc
 
         if engine.closed:
-            engine = engines.enter_context(start_engine(model_path, settings, seed=seed, enable_lora=serving == "lora"))
+            engine = engines.enter_context(
+                start_engine(model_path, eval_settings, seed=seed, enable_lora=serving == "lora")
+            )
         if serving == "merged":
             adapter_report = evaluate_merged_adapter(held_out, str(adapter_dir), model_path, engine, evaluation, label)
         else:

@@ -65,9 +65,9 @@ def model_path(settings) -> str:
 
 def engine_dtype(engine) -> str:
     """The dtype an engine computes in, "auto" resolved."""
-    from services.teacher.engine import native_dtype
+    from services.teacher.engine import resolved_dtype
 
-    return native_dtype() if engine.options.dtype == "auto" else engine.options.dtype
+    return resolved_dtype(engine.options.dtype)
 
 
 @pytest.fixture(scope="session")

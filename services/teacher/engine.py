@@ -94,6 +94,11 @@ def native_dtype() -> str:
     return "bfloat16" if native else "float32"
 
 
+def resolved_dtype(dtype: str) -> str:
+    """The dtype an engine set to `dtype` computes in: `auto` is `native_dtype()`."""
+    return native_dtype() if dtype == "auto" else dtype
+
+
 def cpu_thread_environment(cores: int) -> dict[str, str]:
     """How vLLM's CPU build should bind its threads on a machine with `cores` usable cores.
 
@@ -193,7 +198,7 @@ def engine_kwargs(options: EngineOptions) -> dict:
         apply_cpu_thread_environment()
     return dict(
         model=options.model,
-        dtype=native_dtype() if options.dtype == "auto" else options.dtype,
+        dtype=resolved_dtype(options.dtype),
         max_model_len=options.max_model_len,
         max_logprobs=options.max_logprobs,
         enforce_eager=True,

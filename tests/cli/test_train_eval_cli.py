@@ -105,17 +105,32 @@ def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path)
 
 
 @pytest.mark.parametrize(
-    ("serving", "dtype", "served"),
-    [("auto", "float32", "merged"), ("auto", "bfloat16", "lora"), ("auto", "float16", "lora"),
-     ("merged", "bfloat16", "merged"), ("lora", "float32", "lora")],
+    ("serving", "dtype", "served", "evaluated_in"),
+    [("auto", "float32", "merged", "float32"), ("auto", "bfloat16", "lora", "bfloat16"),
+     ("auto", "float16", "lora", "float16"), ("merged", "bfloat16", "merged", "bfloat16"),
+     ("lora", "float32", "lora", "float32"), ("lora", "auto", "lora", "auto")],
 )
-def test_adapters_are_served_merged_only_where_the_engine_keeps_their_update(serving, dtype, served):
-    """Merged weights rounded to bfloat16 lose most of a small adapter's update (services/teacher/merging.py)."""
+def test_adapters_are_served_merged_only_where_the_engine_keeps_their_update(serving, dtype, served, evaluated_in):
+    """Merged weights rounded to bfloat16 lose most of a small adapter's update (services/teacher/merging.py): a dtype
+    given is kept, and `auto` merges only in float32."""
     from cli.eval_command import resolve_adapter_serving
 
-    assert resolve_adapter_serving(serving, dtype) == served
+    assert resolve_adapter_serving(serving, dtype) == (served, evaluated_in)
     with pytest.raises(ValueError, match="use auto, merged or lora"):
         resolve_adapter_serving("both", dtype)
+
+
+def test_with_the_dtype_left_to_the_machine_a_cpu_evaluates_adapters_merged_in_float32_a_gpu_as_loras(monkeypatch):
+    """On any CPU (with BF16 or not) the base model and the merged adapter are evaluated in float32, exactly and at the
+    base model's speed; on a GPU, where vLLM's LoRA kernels are fast, as a LoRA in the engine's own dtype."""
+    import torch
+
+    from cli.eval_command import resolve_adapter_serving
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_adapter_serving("auto", "auto") == ("merged", "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_adapter_serving("auto", "auto") == ("lora", "auto")
 
 
 def test_an_adapter_of_any_rank_can_be_served_merged_but_only_up_to_the_engines_as_a_lora(tmp_path):
