@@ -21,7 +21,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def child():
-    process = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL)  # not holding the run's output open
+    # Its output elsewhere: a process left running must fail the test below, not hold the run's output open.
+    process = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(f"child {process.pid}", flush=True)
     yield process
     process.kill()

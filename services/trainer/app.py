@@ -113,7 +113,7 @@ def get_run(run_id: str, request: Request):
 @router.delete("/v1/runs/{run_id}", response_model=Run, responses=ERROR_RESPONSES, tags=["runs"])
 def cancel_run(run_id: str, request: Request):
     """Cancel a queued or running run: it ends `cancelled` (409 if it already succeeded or failed); a queued one never
-    starts, a running one stops at its next logged step, keeping its checkpoints; no adapter is published."""
+    starts, a running one stops at the end of its current step, keeping its checkpoints; no adapter is published."""
     return service_of(request).cancel_run(run_id)
 
 

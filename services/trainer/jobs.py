@@ -161,6 +161,8 @@ def train_run(run_id: str) -> dict:
         runs.advance(run_id, attempt=attempt, status="failed", error=str(exc), finished_at=time.time())
         log.error("run %s failed: %s", run_id, exc)
         return {"status": "failed"}
+    if not runs.advance(run_id, attempt=attempt):  # cancelled (or taken over) while publishing: no evaluation
+        return {"status": "superseded"}
     # The evaluation is queued before the run is marked succeeded, so that a succeeded run that asked for one always
     # names it (and a retried job that died in between queues the same one: its id comes from the run's).
     evaluation = run.get("evaluation")

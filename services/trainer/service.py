@@ -64,6 +64,12 @@ def not_found(what: str, record_id: str, param: str | None = None) -> ServiceErr
     return ServiceError(404, f"no {what} {record_id!r}", "not_found", param)
 
 
+def no_adapter(run_id: str, status: str | None, param: str | None = None) -> ServiceError:
+    """409: the run has published no adapter (not yet, or never: it failed or was cancelled)."""
+    still = "" if status in FINAL else " yet"
+    return ServiceError(409, f"run {run_id!r} has no adapter{still} (status {status})", "not_ready", param)
+
+
 class TrainerService:
     """Runs and evaluations over Redis records and the shared data volume."""
 
@@ -122,25 +128,25 @@ class TrainerService:
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancel a run that has not ended: it ends `cancelled` at once; its job leaves the queue if it has not started,
-        and an attempt under way stops before its next metrics line or checkpoint (each write first checks the run's
-        state, final now), keeping the checkpoints it has, and publishes no adapter (unless the cancel came while it
-        was publishing its finished one: it then stays cancelled, its adapter published). Cancelling a cancelled run
-        returns it (a retried DELETE); a run that succeeded or failed is refused with 409."""
-        record = self.runs.get(run_id)
-        if record is None:
-            raise not_found("run", run_id)
-        self.runs.advance(run_id, status="cancelled", finished_at=time.time(), time_left_seconds=None,
-                          note="cancelled by request")
-        run = self.get_run(run_id)
+        and an attempt under way stops at the end of the step it is in (that step may still write its metrics line
+        and checkpoint; each later write first checks the run's state, final now), keeping its checkpoints, and
+        publishes no adapter (unless the cancel came while it was publishing its finished one: it then stays
+        cancelled, its adapter published). Cancelling a cancelled run returns it (a retried DELETE); a run that
+        succeeded or failed (RQ's verdict on its job included) is refused with 409."""
+        run = self.get_run(run_id)  # reconciled: a run whose job RQ failed is failed, not cancelled
+        if run.status not in FINAL:
+            self.runs.advance(run_id, status="cancelled", finished_at=time.time(), time_left_seconds=None,
+                              note="cancelled by request")
+            run = self.get_run(run_id)
         if run.status != "cancelled":
             raise ServiceError(409, f"run {run_id!r} already {run.status}; only a queued or running run can be "
                                "cancelled", "conflict")
         job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
-        if job is not None and job.get_status() in NOT_STARTED:
-            try:
+        try:
+            if job is not None and job.get_status() in NOT_STARTED:
                 job.cancel()
-            except InvalidJobOperation:  # cancelled meanwhile by a second DELETE
-                pass
+        except InvalidJobOperation:  # cancelled (or removed) meanwhile, by a second DELETE
+            pass
         return run
 
     def check_adapter_name_free(self, run_id: str) -> None:
@@ -288,8 +294,7 @@ class TrainerService:
         run = self.get_run(run_id)
         directory = Path(self.settings.adapters_dir) / run_id
         if run.status != "succeeded" or not (directory / "adapter_config.json").exists():
-            still = " yet" if run.status not in FINAL else ""
-            raise ServiceError(409, f"run {run_id!r} has no adapter{still} (status {run.status})", "not_ready")
+            raise no_adapter(run_id, run.status)
         return directory
 
     def adapter_archive(self, run_id: str) -> Iterator[bytes]:
@@ -341,8 +346,7 @@ class TrainerService:
         the run's own job asks, after publishing the adapter and before marking the run succeeded."""
         run = self.runs.get(name)
         if run is not None and run.get("status") != "succeeded" and not publishing:
-            raise ServiceError(409, f"run {name!r} has no adapter yet (status {run.get('status')})", "not_ready",
-                               param)
+            raise no_adapter(name, run.get("status"), param)
         if not (Path(self.settings.adapters_dir) / name / "adapter_config.json").exists():
             raise ServiceError(404, f"no run or adapter {name!r} in {self.settings.adapters_dir}", "not_found", param)
 

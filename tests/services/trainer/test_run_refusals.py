@@ -309,3 +309,39 @@ def test_a_cancelled_run_never_starts_and_a_running_one_stops_at_its_next_step(t
         assert response.status_code == status and response.json()["error"]["type"] == error_type, response.text
     assert "already succeeded" in http.delete("/v1/runs/cancel-running").json()["error"]["message"]
     assert runs.get("cancel-running")["status"] == "succeeded"
+
+
+def test_a_cancel_while_the_adapter_is_published_queues_no_evaluation_and_a_failed_job_is_not_cancelled(
+    trainer, monkeypatch
+):
+    """A cancel that lands while a finished run publishes its adapter leaves the run cancelled and queues none of the
+    evaluation it asked for; a run whose job RQ failed is failed, and a DELETE of it a 409."""
+    from rq.job import Job, JobStatus
+
+    from services.trainer import jobs, training
+    from services.trainer.queues import TRAIN, job_id
+    from services.trainer.records import eval_records, run_records
+
+    http, settings, connection = trainer
+    request = {"dataset_id": DATASET, "run_id": "cancel-publishing", "evaluation": {"benchmark": "gsm8k"}}
+    assert http.post("/v1/runs", json=request).status_code == 202
+    publish = jobs.publish_adapter
+
+    def publish_then_cancel(*args, **kwargs):
+        published = publish(*args, **kwargs)
+        assert http.delete("/v1/runs/cancel-publishing").json()["status"] == "cancelled"
+        return published
+
+    monkeypatch.setattr(jobs, "_settings", settings)
+    monkeypatch.setattr(training, "train", lambda *args, **kwargs: None)  # trained; its result is never read
+    monkeypatch.setattr(jobs, "publish_adapter", publish_then_cancel)
+    assert jobs.train_run("cancel-publishing") == {"status": "superseded"}
+    run = run_records(connection, settings.key_prefix).get("cancel-publishing")
+    assert run["status"] == "cancelled" and run.get("evaluation_id") is None, run
+    assert eval_records(connection, settings.key_prefix).get("cancel-publishing-eval") is None
+
+    assert http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "failed-by-rq"}).status_code == 202
+    Job.fetch(job_id(settings, TRAIN, "failed-by-rq"), connection=connection).set_status(JobStatus.FAILED)
+    refused = http.delete("/v1/runs/failed-by-rq")
+    assert refused.status_code == 409 and "already failed" in refused.json()["error"]["message"], refused.text
+    assert http.get("/v1/runs/failed-by-rq").json()["status"] == "failed"

@@ -348,7 +348,7 @@ def test_round_two_records_its_parent_and_evaluates_when_done(trainer):
 
 
 def test_a_run_cancelled_while_it_trains_stops_and_one_queued_behind_it_never_starts(trainer):
-    """DELETE /v1/runs/{id} with a real worker: the run it trains stops before its next metrics line (its
+    """DELETE /v1/runs/{id} with a real worker: the run it trains stops at the end of the step under way (its
     checkpoints stay, no adapter is published), and the run queued behind it never starts."""
     from rq.job import JobStatus
 
@@ -375,7 +375,8 @@ def test_a_run_cancelled_while_it_trains_stops_and_one_queued_behind_it_never_st
         run = http.get(f"/v1/runs/{training}").json()
         lines = http.get(f"/v1/runs/{training}/metrics").text.splitlines()
         assert run["status"] == "cancelled" and run["attempts"] == 1 and run["step"] < run["total_steps"], run
-        assert len(lines) == run["step"], (len(lines), run)  # no step logged after the cancel
+        # The step under way at the cancel may still log (its line comes before the record's update); none after it.
+        assert run["step"] <= len(lines) <= run["step"] + 1, (len(lines), run)
         assert http.get(f"/v1/runs/{training}/adapter").status_code == 409
         time.sleep(2)  # the worker, free again, takes no job
         queued = http.get(f"/v1/runs/{waiting}").json()
