@@ -67,6 +67,12 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def refusal_response(exc: ServiceError, retry_after_seconds: int | None = None) -> JSONResponse:
+    """A refusal in the envelope, with Retry-After on a 429 when `retry_after_seconds` is given."""
+    headers = {"Retry-After": str(retry_after_seconds)} if exc.status == 429 and retry_after_seconds else None
+    return error_response(exc.status, exc.message, exc.type, exc.param, headers)
+
+
 def field_path(location) -> str:
     """`body.rows.3.question` -> `rows.3.question`: a field as the client named it."""
     return ".".join(str(part) for part in location if part not in ("body", "query", "path"))
@@ -91,8 +97,7 @@ def register_error_handlers(
 
     @app.exception_handler(ServiceError)
     async def refused(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(retry_after_seconds)} if exc.status == 429 and retry_after_seconds else None
-        return error_response(exc.status, exc.message, exc.type, exc.param, headers)
+        return refusal_response(exc, retry_after_seconds)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -31,7 +31,12 @@ from services.http import (
     metrics_response,
     register_error_handlers,
 )
-from services.teacher.openai_routes import attach_openai_routers, init_openai_state, register_vllm_error_handler
+from services.teacher.openai_routes import (
+    OpenAIAdmission,
+    attach_openai_routers,
+    init_openai_state,
+    register_vllm_error_handler,
+)
 from services.teacher.service import TeacherService
 from services.teacher.settings import TeacherSettings
 from shared.teacher_api import (
@@ -244,5 +249,6 @@ def create_app(settings: TeacherSettings | None = None, engine: TeacherService |
     attach_openai_routers(app)
     register_error_handlers(app, log, retry_after_seconds=settings.retry_after_seconds)
     register_vllm_error_handler(app, error_response)
+    app.add_middleware(OpenAIAdmission, retry_after_seconds=settings.retry_after_seconds)  # inside the gate below
     register_middleware(app, settings)
     return app

@@ -88,3 +88,17 @@ def test_a_symlinked_file_in_an_adapter_directory_is_not_copied(tmp_path):
     (adapter / "checkpoints").mkdir()
     copy = snapshot_adapter(adapter, tmp_path / "copy")
     assert sorted(path.name for path in copy.iterdir()) == ["adapter_config.json"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "requests"),
+    [({"prompt": "2 + 2 ="}, "prompt", 1), ({"prompt": ["a", "b", "c"]}, "prompt", 3),
+     ({"prompt": [1, 2, 3]}, "prompt", 1), ({"prompt": [[1, 2], [3]]}, "prompt", 2), ({"prompt": []}, "prompt", 1),
+     ({"messages": [{}] * 5}, "messages", 1), ([1, 2], "prompt", 1), (None, "prompt", 1)],
+)
+def test_an_openai_request_counts_one_engine_request_per_prompt(body, field, requests):
+    """A completion's prompts (texts, or lists of token ids; one list of ids is one prompt), a chat one; anything else
+    one, for vLLM to refuse."""
+    from services.teacher.openai_routes import prompts_in
+
+    assert prompts_in(body, field) == requests

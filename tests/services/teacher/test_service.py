@@ -362,6 +362,38 @@ def test_openai_routes_share_the_engine(teacher_server):
         assert unknown.status_code == 404
 
 
+def test_openai_routes_count_against_the_teachers_bound(teacher_server):
+    """vLLM's OpenAI routes are admitted as the teacher's own are, one engine request per prompt: more prompts than
+    the bound admits at all is a 400 naming `prompt`; a streamed completion counts until its stream ends, and any
+    request meanwhile that would pass the bound gets 429 with Retry-After."""
+    model = "SmolLM2-135M-Instruct"
+    too_many = {"model": model, "prompt": ["2 + 2 ="] * (MAX_PENDING_REQUESTS + 1), "max_tokens": 1}
+    full = {"model": model, "prompt": [QUESTION] * MAX_PENDING_REQUESTS, "max_tokens": 2048, "ignore_eos": True,
+            "temperature": 1.0, "stream": True}
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    with teacher_server.client() as http:
+        refused = http.post("/v1/completions", json=too_many)
+        with http.stream("POST", "/v1/completions", json=full) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()  # kept open: a closed iterator closes the stream
+            assert next(lines).startswith("data: ")  # generating
+            pending = metric(http.get("/metrics").text, "ssb_teacher_pending_engine_requests")
+            busy_chat = http.post("/v1/chat/completions", json=chat)
+            busy_rollouts = http.post("/v1/rollouts", json={"questions": [{"question": "q"}],
+                                                            "sampling": {"max_tokens": 1}})
+        deadline = time.monotonic() + 60  # the stream closed by its client: its engine requests end
+        while metric(http.get("/metrics").text, "ssb_teacher_pending_engine_requests") > 0:
+            assert time.monotonic() < deadline, "a closed stream still holds the bound"
+            time.sleep(0.2)
+        two = http.post("/v1/completions", json={**too_many, "prompt": too_many["prompt"][:2]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
+    assert f"at most {MAX_PENDING_REQUESTS} at once" in refused.json()["error"]["message"]
+    assert pending == MAX_PENDING_REQUESTS
+    assert busy_chat.status_code == 429 and busy_chat.headers["Retry-After"] == "1", busy_chat.text
+    assert busy_rollouts.status_code == 429
+    assert two.status_code == 200 and len(two.json()["choices"]) == 2, two.text
+
+
 def file_content(path):
     """A stored file's content: a pair file's metadata and arrays (safetensors writes its metadata keys in no fixed
     order, so two writes of the same pair can differ in their bytes), any other file's bytes."""
