@@ -6,8 +6,10 @@ served names and every adapter loaded through `/v1/adapters` under the adapter's
 service's own adapter table), so the `openai` client and evaluation harnesses use the teacher and the students as they
 are. Logprobs work as in vLLM (`return_tokens_as_token_ids` gives `token_id:N` keys).
 
-They count against `SSB_MAX_PENDING_REQUESTS` as the teacher's own routes do, one engine request per prompt, from
-before vLLM reads the request until its answer (streamed or not) is sent or its client leaves (`OpenAIAdmission`).
+They count against `SSB_MAX_PENDING_REQUESTS` like the teacher's own routes, from before vLLM reads the request until
+its answer (streamed or not) is sent or its client leaves (`OpenAIAdmission`): one engine request per prompt and
+sample (vLLM runs each of a request's `n` samples as a request of its own; the teacher's routes, whose `n` is at most
+64, count prompts).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from fastapi import FastAPI
 from services.errors import ServiceError
 from services.http import refusal_response
 
-OPENAI_ROUTES = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}  # path: the field that holds prompts
+# Each POST route of vLLM's OpenAI routers, and the field that holds its prompts: a completion's one or more, a chat's
+# one conversation, a batch chat's list of conversations.
+COMPLETIONS, CHAT, BATCH_CHAT = "/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch"
+OPENAI_ROUTES = {COMPLETIONS: "prompt", CHAT: "messages", BATCH_CHAT: "messages"}
 
 
 def attach_openai_routers(app: FastAPI) -> None:
@@ -66,14 +71,27 @@ def register_vllm_error_handler(app: FastAPI, error_response) -> None:
         return error_response(error.code, error.message, error.type, error.param)
 
 
-def prompts_in(body: Any, field: str) -> int:
-    """The engine requests an OpenAI request asks for, counted as the teacher's own routes count them (one per prompt):
-    a chat is one; a completion's `prompt` is one text or one list of token ids, or a list of either. A body that is
-    not such a request counts one (vLLM refuses it itself)."""
-    prompt = body.get(field) if isinstance(body, dict) and field == "prompt" else None
-    if isinstance(prompt, list) and prompt and not all(isinstance(part, int) for part in prompt):
-        return len(prompt)
-    return 1
+def prompts_in(body: Any, route: str) -> int:
+    """The engine requests an OpenAI request asks for: its prompts (a completion's `prompt` is one text or one list of
+    token ids, or a list of either; a chat is one conversation, a batch chat's `messages` a list of them) times its
+    samples (`n`). A body that is not such a request counts one (vLLM refuses it itself)."""
+    if not isinstance(body, dict):
+        return 1
+    prompts = body.get(OPENAI_ROUTES[route])
+    if route == CHAT or not isinstance(prompts, list) or not prompts:
+        count = 1
+    elif route == COMPLETIONS and all(isinstance(part, int) for part in prompts):
+        count = 1  # one prompt of token ids
+    else:
+        count = len(prompts)
+    n = body.get("n")
+    return count * (n if isinstance(n, int) and n > 1 else 1)
+
+
+def route_path(scope) -> str:
+    """The request's path as the app's routes see it (without a `root_path` the server was started with)."""
+    root, path = scope.get("root_path", ""), scope.get("path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class OpenAIAdmission:
@@ -86,25 +104,23 @@ class OpenAIAdmission:
         self.retry_after_seconds = retry_after_seconds
 
     async def __call__(self, scope, receive, send) -> None:
-        field = OPENAI_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        service = scope["app"].state.service if field and scope["method"] == "POST" else None
+        route = route_path(scope) if scope["type"] == "http" else None
+        service = scope["app"].state.service if route in OPENAI_ROUTES and scope["method"] == "POST" else None
         if service is None:  # not an OpenAI request, or the engine not up (refused before this layer)
             return await self.app(scope, receive, send)
-        messages, body = [], b""
+        messages = []
         while True:
             message = await receive()
             messages.append(message)
-            if message["type"] != "http.request":
+            if message["type"] != "http.request" or not message.get("more_body", False):
                 break
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = b"".join(message.get("body", b"") for message in messages)
         try:
-            requests = prompts_in(json.loads(body or b"null"), field)
-        except ValueError:
-            requests = 1  # not JSON: vLLM answers it
+            requests = prompts_in(json.loads(body or b"null"), route)
+        except (ValueError, RecursionError):
+            requests = 1  # not JSON (or nested past the parser's depth): vLLM answers it
         try:
-            admission = service.admitted(requests, field)
+            admission = service.admitted(requests, OPENAI_ROUTES[route])
             admission.__enter__()
         except ServiceError as exc:
             return await refusal_response(exc, self.retry_after_seconds)(scope, receive, send)

@@ -200,8 +200,8 @@ class TeacherService:
         limit = self.settings.max_pending_requests
         if requests > limit:  # never admissible: waiting would not help
             raise InvalidRequest(
-                f"{requests} prompts in one request; this teacher admits at most {limit} at once "
-                "(SSB_MAX_PENDING_REQUESTS): split the request",
+                f"{requests} engine requests in one request (one per prompt; on the OpenAI routes, per sample too); "
+                f"this teacher admits at most {limit} at once (SSB_MAX_PENDING_REQUESTS): split the request",
                 param=param,
             )
         if self.pending + requests > limit:

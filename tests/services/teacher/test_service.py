@@ -363,9 +363,9 @@ def test_openai_routes_share_the_engine(teacher_server):
 
 
 def test_openai_routes_count_against_the_teachers_bound(teacher_server):
-    """vLLM's OpenAI routes are admitted as the teacher's own are, one engine request per prompt: more prompts than
-    the bound admits at all is a 400 naming `prompt`; a streamed completion counts until its stream ends, and any
-    request meanwhile that would pass the bound gets 429 with Retry-After."""
+    """vLLM's OpenAI routes are admitted as the teacher's own are, one engine request per prompt and sample: more
+    than the bound admits at all is a 400 naming the field; a streamed completion counts until its stream ends, and
+    any request meanwhile that would pass the bound gets 429 with Retry-After."""
     model = "SmolLM2-135M-Instruct"
     too_many = {"model": model, "prompt": ["2 + 2 ="] * (MAX_PENDING_REQUESTS + 1), "max_tokens": 1}
     full = {"model": model, "prompt": [QUESTION] * MAX_PENDING_REQUESTS, "max_tokens": 2048, "ignore_eos": True,
@@ -373,6 +373,9 @@ def test_openai_routes_count_against_the_teachers_bound(teacher_server):
     chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     with teacher_server.client() as http:
         refused = http.post("/v1/completions", json=too_many)
+        too_many_samples = http.post("/v1/completions", json={**too_many, "prompt": "x", "n": MAX_PENDING_REQUESTS + 1})
+        too_many_chats = http.post("/v1/chat/completions/batch",
+                                   json={**chat, "messages": [chat["messages"]] * (MAX_PENDING_REQUESTS + 1)})
         with http.stream("POST", "/v1/completions", json=full) as stream:
             assert stream.status_code == 200
             lines = stream.iter_lines()  # kept open: a closed iterator closes the stream
@@ -388,6 +391,8 @@ def test_openai_routes_count_against_the_teachers_bound(teacher_server):
         two = http.post("/v1/completions", json={**too_many, "prompt": too_many["prompt"][:2]})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
     assert f"at most {MAX_PENDING_REQUESTS} at once" in refused.json()["error"]["message"]
+    for response, param in [(too_many_samples, "prompt"), (too_many_chats, "messages")]:
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     assert pending == MAX_PENDING_REQUESTS
     assert busy_chat.status_code == 429 and busy_chat.headers["Retry-After"] == "1", busy_chat.text
     assert busy_rollouts.status_code == 429
