@@ -9,7 +9,9 @@ own problems' states. On a dataset of `--problems` arithmetic problems (the cura
   queued by an earlier version still does);
 - final states: the job's own (`HMGET`), against the whole hash (`HGETALL`), with half the problems final;
 - a dataset's status (`GET /v1/datasets/{id}`, and each dataset's line of `/metrics`): from the counts kept as
-  problems end, against counting every problem's state (what a dataset of an earlier version still does).
+  problems end, against counting every problem's state (what a dataset of an earlier version still does);
+- the same status once a quarter of the problems failed, listing 100 failures from a bounded read of the failures
+  hash, against the read and sort of every failure that it used to add.
 
 The last two need a Redis (`--redis`, default the machine's, database 15, under a key prefix of its own, deleted
 after); left out without one.
@@ -109,10 +111,21 @@ def main() -> None:
             connection.delete(ledger.key("ds-bench", "counts"))  # as a dataset of an earlier version
             one_by_one = timed(lambda: ledger.status("ds-bench"), repeats=5)
             assert ledger.status("ds-bench").funnel.no_mix == len(ids[::2])
+            failed = ids[1::4]  # a quarter of the problems failed, with their reasons (written in bulk)
+            with connection.pipeline() as pipe:
+                pipe.hset(ledger.key("ds-bench", "final"), mapping=dict.fromkeys(failed, "failed"))
+                pipe.hset(ledger.key("ds-bench", "failures"), mapping={i: f"TeacherUnavailable: {i}" for i in failed})
+                pipe.hset(ledger.key("ds-bench", "counts"), mapping={"no_mix": len(ids[::2]), "failed": len(failed)})
+                pipe.execute()
+            assert ledger.status("ds-bench").funnel.failed == len(failed)
+            with_failures = timed(lambda: ledger.status("ds-bench"), repeats=5)
+            every_failure = timed(lambda: sorted(connection.hgetall(ledger.key("ds-bench", "failures")).items()), 5)
         finally:
             ledger.delete("ds-bench")
         result["states_read"]["speedup"] = result["states_read"]["whole_hash_s"] / result["states_read"]["own_s"]
         result["status"] = {"every_state_s": one_by_one, "counts_s": counted, "speedup": one_by_one / counted}
+        result["status_with_failures"] = {"failures": len(failed), "status_s": with_failures,
+                                          "every_failure_read_and_sorted_s": every_failure}
 
     reads = result["problems_read"]
     print(f"{args.problems} problems ({result['file_mb']:.1f} MB), batches of {args.batch_size}, "
@@ -126,6 +139,9 @@ def main() -> None:
         status = result["status"]
         print(f"status: every state {status['every_state_s'] * 1000:.1f} ms, counts {status['counts_s'] * 1000:.2f} ms "
               f"({status['speedup']:.0f}x)")
+        failing = result["status_with_failures"]
+        print(f"status with {failing['failures']} failures: {failing['status_s'] * 1000:.2f} ms; every failure "
+              f"read and sorted, as it was: {failing['every_failure_read_and_sorted_s'] * 1000:.1f} ms more")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
 

@@ -123,7 +123,10 @@ class DatasetStatus(BaseModel):
     tokens_per_second: float = Field(description="Tokens the teacher generated for this dataset per second since its first job started.")
     problems_per_minute: float = Field(description="Problems finished per minute since the first job started.")
     seconds_left: float | None = Field(description="At the current rate; None before any problem finished.")
-    failures: list[Failure] = Field(default_factory=list, description="Failed problems and why (the first 100).")
+    failures: list[Failure] = Field(
+        default_factory=list,
+        description="Failed problems and why, by id: every one up to 100; past that 100 of them (from a bounded read).",
+    )
     training_run: str | None = Field(default=None, description="The run the training request started, if any.")
     training_error: str | None = Field(default=None, description="Why the training request could not be started.")
     options: DatasetOptions

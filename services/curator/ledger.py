@@ -33,6 +33,10 @@ from redis import Redis
 from shared.curator_api import FINAL_STATES, DatasetOptions, DatasetStatus, Failure, Funnel
 
 MAX_LISTED_FAILURES = 100
+# A status lists failures from one bounded scan of the failures hash, not all of it (a dataset of 100,000 problems may
+# fail as many): about this many are read (every one where there are at most MAX_LISTED_FAILURES, whose table has 128
+# slots), and the first MAX_LISTED_FAILURES of those by id listed.
+FAILURES_SCANNED = 256
 
 # KEYS: final, failures, running, stats, counts. ARGV: problem id, state, has reason (1/0), reason, problems (-1:
 # unknown), now. Set the final state if absent (`paired` also over another state, dropping its failure reason), and
@@ -191,9 +195,9 @@ class DatasetLedger:
             pipe.hlen(final_key)
             self._running_count(keys=[running_key, final_key], client=pipe)
             pipe.hgetall(self.key(dataset_id, "stats"))
-            pipe.hgetall(self.key(dataset_id, "failures"))
+            pipe.hscan(self.key(dataset_id, "failures"), 0, count=FAILURES_SCANNED)
             pipe.exists(self.key(dataset_id, "cancelled"))
-            counts_raw, finals, running, stats_raw, failures_raw, cancelled = pipe.execute()
+            counts_raw, finals, running, stats_raw, (_, failures_raw), cancelled = pipe.execute()
         counts = {_text(k): int(v) for k, v in counts_raw.items()}
         if sum(counts.values()) != finals:  # not every final state counted: an earlier version recorded some
             with self.redis.pipeline(transaction=True) as pipe:
@@ -215,7 +219,8 @@ class DatasetLedger:
             state = "done"
         else:
             state = "running" if started else "queued"
-        failures = [Failure(problem_id=_text(k), reason=_text(v)) for k, v in sorted(failures_raw.items())]
+        listed = sorted(failures_raw.items())[:MAX_LISTED_FAILURES]
+        failures = [Failure(problem_id=_text(k), reason=_text(v)) for k, v in listed]
         return DatasetStatus(
             id=meta.id,
             name=meta.name,
@@ -228,7 +233,7 @@ class DatasetLedger:
             tokens_per_second=int(stats.get("tokens", 0)) / (elapsed_minutes * 60) if elapsed_minutes > 0 else 0.0,
             problems_per_minute=rate,
             seconds_left=(0.0 if left == 0 else left / rate * 60) if rate > 0 else None,
-            failures=failures[:MAX_LISTED_FAILURES],
+            failures=failures,
             training_run=stats.get("training_run"),
             training_error=stats.get("training_error"),
             options=meta.options,

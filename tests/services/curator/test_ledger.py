@@ -94,6 +94,33 @@ def test_the_status_reads_kept_counts_and_recounts_what_an_earlier_version_recor
     assert (funnel.paired, funnel.no_mix, funnel.failed, funnel.running, funnel.queued) == (2, 1, 0, 1, 1)
 
 
+def test_a_status_lists_failures_from_a_bounded_read(ledger):
+    """A status lists at most 100 failures: every one where there are no more, else 100 of them by id from one
+    bounded read of the failures hash (a dataset of 100,000 problems may fail as many), while the funnel counts every
+    one."""
+    from services.curator.ledger import FAILURES_SCANNED, MAX_LISTED_FAILURES
+
+    detail = "after 3 attempts: the teacher at http://teacher:8000 did not answer within 30 s"
+
+    for failed in (MAX_LISTED_FAILURES, FAILURES_SCANNED * 20):
+        ids = [f"p{i:05d}" for i in range(failed)]
+        new_dataset(ledger, failed)
+        with ledger.redis.pipeline() as pipe:  # as jobs record them, in bulk
+            pipe.hset(ledger.key("ds-1", "final"), mapping=dict.fromkeys(ids, "failed"))
+            pipe.hset(ledger.key("ds-1", "counts"), "failed", failed)
+            # reasons past 64 bytes: Redis keeps even a small hash as a table then, which a scan reads by slots
+            pipe.hset(ledger.key("ds-1", "failures"), mapping={i: f"TeacherUnavailable: {i} {detail}" for i in ids})
+            pipe.execute()
+        status = ledger.status("ds-1")
+        listed = [f.problem_id for f in status.failures]
+        assert status.funnel.failed == failed and len(listed) == MAX_LISTED_FAILURES
+        assert listed == sorted(listed) and set(listed) <= set(ids)
+        assert all(f.reason == f"TeacherUnavailable: {f.problem_id} {detail}" for f in status.failures)
+        if failed == MAX_LISTED_FAILURES:
+            assert listed == ids
+        ledger.delete("ds-1")
+
+
 def test_unknown_states_and_datasets(ledger):
     new_dataset(ledger, 1)
     with pytest.raises(ValueError, match="unknown final state"):
