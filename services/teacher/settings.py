@@ -19,8 +19,9 @@ class TeacherSettings(ServiceSettings):
     max_pending_requests: int = Field(
         default=1024,
         ge=1,
-        description="Engine requests (one per prompt) admitted at once, running or waiting; above it new work gets "
-        "429 with Retry-After instead of queueing without bound (a single request of more prompts than this: 400).",
+        description="Engine requests (one per prompt; per prompt and sample on the OpenAI routes) admitted at once, "
+        "running or waiting; above it new work gets 429 with Retry-After instead of queueing without bound (a single "
+        "request of more than this: 400).",
     )
     retry_after_seconds: int = Field(default=2, ge=1, description="The Retry-After sent with 429 and 503.")
     seed: int = Field(default=0, description="The engine's seed (requests carry their own seeds).")
