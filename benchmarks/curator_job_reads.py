@@ -52,9 +52,9 @@ def main() -> None:
 
     from services.curator.jobs import PROBLEMS_FILE, batch_spans, dataset_problems
     from services.curator.ledger import DatasetLedger, DatasetMeta
-    from shared.curator_api import DatasetOptions
     from services.curator.settings import CuratorSettings
     from shared.arithmetic import make_arithmetic_problems
+    from shared.curator_api import DatasetOptions
     from shared.datasets import write_problems_jsonl
 
     problems = make_arithmetic_problems(args.problems, seed=0)

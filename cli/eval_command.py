@@ -10,9 +10,8 @@ directory). On a CPU each adapter is merged into a temporary copy of the base we
 loads in place of its own, to answer at the base model's speed (the CPU build of vLLM runs a LoRA several times
 slower, and a large LoRA batch can outlast its step timeout), and an evaluation with adapters computes in float32,
 since rounding merged weights to bfloat16 loses most of a small adapter's update; on a GPU the engine serves each as
-a LoRA (`--adapter-serving` chooses). Everything is checked before the
-engine starts; a bad benchmark, file or adapter exits with status 2 and one message. The logic lives in
-`services/evaluation/evaluation.py`.
+a LoRA (`--adapter-serving` chooses). Everything is checked before the engine starts; a bad benchmark, file or
+adapter exits with status 2 and one message. The logic lives in `services/evaluation/evaluation.py`.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ import sys
 
 import redis
 from rq import Worker
-from rq.job import JobStatus
 from rq.callbacks import execute_failure_callback
+from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies

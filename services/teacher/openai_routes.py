@@ -15,6 +15,7 @@ sample (vLLM runs each of a request's `n` samples as a request of its own; the t
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from typing import Any
 
 from fastapi import FastAPI
@@ -119,16 +120,13 @@ class OpenAIAdmission:
             requests = prompts_in(json.loads(body or b"null"), route)
         except (ValueError, RecursionError):
             requests = 1  # not JSON (or nested past the parser's depth): vLLM answers it
-        try:
-            admission = service.admitted(requests, OPENAI_ROUTES[route])
-            admission.__enter__()
-        except ServiceError as exc:
-            return await refusal_response(exc, self.retry_after_seconds)(scope, receive, send)
 
         async def replay():
             return messages.pop(0) if messages else await receive()
 
-        try:
+        with ExitStack() as admission:  # held until the route has answered, or its client left
+            try:
+                admission.enter_context(service.admitted(requests, OPENAI_ROUTES[route]))
+            except ServiceError as exc:
+                return await refusal_response(exc, self.retry_after_seconds)(scope, receive, send)
             await self.app(scope, replay, send)
-        finally:
-            admission.__exit__(None, None, None)
