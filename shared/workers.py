@@ -26,7 +26,8 @@ import sys
 import redis
 from rq import Worker
 from rq.callbacks import execute_failure_callback
-from rq.job import JobStatus
+from rq.exceptions import InvalidJobOperation
+from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
@@ -34,6 +35,20 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 # The states of a job that no worker has started: cancelling it there keeps it from ever running.
 NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
+
+
+def cancel_unstarted(job: Job) -> bool:
+    """Take a job that no worker has started off its queue for good; True if this call did, False if it had started or
+    another call cancelled it meanwhile. The job is then deleted: RQ keeps a cancelled job, and its entry in the
+    queue's cancelled registry, with no expiry (that registry is never cleaned), so every cancel would stay in Redis."""
+    if job.get_status() not in NOT_STARTED:
+        return False
+    try:
+        job.cancel()  # atomic against a worker dequeueing it
+    except InvalidJobOperation:  # cancelled (or removed) meanwhile, by a second cancel
+        return False
+    job.delete(remove_from_queue=False)
+    return True
 
 
 def connect_redis(redis_url: str) -> redis.Redis:

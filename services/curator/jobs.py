@@ -38,7 +38,7 @@ from shared.engine import ConcurrentCalls, Engine
 from shared.schemas import Problem
 from shared.settings import CurationConfig
 from shared.storage import PairStore
-from shared.teacher_client import TeacherPool, TeacherRejected
+from shared.teacher_client import TeacherPool, TeacherRejected, retry_after_seconds
 from shared.workers import JobProcessWorker, connect_redis, started_elsewhere
 
 log = logging.getLogger("ssb.curator")
@@ -93,6 +93,7 @@ def enqueue_data(
             retry=job_retry(settings),
             on_failure=Callback(record_job_failure),
             description=f"curate {len(batch)} problems of dataset {dataset_id}",
+            meta={"attempts": settings.job_retries + 1},  # RQ keeps only the retries left; a failure names them all
             result_ttl=24 * 3600,
             failure_ttl=7 * 24 * 3600,
         )
@@ -198,21 +199,53 @@ def training_run_id(meta: DatasetMeta) -> str:
 
 
 def start_training(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta) -> None:
-    """Ask the trainer service to train on the finished dataset; record the run id, or why it could not start."""
+    """Ask the trainer service to train on the finished dataset; record the run id, or why it could not start (the
+    request sent again while the trainer restarts or is busy: `post_training_request`)."""
     headers = {"Authorization": f"Bearer {settings.trainer_key()}"} if settings.trainer_api_key else {}
     run_id = training_run_id(meta)
     body = {**(meta.options.train or {}), "dataset_id": meta.id, "run_id": run_id}
+    by_hand = f"; to train on it, POST this training request to the trainer's /v1/runs with run_id {run_id!r}"
     try:
-        # Well inside RQ's 60 s for a failure callback, which may be what sends it.
-        response = httpx.post(f"{settings.trainer_url.rstrip('/')}/v1/runs", json=body, headers=headers, timeout=30)
+        response = post_training_request(f"{settings.trainer_url.rstrip('/')}/v1/runs", body, headers)
     except httpx.HTTPError as exc:
-        ledger.set_training(meta.id, error=f"the trainer at {settings.trainer_url} could not be reached: {exc}")
+        error = f"the trainer at {settings.trainer_url} could not be reached ({TRAINING_REQUEST_TRIES} tries): {exc}"
+        ledger.set_training(meta.id, error=error + by_hand)
         return
     if response.status_code >= 400:
-        ledger.set_training(meta.id, error=f"the trainer refused the request ({response.status_code}): {response.text[:1000]}")
+        error = f"the trainer refused the request ({response.status_code}): {response.text[:1000]}"
+        ledger.set_training(meta.id, error=error + by_hand)
         return
     ledger.set_training(meta.id, run_id=run_id)
     log.info("dataset %s done; training run %s started", meta.id, run_id)
+
+
+# The training request is sent again while the trainer cannot take it (unreachable, restarting: 502-504, busy: 429),
+# which is safe since its run id names one run: up to this many tries, each given the timeout, waiting the backoff,
+# doubling (or the Retry-After), at most 8 s in between. All of them stay inside RQ's 60 s for a failure callback,
+# which may be what sends it.
+TRAINING_REQUEST_TRIES = 4
+TRAINING_REQUEST_TIMEOUT_SECONDS = 8.0
+TRAINING_REQUEST_BACKOFF_SECONDS = 1.0
+TRANSIENT_STATUSES = (429, 502, 503, 504)
+
+
+def post_training_request(url: str, body: dict, headers: dict) -> httpx.Response:
+    """POST `body` to the trainer's `url`, tried again as the constants above say; the last answer, or the last
+    transport error raised."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            response = httpx.post(url, json=body, headers=headers, timeout=TRAINING_REQUEST_TIMEOUT_SECONDS)
+        except httpx.TransportError:
+            if tries == TRAINING_REQUEST_TRIES:
+                raise
+            retry_after = 0.0
+        else:
+            if response.status_code not in TRANSIENT_STATUSES or tries == TRAINING_REQUEST_TRIES:
+                return response
+            retry_after = retry_after_seconds(response)
+        time.sleep(min(max(TRAINING_REQUEST_BACKOFF_SECONDS * 2 ** (tries - 1), retry_after), 8.0))
 
 
 def start_training_if_owed(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta) -> None:
@@ -238,7 +271,8 @@ def record_job_failure(job, connection, exc_type, exc_value, traceback) -> None:
     if meta is None:
         return
     error = f"{exc_type.__name__}: {exc_value}".strip().rstrip(":")
-    end_problems(settings, ledger, meta, problem_ids, "failed", f"{error} (after {settings.job_retries + 1} attempts)")
+    attempts = job.meta.get("attempts", settings.job_retries + 1)  # as queued: the workers' settings may differ
+    end_problems(settings, ledger, meta, problem_ids, "failed", f"{error} (after {attempts} attempts)")
     start_training_if_owed(settings, ledger, meta)  # the job may have finished the dataset, then died on the request
 
 

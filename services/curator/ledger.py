@@ -39,23 +39,26 @@ MAX_LISTED_FAILURES = 100
 FAILURES_SCANNED = 256
 
 # KEYS: final, failures, running, stats, counts. ARGV: problem id, state, has reason (1/0), reason, problems (-1:
-# unknown), now. Set the final state if absent (`paired` also over another state, dropping its failure reason), and
-# keep the count of problems in each final state; stamp `finished_at` when that made every problem final; 1 when it did.
+# unknown), now. Set the final state if absent, with its failure reason; over another state only a result the pair
+# store holds replaces one it does not: `paired` any other, a drop `failed` or `cancelled` (a run of the job that
+# overlapped the one that failed or cancelled it), dropping the failure reason. Keep the count of problems in each
+# final state; stamp `finished_at` when that made every problem final; 1 when it did.
 RECORD_FINAL = """
 local newly = redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2])
 if newly == 1 then
   redis.call('hincrby', KEYS[5], ARGV[2], 1)
-end
-if newly == 0 and ARGV[2] == 'paired' then
-  local before = redis.call('hget', KEYS[1], ARGV[1])
-  if before ~= 'paired' then
-    redis.call('hincrby', KEYS[5], before, -1)
-    redis.call('hincrby', KEYS[5], 'paired', 1)
-    redis.call('hset', KEYS[1], ARGV[1], 'paired')
+  if ARGV[3] == '1' then
+    redis.call('hsetnx', KEYS[2], ARGV[1], ARGV[4])
   end
-  redis.call('hdel', KEYS[2], ARGV[1])
-elseif ARGV[3] == '1' then
-  redis.call('hsetnx', KEYS[2], ARGV[1], ARGV[4])
+else
+  local before = redis.call('hget', KEYS[1], ARGV[1])
+  local unstored = {failed = true, cancelled = true}
+  if before ~= ARGV[2] and not unstored[ARGV[2]] and (ARGV[2] == 'paired' or unstored[before]) then
+    redis.call('hincrby', KEYS[5], before, -1)
+    redis.call('hincrby', KEYS[5], ARGV[2], 1)
+    redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+    redis.call('hdel', KEYS[2], ARGV[1])
+  end
 end
 redis.call('srem', KEYS[3], ARGV[1])
 local problems = tonumber(ARGV[5])
@@ -161,10 +164,10 @@ class DatasetLedger:
             pipe.execute()
 
     def record_final(self, dataset_id: str, problem_id: str, state: str, reason: str | None = None) -> bool:
-        """Record how a problem ended, unless it already has a final state (`paired` replaces any other: the pair
-        store's pair wins). True when this call finished the dataset (its last problem reached a final state):
-        exactly one caller sees True. One atomic step, so a reader never sees every problem final without the
-        dataset's `finished_at`."""
+        """Record how a problem ended, unless it already has a final state (the pair store's result wins: `paired`
+        replaces any other, a drop replaces `failed` or `cancelled`). True when this call finished the dataset (its last
+        problem reached a final state): exactly one caller sees True. One atomic step, so a reader never sees every
+        problem final without the dataset's `finished_at`."""
         if state not in FINAL_STATES:
             raise ValueError(f"unknown final state {state!r}; one of {', '.join(FINAL_STATES)}")
         meta = self.meta(dataset_id)

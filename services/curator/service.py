@@ -18,9 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from redis import Redis
+from redis import Redis, RedisError
 from rq import Worker
-from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
 from services.curator.jobs import (
@@ -33,7 +32,7 @@ from shared.curator_api import DATASET_ID_PATTERN, DatasetCreated, DatasetList, 
 from shared.datasets import write_problems_jsonl
 from shared.schemas import Problem
 from shared.storage import PairStore, replace_atomically, sync_directory
-from shared.workers import NOT_STARTED
+from shared.workers import cancel_unstarted
 
 log = logging.getLogger("ssb.curator")
 T = TypeVar("T")
@@ -81,17 +80,31 @@ class CuratorService:
         self.write_directory(meta, problems)
         ids = [p.id for p in problems]
         batches = [ids[start : start + options.batch_size] for start in range(0, len(ids), options.batch_size)]
-        spans = batch_spans(directory / PROBLEMS_FILE, [len(batch) for batch in batches])
-        job_data = enqueue_data(self.settings, dataset_id, batches, spans)
+        created = DatasetCreated(id=dataset_id, problems=len(problems), jobs=len(batches))
         try:
+            spans = batch_spans(directory / PROBLEMS_FILE, [len(batch) for batch in batches])
+            job_data = enqueue_data(self.settings, dataset_id, batches, spans)
             with self.redis.pipeline() as pipe:
                 self.ledger.create(meta, [d.job_id for d in job_data], pipe)
                 self.queue.enqueue_many(job_data, pipeline=pipe)
                 pipe.execute()
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+        except BaseException as exc:
+            # A transaction whose answer was lost (the connection dropped after Redis ran it) recorded the dataset
+            # and queued its jobs: its files stay, and it was created. Where that cannot be told, they stay too.
+            recorded = self.recorded(dataset_id)
+            if recorded and isinstance(exc, RedisError):
+                return created
+            if recorded is False:
+                shutil.rmtree(directory, ignore_errors=True)
             raise
-        return DatasetCreated(id=dataset_id, problems=len(problems), jobs=len(batches))
+        return created
+
+    def recorded(self, dataset_id: str) -> bool | None:
+        """Whether the ledger holds the dataset; None when Redis cannot say."""
+        try:
+            return bool(self.redis.exists(self.ledger.key(dataset_id)))
+        except RedisError:
+            return None
 
     def write_directory(self, meta: DatasetMeta, problems: list[Problem]) -> None:
         """The dataset's problems and metadata, appearing complete under their final name or not at all."""
@@ -164,11 +177,7 @@ class CuratorService:
         self.ledger.cancel(dataset_id)
         job_ids = self.ledger.job_ids(dataset_id)
         for job in Job.fetch_many(job_ids, connection=self.redis, serializer=self.queue.serializer):
-            if job is None or job.get_status() not in NOT_STARTED:
-                continue
-            try:
-                job.cancel()
-            except InvalidJobOperation:  # cancelled meanwhile by a second DELETE of the same dataset
+            if job is None or not cancel_unstarted(job):  # started, or cancelled meanwhile by a second DELETE
                 continue
             problem_ids = job.args[1]
             end_problems(self.settings, self.ledger, meta, problem_ids, "cancelled")

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from typing import get_args
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from services.http import (
@@ -113,15 +113,16 @@ def get_run(run_id: str, request: Request):
 @router.delete("/v1/runs/{run_id}", response_model=Run, responses=ERROR_RESPONSES, tags=["runs"])
 def cancel_run(run_id: str, request: Request):
     """Cancel a queued or running run: it ends `cancelled` (409 if it already succeeded or failed); a queued one never
-    starts, a running one stops at the end of its current step, keeping its checkpoints; no adapter is published."""
+    starts, a running one stops before its next metrics line or checkpoint (every `log_every` steps), keeping its
+    checkpoints; no adapter is published."""
     return service_of(request).cancel_run(run_id)
 
 
 @router.get("/v1/runs/{run_id}/metrics", responses=ERROR_RESPONSES, tags=["runs"],
-            response_class=FileResponse)
+            response_class=Response)
 def get_metrics(run_id: str, request: Request):
     """The per-step metrics as JSONL (one line per logged optimizer step)."""
-    return FileResponse(service_of(request).metrics_path(run_id), media_type="application/x-ndjson")
+    return Response(service_of(request).metrics_jsonl(run_id), media_type="application/x-ndjson")
 
 
 @router.get("/v1/runs/{run_id}/curve.png", responses=ERROR_RESPONSES, tags=["runs"], response_class=Response)

@@ -75,6 +75,10 @@ def train_run(run_id: str) -> dict:
     # The run is claimed before its directory is touched: an earlier attempt still going (its worker stalled past
     # its heartbeat) checks its claim before every write (`still_this_attempt`) and stops.
     attempt = runs.increment(run_id, "attempts")
+    # Its worker named at once (RQ sets the id in the work horse): on_train_failure takes a failure of an attempt whose
+    # worker the record does not name for one taken over, so a failure before the progress below must find it.
+    if not runs.advance(run_id, attempt=attempt, worker=os.environ.get("RQ_WORKER_ID")):
+        return {"status": "final"}
     run_dir = settings.runs_dir() / run_id
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     resumed_from = int(checkpoint.name.removeprefix("step-")) if checkpoint is not None else None
@@ -84,7 +88,6 @@ def train_run(run_id: str) -> dict:
     progress = {
         "status": "running",
         "started_at": started,
-        "worker": os.environ.get("RQ_WORKER_ID"),  # set by RQ in the work horse; on_train_failure reads it
         "error": None,
         "step": resumed_from or 0,
         "time_left_seconds": None,
@@ -118,8 +121,10 @@ def train_run(run_id: str) -> dict:
             "seconds_per_step": per_step,
             "time_left_seconds": per_step * (metrics.total_steps - metrics.step),
         }
-        if config.checkpoint_every and metrics.step % config.checkpoint_every == 0:
-            fields["checkpoint_step"] = metrics.step  # saved before on_step is called
+        # Saved before on_step is called, which only logged steps reach: the newest, though `log_every` may not
+        # divide it.
+        if config.checkpoint_every and metrics.step >= config.checkpoint_every:
+            fields["checkpoint_step"] = metrics.step // config.checkpoint_every * config.checkpoint_every
         if not runs.advance(run_id, attempt=attempt, **fields):
             raise AttemptSuperseded(f"run {run_id}: attempt {attempt} stops at step {metrics.step}")
 
@@ -167,7 +172,7 @@ def train_run(run_id: str) -> dict:
     # names it (and a retried job that died in between queues the same one: its id comes from the run's).
     evaluation = run.get("evaluation")
     evaluation_id = queue_evaluation_after(settings, connection, run_id, evaluation) if evaluation else None
-    runs.advance(
+    succeeded = runs.advance(
         run_id,
         attempt=attempt,
         status="succeeded",
@@ -180,8 +185,23 @@ def train_run(run_id: str) -> dict:
         adapter=run_id,
         finished_at=time.time(),
     )
+    if not succeeded:
+        return drop_evaluation_of_ended_run(settings, connection, run_id, evaluation_id)
     log.info("run %s succeeded: %d steps, final loss %s", run_id, result.steps, result.final_loss)
     return {"status": "succeeded", "steps": result.steps}
+
+
+def drop_evaluation_of_ended_run(settings: TrainerSettings, connection, run_id: str, evaluation_id: str | None) -> dict:
+    """The run ended otherwise (cancelled, or failed) between its last check and being marked succeeded: the
+    evaluation just queued for it does not run (its job does nothing for an ended record). A run taken over by a
+    later attempt keeps it: that attempt queues the same one."""
+    status = (run_records(connection, settings.key_prefix).get(run_id) or {}).get("status")
+    if evaluation_id is not None and status in FINAL and status != "succeeded":
+        eval_records(connection, settings.key_prefix).advance(
+            evaluation_id, status="failed", error=f"run {run_id} was {status} before its evaluation started",
+            finished_at=time.time(),
+        )
+    return {"status": "superseded"}
 
 
 class AttemptSuperseded(Exception):
@@ -331,7 +351,8 @@ def evaluate_models(eval_id: str) -> dict:
     eval_dir = settings.evals_dir() / eval_id
     options = record["options"]
     try:
-        source = eval_dir / UPLOADED_PROBLEMS if record["benchmark"] == "uploaded" else record["benchmark"]
+        uploaded = eval_dir / (record.get("problems_file") or UPLOADED_PROBLEMS)
+        source = uploaded if record["benchmark"] == "uploaded" else record["benchmark"]
         problems = load_problems(source, limit=options.get("limit"))
     except (DatasetError, FileNotFoundError) as exc:
         evals.advance(eval_id, attempt=attempt, status="failed", error=f"problems: {exc}", finished_at=time.time())

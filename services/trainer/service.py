@@ -7,7 +7,7 @@ Where things live (DATA_DIR is the volume every service shares):
     DATA_DIR/datasets/<dataset id>/     a curated pair store (pairs/, dropped/, dataset.json), written by the curator
     DATA_DIR/runs/<run id>/             the run's metrics.jsonl, training_curve.png, checkpoints/, training_config.json
     ADAPTERS_DIR/<run id>/              the run's adapter (PEFT), which the teacher loads as a LoRA named by the run id
-    DATA_DIR/evals/<eval id>/           uploaded problems (problems.jsonl) and the report (report.json)
+    DATA_DIR/evals/<eval id>/           uploaded problems (problems-<request fingerprint>.jsonl), report.json
 
 Domain errors are `ServiceError`s carrying their HTTP status, so the app maps them to responses in one place.
 """
@@ -29,7 +29,6 @@ from typing import Any
 
 import redis
 from rq import Worker
-from rq.exceptions import InvalidJobOperation
 
 from services.errors import ServiceError
 from services.trainer import queues
@@ -45,11 +44,11 @@ from services.trainer.schemas import (
 )
 from services.trainer.settings import TrainerSettings
 from shared.datasets import BENCHMARKS, DatasetError, parse_problem_rows, write_problems_jsonl
-from shared.workers import NOT_STARTED
+from shared.workers import cancel_unstarted
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
 REPORT_NAME = "report.json"
-UPLOADED_PROBLEMS = "problems.jsonl"
+UPLOADED_PROBLEMS = "problems.jsonl"  # where evaluations recorded before `problems_file` was keep theirs
 
 
 @dataclass
@@ -117,22 +116,21 @@ class TrainerService:
             "attempts": 0,
         }
         created = self.runs.create(run_id, fields)
-        if not created:
-            existing = self.runs.get(run_id) or {}
-            if existing.get("request_fingerprint") != fingerprint:
-                raise ServiceError(
-                    409, f"run {run_id!r} exists with other settings; choose another run_id", "conflict", "run_id"
-                )
-        queues.enqueue_training(self.settings, self.redis, run_id)
+        existing = fields if created else self.runs.get(run_id) or {}
+        if existing.get("request_fingerprint") != fingerprint:
+            raise ServiceError(409, f"run {run_id!r} exists with other settings; choose another run_id", "conflict",
+                               "run_id")
+        if existing.get("status") not in FINAL:  # a retried POST of a run that ended (or was cancelled) queues nothing
+            queues.enqueue_training(self.settings, self.redis, run_id)
         return self.get_run(run_id), created
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancel a run that has not ended: it ends `cancelled` at once; its job leaves the queue if it has not started,
-        and an attempt under way stops at the end of the step it is in (that step may still write its metrics line
-        and checkpoint; each later write first checks the run's state, final now), keeping its checkpoints, and
-        publishes no adapter (unless the cancel came while it was publishing its finished one: it then stays
-        cancelled, its adapter published). Cancelling a cancelled run returns it (a retried DELETE); a run that
-        succeeded or failed (RQ's verdict on its job included) is refused with 409."""
+        and an attempt under way stops before its next metrics line or checkpoint (the step under way may still write
+        its own; each later write first checks the run's state, final now), keeping its checkpoints, and publishes no
+        adapter (unless the cancel came while it was publishing its finished one: it then stays cancelled, its adapter
+        published, and the evaluation it asked for does not run). Cancelling a cancelled run returns it (a retried
+        DELETE); a run that succeeded or failed (RQ's verdict on its job included) is refused with 409."""
         run = self.get_run(run_id)  # reconciled: a run whose job RQ failed is failed, not cancelled
         if run.status not in FINAL:
             self.runs.advance(run_id, status="cancelled", finished_at=time.time(), time_left_seconds=None,
@@ -142,11 +140,8 @@ class TrainerService:
             raise ServiceError(409, f"run {run_id!r} already {run.status}; only a queued or running run can be "
                                "cancelled", "conflict")
         job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
-        try:
-            if job is not None and job.get_status() in NOT_STARTED:
-                job.cancel()
-        except InvalidJobOperation:  # cancelled (or removed) meanwhile, by a second DELETE
-            pass
+        if job is not None:
+            cancel_unstarted(job)
         return run
 
     def check_adapter_name_free(self, run_id: str) -> None:
@@ -274,6 +269,12 @@ class TrainerService:
             raise ServiceError(404, f"run {run_id!r} has logged no step yet", "not_found")
         return path
 
+    def metrics_jsonl(self, run_id: str) -> bytes:
+        """The run's metrics lines so far, read once (a file served as it grows would outrun the length its response
+        declared), up to the last whole line (a step may be appending one)."""
+        data = self.metrics_path(run_id).read_bytes()
+        return data[: data.rfind(b"\n") + 1]
+
     def curve_png(self, run_id: str) -> bytes:
         """The run's training curve as PNG: the final one once it succeeded, else drawn now from the steps so far."""
         from services.trainer.plots import plot_training_curve, read_metrics
@@ -298,8 +299,9 @@ class TrainerService:
         return directory
 
     def adapter_archive(self, run_id: str) -> Iterator[bytes]:
-        """The run's adapter directory as a gzipped tar (`<run id>/adapter_config.json`, ...), streamed."""
-        return stream_tar_gz(self.adapter_dir(run_id), run_id)
+        """The run's adapter as a gzipped tar (`<run id>/adapter_config.json`, ...: `ADAPTER_FILES`, not the folder's
+        note of the run that published it), streamed."""
+        return stream_tar_gz(self.adapter_dir(run_id), run_id, ADAPTER_FILES)
 
     # --- Evaluations -------------------------------------------------------------------------------------------------
 
@@ -324,8 +326,11 @@ class TrainerService:
                 raise ServiceError(409, f"evaluation {eval_id!r} exists with other settings; choose another eval_id",
                                    "conflict", "eval_id")
             return self.get_evaluation(eval_id, problems=False), False
+        # Named by the request: two POSTs under one new eval_id at once write two files, and the one not recorded
+        # goes (below), rather than the second overwriting the problems the first one's evaluation runs on.
+        problems_path = self.settings.evals_dir() / eval_id / f"problems-{fingerprint}.jsonl"
         if request.problems is not None:
-            write_uploaded_problems(request, self.settings.evals_dir() / eval_id / UPLOADED_PROBLEMS)
+            write_uploaded_problems(request, problems_path)
         options = EvalOptions(**request.model_dump(include=set(EvalOptions.model_fields))).model_dump(mode="json")
         fields = {
             "status": "queued",
@@ -336,10 +341,16 @@ class TrainerService:
             "run_id": run_id,
             "attempts": 0,
             "request_fingerprint": fingerprint,
+            "problems_file": problems_path.name if request.problems is not None else None,
         }
-        created = self.evals.create(eval_id, fields)
+        if not self.evals.create(eval_id, fields):  # another POST under this id recorded it first
+            if (self.evals.get(eval_id) or {}).get("request_fingerprint") != fingerprint:
+                problems_path.unlink(missing_ok=True)
+                raise ServiceError(409, f"evaluation {eval_id!r} exists with other settings; choose another eval_id",
+                                   "conflict", "eval_id")
+            return self.get_evaluation(eval_id, problems=False), False
         queues.enqueue_evaluation(self.settings, self.redis, eval_id)
-        return self.get_evaluation(eval_id, problems=False), created
+        return self.get_evaluation(eval_id, problems=False), True
 
     def check_adapter(self, name: str, param: str, *, publishing: bool = False) -> None:
         """A model to evaluate must be a finished run's adapter or an adapter in the adapters directory. `publishing`:
@@ -403,16 +414,18 @@ def write_uploaded_problems(request: EvalRequest, path: Path) -> None:
     write_problems_jsonl(problems, path)
 
 
-def stream_tar_gz(directory: Path, arcname: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:
-    """A gzipped tar of `directory` (as `arcname/...`), produced in a thread into a pipe and yielded chunk by chunk, so
-    a large adapter is never held in memory. Closing the iterator early (a client that went away) stops the thread."""
+def stream_tar_gz(directory: Path, arcname: str, names: tuple[str, ...], chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """A gzipped tar of the files `names` in `directory` that exist (as `arcname/<name>`), produced in a thread into a
+    pipe and yielded chunk by chunk, so a large adapter is never held in memory. Closing the iterator early (a client
+    that went away) stops the thread."""
     read_fd, write_fd = os.pipe()
 
     def produce() -> None:
         try:
             with os.fdopen(write_fd, "wb") as sink, tarfile.open(fileobj=sink, mode="w|gz") as tar:
-                for name in sorted(os.listdir(directory)):
-                    tar.add(directory / name, arcname=f"{arcname}/{name}")
+                for name in names:
+                    if (directory / name).is_file():
+                        tar.add(directory / name, arcname=f"{arcname}/{name}")
         except (BrokenPipeError, OSError):
             pass  # the reader stopped
 

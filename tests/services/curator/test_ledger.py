@@ -8,7 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -143,7 +146,7 @@ def test_the_last_failure_of_a_job_marks_its_unfinished_problems_failed(ledger, 
     monkeypatch.setenv("SSB_DATA_DIR", str(tmp_path))
     new_dataset(ledger, 3)
     PairStore(tmp_path / "datasets" / "ds-1").write_dropped(DroppedProblem(problem_id="a", reason="no_mix"))
-    job = SimpleNamespace(should_retry=True, args=["ds-1", ["a", "b"]], worker_name=None)
+    job = SimpleNamespace(should_retry=True, args=["ds-1", ["a", "b"]], worker_name=None, meta={"attempts": 4})
     record_job_failure(job, ledger.redis, TimeoutError, TimeoutError("the teacher did not answer"), None)
     assert ledger.final_states("ds-1") == {}
     job.should_retry = False
@@ -154,7 +157,7 @@ def test_the_last_failure_of_a_job_marks_its_unfinished_problems_failed(ledger, 
     # The late failure of a run RQ has handed on to another worker (`shared.workers.started_elsewhere`) records nothing.
     job_key = f"{ledger.prefix}:rq-job"
     ledger.redis.hset(job_key, mapping={"status": "started", "worker_name": "worker-b"})
-    late = SimpleNamespace(should_retry=False, args=["ds-1", ["c"]], key=job_key, worker_name="worker-a")
+    late = SimpleNamespace(should_retry=False, args=["ds-1", ["c"]], key=job_key, worker_name="worker-a", meta={})
     record_job_failure(late, ledger.redis, TimeoutError, TimeoutError("the teacher did not answer"), None)
     assert ledger.final_states("ds-1") == {"a": "no_mix", "b": "failed"}
 
@@ -180,7 +183,8 @@ def test_a_job_whose_process_dies_on_its_last_attempt_marks_its_problems_failed(
     )
     env = {
         **os.environ, "SSB_REDIS_URL": url, "SSB_KEY_PREFIX": ledger.prefix, "SSB_DATA_DIR": str(tmp_path),
-        "SSB_JOB_RETRIES": "1", "SSB_WORKER_HEARTBEAT_SECONDS": "1",
+        # Retries as the job was queued with (1), not as the worker is set (3): the failures say 2 attempts.
+        "SSB_JOB_RETRIES": "3", "SSB_WORKER_HEARTBEAT_SECONDS": "1",
     }
     command = [sys.executable, "-c", worker]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -216,6 +220,8 @@ def test_cancelling_records_what_the_store_holds_and_starts_no_training(ledger, 
         dataset = service.create_dataset(problems, options, "cancelled").id
         PairStore(tmp_path / "datasets" / dataset).write_dropped(DroppedProblem(problem_id="q1", reason="no_mix"))
         cancel_before(dataset)
+        if cancel_before == service.cancel:  # its job cancelled, then deleted (RQ keeps a cancelled job for ever)
+            assert Job.fetch_many(ledger.job_ids(dataset), connection=ledger.redis, serializer=JSONSerializer) == [None]
         curate_problems(dataset, ["q1", "q2"])  # a job that starts after the cancel (a no-op once all are final)
         status = ledger.status(dataset)
         assert ledger.final_states(dataset) == {"q1": "no_mix", "q2": "cancelled"}, cancel_before
@@ -223,28 +229,21 @@ def test_cancelling_records_what_the_store_holds_and_starts_no_training(ledger, 
         assert status.training_run is None and status.training_error is None, status
 
 
-def test_a_training_request_lost_with_its_job_is_sent_by_the_retried_job_once(ledger, tmp_path, monkeypatch):
-    """The job that finished a dataset died before the trainer answered its training request: RQ runs the job again,
-    which finds every problem final and sends the request, under the run id named after the dataset (the trainer
-    starts one run for one id); once a run is recorded, further runs send nothing. The trainer here is a small HTTP
-    server that records what it is sent (the real one answers the same request in tests/test_user_path.py)."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from services.curator.jobs import curate_problems
-    from services.curator.service import CuratorService
-    from services.curator.settings import CuratorSettings
-    from shared.schemas import DroppedProblem, Problem
-    from shared.storage import PairStore
-
+@contextmanager
+def trainer_answering(*statuses: int):
+    """A small HTTP server standing in for the trainer's `POST /v1/runs` (the real one answers the same request in
+    tests/test_user_path.py): it answers each request with the next of `statuses` (the last one from then on),
+    Retry-After 0 on a 429 or 503, and records what it is sent. Yields (its URL, what it received)."""
     received = []
 
     class Trainer(BaseHTTPRequestHandler):
         def do_POST(self):
             received.append((self.path, json.loads(self.rfile.read(int(self.headers["content-length"])))))
-            reply = json.dumps({"id": received[-1][1]["run_id"]}).encode()
-            self.send_response(202)
+            status = statuses[min(len(received), len(statuses)) - 1]
+            reply = json.dumps({"id": received[-1][1]["run_id"]} if status < 400 else {"error": "no"}).encode()
+            self.send_response(status)
+            if status in (429, 503):
+                self.send_header("retry-after", "0")
             self.send_header("content-length", str(len(reply)))
             self.end_headers()
             self.wfile.write(reply)
@@ -255,9 +254,25 @@ def test_a_training_request_lost_with_its_job_is_sent_by_the_retried_job_once(le
     server = ThreadingHTTPServer(("127.0.0.1", 0), Trainer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
+        yield f"http://127.0.0.1:{server.server_port}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_training_request_lost_with_its_job_is_sent_by_the_retried_job_once(ledger, tmp_path, monkeypatch):
+    """The job that finished a dataset died before the trainer answered its training request: RQ runs the job again,
+    which finds every problem final and sends the request, under the run id named after the dataset (the trainer
+    starts one run for one id); once a run is recorded, further runs send nothing."""
+    from services.curator.jobs import curate_problems
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from shared.schemas import DroppedProblem, Problem
+    from shared.storage import PairStore
+
+    with trainer_answering(202) as (url, received):
         for name, value in {"SSB_REDIS_URL": redis_url(9), "SSB_KEY_PREFIX": ledger.prefix,
-                            "SSB_DATA_DIR": str(tmp_path), "SSB_TRAINER_URL": f"http://127.0.0.1:{server.server_port}"
-                            }.items():
+                            "SSB_DATA_DIR": str(tmp_path), "SSB_TRAINER_URL": url}.items():
             monkeypatch.setenv(name, value)
         service = CuratorService(CuratorSettings(), ledger.redis)
         problems = [Problem(id="q1", question="2 + 2?", answer="4"), Problem(id="q2", question="3 + 3?", answer="6")]
@@ -269,11 +284,37 @@ def test_a_training_request_lost_with_its_job_is_sent_by_the_retried_job_once(le
         assert ledger.status(dataset).training_run is None and received == []
         curate_problems(dataset, ["q1", "q2"])  # RQ's retry of that job
         curate_problems(dataset, ["q1", "q2"])  # and another (a job handed back twice): nothing more is sent
-    finally:
-        server.shutdown()
-        server.server_close()
     assert received == [("/v1/runs", {"max_steps": 1, "dataset_id": dataset, "run_id": f"{dataset}-train"})]
     assert ledger.status(dataset).training_run == f"{dataset}-train"
+
+
+def test_a_training_request_the_trainer_cannot_take_yet_is_sent_again_and_a_refused_one_is_not(ledger, monkeypatch):
+    """A trainer restarting (503), busy (429) or gone for a moment when a dataset finishes: the request goes again
+    until it is taken, and the run is recorded. One it refuses (422) goes once, and the dataset records why, with
+    what to do by hand. One it never takes is recorded after the last try."""
+    from services.curator import jobs
+    from services.curator.settings import CuratorSettings
+
+    monkeypatch.setattr(jobs, "TRAINING_REQUEST_BACKOFF_SECONDS", 0.01)
+    meta = new_dataset(ledger, 1).model_copy(update={"options": DatasetOptions(train={"max_steps": 1})})
+    for statuses, tries in (((503, 429, 202), 3), ((422,), 1), ((503,), jobs.TRAINING_REQUEST_TRIES)):
+        ledger.redis.hdel(ledger.key(meta.id, "stats"), "training_run", "training_error")
+        with trainer_answering(*statuses) as (url, received):
+            jobs.start_training(CuratorSettings(trainer_url=url, key_prefix=ledger.prefix), ledger, meta)
+        assert len(received) == tries, statuses
+        status = ledger.status(meta.id)
+        if statuses[-1] == 202:
+            assert status.training_run == "ds-1-train" and status.training_error is None, status
+        else:
+            assert status.training_run is None, status
+            assert f"the trainer refused the request ({statuses[-1]})" in status.training_error, status
+            assert "POST this training request to the trainer's /v1/runs with run_id 'ds-1-train'" in (
+                status.training_error
+            )
+    closed = "http://127.0.0.1:9"  # nothing listens there: refused at once, every try
+    jobs.start_training(CuratorSettings(trainer_url=closed, key_prefix=ledger.prefix), ledger, meta)
+    error = ledger.status(meta.id).training_error
+    assert error.startswith(f"the trainer at {closed} could not be reached ({jobs.TRAINING_REQUEST_TRIES} tries)")
 
 
 def test_a_dataset_stored_with_options_this_version_refuses_is_left_out_not_a_500_for_all(ledger, tmp_path):
@@ -330,3 +371,62 @@ def test_a_job_reads_only_its_own_problems_and_their_states(ledger, tmp_path, mo
     assert ledger.final_states(dataset.id, ["p0", "p1", "p2"]) == {"p1": "no_mix"}
     assert ledger.final_states(dataset.id, []) == {}
     assert ledger.final_states(dataset.id) == {"p1": "no_mix", "p4": "failed"}
+
+
+def test_an_upload_whose_transaction_answer_was_lost_is_created_and_one_never_run_leaves_nothing(
+    ledger, tmp_path, monkeypatch
+):
+    """The transaction that records a dataset and queues its jobs ran, but its answer never came back (the connection
+    dropped): the dataset exists, its files stay, and the upload is answered as created. One that never ran removes
+    the files it wrote, and the error goes on."""
+    from redis import ConnectionError as RedisConnectionError
+    from redis.client import Pipeline
+
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from shared.schemas import Problem
+
+    service = CuratorService(CuratorSettings(key_prefix=ledger.prefix, data_dir=tmp_path), ledger.redis)
+    problems = [Problem(id="q1", question="2 + 2?", answer="4")]
+    execute = Pipeline.execute
+
+    def ran_then_lost(pipe, *args, **kwargs):
+        execute(pipe, *args, **kwargs)
+        raise RedisConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(Pipeline, "execute", ran_then_lost)
+    created = service.create_dataset(problems, DatasetOptions(), "lost answer")
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    assert (created.problems, created.jobs) == (1, 1)
+    assert ledger.status(created.id).funnel.queued == 1 and len(ledger.job_ids(created.id)) == 1
+    assert (tmp_path / "datasets" / created.id / "problems.jsonl").is_file()
+
+    def never_ran(pipe, *args, **kwargs):
+        pipe.reset()
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(Pipeline, "execute", never_ran)
+    with pytest.raises(RedisConnectionError):
+        service.create_dataset(problems, DatasetOptions(), "never recorded")
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    assert [path.name for path in (tmp_path / "datasets").iterdir()] == [created.id]
+    assert [status.id for status in service.list_datasets().datasets] == [created.id]
+
+
+def test_a_result_an_overlapping_run_stored_replaces_failed_or_cancelled_and_a_late_failure_lists_nothing(ledger):
+    """A job run on after its worker stalled (its job failed or cancelled meanwhile) stores a drop: the ledger says
+    what the pair store holds, as it does for a pair. A failure recorded after a stored result changes nothing and is
+    not listed among the failures."""
+    new_dataset(ledger, 3)
+    ledger.record_final("ds-1", "a", "failed", "the worker died")
+    ledger.record_final("ds-1", "b", "cancelled")
+    ledger.record_final("ds-1", "c", "paired")
+    ledger.record_final("ds-1", "a", "no_mix")  # stored by the run that went on
+    ledger.record_final("ds-1", "b", "explanation_wrong")
+    ledger.record_final("ds-1", "c", "failed", "a late failure")
+    ledger.record_final("ds-1", "a", "cancelled")  # nor does a stored drop give way
+    assert ledger.final_states("ds-1") == {"a": "no_mix", "b": "explanation_wrong", "c": "paired"}
+    status = ledger.status("ds-1")
+    funnel = status.funnel
+    assert (funnel.no_mix, funnel.explanation_wrong, funnel.paired, funnel.failed, funnel.cancelled) == (1, 1, 1, 0, 0)
+    assert status.failures == [] and status.state == "done", status

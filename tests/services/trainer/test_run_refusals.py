@@ -260,10 +260,8 @@ def test_a_cancelled_run_never_starts_and_a_running_one_stops_at_its_next_step(t
     """DELETE /v1/runs/{id}: a queued run ends `cancelled` and its job leaves the queue (a retried DELETE or POST
     changes nothing, a delivery of its job trains nothing); a running attempt (`train` stood in for: the worker's
     real run is in test_service.py) stops before its next write and publishes nothing; an ended run is a 409."""
-    from rq.job import Job, JobStatus
-
     from services.trainer import jobs, training
-    from services.trainer.queues import TRAIN, job_id
+    from services.trainer.queues import TRAIN, fetch_job, open_queue
     from services.trainer.records import run_records
 
     http, settings, connection = trainer
@@ -274,12 +272,13 @@ def test_a_cancelled_run_never_starts_and_a_running_one_stops_at_its_next_step(t
     assert cancelled.status_code == 200, cancelled.text
     run = cancelled.json()
     assert run["status"] == "cancelled" and run["note"] == "cancelled by request" and run["attempts"] == 0, run
-    job = Job.fetch(job_id(settings, TRAIN, "cancel-queued"), connection=connection)
-    assert job.get_status() == JobStatus.CANCELED
+    # Its job cancelled, then deleted: RQ would keep a cancelled job, and its registry entry, for ever.
+    assert fetch_job(settings, connection, TRAIN, "cancel-queued") is None
+    assert open_queue(settings, TRAIN, connection).canceled_job_registry.get_job_ids() == []
     assert http.delete("/v1/runs/cancel-queued").json()["status"] == "cancelled"  # a retried DELETE
     again = http.post("/v1/runs", json=request)  # a retried POST: the same run, not queued again
     assert again.status_code == 202 and again.json()["status"] == "cancelled"
-    assert Job.fetch(job.id, connection=connection).get_status() == JobStatus.CANCELED
+    assert fetch_job(settings, connection, TRAIN, "cancel-queued") is None
     monkeypatch.setattr(jobs, "_settings", settings)
     assert jobs.train_run("cancel-queued") == {"status": "cancelled"}  # delivered anyway: nothing done
     assert runs.get("cancel-queued")["attempts"] == 0
@@ -316,6 +315,8 @@ def test_a_cancel_while_the_adapter_is_published_queues_no_evaluation_and_a_fail
 ):
     """A cancel that lands while a finished run publishes its adapter leaves the run cancelled and queues none of the
     evaluation it asked for; a run whose job RQ failed is failed, and a DELETE of it a 409."""
+    from types import SimpleNamespace
+
     from rq.job import Job, JobStatus
 
     from services.trainer import jobs, training
@@ -340,8 +341,116 @@ def test_a_cancel_while_the_adapter_is_published_queues_no_evaluation_and_a_fail
     assert run["status"] == "cancelled" and run.get("evaluation_id") is None, run
     assert eval_records(connection, settings.key_prefix).get("cancel-publishing-eval") is None
 
+    # A cancel after that last check, while the evaluation is queued: the run stays cancelled and the evaluation,
+    # queued already, ends failed saying why (its job does nothing for an ended record).
+    request = {**request, "run_id": "cancel-queueing"}
+    assert http.post("/v1/runs", json=request).status_code == 202
+    queue_evaluation = jobs.queue_evaluation_after
+
+    def queue_then_cancel(*args, **kwargs):
+        evaluation_id = queue_evaluation(*args, **kwargs)
+        assert http.delete("/v1/runs/cancel-queueing").json()["status"] == "cancelled"
+        return evaluation_id
+
+    def trains(pairs_dir, out_dir, *args, **kwargs):
+        place_adapter(Path(out_dir), exist_ok=True)
+        return SimpleNamespace(steps=1, final_loss=0.5, num_pairs=1)
+
+    monkeypatch.setattr(training, "train", trains)
+    monkeypatch.setattr(jobs, "publish_adapter", publish)
+    monkeypatch.setattr(jobs, "queue_evaluation_after", queue_then_cancel)
+    assert jobs.train_run("cancel-queueing") == {"status": "superseded"}
+    assert run_records(connection, settings.key_prefix).get("cancel-queueing")["status"] == "cancelled"
+    evaluation = eval_records(connection, settings.key_prefix).get("cancel-queueing-eval")
+    assert evaluation["status"] == "failed", evaluation
+    assert evaluation["error"] == "run cancel-queueing was cancelled before its evaluation started", evaluation
+    assert jobs.evaluate_models("cancel-queueing-eval") == {"status": "failed"}
+
     assert http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "failed-by-rq"}).status_code == 202
     Job.fetch(job_id(settings, TRAIN, "failed-by-rq"), connection=connection).set_status(JobStatus.FAILED)
     refused = http.delete("/v1/runs/failed-by-rq")
     assert refused.status_code == 409 and "already failed" in refused.json()["error"]["message"], refused.text
     assert http.get("/v1/runs/failed-by-rq").json()["status"] == "failed"
+
+
+def test_two_evaluations_posted_under_one_new_id_at_once_keep_the_first_ones_problems(trainer, monkeypatch):
+    """Two POSTs of different uploaded problems under one new `eval_id`, both past the check for an existing record
+    before either recorded it: the one recorded first keeps its problems, the other is a 409 and leaves no file."""
+    from services.errors import ServiceError
+    from services.trainer.records import Records
+    from services.trainer.schemas import BASE_MODEL, EvalRequest
+    from services.trainer.service import TrainerService
+
+    http, settings, connection = trainer
+    first = {"eval_id": "raced", "models": [BASE_MODEL], "problems": [{"question": "1 + 1?", "answer": "2"}]}
+    assert http.post("/v1/evals", json=first).status_code == 202
+    second = {**first, "problems": [{"question": "2 + 2?", "answer": "4"}]}
+    real_get = Records.get
+    monkeypatch.setattr(Records, "get", lambda records, record_id: None)  # read before the first one recorded it
+    service = TrainerService(settings, connection)
+    with pytest.raises(ServiceError) as refused:
+        service.create_evaluation(EvalRequest(**second))
+    monkeypatch.setattr(Records, "get", real_get)
+    assert refused.value.status == 409 and refused.value.param == "eval_id"
+    record = service.evals.get("raced")
+    files = sorted(path.name for path in (settings.evals_dir() / "raced").iterdir())
+    assert files == [record["problems_file"]], files
+    written = (settings.evals_dir() / "raced" / record["problems_file"]).read_text()
+    assert "1 + 1?" in written and "2 + 2?" not in written
+    assert http.post("/v1/evals", json=first).status_code == 202  # the first one again: the same evaluation
+
+
+def test_the_newest_checkpoint_is_reported_though_log_every_does_not_divide_it(trainer, monkeypatch):
+    """`on_step` runs on logged steps only: with `log_every` 3 and `checkpoint_every` 5, the run names the checkpoint
+    saved at step 5 from step 6 on, and the one at 10 from step 12 (`train` stood in for)."""
+    from services.trainer import jobs, training
+    from services.trainer.records import run_records
+
+    http, settings, connection = trainer
+    request = {"dataset_id": DATASET, "run_id": "checkpoints", "log_every": 3, "checkpoint_every": 5}
+    assert http.post("/v1/runs", json=request).status_code == 202
+    runs = run_records(connection, settings.key_prefix)
+    reported = {}
+
+    def stand_in(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
+        for step in range(config.log_every, 13, config.log_every):
+            on_step(training.StepMetrics(step=step, total_steps=12, epoch=step / 12, loss=1.0, kl=1.0, ce=None,
+                                         grad_norm=1.0, lr=1e-4, explanation_tokens=10.0, tokens_per_s=1.0))
+            reported[step] = runs.get("checkpoints").get("checkpoint_step")
+        raise jobs.AttemptSuperseded("the stand-in's end: nothing to publish")
+
+    monkeypatch.setattr(jobs, "_settings", settings)
+    monkeypatch.setattr(training, "train", stand_in)
+    assert jobs.train_run("checkpoints") == {"status": "superseded"}
+    assert reported == {3: None, 6: 5, 9: 5, 12: 10}, reported
+
+
+def test_an_attempt_that_fails_before_its_progress_is_recorded_is_its_workers_failure(trainer, monkeypatch):
+    """A retried attempt on another worker that fails before training starts (its run directory cannot be cleared):
+    the record names that worker at once, so the failure callback records the error instead of taking it for the
+    late failure of an attempt another worker took over."""
+    import shutil
+    from types import SimpleNamespace
+
+    from services.trainer import jobs
+    from services.trainer.records import run_records
+
+    http, settings, connection = trainer
+    assert http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "early-failure"}).status_code == 202
+    runs = run_records(connection, settings.key_prefix)
+    runs.update("early-failure", worker="worker-1", attempts=1)  # the first attempt, on another worker
+    (settings.runs_dir() / "early-failure").mkdir(parents=True)  # it died before its first checkpoint
+
+    def cannot_clear(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(jobs, "_settings", settings)
+    monkeypatch.setattr(shutil, "rmtree", cannot_clear)
+    monkeypatch.setenv("RQ_WORKER_ID", "worker-2")
+    with pytest.raises(PermissionError):
+        jobs.train_run("early-failure")
+    assert runs.get("early-failure")["worker"] == "worker-2"
+    job = SimpleNamespace(args=["early-failure"], worker_name="worker-2", retries_left=0)
+    jobs.on_train_failure(job, connection, PermissionError, PermissionError("Permission denied"), None)
+    run = runs.get("early-failure")
+    assert run["status"] == "failed" and run["error"] == "PermissionError: Permission denied", run

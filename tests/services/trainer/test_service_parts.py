@@ -79,17 +79,21 @@ def test_the_rollout_adapter_comes_from_the_curators_dataset_metadata(tmp_path):
     assert rollout_adapter_of(tmp_path) is None
 
 
-def test_the_adapter_archive_streams_every_file(tmp_path):
+def test_the_adapter_archive_streams_the_adapters_files_and_nothing_else(tmp_path):
+    from services.trainer.jobs import PUBLISHED_BY
+    from services.trainer.service import ADAPTER_FILES
+
     adapter = tmp_path / "run-1"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 8}')
     (adapter / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 4096)  # 1 MiB, several chunks
-    chunks = list(stream_tar_gz(adapter, "run-1", chunk_size=4096))
+    (adapter / PUBLISHED_BY).write_text('{"key_prefix": "deployment"}')  # the service's own note: not archived
+    chunks = list(stream_tar_gz(adapter, "run-1", ADAPTER_FILES, chunk_size=4096))
     assert len(chunks) > 1
     with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r:gz") as tar:
         assert sorted(tar.getnames()) == ["run-1/adapter_config.json", "run-1/adapter_model.safetensors"]
         assert tar.extractfile("run-1/adapter_model.safetensors").read() == bytes(range(256)) * 4096
-    stream = stream_tar_gz(adapter, "run-1", chunk_size=16)
+    stream = stream_tar_gz(adapter, "run-1", ADAPTER_FILES, chunk_size=16)
     next(stream)
     stream.close()  # a client that goes away: the producer thread stops on the closed pipe
 
