@@ -38,16 +38,18 @@ NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobSta
 
 
 def cancel_unstarted(job: Job) -> bool:
-    """Take a job that no worker has started off its queue for good; True if this call did, False if it had started or
-    another call cancelled it meanwhile. The job is then deleted: RQ keeps a cancelled job, and its entry in the
-    queue's cancelled registry, with no expiry (that registry is never cleaned), so every cancel would stay in Redis."""
-    if job.get_status() not in NOT_STARTED:
-        return False
+    """Take a job that no worker has started off its queue for good; True if this call did, False if it had started,
+    or another call cancelled (and deleted) it meanwhile. The job is then deleted: RQ keeps a cancelled job, and its
+    entry in the queue's cancelled registry, with no expiry (that registry is never cleaned), so every cancel would
+    stay in Redis. A worker that took the job off the queue just before the cancel still runs it: the services' jobs
+    check their record (a cancelled run, a cancelled dataset) before they do anything."""
     try:
-        job.cancel()  # atomic against a worker dequeueing it
-    except InvalidJobOperation:  # cancelled (or removed) meanwhile, by a second cancel
+        if job.get_status() not in NOT_STARTED:
+            return False
+        job.cancel()
+        job.delete(remove_from_queue=False)
+    except InvalidJobOperation:  # gone meanwhile: RQ reads the status of a deleted job as an invalid operation
         return False
-    job.delete(remove_from_queue=False)
     return True
 
 

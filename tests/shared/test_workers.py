@@ -13,7 +13,7 @@ from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared.workers import JobProcessWorker, started_elsewhere
+from shared.workers import JobProcessWorker, cancel_unstarted, started_elsewhere
 from tests.redis_server import delete_keys, redis_url
 
 REDIS_URL = redis_url(12)
@@ -127,3 +127,20 @@ def test_the_failure_callback_of_a_dead_job_process_names_the_worker_that_ran_it
     second.handle_work_horse_killed(job, 1, signal.SIGKILL, None)  # the wait status of a process killed by SIGKILL
     names = [name.decode() for name in queue.connection.lrange(f"{queue.name}:failures", 0, -1)]
     assert names == [f"{queue.name}-first", f"{queue.name}-second"]
+
+
+def test_a_job_cancelled_before_it_starts_leaves_nothing_in_redis_and_two_cancels_at_once_agree(queue):
+    """`cancel_unstarted`: the job leaves its queue and is deleted, registry entry and all (RQ would keep a cancelled
+    job for ever); a second cancel holding the same job, fetched before the first deleted it, says False, and a job a
+    worker has started is not cancelled."""
+    connection = queue.connection
+    job = queue.enqueue("builtins.print", "never printed", job_id=f"{queue.name}-a")
+    same = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+    assert cancel_unstarted(job) is True
+    assert cancel_unstarted(same) is False
+    assert queue.get_job_ids() == [] and queue.canceled_job_registry.get_job_ids() == []
+    assert not connection.exists(job.key)
+
+    queue.enqueue("builtins.print", "started", job_id=f"{queue.name}-b")
+    started, _ = start(worker(queue, "w"), queue)
+    assert cancel_unstarted(started) is False and started.get_status() == "started"
