@@ -16,8 +16,9 @@ Every write is safe to repeat: a job that runs twice (a retry, or a worker kille
 twice, because final states are set-if-absent and a count goes up only when a problem's final state is first set.
 The exceptions match the pair store: `paired` replaces another final state (two runs of a problem at once that ended
 differently leave its pair, and the pair wins), and a drop replaces `failed` or `cancelled` (a run that went on after
-its job was failed or cancelled stored it), moving one count, still without counting the problem twice. So the counts add up to the final states; where they do not (a dataset created, or some of its problems
-recorded, by an earlier version, which kept no counts), a status counts the final states one by one instead.
+its job was failed or cancelled stored it), moving one count, still without counting the problem twice. So the counts
+add up to the final states; where they do not (a dataset created, or some of its problems recorded, by an earlier
+version, which kept no counts), a status counts the final states one by one instead.
 The funnel's `queued` is what is neither final nor running, so the funnel always adds up to the problems.
 """
 
