@@ -54,7 +54,9 @@ async def init_openai_state(app: FastAPI, service) -> None:
     served_names = list(dict.fromkeys([service.served_name, service.model_name]))
     args = openai_server_args(service.model_name, served_names)
     await init_app_state(service.engine, app.state, args, ("generate",))
-    app.state.openai_serving_models.lora_requests = service.lora_requests
+    models = app.state.openai_serving_models
+    models.lora_requests = service.lora_requests
+    models.model_name = service.public_name  # an answer's `model`: the adapter's name, not the engine's for it
 
 
 def register_vllm_error_handler(app: FastAPI, error_response) -> None:

@@ -419,7 +419,10 @@ class TeacherService:
                 shutil.rmtree(copy, ignore_errors=True)
                 message = f"path {relative!r}: its files changed while being read ({exc}); retry"
                 raise Conflict(message, param="path") from exc
-            lora_request = LoRARequest(request.name, lora_id, str(snapshot))
+            # A name of its own in the engine: vLLM tells adapters apart by name, so two loads under one (a replaced
+            # adapter's requests still running beside its replacement's) would be one adapter in a batch there, the
+            # other left out of the batch's slots: the engine dies. Answers name it as loaded (`public_name`).
+            lora_request = LoRARequest(f"{request.name}@{lora_id}", lora_id, str(snapshot))
             try:
                 await self.engine.add_lora(lora_request)
             except Exception as exc:  # the engine says why it cannot load these weights
@@ -434,6 +437,13 @@ class TeacherService:
             self.adapter_paths[request.name] = relative
         log.info("adapter %s loaded from %s", request.name, relative)
         return AdapterCard(name=request.name, path=relative)
+
+    def public_name(self, lora_request) -> str:
+        """The name an adapter was loaded under (the engine's, `<name>@<load id>`, less its load id); the served
+        model's name for none."""
+        if lora_request is None:
+            return self.served_name
+        return lora_request.lora_name.rpartition("@")[0] or lora_request.lora_name
 
     async def unload_adapter(self, name: str) -> None:
         async with self._adapter_lock:

@@ -259,6 +259,40 @@ def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
         assert http.delete("/v1/adapters/tiny").status_code == 404
 
 
+def test_requests_on_an_adapter_and_on_its_replacement_share_the_engine_and_keep_it_alive(lora_teacher_server):
+    """An adapter replaced while a request on it still runs, beside one on another adapter (the engine's two LoRA
+    slots full): a request on the replacement waits for a slot, then runs in one batch with the earlier version's.
+    vLLM tells adapters apart by name, so two versions under one name would be one adapter there, and the batch's
+    other version, left out of the slots, kills the engine. Each load has a name of its own in the engine; the
+    teacher's routes and the OpenAI ones still name it as loaded."""
+    def rollout(adapter: str, max_tokens: int) -> dict:
+        sampling = {"n": 1, "temperature": 1.0, "max_tokens": max_tokens, "seed": 0}
+        return {"questions": [{"question": QUESTION}], "adapter": adapter, "sampling": sampling}
+
+    with lora_teacher_server.client() as http, ThreadPoolExecutor(3) as pool:
+        for name in ("replaced", "beside"):
+            assert http.post("/v1/adapters", json={"name": name, "path": "tiny"}).status_code == 201
+        pending = metric(http.get("/metrics").text, "ssb_teacher_pending_engine_requests")
+        with lora_teacher_server.client() as other:
+            long = pool.submit(other.post, "/v1/rollouts", json=rollout("replaced", 256))
+            short = pool.submit(other.post, "/v1/rollouts", json=rollout("beside", 24))
+            deadline = time.monotonic() + 60
+            while metric(http.get("/metrics").text, "ssb_teacher_pending_engine_requests") < pending + 2:
+                assert time.monotonic() < deadline, "the two rollouts never started"
+                time.sleep(0.05)
+            replaced = http.post("/v1/adapters", json={"name": "replaced", "path": "tiny", "replace": True})
+            assert replaced.status_code == 201, replaced.text
+            assert not long.done(), "the long rollout ended before the adapter was replaced: lengthen it"
+            after = pool.submit(other.post, "/v1/rollouts", json=rollout("replaced", 24))
+            for answer in (short.result(), after.result(), long.result()):
+                assert answer.status_code == 200, answer.text
+        assert http.get("/readyz").status_code == 200
+        openai = http.post("/v1/completions", json={"model": "replaced", "prompt": "2 + 2 =", "max_tokens": 2})
+        assert openai.status_code == 200 and openai.json()["model"] == "replaced", openai.text
+        for name in ("replaced", "beside"):
+            assert http.delete(f"/v1/adapters/{name}").status_code == 204
+
+
 def test_a_client_that_disconnects_has_its_engine_requests_aborted(teacher_server):
     """A client that gives up (a read timeout; a retry would send the same work again) ends its work at once: the
     engine aborts its requests instead of generating up to 2,048 tokens each for nobody."""
