@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import TypeAdapter, ValidationError
 
 from services.errors import ServiceError
 from services.http import refusal_response
@@ -27,6 +28,7 @@ from services.http import refusal_response
 # one conversation, a batch chat's list of conversations.
 COMPLETIONS, CHAT, BATCH_CHAT = "/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch"
 OPENAI_ROUTES = {COMPLETIONS: "prompt", CHAT: "messages", BATCH_CHAT: "messages"}
+LAX_INT = TypeAdapter(int)
 
 
 def attach_openai_routers(app: FastAPI) -> None:
@@ -87,8 +89,16 @@ def prompts_in(body: Any, route: str) -> int:
         count = 1  # one prompt of token ids
     else:
         count = len(prompts)
-    n = body.get("n")
-    return count * (n if isinstance(n, int) and n > 1 else 1)
+    return count * samples_in(body.get("n"))
+
+
+def samples_in(n: Any) -> int:
+    """A request's `n` as vLLM reads it (pydantic's lax mode: 8, "8" and 8.0 are 8 samples); 1 for no `n`, or one
+    that vLLM refuses itself."""
+    try:
+        return max(LAX_INT.validate_python(n), 1)
+    except ValidationError:
+        return 1
 
 
 def route_path(scope) -> str:

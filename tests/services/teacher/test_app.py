@@ -95,7 +95,9 @@ def test_a_symlinked_file_in_an_adapter_directory_is_not_copied(tmp_path):
     [({"prompt": "2 + 2 ="}, "/v1/completions", 1), ({"prompt": ["a", "b", "c"]}, "/v1/completions", 3),
      ({"prompt": [1, 2, 3]}, "/v1/completions", 1), ({"prompt": [[1, 2], [3]]}, "/v1/completions", 2),
      ({"prompt": []}, "/v1/completions", 1), ({"prompt": ["a", "b"], "n": 8}, "/v1/completions", 16),
-     ({"prompt": "a", "n": "8"}, "/v1/completions", 1), ({"messages": [{}] * 5}, "/v1/chat/completions", 1),
+     ({"prompt": ["a", "b"], "n": "8"}, "/v1/completions", 16), ({"prompt": "a", "n": 8.0}, "/v1/completions", 8),
+     ({"prompt": "a", "n": "many"}, "/v1/completions", 1), ({"prompt": "a", "n": None}, "/v1/completions", 1),
+     ({"messages": [{}] * 5}, "/v1/chat/completions", 1),
      ({"messages": [{}], "n": 4}, "/v1/chat/completions", 4),
      ({"messages": [[{}]] * 3}, "/v1/chat/completions/batch", 3),
      ({"messages": [[{}]] * 3, "n": 2}, "/v1/chat/completions/batch", 6), ([1, 2], "/v1/completions", 1),
@@ -103,7 +105,7 @@ def test_a_symlinked_file_in_an_adapter_directory_is_not_copied(tmp_path):
 )
 def test_an_openai_request_counts_one_engine_request_per_prompt_and_sample(body, route, requests):
     """A completion's prompts (texts, or lists of token ids; one list of ids is one prompt), a chat one, a batch chat
-    its conversations, each times `n`; anything else one, for vLLM to refuse."""
+    its conversations, each times `n` as vLLM reads it ("8" and 8.0 are 8); anything else one, for vLLM to refuse."""
     from services.teacher.openai_routes import prompts_in, route_path
 
     assert prompts_in(body, route) == requests
