@@ -262,6 +262,11 @@ class ModelsResponse(BaseModel):
     vocab_size: int = Field(description="Vocabulary size.")
     max_logprobs: int = Field(description="Largest k of top-k log-probabilities the engine returns.")
     adapters: list[AdapterCard] = Field(description="LoRA adapters loaded, in load order.")
+    max_pending_requests: int | None = Field(
+        default=None,
+        description="Engine requests the teacher admits at once (`SSB_MAX_PENDING_REQUESTS`): a request of more prompts "
+        "is refused, so a client sends at most this many (and at most 256) in one.",
+    )
 
 
 class AdapterLoadRequest(BaseModel):

@@ -173,9 +173,18 @@ class TeacherClient(ConcurrentCalls):
     @property
     def model_name(self) -> str:
         """The base model as the service's engine names it (pairs record it)."""
+        return self.served().model
+
+    @property
+    def batch_size(self) -> int:
+        """Prompts sent in one request: `MAX_BATCH`, or fewer where the teacher admits fewer at once."""
+        return min(MAX_BATCH, self.served().max_pending_requests or MAX_BATCH)
+
+    def served(self) -> ModelsResponse:
+        """The teacher's model and limits, read once."""
         if self._model is None:
             self._model = self.models()
-        return self._model.model
+        return self._model
 
     def load_adapter(self, name: str, path: str | None = None, *, replace: bool = False) -> AdapterCard:
         body = AdapterLoadRequest(name=name, path=path, replace=replace)
@@ -207,12 +216,12 @@ class TeacherClient(ConcurrentCalls):
         check_lengths("questions", questions, sampling)
         if adapter is not None:
             self.ensure_adapter(adapter)
-        results = []
-        for start in range(0, len(questions), MAX_BATCH):
+        results, size = [], self.batch_size
+        for start in range(0, len(questions), size):
             body = RolloutsRequest(
                 questions=[
                     RolloutQuestion(question=q, sampling=s)
-                    for q, s in zip(questions[start : start + MAX_BATCH], sampling[start : start + MAX_BATCH])
+                    for q, s in zip(questions[start : start + size], sampling[start : start + size])
                 ],
                 worked_example=worked_example,
                 adapter=adapter,
@@ -228,12 +237,12 @@ class TeacherClient(ConcurrentCalls):
         worked_example: bool = False,
     ) -> list[PromptedGenerations]:
         check_lengths("items", items, sampling)
-        results = []
-        for start in range(0, len(items), MAX_BATCH):
+        results, size = [], self.batch_size
+        for start in range(0, len(items), size):
             body = ExplanationsRequest(
                 items=[
                     HintedItem(**item.model_dump(), sampling=s)
-                    for item, s in zip(items[start : start + MAX_BATCH], sampling[start : start + MAX_BATCH])
+                    for item, s in zip(items[start : start + size], sampling[start : start + size])
                 ],
                 worked_example=worked_example,
             )

@@ -390,6 +390,7 @@ class TeacherService:
             vocab_size=self.vocab_size,
             max_logprobs=self.options.max_logprobs,
             adapters=adapters,
+            max_pending_requests=self.settings.max_pending_requests,
         )
 
     async def load_adapter(self, request: AdapterLoadRequest) -> AdapterCard:

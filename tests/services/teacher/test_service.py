@@ -577,3 +577,17 @@ def test_readyz_says_503_after_the_engine_dies(teacher_server):
         assert "died" in ready.json()["error"]["message"]
         assert http.post("/v1/rollouts", json={"questions": [{"question": "q"}]}).status_code == 503
         assert http.get("/healthz").status_code == 200
+
+
+def test_the_client_splits_its_work_by_what_the_teacher_admits_at_once(teacher_server):
+    """A teacher that admits fewer engine requests at once (`SSB_MAX_PENDING_REQUESTS`, 16 here) than the client's
+    largest request (256 prompts) says so in /v1/models, and the client sends requests it admits: 40 rollouts in 16, 16
+    and 8, in order, instead of one refused request."""
+    from shared.schemas import SamplingSettings
+
+    with TeacherClient(teacher_server.url, api_key=API_KEY) as client:
+        assert client.served().max_pending_requests == MAX_PENDING_REQUESTS and client.batch_size == 16
+        questions = [f"What is {i} + 1?" for i in range(40)]
+        results = client.rollouts(questions, [SamplingSettings(n=1, temperature=0.0, max_tokens=2)] * 40)
+    assert len(results) == 40
+    assert all(question in result.prompt.text for question, result in zip(questions, results, strict=True))
