@@ -264,8 +264,8 @@ class ModelsResponse(BaseModel):
     adapters: list[AdapterCard] = Field(description="LoRA adapters loaded, in load order.")
     max_pending_requests: int | None = Field(
         default=None,
-        description="Engine requests the teacher admits at once (`SSB_MAX_PENDING_REQUESTS`): a request of more prompts "
-        "is refused, so a client sends at most this many (and at most 256) in one.",
+        description="Engine requests the teacher admits at once (`SSB_MAX_PENDING_REQUESTS`): a request of more "
+        "prompts is refused, so a client sends at most this many (and at most 256) in one.",
     )
 
 
