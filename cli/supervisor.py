@@ -51,6 +51,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_failure(url: str, timeout: float = 2.0) -> str | None:
+    """Why the service at `url` (its `/readyz`) failed to start, when it answers so (a 503 of type `start_failed`);
+    None otherwise, or while it does not answer."""
+    from services.http import START_FAILED
+
+    if not urlsplit(url).scheme.startswith("http"):
+        return None
+    import httpx
+
+    try:
+        response = httpx.get(url, timeout=timeout)
+        error = response.json()["error"] if response.status_code == 503 else {}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+    if error.get("type") != START_FAILED:
+        return None
+    return error.get("message") or "no reason given"
+
+
 def is_ready(url: str, timeout: float = 2.0) -> bool:
     """`http(s)://...`: answers 200. `redis://...`: answers PING."""
     try:
@@ -156,6 +175,14 @@ class Supervisor:
 
     def ready(self) -> bool:
         return all(is_ready(spec.ready_url) for spec in self.specs if spec.ready_url)
+
+    def start_failure(self) -> tuple[str, str] | None:
+        """A service that says it failed to start for good (a teacher whose engine could not be built), with why;
+        None while none does."""
+        for spec in self.specs:
+            if spec.ready_url and (why := start_failure(spec.ready_url)):
+                return spec.name, why
+        return None
 
     def stop(self) -> None:
         """SIGTERM every process group (Redis last), SIGKILL what is left of each session after `stop_timeout`;

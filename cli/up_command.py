@@ -120,6 +120,11 @@ def up_command(
                 if not announced and supervisor.ready():
                     announced = True
                     _announce_ready(topology, supervisor, ready_file)
+                elif not announced and (failed := supervisor.start_failure()) is not None:
+                    name, why = failed
+                    console.print(f"[red]{name} failed to start ({why}): stopping everything[/red]")
+                    status = 1
+                    break
             console.print("stopping every process...")
     finally:
         for signum, handler in previous.items():

@@ -24,6 +24,7 @@ from prometheus_client import Gauge, generate_latest
 from services.http import (
     DOCS,
     PROBES,
+    START_FAILED,
     RequestMetrics,
     bearer_refusal,
     error_response,
@@ -99,8 +100,11 @@ async def healthz() -> dict:
 
 @router.get("/readyz", tags=["probes"], responses=error_responses(503))
 async def readyz(request: Request):
-    """200 when the engine is up and healthy; 503 with Retry-After while it starts, or when it died."""
+    """200 when the engine is up and healthy; 503 with Retry-After while it starts, or when it died; 503 of type
+    `start_failed`, without, when it failed to start (it never will: restart the service)."""
     not_ready = readiness_problem(request.app)
+    if request.app.state.startup_error is not None:
+        return error_response(503, not_ready, START_FAILED)
     if not_ready:
         return error_response(503, not_ready, "not_ready", headers=retry_after(request.app))
     return {"status": "ready", "model": service_of(request).model_name}

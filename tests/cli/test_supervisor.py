@@ -193,3 +193,44 @@ def test_redis_is_ready_before_the_rest_start_and_stops_last(tmp_path):
     assert supervisor.processes["client"].returncode == -15
     assert "Redis is now ready to exit" in log
     assert (tmp_path / "appendonlydir").is_dir()
+
+
+READYZ = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+port, kind = int(sys.argv[1]), sys.argv[2]
+
+class Readyz(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"error": {"message": "the engine failed to start: no model", "type": kind}}).encode()
+        self.send_response(503)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", port), Readyz).serve_forever()
+"""
+
+
+def test_a_service_that_failed_to_start_for_good_is_told_from_one_still_starting():
+    """`ssb up` stops on a service whose `/readyz` says it failed to start (a 503 of type `start_failed`) instead of
+    waiting for ever; one that is still starting (`not_ready`) it waits for."""
+    failing, starting = free_port(), free_port()
+    specs = [
+        ProcessSpec("starting", (*python(READYZ), str(starting), "not_ready"),
+                    ready_url=f"http://127.0.0.1:{starting}/readyz"),
+        ProcessSpec("teacher", (*python(READYZ), str(failing), "start_failed"),
+                    ready_url=f"http://127.0.0.1:{failing}/readyz"),
+    ]
+    with Supervisor(specs, out=io.StringIO(), stop_timeout=5) as supervisor:
+        supervisor.start()
+        wait_for(lambda: supervisor.start_failure() is not None)
+        assert supervisor.start_failure() == ("teacher", "the engine failed to start: no model")
+        assert not supervisor.ready()
+    with Supervisor(specs[:1], out=io.StringIO(), stop_timeout=5) as supervisor:
+        supervisor.start()
+        wait_for(lambda: port_in_use("127.0.0.1", starting))
+        assert supervisor.start_failure() is None

@@ -110,3 +110,22 @@ def test_an_openai_request_counts_one_engine_request_per_prompt_and_sample(body,
 
     assert prompts_in(body, route) == requests
     assert route_path({"path": "/ssb/v1/completions", "root_path": "/ssb"}) == route_path({"path": "/v1/completions"})
+
+
+def test_an_engine_that_fails_to_start_says_so_for_good(tmp_path):
+    """The engine cannot be built (here: no model where the settings point): `/readyz` says why, as a 503 of type
+    `start_failed` without Retry-After (waiting will not help), which `ssb up` stops on (cli/supervisor.py)."""
+    import time
+
+    missing = tmp_path / "no-model-here"
+    with TestClient(create_app(TeacherSettings(model=str(missing)))) as client:
+        deadline = time.monotonic() + 60
+        while (response := client.get("/readyz")).json()["error"]["type"] == "not_ready":
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.1)
+        error = response.json()["error"]
+        assert response.status_code == 503 and "Retry-After" not in response.headers, response.headers
+        assert error["type"] == "start_failed" and error["message"].startswith("the engine failed to start: "), error
+        assert str(missing) in error["message"], error
+        work = client.post("/v1/rollouts", json={"questions": [{"question": "q"}]})
+        assert work.status_code == 503 and work.json()["error"]["type"] == "not_ready"
