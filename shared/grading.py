@@ -59,6 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.processes import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 EXTRACTION_STRATEGIES = ("boxed", "gsm8k", "answer_is", "last_number")
@@ -90,8 +92,9 @@ class GradedAnswer:
 # Extraction
 
 
+MINUS_SIGN = "\u2212"  # typeset minus, read as "-"
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_GSM8K_MARK = re.compile(r"####[ \t]*([^\n]*)")
+_GSM8K_MARK = re.compile(r"(?<!#)####(?!#)[ \t]*([^\n]*)")  # not a level-5 or 6 Markdown heading
 # What a Markdown heading opens with, and an answer after `####` does not: a word of two letters or more and a space
 # or colon ("Step 1: ...", "Final answer"), or a numbered title ("1. Add the apples").
 _HEADING = re.compile(r"[A-Za-z]{2,}[\s:]|\d+[.)]\s+[A-Za-z]")
@@ -107,6 +110,12 @@ _ANSWER_IS = re.compile(
 )
 _NUMBER = re.compile(r"(?:(?<![\w)\]}.])-)?(?<![\w.])(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 _MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+# A math span after "the answer is" ends at its closing delimiter (a `$` not escaped): a display's on any line, inline
+# math's on the same line; an inline span holding a full stop is no math but dollars ("$18. Then she paid $6").
+_SPAN_CLOSE = {"$$": re.compile(r"(?<!\\)\$\$"), "$": re.compile(r"(?<!\\)\$"), "\\(": re.compile(r"\\\)"),
+               "\\[": re.compile(r"\\\]")}
+_INLINE = ("$", "\\(")
+_FULL_STOP = re.compile(r"\.\s")
 # The answer after "the answer is" ends at a full stop, or at a comma that starts a clause ("5, since ..."), not one
 # inside a list ("1, 2, and 3").
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|,\s+(?!(?:and|or)\b)[A-Za-z]{3,}\b")
@@ -197,18 +206,20 @@ def _states_an_answer(answer: str) -> bool:
 
 def _answer_after(response: str, at: int) -> str:
     rest = response[at:].lstrip(" \t\n*:")
-    for left, right in _MATH_SPANS:
-        if rest.startswith(left):
-            close_at = rest.find(right, len(left))
-            if close_at > 0:
-                return rest[len(left) : close_at]
     line = rest.split("\n", 1)[0]
+    for left, _ in _MATH_SPANS:
+        if rest.startswith(left):
+            close = _SPAN_CLOSE[left].search(line if left in _INLINE else rest, len(left))
+            span = rest[len(left) : close.start()] if close else ""
+            if close and not (left in _INLINE and _FULL_STOP.search(span)):
+                return span
+            break  # not closed, or dollars: read as words
     end = _SENTENCE_END.search(line)
     return line[: end.start()] if end else line
 
 
 def _extract_last_number(response: str) -> str | None:
-    numbers = _NUMBER.findall(response)
+    numbers = _NUMBER.findall(response.replace(MINUS_SIGN, "-"))
     return numbers[-1] if numbers else None
 
 
@@ -313,7 +324,7 @@ def normalize_answer(answer: str) -> str:
       number; `2xy` stays); `5 squared` stays (a power of the number, not of a unit: `24 cm squared` -> `24`).
       (`\\text{ cm}`, `^\\circ`, `\\%`, "percent" and many unit words math-verify already handles.)
     """
-    answer = _strip_answer(answer)
+    answer = _strip_answer(answer).replace(MINUS_SIGN, "-")
     answer = _DEGREE_SIGN.sub(r"^\\circ", answer)
     answer = _DEGREE_SCALE.sub(r"\1", answer)
     spaced = _SPACED_THOUSANDS.match(answer)
@@ -348,8 +359,11 @@ class _QuietTimeoutWarning(logging.Filter):
         return not record.getMessage().startswith("Timeout is disabled")
 
 
-def _serve_comparisons() -> None:
-    """The helper process: read `[gold, pred]` JSON lines on stdin, answer each with one JSON line (true/false/null)."""
+def _serve_comparisons(parent_pid: int) -> None:
+    """The helper process: read `[gold, pred]` JSON lines on stdin, answer each with one JSON line (true/false/null).
+    It dies with the process that started it (`parent_pid`), even mid-comparison (a caller killed while a comparison
+    ran for seconds would leave it computing)."""
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the caller, which then closes our stdin
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print from a library must not corrupt the replies
@@ -423,9 +437,12 @@ class _ComparisonWorker:
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        serve = f"from shared.grading import _serve_comparisons; _serve_comparisons({os.getpid()})"
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", "from shared.grading import _serve_comparisons; _serve_comparisons()"],
+                # -P: the caller's working directory is not on the helper's import path (a `shared` package of its own
+                # there would be imported instead of this one)
+                [sys.executable, "-P", "-c", serve],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 bufsize=0,

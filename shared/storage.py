@@ -145,7 +145,7 @@ class PairStore:
             return "paired"
         path = self.dropped_path(problem_id)
         if path.exists():
-            return DroppedProblem.model_validate_json(path.read_text()).reason
+            return DroppedProblem.model_validate_json(path.read_bytes()).reason
         return None
 
     def write_pair(self, pair: Pair) -> bool:
@@ -170,7 +170,7 @@ class PairStore:
         """The dropped problems, except any that another run of the same problem paired."""
         for path in sorted(self.dropped_dir.glob("*.json")):
             if not path.name.startswith(".") and not self.pair_path(path.stem).exists():
-                yield DroppedProblem.model_validate_json(path.read_text())
+                yield DroppedProblem.model_validate_json(path.read_bytes())
 
     def remove_orphaned_temporaries(self, older_than_seconds: float = 3600.0) -> int:
         """Delete the temporary files of writers that died mid-write; return how many. A write takes milliseconds,

@@ -18,10 +18,7 @@ alone; the services' failure callbacks skip the failure of a run whose job anoth
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 
 import redis
 from rq import Worker
@@ -30,7 +27,8 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+from shared.processes import die_with_parent
+
 # Redis errors a service answers with 503 (try again later) rather than 500.
 REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 # The states of a job that no worker has started: cancelling it there keeps it from ever running.
@@ -70,18 +68,6 @@ def how_it_died(wait_status: int | None) -> str:
     if os.WIFSIGNALED(wait_status):
         return f"was killed by signal {os.WTERMSIG(wait_status)}"
     return f"exited with status {os.waitstatus_to_exitcode(wait_status)}"
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere nothing is done), and die now if
-    the parent is already gone (it may have died between the fork and this call)."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return  # not allowed here: the job still runs, as it would without this
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def started_elsewhere(job, connection: redis.Redis, worker_name: str | None) -> bool:

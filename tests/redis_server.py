@@ -20,7 +20,7 @@ import warnings
 
 from redis import Redis
 
-from shared.workers import die_with_parent
+from shared.processes import die_with_parent
 
 MACHINE_REDIS = "redis://127.0.0.1:6379"
 

@@ -149,7 +149,7 @@ def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_stat
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    state = json.loads((checkpoint / "state.json").read_text())
+    state = json.loads((checkpoint / "state.json").read_bytes())
     changed = sorted(
         name
         for name in set(state["config"]) | set(run_state["config"])

@@ -263,7 +263,7 @@ def publish_adapter(run_dir: Path, adapters_dir: Path, run_id: str, publisher: d
 def published_by(adapter_dir: Path) -> dict | None:
     """The run that published an adapter folder, or None for one placed by hand."""
     try:
-        return json.loads((adapter_dir / PUBLISHED_BY).read_text())
+        return json.loads((adapter_dir / PUBLISHED_BY).read_bytes())
     except (OSError, ValueError):
         return None
 

@@ -374,7 +374,7 @@ class TrainerService:
                 record = self.evals.get(eval_id) or record
         report_path = self.settings.evals_dir() / eval_id / REPORT_NAME
         if record.get("status") == "succeeded" and report_path.exists():
-            report = json.loads(report_path.read_text())
+            report = json.loads(report_path.read_bytes())
             record["rows"] = report["rows"]
             if problems:
                 record["problems"] = report["problems"]
@@ -391,7 +391,7 @@ def rollout_adapter_of(directory: Path) -> str | None:
     """The adapter that rolled out a curated dataset: `options.rollout_adapter` in the curator's `dataset.json`
     beside its pairs (or a top-level `rollout_adapter`); None for the base model, or without a readable file."""
     try:
-        data = json.loads((directory / "dataset.json").read_text())
+        data = json.loads((directory / "dataset.json").read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict):

@@ -66,6 +66,14 @@ MIN_AGREEMENT = 228
         ("The answer is 7. Let me check whether the answer is right: yes.", "7"),
         ("The answer is B.", "B"),
         ("Let us test whether the answer is 12: no. So the answer is $x$.", "x"),
+        # a `$` after "the answer is": math closed on its line by a `$` not escaped, else dollars read as words
+        ("Final Answer: The final answer is $\\$18$. I hope it is correct.", "\\$18"),
+        ("The answer is $18. Check: she paid $6 three times.", "$18"),
+        ("The answer is $18.\nCheck: 3 * $6 = $18.", "$18"),
+        ("The answer is $$\n\\frac{1}{2}\n$$", "\\frac{1}{2}"),
+        # a level-5 heading is no GSM8K mark; a typeset minus is a minus
+        ("##### Step 2: add\n3 + 4 = 7", "7"),
+        ("so x = \u22123", "-3"),
     ],
 )
 def test_extract_final_answer(response, expected):
@@ -100,6 +108,7 @@ def test_unclosed_last_box_is_not_an_answer():
 @pytest.mark.parametrize(
     ("answer", "expected"),
     [
+        ("\u22123", "-3"),
         ("1 000", "1000"),
         ("1\\,000\\,000", "1000000"),
         ("-1 000.5", "-1000.5"),
@@ -334,3 +343,54 @@ def test_extraction_matches_reference_last_box(grader_cases):
         if (extracted := extract_final_answer(case["response"])) != case["pred_extracted"].strip()
     ]
     assert not mismatches, "\n".join(mismatches)
+
+
+def test_the_helper_imports_this_project_from_any_working_directory(tmp_path):
+    """A caller started from a directory that has a `shared` package of its own (and this project on PYTHONPATH): the
+    grading helper still imports this one (a `python -c` child would put that directory first on its path)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "__init__.py").write_text("raise ImportError('not this project')\n")
+    caller = tmp_path / "caller" / "grade.py"
+    caller.parent.mkdir()
+    caller.write_text("from shared.grading import is_equivalent\nprint(is_equivalent('1/2', '0.5'))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run([sys.executable, str(caller)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]
+
+
+def test_the_helper_dies_with_a_caller_killed_outright_mid_comparison():
+    """A caller killed by SIGKILL (no cleanup of its own runs) while its helper works on a pathological answer: the
+    helper goes with it, instead of computing on alone."""
+    import contextlib
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = (
+        "from shared.grading import is_equivalent\n"
+        "print(is_equivalent('1/2', '0.5'), flush=True)\n"
+        f"is_equivalent('1', {TOWER!r}, timeout_s=600)\n"
+    )
+    caller = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                              stdout=subprocess.PIPE, text=True)
+    helpers = []
+    try:
+        assert caller.stdout.readline().strip() == "True"
+        helpers = psutil.Process(caller.pid).children()
+        (helper,) = helpers
+        time.sleep(0.5)  # the helper is at the tower now
+        assert helper.cpu_percent(interval=0.5) > 50, "the helper is not computing"
+        caller.kill()
+        caller.wait(timeout=30)
+        helper.wait(timeout=10)  # psutil.TimeoutExpired while it computes on
+    finally:
+        for process in [*helpers, caller]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()
+        caller.wait()

@@ -55,6 +55,11 @@ def test_dropped_and_export(tmp_path):
     assert not store.write_dropped(DroppedProblem(problem_id="b", reason="ungradeable"))
     assert [d.reason for d in store.iter_dropped()] == ["no_mix"]
     assert store.is_done("b")
+    # Written as UTF-8 and read as UTF-8, whatever the locale: a drop's text may be anything.
+    explanation = "x = \u22123 \u00d7 2, so x\u00b2 = 36 \u2014 \u5341\u4e8c"
+    assert store.write_dropped(DroppedProblem(problem_id="c", reason="explanation_wrong", explanation=explanation))
+    assert [d.explanation for d in store.iter_dropped() if d.problem_id == "c"] == [explanation]
+    assert store.outcome("c") == "explanation_wrong"
     lines = list(store.export_jsonl_lines())
     assert len(lines) == 1
     row = json.loads(lines[0])
