@@ -5,7 +5,8 @@
 
 The file goes up as it is (the service checks every row and names the bad ones); options are `NewDatasetOptions`
 (shared/curator_api.py), from the flags and `--options`. With `--wait`, a live progress bar of the funnel until every
-problem has its final state, then the funnel as a table. The curator's key, if it has one, comes from
+problem has its final state (and a dataset that asked for training is handed to the trainer), then the funnel as a
+table and the training run; exit status 1 when a problem failed or the training could not start. The curator's key, if it has one, comes from
 SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
 """
 
@@ -22,6 +23,9 @@ from cli.runtime import console, fail, progress_bar
 
 POLL_SECONDS = 2.0
 UNREACHABLE_SECONDS = 300  # how long `--wait` waits out a curator that does not answer
+# How long `--wait` waits, once every problem is final, for the curator to hand a dataset that asked for training to
+# the trainer (its tries take under a minute: services/curator/jobs.py).
+HANDOFF_SECONDS = 120
 _JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
 
 
@@ -30,7 +34,7 @@ def submit_command(
     curator: Annotated[
         Optional[str], typer.Option("--curator", help="The curator service (SSB_CURATOR_URL; http://127.0.0.1:8001).")
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the dataset until every problem is final.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the dataset until every problem is final (and its training run started).")] = False,
     k: Annotated[Optional[int], typer.Option("--k", min=2, help="Rollouts per problem.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds sampling and hint tie-breaks.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems.")] = None,
@@ -84,7 +88,7 @@ def submit_command(
         if wait:
             status = follow(http, created.id, created.problems)
             print_status(status)
-            if status.funnel.failed:
+            if status.funnel.failed or status.training_error:
                 raise typer.Exit(code=1)
 
 
@@ -102,16 +106,17 @@ def parse_json_object(text: str, option: str) -> dict:
 
 
 def follow(http, dataset_id: str, problems: int):
-    """Poll the dataset until every problem is final; a progress bar of the funnel meanwhile. The curator out of
-    reach or unavailable (restarting, Redis down) is waited out for up to `UNREACHABLE_SECONDS`: curation goes on
-    without it."""
+    """Poll the dataset until every problem is final and, where it asked for training, the trainer has taken it or
+    refused it (for up to `HANDOFF_SECONDS` more); a progress bar of the funnel meanwhile. The curator out of reach or
+    unavailable (restarting, Redis down) is waited out for up to `UNREACHABLE_SECONDS`: curation goes on without
+    it."""
     import httpx
 
     from shared.curator_api import DatasetStatus
 
     with progress_bar("counts") as progress:
         task = progress.add_task("curating", total=problems, counts="")
-        unreachable_since = None
+        unreachable_since = finished_since = None
         while True:
             try:
                 response = http.get(f"/v1/datasets/{dataset_id}")
@@ -131,7 +136,14 @@ def follow(http, dataset_id: str, problems: int):
             status = DatasetStatus.model_validate_json(response.content)
             progress.update(task, completed=status.funnel.finished, counts=funnel_line(status))
             if status.funnel.finished >= status.problems:
-                return status
+                handed = status.training_run or status.training_error or status.state == "cancelled"
+                if status.options.train is None or handed:
+                    return status
+                finished_since = finished_since or time.monotonic()
+                if time.monotonic() - finished_since > HANDOFF_SECONDS:
+                    console.print(f"[yellow]no training run recorded {HANDOFF_SECONDS} s after curation ended[/yellow]")
+                    return status
+                progress.update(task, counts=funnel_line(status) + ", handing it to the trainer")
             time.sleep(POLL_SECONDS)
 
 

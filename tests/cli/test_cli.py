@@ -189,6 +189,19 @@ def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
             submit_command.follow(http, done.id, 2)
     assert gave_up.value.exit_code == 2
 
+    # A dataset that asked for training: followed on until the curator records the run (or why it could not start).
+    training = done.model_copy(update={"options": DatasetOptions(train={"max_steps": 1})})
+    started = training.model_copy(update={"training_run": f"{done.id}-train"})
+    answers = iter([httpx.Response(200, text=training.model_dump_json())] * 3 + [
+        httpx.Response(200, text=started.model_dump_json())
+    ])
+    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+        assert submit_command.follow(http, done.id, 2) == started
+    answers = iter([httpx.Response(200, text=training.model_dump_json())] * 1000)
+    monkeypatch.setattr(submit_command, "HANDOFF_SECONDS", 0.05)
+    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+        assert submit_command.follow(http, done.id, 2) == training  # no run recorded in time: the status as it is
+
 
 def test_an_unusable_socket_directory_is_one_error_line_before_the_engine_starts(model_path, monkeypatch, capsys):
     """The engine's IPC sockets go in a directory of its own under VLLM_RPC_BASE_PATH: one that cannot hold it ends
