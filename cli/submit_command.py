@@ -5,9 +5,9 @@
 
 The file goes up as it is (the service checks every row and names the bad ones); options are `NewDatasetOptions`
 (shared/curator_api.py), from the flags and `--options`. With `--wait`, a live progress bar of the funnel until every
-problem has its final state (and a dataset that asked for training is handed to the trainer), then the funnel as a
-table and the training run; exit status 1 when a problem failed or the training could not start. The curator's key, if it has one, comes from
-SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
+problem has its final state (and a dataset that asked for training is handed to the trainer), then the funnel as a table
+and the training run; exit status 1 when a problem failed or the training could not start. The curator's key, if it has
+one, comes from SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def submit_command(
     curator: Annotated[
         Optional[str], typer.Option("--curator", help="The curator service (SSB_CURATOR_URL; http://127.0.0.1:8001).")
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the dataset until every problem is final (and its training run started).")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the dataset until every problem is final (and its training started).")
+    ] = False,
     k: Annotated[Optional[int], typer.Option("--k", min=2, help="Rollouts per problem.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds sampling and hint tie-breaks.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems.")] = None,
