@@ -35,8 +35,8 @@ class StartError(RuntimeError):
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether something already listens on `host:port` (binding it would fail)."""
-    with socket.socket() as sock:
+    """Whether something already listens on `host:port` (binding it would fail); `host` IPv4 or IPv6."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

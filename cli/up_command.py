@@ -72,10 +72,16 @@ def up_command(
         )
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    busy = [f"{name} port {port}" for name, port in vars(ports).items() if port_in_use(host, port)]
+    redis_url = os.environ.get("SSB_REDIS_URL") or None
+    redis_port = None if redis_url else (redis_port or free_port())
+    wanted = {f"{name} port {port}": (host, port) for name, port in vars(ports).items()}
+    if redis_port is not None:
+        wanted[f"redis port {redis_port}"] = ("127.0.0.1", redis_port)  # its own, on the loopback
+    if len({port for _, port in wanted.values()}) < len(wanted):
+        raise fail(f"one port for two processes: {', '.join(wanted)}; give each its own")
+    busy = [name for name, (bind_host, port) in wanted.items() if port_in_use(bind_host, port)]
     if busy:
         raise fail(f"in use: {', '.join(busy)} (another `ssb up`?); choose others with --teacher-port and the like")
-    redis_url = os.environ.get("SSB_REDIS_URL") or None
     topology = plan_topology(
         python=sys.executable,
         data_dir=(data_dir or settings.data_dir).resolve(),
@@ -83,7 +89,7 @@ def up_command(
         host=host,
         ports=ports,
         redis_url=redis_url,
-        redis_port=None if redis_url else (redis_port or free_port()),
+        redis_port=redis_port,
         model=model,
         log_level=log_level,
     )

@@ -220,3 +220,28 @@ def test_an_unusable_socket_directory_is_one_error_line_before_the_engine_starts
     assert exit_info.value.exit_code == 2
     printed = " ".join(capsys.readouterr().err.split())
     assert f"error: cannot make the engine's IPC socket directory in VLLM_RPC_BASE_PATH={missing}" in printed
+
+
+def test_up_refuses_ports_in_use_or_given_twice_before_starting_anything(model_path, tmp_path):
+    """`ssb up` checks every port it will bind, its Redis's too (a Redis already there would otherwise answer for the
+    one it starts), and that no two processes share one: one error line, exit status 2, nothing started."""
+    import socket
+
+    from cli.supervisor import free_port
+
+    env = {name: value for name, value in os.environ.items() if name != "SSB_REDIS_URL"}
+    command = [sys.executable, "-m", "cli.main", "up", "--model", model_path, "--data-dir", str(tmp_path / "data")]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        free = [str(free_port()) for _ in range(3)]
+        ports = ["--teacher-port", free[0], "--curator-port", free[1], "--trainer-port", free[2]]
+        for flags, says in ((["--redis-port", str(port)], f"in use: redis port {port}"),
+                            (["--teacher-port", free[1], "--curator-port", free[1], "--trainer-port", free[2]],
+                             "one port for two processes")):
+            result = subprocess.run([*command, *ports, *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                                    timeout=120)
+            assert result.returncode == 2, result.stdout + result.stderr
+            assert says in " ".join((result.stdout + result.stderr).split()), result.stdout + result.stderr
+            assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "data").exists()
