@@ -117,13 +117,17 @@ class Supervisor:
         self.stop()
 
     def say(self, name: str, text: str) -> None:
-        """One prefixed line out; once the output is gone (a closed terminal, a dead pipe) lines are dropped, so that
-        neither stopping the processes nor draining their output depends on it."""
+        """One line out, prefixed with `name` (`line`)."""
+        self.line(f"{name:<{self._width}} | {text}")
+
+    def line(self, text: str) -> None:
+        """One whole line out, never mixed with another's; once the output is gone (a closed terminal, a dead pipe)
+        lines are dropped, so that neither stopping the processes nor draining their output depends on it."""
         with self._print_lock:
             if self._output_lost:
                 return
             try:
-                self.out.write(f"{name:<{self._width}} | {text}\n")
+                self.out.write(f"{text}\n")
                 self.out.flush()
             except (OSError, ValueError):  # EIO, EPIPE; ValueError: the stream was closed
                 self._output_lost = True

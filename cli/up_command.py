@@ -62,16 +62,18 @@ def up_command(
     from services.teacher.settings import TeacherSettings
     from services.trainer.settings import TrainerSettings
 
+    # The services' settings, as each will read them (a bad variable is an error naming it: cli/main.py).
+    settings, teacher, curator = TrainerSettings(), TeacherSettings(), CuratorSettings()
     try:
-        settings = TrainerSettings()
         ensure_model(model, settings)  # once, before the teacher and the trainer worker both look for it
-        ports = Ports(
-            teacher=_port(teacher_port, TeacherSettings.model_fields["teacher_port"], "SSB_TEACHER_PORT", free_port),
-            curator=_port(curator_port, CuratorSettings.model_fields["curator_port"], "SSB_CURATOR_PORT", free_port),
-            trainer=_port(trainer_port, TrainerSettings.model_fields["trainer_port"], "SSB_TRAINER_PORT", free_port),
-        )
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
+    chosen = {  # a flag, else the service's own variable (SSB_TEACHER_PORT, ...), else its default; 0: a free one
+        "teacher": teacher_port if teacher_port is not None else teacher.teacher_port,
+        "curator": curator_port if curator_port is not None else curator.curator_port,
+        "trainer": trainer_port if trainer_port is not None else settings.trainer_port,
+    }
+    ports = Ports(**{name: port or free_port() for name, port in chosen.items()})
     redis_url = os.environ.get("SSB_REDIS_URL") or None
     redis_port = None if redis_url else (redis_port or free_port())
     wanted = {f"{name} port {port}": (host, port) for name, port in vars(ports).items()}
@@ -93,10 +95,12 @@ def up_command(
         model=model,
         log_level=log_level,
     )
+    if ready_file is not None:
+        if not ready_file.parent.is_dir() or not os.access(ready_file.parent, os.W_OK):
+            raise fail(f"--ready-file {ready_file}: {ready_file.parent} is not a directory this process can write in")
+        ready_file.unlink(missing_ok=True)
     for directory in topology.directories:
         directory.mkdir(parents=True, exist_ok=True)
-    if ready_file is not None:
-        ready_file.unlink(missing_ok=True)
 
     stop = threading.Event()
     caught: list[int] = []
@@ -143,12 +147,6 @@ def up_command(
         raise typer.Exit(status)
 
 
-def _port(value: int | None, field, variable: str, free_port) -> int:
-    """The flag, else the service's own variable, else its settings' default; 0 means a free port."""
-    port = value if value is not None else int(os.environ.get(variable) or field.default)
-    return port or free_port()
-
-
 def _print_urls(topology, *, redis_started: bool) -> None:
     urls = topology.urls
     redis = f"{urls['redis']} (started here)" if redis_started else f"{urls['redis']} (SSB_REDIS_URL)"
@@ -165,7 +163,7 @@ def _print_urls(topology, *, redis_started: bool) -> None:
 
 
 def _announce_ready(topology, supervisor, ready_file: Path | None) -> None:
-    print("ready: " + " ".join(f"{name}={url}" for name, url in topology.urls.items()), flush=True)
+    supervisor.line("ready: " + " ".join(f"{name}={url}" for name, url in topology.urls.items()))
     if ready_file is not None:
         content = {**topology.urls, "pids": {name: p.pid for name, p in supervisor.processes.items()}}
         partial = ready_file.with_name(ready_file.name + ".partial")

@@ -245,3 +245,15 @@ def test_up_refuses_ports_in_use_or_given_twice_before_starting_anything(model_p
             assert result.returncode == 2, result.stdout + result.stderr
             assert says in " ".join((result.stdout + result.stderr).split()), result.stdout + result.stderr
             assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "data").exists()
+    # A port variable that is no port, and a ready file nowhere to be written: named, before anything starts.
+    for extra_env, flags, says in (
+        ({"SSB_CURATOR_PORT": "abc"}, [], "SSB_CURATOR_PORT: Input should be a valid integer"),
+        ({"SSB_TRAINER_PORT": "70000"}, [], "SSB_TRAINER_PORT: Input should be less than or equal to 65535"),
+        ({}, ["--teacher-port", "0", "--ready-file", str(tmp_path / "no" / "up.json")],
+         f"--ready-file {tmp_path / 'no' / 'up.json'}: {tmp_path / 'no'} is not a directory"),
+    ):
+        result = subprocess.run([*command, "--redis-port", "0", *flags], cwd=REPO, env={**env, **extra_env},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert says in " ".join((result.stdout + result.stderr).split()), result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "data").exists()
