@@ -45,13 +45,12 @@ def worker_train(
     unknown = sorted(set(queue) - set(KINDS))
     if unknown:
         raise fail(f"--queue: unknown queue {', '.join(unknown)}; one of {', '.join(KINDS)}")
-    try:
-        settings = TrainerSettings()
-    except ValueError as exc:
-        raise fail(str(exc)) from exc
+    settings = TrainerSettings()  # a bad variable is an error naming it (cli/main.py)
     if is_default_model(settings.model) and not (default_model_dir(settings) / "config.json").exists():
         # Pulled in a child process: this process forks a work horse per job and must not start torch's threads.
-        subprocess.run([sys.executable, "-m", "cli.main", "model", "pull"], check=True)
+        pulled = subprocess.run([sys.executable, "-m", "cli.main", "model", "pull"])
+        if pulled.returncode != 0:  # it said why
+            raise fail(f"the default model could not be pulled (`ssb model pull` exited {pulled.returncode})")
     logging.getLogger("ssb").setLevel(log_level.upper())
     jobs.configure(settings)
     worker = make_worker(settings, tuple(dict.fromkeys(queue)), connect_redis(settings.redis_url))
