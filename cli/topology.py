@@ -88,7 +88,7 @@ def plan_topology(
         raise ValueError("--workers must be at least 1")
     if redis_url is None and redis_port is None:
         raise ValueError("a Redis port is needed when no Redis URL is given")
-    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host  # IPv6
     urls = {
         "teacher": f"http://{client_host}:{ports.teacher}",
         "curator": f"http://{client_host}:{ports.curator}",

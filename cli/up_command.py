@@ -62,15 +62,14 @@ def up_command(
     from services.teacher.settings import TeacherSettings
     from services.trainer.settings import TrainerSettings
 
-    # The services' settings, as each will read them (a bad variable is an error naming it: cli/main.py).
-    settings, teacher, curator = TrainerSettings(), TeacherSettings(), CuratorSettings()
+    settings = TrainerSettings()  # as the trainer will read it (a bad variable is an error naming it: cli/main.py)
     try:
         ensure_model(model, settings)  # once, before the teacher and the trainer worker both look for it
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    chosen = {  # a flag, else the service's own variable (SSB_TEACHER_PORT, ...), else its default; 0: a free one
-        "teacher": teacher_port if teacher_port is not None else teacher.teacher_port,
-        "curator": curator_port if curator_port is not None else curator.curator_port,
+    chosen = {  # a flag (0: a free port), else the service's own variable (SSB_TEACHER_PORT, ...), else its default
+        "teacher": teacher_port if teacher_port is not None else TeacherSettings().teacher_port,
+        "curator": curator_port if curator_port is not None else CuratorSettings().curator_port,
         "trainer": trainer_port if trainer_port is not None else settings.trainer_port,
     }
     ports = Ports(**{name: port or free_port() for name, port in chosen.items()})

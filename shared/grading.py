@@ -213,7 +213,8 @@ def _answer_after(response: str, at: int) -> str:
             span = rest[len(left) : close.start()] if close else ""
             if close and not (left in _INLINE and _FULL_STOP.search(span)):
                 return span
-            break  # not closed, or dollars: read as words
+            line = line[len(left) :]  # not closed, or dollars: the words after the delimiter
+            break
     end = _SENTENCE_END.search(line)
     return line[: end.start()] if end else line
 
@@ -362,7 +363,9 @@ class _QuietTimeoutWarning(logging.Filter):
 def _serve_comparisons(parent_pid: int) -> None:
     """The helper process: read `[gold, pred]` JSON lines on stdin, answer each with one JSON line (true/false/null).
     It dies with the process that started it (`parent_pid`), even mid-comparison (a caller killed while a comparison
-    ran for seconds would leave it computing)."""
+    ran for seconds would leave it computing; the comparison may hold the interpreter's lock for as long, so only the
+    kernel can end it). The kernel's signal follows the thread that started the helper: started from a thread that
+    ends, the helper ends with it, and the next comparison starts another (about a second)."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the caller, which then closes our stdin
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")

@@ -1,6 +1,5 @@
 """A process the project starts that must not outlive the one that started it (a job's work horse, the grading
-helper, a test's Redis): the kernel kills it when its parent dies, however the parent dies (SIGKILL, the OOM killer),
-where no cleanup of the parent's would run."""
+helper, a test's Redis), however that one dies (SIGKILL, the OOM killer), where no cleanup of its own would run."""
 
 from __future__ import annotations
 
@@ -22,3 +21,4 @@ def die_with_parent(parent_pid: int) -> None:
         return  # not allowed here: the process still runs, as it would without this
     if os.getppid() != parent_pid:
         os._exit(1)
+

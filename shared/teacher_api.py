@@ -283,8 +283,8 @@ class AdapterLoadRequest(BaseModel):
     )
     replace: bool = Field(
         default=False,
-        description="Replace an adapter already loaded under this name. Without it a loaded name is refused (409): "
-        "the engine's prefix cache is keyed by name, so new weights under an old name need this explicit flag.",
+        description="Replace an adapter already loaded under this name. Without it a loaded name is refused (409), "
+        "so that no client swaps the weights another one is using by accident.",
     )
 
 

@@ -68,8 +68,10 @@ MIN_AGREEMENT = 228
         ("Let us test whether the answer is 12: no. So the answer is $x$.", "x"),
         # a `$` after "the answer is": math closed on its line by a `$` not escaped, else dollars read as words
         ("Final Answer: The final answer is $\\$18$. I hope it is correct.", "\\$18"),
-        ("The answer is $18. Check: she paid $6 three times.", "$18"),
-        ("The answer is $18.\nCheck: 3 * $6 = $18.", "$18"),
+        ("The answer is $18. Check: she paid $6 three times.", "18"),
+        ("The answer is $18.\nCheck: 3 * $6 = $18.", "18"),
+        ("The answer is $\n5\n$.", "5"),
+        ("The answer is $$18 dollars", "18 dollars"),
         ("The answer is $$\n\\frac{1}{2}\n$$", "\\frac{1}{2}"),
         # a level-5 heading is no GSM8K mark; a typeset minus is a minus
         ("##### Step 2: add\n3 + 4 = 7", "7"),
