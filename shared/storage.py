@@ -37,7 +37,7 @@ class StorageError(RuntimeError):
 
 def write_once(path: Path, data: bytes) -> bool:
     """Atomically create `path` with `data`; return False (and write nothing) if it already exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directories(path.parent)
     if path.exists():
         return False
     tmp = _temporary_on_disk(path, data)
@@ -55,7 +55,7 @@ def write_once(path: Path, data: bytes) -> bool:
 def replace_atomically(path: Path, text: str) -> Path:
     """Write `text` to `path` whole or not at all: a temporary file beside it, on disk before it is renamed over
     `path` (with the mode the umask gives any new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directories(path.parent)
     tmp = _temporary_on_disk(path, text.encode("utf-8"))
     try:
         os.replace(tmp, path)
@@ -77,6 +77,18 @@ def _temporary_on_disk(path: Path, data: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def make_directories(directory: Path) -> None:
+    """`directory` and its missing parents, each one created made durable in its parent: a crash of the machine must
+    not lose a new directory together with the files already confirmed in it."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)  # another writer may make it meanwhile
+        sync_directory(new.parent)
 
 
 def sync_directory(directory: Path) -> None:

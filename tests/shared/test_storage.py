@@ -120,3 +120,18 @@ def test_outcome_reads_how_each_problem_ended(tmp_path):
     store.write_pair(make_pair())
     store.write_dropped(DroppedProblem(problem_id="b", reason="no_mix"))
     assert [store.outcome(i) for i in ("p-1", "b", "c")] == ["paired", "no_mix", None]
+
+
+def test_new_directories_are_synced_into_their_parents(tmp_path, monkeypatch):
+    """A file written where its directories do not exist yet: each directory created is synced into its parent (the
+    file's own directory after the file), so a crash of the machine cannot lose the directory with the file in it."""
+    from shared import storage
+
+    synced = []
+    real_sync = storage.sync_directory
+    monkeypatch.setattr(storage, "sync_directory", lambda directory: synced.append(directory) or real_sync(directory))
+    storage.replace_atomically(tmp_path / "a" / "b" / "report.json", "{}")
+    assert synced == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+    synced.clear()
+    storage.replace_atomically(tmp_path / "a" / "b" / "report.json", "{}")  # nothing new to make
+    assert synced == [tmp_path / "a" / "b"]
