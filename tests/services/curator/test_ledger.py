@@ -377,8 +377,8 @@ def test_an_upload_whose_transaction_answer_was_lost_is_created_and_one_never_ru
     ledger, tmp_path, monkeypatch
 ):
     """The transaction that records a dataset and queues its jobs ran, but its answer never came back (the connection
-    dropped): the dataset exists, its files stay, and the upload is answered as created. One that never ran removes
-    the files it wrote, and the error goes on."""
+    dropped): the dataset exists, queued once (the project's Redis clients send nothing again), its files stay, and
+    the upload is answered as created. One that never ran removes the files it wrote, and the error goes on."""
     from redis import ConnectionError as RedisConnectionError
     from redis.client import Pipeline
 
@@ -388,17 +388,18 @@ def test_an_upload_whose_transaction_answer_was_lost_is_created_and_one_never_ru
 
     service = CuratorService(CuratorSettings(key_prefix=ledger.prefix, data_dir=tmp_path), ledger.redis)
     problems = [Problem(id="q1", question="2 + 2?", answer="4")]
-    execute = Pipeline.execute
+    execute, transaction = Pipeline.execute, Pipeline._execute_transaction
 
     def ran_then_lost(pipe, *args, **kwargs):
-        execute(pipe, *args, **kwargs)
+        transaction(pipe, *args, **kwargs)
         raise RedisConnectionError("Connection reset by peer")
 
-    monkeypatch.setattr(Pipeline, "execute", ran_then_lost)
+    monkeypatch.setattr(Pipeline, "_execute_transaction", ran_then_lost)
     created = service.create_dataset(problems, DatasetOptions(), "lost answer")
-    monkeypatch.setattr(Pipeline, "execute", execute)
+    monkeypatch.setattr(Pipeline, "_execute_transaction", transaction)
     assert (created.problems, created.jobs) == (1, 1)
     assert ledger.status(created.id).funnel.queued == 1 and len(ledger.job_ids(created.id)) == 1
+    assert service.queue.get_job_ids() == ledger.job_ids(created.id)  # queued once
     assert (tmp_path / "datasets" / created.id / "problems.jsonl").is_file()
 
     def never_ran(pipe, *args, **kwargs):
