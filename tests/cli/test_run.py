@@ -1,13 +1,15 @@
 """`ssb curate` stopped by SIGTERM, then `ssb run`, the main job, resuming it: real processes on the real engine and
-model, end to end, with one engine start for each command (the two commands share one test for that reason).
+model, end to end, with one engine start for each command where the CPU has no BF16 (the two commands share one test
+for that reason).
 
 `ssb curate`, the plain command on the default model (the worked example on by default for it), is stopped by a real
 SIGTERM once a batch is written: it exits with 128 + 15, every engine process it started is gone, neither a half-written
 file nor an IPC socket of the engine's is left, and plain progress lines (the output is not a terminal) arrived at the
-configured interval before, counting the sequences of the engine's batch in flight. `ssb run` on the same directory
-skips what was written, curates the rest, evaluates the base model on held-out problems, trains one step, evaluates the
-adapter merged into a copy of the base weights (loaded by the same engine, started once), and prints the paired
-comparison, in a log unwrapped and without the loaders' progress bars; the pairs export as JSONL.
+configured interval before, counting the sequences of the engine's batch in flight. `ssb run` on the same directory, in
+the machine's own dtype, skips what was written, curates the rest, evaluates the base model on held-out problems (in
+float32: on a CPU with BF16 a float32 engine takes over from the one that curated), trains one step, evaluates the
+adapter merged into a copy of the base weights (loaded by the engine that evaluated the base model), and prints the
+paired comparison, in a log unwrapped and without the loaders' progress bars; the pairs export as JSONL.
 """
 
 import json
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from services.teacher.engine import native_dtype
 from shared.arithmetic import make_arithmetic_problems
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,9 +33,9 @@ PROBLEMS = (6, 7, 11, 28)
 LIMITS = ("--rollout-max-tokens", "192", "--explanation-max-tokens", "256")
 
 
-def ssb(*args: str) -> subprocess.CompletedProcess:
+def ssb(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "cli.main", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
 def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_trains_and_compares(
@@ -81,17 +84,22 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     first = len(list(pairs.glob("pairs/*.safetensors"))) + len(list(pairs.glob("dropped/*.json")))
     assert 0 < int(written.group(1)) <= first < 4
 
+    # With the dtype left to the machine, as `make demo` runs it (the suite's float32 is a choice of the tests).
     result = ssb(
         "run", "--train", str(train), "--eval", str(held_out), "--out", str(out), *LIMITS,
-        "--eval-max-tokens", "32", "--max-steps", "1",
+        "--eval-max-tokens", "32", "--max-steps", "1", env={**os.environ, "SSB_DTYPE": "auto"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     stderr = " ".join(result.stderr.split())
     assert "Curation funnel" in stderr and "verified pairs written" in stderr
     assert f"already done (skipped) │ {first} │" in stderr
     assert "McNemar's exact p =" in stderr and "training: 1 steps" in stderr
-    # On a CPU the engine that curated waits through training and then loads the merged adapter: one engine start.
-    assert stderr.count("Starting the engine") == 1, result.stderr
+    # On a CPU the engine that evaluated the base model waits through training and then loads the merged adapter. It
+    # is the engine that curated, unless the CPU computes in bfloat16: then a float32 engine takes over after curation
+    # (the evaluations in float32, as a merged adapter's weights need): one engine start, or two.
+    switched = "Evaluating in float32 (curation ran in bfloat16)" in stderr
+    assert switched == (native_dtype() == "bfloat16"), result.stderr
+    assert stderr.count("Starting the engine") == 1 + switched, result.stderr
     # Its output is a pipe, as in a log: the report's long lines are not wrapped, and neither the model loaders'
     # progress bars nor the dependencies' notices at the engine's start are there.
     assert re.search(r"^adapter - base: .+; McNemar's exact p = [\d.]+: ", result.stderr, re.MULTILINE), result.stderr
