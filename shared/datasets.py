@@ -68,7 +68,8 @@ class DatasetError(ValueError):
 
 
 class DatasetTooLarge(DatasetError):
-    """A file that would take more than the allowed bytes once read (a Parquet file decompresses and decodes)."""
+    """A file that would take more than the allowed bytes once read (a Parquet file decompresses and decodes), or
+    holds more than the allowed problems."""
 
 
 def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit: int | None = None) -> list[Problem]:
@@ -99,12 +100,16 @@ def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit
     return problems if limit is None else problems[:limit]
 
 
-def parse_problem_file(data: bytes, name: str, *, max_read_bytes: int | None = None) -> list[Problem]:
+def parse_problem_file(
+    data: bytes, name: str, *, max_read_bytes: int | None = None, max_problems: int | None = None
+) -> list[Problem]:
     """The problems of an uploaded file's bytes: JSONL or Parquet, chosen by `name`'s extension, every row checked
     as `load_problems` checks a file (errors name `name:line` for JSONL, `name:row N` for Parquet).
 
     `max_read_bytes` bounds what a Parquet file's columns may grow to once decompressed and decoded (a few kilobytes
-    can hold gigabytes of repeated text): above it, `DatasetTooLarge`, before those bytes are held."""
+    can hold gigabytes of repeated text): above it, `DatasetTooLarge`, before those bytes are held. Past
+    `max_problems` problems, `DatasetTooLarge` too, before the rest are read (64 MiB of short rows is 2 million
+    problems: 1.8 GB and 18 s to hold them all)."""
     suffix = Path(name).suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
         raise DatasetError(
@@ -112,13 +117,14 @@ def parse_problem_file(data: bytes, name: str, *, max_read_bytes: int | None = N
         )
     stem = Path(name).stem
     rows = _jsonl_rows(data) if suffix == ".jsonl" else _parquet_rows(data, name, max_read_bytes)
-    return _build_problems(rows, where=name, stem=stem, source_prefix=Path(name).name)
+    return _build_problems(rows, where=name, stem=stem, source_prefix=Path(name).name, max_problems=max_problems)
 
 
-def parse_problem_rows(rows: list[Any], where: str = "rows") -> list[Problem]:
-    """Problems from rows already parsed from JSON (a request body): errors name `where:row N`, from 0."""
+def parse_problem_rows(rows: list[Any], where: str = "rows", *, max_problems: int | None = None) -> list[Problem]:
+    """Problems from rows already parsed from JSON (a request body): errors name `where:row N`, from 0; past
+    `max_problems`, `DatasetTooLarge`."""
     numbered = (_Row(f"row {index}", index, data=data) for index, data in enumerate(rows))
-    return _build_problems(numbered, where=where, stem=where, source_prefix=where)
+    return _build_problems(numbered, where=where, stem=where, source_prefix=where, max_problems=max_problems)
 
 
 def problem_to_json(problem: Problem) -> str:
@@ -337,8 +343,11 @@ def _load_hf(name: str, split: str) -> list[Problem]:
     )
 
 
-def _build_problems(rows: Iterable[_Row], *, where: str, stem: str, source_prefix: str) -> list[Problem]:
-    """Turn every row into a Problem or an error message; raise if there is any error or no problem at all."""
+def _build_problems(
+    rows: Iterable[_Row], *, where: str, stem: str, source_prefix: str, max_problems: int | None = None
+) -> list[Problem]:
+    """Turn every row into a Problem or an error message; raise if there is any error or no problem at all, or
+    `DatasetTooLarge` at the first problem past `max_problems`."""
     default_stem = sanitize_problem_id(stem) or "problem"
     problems: list[Problem] = []
     errors: list[str] = []
@@ -356,6 +365,9 @@ def _build_problems(rows: Iterable[_Row], *, where: str, stem: str, source_prefi
         if previous is not None:
             errors.append(f"{where}:{row.label}: duplicate id {result.id!r} (also at {where}:{previous})")
             continue
+        if max_problems is not None and len(problems) >= max_problems:
+            raise DatasetTooLarge([f"{where}:{row.label}: more than {max_problems} problems; at most {max_problems} "
+                                   "per dataset (SSB_MAX_PROBLEMS)"])
         first_label_of_id[result.id] = row.label
         problems.append(result)
     if errors:

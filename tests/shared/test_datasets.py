@@ -332,3 +332,16 @@ def test_hub_name_without_datasets_library_says_so(monkeypatch: pytest.MonkeyPat
 
 def test_source_that_is_neither_file_nor_name_is_an_error() -> None:
     assert "not a benchmark name" in str(load_error("two words"))
+
+
+def test_an_upload_past_its_problem_cap_stops_at_the_first_problem_over_it() -> None:
+    """`max_problems` (the curator's SSB_MAX_PROBLEMS): the first problem past it ends the read with `DatasetTooLarge`
+    naming its line or row, before the rest are read; at the cap, every problem is returned."""
+    from shared.datasets import DatasetTooLarge, parse_problem_rows
+
+    lines = "".join(row() + "\n" for _ in range(5)).encode()
+    assert len(parse_problem_file(lines, "up.jsonl", max_problems=5)) == 5
+    with pytest.raises(DatasetTooLarge, match=r"^up.jsonl:4: more than 3 problems; at most 3 per dataset"):
+        parse_problem_file(lines + b"not json\n", "up.jsonl", max_problems=3)
+    with pytest.raises(DatasetTooLarge, match=r"^rows:row 2: more than 2 problems"):
+        parse_problem_rows([{"question": "Q", "answer": "1"}] * 4, max_problems=2)

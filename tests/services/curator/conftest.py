@@ -27,6 +27,7 @@ REDIS_URL = redis_url(11)
 PREFIX = "ssb-test-curator"
 CURATOR_KEY = "curator-key-51c2"
 MAX_UPLOAD_BYTES = 200_000
+MAX_PROBLEMS = 1000
 
 
 @dataclass
@@ -104,6 +105,7 @@ def curator(teacher_server, tmp_path_factory):
         "SSB_TEACHER_API_KEY": TEACHER_KEY,
         "SSB_CURATOR_API_KEY": CURATOR_KEY,
         "SSB_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "SSB_MAX_PROBLEMS": str(MAX_PROBLEMS),
         "SSB_WORKER_HEARTBEAT_SECONDS": "2",
         "SSB_MAINTENANCE_INTERVAL_SECONDS": "3",
     }

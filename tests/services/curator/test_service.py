@@ -27,7 +27,7 @@ from shared.curator_api import FINAL_STATES
 from shared.storage import PairStore
 from tests.conftest import CURATION_CONFIG
 from tests.prometheus_text import metric
-from tests.services.curator.conftest import MAX_UPLOAD_BYTES, PREFIX
+from tests.services.curator.conftest import MAX_PROBLEMS, MAX_UPLOAD_BYTES, PREFIX
 from tests.teacher_server import API_KEY as TEACHER_KEY
 
 pytestmark = pytest.mark.engine
@@ -178,6 +178,10 @@ GOOD = {"question": "What is 2 + 3?", "answer": "5"}
          ["options.train.dataset_id: set by the curator"]),
         ({"files": {"file": ("big.jsonl", (json.dumps(GOOD) + "\n").encode() * (MAX_UPLOAD_BYTES // 30))}},
          413, ["at most 200000"]),
+        # More problems than SSB_MAX_PROBLEMS: refused at the first one past it, in a file or in rows.
+        ({"files": {"file": ("many.jsonl", (json.dumps(GOOD) + "\n").encode() * (MAX_PROBLEMS + 5))}}, 413,
+         [f"many.jsonl:{MAX_PROBLEMS + 1}: more than {MAX_PROBLEMS} problems; at most {MAX_PROBLEMS} per dataset"]),
+        ({"json": {"rows": [GOOD] * (MAX_PROBLEMS + 5)}}, 413, [f"rows:row {MAX_PROBLEMS}: more than {MAX_PROBLEMS}"]),
         # Options a worker could not use: refused at upload, not after four failed attempts of every job.
         ({"json": {"rows": [GOOD], "options": {"rollout_max_tokens": 40000, "seed": 2**63}}}, 422,
          ["options.rollout_max_tokens: Input should be less than or equal to 32768", "options.seed"]),
@@ -196,6 +200,7 @@ GOOD = {"question": "What is 2 + 3?", "answer": "5"}
     ],
     ids=["bad-json-lines", "duplicate-ids", "parquet-row", "extension", "options", "no-file", "json-rows",
          "adapter-name", "empty", "misspelt-option", "train-value", "train-field", "train-dataset-id", "too-large",
+         "too-many-in-file", "too-many-rows",
          "sampling-bounds", "extraction-order", "misspelt-field", "misspelt-part", "long-name", "huge-number",
          "parquet-bomb"],
 )
