@@ -9,7 +9,7 @@ shutdown waits for it). Redis stops last, after the processes that use it.
 
     with Supervisor(topology.processes) as supervisor:
         supervisor.start()
-        supervisor.wait_ready(...)       # or poll supervisor.exited() and supervisor.ready()
+        ...                              # poll supervisor.exited() and supervisor.readiness()
 """
 
 from __future__ import annotations
@@ -51,37 +51,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_failure(url: str, timeout: float = 2.0) -> str | None:
-    """Why the service at `url` (its `/readyz`) failed to start, when it answers so (a 503 of type `start_failed`);
-    None otherwise, or while it does not answer."""
+def probe(url: str, timeout: float = 2.0) -> tuple[bool, str | None]:
+    """(ready, why it failed to start for good) of the service at `url`, in one request. `http(s)://...` (its
+    `/readyz`): ready on 200; failed on a 503 of type `start_failed` (a teacher whose engine could not be built), with
+    its message. `redis://...`: ready when it answers PING. Anything short of an answer: not ready yet."""
     from services.http import START_FAILED
 
-    if not urlsplit(url).scheme.startswith("http"):
-        return None
-    import httpx
-
-    try:
-        response = httpx.get(url, timeout=timeout)
-        error = response.json()["error"] if response.status_code == 503 else {}
-    except Exception:  # noqa: BLE001 (anything short of such an answer says nothing of a failed start)
-        return None
-    if not isinstance(error, dict) or error.get("type") != START_FAILED:
-        return None
-    return str(error.get("message") or "no reason given")
-
-
-def is_ready(url: str, timeout: float = 2.0) -> bool:
-    """`http(s)://...`: answers 200. `redis://...`: answers PING."""
     try:
         if urlsplit(url).scheme.startswith("redis"):
             import redis
 
-            return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+            return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping()), None
         import httpx
 
-        return httpx.get(url, timeout=timeout).status_code == 200
+        response = httpx.get(url, timeout=timeout)
+        error = response.json().get("error") if response.status_code == 503 else None
     except Exception:  # noqa: BLE001 (anything short of an answer means not ready yet)
-        return False
+        return False, None
+    if isinstance(error, dict) and error.get("type") == START_FAILED:
+        return False, str(error.get("message") or "no reason given")
+    return response.status_code == 200, None
+
+
+def is_ready(url: str, timeout: float = 2.0) -> bool:
+    """Whether the service at `url` answers ready (`probe`)."""
+    return probe(url, timeout)[0]
 
 
 def session_members(sid: int) -> list[psutil.Process]:
@@ -177,16 +171,17 @@ class Supervisor:
                 return name, process.returncode
         return None
 
-    def ready(self) -> bool:
-        return all(is_ready(spec.ready_url) for spec in self.specs if spec.ready_url)
-
-    def start_failure(self) -> tuple[str, str] | None:
-        """A service that says it failed to start for good (a teacher whose engine could not be built), with why;
-        None while none does."""
+    def readiness(self) -> tuple[bool, tuple[str, str] | None]:
+        """Whether every process with a `ready_url` answers ready, and the first that says it failed to start for
+        good, with why (None while none does): one request to each."""
+        ready = True
         for spec in self.specs:
-            if spec.ready_url and (why := start_failure(spec.ready_url)):
-                return spec.name, why
-        return None
+            if spec.ready_url:
+                up, failed = probe(spec.ready_url)
+                if failed is not None:
+                    return False, (spec.name, failed)
+                ready = ready and up
+        return ready, None
 
     def stop(self) -> None:
         """SIGTERM every process group (Redis last), SIGKILL what is left of each session after `stop_timeout`;

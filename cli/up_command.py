@@ -126,14 +126,17 @@ def up_command(
                     console.print(f"[red]{name} exited with status {code}: stopping everything[/red]")
                     status = 1
                     break
-                if not announced and supervisor.ready():
-                    announced = True
-                    _announce_ready(topology, supervisor, ready_file)
-                elif not announced and (failed := supervisor.start_failure()) is not None:
+                if announced:
+                    continue
+                ready, failed = supervisor.readiness()
+                if failed is not None:
                     name, why = failed
                     console.print(f"[red]{name} failed to start ({why}): stopping everything[/red]")
                     status = 1
                     break
+                if ready:
+                    announced = True
+                    _announce_ready(topology, supervisor, ready_file)
             console.print("stopping every process...")
     finally:
         for signum, handler in previous.items():

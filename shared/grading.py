@@ -112,8 +112,7 @@ _NUMBER = re.compile(r"(?:(?<![\w)\]}.])-)?(?<![\w.])(?:(?:\d{1,3}(?:,\d{3})+|\d
 _MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # A math span after "the answer is" ends at its closing delimiter (a `$` not escaped): a display's on any line, inline
 # math's on the same line; an inline span holding a full stop is no math but dollars ("$18. Then she paid $6").
-_SPAN_CLOSE = {"$$": re.compile(r"(?<!\\)\$\$"), "$": re.compile(r"(?<!\\)\$"), "\\(": re.compile(r"\\\)"),
-               "\\[": re.compile(r"\\\]")}
+_SPAN_CLOSE = {left: re.compile(r"(?<!\\)" + re.escape(right)) for left, right in _MATH_SPANS}
 _INLINE = ("$", "\\(")
 _FULL_STOP = re.compile(r"\.\s")
 # The answer after "the answer is" ends at a full stop, or at a comma that starts a clause ("5, since ..."), not one

@@ -102,12 +102,7 @@ async def healthz() -> dict:
 async def readyz(request: Request):
     """200 when the engine is up and healthy; 503 with Retry-After while it starts, or when it died; 503 of type
     `start_failed`, without, when it failed to start (it never will: restart the service)."""
-    not_ready = readiness_problem(request.app)
-    if request.app.state.startup_error is not None:
-        return error_response(503, not_ready, START_FAILED)
-    if not_ready:
-        return error_response(503, not_ready, "not_ready", headers=retry_after(request.app))
-    return {"status": "ready", "model": service_of(request).model_name}
+    return not_ready_response(request.app) or {"status": "ready", "model": service_of(request).model_name}
 
 
 @router.post("/v1/rollouts", response_model=GenerationsResponse, responses=ERROR_RESPONSES, tags=["teacher"])
@@ -187,11 +182,19 @@ def register_middleware(app: FastAPI, settings: TeacherSettings) -> None:
 
 
 def not_ready_refusal(request: Request) -> JSONResponse | None:
-    """The 503 (with Retry-After) for a request that needs the engine while it is not up, or None."""
-    if request.url.path in ALWAYS_OPEN:
+    """The 503 for a request that needs the engine while it is not up (`not_ready_response`), or None."""
+    return None if request.url.path in ALWAYS_OPEN else not_ready_response(request.app)
+
+
+def not_ready_response(app: FastAPI) -> JSONResponse | None:
+    """None when the engine is up; else a 503 saying why: of type `start_failed` and without Retry-After when it
+    failed to start (no wait will help), `not_ready` with Retry-After while it starts or after it died."""
+    problem = readiness_problem(app)
+    if problem is None:
         return None
-    problem = readiness_problem(request.app)
-    return error_response(503, problem, "not_ready", headers=retry_after(request.app)) if problem else None
+    if app.state.startup_error is not None:
+        return error_response(503, problem, START_FAILED)
+    return error_response(503, problem, "not_ready", headers=retry_after(app))
 
 
 async def start_service(app: FastAPI, settings: TeacherSettings) -> None:

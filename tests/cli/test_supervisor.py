@@ -227,10 +227,9 @@ def test_a_service_that_failed_to_start_for_good_is_told_from_one_still_starting
     ]
     with Supervisor(specs, out=io.StringIO(), stop_timeout=5) as supervisor:
         supervisor.start()
-        wait_for(lambda: supervisor.start_failure() is not None)
-        assert supervisor.start_failure() == ("teacher", "the engine failed to start: no model")
-        assert not supervisor.ready()
+        wait_for(lambda: supervisor.readiness()[1] is not None)
+        assert supervisor.readiness() == (False, ("teacher", "the engine failed to start: no model"))
     with Supervisor(specs[:1], out=io.StringIO(), stop_timeout=5) as supervisor:
         supervisor.start()
         wait_for(lambda: port_in_use("127.0.0.1", starting))
-        assert supervisor.start_failure() is None
+        assert supervisor.readiness() == (False, None)

@@ -127,5 +127,5 @@ def test_an_engine_that_fails_to_start_says_so_for_good(tmp_path):
         assert response.status_code == 503 and "Retry-After" not in response.headers, response.headers
         assert error["type"] == "start_failed" and error["message"].startswith("the engine failed to start: "), error
         assert str(missing) in error["message"], error
-        work = client.post("/v1/rollouts", json={"questions": [{"question": "q"}]})
-        assert work.status_code == 503 and work.json()["error"]["type"] == "not_ready"
+        work = client.post("/v1/rollouts", json={"questions": [{"question": "q"}]})  # refused alike
+        assert work.status_code == 503 and work.json()["error"] == error and "Retry-After" not in work.headers
