@@ -112,8 +112,9 @@ def resolve_adapter_dir(adapters_dir: Path, relative: str, param: str) -> Path:
     return candidate
 
 
-# How long the copy of a replaced or unloaded adapter outlives it: longer than any request runs.
-RETIRED_COPY_GRACE_SECONDS = 3600.0
+# The least time the copy of a replaced or unloaded adapter outlives it, once no request that may use it runs: the
+# engine hears of a request given up (a client gone) a moment after the service stops waiting for it.
+RETIRED_COPY_GRACE_SECONDS = 60.0
 
 
 def snapshot_adapter(directory: Path, into: Path) -> Path:
@@ -125,13 +126,57 @@ def snapshot_adapter(directory: Path, into: Path) -> Path:
     half-rewritten by then (a training run publishing its adapter again) would kill the engine, not fail one request.
     A copy per load also gives each load a path of its own, and vLLM keys its prefix cache by an adapter's name and
     path: a replaced adapter's requests never reuse the previous weights' cached work. A replaced or unloaded
-    adapter's copy goes an hour later (`retire_copy`), the rest when the engine stops (they live in its IPC
-    directory)."""
+    adapter's copy goes once the requests that may use it have ended (`RetiredCopies`), the rest when the engine stops
+    (they live in its IPC directory)."""
     into.mkdir(parents=True)
     for path in directory.iterdir():
         if path.is_file() and not path.is_symlink():  # a link could lead outside the adapters directory
             shutil.copy2(path, into / path.name)
     return into
+
+
+class RetiredCopies:
+    """The copies of adapters replaced or unloaded, each deleted once every engine request admitted before it was
+    retired has ended (however long such a request waits in the engine's queue, it may need vLLM to read the copy
+    again) and `grace_seconds` have passed since it was retired. Looked at whenever a request ends and whenever a copy
+    is retired; those left go with the engine's IPC directory."""
+
+    def __init__(self, grace_seconds: float = RETIRED_COPY_GRACE_SECONDS, clock: Callable[[], float] = time.monotonic):
+        self.grace_seconds = grace_seconds
+        self.clock = clock
+        self._next_request = 0
+        self._running: set[int] = set()  # the numbers of the requests admitted and not ended
+        self._copies: list[tuple[int, float, Path]] = []  # (first request admitted after it, when, copy)
+
+    @contextmanager
+    def request(self):
+        """One admitted request, from its admission until it has ended."""
+        number = self._next_request
+        self._next_request += 1
+        self._running.add(number)
+        try:
+            yield
+        finally:
+            self._running.discard(number)
+            self.sweep()
+
+    def retire(self, copy: Path) -> None:
+        self._copies.append((self._next_request, self.clock(), copy))
+        self.sweep()
+
+    def sweep(self) -> None:
+        now = self.clock()
+        oldest_running = min(self._running, default=self._next_request)
+        kept = []
+        for first_after, when, copy in self._copies:
+            if oldest_running >= first_after and now - when >= self.grace_seconds:
+                shutil.rmtree(copy, ignore_errors=True)
+            else:
+                kept.append((first_after, when, copy))
+        self._copies = kept
+
+    def __len__(self) -> int:
+        return len(self._copies)
 
 
 class TeacherService:
@@ -150,7 +195,7 @@ class TeacherService:
         self.adapter_paths: dict[str, str] = {}
         self._lora_ids = itertools.count(1)
         self._adapter_lock = asyncio.Lock()
-        self._retired_copies: list[tuple[float, Path]] = []  # (when, copy) of adapters replaced or unloaded
+        self.retired_copies = RetiredCopies()
         # Prompts are rendered and tokenized off the event loop (a request of many long questions takes seconds), on
         # one thread: the tokenizer is not safe to call from several at once.
         self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssb-render")
@@ -208,7 +253,8 @@ class TeacherService:
             raise Overloaded(f"{self.pending} engine requests pending, {requests} more would pass the bound of {limit}")
         self.pending += requests
         try:
-            yield
+            with self.retired_copies.request():
+                yield
         finally:
             self.pending -= requests
 
@@ -433,7 +479,7 @@ class TeacherService:
                 raise InvalidRequest(f"path {relative!r}: the engine could not load it: {exc}", param="path") from exc
             if previous is not None:  # its requests still running read its own copy, should vLLM load it again
                 await self.engine.remove_lora(previous.lora_int_id)
-                self.retire_copy(previous)
+                self.retired_copies.retire(Path(previous.lora_path))
             self.lora_requests[request.name] = lora_request
             self.adapter_paths[request.name] = relative
         log.info("adapter %s loaded from %s", request.name, relative)
@@ -452,13 +498,6 @@ class TeacherService:
             del self.lora_requests[name]
             del self.adapter_paths[name]
             await self.engine.remove_lora(lora_request.lora_int_id)
-            self.retire_copy(lora_request)
+            self.retired_copies.retire(Path(lora_request.lora_path))
         log.info("adapter %s unloaded", name)
 
-    def retire_copy(self, lora_request, now: float | None = None) -> None:
-        """An adapter replaced or unloaded: its copy stays for a grace period (a request that was running with it may
-        still need vLLM to read it again), and the copies retired longer ago than that go now."""
-        now = time.monotonic() if now is None else now
-        self._retired_copies.append((now, Path(lora_request.lora_path)))
-        while self._retired_copies and now - self._retired_copies[0][0] > RETIRED_COPY_GRACE_SECONDS:
-            shutil.rmtree(self._retired_copies.pop(0)[1], ignore_errors=True)

@@ -339,22 +339,35 @@ def test_an_adapter_serves_from_the_engines_own_copy_after_its_directory_is_gone
             shutil.rmtree(lora_teacher_server.adapters_dir / name, ignore_errors=True)
 
 
-def test_a_retired_adapter_copy_goes_after_its_grace_period(tmp_path):
-    """The copy of a replaced or unloaded adapter stays an hour (a request running with it may need it read again),
-    then goes at the next retirement; the logic alone, on a stand-in for the service."""
-    from types import SimpleNamespace
+def test_a_retired_adapter_copy_goes_once_no_request_may_use_it(tmp_path):
+    """The copy of a replaced or unloaded adapter stays while a request admitted before its retirement runs (however
+    long: it may be waiting in the engine's queue and need vLLM to read the copy again), and for the grace period,
+    then goes when a request ends; the logic alone, on a clock of the test's."""
+    from services.teacher.service import RETIRED_COPY_GRACE_SECONDS, RetiredCopies
 
-    from services.teacher.service import RETIRED_COPY_GRACE_SECONDS, TeacherService
-
-    service = SimpleNamespace(_retired_copies=[])
-    copies = [tmp_path / name for name in ("1", "2", "3")]
-    for copy in copies:
+    now = [0.0]
+    retired = RetiredCopies(clock=lambda: now[0])
+    first, second = tmp_path / "1", tmp_path / "2"
+    for copy in (first, second):
         copy.mkdir()
-    TeacherService.retire_copy(service, SimpleNamespace(lora_path=str(copies[0])), now=0.0)
-    TeacherService.retire_copy(service, SimpleNamespace(lora_path=str(copies[1])), now=10.0)
-    assert all(copy.exists() for copy in copies)
-    TeacherService.retire_copy(service, SimpleNamespace(lora_path=str(copies[2])), now=RETIRED_COPY_GRACE_SECONDS + 5)
-    assert [copy.exists() for copy in copies] == [False, True, True]
+    older = retired.request()
+    older.__enter__()  # admitted before the retirement: may run with the first copy
+    retired.retire(first)
+    with retired.request():  # admitted after it: runs with the replacement
+        now[0] = 10 * RETIRED_COPY_GRACE_SECONDS
+    assert first.exists()  # the older request still runs, long past the grace period
+    older.__exit__(None, None, None)
+    assert not first.exists()
+
+    retired.retire(second)  # nothing running
+    now[0] += RETIRED_COPY_GRACE_SECONDS / 2
+    with retired.request():
+        pass
+    assert second.exists()  # within the grace period
+    now[0] += RETIRED_COPY_GRACE_SECONDS
+    with retired.request():
+        pass
+    assert not second.exists() and len(retired) == 0
 
 
 def test_an_adapter_above_the_largest_rank_is_refused_saying_so(lora_teacher_server, model_path):
