@@ -514,6 +514,16 @@ def grade_response(gold: str, response: str, order: Sequence[str] = DEFAULT_EXTR
     return GradedAnswer(extracted=extracted, correct=is_equivalent(gold, extracted))
 
 
+def grade_model_response(
+    gold: str, response: str, *, cut_off: bool, order: Sequence[str] = DEFAULT_EXTRACTION_ORDER
+) -> GradedAnswer:
+    """`grade_response` for a model's response, except that one cut at the token limit gets no verdict: it never
+    finished, and a small model that runs on repeats numbers, so the last one it wrote is no final answer. What it
+    extracted stays, to show."""
+    graded = grade_response(gold, response, order)
+    return GradedAnswer(extracted=graded.extracted, correct=None) if cut_off else graded
+
+
 def _text_field(record: dict[str, Any], name: str) -> str | None:
     value = record.get(name)
     if value is None:

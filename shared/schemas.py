@@ -69,6 +69,11 @@ class Generation(BaseModel):
     )
     topk_logprobs: list[list[float]] | None = Field(default=None, description="(tokens, k) their log-probabilities.")
 
+    @property
+    def cut_off(self) -> bool:
+        """Cut at the token limit before it ended."""
+        return self.finish_reason == "length"
+
 
 class Rollout(BaseModel):
     """One graded rollout of the base model on the bare question."""

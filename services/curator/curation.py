@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shared.engine import Engine, HintedQuestion, PromptedGenerations
-from shared.grading import GradedAnswer, grade_response
+from shared.grading import GradedAnswer, grade_model_response, grade_response
 from shared.prompts import PROMPT_VERSION
 from shared.schemas import (
     DroppedProblem,
@@ -90,19 +90,19 @@ def seeded_sampling(sampling: SamplingSettings, seed: int, problem: Problem) -> 
 
 
 def grade_rollouts(problem: Problem, generations: Sequence[Generation], config: CurationConfig) -> list[Rollout]:
-    """Grade each rollout against the gold answer; one cut at the token limit gets no verdict (it never finished, and a
-    small model that runs on repeats numbers, so the last one it wrote is no final answer)."""
+    """Grade each rollout against the gold answer; one cut at the token limit gets no verdict
+    (`grade_model_response`)."""
     rollouts = []
     for generation in generations:
-        graded = grade_response(problem.answer, generation.text, order=config.extraction_order)
-        truncated = generation.finish_reason == "length"
+        cut_off = generation.cut_off
+        graded = grade_model_response(problem.answer, generation.text, cut_off=cut_off, order=config.extraction_order)
         rollouts.append(
             Rollout(
                 text=generation.text,
                 num_tokens=len(generation.token_ids),
                 extracted=graded.extracted,
-                correct=None if truncated else graded.correct,
-                truncated=truncated,
+                correct=graded.correct,
+                truncated=cut_off,
             )
         )
     return rollouts
@@ -113,7 +113,7 @@ def explanation_rejection(
 ) -> tuple[str, str] | None:
     """Why a graded hinted explanation cannot be a verified pair, as (drop reason, detail); None when it can: it ended
     by itself (one cut at the token limit may end in any number) and its final answer is the gold one."""
-    if explanation.finish_reason == "length":
+    if explanation.cut_off:
         return "explanation_truncated", f"the explanation was cut at {len(explanation.token_ids)} tokens before it ended"
     if verdict.correct is not True:
         return "explanation_wrong", f"explanation answered {verdict.extracted!r}, gold {problem.answer!r}"

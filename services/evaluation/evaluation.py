@@ -3,13 +3,15 @@
 `evaluate(problems, engine, config, adapters=[None, "runs/adapter"])` asks each model (None is the base model; a path is
 a PEFT adapter, loaded by the engine as a LoRA beside the base weights, never merged) every question with the same
 bare-question prompt as curation and training (`shared.prompts.build_student_messages`), grades each response with the
-project's one grader (`shared.grading.grade_response`), and returns an `EvalReport`: one row per model, in the order
+project's one grader (`shared.grading.grade_model_response`), and returns an `EvalReport`: one row per model, in the order
 given, and every problem's responses and verdicts. The report is a pydantic model, so it is written and read as JSON.
 
 - pass@1 is the greedy response (temperature 0, one sample) graded against the gold answer, averaged over problems.
 - mean@n (only when `samples` > 1) is the mean accuracy over n samples per problem at the sampling temperature, which is
   the unbiased pass@1 estimate from n samples; pass@n (any of the n samples correct) is reported beside it.
-- An ungradeable response (no final answer found) counts as wrong; rows also say how many there were.
+- A response cut at the token limit gets no verdict, as in curation (the last number of an unfinished response is no
+  final answer), and neither does an ungradeable one (no final answer found); both count as wrong, and rows say how
+  many there were of each.
 
 For each model and batch of problems, the greedy and the sampled requests go to the engine in one call. Sampling seeds
 are drawn per problem from the run seed, so results do not depend on batch size or order, and the base model and every
@@ -28,7 +30,7 @@ from pydantic import BaseModel, Field
 from rich.table import Table
 
 from shared.engine import Engine
-from shared.grading import DEFAULT_EXTRACTION_ORDER, grade_response
+from shared.grading import DEFAULT_EXTRACTION_ORDER, grade_model_response
 from shared.metrics import count_correct, count_ungradeable, mean_accuracy, mean_pass_at_k
 from shared.schemas import Generation, MaxTokens, Problem, SamplingSettings, Temperature, TopK
 from shared.selection import seeded_rng
@@ -78,11 +80,15 @@ class ModelAnswer(BaseModel):
 
     response: str = Field(description="The greedy response.")
     extracted: str | None = Field(description="Final answer pulled from the greedy response; None when there is none.")
-    correct: bool | None = Field(description="Greedy answer equals the gold; None when ungradeable (counted wrong).")
+    correct: bool | None = Field(
+        description="Greedy answer equals the gold; None when ungradeable or cut off at max_tokens (counted wrong)."
+    )
     num_tokens: int = Field(description="Tokens in the greedy response.")
     finish_reason: str | None = Field(default=None, description="`stop`, or `length` when cut at max_tokens.")
     sampled_extracted: list[str | None] = Field(default_factory=list, description="Each sample's extracted answer.")
-    sampled_correct: list[bool | None] = Field(default_factory=list, description="Each sample's verdict.")
+    sampled_correct: list[bool | None] = Field(
+        default_factory=list, description="Each sample's verdict (None as for the greedy answer)."
+    )
 
 
 class ProblemResult(BaseModel):
@@ -109,8 +115,8 @@ class ModelRow(BaseModel):
     pass_at_n: float | None = Field(description="Share of problems with at least one correct sample; None when n is 1.")
     problems: int = Field(description="Problems evaluated.")
     correct: int = Field(description="Problems whose greedy answer is correct.")
-    ungradeable: int = Field(description="Greedy responses with no gradeable final answer (counted wrong).")
-    truncated: int = Field(description="Greedy responses cut off at max_tokens.")
+    ungradeable: int = Field(description="Greedy responses that ended with no gradeable final answer (counted wrong).")
+    truncated: int = Field(description="Greedy responses cut off at max_tokens (no verdict: counted wrong).")
     mean_response_tokens: float = Field(description="Mean length of the greedy responses, in tokens.")
     seconds: float = Field(description="Wall time of this model's generation and grading.")
 
@@ -149,9 +155,10 @@ def model_names(adapters: Sequence[str | None]) -> list[str]:
 def grade_model_answer(
     problem: Problem, greedy: Generation, samples: Sequence[Generation], config: EvalConfig
 ) -> ModelAnswer:
-    """Grade one model's greedy response and samples for one problem."""
-    graded = grade_response(problem.answer, greedy.text, order=config.extraction_order)
-    sampled = [grade_response(problem.answer, s.text, order=config.extraction_order) for s in samples]
+    """Grade one model's greedy response and samples for one problem (one cut off gets no verdict)."""
+    order = config.extraction_order
+    graded = grade_model_response(problem.answer, greedy.text, cut_off=greedy.cut_off, order=order)
+    sampled = [grade_model_response(problem.answer, s.text, cut_off=s.cut_off, order=order) for s in samples]
     return ModelAnswer(
         response=greedy.text,
         extracted=graded.extracted,
@@ -206,7 +213,7 @@ def summarize_model(
         pass_at_n=mean_pass_at_k(sampled, samples) if samples > 1 else None,
         problems=len(answers),
         correct=count_correct(greedy),
-        ungradeable=count_ungradeable(greedy),
+        ungradeable=count_ungradeable([a.correct for a in answers if a.finish_reason != "length"]),
         truncated=sum(a.finish_reason == "length" for a in answers),
         mean_response_tokens=sum(a.num_tokens for a in answers) / len(answers),
         seconds=seconds,

@@ -19,6 +19,7 @@ from shared.grading import (
     GradedAnswer,
     extract_final_answer,
     grade_records,
+    grade_model_response,
     grade_response,
     is_equivalent,
     normalize_answer,
@@ -212,6 +213,13 @@ def test_grade_response():
     assert grade_response("18", "So the answer is 17.") == GradedAnswer("17", False)
     assert grade_response("18", "I do not know.") == GradedAnswer(None, None)
     assert grade_response("1000", "#### 1,000", order=["gsm8k"]) == GradedAnswer("1,000", True)
+
+
+def test_a_response_cut_off_gets_no_verdict_but_keeps_what_it_extracted():
+    unfinished = "She pays 6 * 3 = 18, then 18 + 2 = 20, then 20 - 2 = 18"
+    assert grade_model_response("18", unfinished, cut_off=False) == GradedAnswer("18", True)
+    assert grade_model_response("18", unfinished, cut_off=True) == GradedAnswer("18", None)
+    assert grade_model_response("18", "I do not", cut_off=True) == GradedAnswer(None, None)
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,13 @@ class ScriptedEngine(PromptingEngine):
             texts = [greedy] if settings.temperature == 0 else samples[: settings.n]
             assert len(texts) == settings.n
             tokens = [list(range(len(t.split()))) for t in texts]
-            outputs.append([Generation(text=t, token_ids=ids, finish_reason="stop") for t, ids in zip(texts, tokens)])
+            outputs.append([Generation(text=t, token_ids=ids, finish_reason=ending(t)) for t, ids in zip(texts, tokens)])
         return outputs
+
+
+def ending(text: str) -> str:
+    """A scripted text that starts with "CUT" was cut at the token limit."""
+    return "length" if text.startswith("CUT") else "stop"
 
 
 def boxed(value) -> str:
@@ -80,6 +85,24 @@ def test_scores_match_the_hand_computed_numbers():
     assert p4.answers["base"].extracted is None and p4.answers["base"].correct is None
     assert p4.answers["ssb-adapter"].sampled_extracted == ["9", None]
     assert p4.answers["ssb-adapter"].sampled_correct == [False, None]
+
+
+def test_an_answer_cut_at_the_token_limit_gets_no_verdict():
+    """A response cut off is counted wrong even when its last number is the gold answer (as in curation), greedy or
+    sampled; the row counts it as cut, apart from the ungradeable ones."""
+    script = {
+        None: {
+            "What is 1 + 1?": ("CUT 1 + 1 = 2, and again 1 + 1 = 2", ["CUT so 2", boxed(2)]),
+            "What is 2 + 2?": ("I do not know", [boxed(4), boxed(4)]),
+        }
+    }
+    report = evaluate(PROBLEMS[:2], ScriptedEngine(script), EvalConfig(samples=2))
+    (row,) = report.rows
+    assert (row.correct, row.truncated, row.ungradeable, row.pass_at_1) == (0, 1, 1, 0.0)
+    assert row.mean_at_n == pytest.approx(3 / 4)
+    cut = report.problems[0].answers["base"]
+    assert (cut.extracted, cut.correct, cut.finish_reason) == ("2", None, "length")
+    assert (cut.sampled_extracted, cut.sampled_correct) == (["2", "2"], [None, True])
 
 
 def test_one_engine_call_per_model_holds_greedy_and_seeded_samples():
