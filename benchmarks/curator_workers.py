@@ -1,7 +1,7 @@
 """Benchmark: problems per minute through the curator service with W = 1, 2 and 4 workers against one teacher
 service, and the same problems curated by the engine alone, in-process (`ssb curate`'s path), in the same run.
 
-The engine alone: `curate()` on an in-process vLLM engine, `--problems` arithmetic problems in batches of 32 (the
+The engine alone: `curate()` on an in-process vLLM engine, `--problems` arithmetic problems in batches of 64 (the
 CLI's default). Then `ssb serve teacher`, `ssb serve curator` and W `ssb worker curate` processes on loopback (Redis
 database 10 of the machine's Redis, emptied before and after); the same problems are submitted as a new dataset for
 each W (with `--job-batch` problems per job), and the rate is problems over the time from the first job's start to

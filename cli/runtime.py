@@ -50,8 +50,8 @@ WorkedExampleOption = Annotated[
         help=(
             "Put one worked example turn before every question, identically in rollouts, the teacher's prompt, the "
             f"student's training input and evaluation. Default: on for {DEFAULT_MODEL} (which needs it to answer in "
-            "the expected form), off for other models (the paper's prompt); with --teacher-url, the teacher's model "
-            "decides."
+            "the expected form), off for other models (the paper's prompt); with `ssb curate` or `ssb eval` "
+            "--teacher-url, the teacher's model decides."
         ),
         show_default=False,
     ),

@@ -324,6 +324,6 @@ def render_table(reports: EvalReport | Sequence[EvalReport], *, title: str = "Ev
     sampled = {(r.config.samples, r.config.temperature) for r in reports if r.config.samples > 1}
     notes = ["pass@1: greedy"]
     notes += [f"mean@{n}: mean accuracy over {n} samples at T={t:g}" for n, t in sorted(sampled)]
-    notes.append("ungradeable counts as wrong")
+    notes.append("a cut-off or ungradeable answer counts as wrong")
     table.caption = "; ".join(notes)
     return table

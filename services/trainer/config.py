@@ -84,7 +84,10 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(
         default=1.0,
         gt=0,
-        description="Clip the global gradient norm to this; None disables clipping (the norm is still logged).",
+        description=(
+            "Clip the global gradient norm to this; null in the trainer API's JSON disables clipping (the norm is "
+            "still logged)."
+        ),
     )
     seed: int = Field(
         default=0,
