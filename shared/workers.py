@@ -19,6 +19,7 @@ alone; the services' failure callbacks skip the failure of a run whose job anoth
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 import redis
 from rq import Worker
@@ -55,6 +56,13 @@ def connect_redis(redis_url: str) -> redis.Redis:
     """A Redis client with bounded waits: a lost Redis is an error, not a hang (an RQ worker raises the read timeout
     of its own connection above its blocking dequeue's)."""
     return redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30)
+
+
+def redis_location(redis_url: str) -> str:
+    """Where a Redis URL points, without what may be secret in it (a password before the host or in the query):
+    `redis://:pw@redis:6379/0` is `redis://redis:6379/0`. For messages that anyone may read."""
+    parts = urlsplit(redis_url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 class JobProcessDied(RuntimeError):

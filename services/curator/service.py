@@ -32,7 +32,7 @@ from shared.curator_api import DATASET_ID_PATTERN, DatasetCreated, DatasetList, 
 from shared.datasets import write_problems_jsonl
 from shared.schemas import Problem
 from shared.storage import PairStore, replace_atomically, sync_directory
-from shared.workers import cancel_unstarted
+from shared.workers import cancel_unstarted, redis_location
 
 log = logging.getLogger("ssb.curator")
 T = TypeVar("T")
@@ -64,7 +64,7 @@ class CuratorService:
         try:
             self.redis.ping()
         except Exception as exc:  # any connection or auth error means the same to a probe
-            return f"Redis at {self.settings.redis_url} does not answer: {type(exc).__name__}"
+            return f"Redis at {redis_location(self.settings.redis_url)} does not answer: {type(exc).__name__}"
         return None
 
     def create_dataset(self, problems: list[Problem], options: DatasetOptions, name: str | None) -> DatasetCreated:

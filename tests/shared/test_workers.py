@@ -13,7 +13,7 @@ from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared.workers import JobProcessWorker, cancel_unstarted, started_elsewhere
+from shared.workers import JobProcessWorker, cancel_unstarted, redis_location, started_elsewhere
 from tests.redis_server import delete_keys, redis_url
 
 REDIS_URL = redis_url(12)
@@ -144,3 +144,16 @@ def test_a_job_cancelled_before_it_starts_leaves_nothing_in_redis_and_two_cancel
     queue.enqueue("builtins.print", "started", job_id=f"{queue.name}-b")
     started, _ = start(worker(queue, "w"), queue)
     assert cancel_unstarted(started) is False and started.get_status() == "started"
+
+
+@pytest.mark.parametrize(
+    ("url", "location"),
+    [
+        ("redis://:s3cret@redis:6379/0", "redis://redis:6379/0"),
+        ("rediss://user:s3cret@10.0.0.5:6380/2?password=s3cret", "rediss://10.0.0.5:6380/2"),
+        ("redis://127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"),
+        ("unix:///run/redis.sock?db=3&password=s3cret", "unix:///run/redis.sock"),
+    ],
+)
+def test_a_redis_location_holds_no_password(url, location):
+    assert redis_location(url) == location
