@@ -14,6 +14,7 @@ A record that reached `succeeded`, `failed` or `cancelled` is final: `advance` r
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -45,6 +46,11 @@ return 1
 FINAL_JSON = [json.dumps(status) for status in FINAL]
 
 
+# Every id a record can have: a run's (`RUN_ID_PATTERN`), an evaluation's (the same, or `<run id>-eval`); no `:`, which
+# separates the parts of a key.
+RECORD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
 class Records:
     """One kind of record (`run` or `eval`) under a key prefix."""
 
@@ -70,6 +76,10 @@ class Records:
         return bool(created)
 
     def get(self, record_id: str) -> dict[str, Any] | None:
+        """The record, or None; None also for an id this service never gives (a client's path could otherwise name a
+        key of another kind under the prefix)."""
+        if not RECORD_ID.fullmatch(record_id):
+            return None
         raw = self.redis.hgetall(self.key(record_id))
         if not raw:
             return None

@@ -186,7 +186,7 @@ def test_bad_requests_are_refused_naming_the_field(trainer):
             error = response.json()["error"]
             assert error["code"] == status and error["param"] == param, (body, error)
         for path in ("/v1/runs/nope", "/v1/runs/nope/metrics", "/v1/runs/nope/curve.png", "/v1/runs/nope/adapter",
-                     "/v1/evals/nope"):
+                     "/v1/evals/nope", "/v1/runs/nope:requeued:1", "/v1/evals/a:b"):
             response = http.get(path)
             assert response.status_code == 404 and response.json()["error"]["type"] == "not_found", path
         bad_eval = http.post("/v1/evals", json={"models": ["base"], "benchmark": "gsm9k"})

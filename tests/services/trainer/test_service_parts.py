@@ -47,6 +47,17 @@ def test_a_record_is_created_once_and_a_final_state_stays(runs):
     assert runs.ids() == ["r1"] and runs.get("r2") is None
 
 
+def test_an_id_this_service_never_gives_names_no_record(runs):
+    """A client's id reaches Redis only as a record's id: one naming another kind of key under the prefix (a run's
+    requeue guard, a string) is no record, not a WRONGTYPE error (a 500)."""
+    assert runs.create("r1", {"status": "queued"})
+    runs.redis.set(f"{runs.key('r1')}:requeued:1", 1)
+    for record_id in ("r1:requeued:1", "r1:", ":r1", "r1\n", "-r1", "x" * 129):
+        assert runs.get(record_id) is None, record_id
+    assert runs.get("r1")["status"] == "queued" and runs.get(f"{'x' * 64}-eval") is None
+    runs.redis.delete(f"{runs.key('r1')}:requeued:1")
+
+
 def test_an_attempt_writes_the_record_only_while_it_is_the_latest(runs):
     assert runs.create("r1", {"status": "queued", "step": 0, "attempts": 0})
     first = runs.increment("r1", "attempts")
