@@ -209,7 +209,7 @@ def main() -> None:
             raise
         for error in exc.errors():
             variable = f"SSB_{error['loc'][0]}".upper() if error["loc"] else "SSB_*"
-            console.print(f"[red]error:[/red] {variable}: {error['msg']}")
+            console.print(f"[red]error:[/red] {variable}: {error['msg'].removeprefix('Value error, ')}")
         raise SystemExit(2) from None
 
 

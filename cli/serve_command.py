@@ -64,8 +64,8 @@ def serve_teacher(
         "max_pending_requests": max_pending_requests,
         "enable_lora": lora,
     }
+    settings = TeacherSettings(**{name: value for name, value in overrides.items() if value is not None})
     try:
-        settings = TeacherSettings(**{name: value for name, value in overrides.items() if value is not None})
         ensure_model(settings.model, settings)
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
@@ -97,10 +97,7 @@ def serve_trainer(
     from services.trainer.settings import TrainerSettings
 
     overrides = {"trainer_host": host, "trainer_port": port}
-    try:
-        settings = TrainerSettings(**{name: value for name, value in overrides.items() if value is not None})
-    except ValueError as exc:
-        raise fail(str(exc)) from exc
+    settings = TrainerSettings(**{name: value for name, value in overrides.items() if value is not None})
     add_service_log_handler("ssb", log_level)
     uvicorn.run(
         create_app(settings),
@@ -135,10 +132,7 @@ def serve_curator(
     from services.curator.settings import CuratorSettings
 
     overrides = {"curator_host": host, "curator_port": port}
-    try:
-        settings = CuratorSettings(**{name: value for name, value in overrides.items() if value is not None})
-    except ValueError as exc:
-        raise fail(str(exc)) from exc
+    settings = CuratorSettings(**{name: value for name, value in overrides.items() if value is not None})
     uvicorn.run(create_app(settings), host=settings.curator_host, port=settings.curator_port, log_level=log_level)
 
 

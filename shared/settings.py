@@ -23,6 +23,16 @@ ExtractionOrder = Annotated[tuple[str, ...], AfterValidator(check_extraction_ord
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
+def refuse_blank_key(key: SecretStr | None) -> SecretStr | None:
+    if key is not None and not key.get_secret_value().strip():
+        raise ValueError("set but empty, which would leave the service open: set a key, or leave the variable out")
+    return key
+
+
+# A service's API key: none (no check), or a key; a blank one is refused (`KEY=` left in an .env file).
+ApiKey = Annotated[SecretStr | None, AfterValidator(refuse_blank_key)]
+
+
 class Settings(BaseSettings):
     """Machine-level settings, from `SSB_*` environment variables."""
 
@@ -76,14 +86,14 @@ class ServiceSettings(Settings):
         default=["http://127.0.0.1:8000"],
         description="The teacher service or services (comma-separated); workers spread their calls across them.",
     )
-    teacher_api_key: SecretStr | None = Field(
+    teacher_api_key: ApiKey = Field(
         default=None, description="The teacher's key, when it has one (sent as `Authorization: Bearer`)."
     )
     trainer_url: str = Field(
         default="http://127.0.0.1:8002",
         description="The trainer service: the curator starts a dataset's training request there when curation ends.",
     )
-    trainer_api_key: SecretStr | None = Field(
+    trainer_api_key: ApiKey = Field(
         default=None,
         description="When set, the trainer's endpoints (but its probes and docs) need `Authorization: Bearer <key>`; "
         "the curator sends it.",

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 
-from shared.settings import ServiceSettings
+from shared.settings import ApiKey, ServiceSettings
 
 
 class CuratorSettings(ServiceSettings):
@@ -16,7 +16,7 @@ class CuratorSettings(ServiceSettings):
 
     curator_host: str = Field(default="127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
     curator_port: int = Field(default=8001, ge=1, le=65535, description="Port to listen on.")
-    curator_api_key: SecretStr | None = Field(
+    curator_api_key: ApiKey = Field(
         default=None,
         description="When set, every endpoint but the probes and the API's docs needs `Authorization: Bearer <key>`; "
         "`ssb submit` sends it.",

@@ -156,6 +156,25 @@ def test_a_bad_setting_in_the_environment_is_one_error_line_naming_the_variable(
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "command"),
+    [("SSB_CURATOR_API_KEY", ["serve", "curator", "--port", "9"]),
+     ("SSB_TRAINER_API_KEY", ["serve", "trainer", "--port", "9"]),
+     ("SSB_TEACHER_API_KEY", ["serve", "teacher", "--port", "9"]),
+     ("SSB_CURATOR_API_KEY", ["worker", "curate", "--burst"])],
+)
+def test_a_service_refuses_a_blank_api_key_naming_it(variable, command):
+    """`KEY=` left in an .env file would turn the key check off; the service refuses to start instead (before it
+    binds or loads anything), with one line naming the variable."""
+    env = {**os.environ, variable: " "}
+    command = [sys.executable, "-m", "cli.main", *command]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    said = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, said
+    assert f"error: {variable}: set but empty, which would leave the service open" in said
+    assert "Traceback" not in said
+
+
 def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     """`ssb submit --wait` polls the dataset: a dropped connection and a 503 (the curator restarting, its Redis
     down) are waited out, the funnel then followed to the end. The curator here is httpx's mock transport."""
