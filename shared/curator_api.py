@@ -10,6 +10,7 @@ number of problems.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,20 @@ from shared.teacher_api import ADAPTER_NAME_PATTERN
 FINAL_STATES: tuple[str, ...] = ("paired", *get_args(DropReason), "failed", "cancelled")
 DatasetState = Literal["queued", "running", "done", "cancelled"]
 DATASET_ID_PATTERN = r"^ds-[0-9a-f]{12}$"
+DATASET_RUN_SUFFIX = "-train"  # a dataset's own training run is `<dataset id>-train`
+
+
+def dataset_run_id(dataset_id: str) -> str:
+    """The run a dataset asks the trainer for when its training request names none."""
+    return f"{dataset_id}{DATASET_RUN_SUFFIX}"
+
+
+def dataset_of_run_id(run_id: str | None) -> str | None:
+    """The dataset whose own run this id names (`dataset_run_id`), or None for any other id."""
+    if run_id is None or not run_id.endswith(DATASET_RUN_SUFFIX):
+        return None
+    dataset_id = run_id.removesuffix(DATASET_RUN_SUFFIX)
+    return dataset_id if re.fullmatch(DATASET_ID_PATTERN, dataset_id) else None
 DATASET_NAME_MAX_LENGTH = 200
 
 

@@ -33,6 +33,7 @@ from rq.serializers import JSONSerializer
 from services.curator.curation import Funnel, curate
 from services.curator.ledger import DatasetLedger, DatasetMeta
 from services.curator.settings import CuratorSettings
+from shared.curator_api import dataset_run_id
 from shared.datasets import load_problems, parse_problem_file
 from shared.engine import ConcurrentCalls, Engine
 from shared.schemas import Problem
@@ -195,7 +196,7 @@ def end_problems(
 def training_run_id(meta: DatasetMeta) -> str:
     """The run a finished dataset asks the trainer for: the `run_id` of its training request, else one named after
     the dataset. A request sent twice (by a job retried after it died waiting for the answer) starts one run."""
-    return (meta.options.train or {}).get("run_id") or f"{meta.id}-train"
+    return (meta.options.train or {}).get("run_id") or dataset_run_id(meta.id)
 
 
 def start_training(settings: CuratorSettings, ledger: DatasetLedger, meta: DatasetMeta) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.trainer.config import TrainConfig
+from shared.curator_api import dataset_of_run_id
 from shared.datasets import BENCHMARKS
 from shared.schemas import PROBLEM_ID_PATTERN, MaxTokens, Temperature
 
@@ -127,6 +128,12 @@ class RunRequest(TrainConfig):
     def one_source(self) -> RunRequest:
         if (self.dataset_id is None) == (self.pairs_dir is None):
             raise ValueError("give exactly one of dataset_id and pairs_dir")
+        owner = dataset_of_run_id(self.run_id)
+        if owner is not None and self.dataset_id != owner:  # else another request could take the name first
+            raise ValueError(
+                f"run_id {self.run_id!r} is the name dataset {owner} gives its own run; only a request on that "
+                "dataset may use it: choose another run_id"
+            )
         return self
 
     def train_config(self, **defaults: Any) -> TrainConfig:

@@ -176,6 +176,8 @@ GOOD = {"question": "What is 2 + 3?", "answer": "5"}
          ["options.train.epoch: Extra inputs are not permitted"]),
         ({"json": {"rows": [GOOD], "options": {"train": {"dataset_id": "ds-other"}}}}, 422,
          ["options.train.dataset_id: set by the curator"]),
+        ({"json": {"rows": [GOOD], "options": {"train": {"run_id": "ds-0123456789ab-train"}}}}, 422,
+         ["the name dataset ds-0123456789ab gives its own run"]),
         ({"files": {"file": ("big.jsonl", (json.dumps(GOOD) + "\n").encode() * (MAX_UPLOAD_BYTES // 30))}},
          413, ["at most 200000"]),
         # More problems than SSB_MAX_PROBLEMS: refused at the first one past it, in a file or in rows.

@@ -177,6 +177,7 @@ def test_bad_requests_are_refused_naming_the_field(trainer):
             ({"dataset_id": DATASET, "temperature": int("1" * 400)}, 422, "temperature"),
             ({}, 422, None),
             ({"dataset_id": DATASET, "pairs_dir": "datasets/arith"}, 422, None),
+            ({"dataset_id": DATASET, "run_id": "ds-0123456789ab-train"}, 422, None),  # that dataset's own run
         ]:
             if isinstance(body, str):
                 response = http.post("/v1/runs", content=body, headers={"content-type": "application/json"})

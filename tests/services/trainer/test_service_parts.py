@@ -80,6 +80,17 @@ def test_a_run_request_holds_training_settings_and_defaults_fill_only_unset_ones
             RunRequest(**bad)
 
 
+def test_a_datasets_own_run_id_is_only_for_a_request_on_that_dataset():
+    """`<dataset id>-train` is the run a curator's dataset starts when it finishes: another request taking the name
+    first would make that dataset's training fail and put its own weights under the dataset's name."""
+    own = "ds-0123456789ab-train"
+    assert RunRequest(dataset_id="ds-0123456789ab", run_id=own).run_id == own
+    for other in ({"dataset_id": "ds-ba9876543210"}, {"pairs_dir": "datasets/ds-0123456789ab"}):
+        with pytest.raises(ValueError, match="the name dataset ds-0123456789ab gives its own run"):
+            RunRequest(**other, run_id=own)
+    assert RunRequest(pairs_dir="p", run_id="ds-0123-train").run_id == "ds-0123-train"  # not a curator's dataset id
+
+
 def test_the_rollout_adapter_comes_from_the_curators_dataset_metadata(tmp_path):
     assert rollout_adapter_of(tmp_path) is None
     (tmp_path / "dataset.json").write_text(json.dumps({"id": "d", "options": {"rollout_adapter": "run-1"}}))
