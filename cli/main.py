@@ -26,7 +26,6 @@ import typer
 
 from cli.eval_command import eval_command
 from cli.run_command import run_command
-from cli.serve_command import TeacherUrlOption, open_teacher, serve_app
 from cli.runtime import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EXPLANATION_ATTEMPTS,
@@ -43,6 +42,7 @@ from cli.runtime import (
     print_funnel,
     resolve_worked_example,
 )
+from cli.serve_command import TeacherUrlOption, open_teacher, serve_app
 from cli.submit_command import submit_command
 from cli.train_command import train_command
 from cli.up_command import up_command
@@ -199,11 +199,21 @@ def pairs_export(directory: Annotated[Path, typer.Argument(help="A curation outp
 
 def main() -> None:
     """The `ssb` command: the app, with a bad `SSB_*` setting in the environment reported as one error line per
-    variable instead of a traceback."""
+    variable instead of a traceback, and so are a teacher service that cannot be used (down, refusing the key) and a
+    file of the pair store that cannot be read (status 1)."""
     from pydantic import ValidationError
+
+    from shared.storage import StorageError
+    from shared.teacher_client import TeacherError
 
     try:
         app()
+    except TeacherError as exc:
+        console.print(f"[red]error:[/red] the teacher service: {exc}")
+        raise SystemExit(1) from None
+    except StorageError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(1) from None
     except ValidationError as exc:
         if exc.title not in settings_class_names(Settings):
             raise

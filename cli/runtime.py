@@ -18,8 +18,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from shared.models import default_model_dir, is_default_model, needs_worked_example, resolve_model
 from shared.settings import DEFAULT_MODEL, CurationConfig, Settings
@@ -107,10 +107,17 @@ def exit_on_signals():
 
 @functools.lru_cache(maxsize=2)
 def model_tokenizer(model_path: str):
-    """The model's tokenizer, as the engine loads it."""
+    """The model's tokenizer, as the engine loads it; a model that is neither a local checkpoint nor on the Hugging Face
+    Hub (a mistyped `--model`) is a ValueError that says so."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except OSError as exc:
+        raise ValueError(
+            f"--model {model_path!r}: no such local directory, and not loadable from the Hugging Face Hub: "
+            f"{' '.join(str(exc).split())}"
+        ) from exc
 
 
 def check_fits_context(

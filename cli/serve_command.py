@@ -145,6 +145,10 @@ TeacherUrlOption = Annotated[
     ),
 ]
 
+# How long a command waits for a teacher URL where nothing answers at all (a teacher started moments ago binds its port
+# within seconds; its engine then loads while /readyz answers 503, waited for up to five minutes).
+TEACHER_UNREACHABLE_SECONDS = 30.0
+
 
 def open_teacher(teacher_url: str | None, model_path: str | None, settings, **engine_options):
     """The engine a command runs on: the teacher service at `teacher_url` (waiting until it is ready), else an engine
@@ -158,5 +162,11 @@ def open_teacher(teacher_url: str | None, model_path: str | None, settings, **en
         return start_engine(model_path, settings, **engine_options)
     client = TeacherClient(teacher_url, api_key=os.environ.get("SSB_TEACHER_API_KEY") or None)
     with console.status(f"Waiting for the teacher at {teacher_url}..."):
-        client.wait_ready()
+        if not console.is_terminal:
+            console.print(f"Waiting for the teacher at {teacher_url}...")
+        try:
+            client.wait_ready(unreachable_seconds=TEACHER_UNREACHABLE_SECONDS)
+        except BaseException:
+            client.close()
+            raise
     return client

@@ -55,7 +55,7 @@ def probe(url: str, timeout: float = 2.0) -> tuple[bool, str | None]:
     """(ready, why it failed to start for good) of the service at `url`, in one request. `http(s)://...` (its
     `/readyz`): ready on 200; failed on a 503 of type `start_failed` (a teacher whose engine could not be built), with
     its message. `redis://...`: ready when it answers PING. Anything short of an answer: not ready yet."""
-    from services.http import START_FAILED
+    from shared.teacher_api import START_FAILED
 
     try:
         if urlsplit(url).scheme.startswith("redis"):

@@ -30,9 +30,6 @@ from services.errors import ServiceError
 from shared.teacher_api import ErrorDetail, ErrorResponse
 
 PROBES = ("/healthz", "/readyz")
-# The error type of a `/readyz` 503 that will not pass (a teacher whose engine failed to build): no Retry-After, and
-# `ssb up` stops rather than wait for it.
-START_FAILED = "start_failed"
 DOCS = ("/docs", "/redoc", "/openapi.json")
 OPEN_PATHS = (*PROBES, *DOCS)  # what a key never guards: the probes, and the API's description (no data in it)
 

@@ -288,6 +288,11 @@ class AdapterLoadRequest(BaseModel):
     )
 
 
+# The error type of a `/readyz` 503 that will not pass (a teacher whose engine failed to build): no Retry-After, and
+# clients (`ssb up`, the teacher client's wait) stop rather than wait for it.
+START_FAILED = "start_failed"
+
+
 class ErrorDetail(BaseModel):
     message: str = Field(description="What was wrong, naming the field.")
     type: str = Field(description="Error class, e.g. `invalid_request`, `not_found`, `overloaded`, `not_ready`.")

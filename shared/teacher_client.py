@@ -25,6 +25,7 @@ from shared.engine import ConcurrentCalls, HintedQuestion, PromptedGenerations, 
 from shared.schemas import SamplingSettings
 from shared.teacher_api import (
     MAX_BATCH,
+    START_FAILED,
     AdapterCard,
     AdapterLoadRequest,
     ExplanationsRequest,
@@ -148,22 +149,41 @@ class TeacherClient(ConcurrentCalls):
                 wait = max(wait, retry_after_seconds(response))
             time.sleep(min(wait, MAX_WAIT_SECONDS) * random.uniform(1.0, 1.2))
         if response.status_code >= 400:
-            message, param = error_message(response), error_param(response)
+            message, param = error_message(response), error_field(response, "param")
             if response.status_code >= 500:
                 raise TeacherError(f"{method} {path}: {response.status_code} {message}")
             raise TeacherRejected(response.status_code, message, param)
         return response
 
-    def wait_ready(self, timeout_seconds: float = 300.0) -> None:
-        """Block until `/readyz` says ready, or raise TeacherUnavailable."""
-        deadline = time.monotonic() + timeout_seconds
+    def wait_ready(self, timeout_seconds: float = 300.0, unreachable_seconds: float | None = None) -> None:
+        """Block until `/readyz` says ready, or raise TeacherUnavailable: at once when the teacher's engine failed to
+        start (a 503 of type `start_failed`: no wait helps) or when the URL answers as no teacher does (e.g. a 404);
+        after `unreachable_seconds` (default: the whole timeout) of no answer at all (nothing listening there); after
+        `timeout_seconds` in any case (an engine still loading)."""
+        started = time.monotonic()
+        unreachable_since = None
         while True:
+            now = time.monotonic()
             try:
-                if self.http.get("/readyz", timeout=10.0).status_code == 200:
+                response = self.http.get("/readyz", timeout=10.0)
+            except httpx.TransportError as exc:
+                unreachable_since = unreachable_since if unreachable_since is not None else now
+                if unreachable_seconds is not None and now - unreachable_since >= unreachable_seconds:
+                    raise TeacherUnavailable(
+                        f"nothing answers at {self.http.base_url} ({type(exc).__name__}) after "
+                        f"{now - unreachable_since:.0f} s: is the teacher started, and is the URL right?"
+                    ) from exc
+            else:
+                unreachable_since = None
+                status = response.status_code
+                if status == 200:
                     return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
+                if status == 503 and error_field(response, "type") == START_FAILED:
+                    raise TeacherUnavailable(f"the teacher at {self.http.base_url} could not start its engine: "
+                                             f"{error_message(response)}")
+                if status not in (502, 503, 504):  # starting, or a gateway before it waiting too
+                    raise TeacherUnavailable(f"{self.http.base_url}/readyz answered {status}: is this a teacher?")
+            if now - started > timeout_seconds:
                 raise TeacherUnavailable(f"{self.http.base_url} not ready after {timeout_seconds:.0f} s")
             time.sleep(0.5)
 
@@ -271,9 +291,10 @@ def error_message(response: httpx.Response) -> str:
         return response.text[:500]
 
 
-def error_param(response: httpx.Response) -> str | None:
+def error_field(response: httpx.Response, name: str) -> str | None:
+    """A field of the error envelope (`param`, `type`), or None."""
     try:
-        return response.json()["error"]["param"]
+        return response.json()["error"][name]
     except (ValueError, KeyError, TypeError):
         return None
 

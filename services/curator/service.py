@@ -23,7 +23,13 @@ from rq import Worker
 from rq.job import Job
 
 from services.curator.jobs import (
-    META_FILE, PROBLEMS_FILE, batch_spans, curation_queue, end_problems, enqueue_data, redis_connection,
+    META_FILE,
+    PROBLEMS_FILE,
+    batch_spans,
+    curation_queue,
+    end_problems,
+    enqueue_data,
+    redis_connection,
 )
 from services.curator.ledger import DatasetLedger, DatasetMeta, UnreadableDataset
 from services.curator.settings import CuratorSettings

@@ -24,7 +24,6 @@ from prometheus_client import Gauge, generate_latest
 from services.http import (
     DOCS,
     PROBES,
-    START_FAILED,
     RequestMetrics,
     bearer_refusal,
     error_response,
@@ -41,6 +40,7 @@ from services.teacher.openai_routes import (
 from services.teacher.service import TeacherService
 from services.teacher.settings import TeacherSettings
 from shared.teacher_api import (
+    START_FAILED,
     AdapterCard,
     AdapterLoadRequest,
     ExplanationsRequest,

@@ -175,6 +175,32 @@ def test_a_service_refuses_a_blank_api_key_naming_it(variable, command):
     assert "Traceback" not in said
 
 
+def test_curate_and_eval_against_a_teacher_that_cannot_start_end_at_once_with_one_line(tmp_path):
+    """A teacher whose engine failed to start (its `/readyz` a 503 of type `start_failed`): `ssb curate` and `ssb eval`
+    with `--teacher-url` stop at once, status 1, saying why in one line, and write nothing."""
+    from cli.supervisor import free_port
+    from tests.cli.test_supervisor import READYZ
+
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    port = free_port()
+    teacher = subprocess.Popen([sys.executable, "-c", READYZ, str(port), "start_failed"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for command in (["curate", "--data", str(src), "--out", str(tmp_path / "out")],
+                        ["eval", "--benchmark", str(src), "--out", str(tmp_path / "eval.json")]):
+            result = ssb(*command, "--teacher-url", url, check=False)
+            said = " ".join(result.stderr.split())
+            assert result.returncode == 1, said
+            assert f"error: the teacher service: the teacher at {url} could not start its engine: the engine failed to " \
+                   "start: no model" in said
+            assert "Traceback" not in said
+    finally:
+        teacher.kill()
+        teacher.wait()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "eval.json").exists()
+
+
 def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     """`ssb submit --wait` polls the dataset: a dropped connection and a 503 (the curator restarting, its Redis
     down) are waited out, the funnel then followed to the end. The curator here is httpx's mock transport."""

@@ -139,3 +139,25 @@ def test_an_adapter_another_client_loaded_meanwhile_counts_as_loaded():
     transport, _ = scripted((200, MODELS, {}), (409, taken, {}), (200, MODELS, {}))
     with pytest.raises(TeacherRejected):
         client(transport).ensure_adapter("round-1")
+
+
+def test_waiting_for_readiness_rides_out_a_start_and_stops_at_once_where_no_wait_helps():
+    """`/readyz`: no answer and 503 `not_ready` are waited out; a 503 `start_failed` (the engine could not be built), or
+    an answer no teacher gives (a 404: another service at that URL), ends the wait at once; so does no answer at all
+    for `unreachable_seconds`."""
+    starting = (503, {"error": {"message": "loading", "type": "not_ready"}}, {})
+    transport, calls = scripted(httpx.ConnectError("refused"), starting, (200, {"status": "ready"}, {}))
+    client(transport).wait_ready(unreachable_seconds=60)
+    assert [c.url.path for c in calls] == ["/readyz"] * 3
+
+    failed = (503, {"error": {"message": "no model at /m", "type": "start_failed"}}, {})
+    for answer, says in [(failed, "could not start its engine: no model at /m"), ((404, {}, {}), "answered 404")]:
+        transport, calls = scripted(answer)
+        with pytest.raises(TeacherUnavailable, match=says):
+            client(transport).wait_ready()
+        assert len(calls) == 1
+
+    transport, calls = scripted(httpx.ConnectError("refused"))
+    with pytest.raises(TeacherUnavailable, match="nothing answers at http://teacher"):
+        client(transport).wait_ready(unreachable_seconds=0)
+    assert len(calls) == 1
