@@ -308,14 +308,16 @@ def train(
 
 def save_adapter(peft_model, out_dir: Path) -> None:
     """The adapter's files into `out_dir`, its config last: a directory with `adapter_config.json` holds whole weights
-    (a run killed while saving leaves no adapter that looks finished)."""
+    (a run killed while saving leaves no adapter that looks finished). Not peft's model card (`README.md`): it would
+    replace a README of the user's in `out_dir`."""
     staging = out_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     peft_model.save_pretrained(staging)
     files = sorted(staging.iterdir(), key=lambda path: path.name == "adapter_config.json")
     for path in files:
-        os.replace(path, out_dir / path.name)
-    staging.rmdir()
+        if path.name != "README.md":
+            os.replace(path, out_dir / path.name)
+    shutil.rmtree(staging)
 
 
 def optimizer_step(

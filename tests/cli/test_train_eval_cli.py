@@ -87,8 +87,11 @@ def test_eval_rejects_an_adapter_directory_without_its_config(tmp_path, unloadab
 
 
 def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path):  # noqa: F811
-    """One step of batch 2 (two of the fixture's three short real pairs), rank 4."""
+    """One step of batch 2 (two of the fixture's three short real pairs), rank 4, into a directory that holds a README
+    of the user's (peft's model card is not written over it)."""
     out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
     result = ssb(
         "train", "--pairs", str(pairs_dir), "--out", str(out), "--max-steps", "1", "--rank", "4", "--batch-size", "2"
     )
@@ -102,6 +105,7 @@ def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path)
     assert [m["step"] for m in metrics] == [1] and metrics[0]["explanation_tokens"] > 0
     curve = out / "training_curve.png"
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "README.md").read_text() == "my notes\n" and not (out / ".adapter.tmp").exists()
 
 
 @pytest.mark.parametrize(
