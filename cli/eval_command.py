@@ -28,6 +28,7 @@ from cli.runtime import (
     ModelOption,
     WorkedExampleOption,
     check_fits_context,
+    check_output_path,
     console,
     engine_reporting,
     ensure_model,
@@ -250,8 +251,7 @@ def eval_command(
         )
         label = benchmark_label(benchmark)
         out = out or Path("runs") / f"eval-{label}.json"
-        if out.is_dir():
-            raise ValueError(f"--out {out} is a directory; give a JSON file path")
+        check_output_path(out, directory=False)
         model_path = None if teacher_url else ensure_model(model, settings)
         if model_path is not None:
             check_fits_context(problems, model_path, settings, answer_tokens=max_tokens,

@@ -34,6 +34,7 @@ from cli.runtime import (
     ModelOption,
     WorkedExampleOption,
     check_fits_context,
+    check_output_path,
     console,
     curate_with_progress,
     ensure_model,
@@ -88,6 +89,11 @@ def data_arith(
     from shared.arithmetic import make_arithmetic_problems
     from shared.datasets import problem_to_json, write_problems_jsonl
 
+    if out is not None:
+        try:
+            check_output_path(out, directory=False)
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
     problems = make_arithmetic_problems(n, seed)
     if out is None:
         for problem in problems:
@@ -104,9 +110,15 @@ def grade(
 ) -> None:
     """Grade answers: each line comes back with `extracted` and `correct` (true, false or null)."""
     from shared.grading import grade_records
+    from shared.storage import replace_atomically
 
     if not file.is_file():
         raise fail(f"{file}: no such file")
+    if out is not None:
+        try:
+            check_output_path(out, directory=False)
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
     records = []
     with open(file, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -124,7 +136,7 @@ def grade(
     if out is None:
         sys.stdout.write(lines)
     else:
-        out.write_text(lines)
+        replace_atomically(out, lines)
     graded = [r for r in records if r["correct"] is not None]
     console.print(f"{sum(r['correct'] is True for r in graded)} of {len(records)} correct, {len(records) - len(graded)} ungradeable")
 
@@ -153,6 +165,7 @@ def curate(
     from shared.storage import PairStore
 
     try:
+        check_output_path(out, directory=True)
         problems = load_problems(data, limit=limit)
         config = CurationConfig(
             k=k,

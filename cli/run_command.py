@@ -37,6 +37,7 @@ from cli.runtime import (
     ModelOption,
     WorkedExampleOption,
     check_fits_context,
+    check_output_path,
     console,
     curate_with_progress,
     ensure_model,
@@ -99,6 +100,7 @@ def run_command(
         training = build_train_config(train_options, seed=seed)
         evaluation = EvalConfig(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed)
         # Before the engine starts, not after curation and the base model's evaluation:
+        check_output_path(out, directory=True)
         check_output_dir(out / "adapter", resume=resume)
         if resume and latest_checkpoint(out / "adapter" / "checkpoints") is None:
             raise ValueError(

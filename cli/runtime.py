@@ -89,6 +89,22 @@ def ensure_model(model: str | None, settings: Settings) -> str:
     return resolve_model(model, settings)
 
 
+def check_output_path(path: Path, *, directory: bool, option: str = "--out") -> None:
+    """Refuse (ValueError), before anything loads, an output path that cannot be written: a file where a directory
+    goes or the other way round, a file in the way of a directory to create, or a directory without write permission.
+    A command that finds out only when it writes has done its work for nothing."""
+    if path.exists() and path.is_dir() != directory:
+        wanted = "a directory" if directory else "a file path"
+        raise ValueError(f"{option} {path}: a {'directory' if path.is_dir() else 'file'} is there; give {wanted}")
+    existing = path if directory and path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: no permission to write in {existing}")
+
+
 @contextmanager
 def exit_on_signals():
     """Turn SIGTERM and SIGHUP into SystemExit (status 128 + signal) while the block runs, as Ctrl-C is turned into

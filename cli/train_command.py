@@ -25,7 +25,7 @@ from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 import typer
 
-from cli.runtime import ModelOption, console, ensure_model, fail, progress_bar
+from cli.runtime import ModelOption, check_output_path, console, ensure_model, fail, progress_bar
 from services.trainer.config import TrainConfig, TrainingError
 from shared.settings import Settings
 
@@ -138,9 +138,10 @@ def train_command(
     from services.trainer.inputs import PairDataError, check_output_dir, pair_store
 
     try:  # a wrong path fails at once, before torch and the model load
+        check_output_path(out, directory=True)
         check_output_dir(out, resume=resume)
         pair_store(pairs)
-    except (PairDataError, TrainingError) as exc:
+    except (ValueError, TrainingError) as exc:  # PairDataError is a ValueError
         raise fail(str(exc)) from exc
     config = build_train_config(train_options)
     try:

@@ -201,6 +201,38 @@ def test_curate_and_eval_against_a_teacher_that_cannot_start_end_at_once_with_on
     assert not (tmp_path / "out").exists() and not (tmp_path / "eval.json").exists()
 
 
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """A file where a command writes a directory, a directory where it writes a file, a file in the way of the
+    directory to create: each command says so at once (status 2, one line), before it loads anything."""
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    held_out = tmp_path / "h.jsonl"
+    held_out.write_text('{"question": "2+2?", "answer": "4"}\n', encoding="utf-8")
+    graded = tmp_path / "g.jsonl"
+    graded.write_text('{"gold": "2", "response": "2"}\n', encoding="utf-8")
+    a_file, a_dir = tmp_path / "f.txt", tmp_path / "d"
+    a_file.write_text("mine\n")
+    a_dir.mkdir()
+    cases = [
+        (["curate", "--data", str(src), "--out", str(a_file)], f"--out {a_file}: a file is there; give a directory"),
+        (["curate", "--data", str(src), "--out", str(a_file / "o")], f"--out {a_file / 'o'}: {a_file} is a file"),
+        (["eval", "--benchmark", str(src), "--out", str(a_dir)], f"--out {a_dir}: a directory is there; give a file"),
+        (["eval", "--benchmark", str(src), "--out", str(a_file / "e.json")], f"{a_file} is a file, not a directory"),
+        (["train", "--pairs", str(tmp_path), "--out", str(a_file)], f"--out {a_file}: a file is there"),
+        (["run", "--train", str(src), "--eval", str(held_out), "--out", str(a_file)], f"--out {a_file}: a file is there"),
+        (["data", "arith", "--n", "2", "--out", str(a_dir)], f"--out {a_dir}: a directory is there"),
+        (["grade", str(graded), "--out", str(a_dir)], f"--out {a_dir}: a directory is there"),
+    ]
+    for command, says in cases:
+        result = ssb(*command, check=False)
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 2 and says in said, (command, said)
+        assert "Traceback" not in said and "Starting the engine" not in said, (command, said)
+    assert a_file.read_text() == "mine\n" and not any(a_dir.iterdir())
+    ssb("grade", str(graded), "--out", str(tmp_path / "new" / "graded.jsonl"))  # a missing parent is made
+    assert json.loads((tmp_path / "new" / "graded.jsonl").read_text())["correct"] is True
+
+
 def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     """`ssb submit --wait` polls the dataset: a dropped connection and a 503 (the curator restarting, its Redis
     down) are waited out, the funnel then followed to the end. The curator here is httpx's mock transport."""
