@@ -23,7 +23,6 @@ from typing import Annotated, NamedTuple, Optional
 
 import typer
 
-from cli.serve_command import TeacherUrlOption, open_teacher
 from cli.runtime import (
     ModelOption,
     WorkedExampleOption,
@@ -37,6 +36,7 @@ from cli.runtime import (
     progress_bar,
     resolve_worked_example,
 )
+from cli.serve_command import TeacherUrlOption, open_teacher
 from services.evaluation.evaluation import (
     EvalConfig,
     EvalReport,

@@ -30,7 +30,6 @@ from cli.eval_command import (
     print_paired_comparison,
     resolve_adapter_serving,
 )
-from cli.train_command import build_train_config, training_options
 from cli.runtime import (
     DEFAULT_EXPLANATION_ATTEMPTS,
     ExplanationAttemptsOption,
@@ -48,6 +47,7 @@ from cli.runtime import (
     resolve_worked_example,
     start_engine,
 )
+from cli.train_command import build_train_config, training_options
 
 
 @training_options(exclude={"seed"})
@@ -75,7 +75,8 @@ def run_command(
     from services.teacher.engine import EngineOptions, resolved_dtype
     from services.trainer.checkpoints import latest_checkpoint
     from services.trainer.inputs import check_output_dir
-    from services.trainer.training import TrainingError, train as train_adapter
+    from services.trainer.training import TrainingError
+    from services.trainer.training import train as train_adapter
     from shared.datasets import DatasetError, load_problems
     from shared.settings import CurationConfig, Settings
     from shared.storage import PairStore, replace_atomically

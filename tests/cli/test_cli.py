@@ -219,7 +219,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
         (["eval", "--benchmark", str(src), "--out", str(a_dir)], f"--out {a_dir}: a directory is there; give a file"),
         (["eval", "--benchmark", str(src), "--out", str(a_file / "e.json")], f"{a_file} is a file, not a directory"),
         (["train", "--pairs", str(tmp_path), "--out", str(a_file)], f"--out {a_file}: a file is there"),
-        (["run", "--train", str(src), "--eval", str(held_out), "--out", str(a_file)], f"--out {a_file}: a file is there"),
+        (["run", "--train", str(src), "--eval", str(held_out), "--out", str(a_file)],
+         f"--out {a_file}: a file is there"),
         (["data", "arith", "--n", "2", "--out", str(a_dir)], f"--out {a_dir}: a directory is there"),
         (["grade", str(graded), "--out", str(a_dir)], f"--out {a_dir}: a directory is there"),
     ]
