@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from enum import Enum
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -103,6 +104,16 @@ def check_output_path(path: Path, *, directory: bool, option: str = "--out") -> 
         raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: no permission to write in {existing}")
+
+
+class LogLevel(str, Enum):
+    """A `--log-level` (checked as the command starts, not when a logger first meets it)."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import ModelOption, ensure_model, fail
+from cli.runtime import LogLevel, ModelOption, ensure_model, fail
 
 serve_app = typer.Typer(help="Run a service.", no_args_is_help=True)
 
@@ -46,7 +46,7 @@ def serve_teacher(
             show_default=False,
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="The log level.")] = LogLevel.info,
 ) -> None:
     """The teacher: rollouts, hinted explanations with top-k log-probabilities, scoring, LoRA adapters, OpenAI API."""
     import logging
@@ -78,7 +78,7 @@ def serve_teacher(
         create_app(settings),
         host=settings.teacher_host,
         port=settings.teacher_port,
-        log_level=log_level,
+        log_level=log_level.value,
         timeout_graceful_shutdown=30,
     )
 
@@ -87,7 +87,7 @@ def serve_teacher(
 def serve_trainer(
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (SSB_TRAINER_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (SSB_TRAINER_PORT; 8002).")] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="The log level.")] = LogLevel.info,
 ) -> None:
     """The trainer API: queue LoRA training runs and evaluations (done by `ssb worker train`), read their progress,
     metrics, curves, adapters and accuracy tables."""
@@ -98,12 +98,12 @@ def serve_trainer(
 
     overrides = {"trainer_host": host, "trainer_port": port}
     settings = TrainerSettings(**{name: value for name, value in overrides.items() if value is not None})
-    add_service_log_handler("ssb", log_level)
+    add_service_log_handler("ssb", log_level.value)
     uvicorn.run(
         create_app(settings),
         host=settings.trainer_host,
         port=settings.trainer_port,
-        log_level=log_level,
+        log_level=log_level.value,
         timeout_graceful_shutdown=30,
     )
 
@@ -123,7 +123,7 @@ def add_service_log_handler(name: str, level: str) -> None:
 def serve_curator(
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (SSB_CURATOR_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (SSB_CURATOR_PORT; 8001).")] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="The log level.")] = LogLevel.info,
 ) -> None:
     """The curator's intake API: datasets in over HTTP, one RQ job per batch of problems, status and pairs out."""
     import uvicorn
@@ -133,7 +133,7 @@ def serve_curator(
 
     overrides = {"curator_host": host, "curator_port": port}
     settings = CuratorSettings(**{name: value for name, value in overrides.items() if value is not None})
-    uvicorn.run(create_app(settings), host=settings.curator_host, port=settings.curator_port, log_level=log_level)
+    uvicorn.run(create_app(settings), host=settings.curator_host, port=settings.curator_port, log_level=log_level.value)
 
 
 TeacherUrlOption = Annotated[

@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import ModelOption, console, ensure_model, fail
+from cli.runtime import LogLevel, ModelOption, console, ensure_model, fail
 
 
 def up_command(
@@ -53,7 +53,9 @@ def up_command(
     stop_timeout: Annotated[
         float, typer.Option(min=0, help="Seconds each process has to exit after SIGTERM before SIGKILL.")
     ] = 30.0,
-    log_level: Annotated[str, typer.Option(help="Log level of every service and worker.")] = "info",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="Log level of every service and worker.")
+    ] = LogLevel.info,
 ) -> None:
     """Start Redis, the teacher, the curator API, N curator workers, the trainer API and the trainer worker here."""
     from cli.supervisor import StartError, Supervisor, free_port, port_in_use
@@ -92,7 +94,7 @@ def up_command(
         redis_url=redis_url,
         redis_port=redis_port,
         model=model,
-        log_level=log_level,
+        log_level=log_level.value,
     )
     if ready_file is not None:
         if not ready_file.parent.is_dir() or not os.access(ready_file.parent, os.W_OK):

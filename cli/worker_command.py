@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from cli.runtime import LogLevel
+
 worker_app = typer.Typer(help="Run a queue worker.", no_args_is_help=True)
 
 
@@ -27,7 +29,9 @@ def worker_train(
         ),
     ] = ["train", "eval"],  # noqa: B006 (typer reads the default; it is never mutated)
     burst: Annotated[bool, typer.Option(help="Exit once the queues are empty.")] = False,
-    log_level: Annotated[str, typer.Option(help="Log level of the worker and its jobs.")] = "info",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="Log level of the worker and its jobs.")
+    ] = LogLevel.info,
 ) -> None:
     """Train queued runs from the trainer API (resuming a run whose worker died from its last checkpoint) and run
     queued evaluations through the teacher service. One job at a time, each in a child process."""
@@ -60,7 +64,9 @@ def worker_train(
 @worker_app.command("curate")
 def worker_curate(
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
-    log_level: Annotated[str, typer.Option(help="Log level of the worker and its jobs.")] = "info",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="Log level of the worker and its jobs.")
+    ] = LogLevel.info,
 ) -> None:
     """Curate queued problems through the teacher service (SSB_TEACHER_URLS) into the datasets' pair stores under
     SSB_DATA_DIR. Any number of these, on any machine that reaches Redis, the teacher and the data volume; each job

@@ -234,6 +234,13 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     assert json.loads((tmp_path / "new" / "graded.jsonl").read_text())["correct"] is True
 
 
+def test_a_log_level_no_logger_knows_is_refused_as_the_command_starts():
+    for command in (["serve", "curator"], ["worker", "curate"], ["up"]):
+        result = ssb(*command, "--log-level", "loud", check=False)
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 2 and "Invalid value for '--log-level'" in said, (command, said)
+
+
 def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     """`ssb submit --wait` polls the dataset: a dropped connection and a 503 (the curator restarting, its Redis
     down) are waited out, the funnel then followed to the end. The curator here is httpx's mock transport."""
