@@ -73,7 +73,7 @@ def run_command(
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
     from services.teacher.engine import EngineOptions, resolved_dtype
-    from services.trainer.checkpoints import latest_checkpoint
+    from services.trainer.checkpoints import check_same_settings, latest_checkpoint
     from services.trainer.inputs import check_output_dir
     from services.trainer.training import TrainingError
     from services.trainer.training import train as train_adapter
@@ -103,11 +103,14 @@ def run_command(
         # Before the engine starts, not after curation and the base model's evaluation:
         check_output_path(out, directory=True)
         check_output_dir(out / "adapter", resume=resume)
-        if resume and latest_checkpoint(out / "adapter" / "checkpoints") is None:
+        checkpoint = latest_checkpoint(out / "adapter" / "checkpoints") if resume else None
+        if resume and checkpoint is None:
             raise ValueError(
                 f"--resume: no complete checkpoint in {out / 'adapter' / 'checkpoints'} to resume training from "
                 "(--checkpoint-every saves them); rerun without --resume on a new --out, or delete OUT/adapter"
             )
+        if checkpoint is not None:
+            check_same_settings(checkpoint, None, training.model_dump(mode="json"))
         if serving == "lora" and training.rank > EngineOptions.max_lora_rank:
             raise ValueError(
                 f"--rank {training.rank} is above the largest LoRA rank the engine serves "

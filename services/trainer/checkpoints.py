@@ -140,6 +140,22 @@ def save_checkpoint(
     return final
 
 
+def check_same_settings(checkpoint: Path, written: dict | None, config: dict) -> None:
+    """TrainingError when `config` (a `TrainConfig` as JSON) differs from the settings the checkpoint was written with
+    (`written`; read from it when None) in more than `RESUMABLE_CHANGES`. Commands ask before anything heavy runs."""
+    if written is None:
+        written = json.loads((checkpoint / "state.json").read_bytes())["config"]
+    changed = sorted(
+        name
+        for name in set(written) | set(config)
+        if name not in RESUMABLE_CHANGES and written.get(name) != config.get(name)
+    )
+    if changed:
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: settings changed since it was written: {', '.join(changed)}"
+        )
+
+
 def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_state: dict, accelerator) -> int:
     """Restore adapter, optimizer, scheduler and RNG states from a checkpoint; return its step.
 
@@ -150,15 +166,7 @@ def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_stat
     from safetensors.torch import load_file
 
     state = json.loads((checkpoint / "state.json").read_bytes())
-    changed = sorted(
-        name
-        for name in set(state["config"]) | set(run_state["config"])
-        if name not in RESUMABLE_CHANGES and state["config"].get(name) != run_state["config"].get(name)
-    )
-    if changed:
-        raise TrainingError(
-            f"cannot resume from {checkpoint}: settings changed since it was written: {', '.join(changed)}"
-        )
+    check_same_settings(checkpoint, state["config"], run_state["config"])
     if state["pairs_digest"] != run_state["pairs_digest"]:
         raise TrainingError(
             f"cannot resume from {checkpoint}: the pairs directory holds other pairs than it was trained on"

@@ -234,6 +234,25 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     assert json.loads((tmp_path / "new" / "graded.jsonl").read_text())["correct"] is True
 
 
+def test_run_resume_with_other_training_settings_is_refused_before_the_engine_starts(tmp_path):
+    """`ssb run --resume` whose training settings differ from its checkpoint's says so at once, not after curation
+    and the base model's evaluation."""
+    from services.trainer.config import TrainConfig
+
+    src, held_out = tmp_path / "p.jsonl", tmp_path / "h.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    held_out.write_text('{"question": "2+2?", "answer": "4"}\n', encoding="utf-8")
+    checkpoint = tmp_path / "out" / "adapter" / "checkpoints" / "step-2"
+    checkpoint.mkdir(parents=True)
+    config = {**TrainConfig().model_dump(mode="json"), "lr": 0.5}
+    (checkpoint / "state.json").write_text(json.dumps({"config": config, "step": 2}))
+    result = ssb("run", "--train", str(src), "--eval", str(held_out), "--out", str(tmp_path / "out"), "--resume",
+                 check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "settings changed since it was written:" in said, said
+    assert " lr" in said.split("written:")[1] and "Starting the engine" not in said
+
+
 def test_a_log_level_no_logger_knows_is_refused_as_the_command_starts():
     for command in (["serve", "curator"], ["worker", "curate"], ["up"]):
         result = ssb(*command, "--log-level", "loud", check=False)
