@@ -6,8 +6,9 @@
 The file goes up as it is (the service checks every row and names the bad ones); options are `NewDatasetOptions`
 (shared/curator_api.py), from the flags and `--options`. With `--wait`, a live progress bar of the funnel until every
 problem has its final state (and a dataset that asked for training is handed to the trainer), then the funnel as a table
-and the training run; exit status 1 when a problem failed or the training could not start. The curator's key, if it has
-one, comes from SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
+and the training run; exit status 1 when it did not end as asked (`fell_short`: a problem failed, the dataset was
+cancelled, or the training it asked for was not started). The curator's key, if it has one, comes from
+SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def submit_command(
         if wait:
             status = follow(http, created.id, created.problems)
             print_status(status)
-            if status.funnel.failed or status.training_error:
+            if fell_short(status):
                 raise typer.Exit(code=1)
 
 
@@ -147,6 +148,14 @@ def follow(http, dataset_id: str, problems: int):
                     return status
                 progress.update(task, counts=funnel_line(status) + ", handing it to the trainer")
             time.sleep(POLL_SECONDS)
+
+
+def fell_short(status) -> bool:
+    """Whether a followed dataset ended otherwise than asked: a problem failed, it was cancelled, or the training it
+    asked for has no run (refused, or none recorded in time)."""
+    cancelled = status.state == "cancelled" or status.funnel.cancelled > 0
+    untrained = status.options.train is not None and status.training_run is None
+    return status.funnel.failed > 0 or cancelled or untrained
 
 
 def funnel_line(status) -> str:

@@ -306,6 +306,14 @@ def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
         assert submit_command.follow(http, done.id, 2) == training  # no run recorded in time: the status as it is
 
+    # Exit status 1 (`fell_short`) for each way a dataset can end otherwise than asked, 0 for the two that did not.
+    cancelled = done.model_copy(update={"state": "cancelled", "funnel": Funnel(paired=1, cancelled=1)})
+    refused = training.model_copy(update={"training_error": "the trainer refused it"})
+    failed = done.model_copy(update={"funnel": Funnel(paired=1, failed=1)})
+    assert [submit_command.fell_short(s) for s in (done, started, cancelled, training, refused, failed)] == [
+        False, False, True, True, True, True,
+    ]
+
 
 def test_an_unusable_socket_directory_is_one_error_line_before_the_engine_starts(model_path, monkeypatch, capsys):
     """The engine's IPC sockets go in a directory of its own under VLLM_RPC_BASE_PATH: one that cannot hold it ends
