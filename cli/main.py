@@ -161,6 +161,7 @@ def curate(
     teacher_url: TeacherUrlOption = None,
 ) -> None:
     """Steps 1-5: rollouts, grading, hints, hinted explanation with top-k log-probabilities, verified pairs."""
+    from services.curator.curation import rerun_conflict
     from shared.datasets import DatasetError, load_problems
     from shared.storage import PairStore
 
@@ -187,11 +188,15 @@ def curate(
                 problems, model_path, settings, answer_tokens=rollout_max_tokens,
                 explanation_tokens=explanation_max_tokens, worked_example=config.worked_example,
             )
+            if conflict := rerun_conflict(PairStore(out), config, model_path):
+                raise ValueError(conflict)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
     with exit_on_signals(), open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=False) as engine:
         if teacher_url and worked_example is None:  # the teacher's model decides, not --model
             config = config.model_copy(update={"worked_example": needs_worked_example(engine.model_name)})
+        if teacher_url and (conflict := rerun_conflict(PairStore(out), config, engine.model_name)):
+            raise fail(conflict)
         funnel = curate_with_progress(problems, engine, PairStore(out), config)
     print_funnel(funnel, out)
 

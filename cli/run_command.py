@@ -71,6 +71,7 @@ def run_command(
     train_options: dict,
 ) -> None:
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
+    from services.curator.curation import rerun_conflict
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
     from services.teacher.engine import EngineOptions, resolved_dtype
     from services.trainer.checkpoints import check_same_settings, latest_checkpoint
@@ -122,6 +123,8 @@ def run_command(
             worked_example=worked_example,
         )
         check_fits_context(held_out, model_path, settings, answer_tokens=eval_max_tokens, worked_example=worked_example)
+        if conflict := rerun_conflict(PairStore(out / "pairs"), curation, model_path):
+            raise ValueError(conflict)
     except (DatasetError, FileNotFoundError, ValueError, TrainingError) as exc:
         raise fail(str(exc)) from exc
 

@@ -11,9 +11,9 @@ import os
 import signal
 import threading
 import time
-from enum import Enum
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 

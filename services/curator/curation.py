@@ -168,6 +168,46 @@ def drop_reason(rollouts: Sequence[Rollout]) -> str:
     return "ungradeable" if all(r.correct is None for r in rollouts) else "no_mix"
 
 
+def how_made(
+    model: str,
+    prompt_version: str,
+    worked_example: bool,
+    topk: int,
+    rollout_sampling: SamplingSettings,
+    explanation_sampling: SamplingSettings,
+) -> dict:
+    """How pairs are made, flat: the model, the prompt, the top-k and the sampling of rollouts and explanations, but
+    the seeds (each problem draws its own from the run's seed)."""
+    made = {"model": model, "prompt_version": prompt_version, "worked_example": worked_example, "topk": topk}
+    for name, sampling in (("rollout", rollout_sampling), ("explanation", explanation_sampling)):
+        made |= {f"{name}_sampling.{key}": value for key, value in sampling.model_dump(exclude={"seed"}).items()}
+    return made
+
+
+def rerun_conflict(store: PairStore, config: CurationConfig, model: str) -> str | None:
+    """Why curating into `store` with `config` on `model` would mix two kinds of pairs in it (a rerun keeps what is
+    there and adds the rest, and training would learn from both), or None. Compared with its first pair."""
+    pair_ids = store.pair_ids()
+    if not pair_ids:
+        return None
+    record = store.load_pair(pair_ids[0]).record
+    there = how_made(
+        record.model, record.prompt_version, record.worked_example, record.topk, record.rollout_sampling,
+        record.explanation_sampling,
+    )
+    now = how_made(
+        model, PROMPT_VERSION, config.worked_example, config.topk, config.rollout_sampling(),
+        config.explanation_sampling(),
+    )
+    changed = [f"{name} {there[name]!r} there, {now[name]!r} now" for name in now if there[name] != now[name]]
+    if not changed:
+        return None
+    return (
+        f"{store.root} holds pairs made otherwise ({'; '.join(changed)}); a rerun would add pairs of another kind: "
+        "curate into a new directory, or with the settings it was made with"
+    )
+
+
 def curate(
     problems: Sequence[Problem],
     engine: Engine,

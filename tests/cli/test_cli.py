@@ -253,6 +253,27 @@ def test_run_resume_with_other_training_settings_is_refused_before_the_engine_st
     assert " lr" in said.split("written:")[1] and "Starting the engine" not in said
 
 
+def test_curate_into_a_store_made_otherwise_is_refused_before_the_engine_starts(curated_pairs, tmp_path):
+    """A rerun of `ssb curate` into a store of the session's pairs (k = 4) with k = 8 would add pairs of another kind:
+    refused at once, naming the difference; the store is a copy, left as it was."""
+    import shutil
+
+    from tests.conftest import CURATION_CONFIG
+
+    store = tmp_path / "store"
+    shutil.copytree(curated_pairs, store)
+    before = sorted(p.name for p in store.rglob("*"))
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    same = ["--seed", "0", "--worked-example", "--topk", str(CURATION_CONFIG["topk"]),
+            "--rollout-max-tokens", str(CURATION_CONFIG["rollout_max_tokens"]),
+            "--explanation-max-tokens", str(CURATION_CONFIG["explanation_max_tokens"])]
+    result = ssb("curate", "--data", str(src), "--out", str(store), "--k", "8", *same, check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and f"{store} holds pairs made otherwise (rollout_sampling.n 4 there, 8 now)" in said
+    assert "Starting the engine" not in said and sorted(p.name for p in store.rglob("*")) == before
+
+
 def test_a_log_level_no_logger_knows_is_refused_as_the_command_starts():
     for command in (["serve", "curator"], ["worker", "curate"], ["up"]):
         result = ssb(*command, "--log-level", "loud", check=False)

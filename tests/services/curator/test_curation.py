@@ -5,7 +5,7 @@ worked example, the demo's token limits, top-20) is checked here; the 200-proble
 `make bench` (benchmarks/curation.py), where its minutes do not weigh on the test suite.
 """
 
-from services.curator.curation import Funnel, curate, record_dropped
+from services.curator.curation import Funnel, curate, record_dropped, rerun_conflict
 from shared.grading import grade_response
 from shared.schemas import DroppedProblem
 from shared.settings import CurationConfig
@@ -60,6 +60,20 @@ def test_running_again_writes_nothing_new(curation_run, engine):
     after = {p.name: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
     assert funnel.skipped == len(problems) and funnel.pairs == 0
     assert before == after
+
+
+def test_a_rerun_with_other_settings_is_told_from_one_with_the_same(curation_run, engine):
+    """A pair store records how its pairs were made: a rerun with the same settings (another seed too) may add to it;
+    one with another k, top-k, model or prompt would mix two kinds of pairs, and is named with what differs."""
+    _, store, _ = curation_run
+    assert rerun_conflict(store, CONFIG, engine.model_name) is None
+    assert rerun_conflict(store, CONFIG.model_copy(update={"seed": 7}), engine.model_name) is None
+    other = rerun_conflict(store, CONFIG.model_copy(update={"k": 8, "topk": 5}), "another/model")
+    assert other.startswith(f"{store.root} holds pairs made otherwise (")
+    for change in (f"model {engine.model_name!r} there, 'another/model' now", "topk 20 there, 5 now",
+                   "rollout_sampling.n 4 there, 8 now", "explanation_sampling.logprobs 20 there, 5 now"):
+        assert change in other, change
+    assert rerun_conflict(PairStore(store.root / "nothing-here"), CONFIG, "another/model") is None
 
 
 def test_a_drop_another_run_recorded_meanwhile_counts_as_skipped_not_twice(tmp_path):
