@@ -201,7 +201,7 @@ GOOD = {"question": "What is 2 + 3?", "answer": "5"}
          ["p.parquet: its columns ['question', 'answer'] decompress to", "at most 200000"]),
     ],
     ids=["bad-json-lines", "duplicate-ids", "parquet-row", "extension", "options", "no-file", "json-rows",
-         "adapter-name", "empty", "misspelt-option", "train-value", "train-field", "train-dataset-id", "too-large",
+         "adapter-name", "empty", "misspelt-option", "train-value", "train-field", "train-dataset-id", "train-run-id", "too-large",
          "too-many-in-file", "too-many-rows",
          "sampling-bounds", "extraction-order", "misspelt-field", "misspelt-part", "long-name", "huge-number",
          "parquet-bomb"],
