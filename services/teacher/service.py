@@ -112,8 +112,8 @@ def resolve_adapter_dir(adapters_dir: Path, relative: str, param: str) -> Path:
     return candidate
 
 
-# The least time the copy of a replaced or unloaded adapter outlives it, once no request that may use it runs: the
-# engine hears of a request given up (a client gone) a moment after the service stops waiting for it.
+# How long the copy of a replaced or unloaded adapter stays once no request that may use it runs: the engine hears of
+# a request given up (a client gone) a moment after the service stops waiting for it.
 RETIRED_COPY_GRACE_SECONDS = 60.0
 
 
@@ -136,17 +136,18 @@ def snapshot_adapter(directory: Path, into: Path) -> Path:
 
 
 class RetiredCopies:
-    """The copies of adapters replaced or unloaded, each deleted once every engine request admitted before it was
-    retired has ended (however long such a request waits in the engine's queue, it may need vLLM to read the copy
-    again) and `grace_seconds` have passed since it was retired. Looked at whenever a request ends and whenever a copy
-    is retired; those left go with the engine's IPC directory."""
+    """The copies of adapters replaced or unloaded, each deleted `grace_seconds` after every engine request admitted
+    before it was retired has ended (however long such a request waits in the engine's queue, it may need vLLM to read
+    the copy again; a request that never ends keeps the copies retired while it runs). Looked at whenever a request
+    ends and whenever a copy is retired; those left go with the engine's IPC directory."""
 
     def __init__(self, grace_seconds: float = RETIRED_COPY_GRACE_SECONDS, clock: Callable[[], float] = time.monotonic):
         self.grace_seconds = grace_seconds
         self.clock = clock
         self._next_request = 0
         self._running: set[int] = set()  # the numbers of the requests admitted and not ended
-        self._copies: list[tuple[int, float, Path]] = []  # (first request admitted after it, when, copy)
+        # [first request admitted after its retirement, when the last request before that ended (None: runs), copy]
+        self._copies: list[list] = []
 
     @contextmanager
     def request(self):
@@ -161,18 +162,21 @@ class RetiredCopies:
             self.sweep()
 
     def retire(self, copy: Path) -> None:
-        self._copies.append((self._next_request, self.clock(), copy))
+        self._copies.append([self._next_request, None, copy])
         self.sweep()
 
     def sweep(self) -> None:
         now = self.clock()
         oldest_running = min(self._running, default=self._next_request)
         kept = []
-        for first_after, when, copy in self._copies:
-            if oldest_running >= first_after and now - when >= self.grace_seconds:
+        for entry in self._copies:
+            first_after, unused_since, copy = entry
+            if unused_since is None and oldest_running >= first_after:
+                entry[1] = unused_since = now
+            if unused_since is not None and now - unused_since >= self.grace_seconds:
                 shutil.rmtree(copy, ignore_errors=True)
             else:
-                kept.append((first_after, when, copy))
+                kept.append(entry)
         self._copies = kept
 
     def __len__(self) -> int:

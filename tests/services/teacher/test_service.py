@@ -341,8 +341,8 @@ def test_an_adapter_serves_from_the_engines_own_copy_after_its_directory_is_gone
 
 def test_a_retired_adapter_copy_goes_once_no_request_may_use_it(tmp_path):
     """The copy of a replaced or unloaded adapter stays while a request admitted before its retirement runs (however
-    long: it may be waiting in the engine's queue and need vLLM to read the copy again), and for the grace period,
-    then goes when a request ends; the logic alone, on a clock of the test's."""
+    long: it may be waiting in the engine's queue and need vLLM to read the copy again), and for the grace period after
+    the last such request ended, then goes when a request ends; the logic alone, on a clock of the test's."""
     from services.teacher.service import RETIRED_COPY_GRACE_SECONDS, RetiredCopies
 
     now = [0.0]
@@ -357,6 +357,10 @@ def test_a_retired_adapter_copy_goes_once_no_request_may_use_it(tmp_path):
         now[0] = 10 * RETIRED_COPY_GRACE_SECONDS
     assert first.exists()  # the older request still runs, long past the grace period
     older.__exit__(None, None, None)
+    assert first.exists()  # the engine may still hold that request a moment: the grace period starts now
+    now[0] += RETIRED_COPY_GRACE_SECONDS
+    with retired.request():
+        pass
     assert not first.exists()
 
     retired.retire(second)  # nothing running
