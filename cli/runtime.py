@@ -94,12 +94,17 @@ def check_output_path(path: Path, *, directory: bool, option: str = "--out") -> 
     """Refuse (ValueError), before anything loads, an output path that cannot be written: a file where a directory
     goes or the other way round, a file in the way of a directory to create, or a directory without write permission.
     A command that finds out only when it writes has done its work for nothing."""
-    if path.exists() and path.is_dir() != directory:
-        wanted = "a directory" if directory else "a file path"
-        raise ValueError(f"{option} {path}: a {'directory' if path.is_dir() else 'file'} is there; give {wanted}")
-    existing = path if directory and path.is_dir() else path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        if path.is_symlink() and not path.exists():
+            raise ValueError(f"{option} {path}: a link to nothing is there")
+        if path.exists() and path.is_dir() != directory:
+            wanted = "a directory" if directory else "a file path"
+            raise ValueError(f"{option} {path}: a {'directory' if path.is_dir() else 'file'} is there; give {wanted}")
+        existing = path if directory and path.is_dir() else path.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as exc:  # e.g. a directory on the way that may not be searched
+        raise ValueError(f"{option} {path}: cannot be looked at ({exc.strerror})") from exc
     if not existing.is_dir():
         raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -213,6 +213,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     a_file, a_dir = tmp_path / "f.txt", tmp_path / "d"
     a_file.write_text("mine\n")
     a_dir.mkdir()
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "nothing")
     cases = [
         (["curate", "--data", str(src), "--out", str(a_file)], f"--out {a_file}: a file is there; give a directory"),
         (["curate", "--data", str(src), "--out", str(a_file / "o")], f"--out {a_file / 'o'}: {a_file} is a file"),
@@ -222,6 +224,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
         (["run", "--train", str(src), "--eval", str(held_out), "--out", str(a_file)],
          f"--out {a_file}: a file is there"),
         (["data", "arith", "--n", "2", "--out", str(a_dir)], f"--out {a_dir}: a directory is there"),
+        (["curate", "--data", str(src), "--out", str(dangling)], f"--out {dangling}: a link to nothing is there"),
         (["grade", str(graded), "--out", str(a_dir)], f"--out {a_dir}: a directory is there"),
     ]
     for command, says in cases:
