@@ -145,9 +145,10 @@ TeacherUrlOption = Annotated[
     ),
 ]
 
-# How long a command waits for a teacher URL where nothing answers at all (a teacher started moments ago binds its port
-# within seconds; its engine then loads while /readyz answers 503, waited for up to five minutes).
-TEACHER_UNREACHABLE_SECONDS = 30.0
+# How long a command waits for a teacher URL where no teacher answers (one started moments ago binds its port within
+# seconds, or once it has pulled the default model on first use; its engine then loads while /readyz answers 503,
+# waited for up to five minutes).
+TEACHER_UNREACHABLE_SECONDS = 120.0
 
 
 def open_teacher(teacher_url: str | None, model_path: str | None, settings, **engine_options):

@@ -145,8 +145,13 @@ def train_command(
         raise fail(str(exc)) from exc
     config = build_train_config(train_options)
     try:
+        if resume:  # other settings than the checkpoint's: said before the model loads
+            from services.trainer.checkpoints import check_same_settings, latest_checkpoint
+
+            if (checkpoint := latest_checkpoint(out / "checkpoints")) is not None:
+                check_same_settings(checkpoint, None, config.model_dump(mode="json"))
         model_path = ensure_model(model, Settings())
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, TrainingError) as exc:
         raise fail(str(exc)) from exc
 
     from services.trainer.training import train

@@ -537,8 +537,9 @@ def grade_records(lines: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Grade JSONL records for `ssb grade FILE`: each record plus `extracted` and `correct`.
 
     A record needs `gold` (the bare answer) and either `response` (a whole model output, extracted with the default
-    order) or `pred` (an answer already extracted, graded as it is). When both are present, `response` is used.
-    Raises ValueError naming the missing field; the caller adds the line number.
+    order; with `"finish_reason": "length"` it was cut at the token limit and gets no verdict, `grade_model_response`)
+    or `pred` (an answer already extracted, graded as it is). When both are present, `response` is used. Raises
+    ValueError naming the missing field; the caller adds the line number.
     """
     for record in lines:
         if not isinstance(record, dict):
@@ -549,7 +550,7 @@ def grade_records(lines: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         response = _text_field(record, "response")
         pred = _text_field(record, "pred")
         if response is not None:
-            graded = grade_response(gold, response)
+            graded = grade_model_response(gold, response, cut_off=record.get("finish_reason") == "length")
         elif pred is not None:
             graded = GradedAnswer(extracted=pred, correct=is_equivalent(gold, pred))
         else:

@@ -158,31 +158,38 @@ class TeacherClient(ConcurrentCalls):
     def wait_ready(self, timeout_seconds: float = 300.0, unreachable_seconds: float | None = None) -> None:
         """Block until `/readyz` says ready, or raise TeacherUnavailable: at once when the teacher's engine failed to
         start (a 503 of type `start_failed`: no wait helps) or when the URL answers as no teacher does (e.g. a 404);
-        after `unreachable_seconds` (default: the whole timeout) of no answer at all (nothing listening there); after
-        `timeout_seconds` in any case (an engine still loading)."""
+        after `unreachable_seconds` (default: the whole timeout) without the teacher's own answer (nothing listening
+        there, or a gateway's 502, 503 or 504 with nothing behind it); after `timeout_seconds` in any case (an engine
+        still loading: a 503 of type `not_ready`, or a 429)."""
         started = time.monotonic()
         unreachable_since = None
         while True:
             now = time.monotonic()
             try:
                 response = self.http.get("/readyz", timeout=10.0)
+                status, kind = response.status_code, error_field(response, "type")
+                silence = None
+                if status == 200:
+                    return
+                if status == 503 and kind == START_FAILED:
+                    raise TeacherUnavailable(f"the teacher at {self.http.base_url} could not start its engine: "
+                                             f"{error_message(response)}")
+                if status in (502, 503, 504) and kind != "not_ready":  # a gateway's answer, no teacher's
+                    silence = f"{status} from something in front of it"
+                elif status not in (429, 503):  # a teacher's /readyz answers 200 or 503, and needs no key
+                    raise TeacherUnavailable(f"{self.http.base_url}/readyz answered {status}, as no teacher does: "
+                                             "is the URL right?")
             except httpx.TransportError as exc:
+                silence = type(exc).__name__
+            if silence is None:
+                unreachable_since = None
+            else:
                 unreachable_since = unreachable_since if unreachable_since is not None else now
                 if unreachable_seconds is not None and now - unreachable_since >= unreachable_seconds:
                     raise TeacherUnavailable(
-                        f"nothing answers at {self.http.base_url} ({type(exc).__name__}) after "
-                        f"{now - unreachable_since:.0f} s: is the teacher started, and is the URL right?"
-                    ) from exc
-            else:
-                unreachable_since = None
-                status = response.status_code
-                if status == 200:
-                    return
-                if status == 503 and error_field(response, "type") == START_FAILED:
-                    raise TeacherUnavailable(f"the teacher at {self.http.base_url} could not start its engine: "
-                                             f"{error_message(response)}")
-                if status not in (502, 503, 504):  # starting, or a gateway before it waiting too
-                    raise TeacherUnavailable(f"{self.http.base_url}/readyz answered {status}: is this a teacher?")
+                        f"no teacher answers at {self.http.base_url} ({silence}) after {now - unreachable_since:.0f} "
+                        "s: is the teacher started, and is the URL right?"
+                    )
             if now - started > timeout_seconds:
                 raise TeacherUnavailable(f"{self.http.base_url} not ready after {timeout_seconds:.0f} s")
             time.sleep(0.5)

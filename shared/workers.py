@@ -19,7 +19,7 @@ alone; the services' failure callbacks skip the failure of a run whose job anoth
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
+import re
 
 import redis
 from rq import Worker
@@ -59,10 +59,10 @@ def connect_redis(redis_url: str) -> redis.Redis:
 
 
 def redis_location(redis_url: str) -> str:
-    """Where a Redis URL points, without what may be secret in it (a password before the host or in the query):
-    `redis://:pw@redis:6379/0` is `redis://redis:6379/0`. For messages that anyone may read."""
-    parts = urlsplit(redis_url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    """Where a Redis URL points, without what may be secret in it (a password before the host, whatever characters it
+    holds, or in the query): `redis://:pw@redis:6379/0` is `redis://redis:6379/0`. For messages anyone may read."""
+    scheme, _, rest = redis_url.partition("://")
+    return f"{scheme}://{re.split(r'[?#]', rest.rpartition('@')[2])[0]}"
 
 
 class JobProcessDied(RuntimeError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from shared.engine import Engine, HintedQuestion, PromptedGenerations
 from shared.grading import GradedAnswer, grade_model_response, grade_response
@@ -176,9 +177,10 @@ def how_made(
     rollout_sampling: SamplingSettings,
     explanation_sampling: SamplingSettings,
 ) -> dict:
-    """How pairs are made, flat: the model, the prompt, the top-k and the sampling of rollouts and explanations, but
-    the seeds (each problem draws its own from the run's seed)."""
-    made = {"model": model, "prompt_version": prompt_version, "worked_example": worked_example, "topk": topk}
+    """How pairs are made, flat: the model (by its name: one model is at different paths on different machines, or a
+    Hugging Face id here and a directory there), the prompt, the top-k and the sampling of rollouts and explanations,
+    but the seeds (each problem draws its own from the run's seed)."""
+    made = {"model": PurePosixPath(model.rstrip("/")).name, "prompt_version": prompt_version, "worked_example": worked_example, "topk": topk}
     for name, sampling in (("rollout", rollout_sampling), ("explanation", explanation_sampling)):
         made |= {f"{name}_sampling.{key}": value for key, value in sampling.model_dump(exclude={"seed"}).items()}
     return made

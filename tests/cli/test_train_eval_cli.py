@@ -57,6 +57,18 @@ def test_train_refuses_an_output_directory_that_holds_a_run(tmp_path, unloadable
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_train_resume_with_other_settings_stops_before_loading(pairs_dir, tmp_path, unloadable_model):  # noqa: F811
+    from services.trainer.config import TrainConfig
+
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-2"
+    checkpoint.mkdir(parents=True)
+    config = {**TrainConfig().model_dump(mode="json"), "lr": 0.5}
+    (checkpoint / "state.json").write_text(json.dumps({"config": config, "step": 2}))
+    args = ["--pairs", str(pairs_dir), "--out", str(tmp_path / "out"), "--resume", "--model", unloadable_model]
+    said = error_of(ssb("train", *args, check=False))
+    assert "settings changed since it was written:" in said and " lr" in said.split("written:")[1], said
+
+
 def test_train_checks_its_paths_before_importing_torch(tmp_path, unloadable_model):
     """A wrong path is refused at once: not after torch, transformers and peft have loaded (seconds)."""
     (tmp_path / "curated" / "pairs").mkdir(parents=True)

@@ -252,12 +252,14 @@ def test_grade_records():
         {"id": 2, "gold": "\\frac{1}{2}", "pred": "0.5"},
         {"id": 3, "gold": "18", "pred": "\\boxed{19}"},
         {"id": 4, "gold": 204, "response": "nothing to see"},
+        {"id": 5, "gold": "18", "response": "18 + 0 = 18, and 18", "finish_reason": "length"},  # cut off
     ]
     graded = list(grade_records(records))
     assert graded[0] == {**records[0], "extracted": "18.00", "correct": True}
     assert graded[1] == {**records[1], "extracted": "0.5", "correct": True}
     assert graded[2]["extracted"] == "\\boxed{19}" and graded[2]["correct"] is False  # `pred` is used as it is
     assert graded[3] == {**records[3], "extracted": None, "correct": None}
+    assert graded[4] == {**records[4], "extracted": "18", "correct": None}
 
 
 @pytest.mark.parametrize(

@@ -146,18 +146,21 @@ def test_waiting_for_readiness_rides_out_a_start_and_stops_at_once_where_no_wait
     an answer no teacher gives (a 404: another service at that URL), ends the wait at once; so does no answer at all
     for `unreachable_seconds`."""
     starting = (503, {"error": {"message": "loading", "type": "not_ready"}}, {})
-    transport, calls = scripted(httpx.ConnectError("refused"), starting, (200, {"status": "ready"}, {}))
+    transport, calls = scripted(httpx.ConnectError("refused"), starting, (429, {}, {}), (200, {"status": "ready"}, {}))
     client(transport).wait_ready(unreachable_seconds=60)
-    assert [c.url.path for c in calls] == ["/readyz"] * 3
+    assert [c.url.path for c in calls] == ["/readyz"] * 4
 
     failed = (503, {"error": {"message": "no model at /m", "type": "start_failed"}}, {})
-    for answer, says in [(failed, "could not start its engine: no model at /m"), ((404, {}, {}), "answered 404")]:
+    for answer, says in [(failed, "could not start its engine: no model at /m"), ((404, {}, {}), "answered 404, as no"),
+                         ((401, {}, {}), "answered 401")]:
         transport, calls = scripted(answer)
         with pytest.raises(TeacherUnavailable, match=says):
             client(transport).wait_ready()
         assert len(calls) == 1
 
-    transport, calls = scripted(httpx.ConnectError("refused"))
-    with pytest.raises(TeacherUnavailable, match="nothing answers at http://teacher"):
-        client(transport).wait_ready(unreachable_seconds=0)
-    assert len(calls) == 1
+    for silence, says in [(httpx.ConnectError("refused"), "ConnectError"), ((502, {}, {}), "502 from something"),
+                          ((503, {"error": "<html>"}, {}), "503 from something in front of it")]:
+        transport, calls = scripted(silence)
+        with pytest.raises(TeacherUnavailable, match=f"no teacher answers at http://teacher \\({says}"):
+            client(transport).wait_ready(unreachable_seconds=0)
+        assert len(calls) == 1

@@ -153,6 +153,7 @@ def test_a_job_cancelled_before_it_starts_leaves_nothing_in_redis_and_two_cancel
         ("rediss://user:s3cret@10.0.0.5:6380/2?password=s3cret", "rediss://10.0.0.5:6380/2"),
         ("redis://127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"),
         ("unix:///run/redis.sock?db=3&password=s3cret", "unix:///run/redis.sock"),
+        ("redis://:pa/ss?w#rd@redis:6379/0", "redis://redis:6379/0"),
     ],
 )
 def test_a_redis_location_holds_no_password(url, location):

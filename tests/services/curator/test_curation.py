@@ -5,6 +5,8 @@ worked example, the demo's token limits, top-20) is checked here; the 200-proble
 `make bench` (benchmarks/curation.py), where its minutes do not weigh on the test suite.
 """
 
+from pathlib import Path
+
 from services.curator.curation import Funnel, curate, record_dropped, rerun_conflict
 from shared.grading import grade_response
 from shared.schemas import DroppedProblem
@@ -68,9 +70,11 @@ def test_a_rerun_with_other_settings_is_told_from_one_with_the_same(curation_run
     _, store, _ = curation_run
     assert rerun_conflict(store, CONFIG, engine.model_name) is None
     assert rerun_conflict(store, CONFIG.model_copy(update={"seed": 7}), engine.model_name) is None
+    moved = f"/elsewhere/models/{Path(engine.model_name).name}"  # the same model at another path: the same
+    assert rerun_conflict(store, CONFIG, moved) is None
     other = rerun_conflict(store, CONFIG.model_copy(update={"k": 8, "topk": 5}), "another/model")
     assert other.startswith(f"{store.root} holds pairs made otherwise (")
-    for change in (f"model {engine.model_name!r} there, 'another/model' now", "topk 20 there, 5 now",
+    for change in (f"model {Path(engine.model_name).name!r} there, 'model' now", "topk 20 there, 5 now",
                    "rollout_sampling.n 4 there, 8 now", "explanation_sampling.logprobs 20 there, 5 now"):
         assert change in other, change
     assert rerun_conflict(PairStore(store.root / "nothing-here"), CONFIG, "another/model") is None
