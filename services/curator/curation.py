@@ -180,7 +180,12 @@ def how_made(
     """How pairs are made, flat: the model (by its name: one model is at different paths on different machines, or a
     Hugging Face id here and a directory there), the prompt, the top-k and the sampling of rollouts and explanations,
     but the seeds (each problem draws its own from the run's seed)."""
-    made = {"model": PurePosixPath(model.rstrip("/")).name, "prompt_version": prompt_version, "worked_example": worked_example, "topk": topk}
+    made = {
+        "model": PurePosixPath(model.rstrip("/")).name,
+        "prompt_version": prompt_version,
+        "worked_example": worked_example,
+        "topk": topk,
+    }
     for name, sampling in (("rollout", rollout_sampling), ("explanation", explanation_sampling)):
         made |= {f"{name}_sampling.{key}": value for key, value in sampling.model_dump(exclude={"seed"}).items()}
     return made
