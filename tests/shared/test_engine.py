@@ -68,9 +68,10 @@ def test_a_command_ended_by_a_signal_does_not_wait_for_the_explanations_nor_does
         "    Calls(rollouts_error=SystemExit(143), explanations_take=60).rollouts_and_explanations(\n"
         "        ['q'], [SAMPLING], [ITEM], [SAMPLING])\n"
         "finally:\n"
-        "    print('ended after', round(time.monotonic() - started), flush=True)\n"
+        "    print('ended after', time.monotonic() - started, flush=True)\n"
     )
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=50)
-    assert result.returncode == 143 and result.stdout.strip() == "ended after 0", result.stderr
+    said = result.stdout.split()
+    assert result.returncode == 143 and said[:2] == ["ended", "after"] and float(said[2]) < 10, result.stderr
     assert time.monotonic() - started < 30

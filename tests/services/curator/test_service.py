@@ -317,11 +317,12 @@ def test_a_problem_the_teacher_refuses_fails_alone_with_its_reason(curator):
     options = {**CURATION_CONFIG, "k": 2, "seed": 13, "rollout_max_tokens": 64, "explanation_max_tokens": 64}
     with curator.client() as http:
         dataset = http.post("/v1/datasets", json={"rows": problems, "options": options}).json()
-        # A job of that problem alone fails it at once: no retry (30 s, then 120 s later) would be answered otherwise.
+        # A job of that problem alone fails it at once: retried (at once, 30 s and 120 s later), its problem would end
+        # 150 s later at the earliest; 120 s leave a slow machine time for the one attempt.
         alone = http.post("/v1/datasets", json={"rows": [problems[1]], "options": options}).json()
     curator.start_worker()
     status = curator.wait_done(dataset["id"], timeout=300)
-    alone_status = curator.wait_done(alone["id"], timeout=25)
+    alone_status = curator.wait_done(alone["id"], timeout=120)
     curator.stop_workers()
     assert status["funnel"]["failed"] == 1 and status["funnel"]["queued"] == status["funnel"]["running"] == 0
     (failure,) = status["failures"]
