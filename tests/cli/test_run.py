@@ -71,9 +71,16 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
             assert any(path.is_socket() for path in ipc.rglob("*")), "the engine's processes talk over IPC sockets"
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=120) == 128 + signal.SIGTERM
-        finally:
+        finally:  # a failure on the way leaves neither the command nor its engine's processes running
+            family = []
             if process.poll() is None:
+                family = psutil.Process(process.pid).children(recursive=True)
                 process.kill()
+            for child in family:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
     _, alive = psutil.wait_procs(engine_processes, timeout=30)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
     assert not list(pairs.rglob("*.tmp"))
