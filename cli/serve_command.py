@@ -8,9 +8,8 @@ API (services/trainer/app.py).
     ssb serve curator --port 8001                        # datasets in; `ssb worker curate` does the work
 
 Every option but `--log-level` falls back to its `SSB_*` environment variable (see `.env.example`), then to the
-default. The engine
-starts after the server does: `/healthz` answers at once, `/readyz` once the model is loaded. SIGTERM or Ctrl-C stops
-the server and shuts the engine's processes down.
+default; a bad variable is one error line naming it. The engine starts after the server does: `/healthz` answers at
+once, `/readyz` once the model is loaded. SIGTERM or Ctrl-C stops the server and shuts the engine's processes down.
 """
 
 from __future__ import annotations
