@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,11 @@ class CuratorDeployment:
         return worker
 
     def stop_workers(self) -> None:
-        for worker in self.workers:
-            stop_process(worker)
-        self.workers.clear()
+        """Stop every worker, the rest too when one does not stop cleanly (its error is raised after)."""
+        with ExitStack() as stops:
+            for worker in self.workers:
+                stops.callback(stop_process, worker)
+            self.workers.clear()
 
     def wait_done(self, dataset_id: str, timeout: float = 600.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -125,7 +128,16 @@ def curator(teacher_server, tmp_path_factory):
             time.sleep(0.3)
         yield deployment
     finally:
-        deployment.stop_workers()
-        stop_process(api)
-        redis.flushdb()
-        redis.close()
+        with ExitStack() as cleanup:  # each step runs, whichever fails
+            cleanup.callback(redis.close)
+            cleanup.callback(redis.flushdb)
+            cleanup.callback(stop_process, api)
+            cleanup.callback(deployment.stop_workers)
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test(request):
+    """A test that fails before it stops its workers leaves none to the module's next tests."""
+    yield
+    if "curator" in request.fixturenames:
+        request.getfixturevalue("curator").stop_workers()

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,10 +156,11 @@ def trainer(lora_teacher_server, curated_pairs, tmp_path_factory):
         wait_ready(url, api, log_path)
         yield stack
     finally:
-        for process in [*stack.workers, api]:
-            stop(process)
-        delete_keys(connection, key_prefix)
-        connection.close()
+        with ExitStack() as cleanup:  # each step runs, whichever fails
+            cleanup.callback(connection.close)
+            cleanup.callback(delete_keys, connection, key_prefix)
+            for process in [api, *reversed(stack.workers)]:  # workers first, the API last
+                cleanup.callback(stop, process)
 
 
 def test_bad_requests_are_refused_naming_the_field(trainer):
