@@ -100,18 +100,38 @@ def sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def pair_arrays_problem(tokens: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray, topk: int) -> str | None:
+    """Why a pair's arrays do not fit together, or None: one row of top-k ids and one of log-probabilities per
+    explanation token, both `topk` wide (or empty: no teacher signal). A mismatch stored as it is would train on
+    targets that belong to other tokens."""
+    if topk_ids.ndim != 2 or topk_ids.shape != topk_logprobs.shape:
+        return f"top-k ids {topk_ids.shape} and log-probabilities {topk_logprobs.shape} are not one (tokens, k) shape"
+    if topk_ids.shape[0] != tokens or topk_ids.shape[1] not in (topk, 0):
+        return f"top-k arrays {topk_ids.shape} for {tokens} explanation tokens at top-{topk}"
+    return None
+
+
 def encode_pair(pair: Pair) -> bytes:
-    """Serialize a pair to safetensors bytes (arrays as tensors, record as JSON metadata)."""
-    tensors = {
-        "token_ids": np.asarray(pair.token_ids, dtype=np.int32),
-        "topk_ids": np.asarray(pair.topk_ids, dtype=np.int32).reshape(len(pair.token_ids), -1),
-        "topk_logprobs": np.asarray(pair.topk_logprobs, dtype=np.float32).reshape(len(pair.token_ids), -1),
-    }
+    """Serialize a pair to safetensors bytes (arrays as tensors, record as JSON metadata); StorageError for arrays
+    that do not fit together (`pair_arrays_problem`)."""
+    tokens = len(pair.token_ids)
+    try:
+        topk_ids = np.asarray(pair.topk_ids, dtype=np.int32)
+        topk_logprobs = np.asarray(pair.topk_logprobs, dtype=np.float32)
+    except ValueError as exc:  # rows of different lengths
+        raise StorageError(f"pair {pair.record.problem_id}: top-k rows of unequal length ({exc})") from exc
+    if topk_ids.size == 0 and topk_logprobs.size == 0:  # no teacher signal kept
+        topk_ids, topk_logprobs = np.zeros((tokens, 0), np.int32), np.zeros((tokens, 0), np.float32)
+    problem = pair_arrays_problem(tokens, topk_ids, topk_logprobs, pair.record.topk)
+    if problem is not None:
+        raise StorageError(f"pair {pair.record.problem_id}: {problem}")
+    token_ids = np.asarray(pair.token_ids, dtype=np.int32)
+    tensors = {"token_ids": token_ids, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
     return save(tensors, metadata={"format": PAIR_FORMAT, "record": pair.record.model_dump_json()})
 
 
 def decode_pair(path: Path) -> Pair:
-    """Read one pair file."""
+    """Read one pair file; StorageError for one that is not a whole pair (its arrays checked as when written)."""
     try:
         from safetensors import safe_open
 
@@ -121,16 +141,21 @@ def decode_pair(path: Path) -> Pair:
             raise StorageError(f"{path}: not an SSB pair file (format {metadata.get('format')!r})")
         arrays = load_file(str(path))
         record = PairRecord.model_validate_json(metadata["record"])
+        token_ids, topk_ids, topk_logprobs = arrays["token_ids"], arrays["topk_ids"], arrays["topk_logprobs"]
+        problem = "token ids are not one row" if token_ids.ndim != 1 else None
+        problem = problem or pair_arrays_problem(len(token_ids), topk_ids, topk_logprobs, record.topk)
+        if problem is not None:
+            raise StorageError(f"{path}: {problem}")
+        return Pair(
+            record=record,
+            token_ids=token_ids.tolist(),
+            topk_ids=topk_ids.tolist(),
+            topk_logprobs=topk_logprobs.tolist(),
+        )
     except StorageError:
         raise
     except Exception as exc:  # corrupt header, bad JSON, missing tensor
         raise StorageError(f"{path}: unreadable pair file: {exc}") from exc
-    return Pair(
-        record=record,
-        token_ids=arrays["token_ids"].tolist(),
-        topk_ids=arrays["topk_ids"].tolist(),
-        topk_logprobs=arrays["topk_logprobs"].tolist(),
-    )
 
 
 class PairStore:

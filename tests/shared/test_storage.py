@@ -6,7 +6,7 @@ import os
 import pytest
 
 from shared.schemas import DroppedProblem, Pair, PairRecord, RenderedPrompt, Rollout, SamplingSettings
-from shared.storage import PairStore, StorageError
+from shared.storage import PAIR_FORMAT, PairStore, StorageError
 
 
 def make_pair(problem_id="p-1", tokens=5, k=3) -> Pair:
@@ -97,6 +97,41 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     store.pair_path("bad").write_bytes(b"not a safetensors file")
     with pytest.raises(StorageError, match="bad.safetensors"):
         store.load_pair("bad")
+
+
+def test_arrays_that_do_not_fit_together_are_refused_when_written_and_when_read(tmp_path):
+    """One row of top-k ids and one of log-probabilities per explanation token, `topk` wide: a pair whose arrays
+    would only fit reshaped (the top-k of other tokens) is refused, written or read, never stored scrambled."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    good = make_pair(tokens=4, k=2)
+    bad = [
+        good.model_copy(update={"topk_ids": [[1, 2, 3, 4], [5, 6, 7, 8]]}),  # 2 x 4: reshaped to 4 x 2 before
+        good.model_copy(update={"topk_logprobs": [[-1.0] * 4, [-2.0] * 4]}),  # ids 4 x 2, log-probabilities 2 x 4
+        good.model_copy(update={"topk_ids": [[1, 2, 3]] * 4, "topk_logprobs": [[-1.0] * 3] * 4}),  # top-3, not 2
+        good.model_copy(update={"topk_ids": [[1, 2], [3]] + [[1, 2]] * 2}),  # rows of unequal length
+    ]
+    store = PairStore(tmp_path)
+    for pair in bad:
+        with pytest.raises(StorageError, match="pair p-1: "):
+            store.write_pair(pair)
+    assert store.pair_ids() == []
+    no_signal = good.model_copy(update={"topk_ids": [], "topk_logprobs": []})  # no teacher signal: (tokens, 0)
+    assert store.write_pair(no_signal) and store.load_pair("p-1").topk_ids == [[]] * 4
+
+    # A file written by other means: its arrays are checked as it is read, a missing one named.
+    (tmp_path / "pairs").mkdir(exist_ok=True)
+    metadata = {"format": PAIR_FORMAT, "record": good.record.model_dump_json()}
+    arrays = {"token_ids": np.arange(4, dtype=np.int32), "topk_ids": np.zeros((2, 4), np.int32),
+              "topk_logprobs": np.zeros((2, 4), np.float32)}
+    save_file(arrays, str(tmp_path / "pairs" / "p-2.safetensors"), metadata=metadata)
+    with pytest.raises(StorageError, match=r"p-2.safetensors: top-k arrays \(2, 4\) for 4 explanation tokens"):
+        store.load_pair("p-2")
+    del arrays["topk_ids"]
+    save_file(arrays, str(tmp_path / "pairs" / "p-3.safetensors"), metadata=metadata)
+    with pytest.raises(StorageError, match="p-3.safetensors: unreadable pair file: 'topk_ids'"):
+        store.load_pair("p-3")
 
 
 def test_storage_is_compact(tmp_path):
