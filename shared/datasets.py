@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+from decimal import Decimal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -268,8 +269,8 @@ def _check_parquet_metadata(parquet, used: list, name: str, limit: int) -> None:
 
     for field in used:
         value_type = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
-        if not (_is_text(value_type) or _is_scalar(value_type)):
-            raise DatasetTooLarge(
+        if not (_is_text(value_type) or _is_scalar(value_type)):  # a wrong file, not a large one: 422, not 413
+            raise DatasetError(
                 [f"{name}: column {field.name!r} holds {field.type}; an uploaded file's question, answer, id and "
                  "source columns hold text (string), integers or floats"]
             )
@@ -351,7 +352,7 @@ def _build_problems(
     default_stem = sanitize_problem_id(stem) or "problem"
     problems: list[Problem] = []
     errors: list[str] = []
-    first_label_of_id: dict[str, str] = {}
+    first_label_of_id: dict[str, tuple[str, str]] = {}  # casefolded id: (where first, as written)
     truncated = False
     for row in rows:
         if len(errors) >= MAX_REPORTED_ERRORS:
@@ -361,20 +362,32 @@ def _build_problems(
         if isinstance(result, str):
             errors.append(f"{where}:{row.label}: {result}")
             continue
-        previous = first_label_of_id.get(result.id)
+        previous = first_label_of_id.get(result.id.casefold())  # a pair store on a case-blind disk (macOS, SMB)
         if previous is not None:
-            errors.append(f"{where}:{row.label}: duplicate id {result.id!r} (also at {where}:{previous})")
+            label, first_id = previous
+            also = f"also at {where}:{label}"
+            if first_id != result.id:
+                also += f" as {first_id!r}: one file name on a disk that ignores case"
+            errors.append(f"{where}:{row.label}: duplicate id {result.id!r} ({also})")
             continue
         if max_problems is not None and len(problems) >= max_problems:
             raise DatasetTooLarge([f"{where}:{row.label}: more than {max_problems} problems; at most {max_problems} "
                                    "per dataset (SSB_MAX_PROBLEMS)"])
-        first_label_of_id[result.id] = row.label
+        first_label_of_id[result.id.casefold()] = (row.label, result.id)
         problems.append(result)
     if errors:
         raise DatasetError(errors, truncated=truncated)
     if not problems:
         raise DatasetError([f"{where}: no problems (the source is empty)"])
     return problems
+
+
+def number_text(value: float) -> str:
+    """A number as it is written, never in scientific notation (`str` gives 1e-05 and 1e+16, which no grader takes for
+    0.00001 and 10000000000000000): its shortest digits, whole numbers without a fraction."""
+    if value.is_integer():
+        return str(int(value))
+    return format(Decimal(repr(value)), "f")
 
 
 def _row_to_problem(row: _Row, default_stem: str, source_prefix: str) -> Problem | str:
@@ -402,14 +415,18 @@ def _row_to_problem(row: _Row, default_stem: str, source_prefix: str) -> Problem
         return f"'answer' must be a string or a number, got {type(answer).__name__}"
     if isinstance(answer, float) and not math.isfinite(answer):  # JSON's NaN and Infinity, which Python reads
         return f"'answer' must be a finite number, got {answer}"
-    answer = parse_gold_answer(str(answer))
+    answer = parse_gold_answer(number_text(answer) if isinstance(answer, float) else str(answer))
     if not answer:
         return "empty answer"
 
     raw_id = data.get("id")
+    if isinstance(raw_id, float) and raw_id.is_integer():  # an integer id column with gaps, as pandas writes it
+        raw_id = int(raw_id)
     if raw_id is None:
         suffix = f"-{row.number}"
         problem_id = default_stem[: _ID_MAX_LEN - len(suffix)] + suffix
+    elif isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        return f"'id' must be a string or a whole number, got {raw_id!r}"
     else:
         problem_id = sanitize_problem_id(str(raw_id))
         if not _ID_RE.match(problem_id):

@@ -160,7 +160,7 @@ async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | Non
             return await read_form(Request(request.scope, replay(body)))
         rows = DatasetRows.model_validate_json(body)
         check_training_request(rows.options)
-        cap = problem_cap(request, rows.options)
+        cap = problem_cap(request)
         return await run_in_threadpool(parse_problem_rows, rows.rows, max_problems=cap), rows.options, rows.name
     except ValidationError as exc:
         raise validation_refusal(exc) from exc
@@ -218,15 +218,16 @@ async def read_form(request: Request) -> tuple[list, DatasetOptions, str | None]
         limit = request.app.state.settings.max_upload_bytes  # what the problems may take once read, as for JSONL
         problems = await run_in_threadpool(
             parse_problem_file, content, upload.filename or "upload.jsonl", max_read_bytes=limit,
-            max_problems=problem_cap(request, options),
+            max_problems=problem_cap(request),
         )
         return problems, options, name or None
 
 
-def problem_cap(request: Request, options: DatasetOptions) -> int | None:
+def problem_cap(request: Request) -> int:
     """How many problems an upload may hold, refused (413) at the first one past it rather than after holding them
-    all: `SSB_MAX_PROBLEMS`; no cap when `limit` takes the first few (the rest are still checked)."""
-    return request.app.state.settings.max_problems if options.limit is None else None
+    all: `SSB_MAX_PROBLEMS`, whatever `limit` keeps of them (every problem uploaded is read and checked, so a `limit`
+    must not lift the bound on what is read)."""
+    return request.app.state.settings.max_problems
 
 
 def read_options(raw: str | None) -> NewDatasetOptions:
