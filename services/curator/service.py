@@ -37,7 +37,7 @@ from services.errors import ServiceError
 from shared.curator_api import DATASET_ID_PATTERN, DatasetCreated, DatasetList, DatasetOptions, DatasetStatus
 from shared.datasets import write_problems_jsonl
 from shared.schemas import Problem
-from shared.storage import PairStore, replace_atomically, sync_directory
+from shared.storage import PairStore, make_directories, replace_atomically, sync_directory
 from shared.workers import cancel_unstarted, redis_location
 
 log = logging.getLogger("ssb.curator")
@@ -117,7 +117,8 @@ class CuratorService:
         final = self.settings.dataset_dir(meta.id)
         staging = final.parent / f".{meta.id}.tmp"
         try:
-            staging.mkdir(parents=True)
+            make_directories(final.parent)  # a new data directory, durable in its parents
+            staging.mkdir()
             write_problems_jsonl(problems, staging / PROBLEMS_FILE)
             replace_atomically(staging / META_FILE, meta.model_dump_json(indent=1))
             os.rename(staging, final)
