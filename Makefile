@@ -26,7 +26,7 @@ setup-gpu:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/gpu.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q --no-deps --ignore-requires-python -e .  # the images' Python 3.12 too (requirements/gpu.txt)
 	touch $(STAMP)
 
 model: setup

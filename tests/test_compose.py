@@ -42,6 +42,7 @@ LIBRARY_VARIABLES = {
     "HF_TOKEN": "huggingface_hub: the token for gated models",
     "REDISCLI_AUTH": "redis-cli in Redis's health check",
     "RQ_DASHBOARD_REDIS_URL": "rq-dashboard",
+    "VLLM_CACHE_ROOT": "vLLM: its compiled graphs, kept in the models volume (not compiled again when recreated)",
 }
 GPU_SERVICES = {"teacher", "trainer-worker"}
 SSB_SERVICES = ["teacher", "curator", "curator-worker", "trainer", "trainer-worker"]
@@ -295,13 +296,19 @@ def test_ports_agree_with_the_settings():
 
 
 def test_the_gpu_is_reserved_exactly_where_a_model_runs():
+    """One GPU each, chosen by index (`count: 1` gives every container GPU 0): the teacher's and the trainer's can
+    differ on a machine with two."""
+    chosen = {}
     for name, service in services().items():
         devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         if name in GPU_SERVICES:
-            assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
+            (device,) = devices
+            assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device, name
+            (chosen[name],) = device["device_ids"]
             assert service.get("ipc") == "host", f"{name}: torch and vLLM need shared memory (ipc: host)"
         else:
             assert not devices, f"{name} reserves a GPU but runs no model"
+    assert chosen == {"teacher": "${TEACHER_GPU:-0}", "trainer-worker": "${TRAINER_GPU:-0}"}
 
 
 def test_the_teacher_is_healthy_only_when_ready_and_workers_wait_for_it():
