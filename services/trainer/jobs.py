@@ -146,6 +146,12 @@ def train_run(run_id: str) -> dict:
         log.warning("%s: a later attempt took the run over, or it ended", exc)
         return {"status": "superseded"}
     except (TrainingError, PairDataError, StorageError, FileNotFoundError) as exc:
+        filename = getattr(exc, "filename", None)
+        if filename is not None and Path(filename).is_relative_to(run_dir):
+            # a checkpoint an earlier attempt, still saving, removed meanwhile: no reason to fail the run for good
+            if runs.advance(run_id, attempt=attempt):
+                raise  # RQ runs the job again, from the newest checkpoint
+            return {"status": "superseded"}
         if runs.advance(run_id, attempt=attempt, status="failed", error=f"{type(exc).__name__}: {exc}",
                         finished_at=time.time()):
             log.error("run %s failed: %s", run_id, exc)
@@ -347,6 +353,11 @@ def evaluate_models(eval_id: str) -> dict:
     # over by a later attempt (its worker stalled past its heartbeat) writes nothing more.
     if not evals.advance(eval_id, attempt=attempt, status="running", started_at=time.time(), error=None, progress={}):
         return {"status": "superseded"}
+    run = run_records(connection, settings.key_prefix).get(record["run_id"]) if record.get("run_id") else None
+    if run is not None and run.get("status") in ("failed", "cancelled"):  # queued as it ended (a kill between the two)
+        error = f"its run {record['run_id']} {run['status']}: there is no adapter of it to evaluate"
+        evals.advance(eval_id, attempt=attempt, status="failed", error=error, finished_at=time.time())
+        return {"status": "failed"}
 
     eval_dir = settings.evals_dir() / eval_id
     options = record["options"]
@@ -377,6 +388,10 @@ def evaluate_models(eval_id: str) -> dict:
     try:
         with TeacherClient(teacher_url, api_key=settings.teacher_key()) as teacher:
             teacher.wait_ready(timeout_seconds=300)
+            for adapter in dict.fromkeys(a for a in adapters if a is not None):
+                # as published now: a copy the teacher loaded earlier under that name may be an older one (a run's
+                # attempt that published, then died before it succeeded)
+                teacher.load_adapter(adapter, replace=True)
             if worked_example is None:
                 config = config.model_copy(update={"worked_example": needs_worked_example(teacher.model_name)})
             report = evaluate(problems, teacher, config, adapters=adapters, benchmark=record["benchmark"],

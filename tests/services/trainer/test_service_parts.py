@@ -275,3 +275,23 @@ def test_the_late_failure_of_an_evaluation_another_worker_took_up_is_not_recorde
     finally:
         evals.delete_all()
         runs.redis.delete(job_key)
+
+
+def test_the_evaluation_of_a_run_that_failed_fails_saying_so(runs, monkeypatch):
+    """A run's evaluation is queued just before the run is marked succeeded: a worker killed between the two leaves it
+    queued for a run that then fails. It fails at once, naming the run, instead of evaluating an adapter the run never
+    finished (no teacher is asked)."""
+    from services.trainer import jobs
+    from services.trainer.records import eval_records
+    from services.trainer.settings import TrainerSettings
+
+    monkeypatch.setattr(jobs, "_settings", TrainerSettings(redis_url=REDIS_URL, key_prefix=runs.prefix,
+                                                            teacher_urls=["http://127.0.0.1:9"]))
+    evals = eval_records(runs.redis, runs.prefix)
+    runs.create("r1", {"status": "failed"})
+    evals.create("r1-eval", {"status": "queued", "attempts": 0, "run_id": "r1", "models": ["base", "r1"]})
+    try:
+        assert jobs.evaluate_models("r1-eval") == {"status": "failed"}
+        assert evals.get("r1-eval")["error"] == "its run r1 failed: there is no adapter of it to evaluate"
+    finally:
+        evals.delete_all()
