@@ -277,9 +277,18 @@ class TeacherClient(ConcurrentCalls):
         return results
 
     def post_generations(self, path: str, body) -> list[PromptedGenerations]:
-        response = GenerationsResponse.model_validate_json(
-            self.request("POST", path, body.model_dump(mode="json", exclude_none=True)).content
-        )
+        """One generation request; one naming an adapter the teacher does not hold (it restarted since the adapter was
+        loaded, or another replica answers) loads it and is sent once more."""
+        payload = body.model_dump(mode="json", exclude_none=True)
+        try:
+            content = self.request("POST", path, payload).content
+        except TeacherRejected as exc:
+            adapter = payload.get("adapter")
+            if adapter is None or exc.status != 404 or exc.param != "adapter":
+                raise
+            self.ensure_adapter(adapter)
+            content = self.request("POST", path, payload).content
+        response = GenerationsResponse.model_validate_json(content)
         return [
             PromptedGenerations(prompt=r.prompt, generations=[s.to_generation() for s in r.samples])
             for r in response.results

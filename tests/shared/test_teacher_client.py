@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from shared.schemas import SamplingSettings
 from shared.teacher_client import TeacherClient, TeacherPool, TeacherRejected, TeacherTimedOut, TeacherUnavailable
 
 MODELS = {
@@ -164,3 +165,30 @@ def test_waiting_for_readiness_rides_out_a_start_and_stops_at_once_where_no_wait
         with pytest.raises(TeacherUnavailable, match=f"no teacher answers at http://teacher \\({says}"):
             client(transport).wait_ready(unreachable_seconds=0)
         assert len(calls) == 1
+
+
+def test_a_rollout_on_an_adapter_the_teacher_no_longer_holds_loads_it_and_is_sent_again():
+    """The teacher restarted since the adapter was loaded (it holds none): the 404 naming `adapter` loads it again and
+    the batch is sent once more; a second 404 is the caller's."""
+    state = {"loaded": True, "posts": 0}
+    missing = {"error": {"message": "adapter: no adapter named 'r1'", "type": "not_found", "param": "adapter",
+                         "code": 404}}
+    answer = {"model": "m", "adapter": "r1", "prompt_version": "v", "results": [
+        {"prompt": {"messages": [], "text": "q", "token_ids": [1]},
+         "samples": [{"text": "2", "token_ids": [5], "finish_reason": "stop"}]}]}
+
+    def teacher(request: httpx.Request) -> httpx.Response:
+        adapters = [{"name": "r1", "path": "r1"}] if state["loaded"] else []
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={**MODELS, "adapters": adapters})
+        if request.url.path == "/v1/adapters":
+            state["loaded"] = True
+            return httpx.Response(201, json={"name": "r1", "path": "r1"})
+        state["posts"] += 1
+        if state["posts"] == 1:
+            state["loaded"] = False  # the teacher restarted after the first check
+        return httpx.Response(404, json=missing) if not state["loaded"] else httpx.Response(200, json=answer)
+
+    sampling = [SamplingSettings(max_tokens=4)]
+    (result,) = client(httpx.MockTransport(teacher)).rollouts(["q"], sampling, adapter="r1")
+    assert result.generations[0].text == "2" and state["posts"] == 2
