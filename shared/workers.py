@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 import redis
 from rq import Worker
@@ -27,6 +28,8 @@ from rq.callbacks import execute_failure_callback
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
+from rq.utils import now
+from rq.worker import WorkerStatus
 
 from shared.processes import die_with_parent
 
@@ -92,7 +95,26 @@ def started_elsewhere(job, connection: redis.Redis, worker_name: str | None) -> 
 
 class JobProcessWorker(Worker):
     """RQ's forking worker whose job processes die with it, whose job's failure callback also runs when the job's
-    process dies, and whose late ending of a job handed on to another run leaves that job alone."""
+    process dies, whose late ending of a job handed on to another run leaves that job alone, and which, stopped while
+    it works, hands its job back at once (`request_stop`)."""
+
+    handing_back: bool = False  # set by `request_stop` while its job's work horse is being stopped
+
+    def request_stop(self, signum, frame) -> None:
+        """SIGTERM or Ctrl-C while a job runs: stop its work horse now and hand the job back to its queue, without
+        spending a retry (a training run resumes from its last checkpoint, a curation job curates the problems it had
+        not finished), where RQ's warm shutdown would wait for the job to end (a container's stop would kill it, and
+        spend a retry, after its grace period). A second signal is RQ's cold shutdown; an idle worker just stops."""
+        if self.get_state() != WorkerStatus.BUSY or not self.horse_pid:
+            super().request_stop(signum, frame)
+            return
+        self.log.warning("Worker %s: stop requested; handing the running job back to its queue", self.name)
+        self._shutdown_requested_date = now()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+        self._stop_requested = True  # the work loop ends after this job's failure is handled (retried: re-queued)
+        self.handing_back = True
+        self.kill_horse()
 
     def fork_work_horse(self, job, queue) -> None:
         self.worker_pid = os.getpid()  # read by the job's process, which the fork below starts
@@ -103,6 +125,11 @@ class JobProcessWorker(Worker):
         super().main_work_horse(job, queue)
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage) -> None:
+        """The job's process died: its failure callback runs here (RQ's runs only for an exception in it). A job
+        handed back by `request_stop` spends no retry (RQ's retry, which re-queues it, takes one): stopping workers,
+        however often, never fails a job. A process that died on its own spends one, as any failure does."""
+        if self.handing_back:
+            job.retries_left = (job.retries_left or 0) + 1
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
         job.worker_name = self.name  # this process's copy names the worker before this run (the horse set it there)
         died = JobProcessDied(f"the job's process {how_it_died(ret_val)}")

@@ -319,8 +319,10 @@ class CurationWorker(JobProcessWorker):
     """RQ's forking worker with a short heartbeat: RQ's own is the monitoring interval plus 60 s, which leaves a
     killed worker's job unclaimed for a minute and a half. (An idle worker wakes for maintenance every
     `worker_ttl - 15` s, so `run_worker` sets that to the maintenance interval too.) A job whose process dies on its
-    last attempt still marks its problems `failed`, and a killed worker's job process dies with it, so the worker
-    that takes the job over does not curate its problems beside it (`JobProcessWorker`)."""
+    last attempt still marks its problems `failed`, a killed worker's job process dies with it, so the worker that
+    takes the job over does not curate its problems beside it, and a worker stopped (SIGTERM) while it works hands its
+    job back at once, spending no retry: its problems not yet finished are curated by the next worker
+    (`JobProcessWorker`)."""
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return 3 * self.job_monitoring_interval

@@ -15,7 +15,6 @@ hands its job back to the queue at once instead of waiting for the run to end.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import uuid
 
@@ -24,8 +23,6 @@ from rq import Callback, Queue, Retry
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.utils import now
-from rq.worker import WorkerStatus
 
 from services.trainer.settings import TrainerSettings
 from shared.workers import JobProcessWorker
@@ -110,39 +107,15 @@ def fetch_job(settings: TrainerSettings, connection: redis.Redis, kind: str, rec
 
 class TrainWorker(JobProcessWorker):
     """An RQ worker (one job at a time, each in a forked work horse) whose jobs count as abandoned after a few
-    missed heartbeats instead of RQ's minute or more. When a work horse dies (stopped as below, or killed), the job's
-    failure callback still runs (`JobProcessWorker`): the run's record says that it is queued again, or failed
+    missed heartbeats instead of RQ's minute or more. When a work horse dies (handed back on SIGTERM, or killed), the
+    job's failure callback still runs (`JobProcessWorker`): the run's record says that it is queued again, or failed
     without retries left, instead of still running. A killed worker's work horse dies with it, so the attempt that
     takes its job over never trains beside it into the same run directory."""
 
     heartbeat_seconds: int = 5
-    handing_back: bool = False  # set by `request_stop` while its job's work horse is being stopped
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return HEARTBEATS_TO_ABANDON * self.heartbeat_seconds
-
-    def request_stop(self, signum, frame) -> None:
-        """SIGTERM or Ctrl-C while a job runs: stop its work horse now and hand the job back to its queue, without
-        spending a retry (it resumes from its last checkpoint on the next worker), where RQ's warm shutdown would wait
-        for a training run to end.
-        A second signal is RQ's cold shutdown; an idle worker just stops."""
-        if self.get_state() != WorkerStatus.BUSY or not self.horse_pid:
-            super().request_stop(signum, frame)
-            return
-        self.log.warning("Worker %s: stop requested; handing the running job back to its queue", self.name)
-        self._shutdown_requested_date = now()
-        signal.signal(signal.SIGINT, self.request_force_stop)
-        signal.signal(signal.SIGTERM, self.request_force_stop)
-        self._stop_requested = True  # the work loop ends after this job's failure is handled (retried: re-queued)
-        self.handing_back = True
-        self.kill_horse()
-
-    def handle_work_horse_killed(self, job: Job, retpid, ret_val, rusage) -> None:
-        """A job handed back by `request_stop` spends no retry (RQ's retry, which re-queues it, takes one): stopping
-        workers, however often, never fails a run. A horse that died on its own spends one, as any failure does."""
-        if self.handing_back:
-            job.retries_left = (job.retries_left or 0) + 1
-        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
 
 def make_worker(settings: TrainerSettings, kinds: tuple[str, ...], connection: redis.Redis) -> TrainWorker:

@@ -147,10 +147,11 @@ def nap(seconds: float) -> None:
     time.sleep(seconds)
 
 
-@pytest.fixture
-def busy_worker():
-    """A real `ssb worker train` process whose job (a 120 s nap, on its last attempt: `Retry(max=1)` with none left)
-    has started: yields (worker, its work horse's process and its own, the job, the queue); stops and cleans up."""
+@pytest.fixture(params=["train", "curate"])
+def busy_worker(request):
+    """A real worker process, the trainer's or the curator's (both `JobProcessWorker`s), whose job (a 120 s nap, on
+    its last attempt: `Retry(max=1)` with none left) has started: yields (worker, its work horse's process and its
+    own, the job, the queue); stops and cleans up."""
     import os
     import subprocess
     import sys
@@ -168,14 +169,24 @@ def busy_worker():
     settings = TrainerSettings(redis_url=REDIS_URL, key_prefix=key_prefix)
     connection = connect_redis(REDIS_URL)
     env = {**os.environ, "SSB_REDIS_URL": REDIS_URL, "SSB_KEY_PREFIX": key_prefix, "SSB_WORKER_HEARTBEAT_SECONDS": "1"}
-    code = (
-        "from services.trainer.queues import make_worker; from shared.workers import connect_redis; "
-        "from services.trainer.settings import TrainerSettings; s = TrainerSettings(); "
-        "make_worker(s, ('train',), connect_redis(s.redis_url)).work()"
-    )
+    if request.param == "train":
+        code = (
+            "from services.trainer.queues import make_worker; from shared.workers import connect_redis; "
+            "from services.trainer.settings import TrainerSettings; s = TrainerSettings(); "
+            "make_worker(s, ('train',), connect_redis(s.redis_url)).work()"
+        )
+    else:
+        code = "from services.curator.jobs import run_worker; from services.curator.settings import CuratorSettings; " \
+               "run_worker(CuratorSettings())"
     family = []
     try:
-        queue = open_queue(settings, "train", connection)
+        if request.param == "train":
+            queue = open_queue(settings, "train", connection)
+        else:
+            from services.curator.jobs import curation_queue
+            from services.curator.settings import CuratorSettings
+
+            queue = curation_queue(CuratorSettings(redis_url=REDIS_URL, key_prefix=key_prefix), connection)
         # The job id carries the prefix, so `delete_keys` removes the job's own keys too.
         job = queue.enqueue(f"{__name__}.nap", 120, retry=Retry(max=1), job_timeout=300, job_id=f"{key_prefix}-nap")
         job.retries_left = 0  # its last attempt
@@ -188,7 +199,8 @@ def busy_worker():
             assert time.monotonic() < deadline and worker.poll() is None, "the job never started"
             time.sleep(0.1)
         family += psutil.Process(worker.pid).children(recursive=True)
-        assert len(family) == 2, family  # the worker and its work horse
+        assert len(family) == (2 if request.param == "train" else 3), family  # the worker, its work horse (and the
+        # curator's scheduler process: its worker runs RQ's scheduler for the retries' delays)
         yield worker, family, job, queue
     finally:
         for process in family:
@@ -219,6 +231,9 @@ def test_stopping_a_busy_worker_hands_its_job_back_at_once(busy_worker):
     assert job.get_status() == "queued" and job.retries_left == 0 and job.id in queue.get_job_ids()
 
 
+# The trainer's worker only: the curator's also runs RQ's scheduler in a process of its own, which outlives a killed
+# worker (RQ gives it no parent-death signal; a container's end takes it along).
+@pytest.mark.parametrize("busy_worker", ["train"], indirect=True)
 def test_a_killed_workers_job_process_dies_with_it(busy_worker):
     """SIGKILL to a worker whose job runs (the OOM killer, a lost container): its work horse dies too, instead of
     running on beside the worker that takes the job over once the heartbeat lapses."""
