@@ -21,8 +21,8 @@ import json
 import math
 import os
 import re
-from decimal import Decimal
 from collections.abc import Iterable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +73,18 @@ class DatasetTooLarge(DatasetError):
     holds more than the allowed problems."""
 
 
-def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit: int | None = None) -> list[Problem]:
+def load_problems(
+    source: str | os.PathLike[str], *, split: str = "train", limit: int | None = None, case_blind_ids: bool = True
+) -> list[Problem]:
     """Read a whole problem set, check every row, and return the first `limit` problems (all when None).
 
     `source` is a name in `BENCHMARKS`, a `.jsonl` or `.parquet` path, or a Hugging Face dataset name
     (`owner/name[:config]`). `split` only applies to Hugging Face datasets; the benchmarks and files are one split
     each (`gsm8k` is the GSM8K test split, `gsm8k_train` its train split). Validation covers the whole set even when
     `limit` is given. Raises `DatasetError` on any bad row, a missing file, an unsupported extension, an empty set,
-    or a Hugging Face dataset that cannot be loaded.
+    or a Hugging Face dataset that cannot be loaded. Ids differing only in case are duplicates unless
+    `case_blind_ids` is False (a file the project stored itself, checked when it came in, perhaps by an earlier
+    version that did not check case).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
@@ -88,7 +92,7 @@ def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit
     if text in BENCHMARKS:
         problems = _load_file(BENCHMARKS[text])
     elif _looks_like_path(text):
-        problems = _load_file(Path(text).expanduser())
+        problems = _load_file(Path(text).expanduser(), case_blind_ids=case_blind_ids)
     elif _HF_NAME.match(text):
         problems = _load_hf(text, split)
     else:
@@ -102,7 +106,8 @@ def load_problems(source: str | os.PathLike[str], *, split: str = "train", limit
 
 
 def parse_problem_file(
-    data: bytes, name: str, *, max_read_bytes: int | None = None, max_problems: int | None = None
+    data: bytes, name: str, *, max_read_bytes: int | None = None, max_problems: int | None = None,
+    case_blind_ids: bool = True,
 ) -> list[Problem]:
     """The problems of an uploaded file's bytes: JSONL or Parquet, chosen by `name`'s extension, every row checked
     as `load_problems` checks a file (errors name `name:line` for JSONL, `name:row N` for Parquet).
@@ -118,7 +123,8 @@ def parse_problem_file(
         )
     stem = Path(name).stem
     rows = _jsonl_rows(data) if suffix == ".jsonl" else _parquet_rows(data, name, max_read_bytes)
-    return _build_problems(rows, where=name, stem=stem, source_prefix=Path(name).name, max_problems=max_problems)
+    return _build_problems(rows, where=name, stem=stem, source_prefix=Path(name).name, max_problems=max_problems,
+                           case_blind_ids=case_blind_ids)
 
 
 def parse_problem_rows(rows: list[Any], where: str = "rows", *, max_problems: int | None = None) -> list[Problem]:
@@ -168,7 +174,7 @@ def _looks_like_path(text: str) -> bool:
     return path.exists()
 
 
-def _load_file(path: Path) -> list[Problem]:
+def _load_file(path: Path, *, case_blind_ids: bool = True) -> list[Problem]:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
         raise DatasetError(
@@ -178,7 +184,9 @@ def _load_file(path: Path) -> list[Problem]:
         reason = "is a directory, not a file" if path.is_dir() else "file not found"
         raise DatasetError([f"{path}: {reason}"])
     rows = _jsonl_rows(path.read_bytes()) if suffix == ".jsonl" else _parquet_rows(path, str(path))
-    return _build_problems(rows, where=str(path), stem=path.stem, source_prefix=path.name)
+    return _build_problems(
+        rows, where=str(path), stem=path.stem, source_prefix=path.name, case_blind_ids=case_blind_ids
+    )
 
 
 class _Row:
@@ -345,7 +353,8 @@ def _load_hf(name: str, split: str) -> list[Problem]:
 
 
 def _build_problems(
-    rows: Iterable[_Row], *, where: str, stem: str, source_prefix: str, max_problems: int | None = None
+    rows: Iterable[_Row], *, where: str, stem: str, source_prefix: str, max_problems: int | None = None,
+    case_blind_ids: bool = True,
 ) -> list[Problem]:
     """Turn every row into a Problem or an error message; raise if there is any error or no problem at all, or
     `DatasetTooLarge` at the first problem past `max_problems`."""
@@ -362,7 +371,8 @@ def _build_problems(
         if isinstance(result, str):
             errors.append(f"{where}:{row.label}: {result}")
             continue
-        previous = first_label_of_id.get(result.id.casefold())  # a pair store on a case-blind disk (macOS, SMB)
+        key = result.id.casefold() if case_blind_ids else result.id  # a pair store on a case-blind disk (macOS, SMB)
+        previous = first_label_of_id.get(key)
         if previous is not None:
             label, first_id = previous
             also = f"also at {where}:{label}"
@@ -373,7 +383,7 @@ def _build_problems(
         if max_problems is not None and len(problems) >= max_problems:
             raise DatasetTooLarge([f"{where}:{row.label}: more than {max_problems} problems; at most {max_problems} "
                                    "per dataset (SSB_MAX_PROBLEMS)"])
-        first_label_of_id[result.id.casefold()] = (row.label, result.id)
+        first_label_of_id[key] = (row.label, result.id)
         problems.append(result)
     if errors:
         raise DatasetError(errors, truncated=truncated)
@@ -384,10 +394,11 @@ def _build_problems(
 
 def number_text(value: float) -> str:
     """A number as it is written, never in scientific notation (`str` gives 1e-05 and 1e+16, which no grader takes for
-    0.00001 and 10000000000000000): its shortest digits, whole numbers without a fraction."""
-    if value.is_integer():
-        return str(int(value))
-    return format(Decimal(repr(value)), "f")
+    0.00001 and 10000000000000000): its shortest digits (6.02e23 is 602000000000000000000000, not the float's exact
+    binary value), whole numbers without a fraction."""
+    if value == 0:
+        return "0"
+    return format(Decimal(repr(value)).normalize(), "f")
 
 
 def _row_to_problem(row: _Row, default_stem: str, source_prefix: str) -> Problem | str:

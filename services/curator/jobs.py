@@ -283,12 +283,12 @@ def dataset_problems(
     """These problems of the dataset, in the order given, read from its problems file on the shared volume: the lines
     at `span` (bytes from, to) when given, else the whole file."""
     path = settings.dataset_dir(dataset_id) / PROBLEMS_FILE
-    if span is None:
-        problems = load_problems(path)
+    if span is None:  # the file as accepted at upload (perhaps by a version that did not compare ids' case)
+        problems = load_problems(path, case_blind_ids=False)
     else:
         with open(path, "rb") as file:
             file.seek(span[0])
-            problems = parse_problem_file(file.read(span[1] - span[0]), str(path))
+            problems = parse_problem_file(file.read(span[1] - span[0]), str(path), case_blind_ids=False)
     by_id = {p.id: p for p in problems}
     missing = [i for i in problem_ids if i not in by_id]
     if missing:

@@ -364,7 +364,7 @@ def evaluate_models(eval_id: str) -> dict:
     try:
         uploaded = eval_dir / (record.get("problems_file") or UPLOADED_PROBLEMS)
         source = uploaded if record["benchmark"] == "uploaded" else record["benchmark"]
-        problems = load_problems(source, limit=options.get("limit"))
+        problems = load_problems(source, limit=options.get("limit"), case_blind_ids=source != uploaded)
     except (DatasetError, FileNotFoundError) as exc:
         evals.advance(eval_id, attempt=attempt, status="failed", error=f"problems: {exc}", finished_at=time.time())
         return {"status": "failed"}
@@ -391,7 +391,12 @@ def evaluate_models(eval_id: str) -> dict:
             for adapter in dict.fromkeys(a for a in adapters if a is not None):
                 # as published now: a copy the teacher loaded earlier under that name may be an older one (a run's
                 # attempt that published, then died before it succeeded)
-                teacher.load_adapter(adapter, replace=True)
+                try:
+                    teacher.load_adapter(adapter, replace=True)
+                except TeacherRejected as exc:
+                    if exc.status == 409 and exc.param == "path":  # being published again as it was read: later
+                        raise RuntimeError(f"adapter {adapter}: {exc.message}") from exc  # RQ runs this again
+                    raise
             if worked_example is None:
                 config = config.model_copy(update={"worked_example": needs_worked_example(teacher.model_name)})
             report = evaluate(problems, teacher, config, adapters=adapters, benchmark=record["benchmark"],

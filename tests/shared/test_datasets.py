@@ -183,13 +183,18 @@ def test_ids_that_differ_only_in_case_are_duplicates(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "dup.jsonl", [row(id="Apple"), row(id="apple")])
     assert "dup.jsonl:2: duplicate id 'apple' (also at" in str(load_error(path))
     assert "as 'Apple': one file name on a disk that ignores case" in str(load_error(path))
+    # a file the project stored itself, accepted when it came in (perhaps before ids' case was compared), reads
+    assert [p.id for p in load_problems(path, case_blind_ids=False)] == ["Apple", "apple"]
 
 
 def test_number_answers_and_ids_are_read_as_written() -> None:
     """A float answer in plain digits, never `1e-05` or `1e+16` (no grader takes them for the number); a whole float
     id (an integer column with gaps, as pandas writes it) as the integer; an id of any other kind refused."""
-    rows = [{"question": "Q", "answer": value, "id": i} for i, value in enumerate([0.00001, 1e16, 2.5, 1000.0, -0.0])]
-    assert [p.answer for p in parse_problem_rows(rows)] == ["0.00001", "10000000000000000", "2.5", "1000", "0"]
+    values = [0.00001, 1e16, 2.5, 1000.0, -0.0, 6.02e23]
+    rows = [{"question": "Q", "answer": value, "id": i} for i, value in enumerate(values)]
+    assert [p.answer for p in parse_problem_rows(rows)] == [
+        "0.00001", "10000000000000000", "2.5", "1000", "0", "602000000000000000000000",  # not the float's binary value
+    ]
     assert [p.id for p in parse_problem_rows([{"question": "Q", "answer": "1", "id": 7.0}])] == ["7"]
     for bad in (7.5, True, {"a": 1}, [1, 2]):
         with pytest.raises(DatasetError, match="'id' must be a string or a whole number"):
