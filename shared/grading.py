@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.processes import die_with_parent
+from shared.schemas import CUT_OFF
 
 logger = logging.getLogger(__name__)
 
@@ -550,7 +551,7 @@ def grade_records(lines: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         response = _text_field(record, "response")
         pred = _text_field(record, "pred")
         if response is not None:
-            graded = grade_model_response(gold, response, cut_off=record.get("finish_reason") == "length")
+            graded = grade_model_response(gold, response, cut_off=record.get("finish_reason") == CUT_OFF)
         elif pred is not None:
             graded = GradedAnswer(extracted=pred, correct=is_equivalent(gold, pred))
         else:

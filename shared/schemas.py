@@ -58,6 +58,10 @@ class RenderedPrompt(BaseModel):
     token_ids: list[int]
 
 
+# The finish reason of a completion cut at the token limit before it ended (vLLM's, and the teacher API's).
+CUT_OFF = "length"
+
+
 class Generation(BaseModel):
     """One sampled completion, with its token ids as generated (never re-tokenized)."""
 
@@ -72,7 +76,7 @@ class Generation(BaseModel):
     @property
     def cut_off(self) -> bool:
         """Cut at the token limit before it ended."""
-        return self.finish_reason == "length"
+        return self.finish_reason == CUT_OFF
 
 
 class Rollout(BaseModel):

@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from tests.processes import kill_leftovers
+
 API_KEY = "test-key-7f3a"
 MAX_PENDING_REQUESTS = 16
 READY_TIMEOUT_SECONDS = 300
@@ -158,15 +160,7 @@ def stop_and_check_nothing_left(process: subprocess.Popen, log_path: Path) -> No
         returncode = process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         returncode = None
-    _, alive = psutil.wait_procs(family, timeout=30)
-    names = []
-    for leftover in alive:  # killed on every path: a failed stop leaves no engine process to the rest of the run
-        try:
-            if leftover.status() != psutil.STATUS_ZOMBIE:
-                names.append(f"{leftover.pid} {leftover.name()}")
-            leftover.kill()
-        except psutil.NoSuchProcess:
-            pass
+    names = kill_leftovers(family, timeout=30)
     assert returncode is not None, f"still running 60 s after SIGTERM:\n{log_path.read_text()[-3000:]}"
     assert not names, f"processes left after SIGTERM: {names}"
     assert len(family) >= 2, "the service started no engine process"

@@ -28,6 +28,7 @@ import redis
 
 from shared.arithmetic import make_arithmetic_problems
 from tests.conftest import CURATION_CONFIG
+from tests.processes import kill_leftovers
 
 pytestmark = [pytest.mark.topology, pytest.mark.engine, pytest.mark.slow]
 
@@ -139,15 +140,7 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
             returncode = up.wait(timeout=120)
         except subprocess.TimeoutExpired:
             returncode = None
-        _, alive = psutil.wait_procs(everything, timeout=10)
-        left = []
-        for process in alive:
-            try:
-                if process.status() != psutil.STATUS_ZOMBIE:
-                    left.append(f"{process.pid} {process.name()}")
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
+        left = kill_leftovers(everything, timeout=10)
     assert returncode is not None, f"ssb up still ran 120 s after SIGTERM:\n{log()[-3000:]}"
     assert not left, f"processes left after SIGTERM: {left}"
     assert returncode == 128 + signal.SIGTERM, log()[-3000:]

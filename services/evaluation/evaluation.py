@@ -3,8 +3,9 @@
 `evaluate(problems, engine, config, adapters=[None, "runs/adapter"])` asks each model (None is the base model; a path is
 a PEFT adapter, loaded by the engine as a LoRA beside the base weights, never merged) every question with the same
 bare-question prompt as curation and training (`shared.prompts.build_student_messages`), grades each response with the
-project's one grader (`shared.grading.grade_model_response`), and returns an `EvalReport`: one row per model, in the order
-given, and every problem's responses and verdicts. The report is a pydantic model, so it is written and read as JSON.
+project's one grader (`shared.grading.grade_model_response`), and returns an `EvalReport`: one row per model, in the
+order given, and every problem's responses and verdicts. The report is a pydantic model, so it is written and read as
+JSON.
 
 - pass@1 is the greedy response (temperature 0, one sample) graded against the gold answer, averaged over problems.
 - mean@n (only when `samples` > 1) is the mean accuracy over n samples per problem at the sampling temperature, which is
@@ -32,7 +33,7 @@ from rich.table import Table
 from shared.engine import Engine
 from shared.grading import DEFAULT_EXTRACTION_ORDER, grade_model_response
 from shared.metrics import count_correct, count_ungradeable, mean_accuracy, mean_pass_at_k
-from shared.schemas import Generation, MaxTokens, Problem, SamplingSettings, Temperature, TopK
+from shared.schemas import CUT_OFF, Generation, MaxTokens, Problem, SamplingSettings, Temperature, TopK
 from shared.selection import seeded_rng
 from shared.settings import ExtractionOrder
 
@@ -89,6 +90,11 @@ class ModelAnswer(BaseModel):
     sampled_correct: list[bool | None] = Field(
         default_factory=list, description="Each sample's verdict (None as for the greedy answer)."
     )
+
+    @property
+    def cut_off(self) -> bool:
+        """The greedy response was cut at max_tokens."""
+        return self.finish_reason == CUT_OFF
 
 
 class ProblemResult(BaseModel):
@@ -213,8 +219,8 @@ def summarize_model(
         pass_at_n=mean_pass_at_k(sampled, samples) if samples > 1 else None,
         problems=len(answers),
         correct=count_correct(greedy),
-        ungradeable=count_ungradeable([a.correct for a in answers if a.finish_reason != "length"]),
-        truncated=sum(a.finish_reason == "length" for a in answers),
+        ungradeable=count_ungradeable([a.correct for a in answers if not a.cut_off]),
+        truncated=sum(a.cut_off for a in answers),
         mean_response_tokens=sum(a.num_tokens for a in answers) / len(answers),
         seconds=seconds,
     )

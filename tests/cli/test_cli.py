@@ -192,8 +192,8 @@ def test_curate_and_eval_against_a_teacher_that_cannot_start_end_at_once_with_on
             result = ssb(*command, "--teacher-url", url, check=False)
             said = " ".join(result.stderr.split())
             assert result.returncode == 1, said
-            assert f"error: the teacher service: the teacher at {url} could not start its engine: the engine failed to " \
-                   "start: no model" in said
+            says = f"error: the teacher service: the teacher at {url} could not start its engine"
+            assert f"{says}: the engine failed to start: no model" in said
             assert "Traceback" not in said
     finally:
         teacher.kill()

@@ -20,6 +20,7 @@ import psutil
 import pytest
 from redis import Redis
 
+from tests.processes import kill_leftovers
 from tests.redis_server import redis_url
 from tests.teacher_server import API_KEY as TEACHER_KEY
 from tests.teacher_server import free_port
@@ -86,10 +87,8 @@ def stop_process(process: subprocess.Popen) -> None:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
-    _, alive = psutil.wait_procs(family, timeout=20)
-    for leftover in alive:
-        leftover.kill()
-    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+    left = kill_leftovers(family, timeout=20)
+    assert not left, f"processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ class ScriptedEngine(PromptingEngine):
             texts = [greedy] if settings.temperature == 0 else samples[: settings.n]
             assert len(texts) == settings.n
             tokens = [list(range(len(t.split()))) for t in texts]
-            outputs.append([Generation(text=t, token_ids=ids, finish_reason=ending(t)) for t, ids in zip(texts, tokens)])
+            outputs.append([Generation(text=t, token_ids=ids, finish_reason=ending(t)) 
+                            for t, ids in zip(texts, tokens)])
         return outputs
 
 
