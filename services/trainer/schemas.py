@@ -257,6 +257,7 @@ class Evaluation(BaseModel):
     )
     run_id: str | None = Field(default=None, description="The run that queued it, when it followed a run.")
     error: str | None = None
+    note: str | None = Field(default=None, description="What happened, e.g. queued again after its job ended early.")
     attempts: int = 0
     created_at: float
     started_at: float | None = None

@@ -29,6 +29,7 @@ from typing import Any
 
 import redis
 from rq import Worker
+from rq.job import JobStatus
 
 from services.errors import ServiceError
 from services.trainer import queues
@@ -199,39 +200,45 @@ class TrainerService:
         return Run(**{name: value for name, value in record.items() if name in Run.model_fields})
 
     def reconcile_run(self, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        """A run whose job RQ failed without the job recording it (its work horse killed with no retries left) is
-        failed. A run not final whose job RQ counts finished, with no worker on it, is queued again (it resumes from
-        its newest checkpoint): a superseded attempt's worker leaves the job to the later attempt
-        (`shared.workers.JobProcessWorker`), but one of an earlier version, or one whose ending races RQ's handing the
-        job on, can still end it as finished. A run not final with no job at all (the service died, or Redis failed,
-        between recording the run and queueing it) is queued (the job id makes that happen once)."""
-        job = queues.fetch_job(self.settings, self.redis, queues.TRAIN, run_id)
+        """A run not final, checked against its job (`reconcile`)."""
+        return self.reconcile(queues.TRAIN, run_id, record)
+
+    def reconcile(self, kind: str, record_id: str, record: dict[str, Any]) -> dict[str, Any]:
+        """A run or evaluation not final, checked against its RQ job. One whose job RQ failed without the job recording
+        it (its work horse killed with no retries left) is failed. One whose job RQ counts finished, with no worker on
+        it, is queued again (a run resumes from its newest checkpoint): a superseded attempt's worker leaves the job to
+        the later attempt (`shared.workers.JobProcessWorker`), but one of an earlier version, or one whose ending races
+        RQ's handing the job on, can still end it as finished, and nothing would take it up again. One with no job at
+        all (the service died, or Redis failed, between recording it and queueing it) is queued (the job id makes that
+        happen once)."""
+        records, enqueue, what = ((self.runs, queues.enqueue_training, "training") if kind == queues.TRAIN
+                                  else (self.evals, queues.enqueue_evaluation, "evaluation"))
+        job = queues.fetch_job(self.settings, self.redis, kind, record_id)
         if job is None:
-            queues.enqueue_training(self.settings, self.redis, run_id)
+            enqueue(self.settings, self.redis, record_id)
             return record
-        status = job.get_status(refresh=False)
+        status = JobStatus(job.get_status(refresh=False)).value  # its word (`failed`), not the enum's repr
         # Failed by RQ, unless a live worker runs it (a stalled worker's attempt of an earlier version may have failed
         # the job while the attempt that took it over goes on).
-        if status in ("failed", "stopped", "canceled") and not self.job_held(job.id):
-            error = record.get("error") or f"the training job ended as {status}"
-            self.runs.advance(run_id, status="failed", error=error)
-            return self.runs.get(run_id) or record
-        if status == "finished" and record.get("status") in ("queued", "running") and not self.job_held(job.id):
+        if status in ("failed", "stopped", "canceled") and not self.job_held(kind, job.id):
+            records.advance(record_id, status="failed", error=record.get("error") or f"the {what} job ended as {status}")
+            return records.get(record_id) or record
+        if status == "finished" and record.get("status") in ("queued", "running") and not self.job_held(kind, job.id):
             # Once per attempt: two readers at once (a client and a metrics scrape) must not both delete and queue
             # (the second would delete the job the first queued, perhaps already running, and queue another).
-            guard = f"{self.settings.key_prefix}:run:{run_id}:requeued:{record.get('attempts', 0)}"
+            guard = f"{records.key(record_id)}:requeued:{record.get('attempts', 0)}"
             if not self.redis.set(guard, 1, nx=True, ex=86_400):
                 return record
             job.delete()
-            queues.enqueue_training(self.settings, self.redis, run_id)
-            note = "its job had ended without finishing the run (an attempt taken over by another); queued again"
-            self.runs.advance(run_id, status="queued", note=note)
-            return self.runs.get(run_id) or record
+            enqueue(self.settings, self.redis, record_id)
+            note = "its job had ended without finishing it (an attempt taken over by another); queued again"
+            records.advance(record_id, status="queued", note=note)
+            return records.get(record_id) or record
         return record
 
-    def job_held(self, job_id: str) -> bool:
-        """Whether a live train worker is running this job now."""
-        queue = queues.open_queue(self.settings, queues.TRAIN, self.redis)
+    def job_held(self, kind: str, job_id: str) -> bool:
+        """Whether a live worker is running this job now."""
+        queue = queues.open_queue(self.settings, kind, self.redis)
         workers = Worker.all(queue=queue, serializer=queue.serializer)
         return any(worker.get_current_job_id() == job_id for worker in workers)
 
@@ -366,12 +373,7 @@ class TrainerService:
         if record is None:
             raise not_found("evaluation", eval_id)
         if record.get("status") not in FINAL:
-            job = queues.fetch_job(self.settings, self.redis, queues.EVAL, eval_id)
-            if job is None:  # recorded, never queued: the service died, or Redis failed, in between
-                queues.enqueue_evaluation(self.settings, self.redis, eval_id)
-            elif job.get_status(refresh=False) in ("failed", "stopped", "canceled"):
-                self.evals.advance(eval_id, status="failed", error=record.get("error") or "the evaluation job failed")
-                record = self.evals.get(eval_id) or record
+            record = self.reconcile(queues.EVAL, eval_id, record)
         report_path = self.settings.evals_dir() / eval_id / REPORT_NAME
         if record.get("status") == "succeeded" and report_path.exists():
             report = json.loads(report_path.read_bytes())

@@ -256,6 +256,34 @@ def test_a_run_whose_job_ended_without_finishing_it_is_queued_again(trainer):
     assert http.get("/v1/runs/left-over").json()["status"] == "queued"
 
 
+def test_an_evaluation_whose_job_ended_without_finishing_it_is_queued_again(trainer):
+    """The same for an evaluation (it stayed `running` for ever): reading it queues it again, once per attempt; a job
+    RQ failed fails it."""
+    from rq.job import Job, JobStatus
+
+    from services.trainer.queues import EVAL, job_id
+    from services.trainer.records import eval_records
+
+    http, settings, connection = trainer
+    request = {"eval_id": "eval-left-over", "models": ["base"], "benchmark": "gsm8k", "limit": 2}
+    assert http.post("/v1/evals", json=request).status_code == 202
+    records = eval_records(connection, settings.key_prefix)
+    job = Job.fetch(job_id(settings, EVAL, "eval-left-over"), connection=connection)
+    job.set_status(JobStatus.FINISHED)
+    records.update("eval-left-over", status="running")
+    evaluation = http.get("/v1/evals/eval-left-over").json()
+    assert evaluation["status"] == "queued" and "queued again" in evaluation["note"], evaluation
+    assert Job.fetch(job.id, connection=connection).get_status() == JobStatus.QUEUED
+    job.set_status(JobStatus.FINISHED)  # a second reader of the same attempt leaves it alone
+    records.update("eval-left-over", status="running")
+    assert http.get("/v1/evals/eval-left-over").json()["status"] == "running"
+    records.increment("eval-left-over", "attempts")
+    assert http.get("/v1/evals/eval-left-over").json()["status"] == "queued"
+    Job.fetch(job.id, connection=connection).set_status(JobStatus.FAILED)  # failed by RQ, no worker on it
+    evaluation = http.get("/v1/evals/eval-left-over").json()
+    assert evaluation["status"] == "failed" and "the evaluation job ended as failed" in evaluation["error"], evaluation
+
+
 def test_a_cancelled_run_never_starts_and_a_running_one_stops_at_its_next_step(trainer, monkeypatch):
     """DELETE /v1/runs/{id}: a queued run ends `cancelled` and its job leaves the queue (a retried DELETE or POST
     changes nothing, a delivery of its job trains nothing); a running attempt (`train` stood in for: the worker's
