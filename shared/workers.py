@@ -1,5 +1,5 @@
 """What the curator's and the trainer's RQ workers share: a Redis client that cannot hang, and a job's process that
-neither outlives its worker nor dies unreported.
+neither outlives its worker nor dies unreported, nor with a Redis briefly gone.
 
 RQ runs a job in a forked process (its "work horse"). That process does not die with its worker: a worker killed
 (SIGKILL, the OOM killer) leaves it running on its own, and once the worker's heartbeat lapses another worker takes
@@ -115,6 +115,18 @@ class JobProcessWorker(Worker):
         self._stop_requested = True  # the work loop ends after this job's failure is handled (retried: re-queued)
         self.handing_back = True
         self.kill_horse()
+
+    def maintain_heartbeats(self, job, execution) -> None:
+        """RQ's heartbeats while the job's process works, which a Redis briefly gone (a restart, a failover) no longer
+        ends: RQ's error went out of the worker, its job's process died with it, and the job was retried from the
+        start (a retry spent) or failed. The worker goes on waiting for its job and beats again at the next interval;
+        should Redis stay away past the job's heartbeat TTL, another worker takes the job over once it is back, as
+        from a stalled worker."""
+        try:
+            super().maintain_heartbeats(job, execution)
+        except REDIS_UNAVAILABLE as exc:
+            self.log.warning("Worker %s: no heartbeat for job %s (Redis unavailable: %s); the job goes on", self.name,
+                             job.id, exc)
 
     def fork_work_horse(self, job, queue) -> None:
         self.worker_pid = os.getpid()  # read by the job's process, which the fork below starts

@@ -47,10 +47,18 @@ def start_redis_server() -> subprocess.Popen | None:
     """One try of `start_session_redis`, on a free port."""
     from cli.supervisor import free_port
 
-    directory = tempfile.mkdtemp(prefix="ssb-test-redis-")
-    port = free_port()
+    server = run_redis_server(free_port(), tempfile.mkdtemp(prefix="ssb-test-redis-"))
+    if server is not None:
+        os.environ["SSB_TEST_REDIS_URL"] = server.url
+    return server
+
+
+def run_redis_server(port: int, directory: str, *, appendonly: bool = False) -> subprocess.Popen | None:
+    """A `redis-server` on loopback `port` keeping its files in `directory` (an append-only file there with
+    `appendonly`, so that a restart finds the data again), answering pings; None if it did not start in 30 s. It has
+    `.url` and `.directory`."""
     argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
-            "--appendonly", "no"]  # fmt: skip
+            "--appendonly", "yes" if appendonly else "no"]  # fmt: skip
     server = subprocess.Popen(
         argv,
         stdout=subprocess.DEVNULL,
@@ -58,22 +66,22 @@ def start_redis_server() -> subprocess.Popen | None:
         preexec_fn=functools.partial(die_with_parent, os.getpid()),
     )
     server.directory = directory
-    url = f"redis://127.0.0.1:{port}"
+    server.url = f"redis://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
-            Redis.from_url(url, socket_connect_timeout=1).ping()
-            break
+            Redis.from_url(server.url, socket_connect_timeout=1).ping()
+            return server
         except Exception:
             if server.poll() is not None or time.monotonic() > deadline:
                 stop_session_redis(server)
                 return None
             time.sleep(0.05)
-    os.environ["SSB_TEST_REDIS_URL"] = url
-    return server
 
 
-def stop_session_redis(server: subprocess.Popen | None) -> None:
+def stop_session_redis(server: subprocess.Popen | None, *, keep_files: bool = False) -> None:
+    """Stop a server of `run_redis_server` (it writes its append-only file as it goes), and remove its directory unless
+    `keep_files`."""
     if server is None:
         return
     server.terminate()
@@ -82,7 +90,8 @@ def stop_session_redis(server: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
-    shutil.rmtree(server.directory, ignore_errors=True)
+    if not keep_files:
+        shutil.rmtree(server.directory, ignore_errors=True)
 
 
 def delete_keys(connection: Redis, key_prefix: str) -> None:

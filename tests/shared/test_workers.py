@@ -4,9 +4,15 @@ callback records nothing; the run RQ counts as current still ends the job as RQ 
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
+import psutil
 import pytest
 from redis import Redis
 from rq import Callback, Queue, Retry
@@ -14,7 +20,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from shared.workers import JobProcessWorker, cancel_unstarted, redis_location, started_elsewhere
-from tests.redis_server import delete_keys, redis_url
+from tests.processes import kill_leftovers
+from tests.redis_server import delete_keys, redis_url, run_redis_server, stop_session_redis
 
 REDIS_URL = redis_url(12)
 
@@ -158,3 +165,52 @@ def test_a_job_cancelled_before_it_starts_leaves_nothing_in_redis_and_two_cancel
 )
 def test_a_redis_location_holds_no_password(url, location):
     assert redis_location(url) == location
+
+
+WORKER = """
+import sys
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+from shared.workers import JobProcessWorker
+connection = Redis.from_url(sys.argv[1])
+queue = Queue("restart", connection=connection, serializer=JSONSerializer)
+worker = JobProcessWorker([queue], connection=connection, serializer=JSONSerializer, job_monitoring_interval=1)
+worker.work(burst=True)
+"""
+
+
+def test_a_busy_workers_job_goes_on_through_a_redis_restart(tmp_path):
+    """Redis stops for a few seconds (a restart, a failover) while a worker's job runs: the worker's heartbeats fail
+    meanwhile, and it still waits for its job, which ends finished with no retry spent (RQ's heartbeat raised out of
+    the worker, whose job process died with it: the job failed, or was retried from the start)."""
+    from cli.supervisor import free_port
+
+    port = free_port()
+    server = run_redis_server(port, str(tmp_path), appendonly=True)
+    if server is None:
+        pytest.skip("no redis-server")
+    worker_process = None
+    try:
+        connection = Redis.from_url(server.url)
+        queue = Queue("restart", connection=connection, serializer=JSONSerializer)
+        job = queue.enqueue("time.sleep", 8, job_id="restart-job", retry=Retry(max=2))
+        worker_process = subprocess.Popen([sys.executable, "-c", WORKER, server.url],
+                                          cwd=Path(__file__).resolve().parents[2], env={**os.environ})
+        deadline = time.monotonic() + 60
+        while stored(job).get_status() != "started":
+            assert time.monotonic() < deadline and worker_process.poll() is None, "the worker never started the job"
+            time.sleep(0.1)
+        stop_session_redis(server, keep_files=True)
+        time.sleep(3)  # three heartbeats missed
+        server = run_redis_server(port, str(tmp_path), appendonly=True)
+        assert server is not None, "redis-server did not start again"
+        assert worker_process.wait(timeout=60) == 0
+        ended = stored(job)
+        assert ended.get_status() == "finished" and ended.retries_left == 2
+    finally:
+        if worker_process is not None and worker_process.poll() is None:  # failed: the worker and its job's process
+            worker = psutil.Process(worker_process.pid)
+            kill_leftovers([worker, *worker.children(recursive=True)], timeout=0)
+            worker_process.wait()
+        stop_session_redis(server)
