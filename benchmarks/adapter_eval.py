@@ -27,6 +27,7 @@ from services.teacher.engine import EngineOptions, TeacherEngine
 from services.teacher.merging import merge_adapter
 from shared.arithmetic import make_arithmetic_problems
 from shared.settings import Settings
+from shared.storage import replace_atomically
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -130,7 +131,7 @@ def main() -> None:
         f"{result['greedy_answers_identical_lora_merged']}/{len(problems)} greedy answers identical to the LoRA's"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    replace_atomically(args.out, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from services.curator.curation import curate
 from services.teacher.engine import EngineOptions, TeacherEngine
 from shared.arithmetic import make_arithmetic_problems
 from shared.settings import CurationConfig, Settings
-from shared.storage import PairStore
+from shared.storage import PairStore, replace_atomically
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
             f"{run['pairs']} pairs, the same outcome for {run['same_outcomes']} of {len(problems)}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    replace_atomically(args.out, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

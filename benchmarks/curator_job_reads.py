@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+from shared.storage import replace_atomically
+
 RESULTS = Path("runs/bench/curator_job_reads.json")
 
 
@@ -143,7 +145,7 @@ def main() -> None:
         print(f"status with {failing['failures']} failures: {failing['status_s'] * 1000:.2f} ms; every failure "
               f"read and sorted, as it was: {failing['every_failure_read_and_sorted_s'] * 1000:.1f} ms more")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
+    replace_atomically(RESULTS, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Benchmark: problems per minute through the curator service with W = 1, 2 and 4 workers against one teacher
-service, and the same problems curated by the engine alone, in-process (`ssb curate`'s path), in the same run.
+service, and the same kind of problems curated by the engine alone, in-process, in the same run.
 
-The engine alone: `curate()` on an in-process vLLM engine, `--problems` arithmetic problems in batches of 64 (the
-CLI's default). Then `ssb serve teacher`, `ssb serve curator` and W `ssb worker curate` processes on loopback (Redis
-database 10 of the machine's Redis, emptied before and after); the same problems are submitted as a new dataset for
-each W (with `--job-batch` problems per job), and the rate is problems over the time from the first job's start to
-the last problem's final state, as the curator reports them. Ratios: each W over the engine alone.
+The engine alone: `curate()` on an in-process vLLM engine built from the same `TeacherSettings` as the teacher
+service (`SSB_ENABLE_LORA`, `SSB_DTYPE`, `SSB_KV_CACHE_GIB`, ... hold on both sides), `--problems` arithmetic problems
+in batches of 64 (the CLI's default), after a warm-up on one problem (the service gets one rollout request). Then
+`ssb serve teacher`, `ssb serve curator` and W `ssb worker curate` processes on loopback, on a `redis-server` of the
+benchmark's own (a free port, its files under runs/bench/, stopped at the end); `--problems` problems are submitted
+as a new dataset for each W (with `--job-batch` problems per job), and the rate is problems over the time from the
+first job's start to the last problem's final state, as the curator reports them. Every run curates problems of its
+own (the same generator, another seed), so that none finds an earlier run's prompts in the teacher's prefix cache.
+Ratios: each W over the engine alone.
 
     .venv/bin/python -m benchmarks.curator_workers [--problems 64] [--workers 1 2 4] [--job-batch 8]
 
@@ -27,18 +31,20 @@ from pathlib import Path
 
 import httpx
 import psutil
-from redis import Redis
+from redis import Redis, RedisError
 
 from cli.runtime import ensure_model
+from cli.topology import redis_server_argv
 from services.curator.curation import curate
-from services.teacher.engine import EngineOptions, TeacherEngine
+from services.teacher.engine import TeacherEngine
+from services.teacher.service import engine_options
+from services.teacher.settings import TeacherSettings
 from shared.arithmetic import make_arithmetic_problems
 from shared.settings import CurationConfig, Settings
-from shared.storage import PairStore
+from shared.storage import PairStore, replace_atomically
 from shared.teacher_client import TeacherClient
 
 OUT = Path("runs/bench")
-REDIS_URL = "redis://127.0.0.1:6379/10"
 OPTIONS = dict(k=4, seed=0, worked_example=True, rollout_max_tokens=192, explanation_max_tokens=256, topk=20)
 
 
@@ -50,7 +56,9 @@ def free_port() -> int:
 
 def engine_alone(model_path: str, problems, directory: Path) -> dict:
     config = CurationConfig(**OPTIONS)
-    with TeacherEngine(EngineOptions(model=model_path, kv_cache_gib=2, max_logprobs=64)) as engine:
+    with TeacherEngine(engine_options(TeacherSettings(), model_path)) as engine:
+        warm_up = make_arithmetic_problems(1, seed=4)  # the first request compiles; a problem of no run
+        curate(warm_up, engine, PairStore(directory.with_name("warm-up")), config)
         started = time.perf_counter()
         funnel = curate(problems, engine, PairStore(directory), config)
         seconds = time.perf_counter() - started
@@ -77,6 +85,19 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
     for leftover in psutil.wait_procs(family, timeout=20)[1]:
         leftover.kill()
+
+
+def wait_for_redis(url: str, server: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            Redis.from_url(url, socket_connect_timeout=1).ping()
+            return
+        except RedisError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop(server)
+                raise RuntimeError(f"redis-server did not start (see {OUT / 'curator_redis.log'})") from None
+            time.sleep(0.1)
 
 
 def wait_ready(url: str, timeout: float = 300) -> None:
@@ -132,19 +153,23 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     model_path = ensure_model(None, Settings())
     problems = make_arithmetic_problems(args.problems, seed=5)
-    rows = [p.model_dump(exclude_none=True) for p in problems]
     data_dir = OUT / "curator_workers_data"
     subprocess.run(["rm", "-rf", str(data_dir)], check=True)
 
     alone = engine_alone(model_path, problems, data_dir / "engine_alone")
     print(f"engine alone: {alone['problems_per_minute']:.1f} problems/min ({alone['seconds']:.0f} s, {alone['pairs']} pairs)")
 
-    redis = Redis.from_url(REDIS_URL)
-    redis.flushdb()
-    teacher_port, curator_port = free_port(), free_port()
+    redis_dir = OUT / "curator_workers_redis"
+    subprocess.run(["rm", "-rf", str(redis_dir)], check=True)
+    redis_dir.mkdir()
+    redis_port, teacher_port, curator_port = free_port(), free_port(), free_port()
+    redis_server = start(list(redis_server_argv(redis_port, redis_dir.resolve())), dict(os.environ),
+                         OUT / "curator_redis.log")
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    wait_for_redis(redis_url, redis_server)
     env = {
         **os.environ,
-        "SSB_REDIS_URL": REDIS_URL,
+        "SSB_REDIS_URL": redis_url,
         "SSB_KEY_PREFIX": "ssb-bench",
         "SSB_DATA_DIR": str(data_dir),
         "SSB_TEACHER_URLS": f"http://127.0.0.1:{teacher_port}",
@@ -161,6 +186,8 @@ def main() -> None:
             warm.rollouts([problems[0].question], [CurationConfig(**OPTIONS).rollout_sampling()])
         for job_batch in args.job_batch:
             for workers in args.workers:
+                run_problems = make_arithmetic_problems(args.problems, seed=6 + len(results))  # none cached
+                rows = [p.model_dump(exclude_none=True) for p in run_problems]
                 result = through_workers(workers, rows, f"http://127.0.0.1:{curator_port}", env, job_batch)
                 result["ratio_to_engine_alone"] = result["problems_per_minute"] / alone["problems_per_minute"]
                 results.append(result)
@@ -172,9 +199,9 @@ def main() -> None:
     finally:
         stop(curator)
         stop(teacher)
-        redis.flushdb()
+        stop(redis_server)
     report = {"problems": args.problems, "settings": OPTIONS, "engine_alone": alone, "service": results}
-    (OUT / "curator_workers.json").write_text(json.dumps(report, indent=1))
+    replace_atomically(OUT / "curator_workers.json", json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared.storage import replace_atomically
+
 RESULTS = Path("runs/bench/engine_threads.json")
 
 
@@ -153,7 +155,7 @@ def main() -> None:
                 start = sum(starts) / len(starts)
                 print(f"  {name:32s} {mean:8.1f}  ({mean / base:.2f}x)   engine start {start:5.1f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"cores": cores, "rows": rows}, indent=1))
+    replace_atomically(RESULTS, json.dumps({"cores": cores, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

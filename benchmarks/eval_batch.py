@@ -21,6 +21,7 @@ from services.evaluation.evaluation import EvalConfig, answer_problems
 from services.teacher.engine import EngineOptions, TeacherEngine
 from shared.arithmetic import make_arithmetic_problems
 from shared.settings import Settings
+from shared.storage import replace_atomically
 
 
 def main() -> None:
@@ -66,7 +67,8 @@ def main() -> None:
             f"the same greedy response for {row['same_responses']} of {args.problems}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"problems": args.problems, "dtype": args.dtype, "rows": rows}, indent=1))
+    result = {"problems": args.problems, "dtype": args.dtype, "rows": rows}
+    replace_atomically(args.out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

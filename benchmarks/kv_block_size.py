@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared.storage import replace_atomically
+
 RESULTS = Path("runs/bench/kv_block_size.json")
 
 
@@ -72,7 +74,7 @@ def main() -> None:
             f"same greedy response for {row['same_responses']} of {args.problems}"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"problems": args.problems, "rows": rows}, indent=1))
+    replace_atomically(RESULTS, json.dumps({"problems": args.problems, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

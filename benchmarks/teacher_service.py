@@ -35,6 +35,7 @@ from services.teacher.settings import TeacherSettings
 from shared.arithmetic import make_arithmetic_problems
 from shared.prompts import build_student_messages
 from shared.schemas import SamplingSettings
+from shared.storage import replace_atomically
 from shared.teacher_client import TeacherClient
 
 
@@ -166,7 +167,7 @@ def main() -> None:
         rows.append({"clients": d["clients"], "in_process": d, "service": s, "ratio": ratio})
         print(f"{d['clients']:>3} {d['tokens_per_second']:>17.1f} {s['tokens_per_second']:>14.1f} {ratio:>6.2f}")
     out = Path("runs/bench/teacher_service" + ("-service-first" if args.service_first else "") + ".json")
-    out.write_text(json.dumps(
+    replace_atomically(out, json.dumps(
         {
             "requests": args.requests,
             "max_tokens": args.max_tokens,

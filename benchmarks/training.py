@@ -843,7 +843,9 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    partial = args.out.with_name(f".{args.out.name}.partial")  # whole or not at all (this file runs without the project)
+    partial.write_text(json.dumps(report, indent=1) + "\n")
+    partial.replace(args.out)
     print(cost_table(costs, args) if "by_explanation_tokens" in costs else "Training step: skipped")
     print()
     print(fidelity_table(fidelity))
