@@ -4,9 +4,12 @@ The same held-out problems (arithmetic, seed 1, the worked example, greedy, the 
 the base model (an engine without LoRA support); the adapter merged into a copy of the weights and loaded in place of
 that engine's own (what `ssb eval` and `ssb run` do on a CPU; the merge and the load are counted); the same merged
 copy served by an engine started on it (the way before, its start counted); and the adapter served as a LoRA beside
-the base weights (an engine built for LoRA). Also reported: how many greedy answers the ways of serving agree on.
+the base weights (an engine built for LoRA, in the machine's own dtype, as `--adapter-serving lora` serves it). Also
+reported: how many greedy answers the ways of serving agree on. The base model and the merged copies compute in
+`--dtype`, by default the one `ssb eval` picks for them (`cli.eval_command.resolve_adapter_serving`: float32 on a
+CPU, so that a merged update is not lost to bfloat16 rounding).
 
-    .venv/bin/python -m benchmarks.adapter_eval [--problems 60] [--max-tokens 256] [--adapter DIR]
+    .venv/bin/python -m benchmarks.adapter_eval [--problems 60] [--max-tokens 256] [--adapter DIR] [--dtype auto]
 
 Without `--adapter`, a rank-32 LoRA on every projection (the paper's shape) with small random weights stands in for a
 trained one. Run in one process, so every number comes from the same machine at the same time.
@@ -21,9 +24,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from cli.eval_command import resolve_adapter_serving
 from cli.runtime import ensure_model
 from services.evaluation.evaluation import EvalConfig, evaluate
-from services.teacher.engine import EngineOptions, TeacherEngine
+from services.teacher.engine import EngineOptions, TeacherEngine, resolved_dtype
 from services.teacher.merging import merge_adapter
 from shared.arithmetic import make_arithmetic_problems
 from shared.settings import Settings
@@ -59,21 +63,23 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=60)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--adapter", type=Path, default=None)
+    parser.add_argument("--dtype", default=None, help="The base model's and merged copies' dtype (default: ssb eval's).")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/adapter_eval.json"))
     args = parser.parse_args()
 
     settings = Settings()
+    dtype = args.dtype or resolve_adapter_serving("auto", settings.dtype).dtype
     model_path = ensure_model(None, settings)
     problems = make_arithmetic_problems(args.problems, seed=1)
     config = EvalConfig(max_tokens=args.max_tokens, worked_example=True)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = str(args.adapter) if args.adapter else stand_in_adapter(model_path, Path(tmp) / "adapter")
-        plain = EngineOptions(model=model_path, kv_cache_gib=settings.kv_cache_gib, enable_lora=False)
+        plain = EngineOptions(model=model_path, kv_cache_gib=settings.kv_cache_gib, enable_lora=False, dtype=dtype)
         with TeacherEngine(plain) as engine:
             base_seconds, base = timed_evaluation(problems, engine, config, None)
             print(f"base: {base_seconds:.1f} s", flush=True)
             started = time.perf_counter()
-            merged_dir = merge_adapter(adapter, model_path, Path(tmp) / "merged").path
+            merged_dir = merge_adapter(adapter, model_path, Path(tmp) / "merged", resolved_dtype(dtype)).path
             merge_seconds = time.perf_counter() - started
             started = time.perf_counter()
             engine.load_weights(merged_dir)
@@ -88,7 +94,7 @@ def main() -> None:
             merged_seconds, merged = timed_evaluation(problems, merged_engine, config, None)
         print(f"merged, an engine of its own: start {start_seconds:.1f} s, evaluation {merged_seconds:.1f} s")
 
-        with TeacherEngine(replace(plain, enable_lora=True)) as lora_engine:
+        with TeacherEngine(replace(plain, enable_lora=True, dtype=settings.dtype)) as lora_engine:
             lora_seconds, with_lora = timed_evaluation(problems, lora_engine, config, adapter)
         print(f"LoRA in the engine: {lora_seconds:.1f} s", flush=True)
 
@@ -97,6 +103,7 @@ def main() -> None:
     result = {
         "problems": len(problems),
         "max_tokens": args.max_tokens,
+        "dtype": {"base_and_merged": dtype, "lora": settings.dtype},
         "seconds": {
             "base": base_seconds,
             "merge": merge_seconds,
