@@ -277,7 +277,7 @@ def published_by(adapter_dir: Path) -> dict | None:
 def queue_evaluation_after(settings: TrainerSettings, connection, run_id: str, options: dict) -> str | None:
     """Queue the evaluation a run asked for (id `<run id>-eval`, so queued once); its id, or None when refused, with
     the reason recorded on the run as `evaluation_error` (the run itself still succeeds: its adapter is published)."""
-    from services.trainer.schemas import BASE_MODEL, EvalAfterRun, EvalRequest
+    from services.trainer.schemas import BASE_MODEL, EvalAfterRun, EvalRequest, run_eval_id
     from services.trainer.service import ServiceError, TrainerService
 
     try:
@@ -285,7 +285,7 @@ def queue_evaluation_after(settings: TrainerSettings, connection, run_id: str, o
         models = [BASE_MODEL, run_id] if after.include_base else [run_id]
         fields = after.model_dump(exclude={"include_base"})
         evaluation, _ = TrainerService(settings, connection).create_evaluation(
-            EvalRequest(models=models, **fields), run_id=run_id, eval_id=f"{run_id}-eval"
+            EvalRequest(models=models, **fields), run_id=run_id, eval_id=run_eval_id(run_id)
         )
     except (ServiceError, ValueError) as exc:  # ValueError: pydantic's ValidationError among others
         error = f"the evaluation it asked for could not be queued: {refusal_reason(exc)}"

@@ -25,6 +25,7 @@ DATASET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # A model to evaluate: `base`, a run id, or an adapter's name in the adapters directory.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 BASE_MODEL = "base"
+RUN_EVAL_SUFFIX = "-eval"  # the evaluation a run queues after itself is `<run id>-eval` (`run_eval_id`)
 
 RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 EvalStatusName = Literal["queued", "running", "succeeded", "failed"]
@@ -224,6 +225,15 @@ class EvalRequest(EvalOptions):
         "twice; other settings under it are refused (409).",
     )
 
+    @field_validator("eval_id")
+    @classmethod
+    def not_a_runs_own(cls, eval_id: str | None) -> str | None:
+        # Else a client could take the name first: the run's evaluation would be refused, or be the client's.
+        if eval_id is not None and eval_id.endswith(RUN_EVAL_SUFFIX):
+            raise ValueError(f"ids ending in {RUN_EVAL_SUFFIX!r} name the evaluation a run queues after itself "
+                             "(`<run id>-eval`); choose another eval_id")
+        return eval_id
+
     @model_validator(mode="after")
     def one_source(self) -> EvalRequest:
         if (self.benchmark is None) == (self.problems is None):
@@ -231,6 +241,11 @@ class EvalRequest(EvalOptions):
         if len(set(self.models)) != len(self.models):
             raise ValueError("models must not repeat")
         return self
+
+
+def run_eval_id(run_id: str) -> str:
+    """The evaluation a run queues after itself when its request asked for one; no client's request may take it."""
+    return f"{run_id}{RUN_EVAL_SUFFIX}"
 
 
 class EvalCreated(BaseModel):

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from services.trainer.records import run_records
-from services.trainer.schemas import RunRequest
+from services.trainer.schemas import EvalRequest, RunRequest, run_eval_id
 from services.trainer.service import rollout_adapter_of, stream_tar_gz
 from shared.workers import connect_redis
 from tests.redis_server import redis_url
@@ -89,6 +89,14 @@ def test_a_datasets_own_run_id_is_only_for_a_request_on_that_dataset():
         with pytest.raises(ValueError, match="the name dataset ds-0123456789ab gives its own run"):
             RunRequest(**other, run_id=own)
     assert RunRequest(pairs_dir="p", run_id="ds-0123-train").run_id == "ds-0123-train"  # not a curator's dataset id
+
+
+def test_an_evaluation_id_a_run_gives_its_own_is_refused_to_clients():
+    """`<run id>-eval` is the evaluation a run queues after itself: a client taking it first would have the run's
+    evaluation refused (other settings) or answered by the client's own."""
+    with pytest.raises(ValueError, match="name the evaluation a run queues after itself"):
+        EvalRequest(benchmark="gsm8k", eval_id=run_eval_id("r1"))
+    assert EvalRequest(benchmark="gsm8k", eval_id="r1-evaluation").eval_id == "r1-evaluation"
 
 
 def test_the_rollout_adapter_comes_from_the_curators_dataset_metadata(tmp_path):
