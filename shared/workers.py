@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Callable
 
 import redis
 from rq import Worker
@@ -39,16 +40,22 @@ REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
 
 
-def cancel_unstarted(job: Job) -> bool:
+def cancel_unstarted(job: Job, then: Callable[[Job], object] | None = None) -> bool:
     """Take a job that no worker has started off its queue for good; True if this call did, False if it had started,
-    or another call cancelled (and deleted) it meanwhile. The job is then deleted: RQ keeps a cancelled job, and its
-    entry in the queue's cancelled registry, with no expiry (that registry is never cleaned), so every cancel would
-    stay in Redis. A worker that took the job off the queue just before the cancel still runs it: the services' jobs
-    check their record (a cancelled run, a cancelled dataset) before they do anything."""
+    or another call cancelled (and deleted) it meanwhile. `then(job)`, given, runs once the job is off its queue and
+    before it is deleted (recording what the job would have done): should it fail, the job stays cancelled in Redis,
+    and a later call (a retried DELETE) runs `then` again and deletes it. The job is then deleted: RQ keeps a
+    cancelled job, and its entry in the queue's cancelled registry, with no expiry (that registry is never cleaned),
+    so every cancel would stay in Redis. A worker that took the job off the queue just before the cancel still runs
+    it: the services' jobs check their record (a cancelled run, a cancelled dataset) before they do anything."""
     try:
-        if job.get_status() not in NOT_STARTED:
+        status = job.get_status()
+        if status in NOT_STARTED:
+            job.cancel()
+        elif status != JobStatus.CANCELED:  # started or ended; a cancelled one is an interrupted call's, finished here
             return False
-        job.cancel()
+        if then is not None:
+            then(job)
         job.delete(remove_from_queue=False)
     except InvalidJobOperation:  # gone meanwhile: RQ reads the status of a deleted job as an invalid operation
         return False

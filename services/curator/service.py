@@ -183,9 +183,11 @@ class CuratorService:
         meta = self.found(dataset_id, self.ledger.meta)
         self.ledger.cancel(dataset_id)
         job_ids = self.ledger.job_ids(dataset_id)
+
+        def end_its_problems(job: Job) -> None:  # before the job goes: a DELETE that fails midway can be sent again
+            end_problems(self.settings, self.ledger, meta, job.args[1], "cancelled")
+
         for job in Job.fetch_many(job_ids, connection=self.redis, serializer=self.queue.serializer):
-            if job is None or not cancel_unstarted(job):  # started, or cancelled meanwhile by a second DELETE
-                continue
-            problem_ids = job.args[1]
-            end_problems(self.settings, self.ledger, meta, problem_ids, "cancelled")
+            if job is not None:
+                cancel_unstarted(job, then=end_its_problems)
         return self.status(dataset_id)

@@ -229,6 +229,41 @@ def test_cancelling_records_what_the_store_holds_and_starts_no_training(ledger, 
         assert status.training_run is None and status.training_error is None, status
 
 
+def test_a_cancel_that_fails_midway_is_finished_by_the_next_one(ledger, tmp_path, monkeypatch):
+    """Redis lost (or the API stopped) while a DELETE records a job's problems `cancelled`: the job stays cancelled
+    in Redis, not deleted, so a DELETE sent again finds it and ends its problems (they stayed `queued` for ever, the
+    dataset never finished)."""
+    import redis
+
+    from services.curator import service as service_module
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from shared.schemas import Problem
+
+    url = redis_url(9)
+    for name, value in {"SSB_REDIS_URL": url, "SSB_KEY_PREFIX": ledger.prefix, "SSB_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    service = CuratorService(CuratorSettings(), ledger.redis)
+    problems = [Problem(id="q1", question="2 + 2?", answer="4"), Problem(id="q2", question="3 + 3?", answer="6")]
+    dataset = service.create_dataset(problems, DatasetOptions(batch_size=1), "cut short").id
+    ended = service_module.end_problems
+
+    def lost_on_the_second_job(settings, ledger_, meta, problem_ids, state, reason=None):
+        if problem_ids == ["q2"]:
+            raise redis.ConnectionError("Redis went away")
+        ended(settings, ledger_, meta, problem_ids, state, reason)
+
+    monkeypatch.setattr(service_module, "end_problems", lost_on_the_second_job)
+    with pytest.raises(redis.ConnectionError):
+        service.cancel(dataset)
+    assert ledger.final_states(dataset) == {"q1": "cancelled"}
+    monkeypatch.setattr(service_module, "end_problems", ended)
+    status = service.cancel(dataset)  # the DELETE sent again
+    assert ledger.final_states(dataset) == {"q1": "cancelled", "q2": "cancelled"}
+    assert status.state == "cancelled" and status.finished_at and status.funnel.queued == 0, status
+    assert Job.fetch_many(ledger.job_ids(dataset), connection=ledger.redis, serializer=JSONSerializer) == [None, None]
+
+
 @contextmanager
 def trainer_answering(*statuses: int):
     """A small HTTP server standing in for the trainer's `POST /v1/runs` (the real one answers the same request in
