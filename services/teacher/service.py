@@ -466,8 +466,11 @@ class TeacherService:
             copy = Path(self.ipc_dir) / "adapters" / str(lora_id)
             try:
                 snapshot = await asyncio.to_thread(snapshot_adapter, directory, copy)
-            except OSError as exc:  # e.g. a run publishing its adapter again while it was read
+            except OSError as exc:
                 shutil.rmtree(copy, ignore_errors=True)
+                if not isinstance(exc, FileNotFoundError):  # a full disk, no permission: the server's error
+                    raise
+                # A run publishing its adapter again while it was read (the directory replaced whole)
                 message = f"path {relative!r}: its files changed while being read ({exc}); retry"
                 raise Conflict(message, param="path") from exc
             # A name of its own in the engine: vLLM tells adapters apart by name, so two loads under one (a replaced
@@ -481,11 +484,13 @@ class TeacherService:
                 if isinstance(exc, VLLMServerError):  # the engine's failure (it died), not the adapter's: 503
                     raise
                 raise InvalidRequest(f"path {relative!r}: the engine could not load it: {exc}", param="path") from exc
-            if previous is not None:  # its requests still running read its own copy, should vLLM load it again
-                await self.engine.remove_lora(previous.lora_int_id)
-                self.retired_copies.retire(Path(previous.lora_path))
+            # The name serves the new weights from here on, also while the engine removes the previous ones (a
+            # utility call between two engine steps: on a CPU, minutes), whose requests still running read its copy.
             self.lora_requests[request.name] = lora_request
             self.adapter_paths[request.name] = relative
+            if previous is not None:
+                self.retired_copies.retire(Path(previous.lora_path))
+                await self.engine.remove_lora(previous.lora_int_id)
         log.info("adapter %s loaded from %s", request.name, relative)
         return AdapterCard(name=request.name, path=relative)
 

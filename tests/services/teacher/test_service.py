@@ -4,6 +4,7 @@ curation through the service writing the same pairs as in-process (with two expl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -374,6 +377,91 @@ def test_a_retired_adapter_copy_goes_once_no_request_may_use_it(tmp_path):
     with retired.request():
         pass
     assert not second.exists() and len(retired) == 0
+
+
+class StandInEngine:
+    """What `TeacherService` asks of vLLM's engine to load and remove adapters; a removal waits until `removed` is set."""
+
+    model_config = SimpleNamespace(max_model_len=2048, get_vocab_size=lambda: 100)
+
+    def __init__(self):
+        self.removing = asyncio.Event()
+        self.removed = asyncio.Event()
+        self.removed.set()
+
+    def get_tokenizer(self):
+        return None
+
+    async def add_lora(self, lora_request):
+        return True
+
+    async def remove_lora(self, lora_id):
+        self.removing.set()
+        await self.removed.wait()
+
+
+def stand_in_service(tmp_path: Path):
+    """A teacher service on `StandInEngine` whose adapters directory holds adapter `a`."""
+    from services.teacher.engine import EngineOptions
+    from services.teacher.service import TeacherService
+    from services.teacher.settings import TeacherSettings
+
+    adapters = tmp_path / "adapters"
+    (adapters / "a").mkdir(parents=True)
+    (adapters / "a" / "adapter_config.json").write_text("{}")
+    engine = StandInEngine()
+    settings = TeacherSettings(adapters_dir=adapters)
+    options = EngineOptions(model="m", enable_lora=True)
+    return TeacherService(engine, options, settings, "m", str(tmp_path / "ipc")), engine
+
+
+def test_a_replaced_adapters_name_serves_the_new_weights_while_the_old_ones_are_removed(tmp_path):
+    """The engine removes an adapter between two steps (on a CPU, minutes later): a request admitted meanwhile under
+    the name gets the replacement, not the weights being removed (which vLLM would then load again). The logic alone,
+    on an engine standing in for vLLM's that holds the removal until the test lets it go."""
+    from shared.teacher_api import AdapterLoadRequest
+
+    async def replace_while_serving():
+        service, engine = stand_in_service(tmp_path)
+        await service.load_adapter(AdapterLoadRequest(name="a"))
+        first = service.lora_request("a")
+        engine.removed.clear()
+        replacing = asyncio.create_task(service.load_adapter(AdapterLoadRequest(name="a", replace=True)))
+        await engine.removing.wait()  # the removal of the first weights under way
+        during = service.lora_request("a")
+        engine.removed.set()
+        await replacing
+        return first, during, service.lora_request("a")
+
+    first, during, after = asyncio.run(replace_while_serving())
+    assert during.lora_int_id != first.lora_int_id and during.lora_int_id == after.lora_int_id
+
+
+def test_an_adapter_that_cannot_be_copied_for_want_of_space_is_not_said_to_be_changing(tmp_path, monkeypatch):
+    """Only files gone while being read are a 409 on `path` ("retry": the trainer's evaluation runs again on it); a
+    full disk is the server's error, not the adapter's, and is not retried as if a run were publishing it."""
+    import errno
+
+    from services.teacher.service import Conflict
+    from shared.teacher_api import AdapterLoadRequest
+
+    service, _ = stand_in_service(tmp_path)
+
+    def no_space(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", no_space)
+    with pytest.raises(OSError, match="No space left") as raised:
+        asyncio.run(service.load_adapter(AdapterLoadRequest(name="a")))
+    assert not isinstance(raised.value, Conflict)
+
+    def gone(source, target):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(source))
+
+    monkeypatch.setattr(shutil, "copy2", gone)
+    with pytest.raises(Conflict, match="changed while being read"):
+        asyncio.run(service.load_adapter(AdapterLoadRequest(name="a")))
+    assert service.lora_requests == {} and not any((tmp_path / "ipc" / "adapters").iterdir())  # no copy left
 
 
 def test_an_adapter_above_the_largest_rank_is_refused_saying_so(lora_teacher_server, model_path):
