@@ -204,8 +204,11 @@ class TeacherClient(ConcurrentCalls):
 
     @property
     def batch_size(self) -> int:
-        """Prompts sent in one request: `MAX_BATCH`, or fewer where the teacher admits fewer at once."""
-        return min(MAX_BATCH, self.served().max_pending_requests or MAX_BATCH)
+        """Prompts sent in one request: `MAX_BATCH`, or half of what the teacher admits at once where that is fewer:
+        curation sends a batch's rollouts and the batch before's explanations at once (`rollouts_and_explanations`),
+        and those two must never refuse each other (one would wait out the other's minutes on a CPU, then fail)."""
+        bound = self.served().max_pending_requests or 2 * MAX_BATCH
+        return min(MAX_BATCH, max(1, bound // 2))
 
     def served(self) -> ModelsResponse:
         """The teacher's model and limits, read once."""

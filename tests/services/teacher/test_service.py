@@ -688,13 +688,24 @@ def test_readyz_says_503_after_the_engine_dies(teacher_server):
 
 def test_the_client_splits_its_work_by_what_the_teacher_admits_at_once(teacher_server):
     """A teacher that admits fewer engine requests at once (`SSB_MAX_PENDING_REQUESTS`, 16 here) than the client's
-    largest request (256 prompts) says so in /v1/models, and the client sends requests it admits: 40 rollouts in 16, 16
-    and 8, in order, instead of one refused request."""
+    largest request (256 prompts) says so in /v1/models, and the client sends requests of half that: 40 rollouts in
+    five requests of 8, in order, instead of one refused request; and curation's rollouts and explanations, sent at
+    once, fit beside each other (16 of each: no 429 between them)."""
+    from shared.engine import HintedQuestion
     from shared.schemas import SamplingSettings
 
-    with TeacherClient(teacher_server.url, api_key=API_KEY) as client:
-        assert client.served().max_pending_requests == MAX_PENDING_REQUESTS and client.batch_size == 16
+    greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=2)
+    with TeacherClient(teacher_server.url, api_key=API_KEY) as client, teacher_server.client() as http:
+        assert client.served().max_pending_requests == MAX_PENDING_REQUESTS and client.batch_size == 8
         questions = [f"What is {i} + 1?" for i in range(40)]
-        results = client.rollouts(questions, [SamplingSettings(n=1, temperature=0.0, max_tokens=2)] * 40)
-    assert len(results) == 40
-    assert all(question in result.prompt.text for question, result in zip(questions, results, strict=True))
+        results = client.rollouts(questions, [greedy] * 40)
+        assert len(results) == 40
+        assert all(question in result.prompt.text for question, result in zip(questions, results, strict=True))
+
+        busy = 'endpoint="/v1/explanations",status="429"', 'endpoint="/v1/rollouts",status="429"'
+        before = sum(metric(http.get("/metrics").text, "ssb_teacher_requests_total", labels) for labels in busy)
+        items = [HintedQuestion(question=q, correct_response=f"{i + 1}", incorrect_response=f"{i}") for i, q in
+                 enumerate(questions[:16])]
+        answered, explained = client.rollouts_and_explanations(questions[16:32], [greedy] * 16, items, [greedy] * 16)
+        after = sum(metric(http.get("/metrics").text, "ssb_teacher_requests_total", labels) for labels in busy)
+    assert len(answered) == len(explained) == 16 and after == before
