@@ -146,12 +146,15 @@ def curate_problems(dataset_id: str, problem_ids: list[str], span: list[int] | N
 def curate_with_rejections(
     problems: list[Problem], engine: Engine, store: PairStore, config: CurationConfig
 ) -> tuple[Funnel, dict[str, str]]:
-    """`curate()`, except that a request the teacher refuses (a 4xx: e.g. a question longer than its context) fails
-    only the problem it came from: the batch is retried one problem at a time. Other errors (the teacher unreachable)
-    propagate, so RQ retries the whole job."""
+    """`curate()`, except that a request the teacher refuses for what it holds (`refused_for_its_content`: e.g. a
+    question longer than its context) fails only the problem it came from: the batch is retried one problem at a time.
+    Other errors (the teacher unreachable, or refusing the deployment rather than the problem) propagate, so RQ
+    retries the whole job."""
     try:
         return curate(problems, engine, store, config), {}
     except TeacherRejected as exc:
+        if not refused_for_its_content(exc):
+            raise
         if len(problems) == 1:  # the refusal is this problem's: another attempt would be refused alike
             return Funnel(problems=1), {problems[0].id: f"the teacher refused the request: {exc.message}"}
     total, failures = Funnel(problems=len(problems)), {}
@@ -159,6 +162,8 @@ def curate_with_rejections(
         try:
             one = curate([problem], engine, store, config)
         except TeacherRejected as exc:
+            if not refused_for_its_content(exc):
+                raise
             failures[problem.id] = f"the teacher refused the request: {exc.message}"
             continue
         total.pairs += one.pairs
@@ -166,6 +171,15 @@ def curate_with_rejections(
         total.explanation_tokens += one.explanation_tokens
         total.engine_seconds += one.engine_seconds
     return total, failures
+
+
+def refused_for_its_content(exc: TeacherRejected) -> bool:
+    """Whether the teacher refused what a request holds (400: e.g. a question longer than its context; 422: a field
+    out of range), which the same problem would meet again. Any other refusal says nothing of the problems: a key the
+    teacher no longer takes (401, 403, during a key rotation), an adapter it cannot find or no teacher at that URL
+    (404, a gateway during a redeploy), a conflict (409); failing each problem for it would finish the dataset early,
+    all `failed`, and start its training on what little was curated."""
+    return exc.status in (400, 422)
 
 
 def finish_problem(

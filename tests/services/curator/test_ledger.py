@@ -264,6 +264,37 @@ def test_a_cancel_that_fails_midway_is_finished_by_the_next_one(ledger, tmp_path
     assert Job.fetch_many(ledger.job_ids(dataset), connection=ledger.redis, serializer=JSONSerializer) == [None, None]
 
 
+@pytest.mark.parametrize("status", [401, 403, 404, 409])
+def test_a_refusal_of_the_deployment_fails_the_job_not_its_problems(tmp_path, status):
+    """A teacher that refuses every request for what it is sent with, not what it holds (a key it no longer takes, an
+    adapter it cannot find, no teacher behind a gateway mid-redeploy): the job raises, so RQ retries it with backoff,
+    and no problem is failed for it (each was: the dataset finished early, all `failed`, and started its training).
+    A refusal of a problem's content (400, 422) still fails that problem alone."""
+    from services.curator.jobs import curate_with_rejections
+    from shared.schemas import Problem
+    from shared.settings import CurationConfig
+    from shared.storage import PairStore
+    from shared.teacher_client import TeacherRejected
+
+    class Refusing:
+        model_name = "m"
+
+        def __init__(self, status: int):
+            self.status = status
+
+        def rollouts_and_explanations(self, *args, **kwargs):
+            raise TeacherRejected(self.status, "refused", None)
+
+    problems = [Problem(id=f"q{i}", question=f"{i} + {i}?", answer=str(2 * i)) for i in range(3)]
+    store = PairStore(tmp_path / "store")
+    with pytest.raises(TeacherRejected):
+        curate_with_rejections(problems, Refusing(status), store, CurationConfig())
+    assert all(store.outcome(p.id) is None for p in problems)
+    for content in (400, 422):
+        funnel, failures = curate_with_rejections(problems, Refusing(content), store, CurationConfig())
+        assert sorted(failures) == ["q0", "q1", "q2"] and funnel.problems == 3
+
+
 @contextmanager
 def trainer_answering(*statuses: int):
     """A small HTTP server standing in for the trainer's `POST /v1/runs` (the real one answers the same request in
