@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=60)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--adapter", type=Path, default=None)
-    parser.add_argument("--dtype", default=None, help="The base model's and merged copies' dtype (default: ssb eval's).")
+    parser.add_argument("--dtype", default=None, help="The base model's and merged copies' dtype (default: ssb eval's)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/adapter_eval.json"))
     args = parser.parse_args()
 

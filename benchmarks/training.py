@@ -47,8 +47,8 @@ s/step and tokens/s time the step (forward, backward, clipping, AdamW); `collate
 it (for the reference, its dense teacher built on the CPU and copied to the device: about 2.8 GB a step for a
 Qwen2.5 vocabulary at batch 4 and 1152 tokens); each speed ratio is given on the step alone and, in parentheses, with
 collation. On a GPU (`--device cuda`) memory is `torch.cuda.max_memory_allocated` (weights included) and each step
-is timed after synchronising; `--shape` builds a real model's configuration with random weights (no download), and MFU is
-`step_flops` over the step time against the card's dense bf16 peak.
+is timed after synchronising; `--shape` builds a real model's configuration with random weights (no download), and
+MFU is `step_flops` over the step time against the card's dense bf16 peak.
 
 Prints one markdown table per part and writes everything to runs/bench/training.json.
 """
@@ -849,7 +849,7 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(f".{args.out.name}.partial")  # whole or not at all (this file runs without the project)
+    partial = args.out.with_name(f".{args.out.name}.partial")  # whole or not at all (runs without the project, too)
     partial.write_text(json.dumps(report, indent=1) + "\n")
     partial.replace(args.out)
     print(cost_table(costs, args) if "by_explanation_tokens" in costs else "Training step: skipped")

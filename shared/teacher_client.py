@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import httpx
 
@@ -97,6 +98,7 @@ class TeacherClient(ConcurrentCalls):
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.busy_wait_seconds = busy_wait_seconds
+        self.calls_at_once = 1  # calls sharing the teacher's bound now (`sharing_the_bound`)
         self._model: ModelsResponse | None = None
 
     def close(self) -> None:
@@ -204,11 +206,25 @@ class TeacherClient(ConcurrentCalls):
 
     @property
     def batch_size(self) -> int:
-        """Prompts sent in one request: `MAX_BATCH`, or half of what the teacher admits at once where that is fewer:
-        curation sends a batch's rollouts and the batch before's explanations at once (`rollouts_and_explanations`),
-        and those two must never refuse each other (one would wait out the other's minutes on a CPU, then fail)."""
-        bound = self.served().max_pending_requests or 2 * MAX_BATCH
-        return min(MAX_BATCH, max(1, bound // 2))
+        """Prompts sent in one request: `MAX_BATCH`, or fewer where the teacher admits fewer at once, its bound shared
+        among the calls this client makes at once (`sharing_the_bound`)."""
+        bound = self.served().max_pending_requests or MAX_BATCH
+        return min(MAX_BATCH, max(1, bound // self.calls_at_once))
+
+    @contextmanager
+    def sharing_the_bound(self, calls: int = 2) -> Iterator[None]:
+        """Within it, requests of at most 1/`calls` of what the teacher admits at once: curation's rollouts and
+        explanations, sent together (`rollouts_and_explanations`), must never refuse each other (one would wait out
+        the other's minutes on a CPU, then fail). A bound of 1 cannot be shared: the two then take turns."""
+        self.calls_at_once = calls
+        try:
+            yield
+        finally:
+            self.calls_at_once = 1
+
+    def rollouts_and_explanations(self, *args, **kwargs):
+        with self.sharing_the_bound():
+            return super().rollouts_and_explanations(*args, **kwargs)
 
     def served(self) -> ModelsResponse:
         """The teacher's model and limits, read once."""
@@ -372,6 +388,12 @@ class TeacherPool(ConcurrentCalls):
             except TeacherUnavailable as exc:
                 unavailable = exc
         raise unavailable
+
+    def rollouts_and_explanations(self, *args, **kwargs):
+        with ExitStack() as sharing:  # the two calls may go to one service
+            for client in self.clients:
+                sharing.enter_context(client.sharing_the_bound())
+            return super().rollouts_and_explanations(*args, **kwargs)
 
     def rollouts(self, questions, sampling, *, worked_example: bool = False, adapter: str | None = None):
         return self.call("rollouts", questions, sampling, worked_example=worked_example, adapter=adapter)

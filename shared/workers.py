@@ -1,5 +1,5 @@
 """What the curator's and the trainer's RQ workers share: a Redis client that cannot hang, and a job's process that
-neither outlives its worker nor dies unreported, nor with a Redis briefly gone.
+neither outlives its worker nor dies unreported, nor with a Redis briefly unreachable.
 
 RQ runs a job in a forked process (its "work horse"). That process does not die with its worker: a worker killed
 (SIGKILL, the OOM killer) leaves it running on its own, and once the worker's heartbeat lapses another worker takes
@@ -41,10 +41,11 @@ NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobSta
 
 
 def cancel_unstarted(job: Job, then: Callable[[Job], object] | None = None) -> bool:
-    """Take a job that no worker has started off its queue for good; True if this call did, False if it had started,
-    or another call cancelled (and deleted) it meanwhile. `then(job)`, given, runs once the job is off its queue and
-    before it is deleted (recording what the job would have done): should it fail, the job stays cancelled in Redis,
-    and a later call (a retried DELETE) runs `then` again and deletes it. The job is then deleted: RQ keeps a
+    """Take a job that no worker has started off its queue for good; True if this call ended it, False if it had
+    started, or another call deleted it meanwhile (two calls at once may both end it: `then` must be safe to run
+    twice). `then(job)`, given, runs once the job is off its queue and before it is deleted (recording what the job
+    would have done): should it fail, the job stays cancelled in Redis, and a later call (a retried DELETE) runs
+    `then` again and deletes it. The job is then deleted: RQ keeps a
     cancelled job, and its entry in the queue's cancelled registry, with no expiry (that registry is never cleaned),
     so every cancel would stay in Redis. A worker that took the job off the queue just before the cancel still runs
     it: the services' jobs check their record (a cancelled run, a cancelled dataset) before they do anything."""
@@ -124,7 +125,7 @@ class JobProcessWorker(Worker):
         self.kill_horse()
 
     def maintain_heartbeats(self, job, execution) -> None:
-        """RQ's heartbeats while the job's process works, which a Redis briefly gone (a restart, a failover) no longer
+        """RQ's heartbeats while the job's process works, which a Redis briefly unreachable (a restart) no longer
         ends: RQ's error went out of the worker, its job's process died with it, and the job was retried from the
         start (a retry spent) or failed. The worker goes on waiting for its job and beats again at the next interval;
         should Redis stay away past the job's heartbeat TTL, another worker takes the job over once it is back, as

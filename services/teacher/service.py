@@ -468,8 +468,9 @@ class TeacherService:
                 snapshot = await asyncio.to_thread(snapshot_adapter, directory, copy)
             except OSError as exc:
                 shutil.rmtree(copy, ignore_errors=True)
-                if not isinstance(exc, FileNotFoundError):  # a full disk, no permission: the server's error
-                    raise
+                if not isinstance(exc, FileNotFoundError):  # a full disk, no permission: the teacher's own trouble
+                    message = f"path {relative!r}: the teacher could not copy the adapter's files: {exc}"
+                    raise ServiceError(500, message, "copy_failed", "path") from exc
                 # A run publishing its adapter again while it was read (the directory replaced whole)
                 message = f"path {relative!r}: its files changed while being read ({exc}); retry"
                 raise Conflict(message, param="path") from exc

@@ -222,7 +222,8 @@ class EvalRequest(EvalOptions):
         default=None,
         pattern=RUN_ID_PATTERN,
         description="Names the evaluation (default: a new id): the same request sent again under it queues nothing "
-        "twice; other settings under it are refused (409).",
+        "twice; other settings under it are refused (409). Ids ending in `-eval` are refused (422): `<run id>-eval` "
+        "is the evaluation a run queues after itself.",
     )
 
     @field_validator("eval_id")

@@ -221,7 +221,8 @@ class TrainerService:
         # Failed by RQ, unless a live worker runs it (a stalled worker's attempt of an earlier version may have failed
         # the job while the attempt that took it over goes on).
         if status in ("failed", "stopped", "canceled") and not self.job_held(kind, job.id):
-            records.advance(record_id, status="failed", error=record.get("error") or f"the {what} job ended as {status}")
+            error = record.get("error") or f"the {what} job ended as {status}"
+            records.advance(record_id, status="failed", error=error)
             return records.get(record_id) or record
         if status == "finished" and record.get("status") in ("queued", "running") and not self.job_held(kind, job.id):
             # Once per attempt: two readers at once (a client and a metrics scrape) must not both delete and queue

@@ -269,7 +269,7 @@ def test_a_refusal_of_the_deployment_fails_the_job_not_its_problems(tmp_path, st
     """A teacher that refuses every request for what it is sent with, not what it holds (a key it no longer takes, an
     adapter it cannot find, no teacher behind a gateway mid-redeploy): the job raises, so RQ retries it with backoff,
     and no problem is failed for it (each was: the dataset finished early, all `failed`, and started its training).
-    A refusal of a problem's content (400, 422) still fails that problem alone."""
+    A refusal of what a request holds (400, 413, 422) still fails the problem alone."""
     from services.curator.jobs import curate_with_rejections
     from shared.schemas import Problem
     from shared.settings import CurationConfig
@@ -290,7 +290,7 @@ def test_a_refusal_of_the_deployment_fails_the_job_not_its_problems(tmp_path, st
     with pytest.raises(TeacherRejected):
         curate_with_rejections(problems, Refusing(status), store, CurationConfig())
     assert all(store.outcome(p.id) is None for p in problems)
-    for content in (400, 422):
+    for content in (400, 413, 422):
         funnel, failures = curate_with_rejections(problems, Refusing(content), store, CurationConfig())
         assert sorted(failures) == ["q0", "q1", "q2"] and funnel.problems == 3
 

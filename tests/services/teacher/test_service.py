@@ -380,7 +380,7 @@ def test_a_retired_adapter_copy_goes_once_no_request_may_use_it(tmp_path):
 
 
 class StandInEngine:
-    """What `TeacherService` asks of vLLM's engine to load and remove adapters; a removal waits until `removed` is set."""
+    """What `TeacherService` asks of vLLM's engine to load and remove adapters; a removal waits for `removed`."""
 
     model_config = SimpleNamespace(max_model_len=2048, get_vocab_size=lambda: 100)
 
@@ -438,10 +438,11 @@ def test_a_replaced_adapters_name_serves_the_new_weights_while_the_old_ones_are_
 
 
 def test_an_adapter_that_cannot_be_copied_for_want_of_space_is_not_said_to_be_changing(tmp_path, monkeypatch):
-    """Only files gone while being read are a 409 on `path` ("retry": the trainer's evaluation runs again on it); a
-    full disk is the server's error, not the adapter's, and is not retried as if a run were publishing it."""
+    """Only files gone while being read are a 409 on `path` ("retry": a run is publishing it again); a full disk is
+    the teacher's own trouble, a 500 that says so (it was a 409 saying the files changed)."""
     import errno
 
+    from services.errors import ServiceError
     from services.teacher.service import Conflict
     from shared.teacher_api import AdapterLoadRequest
 
@@ -451,9 +452,9 @@ def test_an_adapter_that_cannot_be_copied_for_want_of_space_is_not_said_to_be_ch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shutil, "copy2", no_space)
-    with pytest.raises(OSError, match="No space left") as raised:
+    with pytest.raises(ServiceError, match="could not copy the adapter's files: .*No space left") as raised:
         asyncio.run(service.load_adapter(AdapterLoadRequest(name="a")))
-    assert not isinstance(raised.value, Conflict)
+    assert raised.value.status == 500 and not isinstance(raised.value, Conflict)
 
     def gone(source, target):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(source))
@@ -688,15 +689,15 @@ def test_readyz_says_503_after_the_engine_dies(teacher_server):
 
 def test_the_client_splits_its_work_by_what_the_teacher_admits_at_once(teacher_server):
     """A teacher that admits fewer engine requests at once (`SSB_MAX_PENDING_REQUESTS`, 16 here) than the client's
-    largest request (256 prompts) says so in /v1/models, and the client sends requests of half that: 40 rollouts in
-    five requests of 8, in order, instead of one refused request; and curation's rollouts and explanations, sent at
-    once, fit beside each other (16 of each: no 429 between them)."""
+    largest request (256 prompts) says so in /v1/models, and the client sends requests it admits: 40 rollouts in 16,
+    16 and 8, in order, instead of one refused request; and curation's rollouts and explanations, sent at once, share
+    the bound (requests of 8: 16 of each and no 429 between them)."""
     from shared.engine import HintedQuestion
     from shared.schemas import SamplingSettings
 
     greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=2)
     with TeacherClient(teacher_server.url, api_key=API_KEY) as client, teacher_server.client() as http:
-        assert client.served().max_pending_requests == MAX_PENDING_REQUESTS and client.batch_size == 8
+        assert client.served().max_pending_requests == MAX_PENDING_REQUESTS and client.batch_size == 16
         questions = [f"What is {i} + 1?" for i in range(40)]
         results = client.rollouts(questions, [greedy] * 40)
         assert len(results) == 40
@@ -706,6 +707,9 @@ def test_the_client_splits_its_work_by_what_the_teacher_admits_at_once(teacher_s
         before = sum(metric(http.get("/metrics").text, "ssb_teacher_requests_total", labels) for labels in busy)
         items = [HintedQuestion(question=q, correct_response=f"{i + 1}", incorrect_response=f"{i}") for i, q in
                  enumerate(questions[:16])]
+        with client.sharing_the_bound():
+            assert client.batch_size == 8
+        assert client.batch_size == 16
         answered, explained = client.rollouts_and_explanations(questions[16:32], [greedy] * 16, items, [greedy] * 16)
         after = sum(metric(http.get("/metrics").text, "ssb_teacher_requests_total", labels) for labels in busy)
     assert len(answered) == len(explained) == 16 and after == before
