@@ -30,6 +30,7 @@ from services.curator.jobs import (
     end_problems,
     enqueue_data,
     redis_connection,
+    start_training_if_owed,
 )
 from services.curator.ledger import DatasetLedger, DatasetMeta, UnreadableDataset
 from services.curator.settings import CuratorSettings
@@ -128,7 +129,39 @@ class CuratorService:
             raise
 
     def status(self, dataset_id: str) -> DatasetStatus:
-        return self.found(dataset_id, self.ledger.status)
+        """The dataset's status; one not finished first has the problems of its jobs RQ failed for good, where nothing
+        recorded them, ended (`end_failed_jobs`)."""
+        status = self.found(dataset_id, self.ledger.status)
+        if status.state in ("queued", "running") and self.end_failed_jobs(dataset_id):
+            status = self.found(dataset_id, self.ledger.status)
+        return status
+
+    def end_failed_jobs(self, dataset_id: str) -> bool:
+        """End `failed` the unfinished problems of the dataset's jobs that RQ failed for good without their failure
+        callback recording them (it raised partway: Redis lost again, a stale shared volume; or RQ failed the job
+        without calling it: a worker that died between taking a job and starting it). Their problems stayed queued
+        for ever, and the dataset never finished. Read from the queue's failed registry, which holds only the jobs
+        that failed for good; True if any problem was ended here."""
+        prefix = f"{self.settings.key_prefix}-{dataset_id}-"
+        job_ids = [job_id for job_id in self.queue.failed_job_registry.get_job_ids() if job_id.startswith(prefix)]
+        meta = self.ledger.meta(dataset_id) if job_ids else None
+        ended = False
+        for job in Job.fetch_many(job_ids, connection=self.redis, serializer=self.queue.serializer):
+            if job is None or meta is None:
+                continue
+            problem_ids = job.args[1]
+            if len(self.ledger.final_states(dataset_id, problem_ids)) == len(problem_ids):
+                continue
+            result = job.latest_result()
+            lines = (result.exc_string or "").strip().splitlines() if result is not None else []
+            error = lines[-1] if lines else "its job failed"
+            log.warning("dataset %s: job %s failed with %d problems unrecorded; ending them failed", dataset_id,
+                        job.id, len(problem_ids))
+            end_problems(self.settings, self.ledger, meta, problem_ids, "failed", f"{error} (the job failed for good)")
+            ended = True
+        if ended:
+            start_training_if_owed(self.settings, self.ledger, meta)
+        return ended
 
     def found(self, dataset_id: str, read: Callable[[str], T | None]) -> T:
         """What `read` (the ledger's `meta` or `status`) says of a dataset this service holds; 404 for an id it never

@@ -264,6 +264,36 @@ def test_a_cancel_that_fails_midway_is_finished_by_the_next_one(ledger, tmp_path
     assert Job.fetch_many(ledger.job_ids(dataset), connection=ledger.redis, serializer=JSONSerializer) == [None, None]
 
 
+def test_a_job_failed_for_good_with_nothing_recorded_ends_its_problems_when_the_dataset_is_read(ledger, tmp_path,
+                                                                                               monkeypatch):
+    """RQ fails a job for good without its failure callback recording anything (the callback raised partway, or RQ
+    failed a job whose worker died before starting it, which runs no callback): its problems stayed `queued` for
+    ever. Reading the dataset ends them `failed` with the job's error, and the others stay as they are."""
+    from rq import Queue, Worker
+
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from shared.schemas import Problem
+
+    for name, value in {"SSB_REDIS_URL": redis_url(9), "SSB_KEY_PREFIX": ledger.prefix,
+                        "SSB_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    service = CuratorService(CuratorSettings(), ledger.redis)
+    problems = [Problem(id="q1", question="2 + 2?", answer="4"), Problem(id="q2", question="3 + 3?", answer="6")]
+    dataset = service.create_dataset(problems, DatasetOptions(batch_size=1), "failed quietly").id
+    job, _ = Queue.dequeue_any([service.queue], timeout=None, connection=ledger.redis, serializer=JSONSerializer)
+    job.retries_left = 0
+    worker = Worker([service.queue], connection=ledger.redis, serializer=JSONSerializer,
+                    name=f"{ledger.prefix}-quiet")
+    worker.handle_job_failure(job, service.queue, exc_string="Traceback (most recent call last):\nOSError: stale")
+    assert service.queue.failed_job_registry.get_job_ids() == [job.id]
+    status = service.status(dataset)
+    assert ledger.final_states(dataset) == {job.args[1][0]: "failed"}
+    assert status.funnel.failed == 1 and status.funnel.queued == 1 and status.state != "done", status
+    assert "OSError: stale" in " ".join(failure.reason for failure in status.failures), status
+    assert service.status(dataset).funnel.failed == 1  # once
+
+
 @pytest.mark.parametrize("status", [401, 403, 404, 409])
 def test_a_refusal_of_the_deployment_fails_the_job_not_its_problems(tmp_path, status):
     """A teacher that refuses every request for what it is sent with, not what it holds (a key it no longer takes, an
