@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 from pydantic import BaseModel, Field
@@ -91,7 +92,12 @@ def check_lengths(what: str, inputs: Sequence, sampling: Sequence[SamplingSettin
 
 class ConcurrentCalls:
     """`rollouts_and_explanations` as two concurrent calls, for engines whose calls may overlap (a teacher service
-    batches the requests of all its clients together)."""
+    batches the requests of all its clients together), made inside `sharing_the_bound` (an engine that bounds what
+    it admits at once sizes each call's requests to its share of the bound)."""
+
+    def sharing_the_bound(self, calls: int = 2) -> AbstractContextManager:
+        """While `calls` calls run at once; nothing to share by default."""
+        return nullcontext()
 
     def rollouts_and_explanations(
         self,
@@ -117,16 +123,17 @@ class ConcurrentCalls:
             except BaseException as exc:  # raised in the caller's thread, below
                 explained["error"] = exc
 
-        thread = threading.Thread(target=explain, name="ssb-explanations", daemon=True)
-        thread.start()
-        try:
-            answered = self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException:
+        with self.sharing_the_bound(2 if questions else 1):
+            thread = threading.Thread(target=explain, name="ssb-explanations", daemon=True)
+            thread.start()
+            try:
+                answered = self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:
+                thread.join()
+                raise
             thread.join()
-            raise
-        thread.join()
         if "error" in explained:
             raise explained["error"]
         return answered, explained["result"]

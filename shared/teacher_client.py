@@ -216,15 +216,11 @@ class TeacherClient(ConcurrentCalls):
         """Within it, requests of at most 1/`calls` of what the teacher admits at once: curation's rollouts and
         explanations, sent together (`rollouts_and_explanations`), must never refuse each other (one would wait out
         the other's minutes on a CPU, then fail). A bound of 1 cannot be shared: the two then take turns."""
-        self.calls_at_once = calls
+        before, self.calls_at_once = self.calls_at_once, calls
         try:
             yield
         finally:
-            self.calls_at_once = 1
-
-    def rollouts_and_explanations(self, *args, **kwargs):
-        with self.sharing_the_bound():
-            return super().rollouts_and_explanations(*args, **kwargs)
+            self.calls_at_once = before
 
     def served(self) -> ModelsResponse:
         """The teacher's model and limits, read once."""
@@ -389,11 +385,12 @@ class TeacherPool(ConcurrentCalls):
                 unavailable = exc
         raise unavailable
 
-    def rollouts_and_explanations(self, *args, **kwargs):
-        with ExitStack() as sharing:  # the two calls may go to one service
+    @contextmanager
+    def sharing_the_bound(self, calls: int = 2) -> Iterator[None]:
+        with ExitStack() as sharing:  # the calls may go to one service
             for client in self.clients:
-                sharing.enter_context(client.sharing_the_bound())
-            return super().rollouts_and_explanations(*args, **kwargs)
+                sharing.enter_context(client.sharing_the_bound(calls))
+            yield
 
     def rollouts(self, questions, sampling, *, worked_example: bool = False, adapter: str | None = None):
         return self.call("rollouts", questions, sampling, worked_example=worked_example, adapter=adapter)

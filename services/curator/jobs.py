@@ -323,6 +323,9 @@ class AdapterRollouts(ConcurrentCalls):
     def model_name(self) -> str:
         return f"{self.engine.model_name}+{self.adapter}"
 
+    def sharing_the_bound(self, calls: int = 2):
+        return self.engine.sharing_the_bound(calls)
+
     def rollouts(self, questions, sampling, *, worked_example=False, adapter=None):
         return self.engine.rollouts(questions, sampling, worked_example=worked_example, adapter=adapter or self.adapter)
 

@@ -192,3 +192,35 @@ def test_a_rollout_on_an_adapter_the_teacher_no_longer_holds_loads_it_and_is_sen
     sampling = [SamplingSettings(max_tokens=4)]
     (result,) = client(httpx.MockTransport(teacher)).rollouts(["q"], sampling, adapter="r1")
     assert result.generations[0].text == "2" and state["posts"] == 2
+
+
+def test_curations_two_calls_at_once_share_the_teachers_bound_through_every_engine_that_wraps_a_client():
+    """`rollouts_and_explanations` sends both calls inside `sharing_the_bound`: a client's requests are then half of
+    what the teacher admits at once (curation's two calls never refuse each other), through a pool and through the
+    curator's rollouts from an adapter alike; one call alone (no explanations yet) keeps whole requests, and so does
+    every other call (evaluation)."""
+    from services.curator.jobs import AdapterRollouts
+    from shared.engine import HintedQuestion
+
+    bounded = {**MODELS, "max_pending_requests": 16}
+    transport, _ = scripted((200, bounded, {}))
+    pool = TeacherPool(["http://teacher"], transport=transport)
+    seen = []
+
+    class Recording(AdapterRollouts):
+        def rollouts(self, questions, sampling, **kwargs):
+            seen.append(("rollouts", pool.clients[0].batch_size))
+            return []
+
+        def explanations(self, items, sampling, **kwargs):
+            seen.append(("explanations", pool.clients[0].batch_size))
+            return []
+
+    engine = Recording(pool, "r1")
+    item = HintedQuestion(question="1 + 1?", correct_response="2", incorrect_response="3")
+    greedy = SamplingSettings(n=1, temperature=0.0)
+    engine.rollouts_and_explanations(["2 + 2?"], [greedy], [item], [greedy])
+    assert sorted(seen) == [("explanations", 8), ("rollouts", 8)]
+    seen.clear()
+    engine.rollouts_and_explanations([], [], [item], [greedy])  # the last batch's explanations alone
+    assert seen == [("explanations", 16)] and pool.clients[0].batch_size == 16
