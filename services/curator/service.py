@@ -30,7 +30,6 @@ from services.curator.jobs import (
     end_problems,
     enqueue_data,
     redis_connection,
-    start_training_if_owed,
 )
 from services.curator.ledger import DatasetLedger, DatasetMeta, UnreadableDataset
 from services.curator.settings import CuratorSettings
@@ -157,10 +156,9 @@ class CuratorService:
             error = lines[-1] if lines else "its job failed"
             log.warning("dataset %s: job %s failed with %d problems unrecorded; ending them failed", dataset_id,
                         job.id, len(problem_ids))
+            # The call that records a dataset's last problem sends its training request (`finish_problem`).
             end_problems(self.settings, self.ledger, meta, problem_ids, "failed", f"{error} (the job failed for good)")
             ended = True
-        if ended:
-            start_training_if_owed(self.settings, self.ledger, meta)
         return ended
 
     def found(self, dataset_id: str, read: Callable[[str], T | None]) -> T:

@@ -469,7 +469,9 @@ class TeacherService:
             except OSError as exc:
                 shutil.rmtree(copy, ignore_errors=True)
                 if not isinstance(exc, FileNotFoundError):  # a full disk, no permission: the teacher's own trouble
-                    message = f"path {relative!r}: the teacher could not copy the adapter's files: {exc}"
+                    log.exception("adapter %s: its files could not be copied from %s", request.name, relative)
+                    reason = exc.strerror or str(exc)  # the copy's path left out
+                    message = f"path {relative!r}: the teacher could not copy the adapter's files: {reason}"
                     raise ServiceError(500, message, "copy_failed", "path") from exc
                 # A run publishing its adapter again while it was read (the directory replaced whole)
                 message = f"path {relative!r}: its files changed while being read ({exc}); retry"
