@@ -73,13 +73,18 @@ def serve_teacher(
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     service_log.addHandler(handler)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.teacher_host,
-        port=settings.teacher_port,
-        log_level=log_level.value,
-        timeout_graceful_shutdown=30,
-    )
+    server: uvicorn.Server | None = None
+
+    def end_the_server() -> None:  # the engine died: the teacher ends with status 1, to be started again
+        server.should_exit = True
+
+    app = create_app(settings, on_engine_death=end_the_server)
+    config = uvicorn.Config(app, host=settings.teacher_host, port=settings.teacher_port, log_level=log_level.value,
+                            timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    server.run()
+    if app.state.engine_died:
+        raise typer.Exit(1)
 
 
 @serve_app.command("trainer")

@@ -9,7 +9,8 @@ A Redis of its own is started (its own free port, its files in DATA_DIR/redis) u
 line a process prints comes out prefixed with its name. When every service answers /readyz, a line `ready` is printed
 and `--ready-file` (if given) is written: JSON with the URLs and the process ids. Ctrl-C, SIGTERM or SIGHUP stop every
 process and everything they started (exit status 128 + the signal); if one process exits by itself, the rest are
-stopped and the status is 1. The plan is `cli/topology.py`, the process handling `cli/supervisor.py`.
+stopped and the status is 1. One `ssb up` at a time uses a data directory (a lock in it; a second is refused). The
+plan is `cli/topology.py`, the process handling `cli/supervisor.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import IO, Annotated, Optional
 
 import typer
 
@@ -85,9 +86,10 @@ def up_command(
     busy = [name for name, (bind_host, port) in wanted.items() if port_in_use(bind_host, port)]
     if busy:
         raise fail(f"in use: {', '.join(busy)} (another `ssb up`?); choose others with --teacher-port and the like")
+    data_root = (data_dir or settings.data_dir).resolve()
     topology = plan_topology(
         python=sys.executable,
-        data_dir=(data_dir or settings.data_dir).resolve(),
+        data_dir=data_root,
         workers=workers,
         host=host,
         ports=ports,
@@ -100,6 +102,7 @@ def up_command(
         if not ready_file.parent.is_dir() or not os.access(ready_file.parent, os.W_OK):
             raise fail(f"--ready-file {ready_file}: {ready_file.parent} is not a directory this process can write in")
         ready_file.unlink(missing_ok=True)
+    claim = claim_data_directory(data_root)
     for directory in topology.directories:
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -145,10 +148,32 @@ def up_command(
             signal.signal(signum, handler)
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
+        claim.close()
     if caught:
         raise typer.Exit(128 + caught[0])
     if status:
         raise typer.Exit(status)
+
+
+DATA_LOCK = ".ssb-up.lock"
+
+
+def claim_data_directory(data_dir: Path) -> IO:
+    """The data directory for this `ssb up` alone while it runs: a second one on it (other ports, the same default
+    directory) would start a second Redis on the same append-only files, and both sets of services on the same
+    datasets and runs. Held by an exclusive lock on DATA_DIR/.ssb-up.lock, which the kernel lets go when this
+    process ends, however it ends; the lock's file stays."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / DATA_LOCK, "a")  # noqa: SIM115 (held open for the life of `ssb up`)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise fail(f"{data_dir} is in use by another `ssb up` (it holds {data_dir / DATA_LOCK}): stop that one, or "
+                   "give this one another --data-dir") from None
+    return handle
 
 
 def _print_urls(topology, *, redis_started: bool) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -54,6 +55,7 @@ from shared.teacher_api import (
 log = logging.getLogger("ssb.teacher")
 
 ALWAYS_OPEN = (*PROBES, "/metrics", *DOCS)  # answered while the engine is not ready
+ENGINE_WATCH_SECONDS = 2.0  # how often a served teacher looks whether its engine still lives
 ERROR_RESPONSES = error_responses(400, 401, 404, 409, 422, 429, 503)
 
 
@@ -100,8 +102,9 @@ async def healthz() -> dict:
 
 @router.get("/readyz", tags=["probes"], responses=error_responses(503))
 async def readyz(request: Request):
-    """200 when the engine is up and healthy; 503 with Retry-After while it starts, or when it died; 503 of type
-    `start_failed`, without, when it failed to start (it never will: restart the service)."""
+    """200 when the engine is up and healthy; 503 with Retry-After while it starts, or when it died (`ssb serve
+    teacher` then ends within seconds); 503 of type `start_failed`, without, when it failed to start (it never will:
+    restart the service)."""
     return not_ready_response(request.app) or {"status": "ready", "model": service_of(request).model_name}
 
 
@@ -211,10 +214,29 @@ async def start_service(app: FastAPI, settings: TeacherSettings) -> None:
     except Exception as exc:
         log.exception("the engine failed to start")
         app.state.startup_error = f"{type(exc).__name__}: {exc}"
+        return
+    if app.state.on_engine_death is not None:
+        await end_when_the_engine_dies(app)
 
 
-def create_app(settings: TeacherSettings | None = None, engine: TeacherService | None = None) -> FastAPI:
-    """The teacher app. With `engine` (a started `TeacherService`) it serves that; else it builds one at start-up."""
+async def end_when_the_engine_dies(app: FastAPI, every_seconds: float = ENGINE_WATCH_SECONDS) -> None:
+    """Once the engine has died (the OOM killer took its core process), this teacher can never serve again: it ends
+    (`on_engine_death`), so that what runs it restarts it (compose's `restart: unless-stopped`) or stops with it
+    (`ssb up`), instead of answering 503 for ever."""
+    while app.state.service.ready:
+        await asyncio.sleep(every_seconds)
+    log.error("the engine has died: the teacher stops, to be started again")
+    app.state.engine_died = True
+    app.state.on_engine_death()
+
+
+def create_app(
+    settings: TeacherSettings | None = None,
+    engine: TeacherService | None = None,
+    on_engine_death: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The teacher app. With `engine` (a started `TeacherService`) it serves that; else it builds one at start-up,
+    and, given `on_engine_death`, calls it once that engine has died (`app.state.engine_died` then says so)."""
     settings = settings or TeacherSettings()
 
     @asynccontextmanager
@@ -228,8 +250,11 @@ def create_app(settings: TeacherSettings | None = None, engine: TeacherService |
         try:
             yield
         finally:
+            if starting is not None and app.state.service is not None:
+                starting.cancel()  # the watch on the engine's life, once it started
             if starting is not None:
-                await starting  # an engine half-built in its thread must still be shut down
+                with suppress(asyncio.CancelledError):
+                    await starting  # an engine half-built in its thread must still be shut down
             if app.state.service is not None:
                 try:
                     app.state.service.close()
@@ -247,6 +272,8 @@ def create_app(settings: TeacherSettings | None = None, engine: TeacherService |
     app.state.settings = settings
     app.state.service = None
     app.state.startup_error = None
+    app.state.on_engine_death = on_engine_death
+    app.state.engine_died = False
     app.state.metrics = RequestMetrics("teacher")
     app.state.pending = Gauge(
         "ssb_teacher_pending_engine_requests", "Engine requests admitted and not finished.",

@@ -393,3 +393,16 @@ def test_up_refuses_ports_in_use_or_given_twice_before_starting_anything(model_p
         assert result.returncode == 2, result.stdout + result.stderr
         assert says in " ".join((result.stdout + result.stderr).split()), result.stdout + result.stderr
         assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "data").exists()
+    # A data directory another `ssb up` holds (here the test holds its lock): a second Redis would share its files.
+    import fcntl
+
+    from cli.up_command import DATA_LOCK
+
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / DATA_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = subprocess.run([*command, "--redis-port", "0", "--teacher-port", "0", "--curator-port", "0",
+                                 "--trainer-port", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    said = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and "is in use by another `ssb up`" in said, said
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == [DATA_LOCK]  # nothing started or made

@@ -667,24 +667,26 @@ def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path)
 
 
 @pytest.mark.kills_teacher
-def test_readyz_says_503_after_the_engine_dies(teacher_server):
-    """Kill the engine's core process (as an out-of-memory kill would): /readyz and the work endpoints turn to 503 with
-    Retry-After, while /healthz still answers. Runs last in the session (the marker): the session's service has no
-    engine after it (its teardown still has to leave no process behind)."""
+def test_a_teacher_whose_engine_dies_ends_so_that_it_can_be_started_again(teacher_server):
+    """Kill the engine's core process (as an out-of-memory kill would): the service, which can never serve again,
+    ends within seconds with status 1 and every process of its gone, so that what runs it starts it again (compose's
+    restart policy) or stops with it (`ssb up`), where it answered 503 for ever. Runs last in the session (the
+    marker): the session's service is gone after it."""
     import psutil
 
-    children = psutil.Process(teacher_server.process.pid).children()
-    (core,) = [p for p in children if "EngineCore" in " ".join(p.cmdline())]
+    from tests.processes import kill_leftovers
+
+    family = [psutil.Process(teacher_server.process.pid), *psutil.Process(teacher_server.process.pid).children()]
+    (core,) = [p for p in family if "EngineCore" in " ".join(p.cmdline())]
     core.kill()
-    deadline = time.monotonic() + 30
-    with teacher_server.client() as http:
-        while http.get("/readyz").status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        ready = http.get("/readyz")
-        assert ready.status_code == 503 and ready.headers["Retry-After"] == "1", ready.text
-        assert "died" in ready.json()["error"]["message"]
-        assert http.post("/v1/rollouts", json={"questions": [{"question": "q"}]}).status_code == 503
-        assert http.get("/healthz").status_code == 200
+    try:
+        returncode = teacher_server.process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        returncode = None
+    left = kill_leftovers(family, timeout=30)
+    log = teacher_server.log()
+    assert returncode == 1, f"exit status {returncode}:\n{log[-3000:]}"
+    assert "the engine has died: the teacher stops" in log and not left, (left, log[-3000:])
 
 
 def test_the_client_splits_its_work_by_what_the_teacher_admits_at_once(teacher_server):
