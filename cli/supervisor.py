@@ -102,6 +102,7 @@ class Supervisor:
         self._print_lock = threading.Lock()
         self._readers: list[threading.Thread] = []
         self._stopping = False
+        self._hurried = False
         self._output_lost = False
 
     def __enter__(self) -> Supervisor:
@@ -183,9 +184,14 @@ class Supervisor:
                 ready = ready and up
         return ready, None
 
+    def hurry(self) -> None:
+        """Cut the grace period short: what is left of each session is SIGKILLed now (a second Ctrl-C during a stop);
+        safe to call from a signal handler."""
+        self._hurried = True
+
     def stop(self) -> None:
-        """SIGTERM every process group (Redis last), SIGKILL what is left of each session after `stop_timeout`;
-        idempotent."""
+        """SIGTERM every process group (Redis last), SIGKILL what is left of each session after `stop_timeout` (or at
+        once, after `hurry`); idempotent."""
         if self._stopping:
             return
         self._stopping = True
@@ -204,7 +210,7 @@ class Supervisor:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + self.stop_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._hurried:
             for name in names:
                 self.processes[name].poll()  # reap the leader, so that only the living count
             if not any(session_members(sid) for sid in leaders.values()):
@@ -213,7 +219,8 @@ class Supervisor:
         for name, sid in leaders.items():
             left = session_members(sid)
             if left:
-                self.say(name, f"still running {self.stop_timeout:.0f} s after SIGTERM: SIGKILL")
+                when = "at a second signal" if self._hurried else f"{self.stop_timeout:.0f} s after SIGTERM"
+                self.say(name, f"still running {when}: SIGKILL")
             for process in left:
                 try:
                     process.kill()  # psutil checks first that the pid is still this process, not a reused one

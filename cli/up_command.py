@@ -8,9 +8,9 @@
 A Redis of its own is started (its own free port, its files in DATA_DIR/redis) unless SSB_REDIS_URL is set. Every
 line a process prints comes out prefixed with its name. When every service answers /readyz, a line `ready` is printed
 and `--ready-file` (if given) is written: JSON with the URLs and the process ids. Ctrl-C, SIGTERM or SIGHUP stop every
-process and everything they started (exit status 128 + the signal); if one process exits by itself, the rest are
-stopped and the status is 1. One `ssb up` at a time uses a data directory (a lock in it; a second is refused). The
-plan is `cli/topology.py`, the process handling `cli/supervisor.py`.
+process and everything they started (exit status 128 + the signal; a second one SIGKILLs what is still left); if
+one process exits by itself, the rest are stopped and the status is 1. One `ssb up` at a time uses a data directory
+(a lock in it; a second is refused). The plan is `cli/topology.py`, the process handling `cli/supervisor.py`.
 """
 
 from __future__ import annotations
@@ -108,15 +108,19 @@ def up_command(
 
     stop = threading.Event()
     caught: list[int] = []
+    running: list = []  # the supervisor, once there is one
 
     def on_signal(signum, _frame):
         caught.append(signum)
+        if stop.is_set() and running:  # a second Ctrl-C during the stop: what is left is SIGKILLed now
+            running[0].hurry()
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     status = 0
     try:
         with Supervisor(topology.processes, stop_timeout=stop_timeout) as supervisor:
+            running.append(supervisor)
             _print_urls(topology, redis_started=redis_url is None)
             try:
                 supervisor.start(cancelled=stop.is_set)  # a Ctrl-C meanwhile starts nothing more

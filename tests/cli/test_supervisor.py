@@ -82,6 +82,25 @@ def test_a_process_that_ignores_sigterm_and_its_child_are_killed_after_the_grace
     assert "stubborn | still running 1 s after SIGTERM: SIGKILL" in out.getvalue()
 
 
+def test_a_second_signal_during_the_stop_kills_what_is_left_at_once():
+    """`hurry` (what a second Ctrl-C to `ssb up` calls) cuts the grace period short: a process that ignores SIGTERM
+    is SIGKILLed now, not after `stop_timeout`."""
+    import threading
+
+    out = io.StringIO()
+    supervisor = Supervisor([ProcessSpec("stubborn", python(STUBBORN))], out=out, stop_timeout=60.0)
+    supervisor.start()
+    wait_for(lambda: "child" in out.getvalue())
+    processes = family(supervisor)
+    threading.Timer(1.0, supervisor.hurry).start()
+    started = time.monotonic()
+    supervisor.stop()
+    assert time.monotonic() - started < 15
+    gone, alive = psutil.wait_procs(processes, timeout=5)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert "stubborn | still running at a second signal: SIGKILL" in out.getvalue()
+
+
 HORSE_KEEPER = r"""
 import os, subprocess, sys
 horse = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], process_group=0)  # before it runs
