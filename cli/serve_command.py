@@ -75,8 +75,11 @@ def serve_teacher(
     service_log.addHandler(handler)
     server: uvicorn.Server | None = None
 
-    def end_the_server() -> None:  # the engine died: the teacher ends with status 1, to be started again
+    def end_the_server() -> bool:  # the engine died: the teacher ends with status 1, to be started again
+        if server.should_exit:  # stopping already (a signal, which reached the engine too)
+            return False
         server.should_exit = True
+        return True
 
     app = create_app(settings, on_engine_death=end_the_server)
     config = uvicorn.Config(app, host=settings.teacher_host, port=settings.teacher_port, log_level=log_level.value,

@@ -29,6 +29,8 @@ import psutil
 
 from cli.topology import ProcessSpec
 
+HURRIED_GRACE_SECONDS = 1.0  # after `hurry`: Redis, stopped last, still gets to write its append-only file
+
 
 class StartError(RuntimeError):
     """A process could not be started, or one that others wait for never became ready."""
@@ -93,10 +95,18 @@ def session_members(sid: int) -> list[psutil.Process]:
 class Supervisor:
     """Starts, watches and stops the processes of `specs` (in order); a context manager that always stops them."""
 
-    def __init__(self, specs: Sequence[ProcessSpec], *, out: TextIO | None = None, stop_timeout: float = 30.0):
+    def __init__(
+        self,
+        specs: Sequence[ProcessSpec],
+        *,
+        out: TextIO | None = None,
+        stop_timeout: float = 30.0,
+        pass_fds: Sequence[int] = (),
+    ):
         self.specs = list(specs)
         self.out = out or sys.stdout
         self.stop_timeout = stop_timeout
+        self.pass_fds = tuple(pass_fds)  # open in every process started (e.g. a lock they then hold too)
         self.processes: dict[str, subprocess.Popen] = {}
         self._width = max((len(spec.name) for spec in self.specs), default=0)
         self._print_lock = threading.Lock()
@@ -152,6 +162,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                pass_fds=self.pass_fds,
             )
         except OSError as exc:
             raise StartError(f"{spec.name}: cannot run {spec.argv[0]}: {exc}") from exc
@@ -185,8 +196,8 @@ class Supervisor:
         return ready, None
 
     def hurry(self) -> None:
-        """Cut the grace period short: what is left of each session is SIGKILLed now (a second Ctrl-C during a stop);
-        safe to call from a signal handler."""
+        """Cut the grace period short: what is left of each session is SIGKILLed a second after its SIGTERM, or now
+        if that second has passed (a second Ctrl-C during a stop); safe to call from a signal handler."""
         self._hurried = True
 
     def stop(self) -> None:
@@ -209,8 +220,8 @@ class Supervisor:
                 os.killpg(leaders[name], signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + self.stop_timeout
-        while time.monotonic() < deadline and not self._hurried:
+        signalled = time.monotonic()
+        while time.monotonic() - signalled < (HURRIED_GRACE_SECONDS if self._hurried else self.stop_timeout):
             for name in names:
                 self.processes[name].poll()  # reap the leader, so that only the living count
             if not any(session_members(sid) for sid in leaders.values()):

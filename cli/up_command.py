@@ -98,28 +98,28 @@ def up_command(
         model=model,
         log_level=log_level.value,
     )
-    if ready_file is not None:
-        if not ready_file.parent.is_dir() or not os.access(ready_file.parent, os.W_OK):
-            raise fail(f"--ready-file {ready_file}: {ready_file.parent} is not a directory this process can write in")
-        ready_file.unlink(missing_ok=True)
-    claim = claim_data_directory(data_root)
-    for directory in topology.directories:
-        directory.mkdir(parents=True, exist_ok=True)
-
+    if ready_file is not None and (not ready_file.parent.is_dir() or not os.access(ready_file.parent, os.W_OK)):
+        raise fail(f"--ready-file {ready_file}: {ready_file.parent} is not a directory this process can write in")
+    claim = claim_data_directory(data_root)  # before anything is touched: another `ssb up` may own it
     stop = threading.Event()
     caught: list[int] = []
     running: list = []  # the supervisor, once there is one
 
     def on_signal(signum, _frame):
-        caught.append(signum)
-        if stop.is_set() and running:  # a second Ctrl-C during the stop: what is left is SIGKILLed now
+        if caught and running:  # a second signal during the stop: what is left is SIGKILLed now
             running[0].hurry()
+        caught.append(signum)
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     status = 0
     try:
-        with Supervisor(topology.processes, stop_timeout=stop_timeout) as supervisor:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+        for directory in topology.directories:
+            directory.mkdir(parents=True, exist_ok=True)
+        # Every process holds the lock too, so that it stays taken while any of them lives (`ssb up` killed).
+        with Supervisor(topology.processes, stop_timeout=stop_timeout, pass_fds=(claim.fileno(),)) as supervisor:
             running.append(supervisor)
             _print_urls(topology, redis_started=redis_url is None)
             try:
@@ -165,18 +165,23 @@ DATA_LOCK = ".ssb-up.lock"
 def claim_data_directory(data_dir: Path) -> IO:
     """The data directory for this `ssb up` alone while it runs: a second one on it (other ports, the same default
     directory) would start a second Redis on the same append-only files, and both sets of services on the same
-    datasets and runs. Held by an exclusive lock on DATA_DIR/.ssb-up.lock, which the kernel lets go when this
-    process ends, however it ends; the lock's file stays."""
+    datasets and runs. Held by an exclusive lock on DATA_DIR/.ssb-up.lock (on this machine: a lock does not reach
+    other hosts sharing the directory), which the processes `ssb up` starts hold too, so that the kernel lets it go
+    once the last of them has ended, however they end; the lock's file stays."""
+    import errno
     import fcntl
 
     data_dir.mkdir(parents=True, exist_ok=True)
     handle = open(data_dir / DATA_LOCK, "a")  # noqa: SIM115 (held open for the life of `ssb up`)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as exc:
         handle.close()
-        raise fail(f"{data_dir} is in use by another `ssb up` (it holds {data_dir / DATA_LOCK}): stop that one, or "
-                   "give this one another --data-dir") from None
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise fail(f"{data_dir} is in use by another `ssb up`, or by processes one left (they hold "
+                       f"{data_dir / DATA_LOCK}): stop them, or give this one another --data-dir") from None
+        raise fail(f"cannot lock {data_dir / DATA_LOCK} ({exc.strerror}): a filesystem without locks? Give "
+                   "--data-dir on a local disk") from None
     return handle
 
 

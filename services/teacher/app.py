@@ -4,8 +4,9 @@ a `TeacherService` (services/teacher/service.py holds the logic; the routes here
     ssb serve teacher --port 8000          (cli/serve_command.py runs this app on uvicorn)
 
 The engine is built in the app's lifespan, in a thread, so `/healthz` answers at once while `/readyz` (and every other
-endpoint) says 503 with Retry-After until the engine is up, and again if it dies. Uvicorn's SIGTERM/SIGINT handling
-ends the lifespan, which shuts the engine's processes down. Errors share one envelope with the other services
+endpoint) says 503 with Retry-After until the engine is up, and again if it dies (a served teacher then ends within
+seconds, `on_engine_death`). Uvicorn's SIGTERM/SIGINT handling ends the lifespan, which shuts the engine's processes
+down. Errors share one envelope with the other services
 (services/http.py); with `SSB_TEACHER_API_KEY` set, every endpoint but the two probes needs
 `Authorization: Bearer <key>`, compared in constant time. `/metrics` is vLLM's Prometheus registry plus this
 service's requests, errors, latency and response sizes per endpoint.
@@ -215,28 +216,30 @@ async def start_service(app: FastAPI, settings: TeacherSettings) -> None:
         log.exception("the engine failed to start")
         app.state.startup_error = f"{type(exc).__name__}: {exc}"
         return
-    if app.state.on_engine_death is not None:
+    if app.state.on_engine_death is not None and not app.state.stopping:
         await end_when_the_engine_dies(app)
 
 
 async def end_when_the_engine_dies(app: FastAPI, every_seconds: float = ENGINE_WATCH_SECONDS) -> None:
     """Once the engine has died (the OOM killer took its core process), this teacher can never serve again: it ends
-    (`on_engine_death`), so that what runs it restarts it (compose's `restart: unless-stopped`) or stops with it
+    (`on_engine_death`, which says whether it did: not when the server is stopping already, a signal having reached
+    the engine too), so that what runs it restarts it (compose's `restart: unless-stopped`) or stops with it
     (`ssb up`), instead of answering 503 for ever."""
-    while app.state.service.ready:
+    while app.state.service.ready and not app.state.stopping:
         await asyncio.sleep(every_seconds)
-    log.error("the engine has died: the teacher stops, to be started again")
-    app.state.engine_died = True
-    app.state.on_engine_death()
+    if not app.state.stopping and app.state.on_engine_death():
+        log.error("the engine has died: the teacher stops, to be started again")
+        app.state.engine_died = True
 
 
 def create_app(
     settings: TeacherSettings | None = None,
     engine: TeacherService | None = None,
-    on_engine_death: Callable[[], None] | None = None,
+    on_engine_death: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """The teacher app. With `engine` (a started `TeacherService`) it serves that; else it builds one at start-up,
-    and, given `on_engine_death`, calls it once that engine has died (`app.state.engine_died` then says so)."""
+    and, given `on_engine_death`, calls it once that engine has died: it ends the server and says True, or False when
+    the server is stopping already (`app.state.engine_died` then says which)."""
     settings = settings or TeacherSettings()
 
     @asynccontextmanager
@@ -250,6 +253,7 @@ def create_app(
         try:
             yield
         finally:
+            app.state.stopping = True  # an engine still being built is not watched once it is up
             if starting is not None and app.state.service is not None:
                 starting.cancel()  # the watch on the engine's life, once it started
             if starting is not None:
@@ -274,6 +278,7 @@ def create_app(
     app.state.startup_error = None
     app.state.on_engine_death = on_engine_death
     app.state.engine_died = False
+    app.state.stopping = False
     app.state.metrics = RequestMetrics("teacher")
     app.state.pending = Gauge(
         "ssb_teacher_pending_engine_requests", "Engine requests admitted and not finished.",

@@ -101,6 +101,24 @@ def test_a_second_signal_during_the_stop_kills_what_is_left_at_once():
     assert "stubborn | still running at a second signal: SIGKILL" in out.getvalue()
 
 
+def test_a_lock_passed_to_the_processes_stays_taken_while_any_of_them_lives(tmp_path):
+    """`ssb up` passes its data directory's lock to every process it starts: should `ssb up` itself be killed, the
+    processes it leaves still hold it, and a second `ssb up` on the directory is refused until they are gone."""
+    import fcntl
+
+    from cli.up_command import claim_data_directory
+
+    claim = claim_data_directory(tmp_path)
+    supervisor = Supervisor([ProcessSpec("sleeper", python("import time; time.sleep(600)"))], out=io.StringIO(),
+                            pass_fds=(claim.fileno(),))
+    supervisor.start()
+    claim.close()  # as when `ssb up` is killed
+    with open(tmp_path / ".ssb-up.lock", "a") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    supervisor.stop()
+    claim_data_directory(tmp_path).close()  # free again
+
+
 HORSE_KEEPER = r"""
 import os, subprocess, sys
 horse = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], process_group=0)  # before it runs

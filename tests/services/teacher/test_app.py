@@ -129,3 +129,36 @@ def test_an_engine_that_fails_to_start_says_so_for_good(tmp_path):
         assert str(missing) in error["message"], error
         work = client.post("/v1/rollouts", json={"questions": [{"question": "q"}]})  # refused alike
         assert work.status_code == 503 and work.json()["error"] == error and "Retry-After" not in work.headers
+
+
+def test_a_teacher_stopped_while_its_engine_is_built_stops_once_it_is_built(monkeypatch):
+    """SIGTERM (here: the app's shutdown) while the engine is still being built: the shutdown waits for the build (a
+    half-built engine's processes must still be stopped), then closes it, and does not begin watching its life (the
+    watch ran for as long as the engine lived, and the process never ended). The logic alone, on an engine standing
+    in for vLLM's, built when the test lets it."""
+    import threading
+
+    from services.teacher import app as app_module
+
+    built, closed, died = threading.Event(), [], []
+
+    class StandIn:
+        ready = True
+        model_name = "m"
+
+        def close(self):
+            closed.append(True)
+
+    async def no_openai_state(app, service):
+        return None
+
+    monkeypatch.setattr(app_module.TeacherService, "start", staticmethod(lambda settings: built.wait(30) and StandIn()))
+    monkeypatch.setattr(app_module, "init_openai_state", no_openai_state)
+    client = TestClient(create_app(TeacherSettings(), on_engine_death=lambda: died.append(True) or True))
+    client.__enter__()
+    threading.Timer(1.0, built.set).start()  # the build ends after the shutdown began
+    stopping = threading.Thread(target=client.__exit__, args=(None, None, None), daemon=True)
+    stopping.start()
+    stopping.join(timeout=30)
+    assert not stopping.is_alive(), "the shutdown never ended"
+    assert closed == [True] and died == []
