@@ -388,19 +388,24 @@ def evaluate_models(eval_id: str) -> dict:
     try:
         with TeacherClient(teacher_url, api_key=settings.teacher_key()) as teacher:
             teacher.wait_ready(timeout_seconds=300)
-            for adapter in dict.fromkeys(a for a in adapters if a is not None):
-                # as published now: a copy the teacher loaded earlier under that name may be an older one (a run's
-                # attempt that published, then died before it succeeded)
-                try:
-                    teacher.load_adapter(adapter, replace=True)
-                except TeacherRejected as exc:
-                    if exc.status == 409 and exc.param == "path":  # being published again as it was read: later
-                        raise RuntimeError(f"adapter {adapter}: {exc.message}") from exc  # RQ runs this again
-                    raise
-            if worked_example is None:
-                config = config.model_copy(update={"worked_example": needs_worked_example(teacher.model_name)})
-            report = evaluate(problems, teacher, config, adapters=adapters, benchmark=record["benchmark"],
-                              on_progress=on_progress)
+            loaded = []
+            try:
+                for adapter in dict.fromkeys(a for a in adapters if a is not None):
+                    # as published now: a copy the teacher loaded earlier under that name may be an older one (a
+                    # run's attempt that published, then died before it succeeded)
+                    try:
+                        teacher.load_adapter(adapter, replace=True)
+                    except TeacherRejected as exc:
+                        if exc.status == 409 and exc.param == "path":  # being published again as it was read: later
+                            raise RuntimeError(f"adapter {adapter}: {exc.message}") from exc  # RQ runs this again
+                        raise
+                    loaded.append(adapter)
+                if worked_example is None:
+                    config = config.model_copy(update={"worked_example": needs_worked_example(teacher.model_name)})
+                report = evaluate(problems, teacher, config, adapters=adapters, benchmark=record["benchmark"],
+                                  on_progress=on_progress)
+            finally:
+                unload_quietly(teacher, loaded)
     except TeacherRejected as exc:
         evals.advance(eval_id, attempt=attempt, status="failed", error=str(exc), finished_at=time.time())
         return {"status": "failed"}
@@ -416,6 +421,20 @@ def evaluate_models(eval_id: str) -> dict:
     if not evals.advance(eval_id, attempt=attempt, status="succeeded", table=table, finished_at=time.time()):
         return {"status": "superseded"}
     return {"status": "succeeded"}
+
+
+def unload_quietly(teacher, names: list[str]) -> None:
+    """Unload the adapters an evaluation loaded: each is a copy of its files in the teacher, which would otherwise
+    stay until the teacher stops, one more for every run evaluated. Another client still using one (a curation
+    rolling out with it, another evaluation) loads it again at its next request (`TeacherClient.post_generations`);
+    its requests under way keep their copy until they end."""
+    from shared.teacher_client import TeacherError
+
+    for name in names:
+        try:
+            teacher.unload_adapter(name)
+        except TeacherError as exc:  # unloaded meanwhile by another, or the teacher gone: nothing left to free here
+            log.warning("adapter %s: not unloaded after the evaluation: %s", name, exc)
 
 
 def plain_table(table) -> str:

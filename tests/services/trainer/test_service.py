@@ -280,7 +280,7 @@ def test_a_finished_runs_metrics_curve_and_adapter(trainer, model_path):
     assert trained and any(p.abs().sum() > 0 for p in trained)  # lora_B starts at zero: training moved it
 
 
-def test_evaluation_of_base_and_adapter_through_the_teacher(trainer):
+def test_evaluation_of_base_and_adapter_through_the_teacher(trainer, lora_teacher_server):
     run = trainer.finished.get("run") or pytest.skip("needs the run of the resume test")
     problems = [{"question": p.question, "answer": p.answer} for p in make_arithmetic_problems(2, seed=5)]
     body = {"models": ["base", run["id"]], "problems": problems, "max_tokens": 32, "eval_id": "side-by-side"}
@@ -301,6 +301,9 @@ def test_evaluation_of_base_and_adapter_through_the_teacher(trainer):
     assert len(done["problems"]) == 2 and set(done["problems"][0]["answers"]) == {"base", run["id"]}
     assert run["id"] in done["table"] and "pass@1" in done["table"]
     assert done["progress"] == {"base": "2/2", run["id"]: "2/2"}
+    # The adapter it loaded is unloaded again: each is a copy in the teacher, one more for every run evaluated.
+    with lora_teacher_server.client() as teacher:
+        assert run["id"] not in [a["name"] for a in teacher.get("/v1/models").json()["adapters"]]
 
 
 def test_a_run_on_unreadable_pairs_fails_once_naming_the_file(trainer):
