@@ -221,7 +221,9 @@ class Supervisor:
             except ProcessLookupError:
                 pass
         signalled = time.monotonic()
-        while time.monotonic() - signalled < (HURRIED_GRACE_SECONDS if self._hurried else self.stop_timeout):
+        while time.monotonic() - signalled < (
+            min(HURRIED_GRACE_SECONDS, self.stop_timeout) if self._hurried else self.stop_timeout
+        ):
             for name in names:
                 self.processes[name].poll()  # reap the leader, so that only the living count
             if not any(session_members(sid) for sid in leaders.values()):

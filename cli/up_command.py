@@ -165,9 +165,9 @@ DATA_LOCK = ".ssb-up.lock"
 def claim_data_directory(data_dir: Path) -> IO:
     """The data directory for this `ssb up` alone while it runs: a second one on it (other ports, the same default
     directory) would start a second Redis on the same append-only files, and both sets of services on the same
-    datasets and runs. Held by an exclusive lock on DATA_DIR/.ssb-up.lock (on this machine: a lock does not reach
-    other hosts sharing the directory), which the processes `ssb up` starts hold too, so that the kernel lets it go
-    once the last of them has ended, however they end; the lock's file stays."""
+    datasets and runs. Held by an exclusive lock on DATA_DIR/.ssb-up.lock (for a data directory on a local disk: on
+    NFS a lock may not reach other hosts, nor be shared with children), which the processes `ssb up` starts hold too,
+    so that the kernel lets it go once the last of them has ended, however they end; the lock's file stays."""
     import errno
     import fcntl
 

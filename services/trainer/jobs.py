@@ -388,25 +388,24 @@ def evaluate_models(eval_id: str) -> dict:
     try:
         with TeacherClient(teacher_url, api_key=settings.teacher_key()) as teacher:
             teacher.wait_ready(timeout_seconds=300)
+            held_before = {card.name for card in teacher.models().adapters}  # someone's: left loaded after
             loaded = []
             try:
                 for adapter in dict.fromkeys(a for a in adapters if a is not None):
                     # as published now: a copy the teacher loaded earlier under that name may be an older one (a
                     # run's attempt that published, then died before it succeeded)
-                    try:
-                        teacher.load_adapter(adapter, replace=True)
-                    except TeacherRejected as exc:
-                        if exc.status == 409 and exc.param == "path":  # being published again as it was read: later
-                            raise RuntimeError(f"adapter {adapter}: {exc.message}") from exc  # RQ runs this again
-                        raise
-                    loaded.append(adapter)
+                    teacher.load_adapter(adapter, replace=True)
+                    if adapter not in held_before:
+                        loaded.append(adapter)
                 if worked_example is None:
                     config = config.model_copy(update={"worked_example": needs_worked_example(teacher.model_name)})
                 report = evaluate(problems, teacher, config, adapters=adapters, benchmark=record["benchmark"],
                                   on_progress=on_progress)
             finally:
-                unload_quietly(teacher, loaded)
+                unload_quietly(teacher_url, settings.teacher_key(), loaded)
     except TeacherRejected as exc:
+        if passing_refusal(exc):
+            raise RuntimeError(f"the teacher: {exc.message}") from exc  # RQ runs the evaluation again
         evals.advance(eval_id, attempt=attempt, status="failed", error=str(exc), finished_at=time.time())
         return {"status": "failed"}
     except EvaluationSuperseded as exc:
@@ -423,18 +422,26 @@ def evaluate_models(eval_id: str) -> dict:
     return {"status": "succeeded"}
 
 
-def unload_quietly(teacher, names: list[str]) -> None:
-    """Unload the adapters an evaluation loaded: each is a copy of its files in the teacher, which would otherwise
-    stay until the teacher stops, one more for every run evaluated. Another client still using one (a curation
-    rolling out with it, another evaluation) loads it again at its next request (`TeacherClient.post_generations`);
-    its requests under way keep their copy until they end."""
-    from shared.teacher_client import TeacherError
+def passing_refusal(exc) -> bool:
+    """A refusal another attempt gets past: an adapter being published again as the teacher copied it (409 on
+    `path`), or unloaded by another evaluation between this one's reload and its request (404 on `adapter`)."""
+    return (exc.status, exc.param) in ((409, "path"), (404, "adapter"))
 
-    for name in names:
-        try:
-            teacher.unload_adapter(name)
-        except TeacherError as exc:  # unloaded meanwhile by another, or the teacher gone: nothing left to free here
-            log.warning("adapter %s: not unloaded after the evaluation: %s", name, exc)
+
+def unload_quietly(teacher_url: str, api_key: str | None, names: list[str]) -> None:
+    """Unload the adapters an evaluation loaded (not those loaded before it): each is a copy of its files in the
+    teacher, which would otherwise stay until the teacher stops, one more for every run evaluated. Another client
+    still rolling out with one (a curation, another evaluation) loads it again at its next request
+    (`TeacherClient.post_generations`); its requests under way keep their copy until they end. Tried once each (a
+    teacher gone would hold a failed evaluation's record up through every retry)."""
+    from shared.teacher_client import TeacherClient, TeacherError
+
+    with TeacherClient(teacher_url, api_key=api_key, retries=0, timeout=10.0) as teacher:
+        for name in names:
+            try:
+                teacher.unload_adapter(name)
+            except TeacherError as exc:  # unloaded meanwhile by another, or the teacher gone: nothing to free here
+                log.warning("adapter %s: not unloaded after the evaluation: %s", name, exc)
 
 
 def plain_table(table) -> str:

@@ -318,3 +318,16 @@ def test_the_evaluation_of_a_run_that_failed_fails_saying_so(runs, monkeypatch):
         assert evals.get("r1-eval")["error"] == "its run r1 failed: there is no adapter of it to evaluate"
     finally:
         evals.delete_all()
+
+
+def test_an_evaluation_runs_again_on_the_refusals_another_attempt_gets_past():
+    """An adapter being published again while the teacher copied it (409 on `path`), or unloaded by another
+    evaluation between this one's reload and its request (404 on `adapter`: evaluations unload what they loaded),
+    is RQ's to retry; any other refusal fails the evaluation at once."""
+    from services.trainer.jobs import passing_refusal
+    from shared.teacher_client import TeacherRejected
+
+    assert passing_refusal(TeacherRejected(409, "files changed", "path"))
+    assert passing_refusal(TeacherRejected(404, "no adapter", "adapter"))
+    assert not passing_refusal(TeacherRejected(404, "no adapter", "name"))  # not in the adapters directory
+    assert not passing_refusal(TeacherRejected(400, "too long", "questions.0.question"))
