@@ -127,7 +127,9 @@ class ConcurrentCalls:
             thread = threading.Thread(target=explain, name="ssb-explanations", daemon=True)
             thread.start()
             try:
-                answered = self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
+                answered = (
+                    self.rollouts(questions, rollout_sampling, worked_example=worked_example) if questions else []
+                )
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException:
