@@ -45,10 +45,10 @@ def cancel_unstarted(job: Job, then: Callable[[Job], object] | None = None) -> b
     started, or another call deleted it meanwhile (two calls at once may both end it: `then` must be safe to run
     twice). `then(job)`, given, runs once the job is off its queue and before it is deleted (recording what the job
     would have done): should it fail, the job stays cancelled in Redis, and a later call (a retried DELETE) runs
-    `then` again and deletes it. The job is then deleted: RQ keeps a
-    cancelled job, and its entry in the queue's cancelled registry, with no expiry (that registry is never cleaned),
-    so every cancel would stay in Redis. A worker that took the job off the queue just before the cancel still runs
-    it: the services' jobs check their record (a cancelled run, a cancelled dataset) before they do anything."""
+    `then` again and deletes it. The job is then deleted: RQ keeps a cancelled job, and its entry in the queue's
+    cancelled registry, with no expiry (that registry is never cleaned), so every cancel would stay in Redis. A worker
+    that took the job off the queue just before the cancel still runs it: the services' jobs check their record (a
+    cancelled run, a cancelled dataset) before they do anything."""
     try:
         status = job.get_status()
         if status in NOT_STARTED:
