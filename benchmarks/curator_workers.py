@@ -31,9 +31,9 @@ from pathlib import Path
 
 import httpx
 import psutil
-from redis import Redis, RedisError
 
 from cli.runtime import ensure_model
+from cli.supervisor import is_ready
 from cli.topology import redis_server_argv
 from services.curator.curation import curate
 from services.teacher.engine import TeacherEngine
@@ -89,15 +89,11 @@ def stop(process: subprocess.Popen) -> None:
 
 def wait_for_redis(url: str, server: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            Redis.from_url(url, socket_connect_timeout=1).ping()
-            return
-        except RedisError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                stop(server)
-                raise RuntimeError(f"redis-server did not start (see {OUT / 'curator_redis.log'})") from None
-            time.sleep(0.1)
+    while not is_ready(url, timeout=1):
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            raise RuntimeError(f"redis-server did not start (see {OUT / 'curator_redis.log'})")
+        time.sleep(0.1)
 
 
 def wait_ready(url: str, timeout: float = 300) -> None:

@@ -201,8 +201,8 @@ class Supervisor:
         self._hurried = True
 
     def stop(self) -> None:
-        """SIGTERM every process group (Redis last), SIGKILL what is left of each session after `stop_timeout` (or at
-        once, after `hurry`); idempotent."""
+        """SIGTERM every process group (Redis last), SIGKILL what is left of each session after `stop_timeout` (a
+        second after its SIGTERM at most, after `hurry`); idempotent."""
         if self._stopping:
             return
         self._stopping = True

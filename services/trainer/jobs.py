@@ -436,6 +436,8 @@ def unload_quietly(teacher_url: str, api_key: str | None, names: list[str]) -> N
     teacher gone would hold a failed evaluation's record up through every retry)."""
     from shared.teacher_client import TeacherClient, TeacherError
 
+    if not names:
+        return
     with TeacherClient(teacher_url, api_key=api_key, retries=0, timeout=10.0) as teacher:
         for name in names:
             try:

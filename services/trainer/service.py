@@ -196,12 +196,8 @@ class TrainerService:
         if record is None:
             raise not_found("run", run_id)
         if record.get("status") not in FINAL:
-            record = self.reconcile_run(run_id, record)
+            record = self.reconcile(queues.TRAIN, run_id, record)
         return Run(**{name: value for name, value in record.items() if name in Run.model_fields})
-
-    def reconcile_run(self, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        """A run not final, checked against its job (`reconcile`)."""
-        return self.reconcile(queues.TRAIN, run_id, record)
 
     def reconcile(self, kind: str, record_id: str, record: dict[str, Any]) -> dict[str, Any]:
         """A run or evaluation not final, checked against its RQ job. One whose job RQ failed without the job recording

@@ -67,38 +67,31 @@ def test_the_environment_is_added_to_the_inherited_one(monkeypatch):
     assert "env | yes too" in out.getvalue()
 
 
-def test_a_process_that_ignores_sigterm_and_its_child_are_killed_after_the_grace_period():
+@pytest.mark.parametrize(
+    "stop_timeout, hurry_after, says",
+    [(1.0, None, "still running 1 s after SIGTERM: SIGKILL"), (60.0, 1.0, "still running at a second signal: SIGKILL")],
+    ids=["grace-period", "second-signal"],
+)
+def test_a_process_that_ignores_sigterm_and_its_child_are_killed_after_the_grace_period(stop_timeout, hurry_after,
+                                                                                       says):
+    """A process that ignores SIGTERM, and the child it started, are SIGKILLed once the grace period is over, or at
+    once after `hurry` (what a second Ctrl-C to `ssb up` calls), not after `stop_timeout`."""
+    import threading
+
     out = io.StringIO()
-    supervisor = Supervisor([ProcessSpec("stubborn", python(STUBBORN))], out=out, stop_timeout=1.0)
+    supervisor = Supervisor([ProcessSpec("stubborn", python(STUBBORN))], out=out, stop_timeout=stop_timeout)
     supervisor.start()
     wait_for(lambda: "child" in out.getvalue())
     processes = family(supervisor)
     assert len(processes) == 2
-    started = time.monotonic()
-    supervisor.stop()
-    assert time.monotonic() - started < 10
-    gone, alive = psutil.wait_procs(processes, timeout=5)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    assert "stubborn | still running 1 s after SIGTERM: SIGKILL" in out.getvalue()
-
-
-def test_a_second_signal_during_the_stop_kills_what_is_left_at_once():
-    """`hurry` (what a second Ctrl-C to `ssb up` calls) cuts the grace period short: a process that ignores SIGTERM
-    is SIGKILLed now, not after `stop_timeout`."""
-    import threading
-
-    out = io.StringIO()
-    supervisor = Supervisor([ProcessSpec("stubborn", python(STUBBORN))], out=out, stop_timeout=60.0)
-    supervisor.start()
-    wait_for(lambda: "child" in out.getvalue())
-    processes = family(supervisor)
-    threading.Timer(1.0, supervisor.hurry).start()
+    if hurry_after is not None:
+        threading.Timer(hurry_after, supervisor.hurry).start()
     started = time.monotonic()
     supervisor.stop()
     assert time.monotonic() - started < 15
     gone, alive = psutil.wait_procs(processes, timeout=5)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    assert "stubborn | still running at a second signal: SIGKILL" in out.getvalue()
+    assert f"stubborn | {says}" in out.getvalue()
 
 
 def test_a_lock_passed_to_the_processes_stays_taken_while_any_of_them_lives(tmp_path):

@@ -181,7 +181,7 @@ worker.work(burst=True)
 
 
 def test_a_busy_workers_job_goes_on_through_a_redis_restart(tmp_path):
-    """Redis stops for a few seconds (a restart, a failover) while a worker's job runs: the worker's heartbeats fail
+    """Redis stops for a few seconds (a restart) while a worker's job runs: the worker's heartbeats fail
     meanwhile, and it still waits for its job, which ends finished with no retry spent (RQ's heartbeat raised out of
     the worker, whose job process died with it: the job failed, or was retried from the start)."""
     from cli.supervisor import free_port
