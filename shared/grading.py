@@ -112,10 +112,13 @@ _ANSWER_IS = re.compile(
 _NUMBER = re.compile(r"(?:(?<![\w)\]}.])-)?(?<![\w.])(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 _MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # A math span after "the answer is" ends at its closing delimiter (a `$` not escaped): a display's on any line, inline
-# math's on the same line; an inline span holding a full stop is no math but dollars ("$18. Then she paid $6").
+# math's on the same line; an inline span holding a full stop is no math but dollars ("$18. Then she paid $6"), nor
+# is one opening with a digit and going on in prose or closed after a space ("$18 and she keeps $6": its amount, 18).
 _SPAN_CLOSE = {left: re.compile(r"(?<!\\)" + re.escape(right)) for left, right in _MATH_SPANS}
 _INLINE = ("$", "\\(")
 _FULL_STOP = re.compile(r"\.\s")
+_TEXT_COMMAND = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{[^{}]*\}")
+_PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}\b")
 # The answer after "the answer is" ends at a full stop, or at a comma that starts a clause ("5, since ..."), not one
 # inside a list ("1, 2, and 3").
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|,\s+(?!(?:and|or)\b)[A-Za-z]{3,}\b")
@@ -211,12 +214,22 @@ def _answer_after(response: str, at: int) -> str:
         if rest.startswith(left):
             close = _SPAN_CLOSE[left].search(line if left in _INLINE else rest, len(left))
             span = rest[len(left) : close.start()] if close else ""
+            if close and left == "$" and _is_amount_in_prose(span):
+                return _NUMBER.match(span).group(0)
             if close and not (left in _INLINE and _FULL_STOP.search(span)):
                 return span
             line = line[len(left) :]  # not closed, or dollars: the words after the delimiter
             break
     end = _SENTENCE_END.search(line)
     return line[: end.start()] if end else line
+
+
+def _is_amount_in_prose(span: str) -> bool:
+    """Whether the text between two `$` on a line is a dollar amount and the words after it, not math: it opens with
+    a digit and holds words of prose outside `\\text{}` or ends in a space before the next dollar sign."""
+    if not span[:1].isdigit() or _FULL_STOP.search(span):
+        return False
+    return span[-1].isspace() or _PROSE.search(_TEXT_COMMAND.sub(" ", span)) is not None
 
 
 def _extract_last_number(response: str) -> str | None:

@@ -73,6 +73,14 @@ MIN_AGREEMENT = 228
         ("The answer is $18.\nCheck: 3 * $6 = $18.", "18"),
         ("The answer is $\n5\n$.", "5"),
         ("The answer is $$18 dollars", "18 dollars"),
+        # an inline span opening with a digit and going on in prose is an amount, not math
+        ("The answer is $18 and she keeps $6.", "18"),
+        ("So the answer is $18, while Tom pays $6.", "18"),
+        ("The answer is $18 per day and $126 per week.", "18"),
+        ("The answer is $1,250.50 for the car and $3 tax.", "1,250.50"),
+        ("The answer is $18 $ in all.", "18"),
+        ("The answer is $10 \\text{ dollars per day}$.", "10 \\text{ dollars per day}"),
+        ("The answer is $2 \\sin x$.", "2 \\sin x"),
         ("The answer is $$\n\\frac{1}{2}\n$$", "\\frac{1}{2}"),
         # a level-5 heading is no GSM8K mark; a typeset minus is a minus
         ("##### Step 2: add\n3 + 4 = 7", "7"),
