@@ -4,14 +4,14 @@
     ssb eval --benchmark aime24 --adapter runs/adapter --samples 8
     ssb eval --benchmark held_out.jsonl --adapter runs/a --adapter runs/b --max-tokens 256
 
-The benchmark is a packaged name (`gsm8k` is the GSM8K test split, `math500`, `aime24`) or a `.jsonl`/`.parquet` file
-with a question and an answer per row. The base model is always evaluated first, then each `--adapter` (a PEFT adapter
-directory). On a CPU each adapter is merged into a temporary copy of the base weights, which the same engine then
-loads in place of its own, to answer at the base model's speed (the CPU build of vLLM runs a LoRA several times
-slower, and a large LoRA batch can outlast its step timeout), and an evaluation with adapters computes in float32,
-since rounding merged weights to bfloat16 loses most of a small adapter's update; on a GPU the engine serves each as
-a LoRA (`--adapter-serving` chooses). Everything is checked before the engine starts; a bad benchmark, file or
-adapter exits with status 2 and one message. The logic lives in `services/evaluation/evaluation.py`.
+The benchmark is a packaged name (`gsm8k` is the GSM8K test split, `gsm8k_train` its training split, `math500`,
+`aime24`) or a `.jsonl`/`.parquet` file with a question and an answer per row. The base model is always evaluated first,
+then each `--adapter` (a PEFT adapter directory). On a CPU each adapter is merged into a temporary copy of the base
+weights, which the same engine then loads in place of its own, to answer at the base model's speed (the CPU build of
+vLLM runs a LoRA several times slower, and a large LoRA batch can outlast its step timeout), and an evaluation with
+adapters computes in float32, since rounding merged weights to bfloat16 loses most of a small adapter's update; on a GPU
+the engine serves each as a LoRA (`--adapter-serving` chooses). Everything is checked before the engine starts; a bad
+benchmark, file or adapter exits with status 2 and one message. The logic lives in `services/evaluation/evaluation.py`.
 """
 
 from __future__ import annotations
@@ -193,7 +193,12 @@ def evaluate_merged_adapter(
 
 def eval_command(
     benchmark: Annotated[
-        str, typer.Option("--benchmark", help="gsm8k (test split), math500, aime24, or a .jsonl/.parquet problem file.")
+        str,
+        typer.Option(
+            "--benchmark",
+            help="gsm8k (test split), gsm8k_train (training split), math500, aime24, or a .jsonl/.parquet problem "
+            "file.",
+        ),
     ],
     model: ModelOption = None,
     adapter: Annotated[
@@ -266,6 +271,9 @@ def eval_command(
             if teacher_url and worked_example is None:  # the teacher's model decides, not --model
                 config = config.model_copy(update={"worked_example": needs_worked_example(engine.model_name)})
             lora_adapters = adapters if serving == "lora" else []
+            if teacher_url:  # an adapter the teacher lacks: said now, not after the base model's whole evaluation
+                for name in lora_adapters:
+                    engine.ensure_adapter(name)
             reports = [evaluate_with_progress(problems, engine, config, [None, *lora_adapters], label)]
             if serving == "merged":
                 reports += [

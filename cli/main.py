@@ -120,18 +120,23 @@ def grade(
         except ValueError as exc:
             raise fail(str(exc)) from exc
     records = []
-    with open(file, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8").strip()
-                if not text:
-                    continue
-                record = json.loads(text)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-                records.append(next(iter(grade_records([record]))))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise fail(f"{file}:{number}: {exc}") from exc
+    try:
+        lines_read = file.read_bytes().splitlines()
+    except OSError as exc:
+        raise fail(f"{file}: cannot be read ({exc.strerror or exc})") from exc
+    for number, raw in enumerate(lines_read, start=1):
+        try:
+            text = raw.decode("utf-8").strip()
+            if not text:
+                continue
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            records.append(next(iter(grade_records([record]))))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise fail(f"{file}:{number}: {exc}") from exc
+        except RecursionError as exc:
+            raise fail(f"{file}:{number}: JSON nested too deeply to read") from exc
     lines = "".join(json.dumps(r) + "\n" for r in records)
     if out is None:
         sys.stdout.write(lines)
@@ -161,13 +166,15 @@ def curate(
     teacher_url: TeacherUrlOption = None,
 ) -> None:
     """Steps 1-5: rollouts, grading, hints, hinted explanation with top-k log-probabilities, verified pairs."""
-    from services.curator.curation import rerun_conflict
+    from services.curator.curation import changed_problems, rerun_conflict
     from shared.datasets import DatasetError, load_problems
-    from shared.storage import PairStore
+    from shared.storage import PairStore, StorageError
 
     try:
         check_output_path(out, directory=True)
         problems = load_problems(data, limit=limit)
+        if changed := changed_problems(PairStore(out), problems):
+            raise ValueError(changed)
         config = CurationConfig(
             k=k,
             seed=seed,
@@ -190,7 +197,7 @@ def curate(
             )
             if conflict := rerun_conflict(PairStore(out), config, model_path):
                 raise ValueError(conflict)
-    except (DatasetError, FileNotFoundError, ValueError) as exc:
+    except (DatasetError, FileNotFoundError, ValueError, StorageError) as exc:
         raise fail(str(exc)) from exc
     with exit_on_signals(), open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=False) as engine:
         if teacher_url and worked_example is None:  # the teacher's model decides, not --model

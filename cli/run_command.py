@@ -2,17 +2,17 @@
 
     ssb run --train train.jsonl --eval held_out.jsonl --out runs/demo
 
-One engine curates and then answers the held-out problems with the base model; training runs in this process with
-every core. The adapter is then evaluated on the same problems: on a CPU merged into a temporary copy of the base
-weights, which the same engine loads in place of its own (it waits through training, idle) to answer at the base
-model's speed; on a GPU as a LoRA, by an engine started after training. Merged weights keep a small adapter's update
-only in float32 (services/teacher/merging.py), so on a CPU that computes in bfloat16 the engine that curated closes
-and one in float32 evaluates the base model and the adapter (`--adapter-serving`). The end is a table of
-base vs adapter, how many answers were cut off or ungradeable on each side, and McNemar's exact test on the paired
-verdicts. Writes `OUT/pairs/` (curation), `OUT/adapter/` (the adapter, metrics, training curve) and `OUT/eval.json`
-(per-problem results). A rerun skips problems already curated; training needs an empty `OUT/adapter/` (or
-`--resume`). Every training option of `ssb train` is an option here too (one definition, from `TrainConfig`); `--seed`
-seeds curation, training and evaluation alike.
+One engine curates and then answers the held-out problems with the base model; training runs in this process with every
+core. The adapter is then evaluated on the same problems: on a CPU merged into a temporary copy of the base weights,
+which the same engine loads in place of its own (it waits through training, idle) to answer at the base model's speed;
+on a GPU as a LoRA, by an engine started after training. Merged weights keep a small adapter's update only in float32
+(services/teacher/merging.py), so on a CPU that computes in bfloat16 the engine that curated closes and one in float32
+evaluates the base model and the adapter (`--adapter-serving`). The end is a table of base vs adapter, how many answers
+were cut off or ungradeable on each side, and McNemar's exact test on the paired verdicts. Writes `OUT/pairs/`
+(curation), `OUT/adapter/` (the adapter, metrics, training curve) and `OUT/eval.json` (per-problem results). A rerun
+skips problems already curated and trains again, unless `OUT/adapter/` holds an adapter or a checkpoint (`--resume`).
+Every training option of `ssb train` is an option here too (one definition, from `TrainConfig`); `--seed` seeds
+curation, training and evaluation alike.
 """
 
 from __future__ import annotations
@@ -71,16 +71,16 @@ def run_command(
     train_options: dict,
 ) -> None:
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
-    from services.curator.curation import rerun_conflict
+    from services.curator.curation import changed_problems, rerun_conflict
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
     from services.teacher.engine import EngineOptions, resolved_dtype
-    from services.trainer.checkpoints import check_same_settings, latest_checkpoint
-    from services.trainer.inputs import check_output_dir
+    from services.trainer.checkpoints import check_same_settings
+    from services.trainer.inputs import check_output_dir, latest_checkpoint
     from services.trainer.training import TrainingError
     from services.trainer.training import train as train_adapter
     from shared.datasets import DatasetError, load_problems
     from shared.settings import CurationConfig, Settings
-    from shared.storage import PairStore, replace_atomically
+    from shared.storage import PairStore, StorageError, replace_atomically
 
     settings = Settings()
     try:
@@ -103,12 +103,20 @@ def run_command(
         evaluation = EvalConfig(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed)
         # Before the engine starts, not after curation and the base model's evaluation:
         check_output_path(out, directory=True)
+        if changed := changed_problems(PairStore(out / "pairs"), problems):
+            raise ValueError(changed)
+        others = sorted(set(PairStore(out / "pairs").pair_ids()) - {p.id for p in problems})
+        if others:  # training takes every pair of OUT/pairs
+            raise ValueError(
+                f"{out / 'pairs'} holds {len(others)} pairs of problems not among these (e.g. {others[0]}), which "
+                "training would learn from too: use a new --out"
+            )
         check_output_dir(out / "adapter", resume=resume)
         checkpoint = latest_checkpoint(out / "adapter" / "checkpoints") if resume else None
         if resume and checkpoint is None:
             raise ValueError(
                 f"--resume: no complete checkpoint in {out / 'adapter' / 'checkpoints'} to resume training from "
-                "(--checkpoint-every saves them); rerun without --resume on a new --out, or delete OUT/adapter"
+                "(--checkpoint-every saves them); rerun without --resume: training starts over"
             )
         if checkpoint is not None:
             check_same_settings(checkpoint, None, training.model_dump(mode="json"))
@@ -125,7 +133,7 @@ def run_command(
         check_fits_context(held_out, model_path, settings, answer_tokens=eval_max_tokens, worked_example=worked_example)
         if conflict := rerun_conflict(PairStore(out / "pairs"), curation, model_path):
             raise ValueError(conflict)
-    except (DatasetError, FileNotFoundError, ValueError, TrainingError) as exc:
+    except (DatasetError, FileNotFoundError, ValueError, TrainingError, StorageError) as exc:
         raise fail(str(exc)) from exc
 
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"

@@ -80,6 +80,20 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def checked_url(url: str, flag: str) -> str:
+    """A service's URL from `flag` (or its variable), without a trailing slash; exit status 2 naming it unless it is
+    `http(s)://HOST[:PORT][/PATH]` (`localhost:8000`, without its scheme, would fail only at the first request)."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise fail(f"{flag} {url!r}: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise fail(f"{flag} {url!r}: not a service URL; expected http://HOST:PORT (or https://)")
+    return url.rstrip("/")
+
+
 def ensure_model(model: str | None, settings: Settings) -> str:
     """Resolve `--model`, pulling the default model first if it is not there yet."""
     if is_default_model(model) and not (default_model_dir(settings) / "config.json").exists():
@@ -150,6 +164,9 @@ def model_tokenizer(model_path: str):
             f"--model {model_path!r}: no such local directory, and not loadable from the Hugging Face Hub: "
             f"{' '.join(str(exc).split())}"
         ) from exc
+    except ValueError as exc:  # a checkpoint without a usable tokenizer
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"--model {model_path!r}: its tokenizer cannot be loaded: {reason}") from exc
 
 
 def check_fits_context(

@@ -161,14 +161,14 @@ TEACHER_UNREACHABLE_SECONDS = 120.0
 def open_teacher(teacher_url: str | None, model_path: str | None, settings, **engine_options):
     """The engine a command runs on: the teacher service at `teacher_url` (waiting until it is ready), else an engine
     started in this process on `model_path` with `engine_options`. Either is a context manager and an `Engine`."""
-    import os
-
-    from cli.runtime import console, start_engine
+    from cli.runtime import checked_url, console, start_engine
+    from shared.settings import ServiceSettings
     from shared.teacher_client import TeacherClient
 
     if teacher_url is None:
         return start_engine(model_path, settings, **engine_options)
-    client = TeacherClient(teacher_url, api_key=os.environ.get("SSB_TEACHER_API_KEY") or None)
+    url = checked_url(teacher_url, "--teacher-url")
+    client = TeacherClient(url, api_key=ServiceSettings().teacher_key())  # a key set but empty: refused
     with console.status(f"Waiting for the teacher at {teacher_url}..."):
         if not console.is_terminal:
             console.print(f"Waiting for the teacher at {teacher_url}...")

@@ -8,21 +8,25 @@ The file goes up as it is (the service checks every row and names the bad ones);
 problem has its final state (and a dataset that asked for training is handed to the trainer), then the funnel as a table
 and the training run; exit status 1 when it did not end as asked (`fell_short`: a problem failed, the dataset was
 cancelled, or the training it asked for was not started). The curator's key, if it has one, comes from
-SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL.
+SSB_CURATOR_API_KEY; its URL from `--curator` or SSB_CURATOR_URL. The upload carries an `Idempotency-Key`, and is sent
+again with it when the curator does not answer: a lost answer never makes a second dataset.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cli.runtime import console, fail, progress_bar
+from cli.runtime import checked_url, console, fail, progress_bar
 
 POLL_SECONDS = 2.0
+SEND_ATTEMPTS = 4  # the upload, sent again while the curator does not answer: pauses of 2, 4 and 8 s
+SEND_PAUSE_SECONDS = 2.0
 UNREACHABLE_SECONDS = 300  # how long `--wait` waits out a curator that does not answer
 # How long `--wait` waits, once every problem is final, for the curator to hand a dataset that asked for training to
 # the trainer (its tries take under a minute: services/curator/jobs.py).
@@ -72,17 +76,18 @@ def submit_command(
     from services.curator.settings import CuratorSettings
 
     settings = CuratorSettings()
-    url = (curator or settings.curator_url).rstrip("/")
+    url = checked_url(curator or settings.curator_url, "--curator" if curator else "SSB_CURATOR_URL")
     key = settings.curator_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0)) as http:
+        form = {"options": dataset_options.model_dump_json(exclude_unset=True)}
+        if name:  # without it the curator names the dataset after the file
+            form["name"] = name
         try:
-            form = {"options": dataset_options.model_dump_json(exclude_unset=True)}
-            if name:  # without it the curator names the dataset after the file
-                form["name"] = name
-            response = http.post("/v1/datasets", files={"file": (file.name, file.read_bytes())}, data=form)
-        except httpx.HTTPError as exc:
-            raise fail(f"the curator at {url} could not be reached: {exc}") from exc
+            content = file.read_bytes()
+        except OSError as exc:
+            raise fail(f"{file}: cannot be read ({exc.strerror})") from exc
+        response = send_upload(http, {"file": (file.name, content)}, form, url)
         if response.status_code != 201:
             raise fail(f"the curator refused the dataset ({response.status_code}):\n{error_message(response)}")
         created = DatasetCreated.model_validate_json(response.content)
@@ -93,6 +98,34 @@ def submit_command(
             print_status(status)
             if fell_short(status):
                 raise typer.Exit(code=1)
+
+
+def send_upload(http, files: dict, form: dict, url: str):
+    """The curator's answer to the upload, sent with an `Idempotency-Key`: sent again with the same key, up to
+    `SEND_ATTEMPTS` times with a growing pause, while the curator does not answer or answers 502-504 (restarting, its
+    Redis down). An upload it received but whose answer was lost then answers as the first did: never a second
+    dataset."""
+    import httpx
+
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            response = http.post("/v1/datasets", files=files, data=form, headers=headers)
+            problem = f"answered {response.status_code}" if response.status_code in (502, 503, 504) else None
+        except httpx.TransportError as exc:
+            response = None
+            problem = "could not be reached" if isinstance(exc, httpx.ConnectError) else "did not answer"
+            problem += f" ({type(exc).__name__}: {exc})" if str(exc) else f" ({type(exc).__name__})"
+        if problem is None or attempt == SEND_ATTEMPTS:
+            break
+        pause = SEND_PAUSE_SECONDS * 2 ** (attempt - 1)
+        console.print(f"[yellow]the curator at {url} {problem}; sending the upload again in {pause:.0f} s "
+                      f"(try {attempt + 1} of {SEND_ATTEMPTS}; it is never created twice)[/yellow]")
+        time.sleep(pause)
+    if response is None:
+        raise fail(f"the curator at {url} {problem}, {SEND_ATTEMPTS} times; should one of them have arrived, "
+                   f"GET {url}/v1/datasets lists its dataset")
+    return response
 
 
 def parse_json_object(text: str, option: str) -> dict:

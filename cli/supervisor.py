@@ -14,6 +14,7 @@ shutdown waits for it). Redis stops last, after the processes that use it.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -37,13 +38,16 @@ class StartError(RuntimeError):
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether something already listens on `host:port` (binding it would fail); `host` IPv4 or IPv6."""
+    """Whether something already listens on `host:port`; `host` IPv4 or IPv6. OSError when nothing could listen
+    there (a host that is no address of this machine, or a name that resolves to none; a port it may not take)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
     return False
 
 

@@ -9,7 +9,8 @@ The training options are generated from `services.trainer.config.TrainConfig`, o
 field's default and description: one definition of every knob, and any command can take them all with
 `@training_options()` and build its config with `build_train_config` (`ssb run` does). The logic lives in
 `services/trainer/training.py`. A missing or empty pairs directory, a bad option value, or an output directory that
-already holds a run (without `--resume`) exits with status 2 and one message.
+holds an adapter or a checkpoint (without `--resume`) exits with status 2 and one message; what a run that stopped
+before its first checkpoint left there is cleared, and training starts over.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 import typer
 
-from cli.runtime import ModelOption, check_output_path, console, ensure_model, fail, progress_bar
+from cli.runtime import ModelOption, check_output_path, console, ensure_model, fail, model_tokenizer, progress_bar
 from services.trainer.config import TrainConfig, TrainingError
 from shared.settings import Settings
 
@@ -139,18 +140,20 @@ def train_command(
 
     try:  # a wrong path fails at once, before torch and the model load
         check_output_path(out, directory=True)
-        check_output_dir(out, resume=resume)
+        check_output_dir(out, resume=resume, clear=int(os.environ.get("RANK", "0")) == 0)  # `accelerate launch`: once
         pair_store(pairs)
     except (ValueError, TrainingError) as exc:  # PairDataError is a ValueError
         raise fail(str(exc)) from exc
     config = build_train_config(train_options)
     try:
         if resume:  # other settings than the checkpoint's: said before the model loads
-            from services.trainer.checkpoints import check_same_settings, latest_checkpoint
+            from services.trainer.checkpoints import check_same_settings
+            from services.trainer.inputs import latest_checkpoint
 
             if (checkpoint := latest_checkpoint(out / "checkpoints")) is not None:
                 check_same_settings(checkpoint, None, config.model_dump(mode="json"))
         model_path = ensure_model(model, Settings())
+        model_tokenizer(model_path)  # a model that cannot load: said in a line, before torch and the weights load
     except (FileNotFoundError, ValueError, TrainingError) as exc:
         raise fail(str(exc)) from exc
 

@@ -34,7 +34,13 @@ def up_command(
     data_dir: Annotated[
         Optional[Path], typer.Option(help="The shared data directory: datasets, runs, adapters, Redis (SSB_DATA_DIR).")
     ] = None,
-    host: Annotated[str, typer.Option(help="Interface the services listen on.")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Interface the services listen on: set as their SSB_TEACHER_HOST, SSB_CURATOR_HOST and "
+            "SSB_TRAINER_HOST, whatever the environment says."
+        ),
+    ] = "127.0.0.1",
     teacher_port: Annotated[
         Optional[int], typer.Option(min=0, max=65535, help="Teacher port (SSB_TEACHER_PORT; 8000); 0: a free one.")
     ] = None,
@@ -83,7 +89,10 @@ def up_command(
         wanted[f"redis port {redis_port}"] = ("127.0.0.1", redis_port)  # its own, on the loopback
     if len({port for _, port in wanted.values()}) < len(wanted):
         raise fail(f"one port for two processes: {', '.join(wanted)}; give each its own")
-    busy = [name for name, (bind_host, port) in wanted.items() if port_in_use(bind_host, port)]
+    try:
+        busy = [name for name, (bind_host, port) in wanted.items() if port_in_use(bind_host, port)]
+    except OSError as exc:  # the host's: the loopback Redis port is free or in use
+        raise fail(f"--host {host}: nothing can listen there ({exc.strerror or exc})") from None
     if busy:
         raise fail(f"in use: {', '.join(busy)} (another `ssb up`?); choose others with --teacher-port and the like")
     data_root = (data_dir or settings.data_dir).resolve()
@@ -171,8 +180,11 @@ def claim_data_directory(data_dir: Path) -> IO:
     import errno
     import fcntl
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / DATA_LOCK, "a")  # noqa: SIM115 (held open for the life of `ssb up`)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / DATA_LOCK, "a")  # noqa: SIM115 (held open for the life of `ssb up`)
+    except OSError as exc:
+        raise fail(f"--data-dir {data_dir}: cannot be used as the data directory ({exc.strerror or exc})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -183,7 +183,14 @@ def _load_file(path: Path, *, case_blind_ids: bool = True) -> list[Problem]:
     if not path.is_file():
         reason = "is a directory, not a file" if path.is_dir() else "file not found"
         raise DatasetError([f"{path}: {reason}"])
-    rows = _jsonl_rows(path.read_bytes()) if suffix == ".jsonl" else _parquet_rows(path, str(path))
+    if suffix == ".jsonl":
+        try:
+            content = path.read_bytes()
+        except OSError as exc:  # no permission to read it, an I/O error
+            raise DatasetError([f"{path}: cannot be read ({exc.strerror or exc})"]) from exc
+        rows = _jsonl_rows(content)
+    else:
+        rows = _parquet_rows(path, str(path))
     return _build_problems(
         rows, where=str(path), stem=path.stem, source_prefix=path.name, case_blind_ids=case_blind_ids
     )

@@ -104,6 +104,8 @@ class DroppedProblem(BaseModel):
     problem_id: str
     reason: DropReason
     detail: str = ""
+    question: str | None = Field(default=None, description="None in files written before it was recorded.")
+    gold: str | None = Field(default=None, description="The gold answer; None in files written before it was recorded.")
     rollouts: list[Rollout] = Field(default_factory=list)
     explanation: str | None = Field(default=None, description="The first hinted explanation, when one was asked for.")
     explanation_attempts: int | None = Field(

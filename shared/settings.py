@@ -26,6 +26,9 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 def refuse_blank_key(key: SecretStr | None) -> SecretStr | None:
     if key is not None and not key.get_secret_value().strip():
         raise ValueError("set but empty, which would leave the service open: set a key, or leave the variable out")
+    value = key.get_secret_value() if key is not None else ""
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError("holds characters an HTTP header cannot carry: use printable ASCII (letters, digits, -._~+/=)")
     return key
 
 

@@ -100,6 +100,22 @@ def sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def sync_tree(directory: Path) -> None:
+    """Flush every file under `directory`, and the directories holding them, to disk: written by libraries that do
+    not (torch, safetensors), then renamed into place, they would otherwise survive a crash of the machine as empty
+    files under a complete name."""
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            sync_directory(path)
+    sync_directory(directory)
+
+
 def pair_arrays_problem(tokens: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray, topk: int) -> str | None:
     """Why a pair's arrays do not fit together, or None: one row of top-k ids and one of log-probabilities per
     explanation token, both `topk` wide (or empty: no teacher signal). A mismatch stored as it is would train on
@@ -130,15 +146,31 @@ def encode_pair(pair: Pair) -> bytes:
     return save(tensors, metadata={"format": PAIR_FORMAT, "record": pair.record.model_dump_json()})
 
 
+def pair_metadata(path: Path) -> dict:
+    """A pair file's metadata (its record as JSON), read without its arrays; StorageError for another kind of file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != PAIR_FORMAT:
+        raise StorageError(f"{path}: not an SSB pair file (format {metadata.get('format')!r})")
+    return metadata
+
+
+def decode_pair_record(path: Path) -> PairRecord:
+    """The record of one pair file, its arrays not read; StorageError for a file that is not a pair's."""
+    try:
+        return PairRecord.model_validate_json(pair_metadata(path)["record"])
+    except StorageError:
+        raise
+    except Exception as exc:  # corrupt header, bad JSON
+        raise StorageError(f"{path}: unreadable pair file: {exc}") from exc
+
+
 def decode_pair(path: Path) -> Pair:
     """Read one pair file; StorageError for one that is not a whole pair (its arrays checked as when written)."""
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != PAIR_FORMAT:
-            raise StorageError(f"{path}: not an SSB pair file (format {metadata.get('format')!r})")
+        metadata = pair_metadata(path)
         arrays = load_file(str(path))
         record = PairRecord.model_validate_json(metadata["record"])
         token_ids, topk_ids, topk_logprobs = arrays["token_ids"], arrays["topk_ids"], arrays["topk_logprobs"]
@@ -184,6 +216,21 @@ class PairStore:
         if path.exists():
             return DroppedProblem.model_validate_json(path.read_bytes()).reason
         return None
+
+    def stored_problem(self, problem_id: str) -> tuple[str, str] | None:
+        """The question and gold answer a problem's result was made from (its pair's record, or its drop's), or None:
+        no result yet, or a drop written before they were recorded. StorageError for an unreadable file."""
+        if self.pair_path(problem_id).exists():
+            record = decode_pair_record(self.pair_path(problem_id))
+            return record.question, record.gold
+        path = self.dropped_path(problem_id)
+        if not path.exists():
+            return None
+        try:
+            dropped = DroppedProblem.model_validate_json(path.read_bytes())
+        except ValueError as exc:
+            raise StorageError(f"{path}: unreadable drop record: {exc}") from exc
+        return (dropped.question, dropped.gold) if dropped.question is not None and dropped.gold is not None else None
 
     def write_pair(self, pair: Pair) -> bool:
         """Store a pair once; False if this problem already had one."""

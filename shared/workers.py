@@ -18,10 +18,13 @@ alone; the services' failure callbacks skip the failure of a run whose job anoth
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 from rq import Worker
@@ -34,10 +37,31 @@ from rq.worker import WorkerStatus
 
 from shared.processes import die_with_parent
 
+T = TypeVar("T")
+log = logging.getLogger("ssb.workers")
+
 # Redis errors a service answers with 503 (try again later) rather than 500.
 REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+# How long a job's own calls to Redis wait out a Redis that does not answer (a restart) before they give up: past the
+# heartbeat TTL, when another worker may take the job over once Redis is back.
+REDIS_PATIENCE_SECONDS = 60.0
 # The states of a job that no worker has started: cancelling it there keeps it from ever running.
 NOT_STARTED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
+
+
+def through_redis_restarts(call: Callable[[], T], what: str, *, seconds: float = REDIS_PATIENCE_SECONDS) -> T:
+    """`call()`, tried again each second while Redis does not answer, for up to `seconds`; then its error. For a
+    job's progress and its checks before it writes, which a Redis restarted under a long job would otherwise end (an
+    attempt lost, and its work since its last checkpoint)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except REDIS_UNAVAILABLE as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s: Redis does not answer (%s); trying again", what, exc)
+            time.sleep(1.0)
 
 
 def cancel_unstarted(job: Job, then: Callable[[Job], object] | None = None) -> bool:

@@ -6,7 +6,9 @@
 
 `POST /v1/datasets` takes a JSONL or Parquet file (multipart: `file`, optional `options` as JSON and `name`) or a
 JSON body `{"rows": [...], "options": {...}, "name": ...}`. The whole upload is checked before anything is stored:
-a bad row rejects it with 422 naming every bad row (up to ten), duplicate ids too; over `SSB_MAX_UPLOAD_BYTES`, 413.
+a bad row rejects it with 422 naming every bad row (up to ten), duplicate ids too; over `SSB_MAX_UPLOAD_BYTES` or
+`SSB_MAX_PROBLEMS`, 413. With an `Idempotency-Key` header, an upload sent again (its answer lost) answers as the first
+did and creates nothing (`ssb submit` sends one, and sends again when the curator does not answer).
 Errors share one envelope with the other services (services/http.py); with `SSB_CURATOR_API_KEY` set, every endpoint
 but the probes and the API docs needs `Authorization: Bearer <key>`. `/metrics` is Prometheus text: each dataset's
 problems by state, the queue and its workers, and this service's requests.
@@ -15,9 +17,9 @@ problems by state, the queue and its workers, and this service's requests.
 from __future__ import annotations
 
 import logging
-from typing import get_args
+from typing import Annotated, get_args
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
@@ -52,6 +54,17 @@ from shared.workers import REDIS_UNAVAILABLE
 log = logging.getLogger("ssb.curator")
 
 ERROR_RESPONSES = error_responses(401, 404, 413, 422, 503)
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[!-~]+$",
+        description="Any new value per upload (e.g. a UUID): the same upload sent again with it within 24 hours (its "
+        "answer lost) answers as the first did and creates nothing; sent with another upload, 422.",
+    ),
+]
 FORM_PARTS = ("file", "options", "name")
 UPLOAD_BODY = {
     "requestBody": {
@@ -116,10 +129,10 @@ def curation_metrics(overview: CurationOverview) -> bytes:
     openapi_extra=UPLOAD_BODY,
     tags=["datasets"],
 )
-async def create_dataset(request: Request):
+async def create_dataset(request: Request, idempotency_key: IdempotencyKey = None):
     """Upload problems (a JSONL or Parquet file, or JSON rows) with curation options; every problem is queued."""
     problems, options, name = await read_upload(request)
-    return await run_in_threadpool(service_of(request).create_dataset, problems, options, name)
+    return await run_in_threadpool(service_of(request).create_dataset, problems, options, name, idempotency_key)
 
 
 @router.get("/v1/datasets", response_model=DatasetList, responses=ERROR_RESPONSES, tags=["datasets"])

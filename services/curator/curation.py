@@ -30,7 +30,7 @@ from shared.schemas import (
 )
 from shared.selection import seeded_rng, select_hints
 from shared.settings import CurationConfig
-from shared.storage import PairStore
+from shared.storage import PairStore, decode_pair_record
 
 
 @dataclass
@@ -197,7 +197,7 @@ def rerun_conflict(store: PairStore, config: CurationConfig, model: str) -> str 
     pair_ids = store.pair_ids()
     if not pair_ids:
         return None
-    record = store.load_pair(pair_ids[0]).record
+    record = decode_pair_record(store.pair_path(pair_ids[0]))
     there = how_made(
         record.model, record.prompt_version, record.worked_example, record.topk, record.rollout_sampling,
         record.explanation_sampling,
@@ -212,6 +212,24 @@ def rerun_conflict(store: PairStore, config: CurationConfig, model: str) -> str 
     return (
         f"{store.root} holds pairs made otherwise ({'; '.join(changed)}); a rerun would add pairs of another kind: "
         "curate into a new directory, or with the settings it was made with"
+    )
+
+
+def changed_problems(store: PairStore, problems: Sequence[Problem]) -> str | None:
+    """Why curating `problems` into `store` would keep another problem's result under one of their ids (a rerun skips
+    an id already done: a file without ids names its problems by line, so another file, or a line inserted, gives
+    the same ids to other questions), or None. Compared by question and gold answer."""
+    changed = []
+    for problem in problems:
+        stored = store.stored_problem(problem.id)
+        if stored is not None and stored != (problem.question, problem.answer):
+            what = "question" if stored[0] != problem.question else "gold answer"
+            changed.append(f"{problem.id} ({problem.source or 'this problem'}: another {what})")
+    if not changed:
+        return None
+    return (
+        f"{store.root} holds results for {len(changed)} of these problem ids made from other problems, e.g. "
+        f"{', '.join(changed[:3])}; a rerun would keep them: curate into a new directory"
     )
 
 
@@ -281,7 +299,10 @@ def curate_step(
         choice = select_hints(rollouts, seed=config.seed, key=problem.id)
         if choice is None:
             reason = drop_reason(rollouts)
-            dropped = DroppedProblem(problem_id=problem.id, reason=reason, rollouts=rollouts, explanation_attempts=0)
+            dropped = DroppedProblem(
+                problem_id=problem.id, question=problem.question, gold=problem.answer, reason=reason,
+                rollouts=rollouts, explanation_attempts=0,
+            )
             record_dropped(dropped, store, funnel)
             continue
         funnel.with_mix += 1
@@ -304,6 +325,8 @@ def write_explained(
     if choice.kept is None:
         dropped = DroppedProblem(
             problem_id=problem.id,
+            question=problem.question,
+            gold=problem.answer,
             reason=choice.drop_reason,
             detail=choice.drop_detail,
             rollouts=rollouts,

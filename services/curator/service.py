@@ -8,6 +8,8 @@ upload leaves nothing in Redis or on disk.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from redis import Redis, RedisError
+from redis import Redis, RedisError, WatchError
 from rq import Worker
 from rq.job import Job
 
@@ -42,6 +44,41 @@ from shared.workers import cancel_unstarted, redis_location
 
 log = logging.getLogger("ssb.curator")
 T = TypeVar("T")
+UPLOAD_KEY_TTL_SECONDS = 24 * 3600  # how long an upload sent again with its Idempotency-Key answers as the first
+
+
+@dataclass
+class UploadKey:
+    """An upload's idempotency key (the client's `Idempotency-Key`), kept `UPLOAD_KEY_TTL_SECONDS` with the answer it
+    got and a fingerprint of the upload it came with."""
+
+    key: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, prefix: str, key: str, problems: list[Problem], options: DatasetOptions, name: str | None) -> UploadKey:
+        upload = [[p.model_dump(mode="json") for p in problems], options.model_dump(mode="json"), name]
+        return cls(
+            key=f"{prefix}:upload:{hashlib.sha256(key.encode()).hexdigest()[:32]}",
+            fingerprint=hashlib.sha256(json.dumps(upload, sort_keys=True).encode()).hexdigest(),
+        )
+
+    def earlier(self, redis: Redis) -> DatasetCreated | None:
+        """What the key's first upload was answered, None for a key not seen; a 422 for a key sent with another."""
+        raw = redis.get(self.key)
+        if raw is None:
+            return None
+        stored = json.loads(raw)
+        if stored["fingerprint"] != self.fingerprint:
+            raise ServiceError(
+                422, "this Idempotency-Key came with another upload: send a new key with each new upload",
+                "invalid_request", "Idempotency-Key",
+            )
+        return DatasetCreated.model_validate(stored["created"])
+
+    def record(self, created: DatasetCreated, pipe) -> None:
+        answer = {"fingerprint": self.fingerprint, "created": created.model_dump(mode="json")}
+        pipe.set(self.key, json.dumps(answer), ex=UPLOAD_KEY_TTL_SECONDS)
 
 
 def is_dataset_id(text: str) -> bool:
@@ -73,7 +110,16 @@ class CuratorService:
             return f"Redis at {redis_location(self.settings.redis_url)} does not answer: {type(exc).__name__}"
         return None
 
-    def create_dataset(self, problems: list[Problem], options: DatasetOptions, name: str | None) -> DatasetCreated:
+    def create_dataset(
+        self, problems: list[Problem], options: DatasetOptions, name: str | None, idempotency_key: str | None = None
+    ) -> DatasetCreated:
+        """Store the problems and queue their jobs. With an `idempotency_key`, an upload sent again (its answer lost)
+        answers as the first did, and creates nothing; the same key with another upload is a 422."""
+        upload = None
+        if idempotency_key is not None:
+            upload = UploadKey.of(self.settings.key_prefix, idempotency_key, problems, options, name)
+        if upload is not None and (earlier := upload.earlier(self.redis)) is not None:
+            return earlier
         if options.limit is not None:
             problems = problems[: options.limit]
         if len(problems) > self.settings.max_problems:
@@ -91,9 +137,20 @@ class CuratorService:
             spans = batch_spans(directory / PROBLEMS_FILE, [len(batch) for batch in batches])
             job_data = enqueue_data(self.settings, dataset_id, batches, spans)
             with self.redis.pipeline() as pipe:
+                if upload is not None:  # sent twice at once: one creates the dataset, the other answers as it did
+                    pipe.watch(upload.key)
+                    if pipe.exists(upload.key):
+                        raise WatchError(f"{upload.key} was recorded meanwhile")
+                    pipe.multi()
+                    upload.record(created, pipe)
                 self.ledger.create(meta, [d.job_id for d in job_data], pipe)
                 self.queue.enqueue_many(job_data, pipeline=pipe)
                 pipe.execute()
+        except WatchError:
+            shutil.rmtree(directory, ignore_errors=True)
+            if (earlier := upload.earlier(self.redis)) is None:  # its key expired at that moment: never seen
+                raise
+            return earlier
         except BaseException as exc:
             # A transaction whose answer was lost (the connection dropped after Redis ran it) recorded the dataset
             # and queued its jobs: its files stay, and it was created. Where that cannot be told, they stay too.

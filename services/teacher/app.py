@@ -3,13 +3,13 @@ a `TeacherService` (services/teacher/service.py holds the logic; the routes here
 
     ssb serve teacher --port 8000          (cli/serve_command.py runs this app on uvicorn)
 
-The engine is built in the app's lifespan, in a thread, so `/healthz` answers at once while `/readyz` (and every other
-endpoint) says 503 with Retry-After until the engine is up, and again if it dies (a served teacher then ends within
-seconds, `on_engine_death`). Uvicorn's SIGTERM/SIGINT handling ends the lifespan, which shuts the engine's processes
-down. Errors share one envelope with the other services
-(services/http.py); with `SSB_TEACHER_API_KEY` set, every endpoint but the two probes needs
-`Authorization: Bearer <key>`, compared in constant time. `/metrics` is vLLM's Prometheus registry plus this
-service's requests, errors, latency and response sizes per endpoint.
+The engine is built in the app's lifespan, in a thread, so `/healthz`, `/metrics` and the API docs answer at once while
+`/readyz` and every other endpoint say 503 with Retry-After until the engine is up, and again if it dies (a served
+teacher then ends within seconds, `on_engine_death`). Uvicorn's SIGTERM/SIGINT handling ends the lifespan, which shuts
+the engine's processes down. Errors share one envelope with the other services (services/http.py); with
+`SSB_TEACHER_API_KEY` set, every endpoint but the two probes and the API docs (`/docs`, `/redoc`, `/openapi.json`) needs
+`Authorization: Bearer <key>`, compared in constant time. `/metrics` is vLLM's Prometheus registry plus this service's
+requests, errors, latency and response sizes per endpoint.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""vLLM's own OpenAI-compatible `/v1/completions` and `/v1/chat/completions`, mounted on the teacher's engine.
+"""vLLM's own OpenAI-compatible `/v1/completions`, `/v1/chat/completions` and `/v1/chat/completions/batch`, mounted on
+the teacher's engine.
 
 All of the glue to vLLM's serving layer lives here, because its import paths move between releases: this is written
 against vLLM 0.32 (`vllm.entrypoints.launchers`; pinned in requirements/). The routes serve the base model under its
@@ -32,7 +33,8 @@ LAX_INT = TypeAdapter(int)
 
 
 def attach_openai_routers(app: FastAPI) -> None:
-    """Register the two routes; their handlers read `app.state`, filled by `init_openai_state` at start-up."""
+    """Register vLLM's completion router and its chat router (`/v1/chat/completions` and its `/batch`): the three
+    `OPENAI_ROUTES`. Their handlers read `app.state`, filled by `init_openai_state` at start-up."""
     from vllm.entrypoints.openai.chat_completion.api_router import attach_router as attach_chat
     from vllm.entrypoints.openai.completion.api_router import attach_router as attach_completion
 

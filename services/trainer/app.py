@@ -6,9 +6,9 @@ workers (`ssb worker train`), which take the jobs this service queues in Redis.
 
 Errors share one envelope with the other services (services/http.py): 422 names the bad field, 404 an unknown id,
 409 a conflict (an existing run id with other settings, a new run id that an adapter already has, an adapter not
-trained yet). With `SSB_TRAINER_API_KEY` set, every endpoint but the two probes needs `Authorization: Bearer <key>`,
-compared in constant time. `/metrics` is Prometheus text: runs and evaluations by status, running runs' step and loss,
-the queues and their workers, and this service's requests.
+trained yet). With `SSB_TRAINER_API_KEY` set, every endpoint but the two probes and the API docs (`/docs`, `/redoc`,
+`/openapi.json`) needs `Authorization: Bearer <key>`, compared in constant time. `/metrics` is Prometheus text: runs
+and evaluations by status, running runs' step and loss, the queues and their workers, and this service's requests.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def get_curve(run_id: str, request: Request):
 @router.get("/v1/runs/{run_id}/adapter", responses=ERROR_RESPONSES, tags=["runs"],
             response_class=StreamingResponse)
 def get_adapter(run_id: str, request: Request):
-    """The adapter as a gzipped tar, `<run id>/adapter_config.json` and `adapter_model.safetensors` (PEFT)."""
+    """The adapter as a gzipped tar: `<run id>/adapter_config.json`, `adapter_model.safetensors` (PEFT) and
+    `training_config.json`."""
     chunks = service_of(request).adapter_archive(run_id)
     headers = {"Content-Disposition": f'attachment; filename="{run_id}.tar.gz"'}
     return StreamingResponse(chunks, media_type="application/gzip", headers=headers)

@@ -5,11 +5,12 @@
     pair_ids.txt               the ids of the pairs the run trains on, one a line
     metrics.jsonl              one line per logged step (written by the loop; trimmed here on resume)
 
-A checkpoint is written into a hidden temporary directory and renamed when complete, so a run killed mid-write never
-leaves one that looks complete. A resumed run trains on the pairs in `pair_ids.txt`, not on what the directory holds
-now (a run started while curation still wrote pairs resumes as it began). `load_checkpoint` refuses to continue a run
-whose settings (other than `RESUMABLE_CHANGES`), pairs, base model (`model_fingerprint`) or number of processes
-changed: the resumed run would not compute the same thing.
+A checkpoint is written into a hidden temporary directory, flushed to disk and renamed when complete, so neither a run
+killed mid-write nor a machine that lost its power leaves one that looks complete. A resumed run trains on the pairs in
+`pair_ids.txt`, not on what the directory holds now (a run started while curation still wrote pairs resumes as it
+began). `load_checkpoint` refuses to continue a run whose settings (other than `RESUMABLE_CHANGES`), pairs, base model
+(`model_fingerprint`) or number of processes changed (pairs by their ids and contents: `digest_of_examples`): the
+resumed run would not compute the same thing.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from pathlib import Path
 import torch
 
 from services.trainer.config import RESUMABLE_CHANGES, TrainConfig, TrainingError
+from services.trainer.inputs import CHECKPOINT_PREFIX
 from services.trainer.plots import read_metrics
-from shared.storage import replace_atomically
+from shared.storage import replace_atomically, sync_directory, sync_tree
 
-CHECKPOINT_PREFIX = "step-"
 PAIR_IDS_FILE = "pair_ids.txt"
 
 
@@ -45,6 +46,18 @@ def read_pair_ids(out_dir: Path) -> list[str] | None:
 def digest_of(problem_ids: Sequence[str]) -> str:
     """A short fingerprint of the ordered pair ids, so a resume notices changed data."""
     return hashlib.sha256("\n".join(problem_ids).encode()).hexdigest()[:16]
+
+
+def digest_of_examples(examples) -> str:
+    """A short fingerprint of what the run trains on: each example's id, tokens and teacher signal, so a resume on a
+    directory whose pairs kept their ids (another curation of the same problems) notices."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(example.problem_id.encode() + b"\0")
+        for tensor in (example.input_ids, example.topk_ids, example.topk_logprobs, example.teacher_input_ids):
+            if tensor is not None:
+                digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def model_fingerprint(model) -> str:
@@ -76,9 +89,7 @@ def write_training_config(
         "total_steps": total_steps,
         "num_processes": num_processes,
     }
-    path = out_dir / "training_config.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    return path
+    return replace_atomically(out_dir / "training_config.json", json.dumps(record, indent=1) + "\n")
 
 
 def last_logged_loss(metrics_path: Path) -> float | None:
@@ -91,20 +102,6 @@ def keep_metrics_through(metrics_path: Path, step: int) -> None:
     """Drop metric lines after `step` (logged by the interrupted run after its last checkpoint)."""
     kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
     replace_atomically(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
-
-
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None. Incomplete ones never carry the final name."""
-    if not checkpoints_dir.is_dir():
-        return None
-    found = [
-        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
-        for p in checkpoints_dir.iterdir()
-        if p.name.startswith(CHECKPOINT_PREFIX)
-        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-        and (p / "state.json").exists()
-    ]
-    return max(found)[1] if found else None
 
 
 def save_checkpoint(
@@ -130,8 +127,10 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     accelerator.wait_for_everyone()
     if main:
+        sync_tree(tmp)  # on disk before its complete name, and before older checkpoints go
         shutil.rmtree(final, ignore_errors=True)  # the same step written again after a resume
         os.replace(tmp, final)
+        sync_directory(checkpoints_dir)
         names = [p.name[len(CHECKPOINT_PREFIX) :] for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")]
         steps = sorted(int(name) for name in names if name.isdigit())  # a folder someone put there is not pruned
         for old in steps[:-keep]:
@@ -167,7 +166,8 @@ def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_stat
 
     state = json.loads((checkpoint / "state.json").read_bytes())
     check_same_settings(checkpoint, state["config"], run_state["config"])
-    if state["pairs_digest"] != run_state["pairs_digest"]:
+    content = state.get("pairs_content", run_state["pairs_content"])  # none in an earlier version's: the ids only
+    if state["pairs_digest"] != run_state["pairs_digest"] or content != run_state["pairs_content"]:
         raise TrainingError(
             f"cannot resume from {checkpoint}: the pairs directory holds other pairs than it was trained on"
         )

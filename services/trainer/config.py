@@ -92,6 +92,7 @@ class TrainConfig(BaseModel):
     seed: int = Field(
         default=0,
         ge=0,
+        le=2**32 - 1,  # what NumPy's seeding takes
         description="Seeds the LoRA initialisation, the data order of every epoch and the dropout masks.",
     )
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from services.trainer.records import FINAL, eval_records, run_records
 from services.trainer.settings import TrainerSettings
-from shared.workers import connect_redis, started_elsewhere
+from shared.workers import connect_redis, started_elsewhere, through_redis_restarts
 
 log = logging.getLogger("ssb.trainer")
 
@@ -55,9 +55,8 @@ def current_settings() -> TrainerSettings:
 
 def train_run(run_id: str) -> dict:
     """Train one run to its adapter, resuming from its newest checkpoint if an earlier attempt left one."""
-    from services.trainer.checkpoints import latest_checkpoint
     from services.trainer.config import TrainConfig, TrainingError
-    from services.trainer.inputs import PairDataError
+    from services.trainer.inputs import PairDataError, latest_checkpoint
     from services.trainer.training import train
     from shared.models import resolve_model
     from shared.storage import StorageError
@@ -125,11 +124,11 @@ def train_run(run_id: str) -> dict:
         # divide it.
         if config.checkpoint_every and metrics.step >= config.checkpoint_every:
             fields["checkpoint_step"] = metrics.step // config.checkpoint_every * config.checkpoint_every
-        if not runs.advance(run_id, attempt=attempt, **fields):
+        if not through_redis_restarts(lambda: runs.advance(run_id, attempt=attempt, **fields), f"run {run_id}"):
             raise AttemptSuperseded(f"run {run_id}: attempt {attempt} stops at step {metrics.step}")
 
     def still_this_attempt() -> None:
-        if not runs.advance(run_id, attempt=attempt):
+        if not through_redis_restarts(lambda: runs.advance(run_id, attempt=attempt), f"run {run_id}"):
             raise AttemptSuperseded(f"run {run_id}: attempt {attempt} stops before writing")
 
     try:

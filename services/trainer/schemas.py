@@ -157,7 +157,10 @@ class Run(BaseModel):
     status: RunStatusName = Field(description="queued, running, succeeded, failed or cancelled.")
     dataset_id: str | None = Field(default=None, description="The curated dataset trained on, if given by id.")
     pairs_dir: str = Field(description="The pair store trained on.")
-    model: str = Field(description="The base model (as the train worker resolves SSB_MODEL).")
+    model: str = Field(
+        description="The base model: the trainer API's SSB_MODEL when the run was created; every attempt trains on it, "
+        "whatever the worker's own SSB_MODEL."
+    )
     round: int = Field(description="Bootstrapping round: 1 for a dataset rolled out by the base model.")
     parent_run: str | None = Field(default=None, description="The run or adapter that rolled out the dataset.")
     config: dict[str, Any] = Field(description="The TrainConfig, resolved (teacher, checkpoint_every).")

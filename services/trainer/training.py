@@ -56,10 +56,10 @@ from torch import nn
 
 from services.trainer.checkpoints import (
     digest_of,
+    digest_of_examples,
     model_fingerprint,
     keep_metrics_through,
     last_logged_loss,
-    latest_checkpoint,
     load_checkpoint,
     read_pair_ids,
     save_checkpoint,
@@ -68,7 +68,7 @@ from services.trainer.checkpoints import (
 )
 from services.trainer.config import TrainConfig, TrainingError  # TrainingError: callers import it from here too
 from services.trainer.data import Batch, check_vocabulary, collate_examples, load_examples
-from services.trainer.inputs import check_output_dir, pair_store
+from services.trainer.inputs import check_output_dir, latest_checkpoint, pair_store
 from services.trainer.losses import LossSum, ce_chunked, kl_dense_chunked, kl_on_topk_chunked
 from services.trainer.modeling import (
     DecoderBody,
@@ -78,6 +78,7 @@ from services.trainer.modeling import (
     switch_off_dropout,
 )
 from services.trainer.plots import plot_training_curve, read_metrics
+from shared.storage import sync_directory, sync_tree
 
 
 class StepMetrics(BaseModel):
@@ -168,12 +169,13 @@ def train(
     out_dir = Path(out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     checkpoints_dir = out_dir / "checkpoints"
-    check_output_dir(out_dir, resume=resume)
+    check_output_dir(out_dir, resume=resume, clear=main)
+    accelerator.wait_for_everyone()  # cleared before any process reads or writes there
     checkpoint = latest_checkpoint(checkpoints_dir) if resume else None
     if resume and checkpoint is None:
         raise TrainingError(
-            f"nothing to resume: no complete checkpoint in {checkpoints_dir}; train again in a new output directory "
-            "(or after deleting this one)"
+            f"nothing to resume: no complete checkpoint in {checkpoints_dir}; train without resuming (what the run "
+            "left there is cleared, and it starts over)"
         )
     # The pairs of the run, fixed when it starts (curation may still be writing): the main process lists them, and
     # every process, now and on a resume, trains on that list.
@@ -210,7 +212,10 @@ def train(
         target_modules=list(config.target_modules),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora).to(accelerator.device)
+    try:
+        peft_model = get_peft_model(model, lora).to(accelerator.device)
+    except ValueError as exc:  # target modules the model does not have: no retry changes that
+        raise TrainingError(f"the LoRA adapter cannot be built on {model_path}: {exc}") from exc
     output_layer_of(peft_model)  # refuses an adapter on the output layer, which the losses would not apply
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -219,6 +224,7 @@ def train(
     run_state = {
         "config": config.model_dump(mode="json"),
         "pairs_digest": digest_of([e.problem_id for e in examples]),
+        "pairs_content": digest_of_examples(examples),
         "model": base_model,
         "num_processes": accelerator.num_processes,
     }
@@ -313,10 +319,12 @@ def save_adapter(peft_model, out_dir: Path) -> None:
     staging = out_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     peft_model.save_pretrained(staging)
+    sync_tree(staging)  # on disk before the config names the weights whole, after a power loss too
     files = sorted(staging.iterdir(), key=lambda path: path.name == "adapter_config.json")
     for path in files:
         if path.name != "README.md":
             os.replace(path, out_dir / path.name)
+    sync_directory(out_dir)
     shutil.rmtree(staging)
 
 

@@ -76,6 +76,9 @@ def test_grade_reports_the_bad_line(tmp_path):
     result = ssb("grade", str(src), check=False)
     assert result.returncode == 2
     assert f"{src}:2" in result.stderr.replace("\n", "")
+    src.write_text('{"gold": "1", "response": "1"}\n' + "[" * 100_000 + "\n")  # deeper than Python's JSON reader goes
+    said = " ".join(ssb("grade", str(src), check=False).stderr.split())
+    assert f"{src}:2: JSON nested too deeply to read" in said and "Traceback" not in said, said
 
 
 def test_curate_rejects_a_bad_file_before_starting_the_engine(tmp_path):
@@ -173,6 +176,49 @@ def test_a_service_refuses_a_blank_api_key_naming_it(variable, command):
     assert result.returncode == 2, said
     assert f"error: {variable}: set but empty, which would leave the service open" in said
     assert "Traceback" not in said
+
+
+@pytest.mark.parametrize(
+    ("value", "says"), [(" ", "set but empty"), ("clé", "holds characters an HTTP header cannot carry")]
+)
+def test_clients_refuse_a_key_they_would_send_blank_or_unsendable(tmp_path, value, says):
+    """`ssb curate --teacher-url` and `ssb submit` send their service's key: a blank one is refused as the services
+    refuse it (not taken for none, then answered 401), and so is one no HTTP header can carry (a traceback from the
+    HTTP client), with one line naming the variable."""
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    for variable, command in (
+        ("SSB_TEACHER_API_KEY", ["curate", "--data", str(src), "--out", str(tmp_path / "out"), "--teacher-url",
+                                 "http://127.0.0.1:9"]),
+        ("SSB_CURATOR_API_KEY", ["submit", str(src), "--curator", "http://127.0.0.1:9"]),
+        ("SSB_CURATOR_API_KEY", ["serve", "curator", "--port", "9"]),
+    ):
+        env = {**os.environ, variable: value}
+        result = subprocess.run([sys.executable, "-m", "cli.main", *command], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=120)
+        said = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 2 and f"error: {variable}: {says}" in said, (command, said)
+        assert "Traceback" not in said and not (tmp_path / "out").exists()
+
+
+def test_a_service_url_that_is_none_is_refused_naming_its_flag(tmp_path):
+    """A URL without its scheme would be waited on for two minutes as a teacher not up yet; a port that is no number
+    was a traceback. Both are one line, status 2, nothing written."""
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    out = ["--out", str(tmp_path / "out")]
+    for command, says in (
+        (["curate", "--data", str(src), *out, "--teacher-url", "localhost:8000"],
+         "--teacher-url 'localhost:8000': not a service URL; expected http://HOST:PORT"),
+        (["eval", "--benchmark", str(src), "--out", str(tmp_path / "e.json"), "--teacher-url", "http://127.0.0.1:80x1"],
+         "--teacher-url 'http://127.0.0.1:80x1': Invalid port: '80x1'"),
+        (["submit", str(src), "--curator", "http://[::1"], "--curator 'http://[::1': Invalid port"),
+    ):
+        result = ssb(*command, check=False)
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 2 and f"error: {says}" in said, (command, said)
+        assert "Traceback" not in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
 
 
 def test_curate_and_eval_against_a_teacher_that_cannot_start_end_at_once_with_one_line(tmp_path):
@@ -277,6 +323,32 @@ def test_curate_into_a_store_made_otherwise_is_refused_before_the_engine_starts(
     assert "Starting the engine" not in said and sorted(p.name for p in store.rglob("*")) == before
 
 
+def test_curate_and_run_refuse_a_store_with_results_of_other_problems_before_the_engine_starts(curated_pairs, tmp_path):
+    """An id the store holds made from another question (here: the file's line numbers name other problems) would be
+    skipped with the old pair kept; and `ssb run` would train on pairs of problems it was not given: both refused at
+    once, the store left as it was."""
+    import shutil
+
+    from shared.storage import PairStore
+
+    out = tmp_path / "run"
+    shutil.copytree(curated_pairs, out / "pairs")
+    before = sorted(p.name for p in out.rglob("*"))
+    taken = PairStore(out / "pairs").pair_ids()[0]
+    src, held_out = tmp_path / "p.jsonl", tmp_path / "held.jsonl"
+    src.write_text(json.dumps({"id": taken, "question": "What is 40 + 2?", "answer": "42"}) + "\n", encoding="utf-8")
+    held_out.write_text('{"question": "What is 5 + 5?", "answer": "10"}\n', encoding="utf-8")
+    said = " ".join(ssb("curate", "--data", str(src), "--out", str(out / "pairs"), check=False).stderr.split())
+    assert f"holds results for 1 of these problem ids made from other problems, e.g. {taken} (" in said, said
+    assert "p.jsonl:1: another question); a rerun would keep them: curate into a new directory" in said, said
+    src.write_text('{"id": "new-1", "question": "What is 40 + 2?", "answer": "42"}\n', encoding="utf-8")
+    result = ssb("run", "--train", str(src), "--eval", str(held_out), "--out", str(out), check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and f"{out / 'pairs'} holds {len(PairStore(out / 'pairs').pair_ids())} pairs of " \
+        f"problems not among these (e.g. " in said, said
+    assert "Starting the engine" not in said and sorted(p.name for p in out.rglob("*")) == before
+
+
 def test_a_log_level_no_logger_knows_is_refused_as_the_command_starts():
     for command in (["serve", "curator"], ["worker", "curate"], ["up"]):
         result = ssb(*command, "--log-level", "loud", check=False)
@@ -339,6 +411,39 @@ def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     ]
 
 
+def test_submit_sends_its_upload_again_with_the_same_key_while_the_curator_does_not_answer(monkeypatch):
+    """A read timeout after the upload went out, then a 503 (the curator's Redis down): sent again with the same
+    Idempotency-Key, which the curator answers as the first upload (tests/services/curator: never a second dataset).
+    Each upload has a key of its own; one the curator never answers ends the command, saying so. The curator here is
+    httpx's mock transport."""
+    import httpx
+    import typer
+
+    from cli import submit_command
+
+    created = httpx.Response(201, json={"id": "ds-0123456789ab", "problems": 2, "jobs": 1})
+    answers = iter([httpx.ReadTimeout("timed out"), httpx.Response(503, json={}), created])
+    keys = []
+
+    def curator(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["Idempotency-Key"])
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(submit_command, "SEND_PAUSE_SECONDS", 0.0)
+    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+        assert submit_command.send_upload(http, {"file": ("p.jsonl", b"{}")}, {}, "http://curator") is created
+        answers = iter([created])
+        submit_command.send_upload(http, {"file": ("p.jsonl", b"{}")}, {}, "http://curator")
+        answers = iter([httpx.ConnectError("refused")] * submit_command.SEND_ATTEMPTS)
+        with pytest.raises(typer.Exit) as gave_up:
+            submit_command.send_upload(http, {"file": ("p.jsonl", b"{}")}, {}, "http://curator")
+    assert len(keys) == 3 + 1 + submit_command.SEND_ATTEMPTS and len(set(keys[:3])) == 1 and keys[3] != keys[0]
+    assert gave_up.value.exit_code == 2
+
+
 def test_an_unusable_socket_directory_is_one_error_line_before_the_engine_starts(model_path, monkeypatch, capsys):
     """The engine's IPC sockets go in a directory of its own under VLLM_RPC_BASE_PATH: one that cannot hold it ends
     the command (`ssb curate`, `ssb run`, `ssb eval`) with exit status 2 and one line naming it; the teacher service
@@ -381,9 +486,11 @@ def test_up_refuses_ports_in_use_or_given_twice_before_starting_anything(model_p
             assert result.returncode == 2, result.stdout + result.stderr
             assert says in " ".join((result.stdout + result.stderr).split()), result.stdout + result.stderr
             assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "data").exists()
-    # A port variable that is no port, and a ready file nowhere to be written: named, before anything starts.
+    # A port variable that is no port, a ready file nowhere to be written, a host no service can listen on (it was
+    # "in use: every port"): named, before anything starts.
     for extra_env, flags, says in (
         ({"SSB_CURATOR_PORT": "abc"}, [], "SSB_CURATOR_PORT: Input should be a valid integer"),
+        ({}, ["--host", "192.0.2.1"], "--host 192.0.2.1: nothing can listen there (Cannot assign requested address)"),
         ({"SSB_TRAINER_PORT": "70000"}, [], "SSB_TRAINER_PORT: Input should be less than or equal to 65535"),
         ({}, ["--teacher-port", "0", "--ready-file", str(tmp_path / "no" / "up.json")],
          f"--ready-file {tmp_path / 'no' / 'up.json'}: {tmp_path / 'no'} is not a directory"),
@@ -406,3 +513,11 @@ def test_up_refuses_ports_in_use_or_given_twice_before_starting_anything(model_p
     said = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 2 and "is in use by another `ssb up`" in said, said
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == [DATA_LOCK]  # nothing started or made
+    # A data directory that is a file: named, where it was a traceback.
+    (tmp_path / "a-file").write_text("")
+    result = subprocess.run([*command[:-1], str(tmp_path / "a-file"), "--redis-port", "0", "--teacher-port", "0",
+                             "--curator-port", "0", "--trainer-port", "0"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    said = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and f"--data-dir {tmp_path / 'a-file'}: cannot be used as the data directory" in said
+    assert "Traceback" not in said

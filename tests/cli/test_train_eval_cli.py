@@ -9,6 +9,7 @@ loaded the model or started the engine before checking its input, it would crash
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -46,15 +47,33 @@ def test_train_on_an_empty_pairs_directory_exits_2_before_loading_the_model(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_train_refuses_an_output_directory_that_holds_a_run(tmp_path, unloadable_model):
+def test_train_refuses_an_output_directory_with_an_adapter_or_a_checkpoint(tmp_path, unloadable_model):
+    """A trained adapter or a run that can be resumed is refused, and left as it is; what an attempt that stopped
+    before its first checkpoint left is cleared (the run would start over: here the model cannot load)."""
     (tmp_path / "curated" / "pairs").mkdir(parents=True)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    args = ["--pairs", str(tmp_path / "curated"), "--out", str(out), "--model", unloadable_model]
-    result = ssb("train", *args, check=False)
-    assert "already holds a training run" in error_of(result)
-    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    finished, resumable, stopped = (tmp_path / name for name in ("finished", "resumable", "stopped"))
+    (finished / "checkpoints").mkdir(parents=True)
+    (finished / "adapter_config.json").write_text("{}")
+    (resumable / "checkpoints" / "step-4").mkdir(parents=True)
+    (resumable / "checkpoints" / "step-4" / "state.json").write_text("{}")
+    (resumable / "metrics.jsonl").write_text('{"step": 5}\n')
+    (stopped / "checkpoints" / ".step-4.tmp").mkdir(parents=True)  # killed while writing its first checkpoint
+    for name in ("metrics.jsonl", "pair_ids.txt", "training_config.json", "notes.txt"):
+        (stopped / name).write_text("x\n")
+
+    def train_into(out: Path) -> str:
+        args = ["--pairs", str(tmp_path / "curated"), "--out", str(out), "--model", unloadable_model]
+        return error_of(ssb("train", *args, check=False))
+
+    assert f"{finished} already holds a trained adapter; evaluate it (ssb eval --adapter {finished})" in train_into(
+        finished
+    )
+    assert sorted(p.name for p in finished.iterdir()) == ["adapter_config.json", "checkpoints"]
+    said = train_into(resumable)
+    assert "already holds a training run, stopped after its checkpoint step-4: resume it (--resume)" in said
+    assert (resumable / "metrics.jsonl").read_text() == '{"step": 5}\n'
+    assert "no pairs in" in train_into(stopped)  # past the output directory's check
+    assert [p.name for p in stopped.iterdir()] == ["notes.txt"]
 
 
 def test_train_resume_with_other_settings_stops_before_loading(pairs_dir, tmp_path, unloadable_model):  # noqa: F811
@@ -67,6 +86,21 @@ def test_train_resume_with_other_settings_stops_before_loading(pairs_dir, tmp_pa
     args = ["--pairs", str(pairs_dir), "--out", str(tmp_path / "out"), "--resume", "--model", unloadable_model]
     said = error_of(ssb("train", *args, check=False))
     assert "settings changed since it was written:" in said and " lr" in said.split("written:")[1], said
+
+
+def test_train_with_a_model_that_cannot_load_or_modules_it_lacks_is_one_line(
+    pairs_dir, model_path, tmp_path, unloadable_model  # noqa: F811
+):
+    """A model that cannot load (here a checkpoint with an empty config), and LoRA target modules the model does not
+    have: one error line each, status 2, no traceback, no adapter."""
+    for args, says in (
+        (["--model", unloadable_model], unloadable_model),
+        (["--model", model_path, "--target-modules", "q_projection", "--max-steps", "1"],
+         "the LoRA adapter cannot be built on"),
+    ):
+        result = ssb("train", "--pairs", str(pairs_dir), "--out", str(tmp_path / "out"), *args, check=False)
+        assert result.returncode == 2 and says in error_of(result), error_of(result)
+        assert "Traceback" not in result.stderr and not (tmp_path / "out" / "adapter_config.json").exists()
 
 
 def test_train_checks_its_paths_before_importing_torch(tmp_path, unloadable_model):

@@ -8,18 +8,20 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
+from redis import ConnectionError as RedisConnectionError
 from redis import Redis
 from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared.workers import JobProcessWorker, cancel_unstarted, redis_location, started_elsewhere
+from shared.workers import JobProcessWorker, cancel_unstarted, redis_location, started_elsewhere, through_redis_restarts
 from tests.processes import kill_leftovers
 from tests.redis_server import delete_keys, redis_url, run_redis_server, stop_session_redis
 
@@ -213,4 +215,38 @@ def test_a_busy_workers_job_goes_on_through_a_redis_restart(tmp_path):
             worker = psutil.Process(worker_process.pid)
             kill_leftovers([worker, *worker.children(recursive=True)], timeout=0)
             worker_process.wait()
+        stop_session_redis(server)
+
+
+def test_a_jobs_call_to_redis_waits_out_a_restart_and_gives_up_after_its_patience(tmp_path):
+    """A training attempt's progress and its checks before writing go through a Redis restart (they ended the
+    attempt, losing its steps since the last checkpoint); a Redis that stays away is still an error, once the
+    patience given is spent. The call waits in a thread; Redis restarts from this one (a server started from a thread
+    that ends would end with it: it dies with its parent)."""
+    from cli.supervisor import free_port
+
+    port = free_port()
+    server = run_redis_server(port, str(tmp_path), appendonly=True)
+    if server is None:
+        pytest.skip("no redis-server")
+    try:
+        connection = Redis.from_url(server.url, socket_connect_timeout=1)
+        connection.set("kept", "1")
+        stop_session_redis(server, keep_files=True)
+        answered = []
+        waiting = threading.Thread(
+            target=lambda: answered.append(through_redis_restarts(lambda: connection.get("kept"), "a test", seconds=60))
+        )
+        waiting.start()
+        time.sleep(3)
+        assert waiting.is_alive() and not answered
+        server = run_redis_server(port, str(tmp_path), appendonly=True)
+        waiting.join(timeout=60)
+        assert answered == [b"1"]
+        stop_session_redis(server, keep_files=True)
+        started = time.monotonic()
+        with pytest.raises(RedisConnectionError):
+            through_redis_restarts(lambda: connection.get("kept"), "a test", seconds=2)
+        assert time.monotonic() - started < 30
+    finally:
         stop_session_redis(server)

@@ -7,9 +7,9 @@ worked example, the demo's token limits, top-20) is checked here; the 200-proble
 
 from pathlib import Path
 
-from services.curator.curation import Funnel, curate, record_dropped, rerun_conflict
+from services.curator.curation import Funnel, changed_problems, curate, record_dropped, rerun_conflict
 from shared.grading import grade_response
-from shared.schemas import DroppedProblem
+from shared.schemas import DroppedProblem, Problem
 from shared.settings import CurationConfig
 from shared.storage import PairStore
 from tests.conftest import CURATION_CONFIG, SESSION_PROBLEMS
@@ -78,6 +78,31 @@ def test_a_rerun_with_other_settings_is_told_from_one_with_the_same(curation_run
                    "rollout_sampling.n 4 there, 8 now", "explanation_sampling.logprobs 20 there, 5 now"):
         assert change in other, change
     assert rerun_conflict(PairStore(store.root / "nothing-here"), CONFIG, "another/model") is None
+
+
+def test_a_rerun_refuses_ids_whose_results_were_made_from_other_problems(curation_run, tmp_path):
+    """A rerun skips the ids already done: one that now names another question or gold answer (a file without ids is
+    numbered by line, so another file or an inserted line gives old ids to new problems) is refused, named with where
+    it came from; the same problems, or new ids, are not. A drop recorded before drops kept their problem is taken as
+    the same."""
+    problems, store, _ = curation_run
+    assert changed_problems(store, problems) is None
+    paired = next(p for p in problems if p.id in store.pair_ids())
+    moved = [
+        paired.model_copy(update={"question": "What is 1 + 1?", "source": "b/train.jsonl:1"}),
+        paired.model_copy(update={"id": "a-new-id"}),
+    ]
+    assert changed_problems(store, moved) == (
+        f"{store.root} holds results for 1 of these problem ids made from other problems, e.g. {paired.id} "
+        "(b/train.jsonl:1: another question); a rerun would keep them: curate into a new directory"
+    )
+    drops = PairStore(tmp_path)
+    problem = Problem(id="d1", question="What is 2 + 2?", answer="4")
+    drops.write_dropped(DroppedProblem(problem_id="d1", question=problem.question, gold="5", reason="no_mix"))
+    drops.write_dropped(DroppedProblem(problem_id="d2", reason="no_mix"))  # written before drops kept their problem
+    assert "d1 (this problem: another gold answer)" in changed_problems(drops, [problem])
+    same = [problem.model_copy(update={"answer": "5"}), problem.model_copy(update={"id": "d2"})]
+    assert changed_problems(drops, same) is None
 
 
 def test_a_drop_another_run_recorded_meanwhile_counts_as_skipped_not_twice(tmp_path):

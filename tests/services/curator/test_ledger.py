@@ -510,6 +510,58 @@ def test_an_upload_whose_transaction_answer_was_lost_is_created_and_one_never_ru
     assert [status.id for status in service.list_datasets().datasets] == [created.id]
 
 
+def test_an_upload_sent_again_with_its_key_is_created_once_after_a_lost_answer_or_sent_twice_at_once(
+    ledger, tmp_path, monkeypatch
+):
+    """An upload whose answer was lost while Redis could not say whether it was created (a 503), sent again with its
+    Idempotency-Key, answers with the dataset the first made; two sent at once with one key make one dataset, the
+    loser's files removed; the key with another upload is refused (422)."""
+    from redis import ConnectionError as RedisConnectionError
+    from redis.client import Pipeline
+
+    from services.curator.service import CuratorService
+    from services.curator.settings import CuratorSettings
+    from services.errors import ServiceError
+    from shared.schemas import Problem
+
+    settings = CuratorSettings(key_prefix=ledger.prefix, data_dir=tmp_path)
+    service = CuratorService(settings, ledger.redis)
+    problems = [Problem(id="q1", question="2 + 2?", answer="4"), Problem(id="q2", question="3 + 3?", answer="6")]
+    transaction = Pipeline._execute_transaction
+
+    def ran_then_lost(pipe, *args, **kwargs):
+        transaction(pipe, *args, **kwargs)
+        raise RedisConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(Pipeline, "_execute_transaction", ran_then_lost)
+    monkeypatch.setattr(service, "recorded", lambda dataset_id: None)  # Redis cannot say: the route answers 503
+    with pytest.raises(RedisConnectionError):
+        service.create_dataset(problems, DatasetOptions(), "lost", idempotency_key="k-1")
+    monkeypatch.undo()
+    created = service.create_dataset(problems, DatasetOptions(), "lost", idempotency_key="k-1")
+    assert [status.id for status in service.list_datasets().datasets] == [created.id]
+    assert service.queue.get_job_ids() == ledger.job_ids(created.id) and (created.problems, created.jobs) == (2, 1)
+    with pytest.raises(ServiceError, match="came with another upload") as refused:
+        service.create_dataset(problems[:1], DatasetOptions(), "lost", idempotency_key="k-1")
+    assert refused.value.status == 422
+
+    # Sent twice at once: the other request records the key between this one's WATCH and its transaction.
+    other = CuratorService(settings, ledger.redis)
+    enqueue_many = service.queue.enqueue_many
+    answered = []
+
+    def the_other_request_first(job_data, pipeline):
+        answered.append(other.create_dataset(problems, DatasetOptions(), "twice", idempotency_key="k-2"))
+        return enqueue_many(job_data, pipeline=pipeline)
+
+    monkeypatch.setattr(service.queue, "enqueue_many", the_other_request_first)
+    assert service.create_dataset(problems, DatasetOptions(), "twice", idempotency_key="k-2") == answered[0]
+    listed = [status.id for status in service.list_datasets().datasets]
+    assert sorted(listed) == sorted([created.id, answered[0].id])
+    assert sorted(path.name for path in (tmp_path / "datasets").iterdir()) == sorted(listed)
+    assert sorted(service.queue.get_job_ids()) == sorted(ledger.job_ids(created.id) + ledger.job_ids(answered[0].id))
+
+
 def test_a_result_an_overlapping_run_stored_replaces_failed_or_cancelled_and_a_late_failure_lists_nothing(ledger):
     """A job run on after its worker stalled (its job failed or cancelled meanwhile) stores a drop: the ledger says
     what the pair store holds, as it does for a pair. A failure recorded after a stored result changes nothing and is

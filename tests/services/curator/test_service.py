@@ -252,6 +252,34 @@ def test_unknown_ids_auth_and_cancel(curator):
         assert wrong.post("/v1/datasets", json={"rows": [GOOD]}).status_code == 401
 
 
+def test_an_upload_sent_again_with_its_idempotency_key_creates_nothing_more(curator):
+    """The same upload sent again with its Idempotency-Key (its answer lost) answers as the first did: one dataset,
+    its jobs queued once, a file as JSON rows alike (another multipart boundary each time). The key with another
+    upload is a 422, as is a key no header may carry. No worker runs: the datasets are cancelled after."""
+    rows = rows_of(make_arithmetic_problems(3, seed=23))
+    key = {"Idempotency-Key": "upload-7f3a"}
+    jsonl = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    with curator.client() as http:
+        before = {d["id"] for d in http.get("/v1/datasets").json()["datasets"]}
+        queued = curator.redis.llen(f"rq:queue:{PREFIX}:curate")
+        sent = [http.post("/v1/datasets", json={"rows": rows, "options": {"batch_size": 2}}, headers=key)
+                for _ in range(2)]
+        files = [http.post("/v1/datasets", files={"file": ("p.jsonl", jsonl)}, headers={"Idempotency-Key": "f-1"})
+                 for _ in range(2)]
+        other = http.post("/v1/datasets", json={"rows": rows[:2]}, headers=key)
+        bad = http.post("/v1/datasets", json={"rows": rows}, headers={"Idempotency-Key": "two words"})
+        after = {d["id"] for d in http.get("/v1/datasets").json()["datasets"]}
+        queued_after = curator.redis.llen(f"rq:queue:{PREFIX}:curate")
+        for dataset_id in after - before:
+            http.delete(f"/v1/datasets/{dataset_id}")
+    assert [r.status_code for r in sent + files] == [201] * 4, [r.text for r in sent + files]
+    assert sent[0].json() == sent[1].json() == {"id": sent[0].json()["id"], "problems": 3, "jobs": 2}
+    assert files[0].json() == files[1].json() and files[0].json()["id"] != sent[0].json()["id"]
+    assert after - before == {sent[0].json()["id"], files[0].json()["id"]} and queued_after - queued == 2 + 1
+    assert other.status_code == 422 and "came with another upload" in other.json()["error"]["message"], other.text
+    assert bad.status_code == 422 and "Idempotency-Key" in bad.text, bad.text
+
+
 def test_metrics_show_the_funnel_the_queue_and_the_requests(curator):
     """`/metrics` on the real service and Redis: a dataset no worker has taken shows all its problems queued and its
     jobs waiting; once cancelled, all of them cancelled; the requests are counted; the key is needed."""

@@ -664,6 +664,13 @@ def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path)
     assert report["config"]["worked_example"] is True  # the teacher serves the small default model, which needs it
     with lora_teacher_server.client() as http:
         assert http.delete("/v1/adapters/tiny").status_code == 204
+    # An adapter the teacher does not have is said at once, before the base model answers a problem.
+    command = [sys.executable, "-m", "cli.main", "eval", "--benchmark", str(problems), "--adapter", "tinny",
+               "--out", str(tmp_path / "none.json"), "--teacher-url", lora_teacher_server.url]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "error: the teacher service:" in said and "tinny" in said, said
+    assert "evaluating" not in said and not (tmp_path / "none.json").exists()
 
 
 @pytest.mark.kills_teacher

@@ -391,3 +391,34 @@ def test_teacher_defaults_to_the_exact_one_unless_the_temperature_is_one():
     assert TrainConfig(temperature=2.0, teacher="stored").teacher == "stored"
     assert TrainConfig.model_validate(TrainConfig().model_dump(mode="json")) == TrainConfig()
     assert TrainConfig.model_validate({"temperature": "1"}).teacher == "stored"  # resolved after parsing
+
+
+def test_settings_no_retry_can_mend_are_training_errors(model_path, pairs_dir, tmp_path):
+    """LoRA target modules the model lacks end the run with the reason (the trainer service fails such a run at once
+    instead of retrying it), and a seed NumPy cannot take is refused with the other settings."""
+    config = TrainConfig(**{**SMALL, "target_modules": ("q_projection",)}, max_steps=1)
+    with pytest.raises(TrainingError, match="the LoRA adapter cannot be built on .*q_projection"):
+        train(pairs_dir, tmp_path / "run", model_path, config, model=load_model(model_path))
+    assert not (tmp_path / "run" / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match="less than or equal to 4294967295"):
+        TrainConfig(seed=2**32)
+
+
+def test_a_resume_on_other_pairs_under_the_same_ids_is_refused(model_path, pairs_dir, tmp_path):
+    """Another curation of the same problems keeps their ids: a run resumed on it would go on training on other
+    explanations than it started with, and is refused."""
+    config = TrainConfig(**SMALL, batch_size=3, max_steps=2, checkpoint_every=1)
+
+    def stop_after_step_1(metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(pairs_dir, tmp_path / "run", model_path, config, model=load_model(model_path), on_step=stop_after_step_1)
+    other = PairStore(shutil.copytree(pairs_dir, tmp_path / "other"))
+    pair = other.load_pair(other.pair_ids()[0])
+    other.pair_path(pair.record.problem_id).unlink()
+    other.write_pair(pair.model_copy(update={"token_ids": [*pair.token_ids[:-1], pair.token_ids[-1] + 1]}))
+    with pytest.raises(TrainingError, match="holds other pairs than it was trained on"):
+        train(other.root, tmp_path / "run", model_path, config, model=load_model(model_path), resume=True)
+    resumed = train(pairs_dir, tmp_path / "run", model_path, config, model=load_model(model_path), resume=True)
+    assert resumed.steps == 2
