@@ -75,7 +75,7 @@ def run_command(
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
     from services.teacher.engine import EngineOptions, resolved_dtype
     from services.trainer.checkpoints import check_same_settings
-    from services.trainer.inputs import check_output_dir, latest_checkpoint
+    from services.trainer.inputs import CHECKPOINTS_DIR, check_output_dir, latest_checkpoint
     from services.trainer.training import TrainingError
     from services.trainer.training import train as train_adapter
     from shared.datasets import DatasetError, load_problems
@@ -111,8 +111,8 @@ def run_command(
                 f"{out / 'pairs'} holds {len(others)} pairs of problems not among these (e.g. {others[0]}), which "
                 "training would learn from too: use a new --out"
             )
-        check_output_dir(out / "adapter", resume=resume)
-        checkpoint = latest_checkpoint(out / "adapter" / "checkpoints") if resume else None
+        left = check_output_dir(out / "adapter", resume=resume)
+        checkpoint = latest_checkpoint(out / "adapter" / CHECKPOINTS_DIR) if resume else None
         if resume and checkpoint is None:
             raise ValueError(
                 f"--resume: no complete checkpoint in {out / 'adapter' / 'checkpoints'} to resume training from "
@@ -137,6 +137,9 @@ def run_command(
         raise fail(str(exc)) from exc
 
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"
+    if left:
+        console.print(f"{adapter_dir}: a run that stopped before its first checkpoint left {', '.join(left)}; cleared "
+                      "when training starts over")
     label = Path(eval_).stem
     with exit_on_signals(), ExitStack() as engines:
         # One engine curates and evaluates the base model (on a CPU that computes in bfloat16, a float32 engine takes

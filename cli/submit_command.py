@@ -86,7 +86,7 @@ def submit_command(
         try:
             content = file.read_bytes()
         except OSError as exc:
-            raise fail(f"{file}: cannot be read ({exc.strerror})") from exc
+            raise fail(f"{file}: cannot be read ({exc.strerror or exc})") from exc
         response = send_upload(http, {"file": (file.name, content)}, form, url)
         if response.status_code != 201:
             raise fail(f"the curator refused the dataset ({response.status_code}):\n{error_message(response)}")

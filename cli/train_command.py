@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 import typer
 
-from cli.runtime import ModelOption, check_output_path, console, ensure_model, fail, model_tokenizer, progress_bar
+from cli.runtime import ModelOption, check_output_path, console, ensure_model, fail, progress_bar
 from services.trainer.config import TrainConfig, TrainingError
 from shared.settings import Settings
 
@@ -138,29 +138,32 @@ def train_command(
     """
     from services.trainer.inputs import PairDataError, check_output_dir, pair_store
 
+    # Under `accelerate launch` every process runs this command; only the main one draws (and gets on_step calls).
+    main_process = int(os.environ.get("RANK", "0")) == 0
     try:  # a wrong path fails at once, before torch and the model load
         check_output_path(out, directory=True)
-        check_output_dir(out, resume=resume, clear=int(os.environ.get("RANK", "0")) == 0)  # `accelerate launch`: once
+        left = check_output_dir(out, resume=resume)
         pair_store(pairs)
     except (ValueError, TrainingError) as exc:  # PairDataError is a ValueError
         raise fail(str(exc)) from exc
+    if left and main_process:
+        console.print(f"{out}: a run that stopped before its first checkpoint left {', '.join(left)}; cleared, "
+                      "training starts over")
     config = build_train_config(train_options)
     try:
         if resume:  # other settings than the checkpoint's: said before the model loads
             from services.trainer.checkpoints import check_same_settings
-            from services.trainer.inputs import latest_checkpoint
+            from services.trainer.inputs import CHECKPOINTS_DIR, latest_checkpoint
 
-            if (checkpoint := latest_checkpoint(out / "checkpoints")) is not None:
+            if (checkpoint := latest_checkpoint(out / CHECKPOINTS_DIR)) is not None:
                 check_same_settings(checkpoint, None, config.model_dump(mode="json"))
         model_path = ensure_model(model, Settings())
-        model_tokenizer(model_path)  # a model that cannot load: said in a line, before torch and the weights load
+        check_model_config(model_path)  # a model that cannot load: said in a line, before torch and the weights load
     except (FileNotFoundError, ValueError, TrainingError) as exc:
         raise fail(str(exc)) from exc
 
     from services.trainer.training import train
 
-    # Under `accelerate launch` every process runs this command; only the main one draws (and gets on_step calls).
-    main_process = int(os.environ.get("RANK", "0")) == 0
     with progress_bar("loss", "speed") if main_process else nullcontext() as progress:
         tasks = []  # added at the first step, once the number of steps is known
 
@@ -181,6 +184,17 @@ def train_command(
             raise fail(str(exc)) from exc
     if main_process:
         print_training_summary(result)
+
+
+def check_model_config(model_path: str) -> None:
+    """A ValueError naming `--model` when its configuration cannot be read (no checkpoint there, or not one
+    transformers knows); training needs no tokenizer (the pairs hold token ids), so none is asked for."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {model_path!r}: cannot be loaded: {' '.join(str(exc).split())}") from exc
 
 
 def print_training_summary(result) -> None:

@@ -15,6 +15,7 @@ one process exits by itself, the rest are stopped and the status is 1. One `ssb 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -89,10 +90,16 @@ def up_command(
         wanted[f"redis port {redis_port}"] = ("127.0.0.1", redis_port)  # its own, on the loopback
     if len({port for _, port in wanted.values()}) < len(wanted):
         raise fail(f"one port for two processes: {', '.join(wanted)}; give each its own")
-    try:
-        busy = [name for name, (bind_host, port) in wanted.items() if port_in_use(bind_host, port)]
-    except OSError as exc:  # the host's: the loopback Redis port is free or in use
-        raise fail(f"--host {host}: nothing can listen there ({exc.strerror or exc})") from None
+    busy = []
+    for name, (bind_host, port) in wanted.items():
+        try:
+            if port_in_use(bind_host, port):
+                busy.append(name)
+        except OSError as exc:  # not a port this user may take, or no address of this machine
+            reason = exc.strerror or exc
+            if exc.errno == errno.EACCES:
+                raise fail(f"{name}: this user may not listen on it ({reason}); choose a port above 1023") from None
+            raise fail(f"--host {host}: nothing can listen there ({reason})") from None
     if busy:
         raise fail(f"in use: {', '.join(busy)} (another `ssb up`?); choose others with --teacher-port and the like")
     data_root = (data_dir or settings.data_dir).resolve()
@@ -177,14 +184,14 @@ def claim_data_directory(data_dir: Path) -> IO:
     datasets and runs. Held by an exclusive lock on DATA_DIR/.ssb-up.lock (for a data directory on a local disk: on
     NFS a lock may not reach other hosts, nor be shared with children), which the processes `ssb up` starts hold too,
     so that the kernel lets it go once the last of them has ended, however they end; the lock's file stays."""
-    import errno
     import fcntl
 
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         handle = open(data_dir / DATA_LOCK, "a")  # noqa: SIM115 (held open for the life of `ssb up`)
     except OSError as exc:
-        raise fail(f"--data-dir {data_dir}: cannot be used as the data directory ({exc.strerror or exc})") from None
+        reason = exc.strerror or exc
+        raise fail(f"the data directory {data_dir} (--data-dir or SSB_DATA_DIR) cannot be used ({reason})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -214,8 +214,8 @@ def _answer_after(response: str, at: int) -> str:
         if rest.startswith(left):
             close = _SPAN_CLOSE[left].search(line if left in _INLINE else rest, len(left))
             span = rest[len(left) : close.start()] if close else ""
-            if close and left == "$" and _is_amount_in_prose(span):
-                return _NUMBER.match(span).group(0)
+            if close and left == "$" and (amount := _amount_in_prose(span)) is not None:
+                return amount
             if close and not (left in _INLINE and _FULL_STOP.search(span)):
                 return span
             line = line[len(left) :]  # not closed, or dollars: the words after the delimiter
@@ -224,12 +224,14 @@ def _answer_after(response: str, at: int) -> str:
     return line[: end.start()] if end else line
 
 
-def _is_amount_in_prose(span: str) -> bool:
-    """Whether the text between two `$` on a line is a dollar amount and the words after it, not math: it opens with
-    a digit and holds words of prose outside `\\text{}` or ends in a space before the next dollar sign."""
-    if not span[:1].isdigit() or _FULL_STOP.search(span):
-        return False
-    return span[-1].isspace() or _PROSE.search(_TEXT_COMMAND.sub(" ", span)) is not None
+def _amount_in_prose(span: str) -> str | None:
+    """The dollar amount the text between two `$` on a line opens with, when the rest is prose, not math (words
+    outside `\\text{}`, or a space before the next dollar sign); None otherwise."""
+    amount = _NUMBER.match(span)
+    if amount is None or _FULL_STOP.search(span):
+        return None
+    prose = span[-1].isspace() or _PROSE.search(_TEXT_COMMAND.sub(" ", span)) is not None
+    return amount.group(0) if prose else None
 
 
 def _extract_last_number(response: str) -> str | None:

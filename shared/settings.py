@@ -27,8 +27,8 @@ def refuse_blank_key(key: SecretStr | None) -> SecretStr | None:
     if key is not None and not key.get_secret_value().strip():
         raise ValueError("set but empty, which would leave the service open: set a key, or leave the variable out")
     value = key.get_secret_value() if key is not None else ""
-    if not (value.isascii() and value.isprintable()):
-        raise ValueError("holds characters an HTTP header cannot carry: use printable ASCII (letters, digits, -._~+/=)")
+    if not (value.isascii() and value.isprintable()) or value != value.strip():
+        raise ValueError("holds characters an HTTP header cannot carry: use printable ASCII, without spaces around it")
     return key
 
 

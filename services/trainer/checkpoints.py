@@ -25,11 +25,9 @@ from pathlib import Path
 import torch
 
 from services.trainer.config import RESUMABLE_CHANGES, TrainConfig, TrainingError
-from services.trainer.inputs import CHECKPOINT_PREFIX
+from services.trainer.inputs import CHECKPOINT_PREFIX, PAIR_IDS_FILE, TRAINING_CONFIG_FILE
 from services.trainer.plots import read_metrics
 from shared.storage import replace_atomically, sync_directory, sync_tree
-
-PAIR_IDS_FILE = "pair_ids.txt"
 
 
 def write_pair_ids(out_dir: Path, problem_ids: Sequence[str]) -> None:
@@ -53,10 +51,10 @@ def digest_of_examples(examples) -> str:
     directory whose pairs kept their ids (another curation of the same problems) notices."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(example.problem_id.encode() + b"\0")
+        digest.update(f"{example.problem_id}\0{example.prompt_length}\0{example.teacher_prompt_length}\0".encode())
         for tensor in (example.input_ids, example.topk_ids, example.topk_logprobs, example.teacher_input_ids):
             if tensor is not None:
-                digest.update(tensor.numpy().tobytes())
+                digest.update(f"{tuple(tensor.shape)}".encode() + tensor.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -89,7 +87,7 @@ def write_training_config(
         "total_steps": total_steps,
         "num_processes": num_processes,
     }
-    return replace_atomically(out_dir / "training_config.json", json.dumps(record, indent=1) + "\n")
+    return replace_atomically(out_dir / TRAINING_CONFIG_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def last_logged_loss(metrics_path: Path) -> float | None:

@@ -1,14 +1,21 @@
 """A training run's inputs, checked before anything heavy loads: a curation output directory with pairs in it, and an
-output directory free for a new run. Nothing here imports torch, so `ssb train` given a wrong path says so at once
-instead of after torch, transformers and peft have loaded (about 5 s on a 2-core machine).
+output directory free for a new run (the names of what a run writes there are defined here). Nothing here imports
+torch, so `ssb train` given a wrong path says so at once instead of after torch, transformers and peft have loaded
+(about 5 s on a 2-core machine).
 
     store = pair_store("runs/demo")                      # PairDataError: no pairs/ directory, or no pair in it
-    check_output_dir(Path("runs/demo/adapter"), resume=False)   # TrainingError: it holds an adapter or a checkpoint
+    left = check_output_dir(Path("runs/demo/adapter"), resume=False)   # TrainingError: an adapter, a checkpoint
+    with claimed_output_dir(Path("runs/demo/adapter")):  # TrainingError: another run trains there now
+        clear_stopped_attempt(Path("runs/demo/adapter"), left)
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from services.trainer.config import TrainingError
@@ -29,22 +36,34 @@ def pair_store(pairs_dir: str | Path) -> PairStore:
     return store
 
 
-# What an attempt writes into its output directory before its adapter is whole: cleared by a new run there when none
-# of it can be resumed (no complete checkpoint) or used (no `adapter_config.json`, written last).
-ATTEMPT_FILES = (
-    "metrics.jsonl", "pair_ids.txt", "training_config.json", "checkpoints", ".adapter.tmp", "adapter_model.safetensors",
-    "training_curve.png",
-)  # fmt: skip
+# What a run writes into its output directory, `checkpoints/` and `metrics.jsonl` first, `adapter_config.json` last.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_STAGING_DIR = ".adapter.tmp"
+CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
+CURVE_FILE = "training_curve.png"
+METRICS_FILE = "metrics.jsonl"
+PAIR_IDS_FILE = "pair_ids.txt"
+TRAINING_CONFIG_FILE = "training_config.json"
+LOCK_FILE = ".training.lock"
+# What an attempt leaves before its adapter is whole: cleared by a new run there when none of it can be resumed (no
+# complete checkpoint) or used (no adapter config).
+ATTEMPT_FILES = (
+    METRICS_FILE, PAIR_IDS_FILE, TRAINING_CONFIG_FILE, CHECKPOINTS_DIR, ADAPTER_STAGING_DIR, ADAPTER_WEIGHTS_FILE,
+    CURVE_FILE,
+)  # fmt: skip
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None. Incomplete ones never carry the final name."""
-    if not checkpoints_dir.is_dir():
+    try:
+        entries = list(checkpoints_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
         return None
     found = [
         (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
-        for p in checkpoints_dir.iterdir()
+        for p in entries
         if p.name.startswith(CHECKPOINT_PREFIX)
         and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
         and (p / "state.json").exists()
@@ -52,26 +71,57 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def check_output_dir(out_dir: Path, *, resume: bool, clear: bool = True) -> None:
-    """A new run (not `resume`) refuses an output directory that holds a trained adapter or a run it could resume
-    (TrainingError); what an attempt that stopped before its first checkpoint left there is removed (with `clear`:
-    of the processes of a data-parallel run, the main one alone), and the run starts again."""
+def check_output_dir(out_dir: Path, *, resume: bool) -> list[str]:
+    """Refuse (TrainingError) for a new run (not `resume`) an output directory that holds a trained adapter, a run it
+    could resume, or files of those names that no run left; return what an attempt that stopped before its first
+    checkpoint left there (the run clears it: `clear_stopped_attempt`), none for a free directory or a resume."""
     if resume:
-        return
-    if (out_dir / "adapter_config.json").exists():
+        return []
+    if (out_dir / ADAPTER_CONFIG_FILE).exists():
         raise TrainingError(
             f"{out_dir} already holds a trained adapter; evaluate it (ssb eval --adapter {out_dir}), or train into a "
             "new output directory"
         )
-    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    checkpoint = latest_checkpoint(out_dir / CHECKPOINTS_DIR)
     if checkpoint is not None:
         raise TrainingError(
             f"{out_dir} already holds a training run, stopped after its checkpoint {checkpoint.name}: resume it "
             "(--resume), or train into a new output directory"
         )
-    for name in ATTEMPT_FILES if clear else ():
+    left = [name for name in ATTEMPT_FILES if (out_dir / name).exists()]
+    if left and not any((out_dir / marker).exists() for marker in (PAIR_IDS_FILE, TRAINING_CONFIG_FILE)):
+        raise TrainingError(
+            f"{out_dir} holds {', '.join(left)}, which no training run of this tool left there: train into a new "
+            "output directory"
+        )
+    return left
+
+
+@contextmanager
+def claimed_output_dir(out_dir: Path) -> Iterator[None]:
+    """The output directory for this run alone while it trains: an exclusive lock on its `.training.lock` (a second
+    run there would clear or overwrite the first's files); TrainingError while another run holds it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise TrainingError(f"{out_dir} is in use by another training run") from None
+            raise TrainingError(f"cannot lock {out_dir / LOCK_FILE} ({exc.strerror or exc})") from None
+        yield
+
+
+def clear_stopped_attempt(out_dir: Path, left: list[str]) -> None:
+    """Remove what `check_output_dir` found an attempt that stopped before its first checkpoint left (hold
+    `claimed_output_dir`); TrainingError naming what cannot be removed."""
+    for name in left:
         path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise TrainingError(f"cannot clear {path}, left by a run that stopped early ({reason})") from exc

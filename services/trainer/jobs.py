@@ -56,7 +56,7 @@ def current_settings() -> TrainerSettings:
 def train_run(run_id: str) -> dict:
     """Train one run to its adapter, resuming from its newest checkpoint if an earlier attempt left one."""
     from services.trainer.config import TrainConfig, TrainingError
-    from services.trainer.inputs import PairDataError, latest_checkpoint
+    from services.trainer.inputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, PairDataError, latest_checkpoint
     from services.trainer.training import train
     from shared.models import resolve_model
     from shared.storage import StorageError
@@ -79,8 +79,8 @@ def train_run(run_id: str) -> dict:
     if not runs.advance(run_id, attempt=attempt, worker=os.environ.get("RQ_WORKER_ID")):
         return {"status": "final"}
     run_dir = settings.runs_dir() / run_id
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    resumed_from = int(checkpoint.name.removeprefix("step-")) if checkpoint is not None else None
+    checkpoint = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+    resumed_from = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX)) if checkpoint is not None else None
     if checkpoint is None and run_dir.exists():
         shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint: start over
     started = time.time()

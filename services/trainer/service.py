@@ -33,6 +33,13 @@ from rq.job import JobStatus
 
 from services.errors import ServiceError
 from services.trainer import queues
+from services.trainer.inputs import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CURVE_FILE,
+    METRICS_FILE,
+    TRAINING_CONFIG_FILE,
+)
 from services.trainer.records import FINAL, eval_records, run_records
 from services.trainer.schemas import (
     BASE_MODEL,
@@ -47,7 +54,7 @@ from services.trainer.settings import TrainerSettings
 from shared.datasets import BENCHMARKS, DatasetError, parse_problem_rows, write_problems_jsonl
 from shared.workers import cancel_unstarted
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, TRAINING_CONFIG_FILE)
 REPORT_NAME = "report.json"
 UPLOADED_PROBLEMS = "problems.jsonl"  # where evaluations recorded before `problems_file` was keep theirs
 
@@ -268,7 +275,7 @@ class TrainerService:
         return self.settings.runs_dir() / run_id
 
     def metrics_path(self, run_id: str) -> Path:
-        path = self.run_dir(run_id) / "metrics.jsonl"
+        path = self.run_dir(run_id) / METRICS_FILE
         if not path.exists():
             raise ServiceError(404, f"run {run_id!r} has logged no step yet", "not_found")
         return path
@@ -285,7 +292,7 @@ class TrainerService:
 
         run = self.get_run(run_id)
         directory = self.settings.runs_dir() / run_id
-        final = directory / "training_curve.png"
+        final = directory / CURVE_FILE
         if run.status == "succeeded" and final.exists():
             return final.read_bytes()
         metrics = read_metrics(self.metrics_path(run_id))
@@ -298,7 +305,7 @@ class TrainerService:
     def adapter_dir(self, run_id: str) -> Path:
         run = self.get_run(run_id)
         directory = Path(self.settings.adapters_dir) / run_id
-        if run.status != "succeeded" or not (directory / "adapter_config.json").exists():
+        if run.status != "succeeded" or not (directory / ADAPTER_CONFIG_FILE).exists():
             raise no_adapter(run_id, run.status)
         return directory
 
@@ -362,7 +369,7 @@ class TrainerService:
         run = self.runs.get(name)
         if run is not None and run.get("status") != "succeeded" and not publishing:
             raise no_adapter(name, run.get("status"), param)
-        if not (Path(self.settings.adapters_dir) / name / "adapter_config.json").exists():
+        if not (Path(self.settings.adapters_dir) / name / ADAPTER_CONFIG_FILE).exists():
             raise ServiceError(404, f"no run or adapter {name!r} in {self.settings.adapters_dir}", "not_found", param)
 
     def get_evaluation(self, eval_id: str, *, problems: bool = True) -> Evaluation:

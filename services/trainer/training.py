@@ -68,7 +68,19 @@ from services.trainer.checkpoints import (
 )
 from services.trainer.config import TrainConfig, TrainingError  # TrainingError: callers import it from here too
 from services.trainer.data import Batch, check_vocabulary, collate_examples, load_examples
-from services.trainer.inputs import check_output_dir, latest_checkpoint, pair_store
+from services.trainer.inputs import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_STAGING_DIR,
+    CHECKPOINTS_DIR,
+    CURVE_FILE,
+    METRICS_FILE,
+    TRAINING_CONFIG_FILE,
+    check_output_dir,
+    claimed_output_dir,
+    clear_stopped_attempt,
+    latest_checkpoint,
+    pair_store,
+)
 from services.trainer.losses import LossSum, ce_chunked, kl_dense_chunked, kl_on_topk_chunked
 from services.trainer.modeling import (
     DecoderBody,
@@ -141,8 +153,30 @@ def train(
     model: the already loaded base model of `model_path`, used instead of loading one; LoRA layers are injected
         into it in place and stay there (the caller can inspect the trained weights), and `config.dtype` is not applied.
     Raises TrainingError (an occupied `out_dir`, nothing to resume, changed settings, a model whose logits the
-    trainer cannot reproduce) and PairDataError (pairs that cannot be trained on) before the first step.
+    trainer cannot reproduce) and PairDataError (pairs that cannot be trained on) before the first step. Holds
+    `out_dir` (`claimed_output_dir`) until it returns; clears what an attempt that stopped before its first
+    checkpoint left there.
     """
+    with contextlib.ExitStack() as claims:
+        return train_holding(
+            claims, pairs_dir, out_dir, model_path, config, resume=resume, on_step=on_step, before_write=before_write,
+            model=model,
+        )
+
+
+def train_holding(
+    claims: contextlib.ExitStack,
+    pairs_dir: str | Path,
+    out_dir: str | Path,
+    model_path: str,
+    config: TrainConfig,
+    *,
+    resume: bool,
+    on_step: Callable[[StepMetrics], None] | None,
+    before_write: Callable[[], None] | None,
+    model: nn.Module | None,
+) -> TrainResult:
+    """`train`, with what it holds until it returns (the output directory's lock) entered into `claims`."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
     from peft import LoraConfig, get_peft_model
@@ -167,10 +201,9 @@ def train(
         )
     main = accelerator.is_main_process
     out_dir = Path(out_dir)
-    metrics_path = out_dir / "metrics.jsonl"
-    checkpoints_dir = out_dir / "checkpoints"
-    check_output_dir(out_dir, resume=resume, clear=main)
-    accelerator.wait_for_everyone()  # cleared before any process reads or writes there
+    metrics_path = out_dir / METRICS_FILE
+    checkpoints_dir = out_dir / CHECKPOINTS_DIR
+    left = check_output_dir(out_dir, resume=resume)  # in every process: a refusal stops them all alike
     checkpoint = latest_checkpoint(checkpoints_dir) if resume else None
     if resume and checkpoint is None:
         raise TrainingError(
@@ -180,12 +213,14 @@ def train(
     # The pairs of the run, fixed when it starts (curation may still be writing): the main process lists them, and
     # every process, now and on a resume, trains on that list.
     started_on = read_pair_ids(out_dir) if checkpoint is not None else None
-    if started_on is None:
-        store = pair_store(pairs_dir)  # in every process: a directory without pairs stops them all alike
-        if main:
-            out_dir.mkdir(parents=True, exist_ok=True)
+    store = pair_store(pairs_dir) if started_on is None else None  # a directory without pairs: all processes stop
+    if main:
+        claims.enter_context(claimed_output_dir(out_dir))
+        clear_stopped_attempt(out_dir, left)
+        if store is not None:
             write_pair_ids(out_dir, store.pair_ids())
-        accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # cleared and listed before any process reads or writes there
+    if started_on is None:
         started_on = read_pair_ids(out_dir)
     examples = load_examples(pairs_dir, teacher=config.teacher, problem_ids=started_on)
     steps_per_epoch = count_steps_per_epoch(len(examples), config, accelerator.num_processes)
@@ -285,7 +320,7 @@ def train(
     # --- Save --------------------------------------------------------------------------------------------------
     peft_model.eval()
     accelerator.wait_for_everyone()
-    curve_path = out_dir / "training_curve.png"
+    curve_path = out_dir / CURVE_FILE
     if main:
         if before_write is not None:
             before_write()
@@ -296,7 +331,7 @@ def train(
         out_dir=out_dir,
         metrics_path=metrics_path,
         curve_path=curve_path,
-        config_path=out_dir / "training_config.json",
+        config_path=out_dir / TRAINING_CONFIG_FILE,
         steps=step,
         num_pairs=len(examples),
         final_loss=last.loss if last is not None else last_logged_loss(metrics_path),
@@ -316,11 +351,11 @@ def save_adapter(peft_model, out_dir: Path) -> None:
     """The adapter's files into `out_dir`, its config last: a directory with `adapter_config.json` holds whole weights
     (a run killed while saving leaves no adapter that looks finished). Not peft's model card (`README.md`): it would
     replace a README of the user's in `out_dir`."""
-    staging = out_dir / ".adapter.tmp"
+    staging = out_dir / ADAPTER_STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
     peft_model.save_pretrained(staging)
     sync_tree(staging)  # on disk before the config names the weights whole, after a power loss too
-    files = sorted(staging.iterdir(), key=lambda path: path.name == "adapter_config.json")
+    files = sorted(staging.iterdir(), key=lambda path: path.name == ADAPTER_CONFIG_FILE)
     for path in files:
         if path.name != "README.md":
             os.replace(path, out_dir / path.name)

@@ -179,7 +179,10 @@ def test_a_service_refuses_a_blank_api_key_naming_it(variable, command):
 
 
 @pytest.mark.parametrize(
-    ("value", "says"), [(" ", "set but empty"), ("clé", "holds characters an HTTP header cannot carry")]
+    ("value", "says"),
+    [(" ", "set but empty"), ("clé", "holds characters an HTTP header cannot carry"),
+     ("key-0f3a ", "holds characters an HTTP header cannot carry")],
+    ids=["blank", "non-ascii", "space-after"],
 )
 def test_clients_refuse_a_key_they_would_send_blank_or_unsendable(tmp_path, value, says):
     """`ssb curate --teacher-url` and `ssb submit` send their service's key: a blank one is refused as the services
@@ -519,5 +522,6 @@ def test_up_refuses_ports_in_use_or_given_twice_before_starting_anything(model_p
                              "--curator-port", "0", "--trainer-port", "0"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=120)
     said = " ".join((result.stdout + result.stderr).split())
-    assert result.returncode == 2 and f"--data-dir {tmp_path / 'a-file'}: cannot be used as the data directory" in said
+    assert result.returncode == 2 and f"the data directory {tmp_path / 'a-file'} (--data-dir or SSB_DATA_DIR) cannot " \
+        "be used (File exists)" in said, said
     assert "Traceback" not in said

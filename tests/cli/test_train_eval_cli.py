@@ -47,33 +47,40 @@ def test_train_on_an_empty_pairs_directory_exits_2_before_loading_the_model(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_train_refuses_an_output_directory_with_an_adapter_or_a_checkpoint(tmp_path, unloadable_model):
-    """A trained adapter or a run that can be resumed is refused, and left as it is; what an attempt that stopped
-    before its first checkpoint left is cleared (the run would start over: here the model cannot load)."""
+def test_train_refuses_an_output_directory_with_an_adapter_a_checkpoint_or_files_of_its_own(
+    tmp_path, unloadable_model
+):
+    """A trained adapter, a run that can be resumed, or files under a run's names that no run left are refused, and
+    left as they are; what an attempt that stopped before its first checkpoint left passes the check (`train` clears
+    it: tests/services/trainer/test_training.py), here up to the empty pairs directory."""
     (tmp_path / "curated" / "pairs").mkdir(parents=True)
-    finished, resumable, stopped = (tmp_path / name for name in ("finished", "resumable", "stopped"))
+    finished, resumable, foreign, stopped = (tmp_path / name for name in ("finished", "resumable", "foreign", "gone"))
     (finished / "checkpoints").mkdir(parents=True)
     (finished / "adapter_config.json").write_text("{}")
     (resumable / "checkpoints" / "step-4").mkdir(parents=True)
     (resumable / "checkpoints" / "step-4" / "state.json").write_text("{}")
     (resumable / "metrics.jsonl").write_text('{"step": 5}\n')
+    (foreign / "checkpoints").mkdir(parents=True)
+    (foreign / "metrics.jsonl").write_text("mine\n")
     (stopped / "checkpoints" / ".step-4.tmp").mkdir(parents=True)  # killed while writing its first checkpoint
-    for name in ("metrics.jsonl", "pair_ids.txt", "training_config.json", "notes.txt"):
+    for name in ("metrics.jsonl", "pair_ids.txt", "training_config.json"):
         (stopped / name).write_text("x\n")
 
     def train_into(out: Path) -> str:
         args = ["--pairs", str(tmp_path / "curated"), "--out", str(out), "--model", unloadable_model]
         return error_of(ssb("train", *args, check=False))
 
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
     assert f"{finished} already holds a trained adapter; evaluate it (ssb eval --adapter {finished})" in train_into(
         finished
     )
-    assert sorted(p.name for p in finished.iterdir()) == ["adapter_config.json", "checkpoints"]
     said = train_into(resumable)
     assert "already holds a training run, stopped after its checkpoint step-4: resume it (--resume)" in said
-    assert (resumable / "metrics.jsonl").read_text() == '{"step": 5}\n'
+    assert f"{foreign} holds metrics.jsonl, checkpoints, which no training run of this tool left there" in train_into(
+        foreign
+    )
     assert "no pairs in" in train_into(stopped)  # past the output directory's check
-    assert [p.name for p in stopped.iterdir()] == ["notes.txt"]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_train_resume_with_other_settings_stops_before_loading(pairs_dir, tmp_path, unloadable_model):  # noqa: F811

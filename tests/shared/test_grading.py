@@ -81,6 +81,7 @@ MIN_AGREEMENT = 228
         ("The answer is $18 $ in all.", "18"),
         ("The answer is $10 \\text{ dollars per day}$.", "10 \\text{ dollars per day}"),
         ("The answer is $2 \\sin x$.", "2 \\sin x"),
+        ("The answer is $² of the area and more$ here.", "² of the area and more"),  # no amount: a digit \\d misses
         ("The answer is $$\n\\frac{1}{2}\n$$", "\\frac{1}{2}"),
         # a level-5 heading is no GSM8K mark; a typeset minus is a minus
         ("##### Step 2: add\n3 + 4 = 7", "7"),

@@ -422,3 +422,26 @@ def test_a_resume_on_other_pairs_under_the_same_ids_is_refused(model_path, pairs
         train(other.root, tmp_path / "run", model_path, config, model=load_model(model_path), resume=True)
     resumed = train(pairs_dir, tmp_path / "run", model_path, config, model=load_model(model_path), resume=True)
     assert resumed.steps == 2
+
+
+def test_a_run_clears_what_an_attempt_left_before_its_first_checkpoint_and_holds_its_directory(
+    model_path, pairs_dir, tmp_path
+):
+    """An attempt killed before its first checkpoint (here mid-write of it) blocked every new run there; the run now
+    clears what it left, and only that, and trains. While a run trains, its directory is its own: another is refused
+    (it would clear or overwrite the first's files)."""
+    from services.trainer.inputs import claimed_output_dir
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".step-1.tmp").mkdir(parents=True)
+    for name in ("metrics.jsonl", "pair_ids.txt", "training_config.json", "notes.txt"):
+        (out / name).write_text("left\n")
+    config = TrainConfig(**SMALL, batch_size=3, max_steps=1)
+    with claimed_output_dir(out):
+        with pytest.raises(TrainingError, match=f"{out} is in use by another training run"):
+            train(pairs_dir, out, model_path, config, model=load_model(model_path))
+    assert (out / "metrics.jsonl").read_text() == "left\n"
+    result = train(pairs_dir, out, model_path, config, model=load_model(model_path))
+    assert result.steps == 1 and (out / "notes.txt").read_text() == "left\n"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "checkpoints").exists() and (out / "adapter_config.json").is_file()
