@@ -115,7 +115,7 @@ def run_command(
         checkpoint = latest_checkpoint(out / "adapter" / CHECKPOINTS_DIR) if resume else None
         if resume and checkpoint is None:
             raise ValueError(
-                f"--resume: no complete checkpoint in {out / 'adapter' / 'checkpoints'} to resume training from "
+                f"--resume: no complete checkpoint in {out / 'adapter' / CHECKPOINTS_DIR} to resume training from "
                 "(--checkpoint-every saves them); rerun without --resume: training starts over"
             )
         if checkpoint is not None:
@@ -138,8 +138,8 @@ def run_command(
 
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"
     if left:
-        console.print(f"{adapter_dir}: a run that stopped before its first checkpoint left {', '.join(left)}; cleared "
-                      "when training starts over")
+        console.print(f"{adapter_dir}: a run that stopped before its first checkpoint left {', '.join(left)}; it "
+                      "will be cleared when training starts over")
     label = Path(eval_).stem
     with exit_on_signals(), ExitStack() as engines:
         # One engine curates and evaluates the base model (on a CPU that computes in bfloat16, a float32 engine takes

@@ -147,8 +147,8 @@ def train_command(
     except (ValueError, TrainingError) as exc:  # PairDataError is a ValueError
         raise fail(str(exc)) from exc
     if left and main_process:
-        console.print(f"{out}: a run that stopped before its first checkpoint left {', '.join(left)}; cleared, "
-                      "training starts over")
+        console.print(f"{out}: a run that stopped before its first checkpoint left {', '.join(left)}; it will be "
+                      "cleared, and training starts over")
     config = build_train_config(train_options)
     try:
         if resume:  # other settings than the checkpoint's: said before the model loads

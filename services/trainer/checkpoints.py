@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from services.trainer.config import RESUMABLE_CHANGES, TrainConfig, TrainingError
-from services.trainer.inputs import CHECKPOINT_PREFIX, PAIR_IDS_FILE, TRAINING_CONFIG_FILE
+from services.trainer.inputs import ADAPTER_WEIGHTS_FILE, CHECKPOINT_PREFIX, PAIR_IDS_FILE, TRAINING_CONFIG_FILE
 from services.trainer.plots import read_metrics
 from shared.storage import replace_atomically, sync_directory, sync_tree
 
@@ -180,7 +180,7 @@ def load_checkpoint(checkpoint: Path, peft_model, optimizer, scheduler, run_stat
             f"{run_state['num_processes']} (the data order depends on it)"
         )
     device = accelerator.device
-    set_peft_model_state_dict(peft_model, load_file(str(checkpoint / "adapter_model.safetensors"), device=str(device)))
+    set_peft_model_state_dict(peft_model, load_file(str(checkpoint / ADAPTER_WEIGHTS_FILE), device=str(device)))
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     rng_path = checkpoint / f"rng-{accelerator.process_index}.pt"

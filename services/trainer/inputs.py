@@ -115,7 +115,8 @@ def claimed_output_dir(out_dir: Path) -> Iterator[None]:
 def clear_stopped_attempt(out_dir: Path, left: list[str]) -> None:
     """Remove what `check_output_dir` found an attempt that stopped before its first checkpoint left (hold
     `claimed_output_dir`); TrainingError naming what cannot be removed."""
-    for name in left:
+    markers = (PAIR_IDS_FILE, TRAINING_CONFIG_FILE)  # last: a clearing cut short is still a run's, cleared next time
+    for name in sorted(left, key=lambda name: name in markers):
         path = out_dir / name
         try:
             if path.is_dir():

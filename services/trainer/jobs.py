@@ -140,6 +140,7 @@ def train_run(run_id: str) -> dict:
             resume=checkpoint is not None,
             on_step=on_step,
             before_write=still_this_attempt,
+            hold_output_dir=False,  # the record keeps attempts apart: a stalled one runs on until its next write
         )
     except AttemptSuperseded as exc:
         log.warning("%s: a later attempt took the run over, or it ended", exc)

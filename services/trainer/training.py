@@ -140,6 +140,7 @@ def train(
     on_step: Callable[[StepMetrics], None] | None = None,
     before_write: Callable[[], None] | None = None,
     model: nn.Module | None = None,
+    hold_output_dir: bool = True,
 ) -> TrainResult:
     """Train a LoRA adapter on the pairs in `pairs_dir`; write it and its records to `out_dir`.
 
@@ -152,20 +153,22 @@ def train(
         For one process: with several, the others would wait for a checkpoint the main process never joins.
     model: the already loaded base model of `model_path`, used instead of loading one; LoRA layers are injected
         into it in place and stay there (the caller can inspect the trained weights), and `config.dtype` is not applied.
+    hold_output_dir: hold `out_dir` (`claimed_output_dir`) until it returns, so that a second run there is refused;
+        False where something else keeps the attempts at a run apart (the trainer service's records: an attempt that
+        takes a stalled one over resumes while the stalled one runs on until its next write, then stops).
     Raises TrainingError (an occupied `out_dir`, nothing to resume, changed settings, a model whose logits the
-    trainer cannot reproduce) and PairDataError (pairs that cannot be trained on) before the first step. Holds
-    `out_dir` (`claimed_output_dir`) until it returns; clears what an attempt that stopped before its first
-    checkpoint left there.
+    trainer cannot reproduce) and PairDataError (pairs that cannot be trained on) before the first step. Clears what
+    an attempt that stopped before its first checkpoint left in `out_dir`.
     """
     with contextlib.ExitStack() as claims:
         return train_holding(
-            claims, pairs_dir, out_dir, model_path, config, resume=resume, on_step=on_step, before_write=before_write,
-            model=model,
+            claims if hold_output_dir else None, pairs_dir, out_dir, model_path, config, resume=resume,
+            on_step=on_step, before_write=before_write, model=model,
         )
 
 
 def train_holding(
-    claims: contextlib.ExitStack,
+    claims: contextlib.ExitStack | None,
     pairs_dir: str | Path,
     out_dir: str | Path,
     model_path: str,
@@ -176,7 +179,8 @@ def train_holding(
     before_write: Callable[[], None] | None,
     model: nn.Module | None,
 ) -> TrainResult:
-    """`train`, with what it holds until it returns (the output directory's lock) entered into `claims`."""
+    """`train`, with what it holds until it returns (the output directory's lock) entered into `claims` (None: no
+    lock)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
     from peft import LoraConfig, get_peft_model
@@ -214,8 +218,11 @@ def train_holding(
     # every process, now and on a resume, trains on that list.
     started_on = read_pair_ids(out_dir) if checkpoint is not None else None
     store = pair_store(pairs_dir) if started_on is None else None  # a directory without pairs: all processes stop
+    accelerator.wait_for_everyone()  # every process has checked before the main one clears
     if main:
-        claims.enter_context(claimed_output_dir(out_dir))
+        if claims is not None:
+            claims.enter_context(claimed_output_dir(out_dir))
+            left = check_output_dir(out_dir, resume=resume)  # again: another run may have ended there meanwhile
         clear_stopped_attempt(out_dir, left)
         if store is not None:
             write_pair_ids(out_dir, store.pair_ids())

@@ -445,3 +445,9 @@ def test_a_run_clears_what_an_attempt_left_before_its_first_checkpoint_and_holds
     assert result.steps == 1 and (out / "notes.txt").read_text() == "left\n"
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (out / "checkpoints").exists() and (out / "adapter_config.json").is_file()
+    # The trainer service keeps its attempts apart by their records: an attempt that takes a stalled one over
+    # resumes while the stalled one, still holding the directory, runs on until its next write.
+    with claimed_output_dir(tmp_path / "service-run"):
+        taken_over = train(pairs_dir, tmp_path / "service-run", model_path, config, model=load_model(model_path),
+                           hold_output_dir=False)
+    assert taken_over.steps == 1
