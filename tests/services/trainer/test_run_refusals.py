@@ -190,7 +190,8 @@ def test_an_attempt_that_a_later_one_took_over_stops_at_its_next_step(trainer, m
     runs = run_records(connection, settings.key_prefix)
     steps = []
 
-    def stand_in(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
+    def stand_in(pairs_dir, out_dir, model, config, *, resume, on_step, before_write, hold_output_dir):
+        assert hold_output_dir is False  # the record keeps attempts apart: one taking a stalled one over must start
         metrics = training.StepMetrics(step=1, total_steps=5, epoch=0.2, loss=1.0, kl=1.0, ce=None, grad_norm=1.0,
                                        lr=1e-4, explanation_tokens=10.0, tokens_per_s=1.0)
         on_step(metrics)
@@ -206,7 +207,7 @@ def test_an_attempt_that_a_later_one_took_over_stops_at_its_next_step(trainer, m
     assert steps == [1] and run["step"] == 1 and run["status"] == "running" and run["attempts"] == 2
     assert not (settings.adapters_dir / "taken-over").exists()
 
-    def crashes(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
+    def crashes(pairs_dir, out_dir, model, config, *, resume, on_step, before_write, hold_output_dir):
         runs.increment("taken-over", "attempts")  # taken over, then this attempt crashes (say, out of memory)
         raise RuntimeError("out of memory")
 
@@ -216,7 +217,7 @@ def test_an_attempt_that_a_later_one_took_over_stops_at_its_next_step(trainer, m
 
     writes = []
 
-    def writes_after_a_takeover(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
+    def writes_after_a_takeover(pairs_dir, out_dir, model, config, *, resume, on_step, before_write, hold_output_dir):
         before_write()
         writes.append("step 1")
         runs.increment("taken-over", "attempts")  # taken over between two steps
@@ -314,7 +315,7 @@ def test_a_cancelled_run_never_starts_and_a_running_one_stops_at_its_next_step(t
     assert http.post("/v1/runs", json={"dataset_id": DATASET, "run_id": "cancel-running"}).status_code == 202
     writes = []
 
-    def cancelled_while_training(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
+    def cancelled_while_training(pairs_dir, out_dir, model, config, *, resume, on_step, before_write, hold_output_dir):
         before_write()
         writes.append("step 1")
         on_step(training.StepMetrics(step=1, total_steps=5, epoch=0.2, loss=1.0, kl=1.0, ce=None, grad_norm=1.0,
@@ -440,7 +441,7 @@ def test_the_newest_checkpoint_is_reported_though_log_every_does_not_divide_it(t
     runs = run_records(connection, settings.key_prefix)
     reported = {}
 
-    def stand_in(pairs_dir, out_dir, model, config, *, resume, on_step, before_write):
+    def stand_in(pairs_dir, out_dir, model, config, *, resume, on_step, before_write, hold_output_dir):
         for step in range(config.log_every, 13, config.log_every):
             on_step(training.StepMetrics(step=step, total_steps=12, epoch=step / 12, loss=1.0, kl=1.0, ce=None,
                                          grad_norm=1.0, lr=1e-4, explanation_tokens=10.0, tokens_per_s=1.0))
