@@ -93,12 +93,26 @@ def check_adapter(path: Path, max_rank: int | None) -> str:
         raise ValueError(f"adapter {config_file}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {path}: peft_type is {config['peft_type']!r}; only LoRA adapters can be served")
-    rank = config.get("r")
-    if max_rank is not None and isinstance(rank, int) and rank > max_rank:
-        raise ValueError(f"adapter {path}: LoRA rank {rank} is above the engine's maximum of {max_rank}")
+    if max_rank is not None:
+        check_servable_as_lora(path, config, max_rank)
     if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise ValueError(f"adapter {path}: no adapter_model.safetensors (or .bin) in it")
     return str(path.resolve())
+
+
+def check_servable_as_lora(path: Path, config: dict, max_rank: int) -> None:
+    """ValueError naming what of the adapter's config vLLM does not serve as a LoRA (by vLLM's own check: a rank above
+    the engine's largest, DoRA, bias terms, whole modules saved beside the LoRA, ...), before the engine starts, not
+    at its first request, after the base model's whole evaluation. Merged into the weights, PEFT applies it all."""
+    from vllm.config import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    try:
+        PEFTHelper.from_dict(config).validate_legal(LoRAConfig(max_lora_rank=max_rank))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"adapter {path}: vLLM does not serve it as a LoRA ({exc}); serve it merged (--adapter-serving merged)"
+        ) from exc
 
 
 AdapterServingOption = Annotated[
@@ -212,7 +226,7 @@ def eval_command(
         int, typer.Option("--samples", min=1, max=64, help="Samples per problem for mean@n (1: greedy pass@1 only).")
     ] = _default("samples"),
     temperature: Annotated[
-        float, typer.Option("--temperature", min=0.01, max=5.0, help="Sampling temperature for mean@n.")
+        float, typer.Option("--temperature", min=0.01, max=2.0, help="Sampling temperature for mean@n.")
     ] = _default("temperature"),
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest response, in tokens.")] = _default(
         "max_tokens"

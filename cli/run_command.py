@@ -10,9 +10,10 @@ on a GPU as a LoRA, by an engine started after training. Merged weights keep a s
 evaluates the base model and the adapter (`--adapter-serving`). The end is a table of base vs adapter, how many answers
 were cut off or ungradeable on each side, and McNemar's exact test on the paired verdicts. Writes `OUT/pairs/`
 (curation), `OUT/adapter/` (the adapter, metrics, training curve) and `OUT/eval.json` (per-problem results). A rerun
-skips problems already curated and trains again, unless `OUT/adapter/` holds an adapter or a checkpoint (`--resume`).
-Every training option of `ssb train` is an option here too (one definition, from `TrainConfig`); `--seed` seeds
-curation, training and evaluation alike.
+skips problems already curated and trains again, unless `OUT/adapter/` holds an adapter or a checkpoint (`--resume`);
+one whose `OUT/pairs/` holds results of other problems (another file, a smaller `--limit`) is refused. Every training
+option of `ssb train` is an option here too (one definition, from `TrainConfig`); `--seed` seeds curation, training and
+evaluation alike.
 """
 
 from __future__ import annotations

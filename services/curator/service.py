@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+from redis import ConnectionError as RedisConnectionError
 from redis import Redis, RedisError, WatchError
 from rq import Worker
 from rq.job import Job
@@ -146,10 +147,17 @@ class CuratorService:
                 self.ledger.create(meta, [d.job_id for d in job_data], pipe)
                 self.queue.enqueue_many(job_data, pipeline=pipe)
                 pipe.execute()
-        except WatchError:
+        except WatchError as exc:
+            # Another request with the key recorded it first; or the connection dropped while the key was watched,
+            # which redis-py also says with a WatchError, before the transaction ran or after (its answer lost).
+            recorded = self.recorded(dataset_id)
+            if recorded:
+                return created
+            if recorded is None:  # nothing can be told: the files stay, and the upload may be sent again
+                raise RedisConnectionError(f"Redis did not answer whether dataset {dataset_id} was recorded") from exc
             shutil.rmtree(directory, ignore_errors=True)
-            if (earlier := upload.earlier(self.redis)) is None:  # its key expired at that moment: never seen
-                raise
+            if (earlier := upload.earlier(self.redis)) is None:  # the connection dropped before the transaction
+                raise RedisConnectionError("the connection to Redis dropped before the upload was recorded") from exc
             return earlier
         except BaseException as exc:
             # A transaction whose answer was lost (the connection dropped after Redis ran it) recorded the dataset

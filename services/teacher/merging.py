@@ -48,6 +48,23 @@ def update_error(peft_model, dtype) -> float:
     return math.sqrt(error / total) if total else 0.0
 
 
+def adapts_a_tied_embedding(peft_model) -> bool:
+    """Whether a LoRA adapts an input embedding whose weights the output layer shares (tied embeddings, as in the
+    small default model): merging it in place would change both."""
+    from peft.tuners.lora import LoraLayer
+    from torch import nn
+
+    output = peft_model.get_output_embeddings()
+    if output is None:
+        return False
+    return any(
+        isinstance(module, LoraLayer)
+        and isinstance(module.base_layer, nn.Embedding)
+        and module.base_layer.weight is output.weight
+        for module in peft_model.modules()
+    )
+
+
 def merge_adapter(
     adapter_dir: str | Path, base_model: str, out_dir: str | Path, engine_dtype: str = "float32"
 ) -> Merged:
@@ -66,6 +83,12 @@ def merge_adapter(
         raise FileExistsError(f"{out_dir} is not empty")
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, str(adapter_dir))
+    if adapts_a_tied_embedding(adapted):
+        raise ValueError(
+            f"adapter {adapter_dir}: a LoRA on the input embedding of {base_model}, whose output layer shares its "
+            "weights: merged, the update would move the output layer too, which the adapter as trained and as vLLM "
+            "serves it leaves alone; serve it as a LoRA (--adapter-serving lora)"
+        )
     error = update_error(adapted, getattr(torch, engine_dtype))
     merged = adapted.merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

@@ -193,8 +193,17 @@ def test_with_the_dtype_left_to_the_machine_a_cpu_evaluates_adapters_merged_in_f
 def test_an_adapter_of_any_rank_can_be_served_merged_but_only_up_to_the_engines_as_a_lora(tmp_path):
     from cli.eval_command import check_adapter
 
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 64}')
+    lora = {"peft_type": "LORA", "lora_alpha": 16, "target_modules": ["q_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**lora, "r": 64}))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     assert check_adapter(tmp_path, None) == str(tmp_path.resolve())
-    with pytest.raises(ValueError, match="LoRA rank 64 is above the engine's maximum of 32"):
+    with pytest.raises(ValueError, match="LoRA rank 64 is greater than max_lora_rank 32"):
         check_adapter(tmp_path, 32)
+    # What vLLM does not serve as a LoRA is said before the engine starts (it was at the first request, after the
+    # base model's whole evaluation); merged, PEFT applies it.
+    for extra, says in (({"rank_pattern": {"q_proj": 64}}, "LoRA rank 64 is greater than max_lora_rank 32"),
+                        ({"use_dora": True}, "DoRA"), ({"bias": "all"}, "bias is not supported")):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**lora, "r": 8, **extra}))
+        with pytest.raises(ValueError, match=f"vLLM does not serve it as a LoRA .*{says}"):
+            check_adapter(tmp_path, 32)
+        assert check_adapter(tmp_path, None) == str(tmp_path.resolve())

@@ -229,18 +229,21 @@ def test_a_jobs_call_to_redis_waits_out_a_restart_and_gives_up_after_its_patienc
     server = run_redis_server(port, str(tmp_path), appendonly=True)
     if server is None:
         pytest.skip("no redis-server")
+    connection = Redis.from_url(server.url, socket_connect_timeout=1)
     try:
-        connection = Redis.from_url(server.url, socket_connect_timeout=1)
         connection.set("kept", "1")
         stop_session_redis(server, keep_files=True)
         answered = []
-        waiting = threading.Thread(
-            target=lambda: answered.append(through_redis_restarts(lambda: connection.get("kept"), "a test", seconds=60))
-        )
+
+        def wait_for_redis() -> None:
+            answered.append(through_redis_restarts(lambda: connection.get("kept"), "a test", seconds=60))
+
+        waiting = threading.Thread(target=wait_for_redis, daemon=True)
         waiting.start()
         time.sleep(3)
         assert waiting.is_alive() and not answered
         server = run_redis_server(port, str(tmp_path), appendonly=True)
+        assert server is not None, f"redis-server did not start again on port {port}"
         waiting.join(timeout=60)
         assert answered == [b"1"]
         stop_session_redis(server, keep_files=True)
@@ -249,4 +252,5 @@ def test_a_jobs_call_to_redis_waits_out_a_restart_and_gives_up_after_its_patienc
             through_redis_restarts(lambda: connection.get("kept"), "a test", seconds=2)
         assert time.monotonic() - started < 30
     finally:
+        connection.close()
         stop_session_redis(server)

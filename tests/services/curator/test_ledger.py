@@ -560,6 +560,20 @@ def test_an_upload_sent_again_with_its_key_is_created_once_after_a_lost_answer_o
     assert sorted(listed) == sorted([created.id, answered[0].id])
     assert sorted(path.name for path in (tmp_path / "datasets").iterdir()) == sorted(listed)
     assert sorted(service.queue.get_job_ids()) == sorted(ledger.job_ids(created.id) + ledger.job_ids(answered[0].id))
+    monkeypatch.undo()
+
+    # The answer lost while the key was watched: redis-py says so with a WatchError, which is no other request's.
+    def ran_then_lost_while_watching(pipe, *args, **kwargs):
+        transaction(pipe, *args, **kwargs)
+        pipe.watching = True  # redis-py clears it only once EXEC's answer is read
+        raise RedisConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(Pipeline, "_execute_transaction", ran_then_lost_while_watching)
+    lost = service.create_dataset(problems, DatasetOptions(), "watched", idempotency_key="k-3")
+    monkeypatch.undo()
+    assert (tmp_path / "datasets" / lost.id / "problems.jsonl").is_file()
+    assert service.create_dataset(problems, DatasetOptions(), "watched", idempotency_key="k-3") == lost
+    assert len(service.list_datasets().datasets) == 3 and ledger.status(lost.id).funnel.queued == 2
 
 
 def test_a_result_an_overlapping_run_stored_replaces_failed_or_cancelled_and_a_late_failure_lists_nothing(ledger):

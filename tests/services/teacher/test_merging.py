@@ -80,6 +80,22 @@ def test_merge_refuses_a_non_empty_directory_and_a_non_lora_adapter(small_adapte
         merge_adapter(other, model_path, tmp_path / "out")
 
 
+def test_merge_refuses_a_lora_on_an_input_embedding_the_output_layer_shares(model_path, tmp_path):
+    """The default model ties its embeddings: a LoRA on `embed_tokens` adapts the input only (as trained, and as vLLM
+    serves it), and merged in place it would move the output layer too: refused, saying how to serve it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    peft_model.save_pretrained(tmp_path / "embedding-adapter")
+    with pytest.raises(ValueError, match="a LoRA on the input embedding .* serve it as a LoRA"):
+        merge_adapter(tmp_path / "embedding-adapter", model_path, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+
+
 def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, small_adapter):
     """The LoRA's greedy answers, scored token by token (teacher forcing) by the LoRA and by the merged copy: the same
     choice at every position where the LoRA's choice is not a near tie, and log-probabilities far closer to the LoRA's
