@@ -80,6 +80,7 @@ def test_merge_refuses_a_non_empty_directory_and_a_non_lora_adapter(small_adapte
         merge_adapter(other, model_path, tmp_path / "out")
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:peft")  # peft's own warnings about such an adapter, expected here
 def test_merge_refuses_a_lora_on_an_input_embedding_the_output_layer_shares(model_path, tmp_path):
     """The default model ties its embeddings: a LoRA on `embed_tokens` adapts the input only (as trained, and as vLLM
     serves it), and merged in place it would move the output layer too: refused, saying how to serve it."""
