@@ -237,6 +237,7 @@ def _parquet_rows(source: Path | bytes, name: str, max_read_bytes: int | None = 
     are read (their rows, and their bytes once decompressed), and once read, before their values are decoded (a
     column's dictionary counted once per use); a column of a type that cannot be bounded so is refused."""
     try:
+        import numpy
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:  # pyarrow is a core dependency; this only fires in a broken install
@@ -268,7 +269,17 @@ def _parquet_rows(source: Path | bytes, name: str, max_read_bytes: int | None = 
             raise DatasetTooLarge(
                 [f"{name}: its columns {columns} hold {decoded} bytes once decoded; at most {max_read_bytes}"]
             )
+    # A float32 (or float16) value comes out as the float64 nearest it, whose digits are not the ones stored
+    # (1234.56 as 1234.56005859375, a gold answer no right answer equals): each is read back as its shortest digits.
+    narrow = {
+        field.name: field.type.to_pandas_dtype()
+        for field in table.schema
+        if pa.types.is_floating(field.type) and field.type.bit_width < 64
+    }
     for index, data in enumerate(table.to_pylist()):
+        for column, dtype in narrow.items():
+            if isinstance(data.get(column), float):
+                data[column] = float(numpy.format_float_positional(dtype(data[column]), trim="-"))
         yield _Row(f"row {index}", index, data=data)
 
 

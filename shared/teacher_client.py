@@ -205,6 +205,11 @@ class TeacherClient(ConcurrentCalls):
         return self.served().model
 
     @property
+    def max_logprobs(self) -> int:
+        """The largest top-k of log-probabilities the service's engine returns (it refuses a request for more)."""
+        return self.served().max_logprobs
+
+    @property
     def batch_size(self) -> int:
         """Prompts sent in one request: `MAX_BATCH`, or fewer where the teacher admits fewer at once, its bound shared
         among the calls this client makes at once (`sharing_the_bound`)."""
@@ -384,6 +389,19 @@ class TeacherPool(ConcurrentCalls):
             except TeacherUnavailable as exc:
                 unavailable = exc
         raise unavailable
+
+    @property
+    def max_logprobs(self) -> int:
+        """The largest top-k every service that answers returns (each client asks once, then remembers)."""
+        found, unavailable = [], None
+        for client in self.clients:
+            try:
+                found.append(client.max_logprobs)
+            except TeacherUnavailable as exc:
+                unavailable = exc
+        if not found:
+            raise unavailable
+        return min(found)
 
     @contextmanager
     def sharing_the_bound(self, calls: int = 2) -> Iterator[None]:

@@ -130,6 +130,12 @@ def curate_problems(dataset_id: str, problem_ids: list[str], span: list[int] | N
     with TeacherPool(settings.teacher_urls, api_key=settings.teacher_key()) as teacher:
         engine = teacher if meta.options.rollout_adapter is None else AdapterRollouts(teacher, meta.options.rollout_adapter)
         config = meta.options.curation_config(teacher.model_name)
+        # Every explanation would be refused: no problem's fault (not one at a time), nor one a retry mends.
+        if config.topk > teacher.max_logprobs:
+            reason = (f"top-k {config.topk} is above the teacher's max_logprobs {teacher.max_logprobs} "
+                      "(SSB_MAX_LOGPROBS): no explanation of this dataset can be scored there")
+            end_problems(settings, ledger, meta, todo, "failed", reason)
+            return {"dataset": dataset_id, "curated": 0, "failed": len(todo)}
         funnel, failures = curate_with_rejections(problems, engine, store, config)
     ledger.add_generation(dataset_id, funnel.generated_tokens)
     for problem in problems:

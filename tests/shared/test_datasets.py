@@ -271,6 +271,22 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     ]
 
 
+def test_narrow_float_answers_in_parquet_keep_their_stored_digits(tmp_path: Path) -> None:
+    """A float32 column read through Python floats gave 1234.56 as 1234.56005859375: a gold answer no right answer
+    equals. Each value is read as its shortest digits, and a NaN is still refused."""
+    for dtype in (pa.float32(), pa.float16()):
+        table = pa.table({"question": ["a?", "b?", "c?"], "answer": pa.array([12.5, 0.3, 3.0], type=dtype)})
+        pq.write_table(table, tmp_path / "narrow.parquet")
+        assert [p.answer for p in load_problems(tmp_path / "narrow.parquet")] == ["12.5", "0.3", "3"]
+    table = pa.table({"question": ["a?"], "answer": pa.array([1234.56], type=pa.float32())})
+    pq.write_table(table, tmp_path / "narrow.parquet")
+    assert [p.answer for p in load_problems(tmp_path / "narrow.parquet")] == ["1234.56"]
+    table = pa.table({"question": ["a?"], "answer": pa.array([float("nan")], type=pa.float32())})
+    pq.write_table(table, tmp_path / "narrow.parquet")
+    with pytest.raises(DatasetError, match="must be a finite number"):
+        load_problems(tmp_path / "narrow.parquet")
+
+
 def test_parquet_bad_row_is_reported_by_index(tmp_path: Path) -> None:
     path = tmp_path / "set.parquet"
     pq.write_table(pa.table({"question": ["Q?", "Q2?"], "answer": ["1", None]}), path)

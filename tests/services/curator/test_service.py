@@ -338,6 +338,23 @@ def test_the_teachers_model_decides_the_worked_example_when_the_dataset_leaves_i
     assert DatasetOptions().curation_config("Qwen/Qwen2.5-3B-Instruct").worked_example is False
 
 
+def test_a_top_k_above_the_teachers_is_every_problems_failure_said_at_once(curator):
+    """A dataset asking for more log-probabilities than the teacher returns (the schema allows 256, the teacher 64 by
+    default) had every explanation refused, taken for its problem's fault: each batch curated again one problem at a
+    time, every problem with a mix `failed` and the rest dropped as usual. Now its problems end `failed` at once,
+    saying why, before anything is generated."""
+    problems = rows_of(make_arithmetic_problems(3, seed=29))
+    options = {**CURATION_CONFIG, "k": 2, "seed": 29, "topk": 65, "rollout_max_tokens": 64,
+               "explanation_max_tokens": 64}
+    with curator.client() as http:
+        dataset = http.post("/v1/datasets", json={"rows": problems, "options": options}).json()
+    curator.start_worker()
+    status = curator.wait_done(dataset["id"], timeout=120)
+    curator.stop_workers()
+    assert status["funnel"]["failed"] == 3 and status["tokens_per_second"] == 0, status
+    assert all("top-k 65 is above the teacher's max_logprobs 64" in f["reason"] for f in status["failures"]), status
+
+
 def test_a_problem_the_teacher_refuses_fails_alone_with_its_reason(curator):
     """A question longer than the teacher's context: the teacher refuses the batch (400), the job retries its problems
     one at a time, and only that problem ends `failed`, with the teacher's message; the others are curated."""
