@@ -76,7 +76,7 @@ def run_command(
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
     from services.teacher.engine import EngineOptions, resolved_dtype
     from services.trainer.checkpoints import check_same_settings
-    from services.trainer.inputs import CHECKPOINTS_DIR, check_output_dir, latest_checkpoint
+    from services.trainer.inputs import CHECKPOINTS_DIR, check_output_dir, latest_checkpoint, stopped_attempt_note
     from services.trainer.training import TrainingError
     from services.trainer.training import train as train_adapter
     from shared.datasets import DatasetError, load_problems
@@ -139,8 +139,7 @@ def run_command(
 
     pairs_dir, adapter_dir, eval_path = out / "pairs", out / "adapter", out / "eval.json"
     if left:
-        console.print(f"{adapter_dir}: a run that stopped before its first checkpoint left {', '.join(left)}; it "
-                      "will be cleared when training starts over")
+        console.print(stopped_attempt_note(adapter_dir, left))
     label = Path(eval_).stem
     with exit_on_signals(), ExitStack() as engines:
         # One engine curates and evaluates the base model (on a CPU that computes in bfloat16, a float32 engine takes

@@ -136,7 +136,7 @@ def train_command(
     online: the exact full-vocabulary loss; the base model reads the hinted prompt in every step (1.30x the step time).
     stored: the top-k saved with the pairs, no teacher pass; gradient cosine with exact 0.995 at T = 1, 0.58 at T = 2.
     """
-    from services.trainer.inputs import PairDataError, check_output_dir, pair_store
+    from services.trainer.inputs import PairDataError, check_output_dir, pair_store, stopped_attempt_note
 
     # Under `accelerate launch` every process runs this command; only the main one draws (and gets on_step calls).
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -147,8 +147,7 @@ def train_command(
     except (ValueError, TrainingError) as exc:  # PairDataError is a ValueError
         raise fail(str(exc)) from exc
     if left and main_process:
-        console.print(f"{out}: a run that stopped before its first checkpoint left {', '.join(left)}; it will be "
-                      "cleared, and training starts over")
+        console.print(stopped_attempt_note(out, left))
     config = build_train_config(train_options)
     try:
         if resume:  # other settings than the checkpoint's: said before the model loads

@@ -93,7 +93,12 @@ def make_directories(directory: Path) -> None:
 
 def sync_directory(directory: Path) -> None:
     """Flush a directory's entries to disk, so a file created or renamed in it survives a crash of the machine."""
-    fd = os.open(directory, os.O_RDONLY)
+    _fsync(directory)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's contents, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -104,16 +109,9 @@ def sync_tree(directory: Path) -> None:
     """Flush every file under `directory`, and the directories holding them, to disk: written by libraries that do
     not (torch, safetensors), then renamed into place, they would otherwise survive a crash of the machine as empty
     files under a complete name."""
-    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        elif path.is_dir():
-            sync_directory(path)
-    sync_directory(directory)
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # the deepest first
+        _fsync(path)
+    _fsync(directory)
 
 
 def pair_arrays_problem(tokens: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray, topk: int) -> str | None:

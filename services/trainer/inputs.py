@@ -112,6 +112,12 @@ def claimed_output_dir(out_dir: Path) -> Iterator[None]:
         yield
 
 
+def stopped_attempt_note(out_dir: Path, left: list[str]) -> str:
+    """What a command says before training over what `check_output_dir` found an earlier attempt left."""
+    names = ", ".join(left)
+    return f"{out_dir}: a run that stopped before its first checkpoint left {names}; cleared as training starts"
+
+
 def clear_stopped_attempt(out_dir: Path, left: list[str]) -> None:
     """Remove what `check_output_dir` found an attempt that stopped before its first checkpoint left (hold
     `claimed_output_dir`); TrainingError naming what cannot be removed."""

@@ -359,6 +359,28 @@ def test_a_log_level_no_logger_knows_is_refused_as_the_command_starts():
         assert result.returncode == 2 and "Invalid value for '--log-level'" in said, (command, said)
 
 
+class ScriptedCurator:
+    """A curator for `ssb submit`'s tests, through httpx's mock transport: each request (kept in `requests`) gets the
+    next of `answers`, an exception raised as a transport error would be."""
+
+    def __init__(self, answers=()):
+        self.answers, self.requests = iter(answers), []
+
+    def __call__(self, request):
+        self.requests.append(request)
+        answer = next(self.answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def client(self, *answers):
+        """An HTTP client of this curator, which answers `answers` from now on."""
+        import httpx
+
+        self.answers = iter(answers)
+        return httpx.Client(base_url="http://curator", transport=httpx.MockTransport(self))
+
+
 def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     """`ssb submit --wait` polls the dataset: a dropped connection and a 503 (the curator restarting, its Redis
     down) are waited out, the funnel then followed to the end. The curator here is httpx's mock transport."""
@@ -372,22 +394,13 @@ def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
         id="ds-0123456789ab", state="done", problems=2, funnel=Funnel(paired=2), created_at=0.0, tokens_per_second=0,
         problems_per_minute=1.0, seconds_left=0.0, options=DatasetOptions(),
     )
-    answers = iter(
-        [httpx.ConnectError("refused"), httpx.Response(503, json={}), httpx.Response(200, text=done.model_dump_json())]
-    )
-
-    def curator(request: httpx.Request) -> httpx.Response:
-        answer = next(answers)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
+    curator = ScriptedCurator()
     monkeypatch.setattr(submit_command, "POLL_SECONDS", 0.01)
-    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+    with curator.client(httpx.ConnectError("refused"), httpx.Response(503, json={}),
+                        httpx.Response(200, text=done.model_dump_json())) as http:
         assert submit_command.follow(http, done.id, 2) == done
-    answers = iter([httpx.ConnectError("refused")] * 1000)
     monkeypatch.setattr(submit_command, "UNREACHABLE_SECONDS", 0.05)
-    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+    with curator.client(*[httpx.ConnectError("refused")] * 1000) as http:
         with pytest.raises(typer.Exit) as gave_up:
             submit_command.follow(http, done.id, 2)
     assert gave_up.value.exit_code == 2
@@ -395,14 +408,11 @@ def test_submit_wait_rides_out_a_curator_briefly_out_of_reach(monkeypatch):
     # A dataset that asked for training: followed on until the curator records the run (or why it could not start).
     training = done.model_copy(update={"options": DatasetOptions(train={"max_steps": 1})})
     started = training.model_copy(update={"training_run": f"{done.id}-train"})
-    answers = iter([httpx.Response(200, text=training.model_dump_json())] * 3 + [
-        httpx.Response(200, text=started.model_dump_json())
-    ])
-    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+    with curator.client(*[httpx.Response(200, text=training.model_dump_json())] * 3,
+                        httpx.Response(200, text=started.model_dump_json())) as http:
         assert submit_command.follow(http, done.id, 2) == started
-    answers = iter([httpx.Response(200, text=training.model_dump_json())] * 1000)
     monkeypatch.setattr(submit_command, "HANDOFF_SECONDS", 0.05)
-    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
+    with curator.client(*[httpx.Response(200, text=training.model_dump_json())] * 1000) as http:
         assert submit_command.follow(http, done.id, 2) == training  # no run recorded in time: the status as it is
 
     # Exit status 1 (`fell_short`) for each way a dataset can end otherwise than asked, 0 for the two that did not.
@@ -425,26 +435,19 @@ def test_submit_sends_its_upload_again_with_the_same_key_while_the_curator_does_
     from cli import submit_command
 
     created = httpx.Response(201, json={"id": "ds-0123456789ab", "problems": 2, "jobs": 1})
-    answers = iter([httpx.ReadTimeout("timed out"), httpx.Response(503, json={}), created])
-    keys = []
-
-    def curator(request: httpx.Request) -> httpx.Response:
-        keys.append(request.headers["Idempotency-Key"])
-        answer = next(answers)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
+    upload = ({"file": ("p.jsonl", b"{}")}, {}, "http://curator")
+    curator = ScriptedCurator()
     monkeypatch.setattr(submit_command, "SEND_PAUSE_SECONDS", 0.0)
-    with httpx.Client(base_url="http://curator", transport=httpx.MockTransport(curator)) as http:
-        assert submit_command.send_upload(http, {"file": ("p.jsonl", b"{}")}, {}, "http://curator") is created
-        answers = iter([created])
-        submit_command.send_upload(http, {"file": ("p.jsonl", b"{}")}, {}, "http://curator")
-        answers = iter([httpx.ConnectError("refused")] * submit_command.SEND_ATTEMPTS)
+    with curator.client(httpx.ReadTimeout("timed out"), httpx.Response(503, json={}), created) as http:
+        assert submit_command.send_upload(http, *upload) is created
+    with curator.client(created) as http:
+        submit_command.send_upload(http, *upload)
+    with curator.client(*[httpx.ConnectError("refused")] * submit_command.SEND_ATTEMPTS) as http:
         with pytest.raises(typer.Exit) as gave_up:
-            submit_command.send_upload(http, {"file": ("p.jsonl", b"{}")}, {}, "http://curator")
-        answers = iter([httpx.Response(500, json={})])  # an answer, if an error: not sent again
-        assert submit_command.send_upload(http, {"file": ("p.jsonl", b"{}")}, {}, "http://curator").status_code == 500
+            submit_command.send_upload(http, *upload)
+    with curator.client(httpx.Response(500, json={})) as http:  # an answer, if an error: not sent again
+        assert submit_command.send_upload(http, *upload).status_code == 500
+    keys = [request.headers["Idempotency-Key"] for request in curator.requests]
     assert len(keys) == 3 + 1 + submit_command.SEND_ATTEMPTS + 1 and len(set(keys[:3])) == 1 and keys[3] != keys[0]
     assert gave_up.value.exit_code == 2
 
