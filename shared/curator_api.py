@@ -113,6 +113,9 @@ class Funnel(BaseModel):
     ungradeable: int = Field(default=0, description="No rollout had a final answer that could be graded.")
     explanation_wrong: int = Field(default=0, description="Every hinted explanation reached a wrong answer.")
     explanation_truncated: int = Field(default=0, description="The explanation was cut at its token limit.")
+    explanation_mentions_hints: int = Field(
+        default=0, description="The explanation spoke of the attempts it was shown (it must stand alone)."
+    )
     failed: int = Field(default=0, description="Kept failing through every retry; see `failures`.")
     cancelled: int = 0
 

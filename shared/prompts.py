@@ -4,6 +4,7 @@
   input and evaluation all use it, so the student is trained on exactly what it sees at inference.
 - `build_hinted_messages`: the teacher's prompt: the problem, one correct and one incorrect earlier response, labelled,
   and a request for one standalone, careful solution that never mentions the hints.
+- `attempt_mention`: how an explanation speaks of those attempts anyway, if it does (such an explanation is no pair).
 
 An optional worked example (one user/assistant turn ending in `\\boxed{}`) can be placed before the question; small models
 need it to answer in the expected form. When it is used, it is used identically in every prompt.
@@ -16,6 +17,7 @@ token ids (it takes any tokenizer with `apply_chat_template` and `encode`, so th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from shared.schemas import ChatMessage, Problem, RenderedPrompt
@@ -74,6 +76,30 @@ def build_hinted_messages(
         *_example_turns(worked_example),
         ChatMessage(role="user", content=content),
     ]
+
+
+# How an explanation speaks of the attempts its prompt showed (headed "Correct attempt" and "Incorrect attempt", and
+# called the first and the second): a solution written as if for the first time has no use for these words.
+_ATTEMPT_MENTION = re.compile(
+    r"\b(?:(?:in)?correct|right|wrong|mistaken|flawed|first|second|earlier|previous|other|given|provided|both|two"
+    r"|above)\s+(?:attempt|response)s?\b"
+    r"|\bthe\s+attempts\b"
+    r"|\b(?:attempt|response)\s+#?[12]\b"
+    r"|\b(?:was|were|been)\s+(?:shown|given|provided)\s+(?:\w+\s+)?(?:attempts|responses|solutions)\b",
+    re.IGNORECASE,
+)
+
+
+def attempt_mention(explanation: str, question: str) -> str | None:
+    """The first phrase by which `explanation` speaks of the attempts shown with its question ("unlike the incorrect
+    attempt", "both attempts"), or None. The hinted prompt asks for a solution that never mentions them: the student,
+    trained on the explanation after the bare question, would learn to speak of attempts it never saw. A question that
+    uses the word itself (a player's free-throw attempts, a quiz's correct responses) lets its explanation use it."""
+    for match in _ATTEMPT_MENTION.finditer(explanation):
+        noun = re.search(r"attempt|response|solution", match.group(), re.IGNORECASE).group()
+        if not re.search(rf"\b{noun}", question, re.IGNORECASE):
+            return " ".join(match.group().split())
+    return None
 
 
 def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> RenderedPrompt:

@@ -95,7 +95,9 @@ class Rollout(BaseModel):
     )
 
 
-DropReason = Literal["no_mix", "explanation_wrong", "explanation_truncated", "ungradeable"]
+DropReason = Literal[
+    "no_mix", "explanation_wrong", "explanation_truncated", "explanation_mentions_hints", "ungradeable"
+]
 
 
 class DroppedProblem(BaseModel):

@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 from shared.engine import Engine, HintedQuestion, PromptedGenerations
 from shared.grading import GradedAnswer, grade_model_response, grade_response
-from shared.prompts import PROMPT_VERSION
+from shared.prompts import PROMPT_VERSION, attempt_mention
 from shared.schemas import (
     DroppedProblem,
     Generation,
@@ -113,11 +113,14 @@ def explanation_rejection(
     problem: Problem, explanation: Generation, verdict: GradedAnswer
 ) -> tuple[str, str] | None:
     """Why a graded hinted explanation cannot be a verified pair, as (drop reason, detail); None when it can: it ended
-    by itself (one cut at the token limit may end in any number) and its final answer is the gold one."""
+    by itself (one cut at the token limit may end in any number), its final answer is the gold one, and it does not
+    speak of the attempts it was shown (`attempt_mention`)."""
     if explanation.cut_off:
         return "explanation_truncated", f"the explanation was cut at {len(explanation.token_ids)} tokens before it ended"
     if verdict.correct is not True:
         return "explanation_wrong", f"explanation answered {verdict.extracted!r}, gold {problem.answer!r}"
+    if (phrase := attempt_mention(explanation.text, problem.question)) is not None:
+        return "explanation_mentions_hints", f"the explanation speaks of the attempts it was shown ({phrase!r})"
     return None
 
 

@@ -78,3 +78,14 @@ def test_attempts_are_samples_of_one_request_with_the_problems_own_seed():
     assert single.n == 1 and single.seed == sampling.seed  # the first attempt is the one a single attempt samples
     with pytest.raises(ValueError, match="explanation_temperature"):
         CurationConfig(explanation_attempts=2, explanation_temperature=0.0)
+
+
+def test_a_right_explanation_that_speaks_of_the_attempts_is_no_pair():
+    mentions = generation("Unlike the incorrect attempt, Kofi's pages add up: 10 + 10 = 20.\n\\boxed{20}", "stop")
+    verdict = grade_response(PROBLEM.answer, mentions.text)
+    assert verdict.correct is True
+    reason, detail = explanation_rejection(PROBLEM, mentions, verdict)
+    assert reason == "explanation_mentions_hints" and "'incorrect attempt'" in detail
+    # Another attempt that stands alone is kept in its place.
+    choice = choose_explanation(PROBLEM, [mentions, generation(ENDED, "stop")], CurationConfig().extraction_order)
+    assert choice.kept == 1 and [reason for reason, _ in choice.rejections] == ["explanation_mentions_hints"]
