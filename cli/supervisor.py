@@ -5,7 +5,8 @@ Each process starts in a session (and so a process group) of its own: a Ctrl-C a
 `ssb up`, which then stops the processes itself. A stop sends SIGTERM to the process's group (vLLM's engine core and
 workers with it), waits up to `stop_timeout` seconds for a graceful exit, then SIGKILLs whatever is left in the
 session: also what moved to a group of its own (RQ forks each job's work horse into a new group, and a worker's warm
-shutdown waits for it). Redis stops last, after the processes that use it.
+shutdown waits for it). Redis stops last, after the processes that use it. Should the supervisor itself die without
+a stop (SIGKILL, the OOM killer), the kernel sends each process SIGTERM, and each stops as it would at a stop.
 
     with Supervisor(topology.processes) as supervisor:
         supervisor.start()
@@ -15,6 +16,7 @@ shutdown waits for it). Redis stops last, after the processes that use it.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import socket
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from cli.topology import ProcessSpec
+from shared.processes import die_with_parent
 
 HURRIED_GRACE_SECONDS = 1.0  # after `hurry`: Redis, stopped last, still gets to write its append-only file
 
@@ -167,6 +170,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 pass_fds=self.pass_fds,
+                preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM),
             )
         except OSError as exc:
             raise StartError(f"{spec.name}: cannot run {spec.argv[0]}: {exc}") from exc

@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -166,6 +168,46 @@ def test_a_process_that_obeys_sigterm_is_not_killed():
     assert time.monotonic() - started < 5
     assert supervisor.processes["polite"].returncode == 0
     assert "polite | bye" in out.getvalue() and "SIGKILL" not in out.getvalue()
+
+
+# A supervisor in a process of its own (`ssb up`), whose one process writes a file when SIGTERM reaches it.
+ORPHANED = r"""
+import signal, sys, time
+from pathlib import Path
+from cli.supervisor import Supervisor
+from cli.topology import ProcessSpec
+marker = sys.argv[1]
+child = (
+    "import signal, sys, time; from pathlib import Path\n"
+    f"signal.signal(signal.SIGTERM, lambda *a: (Path({marker!r}).write_text('SIGTERM'), sys.exit(0)))\n"
+    "print('up', flush=True); time.sleep(600)"
+)
+supervisor = Supervisor([ProcessSpec("service", (sys.executable, "-c", child))])
+supervisor.start()
+time.sleep(600)
+"""
+
+
+def test_the_processes_get_sigterm_when_the_supervisor_dies_without_a_stop(tmp_path):
+    """`ssb up` SIGKILLed (or taken by the OOM killer) runs no stop: the kernel sends each process SIGTERM, and each
+    stops as it would at a stop, instead of running on with no one to stop it."""
+    marker = tmp_path / "terminated"
+    root = Path(__file__).resolve().parents[2]
+    supervisor = psutil.Popen([sys.executable, "-c", ORPHANED, str(marker)], cwd=root, stdout=subprocess.PIPE, text=True)
+    started = [supervisor]
+    try:
+        assert supervisor.stdout.readline().strip() == "service | up"
+        started += supervisor.children()
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        started[1].wait(timeout=20)
+    finally:
+        for process in started:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert marker.read_text() == "SIGTERM"
 
 
 def test_a_process_that_exits_is_noticed():
