@@ -6,6 +6,7 @@ the requests.
                                                            unexpected errors 500 (logged), all in the envelope
     require_bearer_key(app, key)                           every path but the probes and the API's own docs needs
                                                            `Authorization: Bearer <key>`, compared in constant time
+    app.add_middleware(LimitRequestBodies, max_bytes=n)   a body over n bytes is refused with 413 as it arrives
     measure_requests(app, RequestMetrics("curator"))       requests, errors, latency and response sizes per endpoint
                                                            (`ssb_curator_requests_total`, ...), 401s and 503s included
     app.include_router(probes(readiness_problem, "Redis answers"))      /healthz and /readyz
@@ -101,7 +102,8 @@ def register_error_handlers(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+        type_ = "too_large" if isinstance(exc, BodyTooLarge) else "http_error"
+        return error_response(exc.status_code, str(exc.detail), type_, headers=exc.headers)
 
     async def dependency_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s on %s: %s", type(exc).__name__, request.url.path, exc)
@@ -115,6 +117,52 @@ def register_error_handlers(
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """A request body over the service's limit: 413."""
+
+
+class LimitRequestBodies:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 in the envelope, by its declared length
+    before any of it is read, or as soon as what arrives passes the limit (a body sent without a length): never held
+    whole first. Whatever reads the body meets `BodyTooLarge`: a route's body parsing hands it to the app's handlers;
+    from a middleware inside this one that reads the body itself, it is answered here. The probes and GETs read no
+    body and pass untouched."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        received = 0
+        responding = False
+
+        async def limited_receive():
+            nonlocal received
+            if declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge(413, f"the request body is {int(declared)} bytes; at most {limit}")
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(413, f"the request body is over {limit} bytes; at most {limit}")
+            return message
+
+        async def watched_send(message) -> None:
+            nonlocal responding
+            responding = responding or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except BodyTooLarge as exc:
+            if responding:
+                raise
+            await error_response(413, str(exc.detail), "too_large")(scope, receive, send)
 
 
 def bearer_refusal(

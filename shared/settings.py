@@ -101,6 +101,12 @@ class ServiceSettings(Settings):
         description="When set, the trainer's endpoints (but its probes and docs) need `Authorization: Bearer <key>`; "
         "the curator sends it.",
     )
+    max_request_bytes: int = Field(
+        default=64 * 2**20,
+        ge=1024,
+        description="Largest request body the teacher and the trainer accept (413 above it, refused as it arrives); "
+        "the curator's uploads have `max_upload_bytes`.",
+    )
     job_timeout_seconds: int = Field(default=3600, ge=10, description="A job running longer than this is failed.")
     job_retries: int = Field(
         default=3, ge=1, description="Times a failed job (or one whose worker died) is run again before it fails."

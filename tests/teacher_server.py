@@ -1,9 +1,9 @@
 """The real teacher service for the test session (the `teacher_server` fixture in tests/conftest.py, for every test that
-needs it): `ssb serve teacher` as its own process on a loopback port, on the
-real small model with the CPU build of vLLM, started once, with a bearer key, a small admission bound (so 429 is
-cheap to reach) and, for the one built for LoRA, an adapters directory holding one tiny LoRA adapter. The session
-starts the ones its tests need before the first test (`start_early`), so that their start overlaps other tests; each
-fixture claims its own and waits until it is ready. On teardown it gets SIGTERM, and the test asserts that it and every
+needs it): `ssb serve teacher` as its own process on a loopback port, on the real small model with the CPU build of
+vLLM, started once, with a bearer key, a small admission bound (so 429 is cheap to reach), a 1 MiB limit on request
+bodies and, for the one built for LoRA, an adapters directory holding one tiny LoRA adapter. The session starts the
+ones its tests need before the first test (`start_early`), so that their start overlaps other tests; each fixture
+claims its own and waits until it is ready. On teardown it gets SIGTERM, and the test asserts that it and every
 process it started are gone.
 """
 
@@ -26,6 +26,7 @@ from tests.processes import kill_leftovers
 
 API_KEY = "test-key-7f3a"
 MAX_PENDING_REQUESTS = 16
+MAX_REQUEST_BYTES = 2**20  # far above what the tests send, but for the one about it
 READY_TIMEOUT_SECONDS = 300
 
 
@@ -99,6 +100,7 @@ def begin_teacher_server(model_path: str, tmp_path_factory, *, lora: bool) -> Te
         "SSB_TEACHER_API_KEY": API_KEY,
         "SSB_MAX_PENDING_REQUESTS": str(MAX_PENDING_REQUESTS),
         "SSB_RETRY_AFTER_SECONDS": "1",
+        "SSB_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
         # Its workloads are small; several engines share the machine's memory during the session.
         "SSB_KV_CACHE_GIB": "0.5",
         # The suite's adapters have rank 8 at most; on a CPU a smaller bound makes every request faster.

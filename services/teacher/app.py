@@ -26,6 +26,7 @@ from prometheus_client import Gauge, generate_latest
 from services.http import (
     DOCS,
     PROBES,
+    LimitRequestBodies,
     RequestMetrics,
     bearer_refusal,
     error_response,
@@ -289,5 +290,6 @@ def create_app(
     register_error_handlers(app, log, retry_after_seconds=settings.retry_after_seconds)
     register_vllm_error_handler(app, error_response)
     app.add_middleware(OpenAIAdmission, retry_after_seconds=settings.retry_after_seconds)  # inside the gate below
+    app.add_middleware(LimitRequestBodies, max_bytes=settings.max_request_bytes)  # around what reads bodies
     register_middleware(app, settings)
     return app

@@ -22,6 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from services.http import (
+    LimitRequestBodies,
     RequestMetrics,
     error_responses,
     measure_requests,
@@ -184,6 +185,7 @@ def create_app(settings: TrainerSettings | None = None, service: TrainerService 
     app.include_router(router)
     app.state.metrics = RequestMetrics("trainer")
     register_error_handlers(app, log, unavailable=REDIS_UNAVAILABLE)
+    app.add_middleware(LimitRequestBodies, max_bytes=settings.max_request_bytes)
     require_bearer_key(app, settings.trainer_key())
     measure_requests(app, app.state.metrics)
     return app

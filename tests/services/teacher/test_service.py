@@ -26,7 +26,7 @@ from shared.storage import PairStore
 from shared.teacher_api import TopKBase64, decode_topk
 from shared.teacher_client import TeacherClient, TeacherRejected
 from tests.prometheus_text import metric
-from tests.services.teacher.conftest import API_KEY, MAX_PENDING_REQUESTS
+from tests.services.teacher.conftest import API_KEY, MAX_PENDING_REQUESTS, MAX_REQUEST_BYTES
 from tests.teacher_server import write_tiny_adapter
 
 LOGPROB_TOLERANCE = 1e-3
@@ -222,6 +222,29 @@ def test_malformed_json_more_work_than_the_bound_and_more_than_is_left(teacher_s
     assert f"at most {MAX_PENDING_REQUESTS} at once" in too_many.json()["error"]["message"]
     assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
     assert str(MAX_PENDING_REQUESTS) in busy.json()["error"]["message"]
+
+
+def test_a_request_body_over_the_limit_is_refused_as_it_arrives(teacher_server):
+    """Over `SSB_MAX_REQUEST_BYTES`: a 413 before the body is parsed, on the teacher's routes (FastAPI reads the body)
+    and on vLLM's OpenAI routes (the admission layer reads it), with a length declared or sent in pieces without one.
+    The teacher answers the next request as before."""
+    long_question = "Add these numbers: " + " + ".join(["12345"] * (MAX_REQUEST_BYTES // 8))
+    rollouts = json.dumps({"questions": [{"question": long_question}], "sampling": {"max_tokens": 1}}).encode()
+    completions = json.dumps({"model": "base", "prompt": long_question, "max_tokens": 1}).encode()
+    assert min(len(rollouts), len(completions)) > MAX_REQUEST_BYTES
+    json_type = {"Content-Type": "application/json"}
+    with teacher_server.client() as http:
+        declared = http.post("/v1/rollouts", content=rollouts, headers=json_type)
+        in_pieces = (completions[i : i + 65536] for i in range(0, len(completions), 65536))
+        streamed = http.post("/v1/completions", content=in_pieces, headers=json_type)
+        after = http.post("/v1/rollouts", json={"questions": [{"question": QUESTION}], "sampling": {"max_tokens": 2}})
+    limit = MAX_REQUEST_BYTES
+    assert declared.status_code == 413, declared.text
+    assert declared.json()["error"]["type"] == "too_large"
+    assert declared.json()["error"]["message"] == f"the request body is {len(rollouts)} bytes; at most {limit}"
+    assert streamed.status_code == 413, streamed.text
+    assert streamed.json()["error"]["message"] == f"the request body is over {limit} bytes; at most {limit}"
+    assert after.status_code == 200, after.text
 
 
 def test_auth_is_required_and_the_key_never_echoed(teacher_server):

@@ -4,6 +4,7 @@ test's own, deleted at the end), no worker, and a stand-in pair store (the API o
 
 - A run whose `evaluation` names an unknown benchmark, or whose `run_id` is `base` (the name evaluations give the base
   model), is a 422 at once; a run whose `run_id` names an adapter already in the adapters directory is a 409.
+- A request body over `SSB_MAX_REQUEST_BYTES` (4 KiB here) is a 413, whether its length is declared or not.
 - `publish_adapter` replaces only a folder this same run published; `queue_evaluation_after` records on the run why
   the evaluation it asked for could not be queued, and leaves the run to succeed.
 """
@@ -27,6 +28,7 @@ from tests.services.trainer.test_service import start_api, stop, wait_ready
 
 REDIS_URL = redis_url(13)
 DATASET = "stand-in"
+MAX_REQUEST_BYTES = 4096
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,8 @@ def trainer(tmp_path_factory):
     pairs.mkdir(parents=True)
     (pairs / "p1.safetensors").write_bytes(b"never read: no worker trains here")
     env = {**os.environ, "SSB_REDIS_URL": REDIS_URL, "SSB_KEY_PREFIX": settings.key_prefix,
-           "SSB_DATA_DIR": str(settings.data_dir), "SSB_ADAPTERS_DIR": str(settings.adapters_dir)}
+           "SSB_DATA_DIR": str(settings.data_dir), "SSB_ADAPTERS_DIR": str(settings.adapters_dir),
+           "SSB_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
     env.pop("SSB_TRAINER_API_KEY", None)
     url, api, log_path = start_api(env, root / "api.log")
     try:
@@ -483,3 +486,23 @@ def test_an_attempt_that_fails_before_its_progress_is_recorded_is_its_workers_fa
     jobs.on_train_failure(job, connection, PermissionError, PermissionError("Permission denied"), None)
     run = runs.get("early-failure")
     assert run["status"] == "failed" and run["error"] == "PermissionError: Permission denied", run
+
+
+def test_a_request_body_over_the_limit_is_refused_as_it_arrives(trainer):
+    http, _, _ = trainer
+    request = {"dataset_id": DATASET, "run_id": "r-large", "config": {"target_modules": ["q_proj"] * 1000}}
+    body = json.dumps(request).encode()
+    assert len(body) > MAX_REQUEST_BYTES
+    declared = http.post("/v1/runs", content=body, headers={"Content-Type": "application/json"})
+    assert declared.status_code == 413, declared.text
+    assert declared.json()["error"] == {
+        "message": f"the request body is {len(body)} bytes; at most {MAX_REQUEST_BYTES}", "type": "too_large",
+        "param": None, "code": 413,
+    }
+    # Sent in pieces without a length: refused once what arrived passes the limit.
+    pieces = (body[i : i + 1000] for i in range(0, len(body), 1000))
+    streamed = http.post("/v1/runs", content=pieces, headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["type"] == "too_large"
+    assert f"over {MAX_REQUEST_BYTES} bytes" in streamed.json()["error"]["message"]
+    assert http.get("/v1/runs/r-large").status_code == 404  # nothing recorded, nothing queued
+    assert 'ssb_trainer_requests_total{endpoint="/v1/runs",status="413"} 2.0' in http.get("/metrics").text
