@@ -58,7 +58,7 @@ log = logging.getLogger("ssb.teacher")
 
 ALWAYS_OPEN = (*PROBES, "/metrics", *DOCS)  # answered while the engine is not ready
 ENGINE_WATCH_SECONDS = 2.0  # how often a served teacher looks whether its engine still lives
-ERROR_RESPONSES = error_responses(400, 401, 404, 409, 422, 429, 503)
+ERROR_RESPONSES = error_responses(400, 401, 404, 409, 413, 422, 429, 503)
 
 
 def service_of(request: Request) -> TeacherService:

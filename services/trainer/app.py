@@ -6,7 +6,7 @@ workers (`ssb worker train`), which take the jobs this service queues in Redis.
 
 Errors share one envelope with the other services (services/http.py): 422 names the bad field, 404 an unknown id,
 409 a conflict (an existing run id with other settings, a new run id that an adapter already has, an adapter not
-trained yet). With `SSB_TRAINER_API_KEY` set, every endpoint but the two probes and the API docs (`/docs`, `/redoc`,
+trained yet), 413 a body over `SSB_MAX_REQUEST_BYTES`. With `SSB_TRAINER_API_KEY` set, every endpoint but the two probes and the API docs (`/docs`, `/redoc`,
 `/openapi.json`) needs `Authorization: Bearer <key>`, compared in constant time. `/metrics` is Prometheus text: runs
 and evaluations by status, running runs' step and loss, the queues and their workers, and this service's requests.
 """
@@ -48,7 +48,7 @@ from shared.workers import REDIS_UNAVAILABLE, connect_redis
 
 log = logging.getLogger("ssb.trainer")
 
-ERROR_RESPONSES = error_responses(401, 404, 409, 422, 503)
+ERROR_RESPONSES = error_responses(401, 404, 409, 413, 422, 503)
 
 
 def service_of(request: Request) -> TrainerService:
