@@ -41,6 +41,12 @@ class Engine(Protocol):
     @property
     def model_name(self) -> str: ...
 
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the model computes in (float32, bfloat16, float16), which evaluation reports record; None where
+        unknown (a teacher of an earlier version does not say)."""
+        ...
+
     def rollouts(
         self,
         questions: Sequence[str],
@@ -144,6 +150,8 @@ class ConcurrentCalls:
 class PromptingEngine:
     """The `Engine` protocol on top of `render(messages)` and `generate(prompts, sampling, adapter=)`: builds each
     prompt with `shared.prompts`, renders it, and generates for all of them in one batch."""
+
+    dtype: str | None = None  # an engine that knows its dtype says it
 
     def render(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
         raise NotImplementedError

@@ -261,6 +261,10 @@ class ModelsResponse(BaseModel):
     max_model_len: int = Field(description="Context length: prompt plus completion, in tokens.")
     vocab_size: int = Field(description="Vocabulary size.")
     max_logprobs: int = Field(description="Largest k of top-k log-probabilities the engine returns.")
+    dtype: str | None = Field(
+        default=None, description="The dtype the engine computes in (float32, bfloat16, float16); None from a teacher "
+        "of an earlier version."
+    )
     adapters: list[AdapterCard] = Field(description="LoRA adapters loaded, in load order.")
     max_pending_requests: int | None = Field(
         default=None,

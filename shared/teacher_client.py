@@ -210,6 +210,11 @@ class TeacherClient(ConcurrentCalls):
         return self.served().max_logprobs
 
     @property
+    def dtype(self) -> str | None:
+        """The dtype the service's engine computes in (None from a teacher of an earlier version)."""
+        return self.served().dtype
+
+    @property
     def batch_size(self) -> int:
         """Prompts sent in one request: `MAX_BATCH`, or fewer where the teacher admits fewer at once, its bound shared
         among the calls this client makes at once (`sharing_the_bound`)."""
@@ -386,6 +391,16 @@ class TeacherPool(ConcurrentCalls):
         for client in self.clients:
             try:
                 return client.model_name
+            except TeacherUnavailable as exc:
+                unavailable = exc
+        raise unavailable
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype of the first service that answers (each client asks once, then remembers)."""
+        for client in self.clients:
+            try:
+                return client.dtype
             except TeacherUnavailable as exc:
                 unavailable = exc
         raise unavailable

@@ -329,6 +329,10 @@ class AdapterRollouts(ConcurrentCalls):
     def model_name(self) -> str:
         return f"{self.engine.model_name}+{self.adapter}"
 
+    @property
+    def dtype(self) -> str | None:
+        return self.engine.dtype
+
     def sharing_the_bound(self, calls: int = 2):
         return self.engine.sharing_the_bound(calls)
 

@@ -116,6 +116,12 @@ class ModelRow(BaseModel):
         description="How the adapter was served: `lora` (beside the base weights) or `merged` (into a copy of them); "
         "None for the base model (and in reports written before this field existed).",
     )
+    dtype: str | None = Field(
+        default=None,
+        description="The dtype the engine computed in (float32, bfloat16, float16): two evaluations of one model in "
+        "different dtypes may differ. None where unknown (reports written before this field existed; a teacher of an "
+        "earlier version).",
+    )
     pass_at_1: float = Field(description="Share of problems whose greedy answer is correct (ungradeable is wrong).")
     mean_at_n: float | None = Field(description="Mean accuracy over the n samples; None when samples is 1.")
     pass_at_n: float | None = Field(description="Share of problems with at least one correct sample; None when n is 1.")
@@ -205,7 +211,12 @@ def answer_problems(
 
 
 def summarize_model(
-    name: str, adapter: str | None, answers: Sequence[ModelAnswer], samples: int, seconds: float
+    name: str,
+    adapter: str | None,
+    answers: Sequence[ModelAnswer],
+    samples: int,
+    seconds: float,
+    dtype: str | None = None,
 ) -> ModelRow:
     """A model's row from its answers: pass@1 from the greedy verdicts; mean@n and pass@n from the samples."""
     greedy = [a.correct for a in answers]
@@ -214,6 +225,7 @@ def summarize_model(
         name=name,
         adapter=adapter,
         served=None if adapter is None else "lora",
+        dtype=dtype,
         pass_at_1=mean_accuracy(greedy),
         mean_at_n=mean_pass_at_k(sampled, 1) if samples > 1 else None,
         pass_at_n=mean_pass_at_k(sampled, samples) if samples > 1 else None,
@@ -256,7 +268,8 @@ def evaluate(
                 on_progress(name, done, len(problems))
 
         answers = answer_problems(problems, engine, config, adapter_path, on_batch=report_batch)
-        rows.append(summarize_model(name, adapter_path, answers, config.samples, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        rows.append(summarize_model(name, adapter_path, answers, config.samples, seconds, engine.dtype))
         answers_by_model[name] = answers
     results = [
         ProblemResult(
@@ -303,6 +316,15 @@ def combine_reports(reports: Sequence[EvalReport]) -> EvalReport:
     return first.model_copy(update={"rows": renamed, "problems": problems})
 
 
+def computed_in(rows: Sequence[ModelRow]) -> str:
+    """The note on the engines' dtypes: one for all (`computed in float32`), or each model's where they differ."""
+    dtypes = {row.dtype or "an unknown dtype" for row in rows}
+    if len(dtypes) == 1:
+        return f"computed in {dtypes.pop()}"
+    seen = {row.name: row.dtype or "unknown" for row in rows}
+    return "computed in " + ", ".join(f"{dtype} ({name})" for name, dtype in seen.items())
+
+
 def render_table(reports: EvalReport | Sequence[EvalReport], *, title: str = "Evaluation") -> Table:
     """The paper's Table 1: one row per model (in first-seen order, base first when evaluated first), and for each
     benchmark a pass@1 column, plus a mean@n column when it was sampled. A model missing from a benchmark shows `-`."""
@@ -331,5 +353,6 @@ def render_table(reports: EvalReport | Sequence[EvalReport], *, title: str = "Ev
     notes = ["pass@1: greedy"]
     notes += [f"mean@{n}: mean accuracy over {n} samples at T={t:g}" for n, t in sorted(sampled)]
     notes.append("a cut-off or ungradeable answer counts as wrong")
+    notes.append(computed_in([row for report in reports for row in report.rows]))
     table.caption = "; ".join(notes)
     return table

@@ -346,6 +346,10 @@ class TeacherEngine(PromptingEngine):
     def model_name(self) -> str:
         return self.options.model
 
+    @property
+    def dtype(self) -> str:
+        return resolved_dtype(self.options.dtype)
+
     def load_weights(self, checkpoint: str | Path) -> None:
         """Replace the model's weights in place with those of `checkpoint`, a checkpoint of the same architecture (an
         adapter merged into the base weights, services/teacher/merging.py): a second or a few seconds instead of a new

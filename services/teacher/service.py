@@ -28,6 +28,7 @@ from services.teacher.engine import (
     engine_kwargs,
     generation_from_completion,
     remove_ipc_directory,
+    resolved_dtype,
     sampling_params,
     topk_from_vllm,
 )
@@ -228,6 +229,10 @@ class TeacherService:
     def model_name(self) -> str:
         """The base model as pairs record it (the same string as the in-process engine's)."""
         return self.options.model
+
+    @property
+    def dtype(self) -> str:
+        return resolved_dtype(self.options.dtype)
 
     @property
     def ready(self) -> bool:
@@ -439,6 +444,7 @@ class TeacherService:
             max_model_len=self.max_model_len,
             vocab_size=self.vocab_size,
             max_logprobs=self.options.max_logprobs,
+            dtype=self.dtype,
             adapters=adapters,
             max_pending_requests=self.settings.max_pending_requests,
         )

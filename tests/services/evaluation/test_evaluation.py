@@ -5,10 +5,19 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from services.evaluation.evaluation import EvalConfig, EvalReport, evaluate, model_names, render_table
+from services.evaluation.evaluation import (
+    EvalConfig,
+    EvalReport,
+    as_merged_adapter,
+    combine_reports,
+    evaluate,
+    model_names,
+    render_table,
+)
 from shared.arithmetic import make_arithmetic_problems
 from shared.engine import PromptingEngine
 from shared.schemas import Generation, Problem, RenderedPrompt
+from tests.conftest import engine_dtype
 
 PROBLEMS = [Problem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(1, 5)]
 
@@ -153,6 +162,19 @@ def test_table_has_a_row_per_model_and_a_column_per_metric():
     assert "50.0%" in base_line and "37.5%" in base_line
 
 
+def test_each_row_records_the_dtype_its_engine_computed_in_and_the_table_says_it():
+    engine = ScriptedEngine(SCRIPT)
+    engine.dtype = "bfloat16"
+    report = evaluate(PROBLEMS, engine, EvalConfig(samples=1), adapters=[None, "runs/ssb-adapter"])
+    assert [row.dtype for row in report.rows] == ["bfloat16", "bfloat16"]
+    assert "computed in bfloat16" in render_table(report).caption
+    # The adapter merged and evaluated on another engine, in float32: each model's dtype is told.
+    merged = as_merged_adapter(evaluate(PROBLEMS, ScriptedEngine(SCRIPT), EvalConfig(samples=1)), "runs/ssb-adapter")
+    merged.rows[0].dtype = "float32"
+    combined = combine_reports([report.model_copy(update={"rows": report.rows[:1]}), merged])
+    assert "computed in bfloat16 (base), float32 (ssb-adapter)" in render_table(combined).caption
+
+
 @pytest.fixture(scope="module")
 def lora_adapter(model_path, tmp_path_factory) -> str:
     """A LoRA adapter on the real small model with random (non-zero) weights, so it visibly changes the outputs."""
@@ -173,6 +195,7 @@ def test_base_and_adapter_side_by_side_on_the_real_engine(lora_engine, lora_adap
 
     assert [row.name for row in report.rows] == ["base", "random-adapter"]
     assert report.rows[1].adapter == lora_adapter
+    assert [row.dtype for row in report.rows] == [engine_dtype(lora_engine)] * 2
     assert [p.id for p in report.problems] == [p.id for p in problems]
     for result in report.problems:
         for answer in result.answers.values():

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from services.curator.curation import curate
+from services.teacher.engine import resolved_dtype
 from shared.arithmetic import make_arithmetic_problems
 from shared.prompts import PROMPT_VERSION, build_student_messages
-from shared.settings import CurationConfig
+from shared.settings import CurationConfig, Settings
 from shared.storage import PairStore
 from shared.teacher_api import TopKBase64, decode_topk
 from shared.teacher_client import TeacherClient, TeacherRejected
@@ -45,6 +46,7 @@ def test_probes_and_models(teacher_server):
     assert models["max_model_len"] == 4096 and models["vocab_size"] == 49152 and models["max_logprobs"] == 64
     assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
     assert models["model"].endswith("SmolLM2-135M-Instruct")
+    assert models["dtype"] == resolved_dtype(Settings().dtype)  # the variables it was started with, as here
 
 
 def test_the_model_runs_in_the_engine_cores_process(teacher_server, lora_teacher_server):
