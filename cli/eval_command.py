@@ -296,6 +296,7 @@ def eval_command(
                 ]
     eval_report = combine_reports(reports)
 
+    replaced = out.exists()  # the default path is one per benchmark: an evaluation of other models replaces it
     replace_atomically(out, eval_report.model_dump_json(indent=2))
     console.print(render_table(eval_report, title=f"{label}: {len(problems)} problems, {Path(model_path).name}"))
     for row in eval_report.rows:
@@ -306,7 +307,7 @@ def eval_command(
         )
     if len(eval_report.rows) > 1:
         print_paired_comparison(eval_report)
-    console.print(f"per-problem results in {out}")
+    console.print(f"per-problem results in {out}" + (" (it replaced the report that was there)" if replaced else ""))
 
 
 def print_paired_comparison(report) -> None:

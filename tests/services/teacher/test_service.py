@@ -682,7 +682,10 @@ def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path)
     store = PairStore(tmp_path / "pairs")
     assert len(store.pair_ids()) + len(list(store.iter_dropped())) == 2
     report = tmp_path / "eval.json"
-    ssb("eval", "--benchmark", str(problems), "--max-tokens", "8", "--adapter", "tiny", "--out", str(report))
+    report.write_text("{}")  # an earlier evaluation's report there is replaced, and the command says so
+    evaluated = ssb("eval", "--benchmark", str(problems), "--max-tokens", "8", "--adapter", "tiny",
+                    "--out", str(report))
+    assert "(it replaced the report that was there)" in " ".join(evaluated.stdout.split())
     report = json.loads(report.read_text())
     rows = report["rows"]
     assert [row["name"] for row in rows] == ["base", "tiny"] and all(row["problems"] == 2 for row in rows)
