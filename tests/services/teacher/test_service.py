@@ -685,7 +685,7 @@ def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path)
     report.write_text("{}")  # an earlier evaluation's report there is replaced, and the command says so
     evaluated = ssb("eval", "--benchmark", str(problems), "--max-tokens", "8", "--adapter", "tiny",
                     "--out", str(report))
-    assert "(it replaced the report that was there)" in " ".join(evaluated.stdout.split())
+    assert "(it replaced the report that was there)" in " ".join(evaluated.stderr.split())
     report = json.loads(report.read_text())
     rows = report["rows"]
     assert [row["name"] for row in rows] == ["base", "tiny"] and all(row["problems"] == 2 for row in rows)
