@@ -186,10 +186,9 @@ def evaluate_merged_adapter(
     without LoRA support, on that base model or an earlier merge) loads in place of its weights and keeps. In an engine
     that computes in bfloat16, a note says how much of the adapter's update the rounded weights lose, when it is more
     than a percent (services/teacher/merging.py)."""
-    from services.teacher.engine import resolved_dtype
     from services.teacher.merging import merge_adapter
 
-    dtype = resolved_dtype(engine.options.dtype)
+    dtype = engine.dtype
     with tempfile.TemporaryDirectory(prefix="ssb-merged-") as merged_dir:
         with console.status(f"Merging {Path(adapter).name} into a copy of the base weights..."):
             merged = merge_adapter(adapter, model_path, merged_dir, dtype)

@@ -6,7 +6,8 @@ Each process starts in a session (and so a process group) of its own: a Ctrl-C a
 workers with it), waits up to `stop_timeout` seconds for a graceful exit, then SIGKILLs whatever is left in the
 session: also what moved to a group of its own (RQ forks each job's work horse into a new group, and a worker's warm
 shutdown waits for it). Redis stops last, after the processes that use it. Should the supervisor itself die without
-a stop (SIGKILL, the OOM killer), the kernel sends each process SIGTERM, and each stops as it would at a stop.
+a stop (SIGKILL, the OOM killer), the kernel sends each process (not its group) SIGTERM at once, Redis too, and no
+SIGKILL follows: each service and worker ends as it does on SIGTERM, taking what it started with it.
 
     with Supervisor(topology.processes) as supervisor:
         supervisor.start()

@@ -11,17 +11,17 @@ import sys
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
-# Loaded here, in the parent: a child between fork and exec (`preexec_fn`) only calls it, never loads a library.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+# Found here, in the parent: a child between fork and exec (`preexec_fn`) only calls it, never looks up a symbol.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
     """Have the kernel send this process `signum` when its parent dies (SIGKILL by default; SIGTERM lets it stop
     cleanly), and die now if the parent is already gone (it may have died between the fork and this call). Linux
     only; elsewhere nothing is done. The signal follows the thread that started the process."""
-    if _LIBC is None:
+    if _PRCTL is None:
         return
-    if _LIBC.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+    if _PRCTL(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         return  # not allowed here: the process still runs, as it would without this
     if os.getppid() != parent_pid:
         os._exit(1)

@@ -79,25 +79,33 @@ def build_hinted_messages(
 
 
 # How an explanation speaks of the attempts its prompt showed (headed "Correct attempt" and "Incorrect attempt", and
-# called the first and the second): a solution written as if for the first time has no use for these words.
+# called the first and the second): "the" before them, as for things already shown, or both of them at once. A
+# solution in its own voice says "a common wrong attempt", "a first attempt", which do not count.
 _ATTEMPT_MENTION = re.compile(
-    r"\b(?:(?:in)?correct|right|wrong|mistaken|flawed|first|second|earlier|previous|other|given|provided|both|two"
-    r"|above)\s+(?:attempt|response)s?\b"
-    r"|\bthe\s+attempts\b"
-    r"|\b(?:attempt|response)\s+#?[12]\b"
-    r"|\b(?:was|were|been)\s+(?:shown|given|provided)\s+(?:\w+\s+)?(?:attempts|responses|solutions)\b",
+    r"\b(?:the|these|those)\s+(?:(?:in)?correct|right|wrong|mistaken|flawed|first|second|earlier|previous|other|given"
+    r"|provided|two|above)\s+(?:attempt|response)s?\b"
+    r"|\b(?:the|these|those)\s+attempts\b"
+    r"|\bboth\s+(?:attempt|response)s\b"
+    r"|\b(?:was|were|been)\s+(?:shown|given|provided)\s+(?:two|the|these|both)\s+(?:attempts|responses|solutions)\b",
     re.IGNORECASE,
 )
+# A question with tries of its own (a player's shots, a guess at a code, a survey's responses) may have its solution
+# speak of attempts or responses.
+_OWN_WORDS = {
+    "attempt": re.compile(r"\b(?:attempt|tr(?:y|ies|ied|ials?)|shots?|throws?|toss|guess)", re.IGNORECASE),
+    "response": re.compile(r"\brespon", re.IGNORECASE),
+    "solution": re.compile(r"\bsolution", re.IGNORECASE),
+}
 
 
 def attempt_mention(explanation: str, question: str) -> str | None:
     """The first phrase by which `explanation` speaks of the attempts shown with its question ("unlike the incorrect
     attempt", "both attempts"), or None. The hinted prompt asks for a solution that never mentions them: the student,
-    trained on the explanation after the bare question, would learn to speak of attempts it never saw. A question that
-    uses the word itself (a player's free-throw attempts, a quiz's correct responses) lets its explanation use it."""
+    trained on the explanation after the bare question, would learn to speak of attempts it never saw. A question with
+    tries or responses of its own (a player's shots, a survey's respondents) lets its explanation speak of them."""
     for match in _ATTEMPT_MENTION.finditer(explanation):
-        noun = re.search(r"attempt|response|solution", match.group(), re.IGNORECASE).group()
-        if not re.search(rf"\b{noun}", question, re.IGNORECASE):
+        noun = re.search(r"attempt|response|solution", match.group(), re.IGNORECASE).group().lower()
+        if not _OWN_WORDS[noun].search(question):
             return " ".join(match.group().split())
     return None
 

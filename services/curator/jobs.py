@@ -181,11 +181,11 @@ def curate_with_rejections(
 
 def refused_for_its_content(exc: TeacherRejected) -> bool:
     """Whether the teacher refused what a request holds (400: e.g. a question longer than its context; 413: a body
-    too large for a gateway in front of it; 422: a field out of range), which the batch one problem at a time gets
-    past, or the same problem would meet again. Any other refusal says nothing of the problems: a key the teacher no
-    longer takes (401, 403, during a key rotation), an adapter it cannot find or no teacher at that URL (404, a
-    gateway during a redeploy), a conflict (409); failing each problem for it would finish the dataset early, all
-    `failed`, and start its training on what little was curated."""
+    over its `SSB_MAX_REQUEST_BYTES` or a gateway's limit in front of it; 422: a field out of range), which the batch
+    one problem at a time gets past, or the same problem would meet again. Any other refusal says nothing of the
+    problems: a key the teacher no longer takes (401, 403, during a key rotation), an adapter it cannot find or no
+    teacher at that URL (404, a gateway during a redeploy), a conflict (409); failing each problem for it would
+    finish the dataset early, all `failed`, and start its training on what little was curated."""
     return exc.status in (400, 413, 422)
 
 

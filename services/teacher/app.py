@@ -8,7 +8,8 @@ The engine is built in the app's lifespan, in a thread, so `/healthz`, `/metrics
 teacher then ends within seconds, `on_engine_death`). Uvicorn's SIGTERM/SIGINT handling ends the lifespan, which shuts
 the engine's processes down. Errors share one envelope with the other services (services/http.py); with
 `SSB_TEACHER_API_KEY` set, every endpoint but the two probes and the API docs (`/docs`, `/redoc`, `/openapi.json`) needs
-`Authorization: Bearer <key>`, compared in constant time. `/metrics` is vLLM's Prometheus registry plus this service's
+`Authorization: Bearer <key>`, compared in constant time. A request body over `SSB_MAX_REQUEST_BYTES` is a 413, refused
+as it arrives. `/metrics` is vLLM's Prometheus registry plus this service's
 requests, errors, latency and response sizes per endpoint.
 """
 

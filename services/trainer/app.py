@@ -4,11 +4,12 @@ workers (`ssb worker train`), which take the jobs this service queues in Redis.
 
     ssb serve trainer --port 8002          (cli/serve_command.py runs this app on uvicorn)
 
-Errors share one envelope with the other services (services/http.py): 422 names the bad field, 404 an unknown id,
-409 a conflict (an existing run id with other settings, a new run id that an adapter already has, an adapter not
-trained yet), 413 a body over `SSB_MAX_REQUEST_BYTES`. With `SSB_TRAINER_API_KEY` set, every endpoint but the two probes and the API docs (`/docs`, `/redoc`,
-`/openapi.json`) needs `Authorization: Bearer <key>`, compared in constant time. `/metrics` is Prometheus text: runs
-and evaluations by status, running runs' step and loss, the queues and their workers, and this service's requests.
+Errors share one envelope with the other services (services/http.py): 422 names the bad field, 404 an unknown id, 409 a
+conflict (an existing run id with other settings, a new run id that an adapter already has, an adapter not trained yet),
+413 a body over `SSB_MAX_REQUEST_BYTES`. With `SSB_TRAINER_API_KEY` set, every endpoint but the two probes and the API
+docs (`/docs`, `/redoc`, `/openapi.json`) needs `Authorization: Bearer <key>`, compared in constant time. `/metrics` is
+Prometheus text: runs and evaluations by status, running runs' step and loss, the queues and their workers, and this
+service's requests.
 """
 
 from __future__ import annotations

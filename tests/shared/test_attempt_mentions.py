@@ -1,6 +1,6 @@
 """`attempt_mention` on the ways a hinted explanation speaks of the attempts it was shown, against standalone solutions
-that warn about mistakes in their own words, questions that use such words themselves, and the 8,792 reference
-solutions of GSM8K (none of which speaks of attempts)."""
+that warn about mistakes in their own voice ("a common wrong attempt"), questions with tries or responses of their own,
+and the 8,792 reference solutions of GSM8K (none of which speaks of attempts)."""
 
 import json
 
@@ -15,13 +15,12 @@ QUESTION = "Kofi reads 10 pages and then 10 more. How many pages has he read?"
 @pytest.mark.parametrize(
     "explanation, phrase",
     [
-        ("Unlike the incorrect attempt, we add the pages: 10 + 10 = 20. \\boxed{20}", "incorrect attempt"),
-        ("As the Correct Attempt shows, 10 + 10 = 20.", "Correct Attempt"),
-        ("The second attempt made a mistake by multiplying.", "second attempt"),
+        ("Unlike the incorrect attempt, we add the pages: 10 + 10 = 20. \\boxed{20}", "the incorrect attempt"),
+        ("As the Correct Attempt shows, 10 + 10 = 20.", "the Correct Attempt"),
+        ("The second attempt made a mistake by multiplying.", "The second attempt"),
         ("Both attempts start with 10 pages.", "Both attempts"),
         ("Of the attempts above, only one adds.", "the attempts"),
-        ("In the previous\nresponse the pages were multiplied.", "previous response"),
-        ("Response 2 multiplied 10 by 10, which is wrong.", "Response 2"),
+        ("In the previous\nresponse the pages were multiplied.", "the previous response"),
         ("I was shown two solutions; here is my own.", "was shown two solutions"),
     ],
 )
@@ -33,10 +32,14 @@ def test_an_explanation_that_speaks_of_the_attempts_is_caught(explanation, phras
     "explanation",
     [
         "Kofi reads 10 pages, then 10 more: 10 + 10 = 20.\nThe answer is \\boxed{20}.",
-        # Warning about a likely mistake in its own words is what the prompt asks for.
+        # Warning about a likely mistake in its own voice is what the prompt asks for.
         "A common mistake is to multiply 10 by 10 and get 100; the pages add up instead. The correct answer is 20.",
         "Be careful: the incorrect answer 100 comes from multiplying. The right approach is to add. \\boxed{20}",
+        "A natural first attempt is to multiply; that overcounts. A common wrong attempt adds only once.",
+        "An incorrect attempt would be 10 * 10 = 100. Let's make a second attempt using addition.",
+        "Other attempts at this problem often forget the second 10. We attempt 2 ways and both give 20.",
         "The equation has two solutions, x = 2 and x = 3, and both solutions are positive.",
+        "The roots were given as solutions of the quadratic, so their sum is 5.",
         "Let us attempt the sum step by step: 10 + 10 = 20.",
     ],
 )
@@ -44,14 +47,28 @@ def test_a_standalone_solution_is_not_caught(explanation):
     assert attempt_mention(explanation, QUESTION) is None
 
 
-def test_a_question_that_uses_the_word_itself_lets_its_explanation_use_it():
-    question = "Ana made 8 free-throw attempts and scored on 6. Her first attempt missed. How many did she miss?"
-    explanation = "Her first attempt missed, and of the attempts 8 - 6 = 2 missed. Both attempts... \\boxed{2}"
+@pytest.mark.parametrize(
+    "question, explanation",
+    [
+        ("Ana made 8 free-throw attempts and scored on 6. How many did she miss?",
+         "Of the attempts, 8 - 6 = 2 missed; both attempts that missed hit the rim. \\boxed{2}"),
+        ("Ana scores with probability 1/2 per shot. What is the chance her first basket comes on her third try?",
+         "The first two attempts must be misses and the third attempt a hit: (1/2)^3 = 1/8. \\boxed{1/8}"),
+        ("Jake tries to guess a 2-digit code. How many codes are there?",
+         "The first attempt can be any of 100 codes. \\boxed{100}"),
+        ("Of 40 people surveyed, 25 responded yes. How many responded no?",
+         "The two responses are yes and no: 40 - 25 = 15. \\boxed{15}"),
+        ("A quiz gives 3 points per correct response. Lia gave 7. What is her score?",
+         "The correct responses score 7 * 3 = 21. \\boxed{21}"),
+    ],
+)
+def test_a_question_with_tries_or_responses_of_its_own_lets_its_explanation_speak_of_them(question, explanation):
     assert attempt_mention(explanation, question) is None
-    quiz = "A quiz scores 5 points for each correct response. Lia gave 7 correct responses. What is her score?"
-    assert attempt_mention("Her 7 correct\nresponses score 7 * 5 = 35. \\boxed{35}", quiz) is None
-    # Only the word it uses: the quiz's explanation may still not speak of attempts.
-    assert attempt_mention("Unlike the second attempt, 7 * 5 = 35.", quiz) == "second attempt"
+
+
+def test_only_the_words_a_question_has_are_let_through():
+    quiz = "A quiz gives 3 points per correct response. Lia gave 7 correct responses. What is her score?"
+    assert attempt_mention("Unlike the second attempt, 7 * 3 = 21.", quiz) == "the second attempt"
 
 
 def test_no_reference_solution_of_gsm8k_is_caught():

@@ -21,7 +21,7 @@ def test_funnel_accounts_for_every_problem(curation_run):
     problems, store, funnel = curation_run
     assert funnel.problems == len(problems) == funnel.processed
     assert funnel.pairs == len(store.pair_ids())
-    unverified = funnel.dropped.get("explanation_wrong", 0) + funnel.dropped.get("explanation_truncated", 0)
+    unverified = sum(n for reason, n in funnel.dropped.items() if reason.startswith("explanation_"))
     assert funnel.with_mix == funnel.explained == funnel.pairs + unverified
     assert funnel.rollout_tokens > 0 and funnel.tokens_per_second > 0
     assert {d.problem_id for d in store.iter_dropped()} | set(store.pair_ids()) == {p.id for p in problems}

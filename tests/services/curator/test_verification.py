@@ -85,7 +85,7 @@ def test_a_right_explanation_that_speaks_of_the_attempts_is_no_pair():
     verdict = grade_response(PROBLEM.answer, mentions.text)
     assert verdict.correct is True
     reason, detail = explanation_rejection(PROBLEM, mentions, verdict)
-    assert reason == "explanation_mentions_hints" and "'incorrect attempt'" in detail
+    assert reason == "explanation_mentions_hints" and "'the incorrect attempt'" in detail
     # Another attempt that stands alone is kept in its place.
     choice = choose_explanation(PROBLEM, [mentions, generation(ENDED, "stop")], CurationConfig().extraction_order)
     assert choice.kept == 1 and [reason for reason, _ in choice.rejections] == ["explanation_mentions_hints"]
