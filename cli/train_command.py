@@ -136,14 +136,21 @@ def train_command(
     online: the exact full-vocabulary loss; the base model reads the hinted prompt in every step (1.30x the step time).
     stored: the top-k saved with the pairs, no teacher pass; gradient cosine with exact 0.995 at T = 1, 0.58 at T = 2.
     """
-    from services.trainer.inputs import PairDataError, check_output_dir, pair_store, stopped_attempt_note
+    from services.trainer.inputs import (
+        PairDataError,
+        check_output_dir,
+        other_model_note,
+        pair_store,
+        stopped_attempt_note,
+    )
+    from shared.storage import StorageError
 
     # Under `accelerate launch` every process runs this command; only the main one draws (and gets on_step calls).
     main_process = int(os.environ.get("RANK", "0")) == 0
     try:  # a wrong path fails at once, before torch and the model load
         check_output_path(out, directory=True)
         left = check_output_dir(out, resume=resume)
-        pair_store(pairs)
+        store = pair_store(pairs)
     except (ValueError, TrainingError) as exc:  # PairDataError is a ValueError
         raise fail(str(exc)) from exc
     if left and main_process:
@@ -158,8 +165,11 @@ def train_command(
                 check_same_settings(checkpoint, None, config.model_dump(mode="json"))
         model_path = ensure_model(model, Settings())
         check_model_config(model_path)  # a model that cannot load: said in a line, before torch and the weights load
-    except (FileNotFoundError, ValueError, TrainingError) as exc:
+        note = other_model_note(store, model_path)
+    except (FileNotFoundError, ValueError, TrainingError, StorageError) as exc:  # StorageError: an unreadable pair
         raise fail(str(exc)) from exc
+    if note and main_process:
+        console.print(note)
 
     from services.trainer.training import train
 

@@ -79,12 +79,14 @@ def build_hinted_messages(
 
 
 # How an explanation speaks of the attempts its prompt showed (headed "Correct attempt" and "Incorrect attempt", and
-# called the first and the second): "the" before them, as for things already shown, or both of them at once. A
-# solution in its own voice says "a common wrong attempt", "a first attempt", which do not count.
+# called the first and the second): "the" before them, as for things already shown, or both of them at once; "the
+# incorrect solution" too (but "the other solution", "the first solution" of an equation with two). A solution in its
+# own voice says "a common wrong attempt", "a first attempt", which do not count.
 _ATTEMPT_MENTION = re.compile(
     r"\b(?:the|these|those)\s+(?:(?:in)?correct|right|wrong|mistaken|flawed|first|second|earlier|previous|other|given"
     r"|provided|two|above)\s+(?:attempt|response)s?\b"
     r"|\b(?:the|these|those)\s+attempts\b"
+    r"|\b(?:the|these|those)\s+(?:incorrect|wrong|mistaken|flawed|provided|previous|earlier|above)\s+solutions?\b"
     r"|\bboth\s+(?:attempt|response)s\b"
     r"|\b(?:was|were|been)\s+(?:shown|given|provided)\s+(?:two|the|these|both)\s+(?:attempts|responses|solutions)\b",
     re.IGNORECASE,

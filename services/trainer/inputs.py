@@ -4,6 +4,7 @@ torch, so `ssb train` given a wrong path says so at once instead of after torch,
 (about 5 s on a 2-core machine).
 
     store = pair_store("runs/demo")                      # PairDataError: no pairs/ directory, or no pair in it
+    note = other_model_note(store, model_path)           # the pairs made by a model of another name, or None
     left = check_output_dir(Path("runs/demo/adapter"), resume=False)   # TrainingError: an adapter, a checkpoint
     with claimed_output_dir(Path("runs/demo/adapter")):  # TrainingError: another run trains there now
         clear_stopped_attempt(Path("runs/demo/adapter"), left)
@@ -16,10 +17,10 @@ import fcntl
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from services.trainer.config import TrainingError
-from shared.storage import PairStore
+from shared.storage import PairStore, decode_pair_record
 
 
 class PairDataError(ValueError):
@@ -34,6 +35,22 @@ def pair_store(pairs_dir: str | Path) -> PairStore:
     if not store.pair_ids():
         raise PairDataError(f"{store.root}: no pairs in {store.pairs_dir}; curation kept none, or has not run")
     return store
+
+
+def other_model_note(store: PairStore, model_path: str) -> str | None:
+    """A note when the pairs were made by a model of another name than the one to train (by its first pair's record;
+    the teacher of a later round is `base+adapter`, its base the model), or None. Distilling one model's explanations
+    into another of the same tokenizer can be meant; into one of another tokenizer it is noise, and only token ids
+    past the student's vocabulary would be caught."""
+    made_by = decode_pair_record(store.pair_path(store.pair_ids()[0])).model.split("+")[0]
+    teacher, student = PurePosixPath(made_by.rstrip("/")).name, PurePosixPath(str(model_path).rstrip("/")).name
+    if teacher == student:
+        return None
+    return (
+        f"note: the pairs were made by {teacher} and the model to train is {student}: the student learns another "
+        f"model's token distributions, which is only meaningful with the same tokenizer (to train {teacher}, pass "
+        f"--model {made_by})"
+    )
 
 
 # What a run writes into its output directory, `checkpoints/` and `metrics.jsonl` first, `adapter_config.json` last.

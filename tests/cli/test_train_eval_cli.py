@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from services.trainer.inputs import other_model_note, pair_store
 from tests.cli.test_cli import REPO, ssb
 from tests.services.trainer.test_training import pairs_dir  # noqa: F401  (a fixture: three real pairs, top-8)
 
@@ -149,6 +150,7 @@ def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path)
         "train", "--pairs", str(pairs_dir), "--out", str(out), "--max-steps", "1", "--rank", "4", "--batch-size", "2"
     )
     assert "trained 1 steps on 3 pairs" in " ".join(result.stderr.split())
+    assert "note: the pairs were made by" not in result.stderr  # made by the model it trains
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
@@ -159,6 +161,15 @@ def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path)
     curve = out / "training_curve.png"
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "README.md").read_text() == "my notes\n" and not (out / ".adapter.tmp").exists()
+
+
+def test_pairs_made_by_a_model_of_another_name_are_noted(pairs_dir, model_path):  # noqa: F811
+    store = pair_store(pairs_dir)
+    note = other_model_note(store, "/models/Qwen2.5-0.5B-Instruct/")
+    assert note.startswith("note: the pairs were made by SmolLM2-135M-Instruct and the model to train is Qwen2.5-0.5B")
+    assert f"--model {model_path}" in note
+    assert other_model_note(store, model_path + "/") is None
+    assert other_model_note(store, "elsewhere/SmolLM2-135M-Instruct") is None  # one model at another path
 
 
 @pytest.mark.parametrize(

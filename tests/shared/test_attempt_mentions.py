@@ -22,6 +22,8 @@ QUESTION = "Kofi reads 10 pages and then 10 more. How many pages has he read?"
         ("Of the attempts above, only one adds.", "the attempts"),
         ("In the previous\nresponse the pages were multiplied.", "the previous response"),
         ("I was shown two solutions; here is my own.", "was shown two solutions"),
+        # A small model's explanation, as curated by the demo before this check existed.
+        ("The correct solution is 12.\n\nThe incorrect solution is 12.", "The incorrect solution"),
     ],
 )
 def test_an_explanation_that_speaks_of_the_attempts_is_caught(explanation, phrase):
@@ -39,6 +41,7 @@ def test_an_explanation_that_speaks_of_the_attempts_is_caught(explanation, phras
         "An incorrect attempt would be 10 * 10 = 100. Let's make a second attempt using addition.",
         "Other attempts at this problem often forget the second 10. We attempt 2 ways and both give 20.",
         "The equation has two solutions, x = 2 and x = 3, and both solutions are positive.",
+        "The first solution is x = 2 and the other solution is x = 3. The correct solution is the positive one.",
         "The roots were given as solutions of the quadratic, so their sum is 5.",
         "Let us attempt the sum step by step: 10 + 10 = 20.",
     ],
