@@ -80,23 +80,23 @@ def build_hinted_messages(
 
 # How an explanation speaks of the attempts its prompt showed (headed "Correct attempt" and "Incorrect attempt", and
 # called the first and the second): "the" before them, as for things already shown, or both of them at once; "the
-# incorrect solution" too (but "the other solution", "the first solution" of an equation with two). A solution in its
-# own voice says "a common wrong attempt", "a first attempt", which do not count.
+# incorrect solution" too, but not one followed by what it is ("the wrong solution x = -1" of an equation: a root). A
+# solution in its own voice says "a common wrong attempt", "a first attempt", which do not count.
 _ATTEMPT_MENTION = re.compile(
     r"\b(?:the|these|those)\s+(?:(?:in)?correct|right|wrong|mistaken|flawed|first|second|earlier|previous|other|given"
     r"|provided|two|above)\s+(?:attempt|response)s?\b"
     r"|\b(?:the|these|those)\s+attempts\b"
-    r"|\b(?:the|these|those)\s+(?:incorrect|wrong|mistaken|flawed|provided|previous|earlier|above)\s+solutions?\b"
+    r"|\b(?:the|these|those)\s+(?:incorrect|wrong|mistaken|flawed)\s+solutions?\b(?!,?\s*(?:\$|\\\(|[a-z]\s*=|-?\d))"
     r"|\bboth\s+(?:attempt|response)s\b"
     r"|\b(?:was|were|been)\s+(?:shown|given|provided)\s+(?:two|the|these|both)\s+(?:attempts|responses|solutions)\b",
     re.IGNORECASE,
 )
 # A question with tries of its own (a player's shots, a guess at a code, a survey's responses) may have its solution
-# speak of attempts or responses.
+# speak of attempts or responses; one to solve, with roots, of solutions that may be wrong.
 _OWN_WORDS = {
     "attempt": re.compile(r"\b(?:attempt|tr(?:y|ies|ied|ials?)|shots?|throws?|toss|guess)", re.IGNORECASE),
     "response": re.compile(r"\brespon", re.IGNORECASE),
-    "solution": re.compile(r"\bsolution", re.IGNORECASE),
+    "solution": re.compile(r"\b(?:solution|solv|roots?\b|zeros?\b|equation)", re.IGNORECASE),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from services.trainer.config import TrainingError
 from shared.storage import PairStore, decode_pair_record
+from shared.teacher_api import ADAPTER_NAME_PATTERN
 
 
 class PairDataError(ValueError):
@@ -42,14 +44,16 @@ def other_model_note(store: PairStore, model_path: str) -> str | None:
     the teacher of a later round is `base+adapter`, its base the model), or None. Distilling one model's explanations
     into another of the same tokenizer can be meant; into one of another tokenizer it is noise, and only token ids
     past the student's vocabulary would be caught."""
-    made_by = decode_pair_record(store.pair_path(store.pair_ids()[0])).model.split("+")[0]
+    recorded = decode_pair_record(store.pair_path(store.pair_ids()[0])).model
+    base, plus, adapter = recorded.rpartition("+")
+    made_by = base if plus and re.fullmatch(ADAPTER_NAME_PATTERN, adapter) else recorded
     teacher, student = PurePosixPath(made_by.rstrip("/")).name, PurePosixPath(str(model_path).rstrip("/")).name
     if teacher == student:
         return None
     return (
-        f"note: the pairs were made by {teacher} and the model to train is {student}: the student learns another "
-        f"model's token distributions, which is only meaningful with the same tokenizer (to train {teacher}, pass "
-        f"--model {made_by})"
+        f"note: the pairs were made by {teacher} (recorded as {recorded}) and the model to train is {student}: the "
+        f"student learns another model's token distributions, which is only meaningful with the same tokenizer (to "
+        f"train {teacher}, pass it as --model)"
     )
 
 

@@ -15,6 +15,7 @@ import pytest
 from safetensors import safe_open
 
 from services.trainer.inputs import other_model_note, pair_store
+from shared.storage import PairStore, decode_pair
 from tests.cli.test_cli import REPO, ssb
 from tests.services.trainer.test_training import pairs_dir  # noqa: F401  (a fixture: three real pairs, top-8)
 
@@ -99,16 +100,35 @@ def test_train_resume_with_other_settings_stops_before_loading(pairs_dir, tmp_pa
 def test_train_with_a_model_that_cannot_load_or_modules_it_lacks_is_one_line(
     pairs_dir, model_path, tmp_path, unloadable_model  # noqa: F811
 ):
-    """A model that cannot load (here a checkpoint with an empty config), and LoRA target modules the model does not
-    have: one error line each, status 2, no traceback, no adapter."""
-    for args, says in (
-        (["--model", unloadable_model], unloadable_model),
-        (["--model", model_path, "--target-modules", "q_projection", "--max-steps", "1"],
+    """A model that cannot load (here a checkpoint with an empty config), LoRA target modules the model does not
+    have (on pairs made by a model of another name: noted first), and a pair that cannot be read: one error line each,
+    status 2, no traceback, no adapter."""
+    other = copy_pairs(pairs_dir, tmp_path / "other", model="/teacher-box/Qwen2.5-0.5B-Instruct+round-1")
+    unreadable = copy_pairs(pairs_dir, tmp_path / "unreadable")
+    (unreadable / "pairs" / "0.safetensors").write_bytes(b"not a pair")  # the first pair by name
+    for pairs, args, says in (
+        (pairs_dir, ["--model", unloadable_model], unloadable_model),
+        (other, ["--model", model_path, "--target-modules", "q_projection", "--max-steps", "1"],
          "the LoRA adapter cannot be built on"),
+        (unreadable, ["--model", model_path], "unreadable pair file"),
     ):
-        result = ssb("train", "--pairs", str(pairs_dir), "--out", str(tmp_path / "out"), *args, check=False)
+        result = ssb("train", "--pairs", str(pairs), "--out", str(tmp_path / "out"), *args, check=False)
         assert result.returncode == 2 and says in error_of(result), error_of(result)
         assert "Traceback" not in result.stderr and not (tmp_path / "out" / "adapter_config.json").exists()
+        noted = "note: the pairs were made by Qwen2.5-0.5B-Instruct (recorded as /teacher-box/Qwen2.5-0.5B-Instruct+"
+        assert (noted in " ".join(result.stderr.split())) == (pairs == other), result.stderr
+
+
+def copy_pairs(source: Path, to: Path, *, model: str | None = None) -> Path:
+    """The pairs of the store at `source` in a store at `to`, their records saying they were made by `model` if
+    given."""
+    store = PairStore(to)
+    for path in sorted(Path(source, "pairs").glob("*.safetensors")):
+        pair = decode_pair(path)
+        if model is not None:
+            pair.record.model = model
+        store.write_pair(pair)
+    return to
 
 
 def test_train_checks_its_paths_before_importing_torch(tmp_path, unloadable_model):
@@ -166,8 +186,8 @@ def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path)
 def test_pairs_made_by_a_model_of_another_name_are_noted(pairs_dir, model_path):  # noqa: F811
     store = pair_store(pairs_dir)
     note = other_model_note(store, "/models/Qwen2.5-0.5B-Instruct/")
-    assert note.startswith("note: the pairs were made by SmolLM2-135M-Instruct and the model to train is Qwen2.5-0.5B")
-    assert f"--model {model_path}" in note
+    assert note.startswith(f"note: the pairs were made by SmolLM2-135M-Instruct (recorded as {model_path}) and the "
+                           "model to train is Qwen2.5-0.5B-Instruct")
     assert other_model_note(store, model_path + "/") is None
     assert other_model_note(store, "elsewhere/SmolLM2-135M-Instruct") is None  # one model at another path
 

@@ -42,6 +42,8 @@ def test_an_explanation_that_speaks_of_the_attempts_is_caught(explanation, phras
         "Other attempts at this problem often forget the second 10. We attempt 2 ways and both give 20.",
         "The equation has two solutions, x = 2 and x = 3, and both solutions are positive.",
         "The first solution is x = 2 and the other solution is x = 3. The correct solution is the positive one.",
+        "Squaring added a root: we discard the wrong solution x = -1 and the incorrect solution $x=-2$.",
+        "Using the previous solution for part (a), and from the above solution, the area is 12.",
         "The roots were given as solutions of the quadratic, so their sum is 5.",
         "Let us attempt the sum step by step: 10 + 10 = 20.",
     ],
@@ -63,6 +65,7 @@ def test_a_standalone_solution_is_not_caught(explanation):
          "The two responses are yes and no: 40 - 25 = 15. \\boxed{15}"),
         ("A quiz gives 3 points per correct response. Lia gave 7. What is her score?",
          "The correct responses score 7 * 3 = 21. \\boxed{21}"),
+        ("Solve for x: sqrt(x + 2) = x.", "Squaring gives x = 2 or x = -1; we discard the incorrect solution."),
     ],
 )
 def test_a_question_with_tries_or_responses_of_its_own_lets_its_explanation_speak_of_them(question, explanation):
