@@ -111,10 +111,16 @@ class Funnel(BaseModel):
     paired: int = 0
     no_mix: int = Field(default=0, description="All rollouts right, or all wrong: no hint pair.")
     ungradeable: int = Field(default=0, description="No rollout had a final answer that could be graded.")
-    explanation_wrong: int = Field(default=0, description="Every hinted explanation reached a wrong answer.")
-    explanation_truncated: int = Field(default=0, description="The explanation was cut at its token limit.")
+    explanation_wrong: int = Field(
+        default=0, description="No hinted explanation passed, the first for reaching a wrong answer."
+    )
+    explanation_truncated: int = Field(
+        default=0, description="No hinted explanation passed, the first for being cut at its token limit."
+    )
     explanation_mentions_hints: int = Field(
-        default=0, description="The explanation spoke of the attempts it was shown (it must stand alone)."
+        default=0,
+        description="No hinted explanation passed, the first for speaking of the attempts it was shown (it must stand "
+        "alone).",
     )
     failed: int = Field(default=0, description="Kept failing through every retry; see `failures`.")
     cancelled: int = 0

@@ -161,7 +161,8 @@ class CurationConfig(BaseModel):
         ge=1,
         le=16,
         description="Hinted explanations sampled per problem with a mix (one engine call, n samples); the first that "
-        "ends with the gold answer becomes the pair (paper: 1). Each attempt costs one explanation's tokens.",
+        "passes (ends by itself with the gold answer, and does not speak of the attempts it was shown) becomes the "
+        "pair (paper: 1). Each attempt costs one explanation's tokens.",
     )
     topk: int = Field(default=20, ge=1, le=256, description="Teacher log-probabilities kept per explanation token.")
     seed: Seed = Field(default=0, description="Seeds sampling and the tie-breaking draws.")
