@@ -171,7 +171,8 @@ def follow(http, dataset_id: str, problems: int):
                 raise fail(f"the curator answered {response.status_code}: {error_message(response)}")
             status = DatasetStatus.model_validate_json(response.content)
             progress.update(task, completed=status.funnel.finished, counts=funnel_line(status))
-            if status.funnel.finished >= status.problems:
+            # "done" as the curator counts it: a newer one's funnel may hold a state this version does not know.
+            if status.funnel.finished >= status.problems or status.state == "done":
                 handed = status.training_run or status.training_error or status.state == "cancelled"
                 if status.options.train is None or handed:
                     return status

@@ -6,7 +6,7 @@ the requests.
                                                            unexpected errors 500 (logged), all in the envelope
     require_bearer_key(app, key)                           every path but the probes and the API's own docs needs
                                                            `Authorization: Bearer <key>`, compared in constant time
-    app.add_middleware(LimitRequestBodies, max_bytes=n)   a body over n bytes is refused with 413 as it arrives
+    app.add_middleware(LimitRequestBodies, max_bytes=n)    a body over n bytes is refused with 413 as it arrives
     measure_requests(app, RequestMetrics("curator"))       requests, errors, latency and response sizes per endpoint
                                                            (`ssb_curator_requests_total`, ...), 401s and 503s included
     app.include_router(probes(readiness_problem, "Redis answers"))      /healthz and /readyz
@@ -144,6 +144,8 @@ class LimitRequestBodies:
 
         async def limited_receive():
             nonlocal received
+            if responding:  # a streaming response listens for the client's disconnect: no body is read any more
+                return await receive()
             if declared.isdigit() and int(declared) > limit:
                 raise BodyTooLarge(413, f"the request body is {int(declared)} bytes; at most {limit}")
             message = await receive()

@@ -331,6 +331,7 @@ class AdapterRollouts(ConcurrentCalls):
 
     @property
     def dtype(self) -> str | None:
+        """The teacher's: the adapter runs in its engine."""
         return self.engine.dtype
 
     def sharing_the_bound(self, calls: int = 2):

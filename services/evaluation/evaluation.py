@@ -257,6 +257,7 @@ def evaluate(
     if not adapters:
         raise ValueError("no models to evaluate: pass None for the base model and/or adapter paths")
     names = model_names(adapters)
+    dtype = engine.dtype  # read first: an engine without it fails before the work, not after
     rows: list[ModelRow] = []
     answers_by_model: dict[str, list[ModelAnswer]] = {}
     for name, adapter in zip(names, adapters, strict=True):
@@ -269,7 +270,7 @@ def evaluate(
 
         answers = answer_problems(problems, engine, config, adapter_path, on_batch=report_batch)
         seconds = time.perf_counter() - started
-        rows.append(summarize_model(name, adapter_path, answers, config.samples, seconds, engine.dtype))
+        rows.append(summarize_model(name, adapter_path, answers, config.samples, seconds, dtype))
         answers_by_model[name] = answers
     results = [
         ProblemResult(
@@ -316,13 +317,16 @@ def combine_reports(reports: Sequence[EvalReport]) -> EvalReport:
     return first.model_copy(update={"rows": renamed, "problems": problems})
 
 
-def computed_in(rows: Sequence[ModelRow]) -> str:
-    """The note on the engines' dtypes: one for all (`computed in float32`), or each model's where they differ."""
+def dtype_note(rows: Sequence[ModelRow]) -> str:
+    """The caption's note on the engines' dtypes: one for all (`computed in float32`), or each model's where they
+    differ (a model twice if two reports computed it in two dtypes); empty without rows."""
+    if not rows:
+        return ""
     dtypes = {row.dtype or "an unknown dtype" for row in rows}
     if len(dtypes) == 1:
         return f"computed in {dtypes.pop()}"
-    seen = {row.name: row.dtype or "unknown" for row in rows}
-    return "computed in " + ", ".join(f"{dtype} ({name})" for name, dtype in seen.items())
+    seen = dict.fromkeys((row.name, row.dtype or "unknown") for row in rows)
+    return "computed in " + ", ".join(f"{dtype} ({name})" for name, dtype in seen)
 
 
 def render_table(reports: EvalReport | Sequence[EvalReport], *, title: str = "Evaluation") -> Table:
@@ -353,6 +357,7 @@ def render_table(reports: EvalReport | Sequence[EvalReport], *, title: str = "Ev
     notes = ["pass@1: greedy"]
     notes += [f"mean@{n}: mean accuracy over {n} samples at T={t:g}" for n, t in sorted(sampled)]
     notes.append("a cut-off or ungradeable answer counts as wrong")
-    notes.append(computed_in([row for report in reports for row in report.rows]))
+    if note := dtype_note([row for report in reports for row in report.rows]):
+        notes.append(note)
     table.caption = "; ".join(notes)
     return table

@@ -348,6 +348,7 @@ class TeacherEngine(PromptingEngine):
 
     @property
     def dtype(self) -> str:
+        """The dtype the engine computes in (`auto` resolved)."""
         return resolved_dtype(self.options.dtype)
 
     def load_weights(self, checkpoint: str | Path) -> None:

@@ -11,6 +11,7 @@ engine request; all of a call's requests are submitted at once. Bad input raises
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import shutil
@@ -230,8 +231,9 @@ class TeacherService:
         """The base model as pairs record it (the same string as the in-process engine's)."""
         return self.options.model
 
-    @property
+    @functools.cached_property
     def dtype(self) -> str:
+        """The dtype the engine computes in (`auto` resolved), read once."""
         return resolved_dtype(self.options.dtype)
 
     @property

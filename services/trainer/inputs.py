@@ -51,9 +51,9 @@ def other_model_note(store: PairStore, model_path: str) -> str | None:
     if teacher == student:
         return None
     return (
-        f"note: the pairs were made by {teacher} (recorded as {recorded}) and the model to train is {student}: the "
-        f"student learns another model's token distributions, which is only meaningful with the same tokenizer (to "
-        f"train {teacher}, pass it as --model)"
+        f"note: the pairs were made by {teacher} (recorded as {recorded}) and the model to train is {student}: if "
+        f"they are two models, the student learns another's token distributions, which is only meaningful with the "
+        f"same tokenizer (to train {teacher}, pass it as --model)"
     )
 
 

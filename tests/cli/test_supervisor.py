@@ -1,6 +1,7 @@
 """The process handling of `ssb up` (cli/supervisor.py) on small real processes and real signals: every line comes
 out prefixed, a process that ignores SIGTERM and the child it started are SIGKILLed after the grace period, a
-process that exits is noticed, and a real Redis started first is waited for."""
+process that exits is noticed, a real Redis started first is waited for, and the processes get SIGTERM should the
+supervisor itself be killed."""
 
 from __future__ import annotations
 
@@ -201,7 +202,8 @@ def test_the_processes_get_sigterm_when_the_supervisor_dies_without_a_stop(tmp_p
         started += supervisor.children()
         supervisor.kill()
         supervisor.wait(timeout=10)
-        wait_for(marker.exists)  # the service is no child of this process: its end is seen by what it wrote
+        # The service is no child of this process: its end is seen by what it wrote.
+        wait_for(lambda: marker.exists() and marker.read_text() == "SIGTERM")
     finally:
         for process in started:
             try:
