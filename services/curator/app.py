@@ -30,6 +30,7 @@ from services.curator.service import CurationOverview, CuratorService
 from services.curator.settings import CuratorSettings
 from services.errors import ServiceError
 from services.http import (
+    LimitRequestBodies,
     RequestMetrics,
     error_responses,
     measure_requests,
@@ -167,7 +168,7 @@ def cancel_dataset(dataset_id: str, request: Request):
 
 async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | None]:
     """The upload's problems, options and name, all checked; raises ServiceError (413, 422) naming what is wrong."""
-    body = await read_body(request, request.app.state.settings.max_upload_bytes)
+    body = await request.body()  # over SSB_MAX_UPLOAD_BYTES: refused with 413 as it arrives (`LimitRequestBodies`)
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             return await read_form(Request(request.scope, replay(body)))
@@ -181,21 +182,6 @@ async def read_upload(request: Request) -> tuple[list, DatasetOptions, str | Non
         raise ServiceError(413, str(exc), "too_large", "file") from exc
     except DatasetError as exc:
         raise ServiceError(422, f"the dataset was rejected whole:\n{exc}", "invalid_dataset", "file") from exc
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body, refused with 413 as soon as it is over `limit` bytes, whether or not it declared a length
-    (a chunked upload is counted as it arrives, never held whole beyond the limit)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ServiceError(413, f"the upload is {int(declared)} bytes; at most {limit}", "too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(413, f"the upload is over {limit} bytes; at most {limit}", "too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def replay(body: bytes):
@@ -292,6 +278,7 @@ def create_app(settings: CuratorSettings | None = None, service: CuratorService 
     app.include_router(router)
     app.state.metrics = RequestMetrics("curator")
     register_error_handlers(app, log, unavailable=REDIS_UNAVAILABLE)
+    app.add_middleware(LimitRequestBodies, max_bytes=settings.max_upload_bytes)
     require_bearer_key(app, settings.curator_key())
     measure_requests(app, app.state.metrics)
     return app
