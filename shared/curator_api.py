@@ -104,7 +104,11 @@ class DatasetCreated(BaseModel):
 
 
 class Funnel(BaseModel):
-    """Where each problem is: the counts add up to the dataset's problems."""
+    """Where each problem is: the counts add up to the dataset's problems. A final state this version does not know
+    (a drop reason a newer worker recorded, during an upgrade) is kept under its own name and counted as finished, so
+    that the dataset still ends."""
+
+    model_config = ConfigDict(extra="allow")
 
     queued: int = 0
     running: int = 0
@@ -127,7 +131,8 @@ class Funnel(BaseModel):
 
     @property
     def finished(self) -> int:
-        return sum(getattr(self, state) for state in FINAL_STATES)
+        unknown = (count for count in (self.model_extra or {}).values() if isinstance(count, int))
+        return sum(getattr(self, state) for state in FINAL_STATES) + sum(unknown)
 
 
 class Failure(BaseModel):

@@ -20,7 +20,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from services.curator.ledger import DatasetLedger, DatasetMeta
-from shared.curator_api import DatasetOptions
+from shared.curator_api import DatasetOptions, DatasetStatus
 from tests.redis_server import delete_keys, redis_url
 
 REPO = Path(__file__).resolve().parents[3]
@@ -122,6 +122,21 @@ def test_a_status_lists_failures_from_a_bounded_read(ledger):
         if failed == MAX_LISTED_FAILURES:
             assert listed == ids
         ledger.delete("ds-1")
+
+
+def test_a_final_state_a_newer_worker_recorded_counts_as_finished(ledger):
+    """During an upgrade a newer worker may end a problem in a drop reason this version does not know: the status
+    counts it under its name, and the dataset still ends."""
+    new_dataset(ledger, 2)
+    ledger.record_final("ds-1", "a", "paired")
+    with ledger.redis.pipeline() as pipe:  # as a newer worker records it
+        pipe.hset(ledger.key("ds-1", "final"), "b", "explanation_of_a_newer_kind")
+        pipe.hincrby(ledger.key("ds-1", "counts"), "explanation_of_a_newer_kind", 1)
+        pipe.execute()
+    status = ledger.status("ds-1")
+    assert status.state == "done" and status.funnel.queued == 0 and status.funnel.finished == 2
+    assert status.funnel.model_dump()["explanation_of_a_newer_kind"] == 1
+    assert DatasetStatus.model_validate_json(status.model_dump_json()) == status  # as a client reads it
 
 
 def test_unknown_states_and_datasets(ledger):
