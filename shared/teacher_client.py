@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import TypeVar
 
 import httpx
 
@@ -44,6 +45,7 @@ MAX_WAIT_SECONDS = 30.0
 # How long a busy teacher (429) is waited for; a pool's services each get a share of it.
 BUSY_WAIT_SECONDS = 600.0
 RETRIED_STATUSES = (502, 503)  # and 429 (busy) for up to `busy_wait_seconds`, and 504 for a GET
+T = TypeVar("T")
 
 
 class TeacherError(Exception):
@@ -385,25 +387,24 @@ class TeacherPool(ConcurrentCalls):
                 unavailable = exc
         raise unavailable
 
-    @property
-    def model_name(self) -> str:
-        """The model, as the first service that answers names it (each client asks once, then remembers)."""
+    def first_answer(self, read: Callable[[TeacherClient], T]) -> T:
+        """What `read` gets from the first service that answers (each client asks once, then remembers)."""
         for client in self.clients:
             try:
-                return client.model_name
+                return read(client)
             except TeacherUnavailable as exc:
                 unavailable = exc
         raise unavailable
 
     @property
+    def model_name(self) -> str:
+        """The model, as the first service that answers names it."""
+        return self.first_answer(lambda client: client.model_name)
+
+    @property
     def dtype(self) -> str | None:
-        """The dtype of the first service that answers (each client asks once, then remembers)."""
-        for client in self.clients:
-            try:
-                return client.dtype
-            except TeacherUnavailable as exc:
-                unavailable = exc
-        raise unavailable
+        """The dtype of the first service that answers."""
+        return self.first_answer(lambda client: client.dtype)
 
     @property
     def max_logprobs(self) -> int:

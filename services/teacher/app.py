@@ -9,8 +9,8 @@ teacher then ends within seconds, `on_engine_death`). Uvicorn's SIGTERM/SIGINT h
 the engine's processes down. Errors share one envelope with the other services (services/http.py); with
 `SSB_TEACHER_API_KEY` set, every endpoint but the two probes and the API docs (`/docs`, `/redoc`, `/openapi.json`) needs
 `Authorization: Bearer <key>`, compared in constant time. A request body over `SSB_MAX_REQUEST_BYTES` is a 413, refused
-as it arrives. `/metrics` is vLLM's Prometheus registry plus this service's
-requests, errors, latency and response sizes per endpoint.
+as it arrives. `/metrics` is vLLM's Prometheus registry plus this service's requests, errors, latency and response
+sizes per endpoint.
 """
 
 from __future__ import annotations
