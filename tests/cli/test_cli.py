@@ -20,6 +20,27 @@ def ssb(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def ssb_side_by_side(*commands: list[str], env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Several `ssb` commands run at once, their results in the order given: a test of refusals that each load the
+    tokenizer or torch (seconds of one core each) takes the time of the slowest instead of the sum."""
+    running = [
+        (args, subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for args in commands
+    ]
+    results = []
+    try:
+        for args, process in running:
+            stdout, stderr = process.communicate(timeout=600)
+            results.append(subprocess.CompletedProcess(args, process.returncode, stdout, stderr))
+    finally:  # a failed wait leaves none of them running
+        for _, process in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
 def test_model_pull_prints_the_checkpoint_and_does_nothing_the_second_time(model_path):
     before = {p: p.stat().st_mtime_ns for p in Path(model_path).iterdir()}
     result = ssb("model", "pull")
@@ -104,8 +125,7 @@ def test_curate_eval_and_run_refuse_a_question_longer_than_the_context_before_st
         "eval": ["eval", "--benchmark", str(src), "--out", str(tmp_path / "eval.json")],
         "run": ["run", "--train", str(src), "--eval", str(held_out), "--out", str(tmp_path / "run")],
     }
-    for name, command in commands.items():
-        result = ssb(*command, check=False)
+    for name, result in zip(commands, ssb_side_by_side(*commands.values())):
         said = " ".join(result.stderr.split())
         assert result.returncode == 2, f"{name}: {result.stderr}"
         assert "1 of 2 problems do not fit the engine's 4096-token context" in said, f"{name}: {said}"
@@ -210,14 +230,14 @@ def test_a_service_url_that_is_none_is_refused_naming_its_flag(tmp_path):
     src = tmp_path / "p.jsonl"
     src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
     out = ["--out", str(tmp_path / "out")]
-    for command, says in (
+    cases = (
         (["curate", "--data", str(src), *out, "--teacher-url", "localhost:8000"],
          "--teacher-url 'localhost:8000': not a service URL; expected http://HOST:PORT"),
         (["eval", "--benchmark", str(src), "--out", str(tmp_path / "e.json"), "--teacher-url", "http://127.0.0.1:80x1"],
          "--teacher-url 'http://127.0.0.1:80x1': Invalid port: '80x1'"),
         (["submit", str(src), "--curator", "http://[::1"], "--curator 'http://[::1': Invalid port"),
-    ):
-        result = ssb(*command, check=False)
+    )
+    for (command, says), result in zip(cases, ssb_side_by_side(*(command for command, _ in cases))):
         said = " ".join(result.stderr.split())
         assert result.returncode == 2 and f"error: {says}" in said, (command, said)
         assert "Traceback" not in said
@@ -276,8 +296,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
         (["curate", "--data", str(src), "--out", str(dangling)], f"--out {dangling}: a link to nothing is there"),
         (["grade", str(graded), "--out", str(a_dir)], f"--out {a_dir}: a directory is there"),
     ]
-    for command, says in cases:
-        result = ssb(*command, check=False)
+    for (command, says), result in zip(cases, ssb_side_by_side(*(command for command, _ in cases))):
         said = " ".join(result.stderr.split())
         assert result.returncode == 2 and says in said, (command, said)
         assert "Traceback" not in said and "Starting the engine" not in said, (command, said)
@@ -353,8 +372,9 @@ def test_curate_and_run_refuse_a_store_with_results_of_other_problems_before_the
 
 
 def test_a_log_level_no_logger_knows_is_refused_as_the_command_starts():
-    for command in (["serve", "curator"], ["worker", "curate"], ["up"]):
-        result = ssb(*command, "--log-level", "loud", check=False)
+    commands = (["serve", "curator"], ["worker", "curate"], ["up"])
+    results = ssb_side_by_side(*([*command, "--log-level", "loud"] for command in commands))
+    for command, result in zip(commands, results):
         said = " ".join(result.stderr.split())
         assert result.returncode == 2 and "Invalid value for '--log-level'" in said, (command, said)
 

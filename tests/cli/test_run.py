@@ -25,6 +25,7 @@ import psutil
 
 from services.teacher.engine import native_dtype
 from shared.arithmetic import make_arithmetic_problems
+from tests.cli.test_cli import ssb_side_by_side
 
 REPO = Path(__file__).resolve().parents[2]
 # Four of the session's problems (tests/conftest.py): in float32 each problem's outcome depends on neither the batch
@@ -118,19 +119,23 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     assert all(set(p["answers"]) == {"base", "adapter"} for p in report["problems"])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter" / "training_config.json").read_text())
-    # The same command again finds the trained adapter at once, before any engine starts or any work is redone.
-    again = ssb("run", "--train", str(train), "--eval", str(held_out), "--out", str(out), *LIMITS, "--max-steps", "1")
+    # The same command again finds the trained adapter at once, before any engine starts or any work is redone; so
+    # does --resume there (the run saved no checkpoint), and a rank the LoRA engine could not serve. (Side by side
+    # with the export: each reads what the run wrote, and none writes.)
+    common = ["run", "--train", str(train), "--eval", str(held_out), *LIMITS]
+    again, resumed, too_wide, export = ssb_side_by_side(
+        [*common, "--out", str(out), "--max-steps", "1"], [*common, "--out", str(out), "--resume"],
+        [*common, "--out", str(tmp_path / "wide"), "--rank", "64", "--adapter-serving", "lora"],
+        ["pairs", "export", str(pairs)],
+    )
     assert again.returncode == 2 and "already holds a trained adapter" in " ".join(again.stderr.split())
     assert "Starting the engine" not in again.stdout + again.stderr
-    # So does --resume there (the run saved no checkpoint), and a rank the LoRA engine could not serve.
-    common = ("run", "--train", str(train), "--eval", str(held_out), *LIMITS)
-    resumed = ssb(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 2 and "no complete checkpoint" in " ".join(resumed.stderr.split())
-    too_wide = ssb(*common, "--out", str(tmp_path / "wide"), "--rank", "64", "--adapter-serving", "lora")
     assert too_wide.returncode == 2 and "above the largest LoRA rank" in " ".join(too_wide.stderr.split())
     assert "Starting the engine" not in resumed.stderr + too_wide.stderr and not (tmp_path / "wide").exists()
 
-    exported = [json.loads(line) for line in ssb("pairs", "export", str(pairs)).stdout.splitlines()]
+    assert export.returncode == 0, export.stderr
+    exported = [json.loads(line) for line in export.stdout.splitlines()]
     stored = sorted(p.stem for p in (pairs / "pairs").glob("*.safetensors"))
     assert stored and sorted(r["problem_id"] for r in exported) == stored
     assert len(stored) + len(list((pairs / "dropped").glob("*.json"))) == len(PROBLEMS)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from services.trainer.inputs import other_model_note, pair_store
 from shared.storage import PairStore, decode_pair
-from tests.cli.test_cli import REPO, ssb
+from tests.cli.test_cli import REPO, ssb, ssb_side_by_side
 from tests.services.trainer.test_training import pairs_dir  # noqa: F401  (a fixture: three real pairs, top-8)
 
 
@@ -106,15 +106,17 @@ def test_train_with_a_model_that_cannot_load_or_modules_it_lacks_is_one_line(
     other = copy_pairs(pairs_dir, tmp_path / "other", model="/teacher-box/Qwen2.5-0.5B-Instruct+round-1")
     unreadable = copy_pairs(pairs_dir, tmp_path / "unreadable")
     (unreadable / "pairs" / "0.safetensors").write_bytes(b"not a pair")  # the first pair by name
-    for pairs, args, says in (
+    cases = (
         (pairs_dir, ["--model", unloadable_model], unloadable_model),
         (other, ["--model", model_path, "--target-modules", "q_projection", "--max-steps", "1"],
          "the LoRA adapter cannot be built on"),
         (unreadable, ["--model", model_path], "unreadable pair file"),
-    ):
-        result = ssb("train", "--pairs", str(pairs), "--out", str(tmp_path / "out"), *args, check=False)
+    )
+    commands = [["train", "--pairs", str(pairs), "--out", str(tmp_path / f"out-{i}"), *args]
+                for i, (pairs, args, _) in enumerate(cases)]
+    for i, ((pairs, _, says), result) in enumerate(zip(cases, ssb_side_by_side(*commands))):
         assert result.returncode == 2 and says in error_of(result), error_of(result)
-        assert "Traceback" not in result.stderr and not (tmp_path / "out" / "adapter_config.json").exists()
+        assert "Traceback" not in result.stderr and not (tmp_path / f"out-{i}" / "adapter_config.json").exists()
         noted = "note: the pairs were made by Qwen2.5-0.5B-Instruct (recorded as /teacher-box/Qwen2.5-0.5B-Instruct+"
         assert (noted in " ".join(result.stderr.split())) == (pairs == other), result.stderr
 
