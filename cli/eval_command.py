@@ -45,7 +45,7 @@ from services.evaluation.evaluation import (
     evaluate,
     render_table,
 )
-from shared.models import needs_worked_example
+from shared.models import model_name, needs_worked_example
 from shared.settings import Settings
 from shared.storage import replace_atomically
 
@@ -297,7 +297,7 @@ def eval_command(
 
     replaced = out.exists()  # the default path is one per benchmark: an evaluation of other models replaces it
     replace_atomically(out, eval_report.model_dump_json(indent=2))
-    console.print(render_table(eval_report, title=f"{label}: {len(problems)} problems, {Path(model_path).name}"))
+    console.print(render_table(eval_report, title=f"{label}: {len(problems)} problems, {model_name(model_path)}"))
     for row in eval_report.rows:
         console.print(
             f"{row.name}: {row.correct}/{row.problems} greedy correct, {row.ungradeable} ungradeable, "

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from shared.models import default_model_dir, is_default_model, needs_worked_example, resolve_model
+from shared.models import default_model_dir, is_default_model, model_name, needs_worked_example, resolve_model
 from shared.settings import DEFAULT_MODEL, CurationConfig, Settings
 
 console = Console(stderr=True)
@@ -203,9 +203,9 @@ def start_engine(model_path: str, settings: Settings, *, seed: int = 0, enable_l
         seed=seed,
         enable_lora=enable_lora,
     )
-    with console.status(f"Starting the engine on {Path(model_path).name}..."):
+    with console.status(f"Starting the engine on {model_name(model_path)}..."):
         if not console.is_terminal:
-            console.print(f"Starting the engine on {Path(model_path).name}...")
+            console.print(f"Starting the engine on {model_name(model_path)}...")
         try:
             return TeacherEngine(options)
         except EngineEnvironmentError as exc:

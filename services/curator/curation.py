@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 from shared.engine import Engine, HintedQuestion, PromptedGenerations
 from shared.grading import GradedAnswer, grade_model_response, grade_response
+from shared.models import model_name
 from shared.prompts import PROMPT_VERSION, attempt_mention
 from shared.schemas import (
     DroppedProblem,
@@ -184,7 +184,7 @@ def how_made(
     Hugging Face id here and a directory there), the prompt, the top-k and the sampling of rollouts and explanations,
     but the seeds (each problem draws its own from the run's seed)."""
     made = {
-        "model": PurePosixPath(model.rstrip("/")).name,
+        "model": model_name(model),
         "prompt_version": prompt_version,
         "worked_example": worked_example,
         "topk": topk,

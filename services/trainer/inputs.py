@@ -18,9 +18,10 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from services.trainer.config import TrainingError
+from shared.models import model_name
 from shared.storage import PairStore, decode_pair_record
 from shared.teacher_api import ADAPTER_NAME_PATTERN
 
@@ -47,7 +48,7 @@ def other_model_note(store: PairStore, model_path: str) -> str | None:
     recorded = decode_pair_record(store.pair_path(store.pair_ids()[0])).model
     base, plus, adapter = recorded.rpartition("+")
     made_by = base if plus and re.fullmatch(ADAPTER_NAME_PATTERN, adapter) else recorded
-    teacher, student = PurePosixPath(made_by.rstrip("/")).name, PurePosixPath(str(model_path).rstrip("/")).name
+    teacher, student = model_name(made_by), model_name(str(model_path))
     if teacher == student:
         return None
     return (

@@ -192,6 +192,8 @@ def test_pairs_made_by_a_model_of_another_name_are_noted(pairs_dir, model_path):
                            "model to train is Qwen2.5-0.5B-Instruct")
     assert other_model_note(store, model_path + "/") is None
     assert other_model_note(store, "elsewhere/SmolLM2-135M-Instruct") is None  # one model at another path
+    cached = "/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/12fd25f77366fa6b3b4b768ec3050bf629380bac"
+    assert other_model_note(store, cached) is None  # in a Hugging Face cache, its path ends in a revision's hash
 
 
 @pytest.mark.parametrize(

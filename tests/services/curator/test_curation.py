@@ -72,6 +72,8 @@ def test_a_rerun_with_other_settings_is_told_from_one_with_the_same(curation_run
     assert rerun_conflict(store, CONFIG.model_copy(update={"seed": 7}), engine.model_name) is None
     moved = f"/elsewhere/models/{Path(engine.model_name).name}"  # the same model at another path: the same
     assert rerun_conflict(store, CONFIG, moved) is None
+    cached = f"/hub/models--HuggingFaceTB--{Path(engine.model_name).name}/snapshots/12fd25f77366fa6b3b4b768ec3050bf6"
+    assert rerun_conflict(store, CONFIG, cached) is None  # in a Hugging Face cache, named by its revision's hash
     other = rerun_conflict(store, CONFIG.model_copy(update={"k": 8, "topk": 5}), "another/model")
     assert other.startswith(f"{store.root} holds pairs made otherwise (")
     for change in (f"model {Path(engine.model_name).name!r} there, 'model' now", "topk 20 there, 5 now",
