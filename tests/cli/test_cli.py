@@ -20,13 +20,14 @@ def ssb(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def ssb_side_by_side(*commands: list[str], env: dict | None = None) -> list[subprocess.CompletedProcess]:
-    """Several `ssb` commands run at once, their results in the order given: a test of refusals that each load the
-    tokenizer or torch (seconds of one core each) takes the time of the slowest instead of the sum."""
+def ssb_side_by_side(*commands: list[str], envs: list[dict] | None = None) -> list[subprocess.CompletedProcess]:
+    """Several `ssb` commands run at once (each in its environment of `envs`, if given), their results in the order
+    given: a test of refusals that each load the tokenizer or torch (seconds of one core each) takes the time of the
+    slowest instead of the sum."""
     running = [
         (args, subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-        for args in commands
+        for args, env in zip(commands, envs or [None] * len(commands), strict=True)
     ]
     results = []
     try:
@@ -210,15 +211,15 @@ def test_clients_refuse_a_key_they_would_send_blank_or_unsendable(tmp_path, valu
     HTTP client), with one line naming the variable."""
     src = tmp_path / "p.jsonl"
     src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
-    for variable, command in (
+    cases = (
         ("SSB_TEACHER_API_KEY", ["curate", "--data", str(src), "--out", str(tmp_path / "out"), "--teacher-url",
                                  "http://127.0.0.1:9"]),
         ("SSB_CURATOR_API_KEY", ["submit", str(src), "--curator", "http://127.0.0.1:9"]),
         ("SSB_CURATOR_API_KEY", ["serve", "curator", "--port", "9"]),
-    ):
-        env = {**os.environ, variable: value}
-        result = subprocess.run([sys.executable, "-m", "cli.main", *command], cwd=REPO, env=env, capture_output=True,
-                                text=True, timeout=120)
+    )
+    results = ssb_side_by_side(*(command for _, command in cases),
+                               envs=[{**os.environ, variable: value} for variable, _ in cases])
+    for (variable, command), result in zip(cases, results):
         said = " ".join((result.stdout + result.stderr).split())
         assert result.returncode == 2 and f"error: {variable}: {says}" in said, (command, said)
         assert "Traceback" not in said and not (tmp_path / "out").exists()
@@ -509,32 +510,31 @@ def test_up_refuses_ports_in_use_or_given_twice_before_starting_anything(model_p
     from cli.supervisor import free_port
 
     env = {name: value for name, value in os.environ.items() if name != "SSB_REDIS_URL"}
-    command = [sys.executable, "-m", "cli.main", "up", "--model", model_path, "--data-dir", str(tmp_path / "data")]
+    up = ["up", "--model", model_path, "--data-dir", str(tmp_path / "data")]
+    command = [sys.executable, "-m", "cli.main", *up]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         free = [str(free_port()) for _ in range(3)]
         ports = ["--teacher-port", free[0], "--curator-port", free[1], "--trainer-port", free[2]]
-        for flags, says in ((["--redis-port", str(port)], f"in use: redis port {port}"),
-                            (["--teacher-port", free[1], "--curator-port", free[1], "--trainer-port", free[2]],
-                             "one port for two processes")):
-            result = subprocess.run([*command, *ports, *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                                    timeout=120)
-            assert result.returncode == 2, result.stdout + result.stderr
-            assert says in " ".join((result.stdout + result.stderr).split()), result.stdout + result.stderr
-            assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "data").exists()
-    # A port variable that is no port, a ready file nowhere to be written, a host no service can listen on (it was
-    # "in use: every port"): named, before anything starts.
-    for extra_env, flags, says in (
-        ({"SSB_CURATOR_PORT": "abc"}, [], "SSB_CURATOR_PORT: Input should be a valid integer"),
-        *([] if nonlocal_bind() else [({}, ["--host", "192.0.2.1"], "--host 192.0.2.1: nothing can listen there")]),
-        ({"SSB_TRAINER_PORT": "70000"}, [], "SSB_TRAINER_PORT: Input should be less than or equal to 65535"),
-        ({}, ["--teacher-port", "0", "--ready-file", str(tmp_path / "no" / "up.json")],
-         f"--ready-file {tmp_path / 'no' / 'up.json'}: {tmp_path / 'no'} is not a directory"),
-    ):
-        result = subprocess.run([*command, "--redis-port", "0", *flags], cwd=REPO, env={**env, **extra_env},
-                                capture_output=True, text=True, timeout=120)
+        # A port variable that is no port, a ready file nowhere to be written, a host no service can listen on (it
+        # was "in use: every port"): named, before anything starts, as the ports in use or given twice are.
+        cases = (
+            ({}, [*ports, "--redis-port", str(port)], f"in use: redis port {port}"),
+            ({}, [*ports, "--teacher-port", free[1], "--curator-port", free[1], "--trainer-port", free[2]],
+             "one port for two processes"),
+            ({"SSB_CURATOR_PORT": "abc"}, ["--redis-port", "0"], "SSB_CURATOR_PORT: Input should be a valid integer"),
+            *([] if nonlocal_bind() else
+              [({}, ["--redis-port", "0", "--host", "192.0.2.1"], "--host 192.0.2.1: nothing can listen there")]),
+            ({"SSB_TRAINER_PORT": "70000"}, ["--redis-port", "0"],
+             "SSB_TRAINER_PORT: Input should be less than or equal to 65535"),
+            ({}, ["--redis-port", "0", "--teacher-port", "0", "--ready-file", str(tmp_path / "no" / "up.json")],
+             f"--ready-file {tmp_path / 'no' / 'up.json'}: {tmp_path / 'no'} is not a directory"),
+        )
+        results = ssb_side_by_side(*([*up, *flags] for _, flags, _ in cases),
+                                   envs=[{**env, **extra_env} for extra_env, _, _ in cases])
+    for (_, _, says), result in zip(cases, results):
         assert result.returncode == 2, result.stdout + result.stderr
         assert says in " ".join((result.stdout + result.stderr).split()), result.stdout + result.stderr
         assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "data").exists()

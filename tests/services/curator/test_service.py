@@ -312,9 +312,9 @@ def test_submit_waits_with_a_progress_bar_and_prints_the_funnel(curator, tmp_pat
     path = tmp_path / "two.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows_of(problems)))
     curator.start_worker()
-    options = json.dumps({"rollout_max_tokens": 96, "explanation_max_tokens": 96})
+    options = json.dumps({"rollout_max_tokens": 32, "explanation_max_tokens": 32})  # the waiting is under test
     command = [sys.executable, "-m", "cli.main", "submit", str(path), "--curator", curator.url, "--wait"]
-    command += ["--k", "4", "--options", options]
+    command += ["--k", "2", "--options", options]
     done = subprocess.run(command, env=curator.env, capture_output=True, text=True, timeout=300)
     curator.stop_workers()
     assert done.returncode == 0, done.stderr
@@ -322,7 +322,7 @@ def test_submit_waits_with_a_progress_bar_and_prints_the_funnel(curator, tmp_pat
     assert dataset_id.startswith("ds-")
     assert "curating" in done.stderr and "total" in done.stderr and "problems/minute" in done.stderr
     status = curator.client().get(f"/v1/datasets/{dataset_id}").json()
-    assert status["state"] == "done" and status["options"]["rollout_max_tokens"] == 96
+    assert status["state"] == "done" and status["options"]["rollout_max_tokens"] == 32 and status["options"]["k"] == 2
 
 
 def test_the_teachers_model_decides_the_worked_example_when_the_dataset_leaves_it_unset(curator, teacher_server):

@@ -157,7 +157,7 @@ def test_the_demos_largest_evaluation_batch_completes_on_the_merged_engine(merge
     """The demo sends min(DEMO_EVAL, batch size) held-out prompts (seed 1, worked example) to the adapter's engine in
     one call; here they go with a short answer limit, since the prompt's prefill is the step that grows with the
     batch."""
-    config = EvalConfig(max_tokens=8, worked_example=True)
+    config = EvalConfig(max_tokens=2, worked_example=True)
     problems = make_arithmetic_problems(demo_held_out_problems(), seed=1)[: config.batch_size]
     report = evaluate(problems, merged_engine, config, adapters=[None])
     assert report.rows[0].problems == len(problems) >= min(demo_held_out_problems(), config.batch_size)
