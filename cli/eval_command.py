@@ -17,6 +17,7 @@ benchmark, file or adapter exits with status 2 and one message. The logic lives 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Annotated, NamedTuple, Optional
@@ -28,6 +29,7 @@ from cli.runtime import (
     WorkedExampleOption,
     check_fits_context,
     check_output_path,
+    config_from_options,
     console,
     engine_reporting,
     ensure_model,
@@ -48,6 +50,7 @@ from services.evaluation.evaluation import (
 from shared.models import model_name, needs_worked_example
 from shared.settings import Settings
 from shared.storage import replace_atomically
+from shared.teacher_api import ADAPTER_NAME_PATTERN
 
 
 def _default(name: str):
@@ -75,6 +78,23 @@ def check_benchmark(benchmark: str) -> None:
     raise ValueError(
         f"unknown benchmark {benchmark!r}: use {', '.join(BENCHMARKS)}, or a {' or '.join(SUPPORTED_EXTENSIONS)} file"
     )
+
+
+def check_adapter_name(name: str) -> str:
+    """An adapter given with `--teacher-url`: a name in the teacher's adapters directory, not a path here."""
+    if not re.fullmatch(ADAPTER_NAME_PATTERN, name):
+        raise ValueError(
+            f"--adapter {name}: with --teacher-url an adapter is named as in the teacher's adapters directory "
+            f"(SSB_ADAPTERS_DIR there; letters, digits, '.', '_' and '-'), not given by a path"
+        )
+    return name
+
+
+def check_answer_room(max_tokens: int, context: int, whose: str, setting: str) -> None:
+    if max_tokens >= context:
+        raise ValueError(
+            f"--max-tokens {max_tokens} leaves no room for the prompt in {whose} {context} tokens {setting}"
+        )
 
 
 def check_adapter(path: Path, max_rank: int | None) -> str:
@@ -217,7 +237,9 @@ def eval_command(
     adapter: Annotated[
         Optional[list[Path]],
         typer.Option(
-            "--adapter", help="A PEFT LoRA adapter directory; repeat for several. The base model always runs first."
+            "--adapter",
+            help="A PEFT LoRA adapter directory (with --teacher-url, its name in the teacher's adapters directory); "
+            "repeat for several. The base model always runs first.",
         ),
     ] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems.")] = None,
@@ -247,26 +269,23 @@ def eval_command(
     try:
         check_benchmark(benchmark)
         if teacher_url:  # adapters are names in the service's adapters directory, served as LoRAs there
-            adapters, serving = [str(path) for path in adapter or []], "lora"
+            adapters, serving = [check_adapter_name(str(path)) for path in adapter or []], "lora"
         else:
             serving, dtype = resolve_adapter_serving(adapter_serving, settings.dtype)
             max_rank = EngineOptions.max_lora_rank if serving == "lora" else None  # merged: any rank
             adapters = [check_adapter(path, max_rank) for path in adapter or []]
             if adapters:  # the base model and the adapters in one dtype
                 settings = settings.model_copy(update={"dtype": dtype})
-        if max_tokens >= settings.max_model_len:
-            raise ValueError(
-                f"--max-tokens {max_tokens} leaves no room for the prompt in the engine's {settings.max_model_len} "
-                "tokens (SSB_MAX_MODEL_LEN)"
-            )
+        if not teacher_url:  # a teacher's context is its own: checked once it answers
+            check_answer_room(max_tokens, settings.max_model_len, "the engine's", "(SSB_MAX_MODEL_LEN)")
         problems = load_problems(benchmark, limit=limit)
-        config = EvalConfig(
+        config = config_from_options(EvalConfig, dict(
             samples=samples,
             temperature=temperature,
             max_tokens=max_tokens,
             worked_example=resolve_worked_example(worked_example, model),
             seed=seed,
-        )
+        ))
         label = benchmark_label(benchmark)
         out = out or Path("runs") / f"eval-{label}.json"
         check_output_path(out, directory=False)
@@ -281,6 +300,12 @@ def eval_command(
         lora = serving == "lora" and bool(adapters)
         with open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=lora) as engine:
             model_path = model_path or engine.model_name
+            if teacher_url:
+                try:
+                    context = engine.served().max_model_len
+                    check_answer_room(max_tokens, context, "the teacher's", "(its SSB_MAX_MODEL_LEN)")
+                except ValueError as exc:
+                    raise fail(str(exc)) from exc
             if teacher_url and worked_example is None:  # the teacher's model decides, not --model
                 config = config.model_copy(update={"worked_example": needs_worked_example(engine.model_name)})
             lora_adapters = adapters if serving == "lora" else []

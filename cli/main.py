@@ -35,6 +35,7 @@ from cli.runtime import (
     WorkedExampleOption,
     check_fits_context,
     check_output_path,
+    config_from_options,
     console,
     curate_with_progress,
     ensure_model,
@@ -170,12 +171,13 @@ def curate(
     from shared.datasets import DatasetError, load_problems
     from shared.storage import PairStore, StorageError
 
+    settings = Settings()  # a bad SSB_* value: one line naming it (main)
     try:
         check_output_path(out, directory=True)
         problems = load_problems(data, limit=limit)
         if changed := changed_problems(PairStore(out), problems):
             raise ValueError(changed)
-        config = CurationConfig(
+        config = config_from_options(CurationConfig, dict(
             k=k,
             seed=seed,
             topk=topk,
@@ -187,8 +189,7 @@ def curate(
             explanation_max_tokens=explanation_max_tokens,
             explanation_attempts=explanation_attempts,
             batch_size=batch_size,
-        )
-        settings = Settings()
+        ))
         model_path = None if teacher_url else ensure_model(model, settings)
         if model_path is not None:  # with --teacher-url, the teacher refuses it when it comes to it
             check_fits_context(

@@ -38,6 +38,7 @@ from cli.runtime import (
     WorkedExampleOption,
     check_fits_context,
     check_output_path,
+    config_from_options,
     console,
     curate_with_progress,
     ensure_model,
@@ -92,16 +93,19 @@ def run_command(
             raise ValueError(f"{len(overlap)} held-out questions are also training questions, e.g. {min(overlap)!r}")
         worked_example = resolve_worked_example(worked_example, model)
         serving, eval_dtype = resolve_adapter_serving(adapter_serving, settings.dtype)
-        curation = CurationConfig(
+        curation = config_from_options(CurationConfig, dict(
             k=k,
             seed=seed,
             worked_example=worked_example,
             rollout_max_tokens=rollout_max_tokens,
             explanation_max_tokens=explanation_max_tokens,
             explanation_attempts=explanation_attempts,
-        )
+        ))
         training = build_train_config(train_options, seed=seed)
-        evaluation = EvalConfig(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed)
+        evaluation = config_from_options(
+            EvalConfig, dict(max_tokens=eval_max_tokens, worked_example=worked_example, seed=seed),
+            {"max_tokens": "--eval-max-tokens"},
+        )
         # Before the engine starts, not after curation and the base model's evaluation:
         check_output_path(out, directory=True)
         if changed := changed_problems(PairStore(out / "pairs"), problems):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -78,6 +78,29 @@ def fail(message: str) -> typer.Exit:
     """Print one clear error line; the caller raises the returned exit (status 2)."""
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(code=2)
+
+
+Config = TypeVar("Config")
+
+
+def config_from_options(
+    config_class: type[Config], values: dict[str, Any], flags: dict[str, str] | None = None
+) -> Config:
+    """`config_class` from a command's options; a value it refuses exits (status 2) with one line naming each option
+    as on the command line (`flags` for an option named otherwise than its field), not pydantic's report."""
+    from pydantic import ValidationError
+
+    try:
+        return config_class(**values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if error["loc"]:
+                field = str(error["loc"][0])
+                message = f"{(flags or {}).get(field, '--' + field.replace('_', '-'))}: {message}"
+            problems.append(message)
+        raise fail("; ".join(problems)) from exc
 
 
 def checked_url(url: str, flag: str) -> str:

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 import typer
 
-from cli.runtime import ModelOption, check_output_path, console, ensure_model, fail, progress_bar
+from cli.runtime import ModelOption, check_output_path, config_from_options, console, ensure_model, fail, progress_bar
 from services.trainer.config import TrainConfig, TrainingError
 from shared.settings import Settings
 
@@ -106,19 +106,11 @@ def build_train_config(train_options: dict[str, Any], **settings: Any) -> TrainC
 
     Raises the command's exit (status 2) with one line per bad option, named as on the command line.
     """
-    from pydantic import ValidationError
-
     values = {
         name: tuple(value) if isinstance(value, list) else value
         for name, value in {**train_options, **settings}.items()
     }
-    try:
-        return TrainConfig(**values)
-    except ValidationError as exc:
-        problems = [
-            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
-        ]
-        raise fail("; ".join(problems)) from exc
+    return config_from_options(TrainConfig, values)
 
 
 @training_options()
@@ -156,6 +148,7 @@ def train_command(
     if left and main_process:
         console.print(stopped_attempt_note(out, left))
     config = build_train_config(train_options)
+    settings = Settings()  # a bad SSB_* value: one line naming it (cli.main)
     try:
         if resume:  # other settings than the checkpoint's: said before the model loads
             from services.trainer.checkpoints import check_same_settings
@@ -163,7 +156,7 @@ def train_command(
 
             if (checkpoint := latest_checkpoint(out / CHECKPOINTS_DIR)) is not None:
                 check_same_settings(checkpoint, None, config.model_dump(mode="json"))
-        model_path = ensure_model(model, Settings())
+        model_path = ensure_model(model, settings)
         check_model_config(model_path)  # a model that cannot load: said in a line, before torch and the weights load
         note = other_model_note(store, model_path)
     except (FileNotFoundError, ValueError, TrainingError, StorageError) as exc:  # StorageError: an unreadable pair

@@ -245,6 +245,44 @@ def test_a_service_url_that_is_none_is_refused_naming_its_flag(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
 
 
+def test_a_value_a_commands_settings_refuse_is_one_line_naming_the_option_or_variable(tmp_path):
+    """What typer's own bounds let through and the command's settings refuse (a curation's k, a token limit, the
+    machine's dtype) is named as the user gave it, in one line, not in pydantic's report of the settings' fields."""
+    src, held_out = tmp_path / "p.jsonl", tmp_path / "h.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    held_out.write_text('{"question": "2+2?", "answer": "4"}\n', encoding="utf-8")
+    cases = (
+        (["curate", "--data", str(src), "--out", str(tmp_path / "out"), "--k", "100"], {},
+         "--k: Input should be less than or equal to 64"),
+        (["curate", "--data", str(src), "--out", str(tmp_path / "out")], {"SSB_DTYPE": "fp16"},
+         "SSB_DTYPE: String should match pattern"),
+        (["run", "--train", str(src), "--eval", str(held_out), "--out", str(tmp_path / "run"),
+          "--eval-max-tokens", "99999"], {}, "--eval-max-tokens: Input should be less than or equal to 32768"),
+        (["eval", "--benchmark", str(held_out), "--max-tokens", "99999", "--teacher-url", "http://127.0.0.1:9",
+          "--out", str(tmp_path / "e.json")], {}, "--max-tokens: Input should be less than or equal to 32768"),
+    )
+    results = ssb_side_by_side(*(command for command, _, _ in cases),
+                               envs=[{**os.environ, **env} for _, env, _ in cases])
+    for (command, _, says), result in zip(cases, results):
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 2 and said.startswith(f"error: {says}") and said.count("error") == 1, said
+        assert "validation error" not in said and "Traceback" not in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jsonl", "p.jsonl"]
+
+
+def test_eval_with_a_teacher_refuses_an_adapter_given_by_a_path(tmp_path):
+    """With `--teacher-url` an adapter is a name in the teacher's adapters directory: a path (a traceback from the
+    client's schema) is one line, before the teacher is waited for."""
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    result = ssb("eval", "--benchmark", str(src), "--adapter", "runs/a", "--teacher-url", "http://127.0.0.1:9",
+                 "--out", str(tmp_path / "e.json"), check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "error: --adapter runs/a: with --teacher-url an adapter is named as in the " \
+        "teacher's adapters directory" in said, said
+    assert "Traceback" not in said and "Waiting for the teacher" not in said and not (tmp_path / "e.json").exists()
+
+
 def test_curate_and_eval_against_a_teacher_that_cannot_start_end_at_once_with_one_line(tmp_path):
     """A teacher whose engine failed to start (its `/readyz` a 503 of type `start_failed`): `ssb curate` and `ssb eval`
     with `--teacher-url` stop at once, status 1, saying why in one line, and write nothing."""

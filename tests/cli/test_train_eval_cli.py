@@ -7,6 +7,7 @@ loaded the model or started the engine before checking its input, it would crash
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,15 @@ def test_train_resume_with_other_settings_stops_before_loading(pairs_dir, tmp_pa
     args = ["--pairs", str(pairs_dir), "--out", str(tmp_path / "out"), "--resume", "--model", unloadable_model]
     said = error_of(ssb("train", *args, check=False))
     assert "settings changed since it was written:" in said and " lr" in said.split("written:")[1], said
+
+
+def test_train_names_a_bad_setting_in_the_environment(pairs_dir, tmp_path):  # noqa: F811
+    command = [sys.executable, "-m", "cli.main", "train", "--pairs", str(pairs_dir), "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SSB_DTYPE": "fp16"})
+    said = error_of(result)
+    assert said.startswith("error: SSB_DTYPE: String should match pattern") and "validation error" not in said, said
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
 def test_train_with_a_model_that_cannot_load_or_modules_it_lacks_is_one_line(

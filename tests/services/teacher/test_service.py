@@ -703,6 +703,14 @@ def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path)
     said = " ".join(result.stderr.split())
     assert result.returncode == 1 and "error: the teacher service:" in said and "tinny" in said, said
     assert "evaluating" not in said and not (tmp_path / "none.json").exists()
+    # The room left for answers is the teacher's context's, whatever this machine's SSB_MAX_MODEL_LEN says.
+    command = [sys.executable, "-m", "cli.main", "eval", "--benchmark", str(problems), "--max-tokens", "5000",
+               "--out", str(tmp_path / "none.json"), "--teacher-url", lora_teacher_server.url]
+    result = subprocess.run(command, capture_output=True, text=True, env={**env, "SSB_MAX_MODEL_LEN": "256"},
+                            timeout=600)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "--max-tokens 5000 leaves no room for the prompt in the teacher's 4096 " in said
+    assert "evaluating" not in said and not (tmp_path / "none.json").exists()
 
 
 @pytest.mark.kills_teacher
