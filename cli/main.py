@@ -35,6 +35,7 @@ from cli.runtime import (
     WorkedExampleOption,
     check_fits_context,
     check_output_path,
+    check_topk,
     config_from_options,
     console,
     curate_with_progress,
@@ -155,7 +156,9 @@ def curate(
     k: Annotated[int, typer.Option("--k", min=2, help="Rollouts per problem.")] = 4,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds sampling and hint tie-breaks.")] = 0,
-    topk: Annotated[int, typer.Option("--topk", min=1, max=64, help="Teacher log-probabilities kept per token.")] = 20,
+    topk: Annotated[
+        int, typer.Option("--topk", min=1, help="Teacher log-probabilities kept per token (at most SSB_MAX_LOGPROBS).")
+    ] = 20,
     rollout_temperature: Annotated[float, typer.Option(help="Rollout temperature.")] = 0.8,
     rollout_top_k: Annotated[int, typer.Option(help="Rollout top-k sampling (-1: off).")] = 50,
     rollout_max_tokens: Annotated[int, typer.Option(help="Longest rollout.")] = 512,
@@ -192,6 +195,7 @@ def curate(
         ))
         model_path = None if teacher_url else ensure_model(model, settings)
         if model_path is not None:  # with --teacher-url, the teacher refuses it when it comes to it
+            check_topk(topk, settings.max_logprobs, "the engine's")
             check_fits_context(
                 problems, model_path, settings, answer_tokens=rollout_max_tokens,
                 explanation_tokens=explanation_max_tokens, worked_example=config.worked_example,
@@ -205,6 +209,11 @@ def curate(
             config = config.model_copy(update={"worked_example": needs_worked_example(engine.model_name)})
         if teacher_url and (conflict := rerun_conflict(PairStore(out), config, engine.model_name)):
             raise fail(conflict)
+        if teacher_url:
+            try:
+                check_topk(topk, engine.max_logprobs, "the teacher's")
+            except ValueError as exc:
+                raise fail(str(exc)) from exc
         funnel = curate_with_progress(problems, engine, PairStore(out), config)
     print_funnel(funnel, out)
 

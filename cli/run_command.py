@@ -38,6 +38,7 @@ from cli.runtime import (
     WorkedExampleOption,
     check_fits_context,
     check_output_path,
+    check_topk,
     config_from_options,
     console,
     curate_with_progress,
@@ -131,6 +132,7 @@ def run_command(
                 f"({EngineOptions.max_lora_rank}); use --adapter-serving merged, or a smaller --rank"
             )
         model_path = ensure_model(model, settings)
+        check_topk(curation.topk, settings.max_logprobs, "the engine's", "the curation's top-k")
         check_fits_context(
             problems, model_path, settings, answer_tokens=rollout_max_tokens, explanation_tokens=explanation_max_tokens,
             worked_example=worked_example,

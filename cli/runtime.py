@@ -213,6 +213,15 @@ def check_fits_context(
         )
 
 
+def check_topk(topk: int, max_logprobs: int, whose: str, option: str = "--topk") -> None:
+    """Refuse (ValueError) a top-k the engine cannot return: every explanation would be refused after the rollouts."""
+    if topk > max_logprobs:
+        raise ValueError(
+            f"{option} {topk} is above {whose} largest top-k of log-probabilities, {max_logprobs} (SSB_MAX_LOGPROBS): "
+            "no explanation could be scored"
+        )
+
+
 def start_engine(model_path: str, settings: Settings, *, seed: int = 0, enable_lora: bool = True):
     """Start the vLLM engine on a model (about half a minute for the small model on the CPU)."""
     from services.teacher.engine import EngineEnvironmentError, EngineOptions, TeacherEngine

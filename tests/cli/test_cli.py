@@ -247,7 +247,8 @@ def test_a_service_url_that_is_none_is_refused_naming_its_flag(tmp_path):
 
 def test_a_value_a_commands_settings_refuse_is_one_line_naming_the_option_or_variable(tmp_path):
     """What typer's own bounds let through and the command's settings refuse (a curation's k, a token limit, the
-    machine's dtype) is named as the user gave it, in one line, not in pydantic's report of the settings' fields."""
+    machine's dtype, a top-k above what the engine returns) is named as the user gave it, in one line, before any
+    engine starts, not in pydantic's report of the settings' fields."""
     src, held_out = tmp_path / "p.jsonl", tmp_path / "h.jsonl"
     src.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
     held_out.write_text('{"question": "2+2?", "answer": "4"}\n', encoding="utf-8")
@@ -260,6 +261,11 @@ def test_a_value_a_commands_settings_refuse_is_one_line_naming_the_option_or_var
           "--eval-max-tokens", "99999"], {}, "--eval-max-tokens: Input should be less than or equal to 32768"),
         (["eval", "--benchmark", str(held_out), "--max-tokens", "99999", "--teacher-url", "http://127.0.0.1:9",
           "--out", str(tmp_path / "e.json")], {}, "--max-tokens: Input should be less than or equal to 32768"),
+        # A top-k the engine cannot return: every explanation refused after the rollouts (a traceback), said first.
+        (["curate", "--data", str(src), "--out", str(tmp_path / "out"), "--topk", "65"], {},
+         "--topk 65 is above the engine's largest top-k of log-probabilities, 64 (SSB_MAX_LOGPROBS)"),
+        (["run", "--train", str(src), "--eval", str(held_out), "--out", str(tmp_path / "run")],
+         {"SSB_MAX_LOGPROBS": "16"}, "the curation's top-k 20 is above the engine's largest top-k"),
     )
     results = ssb_side_by_side(*(command for command, _, _ in cases),
                                envs=[{**os.environ, **env} for _, env, _ in cases])

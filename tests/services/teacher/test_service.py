@@ -711,6 +711,13 @@ def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path)
     said = " ".join(result.stderr.split())
     assert result.returncode == 2 and "--max-tokens 5000 leaves no room for the prompt in the teacher's 4096 " in said
     assert "evaluating" not in said and not (tmp_path / "none.json").exists()
+    # So is the largest top-k of log-probabilities it returns (64), before its first rollout.
+    command = [sys.executable, "-m", "cli.main", "curate", "--data", str(problems), "--out", str(tmp_path / "wide"),
+               "--topk", "65", "--teacher-url", lora_teacher_server.url]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "--topk 65 is above the teacher's largest top-k of log-probabilities, 64" in said
+    assert "curating" not in said and not (tmp_path / "wide" / "pairs").exists()
 
 
 @pytest.mark.kills_teacher
