@@ -74,13 +74,14 @@ def variants(cores: int) -> dict[str, dict[str, str]]:
 
 def measure(prompts: int, n: int, tokens: int, lora: int) -> dict:
     """Run in the child process: start the engine as the project does, generate, report tokens/s."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     from services.teacher.engine import EngineOptions, TeacherEngine
     from shared.arithmetic import make_arithmetic_problems
     from shared.models import resolve_model
     from shared.prompts import build_student_messages
     from shared.settings import Settings
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     if os.environ.get(VLLM_EXECUTOR):
         import services.teacher.engine

@@ -44,10 +44,10 @@ from shared.curator_api import (
     DatasetCreated,
     DatasetList,
     DatasetOptions,
-    NewDatasetOptions,
     DatasetRows,
     DatasetState,
     DatasetStatus,
+    NewDatasetOptions,
 )
 from shared.datasets import DatasetError, DatasetTooLarge, parse_problem_file, parse_problem_rows
 from shared.workers import REDIS_UNAVAILABLE

@@ -57,10 +57,10 @@ from torch import nn
 from services.trainer.checkpoints import (
     digest_of,
     digest_of_examples,
-    model_fingerprint,
     keep_metrics_through,
     last_logged_loss,
     load_checkpoint,
+    model_fingerprint,
     read_pair_ids,
     save_checkpoint,
     write_pair_ids,
