@@ -120,6 +120,15 @@ def check_adapter(path: Path, max_rank: int | None) -> str:
     return str(path.resolve())
 
 
+def check_mergeable(what: str, model_path: str, lora: dict) -> None:
+    """Refuse (ValueError) a LoRA that cannot be merged into `model_path`'s weights: one on an input embedding the
+    output layer shares (`lora`: an adapter's config, or a run's target modules)."""
+    from services.teacher.merging import targets_a_tied_embedding, tied_embedding_refusal
+
+    if targets_a_tied_embedding(model_path, lora):
+        raise ValueError(tied_embedding_refusal(what, model_path))
+
+
 def check_servable_as_lora(path: Path, config: dict, max_rank: int) -> None:
     """ValueError naming what of the adapter's config vLLM does not serve as a LoRA (by vLLM's own check: a rank above
     the engine's largest, DoRA, bias terms, whole modules saved beside the LoRA, ...), before the engine starts, not
@@ -293,6 +302,10 @@ def eval_command(
         if model_path is not None:
             check_fits_context(problems, model_path, settings, answer_tokens=max_tokens,
                                worked_example=config.worked_example)
+        if serving == "merged":  # said now, not after the base model's whole evaluation
+            for path in adapters:
+                lora = json.loads(Path(path, "adapter_config.json").read_text(encoding="utf-8"))
+                check_mergeable(f"adapter {path}", model_path, lora)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
 

@@ -26,6 +26,7 @@ import typer
 
 from cli.eval_command import (
     AdapterServingOption,
+    check_mergeable,
     evaluate_merged_adapter,
     evaluate_with_progress,
     print_paired_comparison,
@@ -138,6 +139,9 @@ def run_command(
             worked_example=worked_example,
         )
         check_fits_context(held_out, model_path, settings, answer_tokens=eval_max_tokens, worked_example=worked_example)
+        if serving == "merged":  # said now, not after curation, the base model's evaluation and training
+            targets = training.target_modules
+            check_mergeable(f"--target-modules {','.join(targets)}", model_path, {"target_modules": list(targets)})
         if conflict := rerun_conflict(PairStore(out / "pairs"), curation, model_path):
             raise ValueError(conflict)
     except (DatasetError, FileNotFoundError, ValueError, TrainingError, StorageError) as exc:

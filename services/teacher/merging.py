@@ -65,6 +65,41 @@ def adapts_a_tied_embedding(peft_model) -> bool:
     )
 
 
+def tied_embedding_refusal(adapter: str, base_model: str) -> str:
+    """Why a LoRA on the input embedding of a model whose output layer shares its weights is not merged."""
+    return (
+        f"{adapter}: a LoRA on the input embedding of {base_model}, whose output layer shares its weights: merged, the "
+        "update would move the output layer too, which the adapter as trained and as vLLM serves it leaves alone; "
+        "serve it as a LoRA (--adapter-serving lora)"
+    )
+
+
+def targets_a_tied_embedding(base_model: str, lora: dict) -> bool:
+    """Whether a LoRA of these settings (an adapter's `adapter_config.json`, or a run's `target_modules`) adapts an
+    input embedding the output layer shares, told before any weights load: the model is built on the meta device
+    from its config, and its embedding's name matched as PEFT matches target modules."""
+    import re
+
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_model)
+    if not getattr(config, "tie_word_embeddings", False):
+        return False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings()
+    keys = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern")
+    settings = LoraConfig(**{key: lora[key] for key in keys if lora.get(key) is not None})
+    return any(
+        module is embedding and (match is True or isinstance(match, re.Match))
+        for name, module in model.named_modules()
+        for match in [check_target_module_exists(settings, name)]
+    )
+
+
 def merge_adapter(
     adapter_dir: str | Path, base_model: str, out_dir: str | Path, engine_dtype: str = "float32"
 ) -> Merged:
@@ -84,11 +119,7 @@ def merge_adapter(
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, str(adapter_dir))
     if adapts_a_tied_embedding(adapted):
-        raise ValueError(
-            f"adapter {adapter_dir}: a LoRA on the input embedding of {base_model}, whose output layer shares its "
-            "weights: merged, the update would move the output layer too, which the adapter as trained and as vLLM "
-            "serves it leaves alone; serve it as a LoRA (--adapter-serving lora)"
-        )
+        raise ValueError(tied_embedding_refusal(f"adapter {adapter_dir}", base_model))
     error = update_error(adapted, getattr(torch, engine_dtype))
     merged = adapted.merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

@@ -131,6 +131,33 @@ def test_train_with_a_model_that_cannot_load_or_modules_it_lacks_is_one_line(
         assert (noted in " ".join(result.stderr.split())) == (pairs == other), result.stderr
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:peft")  # peft's own warnings about such an adapter, expected here
+def test_a_lora_on_a_tied_embedding_is_refused_before_the_engine_starts_where_it_would_be_merged(model_path, tmp_path):
+    """The default model ties its embeddings: a LoRA on `embed_tokens` cannot be merged (tests/services/teacher/
+    test_merging.py). `ssb eval` of such an adapter and `ssb run` training one say so before the engine starts (it was
+    said after the base model's evaluation, or after curation, evaluation and training), with what to do instead."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])).save_pretrained(tmp_path / "a")
+    problems = tmp_path / "p.jsonl"
+    problems.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-8")
+    held_out = tmp_path / "h.jsonl"
+    held_out.write_text('{"question": "2+2?", "answer": "4"}\n', encoding="utf-8")
+    evaluated, run = ssb_side_by_side(
+        ["eval", "--benchmark", str(held_out), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "e.json")],
+        ["run", "--train", str(problems), "--eval", str(held_out), "--out", str(tmp_path / "run"),
+         "--target-modules", "embed_tokens", "--target-modules", "q_proj"],
+    )
+    for result, what in ((evaluated, f"adapter {tmp_path / 'a'}"), (run, "--target-modules embed_tokens,q_proj")):
+        said = error_of(result)
+        assert f"error: {what}: a LoRA on the input embedding of {model_path}, whose output layer shares its " in said
+        assert "serve it as a LoRA (--adapter-serving lora)" in said and "Starting the engine" not in said, said
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "run" / "pairs").exists()
+
+
 def copy_pairs(source: Path, to: Path, *, model: str | None = None) -> Path:
     """The pairs of the store at `source` in a store at `to`, their records saying they were made by `model` if
     given."""

@@ -97,6 +97,27 @@ def test_merge_refuses_a_lora_on_an_input_embedding_the_output_layer_shares(mode
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_a_lora_on_a_tied_embedding_is_told_from_its_settings_before_any_weights_load(model_path, tmp_path):
+    """Whether a LoRA would adapt the input embedding the output layer shares, from its target modules as PEFT matches
+    them (names, a pattern, exclusions) and the model's config alone; a model that does not tie them never."""
+    import json
+
+    from services.teacher.merging import targets_a_tied_embedding
+
+    assert targets_a_tied_embedding(model_path, {"target_modules": ["embed_tokens", "q_proj"]})
+    assert targets_a_tied_embedding(model_path, {"target_modules": r".*embed_tokens"})
+    assert not targets_a_tied_embedding(model_path, {"target_modules": ["q_proj", "v_proj"]})
+    assert not targets_a_tied_embedding(model_path, {"target_modules": "all-linear"})
+    assert not targets_a_tied_embedding(
+        model_path, {"target_modules": ["embed_tokens", "q_proj"], "exclude_modules": ["embed_tokens"]}
+    )
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    config = json.loads(Path(model_path, "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    assert not targets_a_tied_embedding(str(untied), {"target_modules": ["embed_tokens"]})
+
+
 def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, small_adapter):
     """The LoRA's greedy answers, scored token by token (teacher forcing) by the LoRA and by the merged copy: the same
     choice at every position where the LoRA's choice is not a near tie, and log-probabilities far closer to the LoRA's
