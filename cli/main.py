@@ -1,6 +1,6 @@
 """The `ssb` command line: a thin shell over the curation core, the grader, the trainer and evaluation.
 
-    ssb model pull                       provision the default model and print its path
+    ssb model pull [--model ORG/NAME]    provision the default model (or download one) and print its path
     ssb data arith --n 200 --seed 0      write easy arithmetic word problems (the CPU demo set)
     ssb grade FILE                       grade JSONL lines of `gold` and `response`
     ssb curate --data FILE --out DIR     steps 1-5: verified teacher/student pairs
@@ -85,9 +85,11 @@ def model_pull(model: ModelOption = None) -> None:
         try:
             with console.status(f"Downloading {path} from the Hugging Face Hub..."):
                 path = pull_hub_model(path)
-        except OSError as exc:  # the hub's errors, offline and not cached among them
+        except (OSError, ValueError) as exc:  # the hub's errors (offline and not cached), an id it cannot be
             reason = " ".join(str(exc).split())
-            raise fail(f"--model {model}: cannot be downloaded from the Hugging Face Hub: {reason}") from exc
+            raise fail(
+                f"--model {model}: no checkpoint there, and it cannot be downloaded from the Hugging Face Hub: {reason}"
+            ) from exc
     print(path)
 
 
@@ -167,7 +169,10 @@ def curate(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds sampling and hint tie-breaks.")] = 0,
     topk: Annotated[
-        int, typer.Option("--topk", min=1, help="Teacher log-probabilities kept per token (at most SSB_MAX_LOGPROBS).")
+        int,
+        typer.Option(
+            "--topk", min=1, help="Teacher log-probabilities kept per token (at most SSB_MAX_LOGPROBS, and 256)."
+        ),
     ] = 20,
     rollout_temperature: Annotated[float, typer.Option(help="Rollout temperature.")] = 0.8,
     rollout_top_k: Annotated[int, typer.Option(help="Rollout top-k sampling (-1: off).")] = 50,

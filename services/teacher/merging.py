@@ -77,7 +77,8 @@ def tied_embedding_refusal(adapter: str, base_model: str) -> str:
 def targets_a_tied_embedding(base_model: str, lora: dict) -> bool:
     """Whether a LoRA of these settings (an adapter's `adapter_config.json`, or a run's `target_modules`) adapts an
     input embedding the output layer shares, told before any weights load: the model is built on the meta device
-    from its config, and its embedding's name matched as PEFT matches target modules."""
+    from its config, and its embedding's name matched as PEFT matches target modules. A model that cannot be built so
+    (an attention kernel not installed, say) is not judged here: `merge_adapter` checks the loaded model anyway."""
     import re
 
     import torch
@@ -88,10 +89,16 @@ def targets_a_tied_embedding(base_model: str, lora: dict) -> bool:
     config = AutoConfig.from_pretrained(base_model)
     if not getattr(config, "tie_word_embeddings", False):
         return False
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    embedding = model.get_input_embeddings()
-    keys = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 (any reason: the merge's own check decides)
+        return False
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if output is None or output.weight is not embedding.weight:  # the config says tied, the model does not tie
+        return False
+    keys = ("target_modules", "target_parameters", "exclude_modules", "modules_to_save", "layers_to_transform",
+            "layers_pattern")
     settings = LoraConfig(**{key: lora[key] for key in keys if lora.get(key) is not None})
     return any(
         module is embedding and (match is True or isinstance(match, re.Match))

@@ -64,11 +64,14 @@ def test_model_pull_of_a_hugging_face_id_it_cannot_download_is_one_line(tmp_path
     """A Hugging Face id is downloaded into the Hugging Face cache (its path printed); one that cannot be (offline
     here, and not in the cache) is one error line, where the id was printed as if it were provisioned."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    (result,) = ssb_side_by_side(["model", "pull", "--model", "SomeOrg/no-such-model"], envs=[env])
-    said = " ".join(result.stderr.split())
-    assert result.returncode == 2 and result.stdout == "", result.stdout
-    assert said.startswith("error: --model SomeOrg/no-such-model: cannot be downloaded from the Hugging Face Hub: ")
-    assert "Traceback" not in said
+    models = ["SomeOrg/no-such-model", "runs/demo/mistyped", "my model"]  # the last two no Hub id at all
+    for model, result in zip(models, ssb_side_by_side(*(["model", "pull", "--model", m] for m in models),
+                                                      envs=[env] * len(models))):
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 2 and result.stdout == "", result.stdout
+        assert said.startswith(f"error: --model {model}: no checkpoint there, and it cannot be downloaded from the "
+                               "Hugging Face Hub: "), said
+        assert "Traceback" not in said
 
 
 def test_data_arith_writes_a_loadable_file(tmp_path):

@@ -147,9 +147,10 @@ def test_a_lora_on_a_tied_embedding_is_refused_before_the_engine_starts_where_it
     held_out = tmp_path / "h.jsonl"
     held_out.write_text('{"question": "2+2?", "answer": "4"}\n', encoding="utf-8")
     evaluated, run = ssb_side_by_side(
-        ["eval", "--benchmark", str(held_out), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "e.json")],
+        ["eval", "--benchmark", str(held_out), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "e.json"),
+         "--adapter-serving", "merged"],
         ["run", "--train", str(problems), "--eval", str(held_out), "--out", str(tmp_path / "run"),
-         "--target-modules", "embed_tokens", "--target-modules", "q_proj"],
+         "--target-modules", "embed_tokens", "--target-modules", "q_proj", "--adapter-serving", "merged"],
     )
     for result, what in ((evaluated, f"adapter {tmp_path / 'a'}"), (run, "--target-modules embed_tokens,q_proj")):
         said = error_of(result)

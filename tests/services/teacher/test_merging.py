@@ -108,6 +108,7 @@ def test_a_lora_on_a_tied_embedding_is_told_from_its_settings_before_any_weights
     assert targets_a_tied_embedding(model_path, {"target_modules": r".*embed_tokens"})
     assert not targets_a_tied_embedding(model_path, {"target_modules": ["q_proj", "v_proj"]})
     assert not targets_a_tied_embedding(model_path, {"target_modules": "all-linear"})
+    assert not targets_a_tied_embedding(model_path, {"target_modules": None, "target_parameters": ["mlp.experts.w1"]})
     assert not targets_a_tied_embedding(
         model_path, {"target_modules": ["embed_tokens", "q_proj"], "exclude_modules": ["embed_tokens"]}
     )
