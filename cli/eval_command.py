@@ -91,6 +91,7 @@ def check_adapter_name(name: str) -> str:
 
 
 def check_answer_room(max_tokens: int, context: int, whose: str, setting: str) -> None:
+    """Refuse (ValueError) an answer limit that leaves no token of the engine's context for the prompt."""
     if max_tokens >= context:
         raise ValueError(
             f"--max-tokens {max_tokens} leaves no room for the prompt in {whose} {context} tokens {setting}"
