@@ -36,7 +36,8 @@ NOT_LOADED = ["*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.tfli
 
 def pull_hub_model(model_id: str) -> str:
     """Download a Hugging Face model into the Hugging Face cache (`HF_HOME`), where vLLM and transformers find it by
-    its id; return its snapshot's directory. Does nothing but find it when it is there. An OSError when it cannot."""
+    its id; return its snapshot's directory. Does nothing but find it when it is there. An OSError when it cannot
+    be had (offline and not cached, no such repository), a ValueError for a value that is no Hub id."""
     from huggingface_hub import snapshot_download
 
     return snapshot_download(model_id, ignore_patterns=NOT_LOADED)
