@@ -98,9 +98,8 @@ def check_answer_room(max_tokens: int, context: int, whose: str, setting: str) -
         )
 
 
-def check_adapter(path: Path, max_rank: int | None) -> str:
-    """The adapter directory's resolved path, or ValueError saying why it could not be served (as a LoRA of at most
-    `max_rank`; None: merged, any rank)."""
+def check_adapter(path: Path) -> tuple[str, dict]:
+    """The adapter directory's resolved path and its config, or ValueError saying why it is no LoRA adapter."""
     if not path.is_dir():
         raise ValueError(f"adapter {path}: no such directory")
     config_file = path / "adapter_config.json"
@@ -114,11 +113,27 @@ def check_adapter(path: Path, max_rank: int | None) -> str:
         raise ValueError(f"adapter {config_file}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {path}: peft_type is {config['peft_type']!r}; only LoRA adapters can be served")
-    if max_rank is not None:
-        check_servable_as_lora(path, config, max_rank)
     if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise ValueError(f"adapter {path}: no adapter_model.safetensors (or .bin) in it")
-    return str(path.resolve())
+    return str(path.resolve()), config
+
+
+def adapter_rank(config: dict) -> int:
+    """The largest rank among an adapter's LoRAs: its `r` and `rank_pattern` overrides (one missing, or no integer,
+    is left to vLLM's own check, which refuses it)."""
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+    return max((r for r in ranks if isinstance(r, int) and not isinstance(r, bool)), default=1)
+
+
+def lora_engine_rank(adapters: list[tuple[str, dict]]) -> int:
+    """The largest LoRA rank an engine serving these adapters (paths and configs) is built for: the smallest of vLLM's
+    bounds that fits them all. ValueError naming an adapter vLLM would not serve as a LoRA with it."""
+    from services.teacher.settings import lora_rank_bound
+
+    bound = lora_rank_bound(max(adapter_rank(config) for _, config in adapters))
+    for path, config in adapters:
+        check_servable_as_lora(Path(path), config, bound)
+    return bound
 
 
 def check_mergeable(what: str, model_path: str, lora: dict) -> None:
@@ -132,7 +147,7 @@ def check_mergeable(what: str, model_path: str, lora: dict) -> None:
 
 def check_servable_as_lora(path: Path, config: dict, max_rank: int) -> None:
     """ValueError naming what of the adapter's config vLLM does not serve as a LoRA (by vLLM's own check: a rank above
-    the engine's largest, DoRA, bias terms, whole modules saved beside the LoRA, ...), before the engine starts, not
+    `max_rank`, DoRA, bias terms, whole modules saved beside the LoRA, ...), before the engine starts, not
     at its first request, after the base model's whole evaluation. Merged into the weights, PEFT applies it all."""
     from vllm.config import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
@@ -272,18 +287,20 @@ def eval_command(
     teacher_url: TeacherUrlOption = None,
 ) -> None:
     """pass@1 (greedy) and mean@n of the base model and each adapter on a benchmark: a table and a JSON report."""
-    from services.teacher.engine import EngineOptions
     from shared.datasets import DatasetError, load_problems
 
     settings = Settings()
     try:
         check_benchmark(benchmark)
+        found, lora_rank = [], None  # local adapters (paths and configs); the rank a local LoRA engine serves
         if teacher_url:  # adapters are names in the service's adapters directory, served as LoRAs there
             adapters, serving = [check_adapter_name(str(path)) for path in adapter or []], "lora"
         else:
             serving, dtype = resolve_adapter_serving(adapter_serving, settings.dtype)
-            max_rank = EngineOptions.max_lora_rank if serving == "lora" else None  # merged: any rank
-            adapters = [check_adapter(path, max_rank) for path in adapter or []]
+            found = [check_adapter(path) for path in adapter or []]
+            adapters = [path for path, _ in found]
+            if found and serving == "lora":  # merged: any rank
+                lora_rank = lora_engine_rank(found)
             if adapters:  # the base model and the adapters in one dtype
                 settings = settings.model_copy(update={"dtype": dtype})
         if not teacher_url:  # a teacher's context is its own: checked once it answers
@@ -304,15 +321,16 @@ def eval_command(
             check_fits_context(problems, model_path, settings, answer_tokens=max_tokens,
                                worked_example=config.worked_example)
         if serving == "merged":  # said now, not after the base model's whole evaluation
-            for path in adapters:
-                lora = json.loads(Path(path, "adapter_config.json").read_text(encoding="utf-8"))
-                check_mergeable(f"adapter {path}", model_path, lora)
+            for path, config in found:
+                check_mergeable(f"adapter {path}", model_path, config)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
 
     with exit_on_signals():
         lora = serving == "lora" and bool(adapters)
-        with open_teacher(teacher_url, model_path, settings, seed=seed, enable_lora=lora) as engine:
+        with open_teacher(
+            teacher_url, model_path, settings, seed=seed, enable_lora=lora, max_lora_rank=lora_rank
+        ) as engine:
             model_path = model_path or engine.model_name
             if teacher_url:
                 try:

@@ -77,7 +77,8 @@ def run_command(
     """Curate, train and evaluate in one process: from problems to a measured adapter."""
     from services.curator.curation import changed_problems, rerun_conflict
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
-    from services.teacher.engine import EngineOptions, resolved_dtype
+    from services.teacher.engine import resolved_dtype
+    from services.teacher.settings import lora_rank_bound
     from services.trainer.checkpoints import check_same_settings
     from services.trainer.inputs import CHECKPOINTS_DIR, check_output_dir, latest_checkpoint, stopped_attempt_note
     from services.trainer.training import TrainingError
@@ -127,10 +128,11 @@ def run_command(
             )
         if checkpoint is not None:
             check_same_settings(checkpoint, None, training.model_dump(mode="json"))
-        if serving == "lora" and training.rank > EngineOptions.max_lora_rank:
+        lora_rank = lora_rank_bound(training.rank)  # what the adapter's engine is built for, where it is a LoRA
+        if serving == "lora" and training.rank > lora_rank:
             raise ValueError(
-                f"--rank {training.rank} is above the largest LoRA rank the engine serves "
-                f"({EngineOptions.max_lora_rank}); use --adapter-serving merged, or a smaller --rank"
+                f"--rank {training.rank} is above the largest LoRA rank vLLM serves ({lora_rank}); use "
+                "--adapter-serving merged, or a smaller --rank"
             )
         model_path = ensure_model(model, settings)
         check_topk(curation.topk, settings.max_logprobs, "the engine's", "the curation's top-k")
@@ -194,7 +196,9 @@ def run_command(
 
         if engine.closed:
             engine = engines.enter_context(
-                start_engine(model_path, eval_settings, seed=seed, enable_lora=serving == "lora")
+                start_engine(
+                    model_path, eval_settings, seed=seed, enable_lora=serving == "lora", max_lora_rank=lora_rank
+                )
             )
         if serving == "merged":
             adapter_report = evaluate_merged_adapter(held_out, str(adapter_dir), model_path, engine, evaluation, label)

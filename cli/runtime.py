@@ -222,8 +222,13 @@ def check_topk(topk: int, max_logprobs: int, whose: str, option: str = "--topk")
         )
 
 
-def start_engine(model_path: str, settings: Settings, *, seed: int = 0, enable_lora: bool = True):
-    """Start the vLLM engine on a model (about half a minute for the small model on the CPU)."""
+def start_engine(
+    model_path: str, settings: Settings, *, seed: int = 0, enable_lora: bool = True, max_lora_rank: int | None = None
+):
+    """Start the vLLM engine on a model (about half a minute for the small model on the CPU), built for LoRAs up to
+    `max_lora_rank` where `enable_lora` (None: `EngineOptions`' default)."""
+    from dataclasses import replace
+
     from services.teacher.engine import EngineEnvironmentError, EngineOptions, TeacherEngine
 
     options = EngineOptions(
@@ -235,6 +240,8 @@ def start_engine(model_path: str, settings: Settings, *, seed: int = 0, enable_l
         seed=seed,
         enable_lora=enable_lora,
     )
+    if max_lora_rank is not None:
+        options = replace(options, max_lora_rank=max_lora_rank)
     with console.status(f"Starting the engine on {model_name(model_path)}..."):
         if not console.is_terminal:
             console.print(f"Starting the engine on {model_name(model_path)}...")

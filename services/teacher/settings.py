@@ -11,6 +11,12 @@ from shared.settings import ServiceSettings
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the largest-rank bounds vLLM accepts
 
 
+def lora_rank_bound(rank: int) -> int:
+    """The smallest largest-rank bound of vLLM's that serves LoRAs of rank `rank` (on a CPU every request costs more
+    with a larger one, adapter or not); above vLLM's largest, that largest, which refuses such a LoRA."""
+    return next((bound for bound in LORA_RANKS if bound >= rank), LORA_RANKS[-1])
+
+
 class TeacherSettings(ServiceSettings):
     """Every knob of `ssb serve teacher`; the command's flags override the environment."""
 

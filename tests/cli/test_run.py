@@ -125,13 +125,14 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     common = ["run", "--train", str(train), "--eval", str(held_out), *LIMITS]
     again, resumed, too_wide, export = ssb_side_by_side(
         [*common, "--out", str(out), "--max-steps", "1"], [*common, "--out", str(out), "--resume"],
-        [*common, "--out", str(tmp_path / "wide"), "--rank", "64", "--adapter-serving", "lora"],
+        [*common, "--out", str(tmp_path / "wide"), "--rank", "1024", "--adapter-serving", "lora"],
         ["pairs", "export", str(pairs)],
     )
     assert again.returncode == 2 and "already holds a trained adapter" in " ".join(again.stderr.split())
     assert "Starting the engine" not in again.stdout + again.stderr
     assert resumed.returncode == 2 and "no complete checkpoint" in " ".join(resumed.stderr.split())
-    assert too_wide.returncode == 2 and "above the largest LoRA rank" in " ".join(too_wide.stderr.split())
+    said = " ".join(too_wide.stderr.split())
+    assert too_wide.returncode == 2 and "above the largest LoRA rank vLLM serves (512)" in said, said
     assert "Starting the engine" not in resumed.stderr + too_wide.stderr and not (tmp_path / "wide").exists()
 
     assert export.returncode == 0, export.stderr

@@ -263,20 +263,62 @@ def test_with_the_dtype_left_to_the_machine_a_cpu_evaluates_adapters_merged_in_f
     assert resolve_adapter_serving("auto", "auto") == ("lora", "auto")
 
 
-def test_an_adapter_of_any_rank_can_be_served_merged_but_only_up_to_the_engines_as_a_lora(tmp_path):
-    from cli.eval_command import check_adapter
+def write_adapter(path: Path, **config) -> Path:
+    """An adapter directory with `config` over a LoRA on q_proj, and an empty weights file: enough for the checks."""
+    path.mkdir()
+    config = {"peft_type": "LORA", "lora_alpha": 16, "target_modules": ["q_proj"], **config}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return path
 
-    lora = {"peft_type": "LORA", "lora_alpha": 16, "target_modules": ["q_proj"]}
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**lora, "r": 64}))
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    assert check_adapter(tmp_path, None) == str(tmp_path.resolve())
-    with pytest.raises(ValueError, match="LoRA rank 64 is greater than max_lora_rank 32"):
-        check_adapter(tmp_path, 32)
-    # What vLLM does not serve as a LoRA is said before the engine starts (it was at the first request, after the
-    # base model's whole evaluation); merged, PEFT applies it.
-    for extra, says in (({"rank_pattern": {"q_proj": 64}}, "LoRA rank 64 is greater than max_lora_rank 32"),
-                        ({"use_dora": True}, "DoRA"), ({"bias": "all"}, "bias is not supported")):
-        (tmp_path / "adapter_config.json").write_text(json.dumps({**lora, "r": 8, **extra}))
-        with pytest.raises(ValueError, match=f"vLLM does not serve it as a LoRA .*{says}"):
-            check_adapter(tmp_path, 32)
-        assert check_adapter(tmp_path, None) == str(tmp_path.resolve())
+
+def test_an_adapter_of_any_rank_is_served_merged_and_as_a_lora_by_an_engine_built_for_its_rank(tmp_path):
+    """Merged, any adapter; as a LoRA, the engine is built for the adapters' largest rank rounded up to one of vLLM's
+    bounds (on a CPU a larger bound makes every request slower), and what vLLM does not serve as a LoRA is said before
+    the engine starts (it was at the first request, after the base model's whole evaluation)."""
+    from cli.eval_command import check_adapter, lora_engine_rank
+    from services.teacher.settings import lora_rank_bound
+
+    assert [lora_rank_bound(r) for r in (1, 2, 8, 9, 32, 33, 300, 512, 513)] == [1, 8, 8, 16, 32, 64, 320, 512, 512]
+
+    def adapter(name: str, **config) -> tuple[str, dict]:
+        return check_adapter(write_adapter(tmp_path / name, **config))
+
+    wide = adapter("r64", r=64)
+    assert wide == (str((tmp_path / "r64").resolve()), json.loads((tmp_path / "r64/adapter_config.json").read_text()))
+    assert lora_engine_rank([wide]) == 64
+    assert lora_engine_rank([adapter("r4", r=4)]) == 8
+    assert lora_engine_rank([adapter("r8", r=8), adapter("pattern", r=8, rank_pattern={"q_proj": 16})]) == 16
+    too_wide = "LoRA rank 1024 is greater than max_lora_rank 512"
+    for extra, says in (({"r": 1024}, too_wide), ({"r": 8, "rank_pattern": {"q_proj": 1024}}, too_wide),
+                        ({}, "fields: {'r'}"),
+                        ({"r": 8, "use_dora": True}, "DoRA"), ({"r": 8, "bias": "all"}, "bias is not supported")):
+        unservable = adapter(f"unservable-{len(list(tmp_path.iterdir()))}", **extra)
+        with pytest.raises(ValueError, match=f"adapter .*: vLLM does not serve it as a LoRA .*{says}"):
+            lora_engine_rank([unservable])
+
+
+def test_ssb_eval_builds_its_lora_engine_for_the_adapters_largest_rank(tmp_path, monkeypatch):
+    """`ssb eval --adapter-serving lora` (in-process, the engine's start recorded in place of the engine) asks for an
+    engine built for LoRAs up to its adapters' largest rank, rounded up to vLLM's next bound."""
+    from typer.testing import CliRunner
+
+    import cli.runtime
+    from cli.main import app
+    from shared.arithmetic import make_arithmetic_problems
+
+    class Started(Exception):
+        pass
+
+    def record_start(model_path, settings, **options):
+        raise Started(options)
+
+    monkeypatch.setattr(cli.runtime, "start_engine", record_start)
+    benchmark = tmp_path / "held_out.jsonl"
+    problems = make_arithmetic_problems(2, seed=0)
+    benchmark.write_text("".join(problem.model_dump_json(exclude_none=True) + "\n" for problem in problems))
+    adapters = [write_adapter(tmp_path / "r4", r=4), write_adapter(tmp_path / "r12", r=4, rank_pattern={"v_proj": 12})]
+    args = ["eval", "--benchmark", str(benchmark), "--out", str(tmp_path / "eval.json"), "--adapter-serving", "lora"]
+    result = CliRunner().invoke(app, [*args, *(arg for path in adapters for arg in ("--adapter", str(path)))])
+    assert isinstance(result.exception, Started), result.output
+    assert result.exception.args[0] == {"seed": 0, "enable_lora": True, "max_lora_rank": 16}
