@@ -17,6 +17,7 @@ benchmark, file or adapter exits with status 2 and one message. The logic lives 
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -119,10 +120,10 @@ def check_adapter(path: Path) -> tuple[str, dict]:
 
 
 def adapter_rank(config: dict) -> int:
-    """The largest rank among an adapter's LoRAs: its `r` and `rank_pattern` overrides (one missing, or no integer,
-    is left to vLLM's own check, which refuses it)."""
+    """The largest rank among an adapter's LoRAs: its `r` and `rank_pattern` overrides (one missing, or no number, is
+    left to vLLM's own check, which refuses it)."""
     ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
-    return max((r for r in ranks if isinstance(r, int) and not isinstance(r, bool)), default=1)
+    return max((math.ceil(r) for r in ranks if isinstance(r, (int, float)) and not isinstance(r, bool)), default=1)
 
 
 def lora_engine_rank(adapters: list[tuple[str, dict]]) -> int:
@@ -321,8 +322,8 @@ def eval_command(
             check_fits_context(problems, model_path, settings, answer_tokens=max_tokens,
                                worked_example=config.worked_example)
         if serving == "merged":  # said now, not after the base model's whole evaluation
-            for path, config in found:
-                check_mergeable(f"adapter {path}", model_path, config)
+            for path, lora in found:
+                check_mergeable(f"adapter {path}", model_path, lora)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
 

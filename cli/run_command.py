@@ -78,7 +78,7 @@ def run_command(
     from services.curator.curation import changed_problems, rerun_conflict
     from services.evaluation.evaluation import EvalConfig, combine_reports, render_table
     from services.teacher.engine import resolved_dtype
-    from services.teacher.settings import lora_rank_bound
+    from services.teacher.settings import LORA_RANKS, lora_rank_bound
     from services.trainer.checkpoints import check_same_settings
     from services.trainer.inputs import CHECKPOINTS_DIR, check_output_dir, latest_checkpoint, stopped_attempt_note
     from services.trainer.training import TrainingError
@@ -128,12 +128,12 @@ def run_command(
             )
         if checkpoint is not None:
             check_same_settings(checkpoint, None, training.model_dump(mode="json"))
-        lora_rank = lora_rank_bound(training.rank)  # what the adapter's engine is built for, where it is a LoRA
-        if serving == "lora" and training.rank > lora_rank:
+        if serving == "lora" and training.rank > LORA_RANKS[-1]:
             raise ValueError(
-                f"--rank {training.rank} is above the largest LoRA rank vLLM serves ({lora_rank}); use "
+                f"--rank {training.rank} is above the largest LoRA rank vLLM serves ({LORA_RANKS[-1]}); use "
                 "--adapter-serving merged, or a smaller --rank"
             )
+        lora_rank = lora_rank_bound(training.rank)  # what the adapter's engine is built for, where it is a LoRA
         model_path = ensure_model(model, settings)
         check_topk(curation.topk, settings.max_logprobs, "the engine's", "the curation's top-k")
         check_fits_context(

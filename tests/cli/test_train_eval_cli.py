@@ -288,6 +288,7 @@ def test_an_adapter_of_any_rank_is_served_merged_and_as_a_lora_by_an_engine_buil
     assert wide == (str((tmp_path / "r64").resolve()), json.loads((tmp_path / "r64/adapter_config.json").read_text()))
     assert lora_engine_rank([wide]) == 64
     assert lora_engine_rank([adapter("r4", r=4)]) == 8
+    assert lora_engine_rank([adapter("r12-float", r=12.0)]) == 16  # a rank written as a number with a point
     assert lora_engine_rank([adapter("r8", r=8), adapter("pattern", r=8, rank_pattern={"q_proj": 16})]) == 16
     too_wide = "LoRA rank 1024 is greater than max_lora_rank 512"
     for extra, says in (({"r": 1024}, too_wide), ({"r": 8, "rank_pattern": {"q_proj": 1024}}, too_wide),
@@ -298,7 +299,7 @@ def test_an_adapter_of_any_rank_is_served_merged_and_as_a_lora_by_an_engine_buil
             lora_engine_rank([unservable])
 
 
-def test_ssb_eval_builds_its_lora_engine_for_the_adapters_largest_rank(tmp_path, monkeypatch):
+def test_ssb_eval_builds_its_lora_engine_for_the_adapters_largest_rank(model_path, tmp_path, monkeypatch):
     """`ssb eval --adapter-serving lora` (in-process, the engine's start recorded in place of the engine) asks for an
     engine built for LoRAs up to its adapters' largest rank, rounded up to vLLM's next bound."""
     from typer.testing import CliRunner
