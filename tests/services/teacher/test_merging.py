@@ -1,11 +1,14 @@
 """Adapters merged into a copy of the base weights, loaded in place of the session engine's base weights: the engine
 then answers as the LoRA does, prompts it answered before with the base weights included, and takes the demo's largest
 evaluation batch (the same number of prompts, the same prompts) in stride; with the base weights loaded back, it answers
-as it did before."""
+as it did before. And `ssb eval` of local adapters, merged and as LoRAs, on the session's engines."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,6 +120,51 @@ def test_a_lora_on_a_tied_embedding_is_told_from_its_settings_before_any_weights
     config = json.loads(Path(model_path, "config.json").read_text())
     (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     assert not targets_a_tied_embedding(str(untied), {"target_modules": ["embed_tokens"]})
+
+
+def test_ssb_eval_serves_local_adapters_merged_and_as_loras(engine, lora_engine, small_adapter, model_path, tmp_path,
+                                                            monkeypatch):
+    """`ssb eval` of local adapters as a user runs it, in-process, on the session's engines in place of the ones it
+    would start: two adapters merged one after the other into the base weights (a CPU's default: the second merge
+    loads over the first), then one served as a LoRA (a GPU's default) by an engine asked for its rank; mean@n with
+    --samples, the report where --out is left out. The session engine gets its base weights back (this module's
+    merged copy is made after)."""
+    from typer.testing import CliRunner
+
+    import cli.runtime
+    from cli.main import app
+
+    started = []
+
+    def start_session_engine(model_path, settings, **options):
+        started.append(options)
+        return contextlib.nullcontext(lora_engine if options["enable_lora"] else engine)
+
+    monkeypatch.setattr(cli.runtime, "start_engine", start_session_engine)
+    monkeypatch.chdir(tmp_path)
+    copy = shutil.copytree(small_adapter, tmp_path / "copy")
+    benchmark = tmp_path / "questions.jsonl"
+    benchmark.write_text("".join(p.model_dump_json() + "\n" for p in make_arithmetic_problems(2, seed=5)))
+    args = ["eval", "--benchmark", str(benchmark), "--max-tokens", "8", "--samples", "2"]
+    try:
+        merged = CliRunner().invoke(app, [*args, "--adapter", small_adapter, "--adapter", str(copy)])
+    finally:
+        engine.load_weights(model_path)
+    assert merged.exit_code == 0, merged.output
+    report = json.loads((tmp_path / "runs" / "eval-questions.json").read_text())
+    rows = [(row["name"], row["served"]) for row in report["rows"]]
+    assert rows == [("base", None), ("small-adapter", "merged"), ("copy", "merged")], rows
+    assert all(row["problems"] == 2 and row["mean_at_n"] is not None for row in report["rows"])
+    for problem in report["problems"]:  # the same weights merged twice: the same answers
+        assert problem["answers"]["small-adapter"] == problem["answers"]["copy"]
+
+    lora = CliRunner().invoke(app, [*args, "--adapter", small_adapter, "--adapter-serving", "lora", "--out", "l.json"])
+    assert lora.exit_code == 0, lora.output
+    report = json.loads((tmp_path / "l.json").read_text())
+    assert [(row["name"], row["served"]) for row in report["rows"]] == [("base", None), ("small-adapter", "lora")]
+    assert all(row["problems"] == 2 and row["mean_at_n"] is not None for row in report["rows"])
+    assert started == [{"seed": 0, "enable_lora": False, "max_lora_rank": None},
+                       {"seed": 0, "enable_lora": True, "max_lora_rank": 8}]  # the adapter's rank
 
 
 def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, small_adapter):
