@@ -26,6 +26,7 @@ from shared.settings import CurationConfig, Settings
 from shared.storage import PairStore
 from shared.teacher_api import TopKBase64, decode_topk
 from shared.teacher_client import TeacherClient, TeacherRejected
+from tests.cli.test_cli import ssb_side_by_side
 from tests.prometheus_text import metric
 from tests.services.teacher.conftest import API_KEY, MAX_PENDING_REQUESTS, MAX_REQUEST_BYTES
 from tests.teacher_server import write_tiny_adapter
@@ -287,6 +288,9 @@ def test_adapter_loads_changes_the_output_and_unloads(lora_teacher_server):
         assert adapted.json()["results"][0]["samples"][0]["token_ids"] != base
         openai = http.post("/v1/completions", json={"model": "tiny", "prompt": "2 + 2 =", "max_tokens": 2})
         assert openai.status_code == 200 and openai.json()["model"] == "tiny", openai.text
+        chat = http.post("/v1/chat/completions",
+                         json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["model"] == "tiny", chat.text
         assert http.delete("/v1/adapters/tiny").status_code == 204
         assert http.get("/v1/models").json()["adapters"] == others
         assert http.post("/v1/rollouts", json={**greedy, "adapter": "tiny"}).status_code == 404
@@ -529,6 +533,13 @@ def test_openai_routes_share_the_engine(teacher_server):
             json={"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
         )
         assert chat.status_code == 200, chat.text
+        conversations = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "2 + 2 ="}]]
+        batch = http.post(
+            "/v1/chat/completions/batch",
+            json={"model": "SmolLM2-135M-Instruct", "messages": conversations, "max_tokens": 4},
+        )
+        assert batch.status_code == 200, batch.text
+        assert sorted(choice["index"] for choice in batch.json()["choices"]) == [0, 1]  # one per conversation
         unknown = http.post("/v1/completions", json={"model": "nobody", "prompt": "x", "max_tokens": 1})
         assert unknown.status_code == 404
 
@@ -696,27 +707,31 @@ def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path)
     assert report["config"]["worked_example"] is True  # the teacher serves the small default model, which needs it
     with lora_teacher_server.client() as http:
         assert http.delete("/v1/adapters/tiny").status_code == 204
-    # An adapter the teacher does not have is said at once, before the base model answers a problem.
-    command = [sys.executable, "-m", "cli.main", "eval", "--benchmark", str(problems), "--adapter", "tinny",
-               "--out", str(tmp_path / "none.json"), "--teacher-url", lora_teacher_server.url]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    said = " ".join(result.stderr.split())
-    assert result.returncode == 1 and "error: the teacher service:" in said and "tinny" in said, said
-    assert "evaluating" not in said and not (tmp_path / "none.json").exists()
-    # The room left for answers is the teacher's context's, whatever this machine's SSB_MAX_MODEL_LEN says.
-    command = [sys.executable, "-m", "cli.main", "eval", "--benchmark", str(problems), "--max-tokens", "5000",
-               "--out", str(tmp_path / "none.json"), "--teacher-url", lora_teacher_server.url]
-    result = subprocess.run(command, capture_output=True, text=True, env={**env, "SSB_MAX_MODEL_LEN": "256"},
-                            timeout=600)
-    said = " ".join(result.stderr.split())
-    assert result.returncode == 2 and "--max-tokens 5000 leaves no room for the prompt in the teacher's 4096 " in said
-    assert "evaluating" not in said and not (tmp_path / "none.json").exists()
-    # So is the largest top-k of log-probabilities it returns (64), before its first rollout.
-    command = [sys.executable, "-m", "cli.main", "curate", "--data", str(problems), "--out", str(tmp_path / "wide"),
-               "--topk", "65", "--teacher-url", lora_teacher_server.url]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    said = " ".join(result.stderr.split())
-    assert result.returncode == 2 and "--topk 65 is above the teacher's largest top-k of log-probabilities, 64" in said
+    # Side by side (each waits on the teacher or on imports): the same curation again, everything in the store done;
+    # an adapter the teacher does not have, said at once, before the base model answers a problem; an answer room
+    # checked against the teacher's context, whatever this machine's SSB_MAX_MODEL_LEN says; a top-k above the largest
+    # the teacher returns (64), said before its first rollout.
+    url = ["--teacher-url", lora_teacher_server.url]
+    rerun, missing, too_long, too_wide = ssb_side_by_side(
+        ["curate", "--data", str(problems), "--out", str(tmp_path / "pairs"), "--rollout-max-tokens", "16",
+         "--explanation-max-tokens", "16", *url],
+        ["eval", "--benchmark", str(problems), "--adapter", "tinny", "--out", str(tmp_path / "none.json"), *url],
+        ["eval", "--benchmark", str(problems), "--max-tokens", "5000", "--out", str(tmp_path / "none.json"), *url],
+        ["curate", "--data", str(problems), "--out", str(tmp_path / "wide"), "--topk", "65", *url],
+        envs=[env, env, {**env, "SSB_MAX_MODEL_LEN": "256"}, env],
+    )
+    said = " ".join(rerun.stderr.split())
+    assert rerun.returncode == 0 and "already done (skipped) │ 2 │" in said, said
+    assert len(store.pair_ids()) + len(list(store.iter_dropped())) == 2
+    said = " ".join(missing.stderr.split())
+    assert missing.returncode == 1 and "error: the teacher service:" in said and "tinny" in said, said
+    said = " ".join(too_long.stderr.split())
+    assert too_long.returncode == 2 and "--max-tokens 5000 leaves no room for the prompt in the teacher's 4096 " in said
+    assert "evaluating" not in missing.stderr + too_long.stderr and not (tmp_path / "none.json").exists()
+    said = " ".join(too_wide.stderr.split())
+    assert too_wide.returncode == 2 and "--topk 65 is above the teacher's largest top-k of log-probabilities, 64" in (
+        said
+    )
     assert "curating" not in said and not (tmp_path / "wide" / "pairs").exists()
 
 
