@@ -253,6 +253,8 @@ def test_a_finished_runs_metrics_curve_and_adapter(trainer, model_path):
     with trainer.client() as http:
         listed = http.get("/v1/runs").json()["runs"]
         assert run_id in [r["id"] for r in listed]
+        newest = http.get("/v1/runs", params={"limit": 1}).json()["runs"]
+        assert [r["id"] for r in newest] == [listed[0]["id"]]  # newest first
         metrics = http.get(f"/v1/runs/{run_id}/metrics")
         assert metrics.status_code == 200
         steps = [json.loads(line)["step"] for line in metrics.text.splitlines()]
@@ -283,7 +285,8 @@ def test_a_finished_runs_metrics_curve_and_adapter(trainer, model_path):
 def test_evaluation_of_base_and_adapter_through_the_teacher(trainer, lora_teacher_server):
     run = trainer.finished.get("run") or pytest.skip("needs the run of the resume test")
     problems = [{"question": p.question, "answer": p.answer} for p in make_arithmetic_problems(2, seed=5)]
-    body = {"models": ["base", run["id"]], "problems": problems, "max_tokens": 32, "eval_id": "side-by-side"}
+    body = {"models": ["base", run["id"]], "problems": problems, "max_tokens": 32, "samples": 2,
+            "eval_id": "side-by-side"}
     with trainer.client() as http:
         created = http.post("/v1/evals", json=body)
         assert created.status_code == 202, created.text
@@ -297,6 +300,7 @@ def test_evaluation_of_base_and_adapter_through_the_teacher(trainer, lora_teache
     assert done["status"] == "succeeded", done
     assert [row["name"] for row in done["rows"]] == ["base", run["id"]]
     assert all(row["problems"] == 2 and 0 <= row["pass_at_1"] <= 1 for row in done["rows"])
+    assert all(0 <= row["mean_at_n"] <= 1 for row in done["rows"])  # mean@n of the 2 samples, sent to the teacher
     assert done["rows"][1]["served"] == "lora"
     assert len(done["problems"]) == 2 and set(done["problems"][0]["answers"]) == {"base", run["id"]}
     assert run["id"] in done["table"] and "pass@1" in done["table"]
