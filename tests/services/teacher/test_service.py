@@ -679,6 +679,37 @@ def test_client_names_the_refused_field(teacher_server):
     assert json.dumps(refused.value.message)
 
 
+def test_a_round_two_curation_rolls_out_with_the_adapter_through_the_service(lora_teacher_server, tmp_path):
+    """A curator job for a dataset with `rollout_adapter` (the previous round's student) curates through the teachers
+    with `AdapterRollouts`: its rollouts come from the adapter, which the teacher loads on first use from its adapters
+    directory (the same seeds give other rollouts than the base model's), and its store records the model as
+    base+adapter."""
+    from services.curator.jobs import AdapterRollouts
+    from shared.teacher_client import TeacherPool
+
+    problems = make_arithmetic_problems(2, seed=5)
+    config = CurationConfig(k=2, seed=0, worked_example=True, rollout_max_tokens=16, explanation_max_tokens=16)
+    base, adapted = PairStore(tmp_path / "base"), PairStore(tmp_path / "round-2")
+    try:
+        with TeacherPool([lora_teacher_server.url], api_key=API_KEY) as teacher:
+            curate(problems, teacher, base, config)
+            round_two = AdapterRollouts(teacher, "tiny")
+            assert round_two.model_name == f"{teacher.model_name}+tiny"
+            curate(problems, round_two, adapted, config)
+    finally:
+        with lora_teacher_server.client() as http:
+            assert http.delete("/v1/adapters/tiny").status_code == 204  # it was loaded by the curation
+
+    def rollouts(store: PairStore) -> dict[str, list[str]]:
+        found = {d.problem_id: [r.text for r in d.rollouts] for d in store.iter_dropped()}
+        found |= {pair.record.problem_id: [r.text for r in pair.record.rollouts] for pair in store.iter_pairs()}
+        return found
+
+    assert rollouts(base).keys() == rollouts(adapted).keys() == {p.id for p in problems}
+    assert rollouts(base) != rollouts(adapted)
+    assert all(pair.record.model == "SmolLM2-135M-Instruct+tiny" for pair in adapted.iter_pairs())
+
+
 def test_curate_and_eval_commands_use_the_service(lora_teacher_server, tmp_path):
     """`ssb curate --teacher-url` and `ssb eval --teacher-url` as a user runs them, the key from the environment; the
     eval's adapter is a name in the service's adapters directory, loaded on first use."""
