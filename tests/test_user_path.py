@@ -1,11 +1,11 @@
-"""The user's path end to end, on the CPU with the small model: `ssb up` starts the whole topology as local processes
-(a Redis of its own, the teacher, the curator API and two curator workers, the trainer API and its worker) on free
-loopback ports; a dataset submitted over HTTP with a training request is curated through the teacher, the curator
-starts the run on the trainer when the last problem is final, the run succeeds, its adapter downloads and loads in
-peft, and an evaluation of the base model against the adapter (served by the teacher as a LoRA) returns a table.
-Finally SIGTERM: `ssb up` exits 128 + 15 and every process it started, and everything those started, is gone, and so
-are the IPC sockets of the teacher's engine.
-(`ssb submit --wait` against a real curator is tested in tests/services/curator.)
+"""The user's path end to end, on the CPU with the small model: `ssb up` starts the whole topology as local processes (a
+Redis of its own, the teacher, the curator API and two curator workers, the trainer API and its worker) on free loopback
+ports; a dataset submitted with `ssb submit --wait` with a training request is curated through the teacher, the curator
+starts the run on the trainer when the last problem is final, the run succeeds, its adapter downloads and loads in peft,
+and an evaluation of the base model against the adapter (served by the teacher as a LoRA) returns a table. Finally
+SIGTERM: `ssb up` exits 128 + 15 and every process it started, and everything those started, is gone, and so are the IPC
+sockets of the teacher's engine. (`ssb submit --wait`'s progress bar against a real curator is tested in
+tests/services/curator.)
 
 Marked `topology` (and `engine`): it costs an engine start of its own; `-m "not topology"` leaves it out.
 """
@@ -91,17 +91,20 @@ def test_up_submit_curate_train_download_evaluate_and_stop(model_path, curation_
         assert len(everything) > len(NAMES) + 1, "the teacher started no engine process"
         assert any(path.is_socket() for path in ipc.rglob("*")), "the engine's processes talk over IPC sockets"
 
-        # Over HTTP: an arithmetic problem with a training request, then an evaluation.
-        problems = [paired_problem(curation_run)]
-        options = {**CURATION_CONFIG, "train": TRAIN}
-        with httpx.Client(base_url=ready["curator"], timeout=60) as curator:
-            created = curator.post("/v1/datasets", json={"rows": problems, "options": options})
-            assert created.status_code == 201, created.text
-            dataset_id = created.json()["id"]
+        # An arithmetic problem submitted with `ssb submit --wait`, with a training request, then an evaluation.
+        problems = tmp_path / "problems.jsonl"
+        problems.write_text(json.dumps(paired_problem(curation_run)) + "\n")
+        submit = [sys.executable, "-m", "cli.main", "submit", str(problems), "--curator", ready["curator"], "--wait",
+                  "--options", json.dumps(CURATION_CONFIG), "--train", json.dumps(TRAIN), "--name", "user path"]
+        submitted = subprocess.run(submit, capture_output=True, text=True, timeout=600)
+        assert submitted.returncode == 0, f"{submitted.stdout}\n{submitted.stderr}\n{log()[-4000:]}"
+        dataset_id = submitted.stdout.split()[0]  # its first line: the dataset's id
+        with httpx.Client(base_url=ready["curator"], timeout=60) as curator:  # --wait waited for the hand-off too
             dataset = wait_for(
                 curator, f"/v1/datasets/{dataset_id}",
-                lambda b: b["state"] == "done" and (b["training_run"] or b["training_error"]), log,
+                lambda b: b["state"] == "done" and (b["training_run"] or b["training_error"]), log, timeout=10,
             )
+        assert dataset["name"] == "user path", dataset
         assert dataset["training_error"] is None, dataset["training_error"]
         assert dataset["funnel"]["paired"] == 1, dataset["funnel"]
         run_id = dataset["training_run"]
