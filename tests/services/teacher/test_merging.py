@@ -1,7 +1,8 @@
 """Adapters merged into a copy of the base weights, loaded in place of the session engine's base weights: the engine
 then answers as the LoRA does, prompts it answered before with the base weights included, and takes the demo's largest
 evaluation batch (the same number of prompts, the same prompts) in stride; with the base weights loaded back, it answers
-as it did before. And `ssb eval` of local adapters, merged and as LoRAs, on the session's engines."""
+as it did before. And `ssb eval` of local adapters, merged and as LoRAs, and `ssb run` serving its adapter as a LoRA,
+on the session's engines."""
 
 from __future__ import annotations
 
@@ -165,6 +166,68 @@ def test_ssb_eval_serves_local_adapters_merged_and_as_loras(engine, lora_engine,
     assert all(row["problems"] == 2 and row["mean_at_n"] is not None for row in report["rows"])
     assert started == [{"seed": 0, "enable_lora": False, "max_lora_rank": None},
                        {"seed": 0, "enable_lora": True, "max_lora_rank": 8}]  # the adapter's rank
+
+
+class SessionEngine:
+    """One of the session's engines in place of an engine a command would start: closing it only marks it closed."""
+
+    def __init__(self, engine):
+        self.engine, self.closed = engine, False
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.closed = True
+
+    def close(self):
+        self.closed = True
+
+
+def test_ssb_run_serving_its_adapter_as_a_lora_closes_the_engine_and_starts_one_for_the_adapters_rank(
+    engine, lora_engine, curation_run, tmp_path, monkeypatch
+):
+    """`ssb run --adapter-serving lora` (a GPU's default), in-process on the session's engines in place of the ones it
+    would start: the curation it resumes is the session's (every problem done), the base model is evaluated, the
+    engine closed before training (on a GPU training needs its memory), and the adapter evaluated as a LoRA by an
+    engine asked for the run's rank."""
+    from typer.testing import CliRunner
+
+    import cli.run_command
+    from cli.main import app
+    from tests.conftest import CURATION_CONFIG
+
+    started = []
+
+    def start_session_engine(model_path, settings, **options):
+        started.append(SessionEngine(lora_engine if options["enable_lora"] else engine))
+        started[-1].options = options
+        return started[-1]
+
+    monkeypatch.setattr(cli.run_command, "start_engine", start_session_engine)
+    problems, store, _ = curation_run
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
+    train.write_text("".join(p.model_dump_json(exclude_none=True) + "\n" for p in problems))
+    held_out.write_text("".join(p.model_dump_json() + "\n" for p in make_arithmetic_problems(2, seed=5)))
+    shutil.copytree(store.root, tmp_path / "run" / "pairs")  # the session's curation, as if this run had made it
+    curation = [f"--{name.replace('_', '-')}={CURATION_CONFIG[name]}"  # top-k: ssb run's default, the same 20
+                for name in ("k", "seed", "rollout_max_tokens", "explanation_max_tokens")]
+    result = CliRunner().invoke(app, [
+        "run", "--train", str(train), "--eval", str(held_out), "--out", str(tmp_path / "run"), *curation,
+        "--eval-max-tokens", "8", "--max-steps", "1", "--rank", "4", "--adapter-serving", "lora",
+    ])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"already done (skipped) │ {len(problems)} │" in said and "training: 1 steps" in said, said
+    assert [(s.engine, s.options["enable_lora"], s.options.get("max_lora_rank")) for s in started] == [
+        (engine, False, None), (lora_engine, True, 8)  # rank 4 rounded up to vLLM's next bound
+    ]
+    assert all(s.closed for s in started)  # the first before training, the second as the run ended
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert [(row["name"], row["served"]) for row in report["rows"]] == [("base", None), ("adapter", "lora")]
 
 
 def test_the_merged_copy_answers_as_the_lora_does(lora_engine, merged_engine, small_adapter):
