@@ -114,6 +114,8 @@ def check_adapter(path: Path) -> tuple[str, dict]:
         raise ValueError(f"adapter {config_file}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {path}: peft_type is {config['peft_type']!r}; only LoRA adapters can be served")
+    if not isinstance(config.get("rank_pattern") or {}, dict):
+        raise ValueError(f"adapter {config_file}: rank_pattern is not an object of module names and ranks")
     if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise ValueError(f"adapter {path}: no adapter_model.safetensors (or .bin) in it")
     return str(path.resolve()), config

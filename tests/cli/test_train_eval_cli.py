@@ -290,6 +290,8 @@ def test_an_adapter_of_any_rank_is_served_merged_and_as_a_lora_by_an_engine_buil
     assert lora_engine_rank([adapter("r4", r=4)]) == 8
     assert lora_engine_rank([adapter("r12-float", r=12.0)]) == 16  # a rank written as a number with a point
     assert lora_engine_rank([adapter("r8", r=8), adapter("pattern", r=8, rank_pattern={"q_proj": 16})]) == 16
+    with pytest.raises(ValueError, match="adapter .*adapter_config.json: rank_pattern is not an object"):
+        adapter("listed", r=8, rank_pattern=[16])
     too_wide = "LoRA rank 1024 is greater than max_lora_rank 512"
     for extra, says in (({"r": 1024}, too_wide), ({"r": 8, "rank_pattern": {"q_proj": 1024}}, too_wide),
                         ({}, "fields: {'r'}"),

@@ -126,12 +126,14 @@ def test_a_lora_on_a_tied_embedding_is_told_from_its_settings_before_any_weights
 def test_ssb_eval_serves_local_adapters_merged_and_as_loras(engine, lora_engine, small_adapter, model_path, tmp_path,
                                                             monkeypatch):
     """`ssb eval` of local adapters as a user runs it, in-process, on the session's engines in place of the ones it
-    would start: two adapters merged one after the other into the base weights (a CPU's default: the second merge
-    loads over the first), then one served as a LoRA (a GPU's default) by an engine asked for its rank; mean@n with
-    --samples, the report where --out is left out. The session engine gets its base weights back (this module's
-    merged copy is made after)."""
+    would start: two adapters merged one after the other into the base weights (a CPU's default: the second, a copy of
+    the first whose update is zero, loads over the first and answers as the base model), then one served as a LoRA (a
+    GPU's default) by an engine asked for its rank; mean@n with --samples, the report where --out is left out. The
+    session engine gets its base weights back (this module's merged copy is made after)."""
+    from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
+    import cli.eval_command
     import cli.runtime
     from cli.main import app
 
@@ -142,22 +144,28 @@ def test_ssb_eval_serves_local_adapters_merged_and_as_loras(engine, lora_engine,
         return contextlib.nullcontext(lora_engine if options["enable_lora"] else engine)
 
     monkeypatch.setattr(cli.runtime, "start_engine", start_session_engine)
+    monkeypatch.setattr(cli.eval_command, "exit_on_signals", contextlib.nullcontext)  # the suite's own SIGTERM handler
     monkeypatch.chdir(tmp_path)
-    copy = shutil.copytree(small_adapter, tmp_path / "copy")
+    zero = Path(shutil.copytree(small_adapter, tmp_path / "zero"))
+    weights = load_file(zero / "adapter_model.safetensors")
+    save_file({name: w * 0 if "lora_B" in name else w for name, w in weights.items()}, zero / "adapter_model.safetensors")
     benchmark = tmp_path / "questions.jsonl"
     benchmark.write_text("".join(p.model_dump_json() + "\n" for p in make_arithmetic_problems(2, seed=5)))
-    args = ["eval", "--benchmark", str(benchmark), "--max-tokens", "8", "--samples", "2"]
+    args = ["eval", "--benchmark", str(benchmark), "--model", model_path, "--max-tokens", "8", "--samples", "2"]
     try:
-        merged = CliRunner().invoke(app, [*args, "--adapter", small_adapter, "--adapter", str(copy)])
+        merged = CliRunner().invoke(
+            app, [*args, "--adapter", small_adapter, "--adapter", str(zero), "--adapter-serving", "merged"]
+        )
     finally:
         engine.load_weights(model_path)
     assert merged.exit_code == 0, merged.output
     report = json.loads((tmp_path / "runs" / "eval-questions.json").read_text())
     rows = [(row["name"], row["served"]) for row in report["rows"]]
-    assert rows == [("base", None), ("small-adapter", "merged"), ("copy", "merged")], rows
+    assert rows == [("base", None), ("small-adapter", "merged"), ("zero", "merged")], rows
     assert all(row["problems"] == 2 and row["mean_at_n"] is not None for row in report["rows"])
-    for problem in report["problems"]:  # the same weights merged twice: the same answers
-        assert problem["answers"]["small-adapter"] == problem["answers"]["copy"]
+    answers = [problem["answers"] for problem in report["problems"]]
+    assert [a["zero"] for a in answers] == [a["base"] for a in answers]  # the base weights again, not the first merge
+    assert [a["small-adapter"] for a in answers] != [a["base"] for a in answers]
 
     lora = CliRunner().invoke(app, [*args, "--adapter", small_adapter, "--adapter-serving", "lora", "--out", "l.json"])
     assert lora.exit_code == 0, lora.output
@@ -197,6 +205,7 @@ def test_ssb_run_serving_its_adapter_as_a_lora_closes_the_engine_and_starts_one_
     from typer.testing import CliRunner
 
     import cli.run_command
+    import services.trainer.training
     from cli.main import app
     from tests.conftest import CURATION_CONFIG
 
@@ -208,6 +217,14 @@ def test_ssb_run_serving_its_adapter_as_a_lora_closes_the_engine_and_starts_one_
         return started[-1]
 
     monkeypatch.setattr(cli.run_command, "start_engine", start_session_engine)
+    monkeypatch.setattr(cli.run_command, "exit_on_signals", contextlib.nullcontext)  # the suite's own SIGTERM handler
+    train_adapter, open_while_training = services.trainer.training.train, []
+
+    def train_recording_the_engines(*args, **kwargs):
+        open_while_training.extend(not s.closed for s in started)
+        return train_adapter(*args, **kwargs)
+
+    monkeypatch.setattr(services.trainer.training, "train", train_recording_the_engines)
     problems, store, _ = curation_run
     train, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
     train.write_text("".join(p.model_dump_json(exclude_none=True) + "\n" for p in problems))
@@ -225,7 +242,7 @@ def test_ssb_run_serving_its_adapter_as_a_lora_closes_the_engine_and_starts_one_
     assert [(s.engine, s.options["enable_lora"], s.options.get("max_lora_rank")) for s in started] == [
         (engine, False, None), (lora_engine, True, 8)  # rank 4 rounded up to vLLM's next bound
     ]
-    assert all(s.closed for s in started)  # the first before training, the second as the run ended
+    assert open_while_training == [False] and all(s.closed for s in started)  # closed before training; after the run
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert [(row["name"], row["served"]) for row in report["rows"]] == [("base", None), ("adapter", "lora")]
 

@@ -698,7 +698,8 @@ def test_a_round_two_curation_rolls_out_with_the_adapter_through_the_service(lor
             curate(problems, round_two, adapted, config)
     finally:
         with lora_teacher_server.client() as http:
-            assert http.delete("/v1/adapters/tiny").status_code == 204  # it was loaded by the curation
+            unloaded = http.delete("/v1/adapters/tiny").status_code
+    assert unloaded == 204  # it was loaded by the curation
 
     def rollouts(store: PairStore) -> dict[str, list[str]]:
         found = {d.problem_id: [r.text for r in d.rollouts] for d in store.iter_dropped()}

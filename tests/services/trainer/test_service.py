@@ -254,7 +254,7 @@ def test_a_finished_runs_metrics_curve_and_adapter(trainer, model_path):
         listed = http.get("/v1/runs").json()["runs"]
         assert run_id in [r["id"] for r in listed]
         newest = http.get("/v1/runs", params={"limit": 1}).json()["runs"]
-        assert [r["id"] for r in newest] == [listed[0]["id"]]  # newest first
+        assert [r["id"] for r in newest] == [listed[0]["id"]]  # the listing's first (it lists the newest first)
         metrics = http.get(f"/v1/runs/{run_id}/metrics")
         assert metrics.status_code == 200
         steps = [json.loads(line)["step"] for line in metrics.text.splitlines()]
