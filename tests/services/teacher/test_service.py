@@ -312,7 +312,7 @@ def test_requests_on_an_adapter_and_on_its_replacement_share_the_engine_and_keep
             assert http.post("/v1/adapters", json={"name": name, "path": "tiny"}).status_code == 201
         pending = metric(http.get("/metrics").text, "ssb_teacher_pending_engine_requests")
         with lora_teacher_server.client() as other:
-            long = pool.submit(other.post, "/v1/rollouts", json=rollout("replaced", 160))
+            long = pool.submit(other.post, "/v1/rollouts", json=rollout("replaced", 96))
             short = pool.submit(other.post, "/v1/rollouts", json=rollout("beside", 24))
             deadline = time.monotonic() + 60
             while metric(http.get("/metrics").text, "ssb_teacher_pending_engine_requests") < pending + 2:
