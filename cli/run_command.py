@@ -51,7 +51,7 @@ from cli.runtime import (
     resolve_worked_example,
     start_engine,
 )
-from cli.train_command import build_train_config, training_options
+from cli.train_command import build_train_config, steps_trained, training_options
 
 
 @training_options(exclude={"seed"})
@@ -208,7 +208,7 @@ def run_command(
     replace_atomically(eval_path, report.model_dump_json(indent=1))
 
     print_funnel(funnel, pairs_dir)
-    console.print(f"training: {result.steps} steps on {result.num_pairs} pairs, final loss {result.final_loss:.4f}")
+    console.print(f"training: {steps_trained(result)} on {result.num_pairs} pairs, final loss {result.final_loss:.4f}")
     console.print(f"training curve: {result.curve_path}")
     console.print(render_table(report, title="Held-out accuracy, base vs adapter"))
     print_paired_comparison(report)

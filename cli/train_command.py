@@ -199,11 +199,18 @@ def check_model_config(model_path: str) -> None:
         raise ValueError(f"--model {model_path!r}: cannot be loaded: {' '.join(str(exc).split())}") from exc
 
 
+def steps_trained(result) -> str:
+    """"N steps", and the checkpoint a resumed run went on from."""
+    if result.resumed_from_step is None:
+        return f"{result.steps} steps"
+    return f"{result.steps} steps (resumed from the checkpoint at step {result.resumed_from_step})"
+
+
 def print_training_summary(result) -> None:
     """Where the adapter, its metrics and the training curve are."""
     loss = "no step logged" if result.final_loss is None else f"final loss {result.final_loss:.4f}"
     console.print(
-        f"trained {result.steps} steps on {result.num_pairs} pairs in {result.seconds:.0f} s ({loss})\n"
+        f"trained {steps_trained(result)} on {result.num_pairs} pairs in {result.seconds:.0f} s ({loss})\n"
         f"adapter:        {result.out_dir}\n"
         f"metrics:        {result.metrics_path}\n"
         f"training curve: {result.curve_path}"

@@ -118,6 +118,9 @@ class TrainResult(BaseModel):
     curve_path: Path
     config_path: Path
     steps: int = Field(description="Optimizer steps taken in total (including those before a resume).")
+    resumed_from_step: int | None = Field(
+        default=None, description="The step of the checkpoint a resumed run went on from (None: from the start)."
+    )
     num_pairs: int
     final_loss: float | None = Field(description="Loss of the last logged step; None when none was logged.")
     seconds: float = Field(description="Wall time of this call.")
@@ -271,9 +274,9 @@ def train_holding(
         "num_processes": accelerator.num_processes,
     }
 
-    step = 0
+    step = resumed_from = 0
     if checkpoint is not None:
-        step = load_checkpoint(checkpoint, peft_model, optimizer, scheduler, run_state, accelerator)
+        step = resumed_from = load_checkpoint(checkpoint, peft_model, optimizer, scheduler, run_state, accelerator)
         if main:
             keep_metrics_through(metrics_path, step)
     if main:
@@ -340,6 +343,7 @@ def train_holding(
         curve_path=curve_path,
         config_path=out_dir / TRAINING_CONFIG_FILE,
         steps=step,
+        resumed_from_step=resumed_from if checkpoint is not None else None,
         num_pairs=len(examples),
         final_loss=last.loss if last is not None else last_logged_loss(metrics_path),
         seconds=time.perf_counter() - started,

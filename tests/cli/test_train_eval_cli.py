@@ -1,6 +1,6 @@
 """`ssb train` and `ssb eval` as a user runs them: bad input exits with status 2 and one message before any model or
-engine loads (`ssb train`'s paths before torch is even imported), and a one-step training run on real pairs leaves a
-complete adapter directory.
+engine loads (`ssb train`'s paths before torch is even imported), and a training run on real pairs killed after its
+first checkpoint goes on with `--resume` and leaves a complete adapter directory.
 
 The error-path tests pass `--model` a checkpoint directory that cannot load (a config and no weights): had the command
 loaded the model or started the engine before checking its input, it would crash instead of giving the message.
@@ -8,8 +8,11 @@ loaded the model or started the engine before checking its input, it would crash
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,16 +203,38 @@ def test_eval_rejects_an_adapter_directory_without_its_config(tmp_path, unloadab
     assert not (tmp_path / "r.json").exists()
 
 
-def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path):  # noqa: F811
-    """One step of batch 2 (two of the fixture's three short real pairs), rank 4, into a directory that holds a README
-    of the user's (peft's model card is not written over it)."""
+def test_train_killed_after_a_checkpoint_resumes_with_resume_and_writes_a_complete_adapter_directory(
+    pairs_dir, tmp_path  # noqa: F811
+):
+    """Three steps of batch 2 (the fixture's three short real pairs), rank 4, a checkpoint each step, into a directory
+    that holds a README of the user's (peft's model card is not written over it). SIGTERM once the first checkpoint
+    is written (the command stops where it is, as on a kill); the same command with --resume goes on from the newest
+    checkpoint, says so, logs each step once, and leaves a complete adapter directory."""
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "README.md").write_text("my notes\n")
-    result = ssb(
-        "train", "--pairs", str(pairs_dir), "--out", str(out), "--max-steps", "1", "--rank", "4", "--batch-size", "2"
-    )
-    assert "trained 1 steps on 3 pairs" in " ".join(result.stderr.split())
+    args = ["train", "--pairs", str(pairs_dir), "--out", str(out), "--max-steps", "3", "--checkpoint-every", "1",
+            "--rank", "4", "--batch-size", "2"]
+    killed = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-1").is_dir():
+            assert killed.poll() is None, killed.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        killed.send_signal(signal.SIGTERM)
+        assert killed.wait(timeout=60) != 0
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+        killed.stderr.close()
+    assert not (out / "adapter_config.json").exists(), "the run ended before the signal: lengthen it"
+
+    result = ssb(*args, "--resume")
+    said = " ".join(result.stderr.split())
+    resumed = re.search(r"trained 3 steps \(resumed from the checkpoint at step ([12])\) on 3 pairs", said)
+    assert resumed, said
     assert "note: the pairs were made by" not in result.stderr  # made by the model it trains
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"
@@ -217,7 +242,7 @@ def test_train_one_step_writes_a_complete_adapter_directory(pairs_dir, tmp_path)
         names = list(f.keys())
     assert names and all("lora_A" in n or "lora_B" in n for n in names)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1] and metrics[0]["explanation_tokens"] > 0
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[0]["explanation_tokens"] > 0
     curve = out / "training_curve.png"
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "README.md").read_text() == "my notes\n" and not (out / ".adapter.tmp").exists()
