@@ -126,10 +126,12 @@ def test_a_lora_on_a_tied_embedding_is_told_from_its_settings_before_any_weights
 def test_ssb_eval_serves_local_adapters_merged_and_as_loras(engine, lora_engine, small_adapter, model_path, tmp_path,
                                                             monkeypatch):
     """`ssb eval` of local adapters as a user runs it, in-process, on the session's engines in place of the ones it
-    would start: two adapters merged one after the other into the base weights (a CPU's default: the second, a copy of
-    the first whose update is zero, loads over the first and answers as the base model), then one served as a LoRA (a
-    GPU's default) by an engine asked for its rank; mean@n with --samples, the report where --out is left out. The
-    session engine gets its base weights back (this module's merged copy is made after)."""
+    would start, with the dtype left to the machine: two adapters merged one after the other into the base weights (a
+    CPU's default, its engine asked for float32; the second, a copy of the first whose update is zero, loads over the
+    first and answers as the base model), then one served as a LoRA (a GPU's default) by an engine asked for its rank;
+    mean@n with --samples, the report where --out is left out. The session engine gets its base weights back (this
+    module's merged copy is made after). (The run's adapter through `ssb eval`'s own engine: tests/cli/test_run.py
+    runs `ssb run`, whose evaluation shares this code and starts its engine for real.)"""
     from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
@@ -140,11 +142,12 @@ def test_ssb_eval_serves_local_adapters_merged_and_as_loras(engine, lora_engine,
     started = []
 
     def start_session_engine(model_path, settings, **options):
-        started.append(options)
+        started.append({"dtype": settings.dtype, **options})
         return contextlib.nullcontext(lora_engine if options["enable_lora"] else engine)
 
     monkeypatch.setattr(cli.runtime, "start_engine", start_session_engine)
     monkeypatch.setattr(cli.eval_command, "exit_on_signals", contextlib.nullcontext)  # the suite's own SIGTERM handler
+    monkeypatch.setenv("SSB_DTYPE", "auto")  # the dtype left to the machine, as a user runs it
     monkeypatch.chdir(tmp_path)
     zero = Path(shutil.copytree(small_adapter, tmp_path / "zero"))
     weights = load_file(zero / "adapter_model.safetensors")
@@ -153,9 +156,7 @@ def test_ssb_eval_serves_local_adapters_merged_and_as_loras(engine, lora_engine,
     benchmark.write_text("".join(p.model_dump_json() + "\n" for p in make_arithmetic_problems(2, seed=5)))
     args = ["eval", "--benchmark", str(benchmark), "--model", model_path, "--max-tokens", "8", "--samples", "2"]
     try:
-        merged = CliRunner().invoke(
-            app, [*args, "--adapter", small_adapter, "--adapter", str(zero), "--adapter-serving", "merged"]
-        )
+        merged = CliRunner().invoke(app, [*args, "--adapter", small_adapter, "--adapter", str(zero)])  # auto: merged
     finally:
         engine.load_weights(model_path)
     assert merged.exit_code == 0, merged.output
@@ -172,8 +173,10 @@ def test_ssb_eval_serves_local_adapters_merged_and_as_loras(engine, lora_engine,
     report = json.loads((tmp_path / "l.json").read_text())
     assert [(row["name"], row["served"]) for row in report["rows"]] == [("base", None), ("small-adapter", "lora")]
     assert all(row["problems"] == 2 and row["mean_at_n"] is not None for row in report["rows"])
-    assert started == [{"seed": 0, "enable_lora": False, "max_lora_rank": None},
-                       {"seed": 0, "enable_lora": True, "max_lora_rank": 8}]  # the adapter's rank
+    # Merged on a CPU, evaluated in float32 whatever the CPU computes in; a LoRA in the dtype given (here the
+    # machine's), by an engine built for the adapter's rank.
+    assert started == [{"dtype": "float32", "seed": 0, "enable_lora": False, "max_lora_rank": None},
+                       {"dtype": "auto", "seed": 0, "enable_lora": True, "max_lora_rank": 8}]
 
 
 class SessionEngine:
