@@ -180,5 +180,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "engine" in item.fixturenames or "lora_engine" in item.fixturenames:
             item.add_marker(pytest.mark.engine)
-    # A test that kills the session teacher's engine runs after every test that may still need the teacher.
-    items.sort(key=lambda item: item.get_closest_marker("kills_teacher") is not None)
+    # A test that kills the session teacher's engine runs after every test that may still need the teacher. The main
+    # job's test runs first: its commands leave a core idle much of the time, which the session's teacher services,
+    # starting in the background (`teacher_servers_started_early`), use instead of competing with the session engine.
+    items.sort(key=lambda item: (
+        item.get_closest_marker("runs_first") is None, item.get_closest_marker("kills_teacher") is not None
+    ))

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from services.teacher.engine import native_dtype
 from shared.arithmetic import make_arithmetic_problems
@@ -39,6 +40,7 @@ def ssb(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.mark.runs_first
 def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_trains_and_compares(
     tmp_path, tmp_path_factory
 ):
