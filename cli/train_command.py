@@ -200,7 +200,7 @@ def check_model_config(model_path: str) -> None:
 
 
 def steps_trained(result) -> str:
-    """"N steps", and the checkpoint a resumed run went on from."""
+    """How many steps a run took in all, and the checkpoint's step a resumed run went on from."""
     if result.resumed_from_step is None:
         return f"{result.steps} steps"
     return f"{result.steps} steps (resumed from the checkpoint at step {result.resumed_from_step})"
