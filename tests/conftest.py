@@ -12,7 +12,7 @@ change with the batch on every CPU: in bfloat16 on a CPU with AMX, vLLM's kernel
 shape (the same prompt and seed, alone and in a batch of 8: 0 of 4 samples the same, each parting after 9 to 34
 tokens; in float32 4 of 4), and the CPUs without BF16 run float32 anyway. One test sets it back to `auto` for the
 command it runs: `ssb run` in tests/cli/test_run.py, which should run as `make demo` does (its evaluations are in
-float32 whatever the CPU, as the `ssb eval` it is compared with).
+float32 whatever the CPU).
 """
 
 from __future__ import annotations

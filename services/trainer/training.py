@@ -274,7 +274,7 @@ def train_holding(
         "num_processes": accelerator.num_processes,
     }
 
-    step = resumed_from = 0
+    step, resumed_from = 0, None
     if checkpoint is not None:
         step = resumed_from = load_checkpoint(checkpoint, peft_model, optimizer, scheduler, run_state, accelerator)
         if main:
@@ -343,7 +343,7 @@ def train_holding(
         curve_path=curve_path,
         config_path=out_dir / TRAINING_CONFIG_FILE,
         steps=step,
-        resumed_from_step=resumed_from if checkpoint is not None else None,
+        resumed_from_step=resumed_from,
         num_pairs=len(examples),
         final_loss=last.loss if last is not None else last_logged_loss(metrics_path),
         seconds=time.perf_counter() - started,
