@@ -10,7 +10,7 @@ field's default and description: one definition of every knob, and any command c
 `@training_options()` and build its config with `build_train_config` (`ssb run` does). The logic lives in
 `services/trainer/training.py`. A missing or empty pairs directory, a bad option value, or an output directory that
 holds an adapter or a checkpoint (without `--resume`) exits with status 2 and one message; what a run that stopped
-before its first checkpoint left there is cleared, and training starts over.
+before its first checkpoint left there is cleared, and training starts over. SIGTERM ends it as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,16 @@ from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 import typer
 
-from cli.runtime import ModelOption, check_output_path, config_from_options, console, ensure_model, fail, progress_bar
+from cli.runtime import (
+    ModelOption,
+    check_output_path,
+    config_from_options,
+    console,
+    ensure_model,
+    exit_on_signals,
+    fail,
+    progress_bar,
+)
 from services.trainer.config import TrainConfig, TrainingError
 from shared.settings import Settings
 
@@ -166,7 +175,9 @@ def train_command(
 
     from services.trainer.training import train
 
-    with progress_bar("loss", "speed") if main_process else nullcontext() as progress:
+    # SIGTERM (`kill`, a scheduler's time limit) ends the command as Ctrl-C does: the progress bar gives the terminal
+    # back, and a checkpoint being written is removed, not left half-written (status 128 + 15).
+    with exit_on_signals(), progress_bar("loss", "speed") if main_process else nullcontext() as progress:
         tasks = []  # added at the first step, once the number of steps is known
 
         def report(metrics) -> None:

@@ -117,17 +117,23 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_states(), tmp / f"rng-{accelerator.process_index}.pt")
+    try:
+        torch.save(rng_states(), tmp / f"rng-{accelerator.process_index}.pt")
+        if main:
+            peft_model.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        accelerator.wait_for_everyone()
+        if main:
+            sync_tree(tmp)  # on disk before its complete name, and before older checkpoints go
+            shutil.rmtree(final, ignore_errors=True)  # the same step written again after a resume
+            os.replace(tmp, final)
+    except BaseException:  # a full disk, Ctrl-C, SIGTERM (`ssb train`): no half-written checkpoint is left
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if main:
-        peft_model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-    accelerator.wait_for_everyone()
-    if main:
-        sync_tree(tmp)  # on disk before its complete name, and before older checkpoints go
-        shutil.rmtree(final, ignore_errors=True)  # the same step written again after a resume
-        os.replace(tmp, final)
         sync_directory(checkpoints_dir)
         names = [p.name[len(CHECKPOINT_PREFIX) :] for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")]
         steps = sorted(int(name) for name in names if name.isdigit())  # a folder someone put there is not pruned

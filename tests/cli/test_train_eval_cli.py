@@ -207,9 +207,10 @@ def test_train_killed_after_a_checkpoint_resumes_with_resume_and_writes_a_comple
     pairs_dir, tmp_path  # noqa: F811
 ):
     """Four steps of batch 2 (the fixture's three short real pairs), rank 4, a checkpoint each step, into a directory
-    that holds a README of the user's (peft's model card is not written over it). SIGTERM once a checkpoint is written
-    (the command stops where it is, as on a kill); the same command with --resume goes on from the newest checkpoint,
-    says which, logs each step once, and leaves a complete adapter directory."""
+    that holds a README of the user's (peft's model card is not written over it). SIGTERM once a checkpoint is
+    written: the command ends as on Ctrl-C (status 128 + 15), leaving nothing half-written whatever it was writing;
+    the same command with --resume goes on from the newest checkpoint, says which, logs each step once, and leaves a
+    complete adapter directory."""
     out, log = tmp_path / "adapter", tmp_path / "killed.log"
     out.mkdir()
     (out / "README.md").write_text("my notes\n")
@@ -225,11 +226,12 @@ def test_train_killed_after_a_checkpoint_resumes_with_resume_and_writes_a_comple
             assert time.monotonic() < deadline, f"no checkpoint after 300 s:\n{log.read_text()}"
             time.sleep(0.05)
         killed.send_signal(signal.SIGTERM)
-        assert killed.wait(timeout=60) != 0
+        assert killed.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()
     finally:
         if killed.poll() is None:
             killed.kill()
     assert not (out / "adapter_config.json").exists(), "the run ended before the signal: lengthen it"
+    assert not list(out.rglob("*.tmp")), "a checkpoint or the adapter left half-written"
 
     result = ssb(*args, "--resume")
     said = " ".join(result.stderr.split())

@@ -317,6 +317,27 @@ def test_metrics_cut_short_by_a_kill_lose_only_their_last_line(tmp_path):
         read_metrics(path)
 
 
+def test_a_checkpoint_save_cut_short_leaves_nothing_half_written(tmp_path):
+    """A signal (`ssb train` turns SIGTERM into an exit) or an error while a checkpoint is written removes its
+    temporary directory and goes on up; the complete checkpoint before it stays. One process, no model: a stand-in
+    for the accelerator and an adapter whose save is interrupted."""
+    import types
+
+    from services.trainer.checkpoints import save_checkpoint
+
+    class Interrupted:
+        def save_pretrained(self, directory):
+            (Path(directory) / "adapter_model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    alone = types.SimpleNamespace(is_main_process=True, process_index=0, wait_for_everyone=lambda: None)
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-1").mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(checkpoints, 2, Interrupted(), None, None, {}, alone, keep=2)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-1"]
+
+
 def test_data_order_is_a_seeded_permutation_per_epoch():
     config = TrainConfig(batch_size=2, grad_accum=2, seed=5)
     assert count_steps_per_epoch(9, config) == 3
