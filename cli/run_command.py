@@ -42,6 +42,7 @@ from cli.runtime import (
     check_topk,
     config_from_options,
     console,
+    counted,
     curate_with_progress,
     ensure_model,
     exit_on_signals,
@@ -208,7 +209,7 @@ def run_command(
     replace_atomically(eval_path, report.model_dump_json(indent=1))
 
     print_funnel(funnel, pairs_dir)
-    console.print(f"training: {steps_trained(result)} on {result.num_pairs} pairs, final loss {result.final_loss:.4f}")
+    console.print(f"training: {steps_trained(result)} on {counted(result.num_pairs, 'pair')}, final loss {result.final_loss:.4f}")
     console.print(f"training curve: {result.curve_path}")
     console.print(render_table(report, title="Held-out accuracy, base vs adapter"))
     print_paired_comparison(report)

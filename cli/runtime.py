@@ -321,6 +321,11 @@ class PlainProgress:
                         console.print(self.line(task), highlight=False, soft_wrap=True)
 
 
+def counted(number: int, noun: str) -> str:
+    """"1 step", "2 steps"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def format_seconds(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)

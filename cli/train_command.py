@@ -31,6 +31,7 @@ from cli.runtime import (
     check_output_path,
     config_from_options,
     console,
+    counted,
     ensure_model,
     exit_on_signals,
     fail,
@@ -213,15 +214,15 @@ def check_model_config(model_path: str) -> None:
 def steps_trained(result) -> str:
     """How many steps a run took in all, and the checkpoint's step a resumed run went on from."""
     if result.resumed_from_step is None:
-        return f"{result.steps} steps"
-    return f"{result.steps} steps (resumed from the checkpoint at step {result.resumed_from_step})"
+        return counted(result.steps, "step")
+    return f"{counted(result.steps, 'step')} (resumed from the checkpoint at step {result.resumed_from_step})"
 
 
 def print_training_summary(result) -> None:
     """Where the adapter, its metrics and the training curve are."""
     loss = "no step logged" if result.final_loss is None else f"final loss {result.final_loss:.4f}"
     console.print(
-        f"trained {steps_trained(result)} on {result.num_pairs} pairs in {result.seconds:.0f} s ({loss})\n"
+        f"trained {steps_trained(result)} on {counted(result.num_pairs, 'pair')} in {result.seconds:.0f} s ({loss})\n"
         f"adapter:        {result.out_dir}\n"
         f"metrics:        {result.metrics_path}\n"
         f"training curve: {result.curve_path}"

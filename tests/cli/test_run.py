@@ -103,7 +103,7 @@ def test_sigterm_mid_curation_stops_every_engine_process_and_ssb_run_resumes_tra
     stderr = " ".join(result.stderr.split())
     assert "Curation funnel" in stderr and "verified pairs written" in stderr
     assert f"already done (skipped) │ {first} │" in stderr
-    assert "McNemar's exact p =" in stderr and "training: 1 steps" in stderr
+    assert "McNemar's exact p =" in stderr and "training: 1 step on" in stderr
     # On a CPU the engine that evaluated the base model waits through training and then loads the merged adapter. It
     # is the engine that curated, unless the CPU computes in bfloat16: then a float32 engine takes over after curation
     # (the evaluations in float32, as a merged adapter's weights need): one engine start, or two.

@@ -241,7 +241,7 @@ def test_ssb_run_serving_its_adapter_as_a_lora_closes_the_engine_and_starts_one_
     ])
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
-    assert f"already done (skipped) │ {len(problems)} │" in said and "training: 1 steps" in said, said
+    assert f"already done (skipped) │ {len(problems)} │" in said and "training: 1 step on" in said, said
     assert [(s.engine, s.options["enable_lora"], s.options.get("max_lora_rank")) for s in started] == [
         (engine, False, None), (lora_engine, True, 8)  # rank 4 rounded up to vLLM's next bound
     ]
