@@ -70,6 +70,7 @@ up: setup model
 # Every figure is a ratio against a baseline measured in the same run; results land in runs/bench/ (docs/BENCHMARKS.md).
 bench: setup model
 	$(BIN)/python -m benchmarks.engine_threads
+	$(BIN)/python -m benchmarks.compiled_helper
 	$(BIN)/python -m benchmarks.kv_block_size
 	$(BIN)/python -m benchmarks.curation
 	$(BIN)/python -m benchmarks.pipelining

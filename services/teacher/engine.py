@@ -119,9 +119,10 @@ def apply_cpu_thread_environment() -> None:
 
 def run_compiled_helpers_eagerly() -> None:
     """On a CPU the engine runs eagerly (`enforce_eager`), yet vLLM's sampler compiles one helper with torch.compile
-    (each sampled token's rank among the log-probabilities): a trace and a C++ compiler's run at the first request for
-    log-probabilities, in every process, 4-5 s of curation's start on a 2-core machine (twice that the first time on a
-    machine), for a helper as fast uncompiled (docs/BENCHMARKS.md, "The sampler's compiled helper").
+    (each sampled token's rank among the log-probabilities): traced at the first request for log-probabilities in
+    every process and again when a batch's shape changes, its C++ kernels built the first time on a machine. On a
+    2-core machine that cost an engine's first request 1 s (curation's first call 3-4.5 s), 8-14 s on a fresh machine,
+    for a helper as fast uncompiled (docs/BENCHMARKS.md, "The sampler's compiled helper").
     `TORCHDYNAMO_DISABLE`, set here unless the user set it, reaches the processes the engine starts; this process's
     own torch follows it."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
