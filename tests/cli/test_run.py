@@ -4,12 +4,12 @@ for that reason).
 
 `ssb curate`, the plain command on the default model (the worked example on by default for it), is stopped by a real
 SIGTERM once a batch is written: it exits with 128 + 15, every engine process it started is gone, neither a half-written
-file nor the engine's IPC sockets or distributed store are left, and plain progress lines (the output is not a terminal) arrived at the
-configured interval before, counting the sequences of the engine's batch in flight. `ssb run` on the same directory, in
-the machine's own dtype, skips what was written, curates the rest, evaluates the base model on held-out problems (in
-float32: on a CPU with BF16 a float32 engine takes over from the one that curated), trains one step, evaluates the
-adapter merged into a copy of the base weights (loaded by the engine that evaluated the base model), and prints the
-paired comparison, in a log unwrapped and without the loaders' progress bars; the pairs export as JSONL.
+file nor the engine's IPC sockets or distributed store are left, and plain progress lines (the output is not a terminal)
+arrived at the configured interval before, counting the sequences of the engine's batch in flight. `ssb run` on the same
+directory, in the machine's own dtype, skips what was written, curates the rest, evaluates the base model on held-out
+problems (in float32: on a CPU with BF16 a float32 engine takes over from the one that curated), trains one step,
+evaluates the adapter merged into a copy of the base weights (loaded by the engine that evaluated the base model), and
+prints the paired comparison, in a log unwrapped and without the loaders' progress bars; the pairs export as JSONL.
 """
 
 import json
