@@ -2,18 +2,24 @@
 
 vLLM's sampler compiles `batched_count_greater_than` (each sampled token's rank among the log-probabilities) with
 torch.compile even when the engine runs eagerly: the first request that asks for log-probabilities in a process traces
-it and, the first time on a machine, builds C++ kernels (`/tmp/torchinductor_<user>`). On a CPU the project runs it
-uncompiled (`services.teacher.engine.run_compiled_helpers_eagerly`). Each variant runs in a fresh process: it builds the
-engine as the commands do (no LoRA support, the machine's dtype), then sends the same request twice, curation's shape:
-arithmetic prompts with the worked example, n seeded samples each at temperature 0.8, up to a number of tokens, with the
-top-20 log-probabilities of each (the same tokens in every variant). `first_s` is the first request (the compile, if
-any, is in it), `second_s` the second, whose tokens/s is the steady speed; variants alternate within each repeat.
+it and, the first time on a machine, builds C++ kernels (`/tmp/torchinductor_<user>`). Running it eagerly
+(`TORCHDYNAMO_DISABLE=1`) saves that, at a cost in every engine step that asks for log-probabilities, which grows with
+the batch. Two measures, the variants alternated within each repeat:
+
+- the helper alone, in this process, on rows of the small model's vocabulary (49,152) as many as a batch's sequences
+  (64 and 256): milliseconds per call, compiled and eager (`helper` rows);
+- an engine per variant, each in a fresh process, built as the commands build it (no LoRA support, the machine's
+  dtype), sending curation's shape of request twice: arithmetic prompts with the worked example, n seeded samples each
+  at temperature 0.8, up to a number of tokens, with the top-20 log-probabilities of each (the same tokens in every
+  variant). `first_s` is the first request (the compile, if any, is in it), `second_s` the second, whose tokens/s is
+  the steady speed.
 
     python -m benchmarks.compiled_helper                 # results in runs/bench/compiled_helper.json
-    python -m benchmarks.compiled_helper --repeats 2 --variants eager,compiled
+    python -m benchmarks.compiled_helper --repeats 2 --variants eager,compiled --prompts 16
 
-Variants: `eager` (the project's default), `compiled` (`TORCHDYNAMO_DISABLE=0`: vLLM's way, the kernels already built
-on this machine), `compiled-cold` (the same with an empty inductor cache: a fresh machine's first engine).
+Engine variants: `compiled` (vLLM's way, what the project runs; the kernels already built on this machine),
+`compiled-cold` (the same with an empty inductor cache: a fresh machine's first engine), `eager`
+(`TORCHDYNAMO_DISABLE=1`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from pathlib import Path
 from shared.storage import replace_atomically
 
 RESULTS = Path("runs/bench/compiled_helper.json")
-VARIANTS = ("eager", "compiled", "compiled-cold")
+VARIANTS = ("compiled", "compiled-cold", "eager")
+VOCABULARY = 49152  # the small model's
+HELPER_ROWS = (64, 256)
 
 
 def measure(prompts: int, n: int, tokens: int) -> dict:
@@ -64,11 +72,29 @@ def measure(prompts: int, n: int, tokens: int) -> dict:
     }
 
 
+def helper_milliseconds(rows: int, compiled: bool, calls: int = 50) -> float:
+    """Milliseconds per call of the helper on `rows` rows of the vocabulary, compiled or eager."""
+    import torch
+    from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+
+    logprobs = torch.randn(rows, VOCABULARY)
+    sampled = logprobs[:, :1].clone()
+    torch.compiler.set_stance("default" if compiled else "force_eager")
+    try:
+        for _ in range(3):  # the compile, and warm caches
+            batched_count_greater_than(logprobs, sampled)
+        started = time.perf_counter()
+        for _ in range(calls):
+            batched_count_greater_than(logprobs, sampled)
+        return (time.perf_counter() - started) / calls * 1000
+    finally:
+        torch.compiler.set_stance("default")
+
+
 def run_variant(name: str, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHDYNAMO_DISABLE", "TORCHINDUCTOR_CACHE_DIR")}
     with tempfile.TemporaryDirectory(prefix="inductor-") as empty_cache:
-        if name != "eager":
-            env["TORCHDYNAMO_DISABLE"] = "0"
+        env["TORCHDYNAMO_DISABLE"] = "1" if name == "eager" else "0"
         if name == "compiled-cold":
             env["TORCHINDUCTOR_CACHE_DIR"] = empty_cache
         command = [sys.executable, "-m", "benchmarks.compiled_helper", "--child"]
@@ -87,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
@@ -96,6 +122,13 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     rows = []
     for repeat in range(args.repeats):
+        for count in HELPER_ROWS:
+            for compiled in (True, False):
+                milliseconds = helper_milliseconds(count, compiled)
+                helper = "compiled" if compiled else "eager"
+                row = {"repeat": repeat, "helper": helper, "rows": count, "ms": milliseconds}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
         for name in names:
             row = {"repeat": repeat, **run_variant(name, args)}
             print(json.dumps(row), flush=True)

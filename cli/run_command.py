@@ -209,7 +209,8 @@ def run_command(
     replace_atomically(eval_path, report.model_dump_json(indent=1))
 
     print_funnel(funnel, pairs_dir)
-    console.print(f"training: {steps_trained(result)} on {counted(result.num_pairs, 'pair')}, final loss {result.final_loss:.4f}")
+    pairs = counted(result.num_pairs, "pair")
+    console.print(f"training: {steps_trained(result)} on {pairs}, final loss {result.final_loss:.4f}")
     console.print(f"training curve: {result.curve_path}")
     console.print(render_table(report, title="Held-out accuracy, base vs adapter"))
     print_paired_comparison(report)

@@ -117,21 +117,6 @@ def apply_cpu_thread_environment() -> None:
         os.environ.setdefault(name, value)
 
 
-def run_compiled_helpers_eagerly() -> None:
-    """On a CPU the engine runs eagerly (`enforce_eager`), yet vLLM's sampler compiles one helper with torch.compile
-    (each sampled token's rank among the log-probabilities): traced at the first request for log-probabilities in
-    every process and again when a batch's shape changes, its C++ kernels built the first time on a machine. On a
-    2-core machine that cost an engine's first request 1 s (curation's first call 3-4.5 s), 8-14 s on a fresh machine,
-    for a helper as fast uncompiled (docs/BENCHMARKS.md, "The sampler's compiled helper").
-    `TORCHDYNAMO_DISABLE`, set here unless the user set it, reaches the processes the engine starts; this process's
-    own torch follows it."""
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    if os.environ["TORCHDYNAMO_DISABLE"] == "1":
-        import torch
-
-        torch.compiler.set_stance("force_eager")
-
-
 MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
 RPC_BASE_PATH = "VLLM_RPC_BASE_PATH"
 
@@ -216,8 +201,6 @@ def engine_kwargs(options: EngineOptions) -> dict:
     on_gpu = torch.cuda.is_available()
     if options.cpu_threads == "auto" and not on_gpu:
         apply_cpu_thread_environment()
-    if not on_gpu:
-        run_compiled_helpers_eagerly()
     return dict(
         model=options.model,
         dtype=resolved_dtype(options.dtype),

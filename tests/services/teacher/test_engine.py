@@ -7,12 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.teacher.engine import (
-    EngineEnvironmentError,
-    engine_environment,
-    remove_ipc_directory,
-    run_compiled_helpers_eagerly,
-)
+from services.teacher.engine import EngineEnvironmentError, engine_environment, remove_ipc_directory
 from shared.prompts import build_student_messages
 from shared.schemas import SamplingSettings
 from tests.conftest import engine_dtype
@@ -128,29 +123,3 @@ def test_each_engine_builds_with_a_socket_directory_of_its_own_and_the_variables
 def test_the_session_engine_keeps_its_socket_directory_while_open(engine):
     assert Path(engine.ipc_dir).is_dir() and not engine.closed
 
-
-def test_torch_compile_runs_eagerly_in_an_engines_process_on_the_cpu(engine, monkeypatch):
-    """vLLM's sampler compiles a helper with torch.compile even in eager mode; where the engine runs on a CPU, its
-    process runs such helpers uncompiled, and the processes it starts get TORCHDYNAMO_DISABLE. A value of it the user
-    set wins."""
-    import torch
-
-    compiled = []
-
-    def counting(graph, example_inputs):
-        compiled.append(graph)
-        return graph
-
-    def add_one(x):
-        return x + 1
-
-    assert os.environ["TORCHDYNAMO_DISABLE"] == "1"
-    assert torch.compile(add_one, backend=counting)(torch.ones(2)).tolist() == [2.0, 2.0] and not compiled
-    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
-    torch.compiler.set_stance("default")
-    try:
-        run_compiled_helpers_eagerly()
-        assert torch.compile(add_one, backend=counting)(torch.ones(2)).tolist() == [2.0, 2.0]
-    finally:
-        torch.compiler.set_stance("force_eager")  # as the session's engine left it
-    assert len(compiled) == 1
