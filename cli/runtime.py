@@ -161,12 +161,14 @@ class LogLevel(str, Enum):
 @contextmanager
 def exit_on_signals():
     """Turn SIGTERM and SIGHUP into SystemExit (status 128 + signal) while the block runs, as Ctrl-C is turned into
-    KeyboardInterrupt, so that every `with` around an engine closes it and its processes whatever ends the command."""
+    KeyboardInterrupt, so that every `with` around an engine closes it and its processes whatever ends the command.
+    A signal the command was started ignoring (`nohup` ignores SIGHUP) stays ignored."""
 
     def leave(signum, _frame):
         raise SystemExit(128 + signum)
 
-    previous = {signum: signal.signal(signum, leave) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    caught = [signum for signum in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, leave) for signum in caught}
     try:
         yield
     finally:

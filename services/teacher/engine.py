@@ -151,10 +151,8 @@ def engine_environment(*, in_process: bool | None = None) -> Iterator[str]:
     leaves those socket files behind when an engine stops (three for each engine whose core runs in a process of its
     own), so each engine gets a new directory for them (yielded), inside vLLM's `VLLM_RPC_BASE_PATH` (by default the
     system's temporary directory), and removes it when it closes (`remove_ipc_directory`), or here if the build fails.
-    The directory's name is short: a socket's whole path must stay under 108 bytes. It is also the temporary directory
-    while the engine is built (and for the processes it starts): vLLM's distributed store, a file there that an
-    engine killed mid-work left behind, goes with it. vLLM caches its environment when an engine core starts; the
-    cache is dropped on both sides so the next engine reads it again."""
+    The directory's name is short: a socket's whole path must stay under 108 bytes. vLLM caches its environment when
+    an engine core starts; the cache is dropped on both sides so the next engine reads it again."""
     import vllm.envs
 
     base = os.environ.get(RPC_BASE_PATH) or None  # empty counts as unset: mkdtemp(dir="") would make a relative path
@@ -166,13 +164,11 @@ def engine_environment(*, in_process: bool | None = None) -> Iterator[str]:
             f"cannot make the engine's IPC socket directory in {where} ({exc.strerror}); "
             f"set {RPC_BASE_PATH} to a writable directory"
         ) from exc
-    variables = {RPC_BASE_PATH: ipc_dir, "TMPDIR": ipc_dir}
+    variables = {RPC_BASE_PATH: ipc_dir}
     if in_process is not None:
         variables[MULTIPROCESSING] = "0" if in_process else "1"
     previous = {name: os.environ.get(name) for name in variables}
-    previous_tempdir = tempfile.tempdir  # this process's, which `tempfile` read from TMPDIR once
     os.environ.update(variables)
-    tempfile.tempdir = ipc_dir
     vllm.envs.disable_envs_cache()
     try:
         yield ipc_dir
@@ -180,7 +176,6 @@ def engine_environment(*, in_process: bool | None = None) -> Iterator[str]:
         remove_ipc_directory(ipc_dir)
         raise
     finally:
-        tempfile.tempdir = previous_tempdir
         for name, value in previous.items():
             if value is None:
                 del os.environ[name]

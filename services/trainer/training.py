@@ -364,14 +364,16 @@ def save_adapter(peft_model, out_dir: Path) -> None:
     replace a README of the user's in `out_dir`."""
     staging = out_dir / ADAPTER_STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
-    peft_model.save_pretrained(staging)
-    sync_tree(staging)  # on disk before the config names the weights whole, after a power loss too
-    files = sorted(staging.iterdir(), key=lambda path: path.name == ADAPTER_CONFIG_FILE)
-    for path in files:
-        if path.name != "README.md":
-            os.replace(path, out_dir / path.name)
-    sync_directory(out_dir)
-    shutil.rmtree(staging)
+    try:
+        peft_model.save_pretrained(staging)
+        sync_tree(staging)  # on disk before the config names the weights whole, after a power loss too
+        files = sorted(staging.iterdir(), key=lambda path: path.name == ADAPTER_CONFIG_FILE)
+        for path in files:
+            if path.name != "README.md":
+                os.replace(path, out_dir / path.name)
+        sync_directory(out_dir)
+    finally:  # a save cut short (a signal, a full disk) leaves no staging directory either
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def optimizer_step(

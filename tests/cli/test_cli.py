@@ -618,3 +618,24 @@ def test_up_refuses_ports_in_use_or_given_twice_before_starting_anything(model_p
     assert result.returncode == 2 and f"the data directory {tmp_path / 'a-file'} (--data-dir or SSB_DATA_DIR) cannot " \
         "be used (File exists)" in said, said
     assert "Traceback" not in said
+
+
+def test_signals_end_the_block_as_exits_and_one_the_command_ignores_stays_ignored():
+    """`exit_on_signals` (every command that starts an engine, and `ssb train`): SIGTERM inside the block is an exit
+    with status 128 + 15, and the handlers come back after it; SIGHUP, which `nohup` starts a command ignoring, stays
+    ignored, so a closed terminal does not end a long run."""
+    import signal
+
+    from cli.runtime import exit_on_signals
+
+    before_term = signal.getsignal(signal.SIGTERM)
+    before_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as ended, exit_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGHUP)
+            signal.raise_signal(signal.SIGTERM)
+        assert ended.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is before_term and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before_hup)
